@@ -1,0 +1,361 @@
+//! The filesystem backend. Blobs live in Distribution's layout
+//! (`blobs/<algorithm>/<first two hex>/<hex>/data`) so an existing Distribution data
+//! directory can be adopted and nginx can serve the same files; uploads are staged in
+//! `uploads/<id>/data` on the same file system, so publishing is one `rename`.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Read, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use berth_oci::{Algorithm, Digest, DigestHasher};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::io::AsyncSeekExt;
+use tokio::io::AsyncReadExt as _;
+
+use crate::{BlobStore, ByteRange, ByteStream, StorageError, UploadId};
+
+const READ_CHUNK: usize = 256 * 1024;
+const WRITE_BUFFER: usize = 1024 * 1024;
+/// Chunks in flight between the task reading the request and the thread hashing and
+/// writing them: bounds memory per upload while letting both run at once.
+const PIPELINE_DEPTH: usize = 32;
+
+/// Blob storage in a local directory.
+pub struct FsBlobStore {
+    root: PathBuf,
+    sessions: Mutex<HashMap<UploadId, Arc<tokio::sync::Mutex<Session>>>>,
+}
+
+/// What the server remembers of an open upload between requests. After a restart it is
+/// rebuilt from the staged file (`hasher: None` means "rehash before use").
+struct Session {
+    hasher: Option<DigestHasher>,
+    len: u64,
+}
+
+impl FsBlobStore {
+    /// Opens (creating if needed) a store rooted at `root`.
+    pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
+        let root = root.into();
+        std::fs::create_dir_all(root.join("blobs"))?;
+        std::fs::create_dir_all(root.join("uploads"))?;
+        Ok(FsBlobStore { root, sessions: Mutex::new(HashMap::new()) })
+    }
+
+    /// Where a blob's bytes live; public so that tools (import, nginx comparisons) agree.
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.root.join("blobs").join(digest.algorithm().as_str()).join(&hex[..2]).join(hex).join("data")
+    }
+
+    fn upload_dir(&self, id: &UploadId) -> PathBuf {
+        self.root.join("uploads").join(id.as_str())
+    }
+
+    /// The session's in-memory state, loading it from disk if the server restarted since
+    /// the session was opened.
+    async fn session(&self, id: &UploadId) -> Result<Arc<tokio::sync::Mutex<Session>>, StorageError> {
+        if let Some(s) = self.sessions.lock().expect("sessions lock").get(id) {
+            return Ok(s.clone());
+        }
+        let data = self.upload_dir(id).join("data");
+        let len = match tokio::fs::metadata(&data).await {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StorageError::UploadUnknown(id.clone())),
+            Err(e) => return Err(e.into()),
+        };
+        let fresh = Arc::new(tokio::sync::Mutex::new(Session { hasher: None, len }));
+        let mut map = self.sessions.lock().expect("sessions lock");
+        Ok(map.entry(id.clone()).or_insert(fresh).clone())
+    }
+
+    fn forget(&self, id: &UploadId) {
+        self.sessions.lock().expect("sessions lock").remove(id);
+    }
+}
+
+/// Hashes a whole file from the start; used after a restart or for non-default algorithms.
+fn hash_file(path: &Path, algorithm: Algorithm) -> io::Result<(DigestHasher, u64)> {
+    let mut file = File::open(path)?;
+    let mut hasher = DigestHasher::new(algorithm);
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut len = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok((hasher, len));
+        }
+        hasher.update(&buf[..n]);
+        len += n as u64;
+    }
+}
+
+fn sync_dir(path: &Path) -> io::Result<()> {
+    File::open(path)?.sync_all()
+}
+
+#[async_trait]
+impl BlobStore for FsBlobStore {
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
+        match tokio::fs::metadata(self.blob_path(digest)).await {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn read(&self, digest: &Digest, range: Option<ByteRange>) -> Result<Option<ByteStream>, StorageError> {
+        let mut file = match tokio::fs::File::open(self.blob_path(digest)).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let stream: ByteStream = match range {
+            None => Box::pin(tokio_util::io::ReaderStream::with_capacity(file, READ_CHUNK)),
+            Some(r) => {
+                file.seek(SeekFrom::Start(r.start)).await?;
+                Box::pin(tokio_util::io::ReaderStream::with_capacity(file.take(r.len()), READ_CHUNK))
+            }
+        };
+        Ok(Some(stream))
+    }
+
+    async fn start_upload(&self) -> Result<UploadId, StorageError> {
+        let id = UploadId::new_random();
+        let dir = self.upload_dir(&id);
+        tokio::fs::create_dir_all(&dir).await?;
+        tokio::fs::File::create(dir.join("data")).await?;
+        let session = Session { hasher: Some(DigestHasher::new(Algorithm::Sha256)), len: 0 };
+        self.sessions.lock().expect("sessions lock").insert(id.clone(), Arc::new(tokio::sync::Mutex::new(session)));
+        Ok(id)
+    }
+
+    async fn upload_len(&self, id: &UploadId) -> Result<u64, StorageError> {
+        let session = self.session(id).await?;
+        let len = session.lock().await.len;
+        Ok(len)
+    }
+
+    async fn append(&self, id: &UploadId, offset: u64, mut body: ByteStream) -> Result<u64, StorageError> {
+        let session = self.session(id).await?;
+        let mut state = session.lock().await;
+        if offset != state.len {
+            return Err(StorageError::OutOfOrder { expected: state.len, got: offset });
+        }
+        let path = self.upload_dir(id).join("data");
+        let hasher = match state.hasher.take() {
+            Some(h) => h,
+            None => {
+                let p = path.clone();
+                let (h, len) = tokio::task::spawn_blocking(move || hash_file(&p, Algorithm::Sha256))
+                    .await
+                    .map_err(io::Error::other)??;
+                state.len = len;
+                if offset != len {
+                    return Err(StorageError::OutOfOrder { expected: len, got: offset });
+                }
+                h
+            }
+        };
+
+        // The request is read here while a blocking thread hashes and writes: on two cores
+        // the network and the hash each get one.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(PIPELINE_DEPTH);
+        let start_len = state.len;
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut hasher = hasher;
+            let mut written = 0u64;
+            let result = (|| -> io::Result<()> {
+                let file = OpenOptions::new().append(true).open(&path)?;
+                let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
+                while let Some(chunk) = rx.blocking_recv() {
+                    out.write_all(&chunk)?;
+                    hasher.update(&chunk);
+                    written += chunk.len() as u64;
+                }
+                out.flush()
+            })();
+            (hasher, written, result)
+        });
+        let mut body_error = None;
+        while let Some(item) = body.next().await {
+            match item {
+                Ok(chunk) if chunk.is_empty() => {}
+                Ok(chunk) => {
+                    if tx.send(chunk).await.is_err() {
+                        break; // the writer failed; its error is reported below
+                    }
+                }
+                Err(e) => {
+                    body_error = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let (hasher, written, result) = writer.await.map_err(io::Error::other)?;
+        match result {
+            Ok(()) => {
+                state.hasher = Some(hasher);
+                state.len = start_len + written;
+            }
+            Err(e) => {
+                // What reached the file is unknown: rehash it on next use.
+                state.hasher = None;
+                state.len = tokio::fs::metadata(self.upload_dir(id).join("data")).await.map(|m| m.len()).unwrap_or(0);
+                return Err(e.into());
+            }
+        }
+        if let Some(source) = body_error {
+            return Err(StorageError::BodyInterrupted { kept: state.len, source });
+        }
+        Ok(state.len)
+    }
+
+    async fn commit(&self, id: &UploadId, expected: &Digest) -> Result<u64, StorageError> {
+        let session = self.session(id).await?;
+        let mut state = session.lock().await;
+        let staged = self.upload_dir(id).join("data");
+        let actual = match (&state.hasher, expected.algorithm()) {
+            (Some(h), Algorithm::Sha256) => h.clone().finish(),
+            _ => {
+                let p = staged.clone();
+                let algorithm = expected.algorithm();
+                let (h, len) = tokio::task::spawn_blocking(move || hash_file(&p, algorithm))
+                    .await
+                    .map_err(io::Error::other)??;
+                state.len = len;
+                h.finish()
+            }
+        };
+        if actual != *expected {
+            return Err(StorageError::DigestMismatch { expected: expected.clone(), actual });
+        }
+        let target = self.blob_path(expected);
+        let upload_dir = self.upload_dir(id);
+        tokio::task::spawn_blocking(move || -> io::Result<()> {
+            let dir = target.parent().expect("blob path has a parent");
+            if target.exists() {
+                // Same content is already published: keep the first copy.
+                return std::fs::remove_dir_all(&upload_dir);
+            }
+            File::open(&staged)?.sync_all()?;
+            std::fs::create_dir_all(dir)?;
+            std::fs::rename(&staged, &target)?;
+            sync_dir(dir)?;
+            if let Some(prefix) = dir.parent() {
+                sync_dir(prefix)?;
+            }
+            std::fs::remove_dir_all(&upload_dir)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        let size = state.len;
+        drop(state);
+        self.forget(id);
+        Ok(size)
+    }
+
+    async fn abort(&self, id: &UploadId) -> Result<(), StorageError> {
+        let session = self.session(id).await?;
+        let _state = session.lock().await;
+        match tokio::fs::remove_dir_all(self.upload_dir(id)).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.forget(id);
+        Ok(())
+    }
+
+    async fn delete(&self, digest: &Digest) -> Result<(), StorageError> {
+        let path = self.blob_path(digest);
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => {
+                if let Some(dir) = path.parent() {
+                    let _ = tokio::fs::remove_dir(dir).await;
+                }
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(parts: &[&'static [u8]]) -> ByteStream {
+        let items: Vec<Result<Bytes, io::Error>> = parts.iter().map(|p| Ok(Bytes::from_static(p))).collect();
+        Box::pin(futures_util::stream::iter(items))
+    }
+
+    async fn collect(s: ByteStream) -> Vec<u8> {
+        s.map(|c| c.unwrap()).collect::<Vec<_>>().await.concat()
+    }
+
+    #[tokio::test]
+    async fn chunked_upload_commits_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path()).unwrap();
+        let id = store.start_upload().await.unwrap();
+        assert_eq!(store.append(&id, 0, body(&[b"hello ", b"wor"])).await.unwrap(), 9);
+        let err = store.append(&id, 3, body(&[b"x"])).await.unwrap_err();
+        assert!(matches!(err, StorageError::OutOfOrder { expected: 9, got: 3 }));
+        assert_eq!(store.append(&id, 9, body(&[b"ld"])).await.unwrap(), 11);
+        let wrong = Digest::sha256_of(b"hello");
+        assert!(matches!(store.commit(&id, &wrong).await, Err(StorageError::DigestMismatch { .. })));
+        let digest = Digest::sha256_of(b"hello world");
+        assert_eq!(store.commit(&id, &digest).await.unwrap(), 11);
+        assert_eq!(store.stat(&digest).await.unwrap(), Some(11));
+        assert_eq!(collect(store.read(&digest, None).await.unwrap().unwrap()).await, b"hello world");
+        let part = store.read(&digest, Some(ByteRange { start: 6, end: 9 })).await.unwrap().unwrap();
+        assert_eq!(collect(part).await, b"worl");
+        assert!(matches!(store.upload_len(&id).await, Err(StorageError::UploadUnknown(_))));
+        store.delete(&digest).await.unwrap();
+        assert_eq!(store.stat(&digest).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn session_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = {
+            let store = FsBlobStore::open(dir.path()).unwrap();
+            let id = store.start_upload().await.unwrap();
+            store.append(&id, 0, body(&[b"abc"])).await.unwrap();
+            id
+        };
+        let store = FsBlobStore::open(dir.path()).unwrap();
+        assert_eq!(store.upload_len(&id).await.unwrap(), 3);
+        store.append(&id, 3, body(&[b"def"])).await.unwrap();
+        let digest = Digest::sha256_of(b"abcdef");
+        assert_eq!(store.commit(&id, &digest).await.unwrap(), 6);
+    }
+
+    #[tokio::test]
+    async fn sha512_and_interrupted_bodies() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path()).unwrap();
+        let id = store.start_upload().await.unwrap();
+        let broken: ByteStream = Box::pin(futures_util::stream::iter(vec![
+            Ok(Bytes::from_static(b"keep")),
+            Err(io::Error::other("client went away")),
+        ]));
+        assert!(matches!(store.append(&id, 0, broken).await, Err(StorageError::BodyInterrupted { kept: 4, .. })));
+        store.append(&id, 4, body(&[b"!"])).await.unwrap();
+        let mut h = DigestHasher::new(Algorithm::Sha512);
+        h.update(b"keep!");
+        let digest = h.finish();
+        assert_eq!(store.commit(&id, &digest).await.unwrap(), 5);
+        assert_eq!(store.stat(&digest).await.unwrap(), Some(5));
+        let id2 = store.start_upload().await.unwrap();
+        store.abort(&id2).await.unwrap();
+        assert!(matches!(store.upload_len(&id2).await, Err(StorageError::UploadUnknown(_))));
+    }
+}

@@ -1,0 +1,139 @@
+//! Blob bytes by digest, and the upload sessions that produce them.
+//!
+//! This crate knows nothing of repositories, tags or HTTP: which repository may see a blob
+//! is the metadata store's call. Its one promise is crash safety: a blob is either absent
+//! or whole and verified against its digest, never partial.
+
+mod fs;
+
+use std::fmt;
+use std::io;
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use berth_oci::Digest;
+use bytes::Bytes;
+use futures_util::Stream;
+
+pub use fs::FsBlobStore;
+
+/// A stream of body bytes, in or out. Blobs are never held whole in memory.
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, io::Error>> + Send>>;
+
+/// An inclusive byte range of a blob, already checked against its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteRange {
+    /// First byte.
+    pub start: u64,
+    /// Last byte, inclusive (as in HTTP `Content-Range`).
+    pub end: u64,
+}
+
+impl ByteRange {
+    /// Number of bytes covered.
+    pub fn len(&self) -> u64 {
+        self.end - self.start + 1
+    }
+
+    /// Never true: a range covers at least one byte. Present for API symmetry with `len`.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// Identifies an upload session. Always a UUID, so it is safe as a path component.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UploadId(String);
+
+impl UploadId {
+    /// Accepts only the canonical hyphenated UUID form berth hands out.
+    pub fn parse(input: &str) -> Option<Self> {
+        uuid::Uuid::try_parse(input)
+            .ok()
+            .filter(|u| u.hyphenated().to_string() == input)
+            .map(|_| UploadId(input.to_owned()))
+    }
+
+    /// A fresh random id.
+    pub fn new_random() -> Self {
+        UploadId(uuid::Uuid::new_v4().hyphenated().to_string())
+    }
+
+    /// The id as text, for URLs and keys.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for UploadId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for UploadId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "UploadId({})", self.0)
+    }
+}
+
+/// Faults of blob storage.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// No such upload session (never started, finished, cancelled or purged).
+    #[error("upload {0} is unknown")]
+    UploadUnknown(UploadId),
+    /// A chunk did not start where the session ends.
+    #[error("chunk starts at {got} but the upload holds {expected} bytes")]
+    OutOfOrder {
+        /// The session's current length: where the next chunk must start.
+        expected: u64,
+        /// Where the client said the chunk starts.
+        got: u64,
+    },
+    /// The bytes do not hash to the digest the client claimed.
+    #[error("content hashes to {actual}, not {expected}")]
+    DigestMismatch {
+        /// What the client claimed.
+        expected: Digest,
+        /// What the bytes hash to.
+        actual: Digest,
+    },
+    /// The client's body ended with an error; the bytes before it are kept.
+    #[error("request body interrupted after {kept} bytes: {source}")]
+    BodyInterrupted {
+        /// Session length after what was kept.
+        kept: u64,
+        /// What the body stream reported.
+        source: io::Error,
+    },
+    /// The backend itself failed.
+    #[error("storage I/O: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Content-addressed blob storage. Implementations must make `commit` atomic: after a
+/// crash at any point the blob is absent or whole.
+#[async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    /// The blob's size, if its bytes are stored.
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>, StorageError>;
+    /// The blob's bytes, or a range of them; `None` if absent.
+    async fn read(&self, digest: &Digest, range: Option<ByteRange>) -> Result<Option<ByteStream>, StorageError>;
+    /// Opens an empty upload session.
+    async fn start_upload(&self) -> Result<UploadId, StorageError>;
+    /// How many bytes the session holds: where the next chunk must start.
+    async fn upload_len(&self, id: &UploadId) -> Result<u64, StorageError>;
+    /// Appends `body` at `offset`, which must equal the current length; hashes as it
+    /// writes. Returns the new length.
+    async fn append(&self, id: &UploadId, offset: u64, body: ByteStream) -> Result<u64, StorageError>;
+    /// Verifies the session's bytes against `expected`, makes them durable and publishes
+    /// them atomically under that digest. Returns the size. On a mismatch the session
+    /// stays open.
+    async fn commit(&self, id: &UploadId, expected: &Digest) -> Result<u64, StorageError>;
+    /// Drops a session and its bytes.
+    async fn abort(&self, id: &UploadId) -> Result<(), StorageError>;
+    /// Removes a blob's bytes. Only garbage collection calls this, after the metadata
+    /// store agreed nothing references the blob.
+    async fn delete(&self, digest: &Digest) -> Result<(), StorageError>;
+}
