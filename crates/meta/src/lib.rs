@@ -1,0 +1,125 @@
+//! Everything about images except their bytes, in transactions: which repository may see
+//! which blob, manifests with their edges to blobs and child manifests, tags and
+//! referrers. Listing tags, the catalog and referrers are index queries here, never
+//! directory walks, which is what makes them fast.
+//!
+//! Only this crate writes SQL. The embedded backend is SQLite; the [`MetaStore`] trait is
+//! what a second backend implements.
+
+mod sqlite;
+
+use async_trait::async_trait;
+use berth_oci::{Digest, ManifestEdge, Reference, RepoName, Tag};
+
+pub use sqlite::SqliteMeta;
+
+/// A manifest as the registry accepted it: the exact bytes plus the facts parsed out of them.
+#[derive(Debug, Clone)]
+pub struct NewManifest {
+    /// Digest of `raw`.
+    pub digest: Digest,
+    /// Served back as `Content-Type`.
+    pub media_type: String,
+    /// Reported and filtered on by the referrers API.
+    pub artifact_type: Option<String>,
+    /// The manifest this one refers to, if any.
+    pub subject: Option<Digest>,
+    /// Annotations as JSON text, reported by the referrers API.
+    pub annotations_json: Option<String>,
+    /// Blobs and child manifests that must be present in the repository.
+    pub edges: Vec<ManifestEdge>,
+    /// The client's bytes, byte for byte.
+    pub raw: Vec<u8>,
+}
+
+/// A stored manifest as served to clients.
+#[derive(Debug, Clone)]
+pub struct StoredManifest {
+    /// Its digest.
+    pub digest: Digest,
+    /// Its media type.
+    pub media_type: String,
+    /// Its bytes.
+    pub raw: Vec<u8>,
+}
+
+/// One entry of a referrers listing.
+#[derive(Debug, Clone)]
+pub struct Referrer {
+    /// The referring manifest's digest.
+    pub digest: Digest,
+    /// Its media type.
+    pub media_type: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its artifact type, if any.
+    pub artifact_type: Option<String>,
+    /// Its annotations as JSON text, if any.
+    pub annotations_json: Option<String>,
+}
+
+/// One page of a sorted listing (tags, catalog).
+#[derive(Debug, Clone, Copy)]
+pub struct Page<'a> {
+    /// At most this many entries; `None` for all.
+    pub limit: Option<usize>,
+    /// Only entries sorting after this one.
+    pub after: Option<&'a str>,
+}
+
+/// Faults of the metadata store.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    /// A manifest references content the repository does not hold.
+    #[error("manifest references content missing from the repository: {}", list(.missing))]
+    MissingReferences {
+        /// What is missing.
+        missing: Vec<Digest>,
+    },
+    /// The backend failed.
+    #[error("metadata backend: {0}")]
+    Backend(String),
+    /// Stored data could not be read back as written (a bug or tampering).
+    #[error("metadata is corrupt: {0}")]
+    Corrupt(String),
+}
+
+fn list(digests: &[Digest]) -> String {
+    digests.iter().map(Digest::as_str).collect::<Vec<_>>().join(", ")
+}
+
+/// The metadata operations the registry needs. Every method is one transaction.
+#[async_trait]
+pub trait MetaStore: Send + Sync + 'static {
+    /// Records that `repo` may see blob `digest` (after an upload or mount).
+    async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<(), MetaError>;
+    /// The blob's size if `repo` may see it.
+    async fn linked_blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, MetaError>;
+    /// The blob's size if any repository may see it (mount without `from`).
+    async fn any_linked_blob_size(&self, digest: &Digest) -> Result<Option<u64>, MetaError>;
+    /// Removes `repo`'s link to a blob; true if there was one.
+    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetaError>;
+    /// Stores a manifest (and points `tag` at it) after checking, in the same transaction,
+    /// that every edge's target is present in `repo`.
+    async fn put_manifest(&self, repo: &RepoName, manifest: NewManifest, tag: Option<&Tag>) -> Result<(), MetaError>;
+    /// A manifest by tag or digest.
+    async fn get_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<Option<StoredManifest>, MetaError>;
+    /// Deletes a manifest and every tag pointing at it; true if it existed.
+    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetaError>;
+    /// Deletes one tag, leaving the manifest; true if it existed.
+    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool, MetaError>;
+    /// Tags in lexical order, or `None` if the repository is unknown.
+    async fn list_tags(&self, repo: &RepoName, page: Page<'_>) -> Result<Option<Vec<String>>, MetaError>;
+    /// Repository names in lexical order.
+    async fn catalog(&self, page: Page<'_>) -> Result<Vec<String>, MetaError>;
+    /// Manifests in `repo` whose subject is `subject`, optionally of one artifact type.
+    async fn referrers(&self, repo: &RepoName, subject: &Digest, artifact_type: Option<&str>) -> Result<Vec<Referrer>, MetaError>;
+    /// Remembers which repository an upload session belongs to.
+    async fn record_upload(&self, upload_id: &str, repo: &RepoName) -> Result<(), MetaError>;
+    /// The repository an upload session belongs to, if it is known.
+    async fn upload_repo(&self, upload_id: &str) -> Result<Option<String>, MetaError>;
+    /// Forgets a finished or cancelled upload session.
+    async fn forget_upload(&self, upload_id: &str) -> Result<(), MetaError>;
+    /// A cheap round trip, for health checks.
+    async fn ping(&self) -> Result<(), MetaError>;
+}

@@ -1,0 +1,478 @@
+//! The embedded SQLite backend: one file in the data directory, WAL mode, one writer
+//! connection and a few readers so that pulls never wait behind a push.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use berth_oci::{Digest, EdgeKind, Reference, RepoName, Tag};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use crate::{MetaError, MetaStore, NewManifest, Page, Referrer, StoredManifest};
+
+const READERS: usize = 4;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE repositories (
+    name TEXT PRIMARY KEY,
+    created_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE blobs (
+    digest TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    last_used_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE repo_blobs (
+    repo TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    linked_at INTEGER NOT NULL,
+    PRIMARY KEY (repo, digest)
+) WITHOUT ROWID;
+CREATE INDEX repo_blobs_by_digest ON repo_blobs (digest);
+CREATE TABLE manifests (
+    repo TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    media_type TEXT NOT NULL,
+    artifact_type TEXT,
+    subject TEXT,
+    annotations TEXT,
+    size INTEGER NOT NULL,
+    raw BLOB NOT NULL,
+    pushed_at INTEGER NOT NULL,
+    PRIMARY KEY (repo, digest)
+);
+CREATE INDEX manifests_by_subject ON manifests (repo, subject) WHERE subject IS NOT NULL;
+CREATE TABLE manifest_edges (
+    repo TEXT NOT NULL,
+    manifest TEXT NOT NULL,
+    target TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    PRIMARY KEY (repo, manifest, target, kind)
+) WITHOUT ROWID;
+CREATE INDEX manifest_edges_by_target ON manifest_edges (target);
+CREATE TABLE tags (
+    repo TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (repo, tag)
+) WITHOUT ROWID;
+CREATE INDEX tags_by_digest ON tags (repo, digest);
+CREATE TABLE uploads (
+    id TEXT PRIMARY KEY,
+    repo TEXT NOT NULL,
+    started_at INTEGER NOT NULL
+) WITHOUT ROWID;
+"#];
+
+/// Metadata in a SQLite file.
+pub struct SqliteMeta {
+    writer: Arc<Mutex<Connection>>,
+    readers: Arc<Vec<Mutex<Connection>>>,
+    next_reader: AtomicUsize,
+}
+
+fn backend(e: rusqlite::Error) -> MetaError {
+    MetaError::Backend(e.to_string())
+}
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    // WAL: readers never block the writer. synchronous=FULL: an acknowledged push survives
+    // power loss, not only a process crash.
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn parse_digest(text: String) -> Result<Digest, MetaError> {
+    Digest::parse(&text).map_err(|e| MetaError::Corrupt(e.to_string()))
+}
+
+impl SqliteMeta {
+    /// Opens (creating and migrating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, MetaError> {
+        let mut writer = open_connection(path).map_err(backend)?;
+        migrate(&mut writer).map_err(backend)?;
+        let readers = (0..READERS)
+            .map(|_| open_connection(path).map(Mutex::new))
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(backend)?;
+        Ok(SqliteMeta {
+            writer: Arc::new(Mutex::new(writer)),
+            readers: Arc::new(readers),
+            next_reader: AtomicUsize::new(0),
+        })
+    }
+
+    async fn read<T, F>(&self, f: F) -> Result<T, MetaError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, MetaError> + Send + 'static,
+    {
+        let readers = self.readers.clone();
+        let index = self.next_reader.fetch_add(1, Ordering::Relaxed) % READERS;
+        tokio::task::spawn_blocking(move || {
+            let conn = readers[index].lock().map_err(|_| MetaError::Backend("reader lock poisoned".into()))?;
+            f(&conn)
+        })
+        .await
+        .map_err(|e| MetaError::Backend(e.to_string()))?
+    }
+
+    /// Runs `f` in one immediate (write-locking) transaction, committed if `f` succeeds.
+    async fn write<T, F>(&self, f: F) -> Result<T, MetaError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Transaction<'_>) -> Result<T, MetaError> + Send + 'static,
+    {
+        let writer = self.writer.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = writer.lock().map_err(|_| MetaError::Backend("writer lock poisoned".into()))?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
+            let out = f(&tx)?;
+            tx.commit().map_err(backend)?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| MetaError::Backend(e.to_string()))?
+    }
+}
+
+fn page_query(conn: &Connection, sql: &str, key: &str, page: (Option<usize>, Option<String>)) -> Result<Vec<String>, MetaError> {
+    let limit = page.0.map(|n| n as i64).unwrap_or(-1);
+    let after = page.1.unwrap_or_default();
+    let mut stmt = conn.prepare_cached(sql).map_err(backend)?;
+    let rows = stmt
+        .query_map(params![key, after, limit], |r| r.get::<_, String>(0))
+        .map_err(backend)?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(backend)?;
+    Ok(rows)
+}
+
+#[async_trait]
+impl MetaStore for SqliteMeta {
+    async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<(), MetaError> {
+        let (repo, digest) = (repo.as_str().to_owned(), digest.as_str().to_owned());
+        self.write(move |tx| {
+            let t = now();
+            tx.execute(
+                "INSERT INTO blobs (digest, size, created_at, last_used_at) VALUES (?1, ?2, ?3, ?3)
+                 ON CONFLICT (digest) DO UPDATE SET last_used_at = excluded.last_used_at",
+                params![digest, size as i64, t],
+            )
+            .map_err(backend)?;
+            tx.execute(
+                "INSERT INTO repo_blobs (repo, digest, linked_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (repo, digest) DO UPDATE SET linked_at = excluded.linked_at",
+                params![repo, digest, t],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn linked_blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, MetaError> {
+        let (repo, digest) = (repo.as_str().to_owned(), digest.as_str().to_owned());
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT b.size FROM repo_blobs l JOIN blobs b ON b.digest = l.digest WHERE l.repo = ?1 AND l.digest = ?2",
+            )
+            .and_then(|mut s| s.query_row(params![repo, digest], |r| r.get::<_, i64>(0)).optional())
+            .map(|s| s.map(|s| s as u64))
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn any_linked_blob_size(&self, digest: &Digest) -> Result<Option<u64>, MetaError> {
+        let digest = digest.as_str().to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT b.size FROM blobs b WHERE b.digest = ?1 AND EXISTS (SELECT 1 FROM repo_blobs l WHERE l.digest = b.digest)",
+            )
+            .and_then(|mut s| s.query_row(params![digest], |r| r.get::<_, i64>(0)).optional())
+            .map(|s| s.map(|s| s as u64))
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetaError> {
+        let (repo, digest) = (repo.as_str().to_owned(), digest.as_str().to_owned());
+        self.write(move |tx| {
+            let n = tx.execute("DELETE FROM repo_blobs WHERE repo = ?1 AND digest = ?2", params![repo, digest]).map_err(backend)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn put_manifest(&self, repo: &RepoName, manifest: NewManifest, tag: Option<&Tag>) -> Result<(), MetaError> {
+        let repo = repo.as_str().to_owned();
+        let tag = tag.map(|t| t.as_str().to_owned());
+        self.write(move |tx| {
+            let mut missing = Vec::new();
+            for edge in &manifest.edges {
+                let sql = match edge.kind {
+                    EdgeKind::Config | EdgeKind::Layer => "SELECT 1 FROM repo_blobs WHERE repo = ?1 AND digest = ?2",
+                    EdgeKind::Child => "SELECT 1 FROM manifests WHERE repo = ?1 AND digest = ?2",
+                };
+                let present = tx
+                    .prepare_cached(sql)
+                    .and_then(|mut s| s.exists(params![repo, edge.digest.as_str()]))
+                    .map_err(backend)?;
+                if !present && !missing.contains(&edge.digest) {
+                    missing.push(edge.digest.clone());
+                }
+            }
+            if !missing.is_empty() {
+                return Err(MetaError::MissingReferences { missing });
+            }
+            let t = now();
+            let digest = manifest.digest.as_str();
+            tx.execute("INSERT OR IGNORE INTO repositories (name, created_at) VALUES (?1, ?2)", params![repo, t])
+                .map_err(backend)?;
+            tx.execute(
+                "INSERT INTO manifests (repo, digest, media_type, artifact_type, subject, annotations, size, raw, pushed_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT (repo, digest) DO UPDATE SET pushed_at = excluded.pushed_at",
+                params![
+                    repo,
+                    digest,
+                    manifest.media_type,
+                    manifest.artifact_type,
+                    manifest.subject.as_ref().map(Digest::as_str),
+                    manifest.annotations_json,
+                    manifest.raw.len() as i64,
+                    manifest.raw,
+                    t
+                ],
+            )
+            .map_err(backend)?;
+            for edge in &manifest.edges {
+                tx.execute(
+                    "INSERT OR IGNORE INTO manifest_edges (repo, manifest, target, kind) VALUES (?1, ?2, ?3, ?4)",
+                    params![repo, digest, edge.digest.as_str(), edge.kind.as_str()],
+                )
+                .map_err(backend)?;
+            }
+            if let Some(tag) = tag {
+                tx.execute(
+                    "INSERT INTO tags (repo, tag, digest, updated_at) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (repo, tag) DO UPDATE SET digest = excluded.digest, updated_at = excluded.updated_at",
+                    params![repo, tag, digest, t],
+                )
+                .map_err(backend)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<Option<StoredManifest>, MetaError> {
+        let repo = repo.as_str().to_owned();
+        let reference = reference.clone();
+        self.read(move |conn| {
+            let row = match &reference {
+                Reference::Digest(d) => conn
+                    .prepare_cached("SELECT digest, media_type, raw FROM manifests WHERE repo = ?1 AND digest = ?2")
+                    .and_then(|mut s| {
+                        s.query_row(params![repo, d.as_str()], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?))).optional()
+                    }),
+                Reference::Tag(t) => conn
+                    .prepare_cached(
+                        "SELECT m.digest, m.media_type, m.raw FROM tags t
+                         JOIN manifests m ON m.repo = t.repo AND m.digest = t.digest
+                         WHERE t.repo = ?1 AND t.tag = ?2",
+                    )
+                    .and_then(|mut s| {
+                        s.query_row(params![repo, t.as_str()], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?))).optional()
+                    }),
+            }
+            .map_err(backend)?;
+            row.map(|(digest, media_type, raw)| Ok(StoredManifest { digest: parse_digest(digest)?, media_type, raw }))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetaError> {
+        let (repo, digest) = (repo.as_str().to_owned(), digest.as_str().to_owned());
+        self.write(move |tx| {
+            let n = tx.execute("DELETE FROM manifests WHERE repo = ?1 AND digest = ?2", params![repo, digest]).map_err(backend)?;
+            tx.execute("DELETE FROM tags WHERE repo = ?1 AND digest = ?2", params![repo, digest]).map_err(backend)?;
+            tx.execute("DELETE FROM manifest_edges WHERE repo = ?1 AND manifest = ?2", params![repo, digest]).map_err(backend)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool, MetaError> {
+        let (repo, tag) = (repo.as_str().to_owned(), tag.as_str().to_owned());
+        self.write(move |tx| {
+            let n = tx.execute("DELETE FROM tags WHERE repo = ?1 AND tag = ?2", params![repo, tag]).map_err(backend)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn list_tags(&self, repo: &RepoName, page: Page<'_>) -> Result<Option<Vec<String>>, MetaError> {
+        let repo = repo.as_str().to_owned();
+        let page = (page.limit, page.after.map(str::to_owned));
+        self.read(move |conn| {
+            let known = conn
+                .prepare_cached("SELECT 1 FROM repositories WHERE name = ?1")
+                .and_then(|mut s| s.exists(params![repo]))
+                .map_err(backend)?;
+            if !known {
+                return Ok(None);
+            }
+            page_query(conn, "SELECT tag FROM tags WHERE repo = ?1 AND tag > ?2 ORDER BY tag LIMIT ?3", &repo, page).map(Some)
+        })
+        .await
+    }
+
+    async fn catalog(&self, page: Page<'_>) -> Result<Vec<String>, MetaError> {
+        let page = (page.limit, page.after.map(str::to_owned));
+        self.read(move |conn| {
+            // ?1 is unused but keeps one paging helper for both listings.
+            page_query(conn, "SELECT name FROM repositories WHERE ?1 = ?1 AND name > ?2 ORDER BY name LIMIT ?3", "", page)
+        })
+        .await
+    }
+
+    async fn referrers(&self, repo: &RepoName, subject: &Digest, artifact_type: Option<&str>) -> Result<Vec<Referrer>, MetaError> {
+        let (repo, subject) = (repo.as_str().to_owned(), subject.as_str().to_owned());
+        let artifact_type = artifact_type.map(str::to_owned);
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT digest, media_type, size, artifact_type, annotations FROM manifests
+                     WHERE repo = ?1 AND subject = ?2 AND (?3 IS NULL OR artifact_type = ?3)
+                     ORDER BY digest",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(params![repo, subject, artifact_type], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get(1)?, r.get::<_, i64>(2)?, r.get(3)?, r.get(4)?))
+                })
+                .map_err(backend)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(backend)?;
+            rows.into_iter()
+                .map(|(digest, media_type, size, artifact_type, annotations_json)| {
+                    Ok(Referrer { digest: parse_digest(digest)?, media_type, size: size as u64, artifact_type, annotations_json })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn record_upload(&self, upload_id: &str, repo: &RepoName) -> Result<(), MetaError> {
+        let (id, repo) = (upload_id.to_owned(), repo.as_str().to_owned());
+        self.write(move |tx| {
+            tx.execute("INSERT INTO uploads (id, repo, started_at) VALUES (?1, ?2, ?3)", params![id, repo, now()])
+                .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn upload_repo(&self, upload_id: &str) -> Result<Option<String>, MetaError> {
+        let id = upload_id.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached("SELECT repo FROM uploads WHERE id = ?1")
+                .and_then(|mut s| s.query_row(params![id], |r| r.get(0)).optional())
+                .map_err(backend)
+        })
+        .await
+    }
+
+    async fn forget_upload(&self, upload_id: &str) -> Result<(), MetaError> {
+        let id = upload_id.to_owned();
+        self.write(move |tx| {
+            tx.execute("DELETE FROM uploads WHERE id = ?1", params![id]).map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), MetaError> {
+        self.read(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(backend)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_oci::ManifestEdge;
+
+    fn digest(c: char) -> Digest {
+        Digest::parse(&format!("sha256:{}", c.to_string().repeat(64))).unwrap()
+    }
+
+    fn manifest(d: char, edges: Vec<ManifestEdge>, subject: Option<Digest>) -> NewManifest {
+        NewManifest {
+            digest: digest(d),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            artifact_type: subject.as_ref().map(|_| "application/x.sig".to_owned()),
+            subject,
+            annotations_json: None,
+            edges,
+            raw: vec![b'{', b'}'],
+        }
+    }
+
+    #[tokio::test]
+    async fn manifests_require_linked_blobs_and_list_by_tag() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = SqliteMeta::open(&dir.path().join("meta.db")).unwrap();
+        let repo = RepoName::parse("team/app").unwrap();
+        let other = RepoName::parse("team/other").unwrap();
+        let edges = vec![ManifestEdge { digest: digest('a'), kind: EdgeKind::Config }];
+        let tag = Tag::parse("v1").unwrap();
+        let err = meta.put_manifest(&repo, manifest('d', edges.clone(), None), Some(&tag)).await.unwrap_err();
+        assert!(matches!(err, MetaError::MissingReferences { ref missing } if missing == &[digest('a')]));
+        meta.link_blob(&other, &digest('a'), 2).await.unwrap();
+        assert!(meta.put_manifest(&repo, manifest('d', edges.clone(), None), Some(&tag)).await.is_err());
+        meta.link_blob(&repo, &digest('a'), 2).await.unwrap();
+        meta.put_manifest(&repo, manifest('d', edges, None), Some(&tag)).await.unwrap();
+        let got = meta.get_manifest(&repo, &Reference::Tag(tag.clone())).await.unwrap().unwrap();
+        assert_eq!(got.digest, digest('d'));
+        assert_eq!(meta.list_tags(&repo, Page { limit: None, after: None }).await.unwrap().unwrap(), vec!["v1"]);
+        assert!(meta.list_tags(&other, Page { limit: None, after: None }).await.unwrap().is_none());
+        assert_eq!(meta.catalog(Page { limit: Some(10), after: None }).await.unwrap(), vec!["team/app"]);
+
+        meta.put_manifest(&repo, manifest('e', vec![], Some(digest('d'))), None).await.unwrap();
+        let refs = meta.referrers(&repo, &digest('d'), None).await.unwrap();
+        assert_eq!(refs.len(), 1);
+        assert!(meta.referrers(&repo, &digest('d'), Some("other")).await.unwrap().is_empty());
+
+        assert!(meta.delete_manifest(&repo, &digest('d')).await.unwrap());
+        assert!(meta.get_manifest(&repo, &Reference::Tag(tag)).await.unwrap().is_none());
+        assert!(!meta.delete_manifest(&repo, &digest('d')).await.unwrap());
+    }
+}
