@@ -1,0 +1,248 @@
+//! Blob pulls, uploads, mounts and unlinks.
+
+use berth_meta::StoredManifest;
+use berth_oci::{Digest, Reference, RepoName};
+use berth_storage::{ByteRange, ByteStream, UploadId};
+use bytes::Bytes;
+
+use crate::{Registry, RegistryError};
+
+/// A `Range` request in the forms the edge parsed (`bytes=a-b`, `bytes=a-`, `bytes=-n`),
+/// resolved against the blob's size here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeRequest {
+    /// From `start` to `end` (inclusive) or to the end of the blob.
+    From {
+        /// First byte.
+        start: u64,
+        /// Last byte, inclusive, if given.
+        end: Option<u64>,
+    },
+    /// The last `len` bytes.
+    Suffix {
+        /// How many.
+        len: u64,
+    },
+}
+
+impl RangeRequest {
+    /// The bytes this request covers in a blob of `size` bytes (RFC 9110 §14.1.2).
+    pub fn resolve(self, size: u64) -> Result<ByteRange, RegistryError> {
+        let unsatisfiable = RegistryError::RangeNotSatisfiable { size };
+        match self {
+            RangeRequest::From { start, end } => {
+                if start >= size || end.is_some_and(|e| e < start) {
+                    return Err(unsatisfiable);
+                }
+                let end = end.map_or(size - 1, |e| e.min(size - 1));
+                Ok(ByteRange { start, end })
+            }
+            RangeRequest::Suffix { len } => {
+                if len == 0 || size == 0 {
+                    return Err(unsatisfiable);
+                }
+                Ok(ByteRange { start: size.saturating_sub(len), end: size - 1 })
+            }
+        }
+    }
+}
+
+/// A blob ready to be sent.
+pub struct BlobRead {
+    /// The whole blob's size.
+    pub size: u64,
+    /// The part being sent, if a range was asked for.
+    pub range: Option<ByteRange>,
+    /// The bytes.
+    pub body: ByteStream,
+}
+
+/// What a cross-repository mount did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MountOutcome {
+    /// The blob is now visible in the target repository.
+    Mounted,
+    /// The blob could not be mounted; the client must upload it.
+    NotMountable,
+}
+
+impl Registry {
+    /// The size of a blob visible in `repo`. Checks the bytes too, so that a blob whose
+    /// bytes are gone is never reported as present. Manifests are readable as blobs too,
+    /// as in Distribution.
+    pub async fn stat_blob(&self, repo: &RepoName, digest: &Digest) -> Result<u64, RegistryError> {
+        if self.meta.linked_blob_size(repo, digest).await?.is_some() {
+            if let Some(size) = self.blobs.stat(digest).await? {
+                return Ok(size);
+            }
+        } else if let Some(m) = self.manifest_as_blob(repo, digest).await? {
+            return Ok(m.raw.len() as u64);
+        }
+        Err(RegistryError::BlobUnknown { digest: digest.clone() })
+    }
+
+    /// A blob's bytes, whole or a range.
+    pub async fn read_blob(&self, repo: &RepoName, digest: &Digest, range: Option<RangeRequest>) -> Result<BlobRead, RegistryError> {
+        if self.meta.linked_blob_size(repo, digest).await?.is_some() {
+            if let Some(size) = self.blobs.stat(digest).await? {
+                let range = range.map(|r| r.resolve(size)).transpose()?;
+                if let Some(body) = self.blobs.read(digest, range).await? {
+                    return Ok(BlobRead { size, range, body });
+                }
+            }
+        } else if let Some(m) = self.manifest_as_blob(repo, digest).await? {
+            let size = m.raw.len() as u64;
+            let range = range.map(|r| r.resolve(size)).transpose()?;
+            let bytes = match range {
+                Some(r) => Bytes::from(m.raw).slice(r.start as usize..=r.end as usize),
+                None => Bytes::from(m.raw),
+            };
+            let body: ByteStream = Box::pin(futures_util::stream::once(async move { Ok(bytes) }));
+            return Ok(BlobRead { size, range, body });
+        }
+        Err(RegistryError::BlobUnknown { digest: digest.clone() })
+    }
+
+    async fn manifest_as_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<StoredManifest>, RegistryError> {
+        Ok(self.meta.get_manifest(repo, &Reference::Digest(digest.clone())).await?)
+    }
+
+    /// Opens an upload session in `repo`.
+    pub async fn start_upload(&self, repo: &RepoName) -> Result<UploadId, RegistryError> {
+        let id = self.blobs.start_upload().await?;
+        self.meta.record_upload(id.as_str(), repo).await?;
+        Ok(id)
+    }
+
+    /// Checks that `id` names an open session of `repo`: a session id from another
+    /// repository must not let a client write there.
+    async fn own_upload(&self, repo: &RepoName, id: &str) -> Result<UploadId, RegistryError> {
+        let unknown = || RegistryError::UploadUnknown { id: id.chars().take(100).collect() };
+        let id = UploadId::parse(id).ok_or_else(unknown)?;
+        match self.meta.upload_repo(id.as_str()).await? {
+            Some(owner) if owner == repo.as_str() => Ok(id),
+            _ => Err(unknown()),
+        }
+    }
+
+    /// How many bytes the session holds.
+    pub async fn upload_status(&self, repo: &RepoName, id: &str) -> Result<(UploadId, u64), RegistryError> {
+        let id = self.own_upload(repo, id).await?;
+        let len = self.blobs.upload_len(&id).await?;
+        Ok((id, len))
+    }
+
+    /// Appends a chunk. `start` is where the client says it begins (`Content-Range`); a
+    /// chunk without one is appended at the end (streamed upload).
+    pub async fn append_upload(&self, repo: &RepoName, id: &str, start: Option<u64>, body: ByteStream) -> Result<(UploadId, u64), RegistryError> {
+        let id = self.own_upload(repo, id).await?;
+        let offset = match start {
+            Some(s) => s,
+            None => self.blobs.upload_len(&id).await?,
+        };
+        let len = self.blobs.append(&id, offset, body).await?;
+        Ok((id, len))
+    }
+
+    /// Completes a session: appends the final chunk if any, verifies the digest, publishes
+    /// the blob and links it into `repo`.
+    pub async fn finish_upload(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        digest: &Digest,
+        final_chunk: Option<(Option<u64>, ByteStream)>,
+    ) -> Result<u64, RegistryError> {
+        let id = self.own_upload(repo, id).await?;
+        if let Some((start, body)) = final_chunk {
+            let offset = match start {
+                Some(s) => s,
+                None => self.blobs.upload_len(&id).await?,
+            };
+            self.blobs.append(&id, offset, body).await?;
+        }
+        let size = self.blobs.commit(&id, digest).await?;
+        self.meta.link_blob(repo, digest, size).await?;
+        self.meta.forget_upload(id.as_str()).await?;
+        Ok(size)
+    }
+
+    /// Cancels a session and drops its bytes.
+    pub async fn cancel_upload(&self, repo: &RepoName, id: &str) -> Result<(), RegistryError> {
+        let id = self.own_upload(repo, id).await?;
+        match self.blobs.abort(&id).await {
+            Ok(()) | Err(berth_storage::StorageError::UploadUnknown(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.meta.forget_upload(id.as_str()).await?;
+        Ok(())
+    }
+
+    /// A single-request upload (`POST ?digest=` with the body).
+    pub async fn push_blob(&self, repo: &RepoName, digest: &Digest, body: ByteStream) -> Result<u64, RegistryError> {
+        let id = self.blobs.start_upload().await?;
+        let result = async {
+            self.blobs.append(&id, 0, body).await?;
+            self.blobs.commit(&id, digest).await
+        }
+        .await;
+        match result {
+            Ok(size) => {
+                self.meta.link_blob(repo, digest, size).await?;
+                Ok(size)
+            }
+            Err(e) => {
+                if let Err(abort) = self.blobs.abort(&id).await {
+                    tracing::warn!(upload = %id, error = %abort, "could not drop a failed monolithic upload");
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Cross-repository mount. With `from`, the blob must be visible there; without, any
+    /// repository holding it will do (spec 1.1). The bytes must exist either way.
+    pub async fn mount_blob(&self, repo: &RepoName, digest: &Digest, from: Option<&RepoName>) -> Result<MountOutcome, RegistryError> {
+        let visible = match from {
+            Some(source) => self.meta.linked_blob_size(source, digest).await?,
+            None => self.meta.any_linked_blob_size(digest).await?,
+        };
+        if visible.is_none() {
+            return Ok(MountOutcome::NotMountable);
+        }
+        let Some(size) = self.blobs.stat(digest).await? else {
+            return Ok(MountOutcome::NotMountable);
+        };
+        self.meta.link_blob(repo, digest, size).await?;
+        Ok(MountOutcome::Mounted)
+    }
+
+    /// Removes the blob from `repo`'s view. The bytes stay until garbage collection finds
+    /// them unreferenced everywhere.
+    pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<(), RegistryError> {
+        if self.meta.unlink_blob(repo, digest).await? {
+            Ok(())
+        } else {
+            Err(RegistryError::BlobUnknown { digest: digest.clone() })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_resolve_per_rfc() {
+        let r = |start, end| RangeRequest::From { start, end };
+        assert_eq!(r(0, Some(9)).resolve(100).unwrap(), ByteRange { start: 0, end: 9 });
+        assert_eq!(r(90, Some(500)).resolve(100).unwrap(), ByteRange { start: 90, end: 99 });
+        assert_eq!(r(10, None).resolve(100).unwrap(), ByteRange { start: 10, end: 99 });
+        assert_eq!(RangeRequest::Suffix { len: 10 }.resolve(100).unwrap(), ByteRange { start: 90, end: 99 });
+        assert_eq!(RangeRequest::Suffix { len: 500 }.resolve(100).unwrap(), ByteRange { start: 0, end: 99 });
+        assert!(r(100, None).resolve(100).is_err());
+        assert!(r(5, Some(4)).resolve(100).is_err());
+        assert!(RangeRequest::Suffix { len: 0 }.resolve(100).is_err());
+        assert!(r(0, None).resolve(0).is_err());
+    }
+}

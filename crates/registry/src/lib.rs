@@ -1,0 +1,56 @@
+//! The registry domain every front end calls: the OCI distribution semantics of pushing,
+//! pulling, mounting, deleting and listing, on top of a [`BlobStore`] and a [`MetaStore`].
+//! It never names HTTP: the server crate turns requests into these calls and
+//! [`RegistryError`]s into OCI error bodies.
+
+mod blobs;
+mod error;
+mod manifests;
+
+use std::sync::Arc;
+
+use berth_meta::MetaStore;
+use berth_storage::BlobStore;
+
+pub use blobs::{BlobRead, MountOutcome, RangeRequest};
+pub use error::RegistryError;
+pub use manifests::{ManifestPushed, ReferrersIndex};
+
+/// Limits that protect the server from oversized input.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest manifest accepted, in bytes; manifests are held in memory to be parsed.
+    pub max_manifest_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_manifest_bytes: 4 * 1024 * 1024 }
+    }
+}
+
+/// The registry service. Cheap to clone: it holds shared handles only.
+#[derive(Clone)]
+pub struct Registry {
+    blobs: Arc<dyn BlobStore>,
+    meta: Arc<dyn MetaStore>,
+    limits: Limits,
+}
+
+impl Registry {
+    /// Wires the service to its stores.
+    pub fn new(blobs: Arc<dyn BlobStore>, meta: Arc<dyn MetaStore>, limits: Limits) -> Self {
+        Registry { blobs, meta, limits }
+    }
+
+    /// The limits in force, for the edge to enforce them before buffering.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Both stores answer: used by health checks.
+    pub async fn check_health(&self) -> Result<(), RegistryError> {
+        self.meta.ping().await?;
+        Ok(())
+    }
+}

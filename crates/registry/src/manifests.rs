@@ -1,0 +1,128 @@
+//! Manifest pushes and pulls, tags, the catalog and referrers.
+
+use berth_meta::{NewManifest, Page, Referrer, StoredManifest};
+use berth_oci::{media_type, Digest, ParsedManifest, Reference, RepoName};
+use serde_json::{json, Value};
+
+use crate::{Registry, RegistryError};
+
+/// What a manifest push produced, for the response headers.
+#[derive(Debug, Clone)]
+pub struct ManifestPushed {
+    /// The manifest's digest (of the exact bytes).
+    pub digest: Digest,
+    /// Its subject, echoed as `OCI-Subject` so clients know referrers are supported.
+    pub subject: Option<Digest>,
+}
+
+/// A referrers listing.
+#[derive(Debug, Clone)]
+pub struct ReferrersIndex {
+    /// The referring manifests.
+    pub manifests: Vec<Referrer>,
+    /// Whether an `artifactType` filter was applied (reported in `OCI-Filters-Applied`).
+    pub filtered: bool,
+}
+
+impl ReferrersIndex {
+    /// The listing as the OCI image index the spec requires.
+    pub fn to_json(&self) -> Vec<u8> {
+        let manifests: Vec<Value> = self
+            .manifests
+            .iter()
+            .map(|r| {
+                let mut d = json!({ "mediaType": r.media_type, "digest": r.digest.as_str(), "size": r.size });
+                if let Some(t) = &r.artifact_type {
+                    d["artifactType"] = json!(t);
+                }
+                if let Some(a) = r.annotations_json.as_deref().and_then(|a| serde_json::from_str::<Value>(a).ok()) {
+                    d["annotations"] = a;
+                }
+                d
+            })
+            .collect();
+        let index = json!({ "schemaVersion": 2, "mediaType": media_type::OCI_INDEX, "manifests": manifests });
+        serde_json::to_vec(&index).expect("a JSON value serialises")
+    }
+}
+
+impl Registry {
+    /// Accepts a manifest: size limit, parse and validate, digest check when pushed by
+    /// digest, then one metadata transaction that checks every referenced blob and child.
+    pub async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        content_type: Option<&str>,
+        raw: Vec<u8>,
+    ) -> Result<ManifestPushed, RegistryError> {
+        let limit = self.limits.max_manifest_bytes;
+        if raw.len() > limit {
+            return Err(RegistryError::ManifestTooLarge { size: raw.len(), limit });
+        }
+        let parsed = ParsedManifest::parse(&raw, content_type)?;
+        let (digest, tag) = match reference {
+            Reference::Digest(d) => {
+                if !d.matches(&raw) {
+                    let actual = Digest::sha256_of(&raw);
+                    return Err(RegistryError::DigestMismatch { expected: d.clone(), actual });
+                }
+                (d.clone(), None)
+            }
+            Reference::Tag(t) => (Digest::sha256_of(&raw), Some(t)),
+        };
+        let annotations_json = parsed.annotations.as_ref().map(|a| serde_json::to_string(a).expect("annotations serialise"));
+        let record = NewManifest {
+            digest: digest.clone(),
+            media_type: parsed.media_type,
+            artifact_type: parsed.artifact_type,
+            subject: parsed.subject.clone(),
+            annotations_json,
+            edges: parsed.edges,
+            raw,
+        };
+        self.meta.put_manifest(repo, record, tag).await?;
+        Ok(ManifestPushed { digest, subject: parsed.subject })
+    }
+
+    /// A manifest by tag or digest, with its stored bytes.
+    pub async fn get_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<StoredManifest, RegistryError> {
+        self.meta
+            .get_manifest(repo, reference)
+            .await?
+            .ok_or_else(|| RegistryError::ManifestUnknown { reference: reference.to_string() })
+    }
+
+    /// Deletes by digest (the manifest and all its tags) or by tag (only that tag).
+    pub async fn delete_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<(), RegistryError> {
+        let existed = match reference {
+            Reference::Digest(d) => self.meta.delete_manifest(repo, d).await?,
+            Reference::Tag(t) => self.meta.delete_tag(repo, t).await?,
+        };
+        if existed {
+            Ok(())
+        } else {
+            Err(RegistryError::ManifestUnknown { reference: reference.to_string() })
+        }
+    }
+
+    /// Tags of `repo` in lexical order, one page.
+    pub async fn list_tags(&self, repo: &RepoName, page: Page<'_>) -> Result<Vec<String>, RegistryError> {
+        self.meta
+            .list_tags(repo, page)
+            .await?
+            .ok_or_else(|| RegistryError::NameUnknown { name: repo.to_string() })
+    }
+
+    /// Repository names in lexical order, one page.
+    pub async fn catalog(&self, page: Page<'_>) -> Result<Vec<String>, RegistryError> {
+        Ok(self.meta.catalog(page).await?)
+    }
+
+    /// Manifests in `repo` that refer to `subject`. Never "unknown": a subject without
+    /// referrers (or not pushed yet) has an empty list, as the spec requires.
+    pub async fn referrers(&self, repo: &RepoName, subject: &Digest, artifact_type: Option<&str>) -> Result<ReferrersIndex, RegistryError> {
+        let manifests = self.meta.referrers(repo, subject, artifact_type).await?;
+        Ok(ReferrersIndex { manifests, filtered: artifact_type.is_some() })
+    }
+}

@@ -1,0 +1,147 @@
+//! OCI error bodies. The only place that knows the spec's error codes and which HTTP
+//! status each domain fault gets.
+
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use berth_oci::ParseError;
+use berth_registry::RegistryError;
+use serde_json::json;
+
+/// The error codes of the distribution spec (plus `UNKNOWN` for server faults, as
+/// Distribution answers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    /// Blob unknown to registry.
+    BlobUnknown,
+    /// Blob upload invalid.
+    BlobUploadInvalid,
+    /// Blob upload unknown to registry.
+    BlobUploadUnknown,
+    /// Provided digest did not match uploaded content.
+    DigestInvalid,
+    /// Manifest references a manifest or blob unknown to registry.
+    ManifestBlobUnknown,
+    /// Manifest invalid.
+    ManifestInvalid,
+    /// Manifest unknown to registry.
+    ManifestUnknown,
+    /// Invalid repository name.
+    NameInvalid,
+    /// Repository name not known to registry.
+    NameUnknown,
+    /// Provided length did not match content length.
+    SizeInvalid,
+    /// The operation is unsupported.
+    Unsupported,
+    /// A server-side fault; no detail is given to the client.
+    Unknown,
+}
+
+impl Code {
+    /// The code as it appears in the JSON body.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::BlobUnknown => "BLOB_UNKNOWN",
+            Code::BlobUploadInvalid => "BLOB_UPLOAD_INVALID",
+            Code::BlobUploadUnknown => "BLOB_UPLOAD_UNKNOWN",
+            Code::DigestInvalid => "DIGEST_INVALID",
+            Code::ManifestBlobUnknown => "MANIFEST_BLOB_UNKNOWN",
+            Code::ManifestInvalid => "MANIFEST_INVALID",
+            Code::ManifestUnknown => "MANIFEST_UNKNOWN",
+            Code::NameInvalid => "NAME_INVALID",
+            Code::NameUnknown => "NAME_UNKNOWN",
+            Code::SizeInvalid => "SIZE_INVALID",
+            Code::Unsupported => "UNSUPPORTED",
+            Code::Unknown => "UNKNOWN",
+        }
+    }
+}
+
+/// An error response in the spec's `{"errors":[{code,message,detail}]}` form.
+#[derive(Debug)]
+pub struct OciError {
+    status: StatusCode,
+    code: Code,
+    message: String,
+    headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl OciError {
+    /// An error with a client-facing message.
+    pub fn new(status: StatusCode, code: Code, message: impl Into<String>) -> Self {
+        OciError { status, code, message: message.into(), headers: Vec::new() }
+    }
+
+    /// A server fault: logged here with its cause, answered without detail.
+    pub fn internal(cause: &dyn std::error::Error) -> Self {
+        tracing::error!(error = %cause, "internal error");
+        OciError::new(StatusCode::INTERNAL_SERVER_ERROR, Code::Unknown, "internal server error")
+    }
+
+    /// Adds a header to the response (`Range`, `Content-Range`).
+    pub fn with_header(mut self, name: HeaderName, value: String) -> Self {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            self.headers.push((name, v));
+        }
+        self
+    }
+
+    /// The HTTP status, for tests and logs.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+impl From<ParseError> for OciError {
+    fn from(e: ParseError) -> Self {
+        let (status, code) = match &e {
+            ParseError::Digest { .. } => (StatusCode::BAD_REQUEST, Code::DigestInvalid),
+            ParseError::Name { .. } => (StatusCode::BAD_REQUEST, Code::NameInvalid),
+            ParseError::Tag { .. } => (StatusCode::BAD_REQUEST, Code::ManifestInvalid),
+            ParseError::Manifest { .. } => (StatusCode::BAD_REQUEST, Code::ManifestInvalid),
+            ParseError::UnsupportedManifest { .. } => (StatusCode::UNSUPPORTED_MEDIA_TYPE, Code::Unsupported),
+        };
+        OciError::new(status, code, e.to_string())
+    }
+}
+
+impl From<RegistryError> for OciError {
+    fn from(e: RegistryError) -> Self {
+        use RegistryError as E;
+        let (status, code) = match &e {
+            E::BlobUnknown { .. } => (StatusCode::NOT_FOUND, Code::BlobUnknown),
+            E::UploadUnknown { .. } => (StatusCode::NOT_FOUND, Code::BlobUploadUnknown),
+            E::UploadOutOfOrder { expected, .. } => {
+                let range = if *expected == 0 { "0-0".to_owned() } else { format!("0-{}", expected - 1) };
+                return OciError::new(StatusCode::RANGE_NOT_SATISFIABLE, Code::BlobUploadInvalid, e.to_string())
+                    .with_header(header::RANGE, range);
+            }
+            E::DigestMismatch { .. } => (StatusCode::BAD_REQUEST, Code::DigestInvalid),
+            E::Invalid(_) => {
+                let E::Invalid(parse) = e else { unreachable!("matched above") };
+                return parse.into();
+            }
+            E::ManifestUnknown { .. } => (StatusCode::NOT_FOUND, Code::ManifestUnknown),
+            E::ManifestBlobUnknown { .. } => (StatusCode::BAD_REQUEST, Code::ManifestBlobUnknown),
+            E::ManifestTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, Code::ManifestInvalid),
+            E::NameUnknown { .. } => (StatusCode::NOT_FOUND, Code::NameUnknown),
+            E::RangeNotSatisfiable { size } => {
+                let content_range = format!("bytes */{size}");
+                return OciError::new(StatusCode::RANGE_NOT_SATISFIABLE, Code::SizeInvalid, e.to_string())
+                    .with_header(header::CONTENT_RANGE, content_range);
+            }
+            E::BodyInterrupted(_) => (StatusCode::BAD_REQUEST, Code::BlobUploadInvalid),
+            E::Storage(_) | E::Meta(_) => return OciError::internal(&e),
+        };
+        OciError::new(status, code, e.to_string())
+    }
+}
+
+impl IntoResponse for OciError {
+    fn into_response(self) -> Response {
+        let body = json!({ "errors": [{ "code": self.code.as_str(), "message": self.message, "detail": null }] });
+        let mut response = (self.status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
+        response.headers_mut().extend(self.headers);
+        response
+    }
+}

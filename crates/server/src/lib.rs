@@ -1,0 +1,82 @@
+//! The HTTP edge of berth: the OCI distribution API under `/v2`, `/healthz`, request logs.
+//! It parses requests, calls the [`Registry`] once per request and maps its errors to OCI
+//! error JSON in one place ([`error`]). It never touches SQL or files.
+
+pub mod error;
+mod route;
+mod v2;
+
+use std::future::Future;
+use std::time::Instant;
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::Router;
+use berth_registry::Registry;
+use tokio::net::TcpListener;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct App {
+    registry: Registry,
+}
+
+impl App {
+    /// Wraps the domain service for the handlers.
+    pub fn new(registry: Registry) -> Self {
+        App { registry }
+    }
+}
+
+/// The full HTTP surface of the registry.
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route("/v2", any(v2::dispatch))
+        .route("/v2/", any(v2::dispatch))
+        .route("/v2/{*path}", any(v2::dispatch))
+        .route("/healthz", get(healthz))
+        .with_state(app)
+        .layer(middleware::from_fn(access_log))
+}
+
+/// Serves on an already bound listener until `shutdown` resolves, then lets in-flight
+/// requests (uploads included) finish. Taking a listener lets tests bind port 0 first.
+pub async fn serve(listener: TcpListener, app: App, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    axum::serve(listener, router(app)).with_graceful_shutdown(shutdown).await
+}
+
+async fn healthz(State(app): State<App>) -> Response {
+    match app.registry.check_health().await {
+        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "health check failed");
+            (StatusCode::SERVICE_UNAVAILABLE, "metadata store unavailable\n").into_response()
+        }
+    }
+}
+
+/// One structured log line per request, and the API version header on every response.
+async fn access_log(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let bytes_in = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let mut response = next.run(request).await;
+    let (name, value) = v2::API_VERSION;
+    response.headers_mut().insert(name, value);
+    let bytes_out = response.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    tracing::info!(
+        target: "berth::access",
+        %method,
+        path,
+        status = response.status().as_u16(),
+        bytes_in,
+        bytes_out,
+        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "request"
+    );
+    response
+}

@@ -1,0 +1,394 @@
+//! Handlers of the OCI distribution API. Each one extracts, makes one domain call and
+//! responds; every fault becomes an [`OciError`] through `?`.
+
+use std::collections::HashMap;
+
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use berth_meta::Page;
+use berth_oci::{media_type, Digest, Reference, RepoName};
+use berth_registry::{MountOutcome, RangeRequest};
+use berth_storage::{ByteStream, UploadId};
+use futures_util::{StreamExt, TryStreamExt};
+
+use crate::error::{Code, OciError};
+use crate::route::V2Route;
+use crate::App;
+
+const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
+const DOCKER_UPLOAD_UUID: &str = "docker-upload-uuid";
+const OCI_SUBJECT: &str = "oci-subject";
+const OCI_FILTERS_APPLIED: &str = "oci-filters-applied";
+
+type Params = HashMap<String, String>;
+
+/// Entry point for every `/v2` request: routes by [`V2Route`], then by method.
+pub(crate) async fn dispatch(State(app): State<App>, method: Method, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+    let params: Params = Query::try_from_uri(&uri).map(|Query(p)| p).unwrap_or_default();
+    let Some(route) = V2Route::parse(uri.path()) else {
+        return OciError::new(StatusCode::NOT_FOUND, Code::Unsupported, "no such API endpoint").into_response();
+    };
+    let result = match (route, method.clone()) {
+        (V2Route::Base, Method::GET | Method::HEAD) => Ok(base()),
+        (V2Route::Catalog, Method::GET) => catalog(&app, &params).await,
+        (V2Route::Tags { name }, Method::GET) => tags(&app, name, &params).await,
+        (V2Route::Manifest { name, reference }, Method::GET | Method::HEAD) => {
+            get_manifest(&app, name, reference, method == Method::HEAD).await
+        }
+        (V2Route::Manifest { name, reference }, Method::PUT) => put_manifest(&app, name, reference, &headers, body).await,
+        (V2Route::Manifest { name, reference }, Method::DELETE) => delete_manifest(&app, name, reference).await,
+        (V2Route::Blob { name, digest }, Method::GET | Method::HEAD) => {
+            get_blob(&app, name, digest, &headers, method == Method::HEAD).await
+        }
+        (V2Route::Blob { name, digest }, Method::DELETE) => delete_blob(&app, name, digest).await,
+        (V2Route::UploadStart { name }, Method::POST) => start_upload(&app, name, &params, body).await,
+        (V2Route::Upload { name, id }, Method::GET) => upload_status(&app, name, id).await,
+        (V2Route::Upload { name, id }, Method::PATCH) => patch_upload(&app, name, id, &headers, body).await,
+        (V2Route::Upload { name, id }, Method::PUT) => finish_upload(&app, name, id, &params, &headers, body).await,
+        (V2Route::Upload { name, id }, Method::DELETE) => cancel_upload(&app, name, id).await,
+        (V2Route::Referrers { name, digest }, Method::GET) => referrers(&app, name, digest, &params).await,
+        _ => Err(OciError::new(StatusCode::METHOD_NOT_ALLOWED, Code::Unsupported, format!("{method} is not supported here"))),
+    };
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+fn base() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], "{}").into_response()
+}
+
+fn repo(name: &str) -> Result<RepoName, OciError> {
+    Ok(RepoName::parse(name)?)
+}
+
+fn digest(text: &str) -> Result<Digest, OciError> {
+    Ok(Digest::parse(text)?)
+}
+
+fn body_stream(body: Body) -> ByteStream {
+    Box::pin(body.into_data_stream().map_err(std::io::Error::other))
+}
+
+fn header_str<'h>(headers: &'h HeaderMap, name: header::HeaderName) -> Option<&'h str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn response(status: StatusCode, headers: Vec<(&'static str, String)>, body: Body) -> Response {
+    let mut builder = Response::builder().status(status);
+    for (name, value) in headers {
+        builder = builder.header(name, value);
+    }
+    builder.body(body).expect("handler headers are valid")
+}
+
+/// The `Range` header of an upload: inclusive end of what the session holds.
+fn upload_range(len: u64) -> String {
+    if len == 0 {
+        "0-0".to_owned()
+    } else {
+        format!("0-{}", len - 1)
+    }
+}
+
+fn upload_accepted(status: StatusCode, name: &RepoName, id: &UploadId, len: u64) -> Response {
+    let location = format!("/v2/{name}/blobs/uploads/{id}");
+    let headers = vec![
+        ("location", location),
+        ("range", upload_range(len)),
+        (DOCKER_UPLOAD_UUID, id.to_string()),
+        ("content-length", "0".to_owned()),
+    ];
+    response(status, headers, Body::empty())
+}
+
+fn blob_created(name: &RepoName, digest: &Digest) -> Response {
+    let headers = vec![
+        ("location", format!("/v2/{name}/blobs/{digest}")),
+        (DOCKER_CONTENT_DIGEST, digest.to_string()),
+        ("content-length", "0".to_owned()),
+    ];
+    response(StatusCode::CREATED, headers, Body::empty())
+}
+
+/// Parses `n` and `last` and asks for one entry more than `n`, to know whether a `Link`
+/// to a next page is due.
+fn page_params(params: &Params) -> Result<(Option<usize>, Option<&str>), OciError> {
+    let n = match params.get("n") {
+        None => None,
+        Some(n) => Some(n.parse::<usize>().map_err(|_| {
+            OciError::new(StatusCode::BAD_REQUEST, Code::Unsupported, "n must be a non-negative integer")
+        })?),
+    };
+    Ok((n, params.get("last").map(String::as_str)))
+}
+
+fn paged_listing(path: &str, key: &str, name: Option<&str>, mut items: Vec<String>, n: Option<usize>) -> Response {
+    let mut headers = vec![("content-type", "application/json".to_owned())];
+    if let Some(n) = n {
+        if items.len() > n {
+            items.truncate(n);
+            if let Some(last) = items.last() {
+                headers.push(("link", format!("<{path}?n={n}&last={last}>; rel=\"next\"")));
+            }
+        }
+    }
+    let mut body = serde_json::Map::new();
+    if let Some(name) = name {
+        body.insert("name".into(), name.into());
+    }
+    body.insert(key.into(), items.into());
+    response(StatusCode::OK, headers, Body::from(serde_json::Value::Object(body).to_string()))
+}
+
+async fn catalog(app: &App, params: &Params) -> Result<Response, OciError> {
+    let (n, last) = page_params(params)?;
+    let items = app.registry.catalog(Page { limit: n.map(|n| n + 1), after: last }).await?;
+    Ok(paged_listing("/v2/_catalog", "repositories", None, items, n))
+}
+
+async fn tags(app: &App, name: &str, params: &Params) -> Result<Response, OciError> {
+    let name = repo(name)?;
+    let (n, last) = page_params(params)?;
+    let items = app.registry.list_tags(&name, Page { limit: n.map(|n| n + 1), after: last }).await?;
+    Ok(paged_listing(&format!("/v2/{name}/tags/list"), "tags", Some(name.as_str()), items, n))
+}
+
+async fn get_manifest(app: &App, name: &str, reference: &str, head: bool) -> Result<Response, OciError> {
+    let name = repo(name)?;
+    let reference = Reference::parse(reference)?;
+    let m = app.registry.get_manifest(&name, &reference).await?;
+    let headers = vec![
+        ("content-type", m.media_type),
+        ("content-length", m.raw.len().to_string()),
+        (DOCKER_CONTENT_DIGEST, m.digest.to_string()),
+        ("etag", format!("\"{}\"", m.digest)),
+    ];
+    // The digest is over the stored bytes: serve them, never re-serialise.
+    let body = if head { Body::empty() } else { Body::from(m.raw) };
+    Ok(response(StatusCode::OK, headers, body))
+}
+
+async fn put_manifest(app: &App, name: &str, reference: &str, headers: &HeaderMap, body: Body) -> Result<Response, OciError> {
+    let name = repo(name)?;
+    let reference = Reference::parse(reference)?;
+    let limit = app.registry.limits().max_manifest_bytes;
+    let raw = read_capped(body, headers, limit).await?;
+    let content_type = header_str(headers, header::CONTENT_TYPE);
+    let pushed = app.registry.put_manifest(&name, &reference, content_type, raw).await?;
+    let mut out = vec![
+        ("location", format!("/v2/{name}/manifests/{}", pushed.digest)),
+        (DOCKER_CONTENT_DIGEST, pushed.digest.to_string()),
+        ("content-length", "0".to_owned()),
+    ];
+    if let Some(subject) = pushed.subject {
+        out.push((OCI_SUBJECT, subject.to_string()));
+    }
+    Ok(response(StatusCode::CREATED, out, Body::empty()))
+}
+
+/// Reads a manifest body, refusing it as soon as it passes `limit` (by `Content-Length`
+/// before reading, or by counting while reading).
+async fn read_capped(body: Body, headers: &HeaderMap, limit: usize) -> Result<Vec<u8>, OciError> {
+    let too_large = |size: usize| {
+        OciError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Code::ManifestInvalid,
+            format!("manifest of {size} bytes exceeds the limit of {limit} bytes"),
+        )
+    };
+    if let Some(len) = header_str(headers, header::CONTENT_LENGTH).and_then(|l| l.parse::<usize>().ok()) {
+        if len > limit {
+            return Err(too_large(len));
+        }
+    }
+    let mut raw = Vec::new();
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| OciError::new(StatusCode::BAD_REQUEST, Code::ManifestInvalid, format!("reading the body: {e}")))?;
+        if raw.len() + chunk.len() > limit {
+            return Err(too_large(raw.len() + chunk.len()));
+        }
+        raw.extend_from_slice(&chunk);
+    }
+    Ok(raw)
+}
+
+async fn delete_manifest(app: &App, name: &str, reference: &str) -> Result<Response, OciError> {
+    let name = repo(name)?;
+    let reference = Reference::parse(reference)?;
+    app.registry.delete_manifest(&name, &reference).await?;
+    Ok(response(StatusCode::ACCEPTED, vec![("content-length", "0".to_owned())], Body::empty()))
+}
+
+/// Parses `bytes=a-b`, `bytes=a-` and `bytes=-n`. Anything else (several ranges, other
+/// units) is ignored, as RFC 9110 allows, and the whole blob is sent.
+fn parse_range(value: &str) -> Option<RangeRequest> {
+    let spec = value.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (start, end) = spec.trim().split_once('-')?;
+    if start.is_empty() {
+        return end.parse().ok().map(|len| RangeRequest::Suffix { len });
+    }
+    let start = start.parse().ok()?;
+    let end = if end.is_empty() { None } else { Some(end.parse().ok()?) };
+    Some(RangeRequest::From { start, end })
+}
+
+async fn get_blob(app: &App, name: &str, digest_text: &str, headers: &HeaderMap, head: bool) -> Result<Response, OciError> {
+    let name = repo(name)?;
+    let digest = digest(digest_text)?;
+    let mut out = vec![
+        ("content-type", "application/octet-stream".to_owned()),
+        (DOCKER_CONTENT_DIGEST, digest.to_string()),
+        ("accept-ranges", "bytes".to_owned()),
+        ("etag", format!("\"{digest}\"")),
+    ];
+    if head {
+        let size = app.registry.stat_blob(&name, &digest).await?;
+        out.push(("content-length", size.to_string()));
+        return Ok(response(StatusCode::OK, out, Body::empty()));
+    }
+    let range = header_str(headers, header::RANGE).and_then(parse_range);
+    let blob = app.registry.read_blob(&name, &digest, range).await?;
+    let status = match blob.range {
+        Some(r) => {
+            out.push(("content-range", format!("bytes {}-{}/{}", r.start, r.end, blob.size)));
+            out.push(("content-length", r.len().to_string()));
+            StatusCode::PARTIAL_CONTENT
+        }
+        None => {
+            out.push(("content-length", blob.size.to_string()));
+            StatusCode::OK
+        }
+    };
+    Ok(response(status, out, Body::from_stream(blob.body)))
+}
+
+async fn delete_blob(app: &App, name: &str, digest_text: &str) -> Result<Response, OciError> {
+    let name = repo(name)?;
+    let digest = digest(digest_text)?;
+    app.registry.delete_blob(&name, &digest).await?;
+    Ok(response(StatusCode::ACCEPTED, vec![("content-length", "0".to_owned())], Body::empty()))
+}
+
+async fn start_upload(app: &App, name: &str, params: &Params, body: Body) -> Result<Response, OciError> {
+    let name = repo(name)?;
+    if let Some(mount) = params.get("mount") {
+        let mount = digest(mount)?;
+        // A malformed `from` cannot name a repository holding the blob: fall back to upload.
+        let from = params.get("from").map(|f| RepoName::parse(f).ok());
+        let outcome = match from {
+            Some(None) => MountOutcome::NotMountable,
+            Some(Some(source)) => app.registry.mount_blob(&name, &mount, Some(&source)).await?,
+            None => app.registry.mount_blob(&name, &mount, None).await?,
+        };
+        if outcome == MountOutcome::Mounted {
+            return Ok(blob_created(&name, &mount));
+        }
+    } else if let Some(d) = params.get("digest") {
+        let d = digest(d)?;
+        app.registry.push_blob(&name, &d, body_stream(body)).await?;
+        return Ok(blob_created(&name, &d));
+    }
+    let id = app.registry.start_upload(&name).await?;
+    Ok(upload_accepted(StatusCode::ACCEPTED, &name, &id, 0))
+}
+
+async fn upload_status(app: &App, name: &str, id: &str) -> Result<Response, OciError> {
+    let name = repo(name)?;
+    let (id, len) = app.registry.upload_status(&name, id).await?;
+    Ok(upload_accepted(StatusCode::NO_CONTENT, &name, &id, len))
+}
+
+/// Reads `Content-Range: <start>-<end>` (also tolerating a `bytes ` prefix and a
+/// `/<total>` suffix). Returns the start; checks the length against `Content-Length`.
+fn content_range(headers: &HeaderMap) -> Result<Option<u64>, OciError> {
+    let Some(value) = headers.get(header::CONTENT_RANGE) else {
+        return Ok(None);
+    };
+    let bad = || {
+        OciError::new(StatusCode::RANGE_NOT_SATISFIABLE, Code::BlobUploadInvalid, "malformed Content-Range: expected <start>-<end>")
+    };
+    let text = value.to_str().map_err(|_| bad())?.trim();
+    let text = text.strip_prefix("bytes ").unwrap_or(text);
+    let text = text.split('/').next().unwrap_or(text);
+    let (start, end) = text.split_once('-').ok_or_else(bad)?;
+    let start: u64 = start.trim().parse().map_err(|_| bad())?;
+    let end: u64 = end.trim().parse().map_err(|_| bad())?;
+    if end < start {
+        return Err(bad());
+    }
+    if let Some(len) = header_str(headers, header::CONTENT_LENGTH).and_then(|l| l.parse::<u64>().ok()) {
+        if len != end - start + 1 {
+            return Err(OciError::new(
+                StatusCode::BAD_REQUEST,
+                Code::SizeInvalid,
+                format!("Content-Range covers {} bytes but Content-Length is {len}", end - start + 1),
+            ));
+        }
+    }
+    Ok(Some(start))
+}
+
+async fn patch_upload(app: &App, name: &str, id: &str, headers: &HeaderMap, body: Body) -> Result<Response, OciError> {
+    let name = repo(name)?;
+    let start = content_range(headers)?;
+    let (id, len) = app.registry.append_upload(&name, id, start, body_stream(body)).await?;
+    Ok(upload_accepted(StatusCode::ACCEPTED, &name, &id, len))
+}
+
+async fn finish_upload(app: &App, name: &str, id: &str, params: &Params, headers: &HeaderMap, body: Body) -> Result<Response, OciError> {
+    let name = repo(name)?;
+    let Some(d) = params.get("digest") else {
+        return Err(OciError::new(StatusCode::BAD_REQUEST, Code::DigestInvalid, "the digest query parameter is required"));
+    };
+    let d = digest(d)?;
+    let declared_len = header_str(headers, header::CONTENT_LENGTH).and_then(|l| l.parse::<u64>().ok());
+    let final_chunk = if declared_len == Some(0) {
+        None
+    } else {
+        Some((content_range(headers)?, body_stream(body)))
+    };
+    app.registry.finish_upload(&name, id, &d, final_chunk).await?;
+    Ok(blob_created(&name, &d))
+}
+
+async fn cancel_upload(app: &App, name: &str, id: &str) -> Result<Response, OciError> {
+    let name = repo(name)?;
+    app.registry.cancel_upload(&name, id).await?;
+    Ok(response(StatusCode::NO_CONTENT, vec![], Body::empty()))
+}
+
+async fn referrers(app: &App, name: &str, digest_text: &str, params: &Params) -> Result<Response, OciError> {
+    let name = repo(name)?;
+    let subject = digest(digest_text)?;
+    let artifact_type = params.get("artifactType").map(String::as_str).filter(|t| !t.is_empty());
+    let index = app.registry.referrers(&name, &subject, artifact_type).await?;
+    let mut out = vec![("content-type", media_type::OCI_INDEX.to_owned())];
+    if index.filtered {
+        out.push((OCI_FILTERS_APPLIED, "artifactType".to_owned()));
+    }
+    Ok(response(StatusCode::OK, out, Body::from(index.to_json())))
+}
+
+/// Header every response carries, so Docker clients recognise a v2 registry.
+pub(crate) const API_VERSION: (&str, HeaderValue) =
+    ("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_range_forms() {
+        assert_eq!(parse_range("bytes=0-9"), Some(RangeRequest::From { start: 0, end: Some(9) }));
+        assert_eq!(parse_range("bytes=5-"), Some(RangeRequest::From { start: 5, end: None }));
+        assert_eq!(parse_range("bytes=-3"), Some(RangeRequest::Suffix { len: 3 }));
+        assert_eq!(parse_range("bytes=0-1,4-5"), None);
+        assert_eq!(parse_range("items=0-1"), None);
+        assert_eq!(parse_range("bytes=x-1"), None);
+    }
+}

@@ -1,0 +1,173 @@
+//! Test support shared by the integration suites: a real registry served on an ephemeral
+//! loopback port, a real `berth` process that can be killed, and a way to find real client
+//! tools (skipped locally when absent, required under CI).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use berth_meta::SqliteMeta;
+use berth_registry::{Limits, Registry};
+use berth_server::App;
+use berth_storage::FsBlobStore;
+
+/// A registry served in this process on `127.0.0.1:0`, with its own runtime and a temporary
+/// data directory. Stops on drop.
+pub struct TestRegistry {
+    addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    runtime: Option<tokio::runtime::Runtime>,
+    data_dir: tempfile::TempDir,
+}
+
+impl TestRegistry {
+    /// Starts a registry with default limits.
+    pub fn start() -> Self {
+        Self::start_with(Limits::default())
+    }
+
+    /// Starts a registry with the given limits.
+    pub fn start_with(limits: Limits) -> Self {
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let root = data_dir.path().to_owned();
+        let addr = runtime.block_on(async move {
+            let blobs = FsBlobStore::open(&root).expect("blob store");
+            let meta = SqliteMeta::open(&root.join("meta.db")).expect("meta store");
+            let registry = Registry::new(Arc::new(blobs), Arc::new(meta), limits);
+            // Bound here and handed over: no window in which another test takes the port.
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            tokio::spawn(async move {
+                let stop = async move {
+                    let _ = rx.await;
+                };
+                if let Err(e) = berth_server::serve(listener, App::new(registry), stop).await {
+                    eprintln!("test registry stopped with {e}");
+                }
+            });
+            addr
+        });
+        TestRegistry { addr, shutdown: Some(tx), runtime: Some(runtime), data_dir }
+    }
+
+    /// `127.0.0.1:PORT`, as clients write a registry host.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The data directory, to inspect what was stored.
+    pub fn data_dir(&self) -> &Path {
+        self.data_dir.path()
+    }
+}
+
+impl Drop for TestRegistry {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_secs(5));
+        }
+    }
+}
+
+/// A `berth serve` child process on `127.0.0.1:0`; killed (and reaped) on drop.
+pub struct BerthProcess {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl BerthProcess {
+    /// Starts `binary serve` on `data_dir` and waits until it reports its address.
+    pub fn spawn(binary: &Path, data_dir: &Path) -> Self {
+        let mut child = Command::new(binary)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("BERTH_LOG_LEVEL", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn berth");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent {
+                    if let Some(rest) = line.split("listening on http://").nth(1) {
+                        let addr = rest.split_whitespace().next().unwrap_or("").to_owned();
+                        let _ = tx.send(addr);
+                        sent = true;
+                    }
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(a) => a.parse().expect("address in log line"),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("berth did not report its address");
+            }
+        };
+        BerthProcess { child, addr }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// SIGKILL, as a crash would: no chance to clean up.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for BerthProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Finds a client tool on `PATH`. Locally a missing tool skips the test (returns `None`
+/// and says so); under `CI` it fails, because CI installs every tool.
+pub fn tool(name: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths).map(|p| p.join(name)).find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(std::env::var_os("CI").is_none(), "{name} is required under CI but not installed");
+        eprintln!("skipping: {name} is not installed");
+    }
+    found
+}
+
+/// Polls `condition` until it holds or `timeout` passes; tests wait on facts, not sleeps.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    condition()
+}
