@@ -1,0 +1,148 @@
+//! Bad input: each answered with the spec's error code and status, nothing stored.
+
+use berth_registry::Limits;
+use berth_testkit::TestRegistry;
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::{assert_oci_error, http, push_blob, put_manifest, sha256};
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+#[test]
+fn invalid_names_tags_and_digests() {
+    let reg = TestRegistry::start();
+    let base = reg.url();
+    let digest = sha256(b"x");
+    // Sent raw: an HTTP library would normalise `..` away before the server saw it.
+    for name in ["../x", "x/..", "x/../y", "Upper/case", "a//b", "a/", "-a", "a__-b", "%2e%2e/x", "a%2fb"] {
+        for (method, path) in [
+            ("GET", format!("/v2/{name}/tags/list")),
+            ("GET", format!("/v2/{name}/manifests/latest")),
+            ("GET", format!("/v2/{name}/blobs/{digest}")),
+            ("POST", format!("/v2/{name}/blobs/uploads/")),
+        ] {
+            let (status, body) = raw_request(&reg.host(), method, &path);
+            assert_eq!(status, 400, "{method} {path}: {body}");
+            assert!(body.contains("\"NAME_INVALID\""), "{method} {path}: {body}");
+        }
+    }
+    let long = "a".repeat(256);
+    let r = http().get(format!("{base}/v2/{long}/tags/list")).send().unwrap();
+    assert_oci_error(r, StatusCode::BAD_REQUEST, "NAME_INVALID");
+
+    for bad in ["sha256:abc", "sha256:ZZZ", "md5:d41d8cd98f00b204e9800998ecf8427e", "sha256"] {
+        let r = http().get(format!("{base}/v2/team/app/blobs/{bad}")).send().unwrap();
+        assert_oci_error(r, StatusCode::BAD_REQUEST, "DIGEST_INVALID");
+    }
+    let r = http().get(format!("{base}/v2/team/app/manifests/sha256:abc")).send().unwrap();
+    assert_oci_error(r, StatusCode::BAD_REQUEST, "DIGEST_INVALID");
+    let r = http().put(format!("{base}/v2/team/app/manifests/.bad-tag")).body("{}").send().unwrap();
+    assert_oci_error(r, StatusCode::BAD_REQUEST, "MANIFEST_INVALID");
+    let r = http().get(format!("{base}/v2/team/app/blobs/{digest}")).send().unwrap();
+    assert_oci_error(r, StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
+    let r = http().get(format!("{base}/v2/team/app/manifests/latest")).send().unwrap();
+    assert_oci_error(r, StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
+    let r = http().post(format!("{base}/v2/team/app/manifests/latest")).send().unwrap();
+    assert_oci_error(r, StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED");
+    let r = http().get(format!("{base}/v2/team/app/nothing/here")).send().unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+}
+
+#[test]
+fn malformed_unknown_and_schema1_manifests() {
+    let reg = TestRegistry::start();
+    let base = reg.url();
+    let config = push_blob(&base, "team/app", b"{}");
+    let cases: Vec<(&str, Vec<u8>, StatusCode, &str)> = vec![
+        (OCI_MANIFEST, b"not json at all".to_vec(), StatusCode::BAD_REQUEST, "MANIFEST_INVALID"),
+        (OCI_MANIFEST, b"{\"schemaVersion\":2}".to_vec(), StatusCode::BAD_REQUEST, "MANIFEST_INVALID"),
+        (OCI_MANIFEST, b"[1,2,3]".to_vec(), StatusCode::BAD_REQUEST, "MANIFEST_INVALID"),
+        (
+            "application/vnd.example.unknown+json",
+            serde_json::to_vec(&json!({"schemaVersion": 2, "config": {"mediaType": "a/b", "digest": config, "size": 2}, "layers": []})).unwrap(),
+            StatusCode::BAD_REQUEST,
+            "MANIFEST_INVALID",
+        ),
+        (
+            OCI_MANIFEST,
+            serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {"mediaType": "a/b", "digest": "sha256:xyz", "size": 2}, "layers": []})).unwrap(),
+            StatusCode::BAD_REQUEST,
+            "MANIFEST_INVALID",
+        ),
+        (
+            "application/vnd.docker.distribution.manifest.v1+prettyjws",
+            serde_json::to_vec(&json!({"schemaVersion": 1, "name": "team/app", "tag": "v1", "fsLayers": [], "history": []})).unwrap(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UNSUPPORTED",
+        ),
+        (
+            "application/json",
+            serde_json::to_vec(&json!({"schemaVersion": 1, "name": "team/app", "tag": "v1", "fsLayers": []})).unwrap(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UNSUPPORTED",
+        ),
+    ];
+    for (media_type, body, status, code) in cases {
+        let r = put_manifest(&base, "team/app", "v1", media_type, &body);
+        assert_oci_error(r, status, code);
+    }
+    // Missing blobs: the manifest names a layer this repository does not hold.
+    let missing = sha256(b"missing layer");
+    let body = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 2},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": missing, "size": 13}],
+    }))
+    .unwrap();
+    let r = put_manifest(&base, "team/app", "v1", OCI_MANIFEST, &body);
+    assert_oci_error(r, StatusCode::BAD_REQUEST, "MANIFEST_BLOB_UNKNOWN");
+    // Pushed by a digest that is not the body's.
+    let r = put_manifest(&base, "team/app", &sha256(b"other"), OCI_MANIFEST, &body);
+    assert_oci_error(r, StatusCode::BAD_REQUEST, "DIGEST_INVALID");
+    // Nothing was stored.
+    let r = http().get(format!("{base}/v2/team/app/tags/list")).send().unwrap();
+    assert_oci_error(r, StatusCode::NOT_FOUND, "NAME_UNKNOWN");
+}
+
+#[test]
+fn oversized_manifest_is_refused_with_413() {
+    let reg = TestRegistry::start_with(Limits { max_manifest_bytes: 1024 });
+    let base = reg.url();
+    let big = serde_json::to_vec(&json!({"schemaVersion": 2, "annotations": {"pad": "x".repeat(2000)}})).unwrap();
+    let r = put_manifest(&base, "team/app", "big", OCI_MANIFEST, &big);
+    assert_oci_error(r, StatusCode::PAYLOAD_TOO_LARGE, "MANIFEST_INVALID");
+    // Without Content-Length (chunked transfer) the limit holds while reading.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..8).map(|_| Ok(vec![b' '; 512])).collect();
+    let r = http()
+        .put(format!("{base}/v2/team/app/manifests/big"))
+        .header("content-type", OCI_MANIFEST)
+        .body(reqwest::blocking::Body::new(ChunkReader(chunks.into_iter().flatten().flatten().collect(), 0)))
+        .send()
+        .unwrap();
+    assert_oci_error(r, StatusCode::PAYLOAD_TOO_LARGE, "MANIFEST_INVALID");
+}
+
+/// A reader of unknown length, so reqwest sends the body chunked.
+struct ChunkReader(Vec<u8>, usize);
+
+impl std::io::Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.0.len() - self.1).min(512);
+        buf[..n].copy_from_slice(&self.0[self.1..self.1 + n]);
+        self.1 += n;
+        Ok(n)
+    }
+}
+
+/// One HTTP/1.1 request written byte for byte; returns the status and body text.
+fn raw_request(host: &str, method: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(host).unwrap();
+    write!(conn, "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    let status = answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
