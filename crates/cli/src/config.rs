@@ -47,17 +47,30 @@ impl Settings {
     pub(crate) fn load(file: Option<&Path>, overrides: Overrides) -> anyhow::Result<Self> {
         let file_config = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
-                toml::from_str::<FileConfig>(&text).with_context(|| format!("parsing config file {}", path.display()))?
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config file {}", path.display()))?;
+                toml::from_str::<FileConfig>(&text)
+                    .with_context(|| format!("parsing config file {}", path.display()))?
             }
             None => FileConfig::default(),
         };
-        let listen = overrides.listen.or(file_config.listen).unwrap_or_else(|| "127.0.0.1:5000".to_owned());
-        let listen = listen.parse().with_context(|| format!("listen address {listen:?} is not HOST:PORT"))?;
+        let listen = overrides
+            .listen
+            .or(file_config.listen)
+            .unwrap_or_else(|| "127.0.0.1:5000".to_owned());
+        let listen = listen
+            .parse()
+            .with_context(|| format!("listen address {listen:?} is not HOST:PORT"))?;
         Ok(Settings {
             listen,
-            data_dir: overrides.data_dir.or(file_config.data_dir).unwrap_or_else(|| PathBuf::from("./berth-data")),
-            log_level: overrides.log_level.or(file_config.log_level).unwrap_or_else(|| "info".to_owned()),
+            data_dir: overrides
+                .data_dir
+                .or(file_config.data_dir)
+                .unwrap_or_else(|| PathBuf::from("./berth-data")),
+            log_level: overrides
+                .log_level
+                .or(file_config.log_level)
+                .unwrap_or_else(|| "info".to_owned()),
             max_manifest_bytes: overrides
                 .max_manifest_bytes
                 .or(file_config.limits.max_manifest_bytes)
@@ -78,7 +91,14 @@ mod tests {
         let s = Settings::load(Some(&path), Overrides::default()).unwrap();
         assert_eq!(s.listen.port(), 6000);
         assert_eq!(s.max_manifest_bytes, 1024);
-        let s = Settings::load(Some(&path), Overrides { listen: Some("127.0.0.1:7000".into()), ..Default::default() }).unwrap();
+        let s = Settings::load(
+            Some(&path),
+            Overrides {
+                listen: Some("127.0.0.1:7000".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(s.listen.port(), 7000);
         assert_eq!(s.data_dir, PathBuf::from("/srv/berth"));
         let d = Settings::load(None, Overrides::default()).unwrap();

@@ -16,7 +16,11 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{Overrides, Settings};
 
 #[derive(Parser)]
-#[command(name = "berth", version, about = "A container image registry in one binary")]
+#[command(
+    name = "berth",
+    version,
+    about = "A container image registry in one binary"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -47,8 +51,22 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config, listen, data_dir, log_level, max_manifest_bytes } => {
-            let settings = Settings::load(config.as_deref(), Overrides { listen, data_dir, log_level, max_manifest_bytes })?;
+        Command::Serve {
+            config,
+            listen,
+            data_dir,
+            log_level,
+            max_manifest_bytes,
+        } => {
+            let settings = Settings::load(
+                config.as_deref(),
+                Overrides {
+                    listen,
+                    data_dir,
+                    log_level,
+                    max_manifest_bytes,
+                },
+            )?;
             serve(settings)
         }
     }
@@ -60,7 +78,9 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         std::fs::create_dir_all(&settings.data_dir)
             .with_context(|| format!("creating data directory {}", settings.data_dir.display()))?;

@@ -85,35 +85,62 @@ pub enum MetaError {
 }
 
 fn list(digests: &[Digest]) -> String {
-    digests.iter().map(Digest::as_str).collect::<Vec<_>>().join(", ")
+    digests
+        .iter()
+        .map(Digest::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The metadata operations the registry needs. Every method is one transaction.
 #[async_trait]
 pub trait MetaStore: Send + Sync + 'static {
     /// Records that `repo` may see blob `digest` (after an upload or mount).
-    async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<(), MetaError>;
+    async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64)
+        -> Result<(), MetaError>;
     /// The blob's size if `repo` may see it.
-    async fn linked_blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, MetaError>;
+    async fn linked_blob_size(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<u64>, MetaError>;
     /// The blob's size if any repository may see it (mount without `from`).
     async fn any_linked_blob_size(&self, digest: &Digest) -> Result<Option<u64>, MetaError>;
     /// Removes `repo`'s link to a blob; true if there was one.
     async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetaError>;
     /// Stores a manifest (and points `tag` at it) after checking, in the same transaction,
     /// that every edge's target is present in `repo`.
-    async fn put_manifest(&self, repo: &RepoName, manifest: NewManifest, tag: Option<&Tag>) -> Result<(), MetaError>;
+    async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        manifest: NewManifest,
+        tag: Option<&Tag>,
+    ) -> Result<(), MetaError>;
     /// A manifest by tag or digest.
-    async fn get_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<Option<StoredManifest>, MetaError>;
+    async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<Option<StoredManifest>, MetaError>;
     /// Deletes a manifest and every tag pointing at it; true if it existed.
     async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetaError>;
     /// Deletes one tag, leaving the manifest; true if it existed.
     async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool, MetaError>;
     /// Tags in lexical order, or `None` if the repository is unknown.
-    async fn list_tags(&self, repo: &RepoName, page: Page<'_>) -> Result<Option<Vec<String>>, MetaError>;
+    async fn list_tags(
+        &self,
+        repo: &RepoName,
+        page: Page<'_>,
+    ) -> Result<Option<Vec<String>>, MetaError>;
     /// Repository names in lexical order.
     async fn catalog(&self, page: Page<'_>) -> Result<Vec<String>, MetaError>;
     /// Manifests in `repo` whose subject is `subject`, optionally of one artifact type.
-    async fn referrers(&self, repo: &RepoName, subject: &Digest, artifact_type: Option<&str>) -> Result<Vec<Referrer>, MetaError>;
+    async fn referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Vec<Referrer>, MetaError>;
     /// Remembers which repository an upload session belongs to.
     async fn record_upload(&self, upload_id: &str, repo: &RepoName) -> Result<(), MetaError>;
     /// The repository an upload session belongs to, if it is known.

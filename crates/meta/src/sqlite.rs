@@ -81,7 +81,10 @@ fn backend(e: rusqlite::Error) -> MetaError {
 }
 
 fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
@@ -134,7 +137,9 @@ impl SqliteMeta {
         let readers = self.readers.clone();
         let index = self.next_reader.fetch_add(1, Ordering::Relaxed) % READERS;
         tokio::task::spawn_blocking(move || {
-            let conn = readers[index].lock().map_err(|_| MetaError::Backend("reader lock poisoned".into()))?;
+            let conn = readers[index]
+                .lock()
+                .map_err(|_| MetaError::Backend("reader lock poisoned".into()))?;
             f(&conn)
         })
         .await
@@ -149,8 +154,12 @@ impl SqliteMeta {
     {
         let writer = self.writer.clone();
         tokio::task::spawn_blocking(move || {
-            let mut conn = writer.lock().map_err(|_| MetaError::Backend("writer lock poisoned".into()))?;
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
+            let mut conn = writer
+                .lock()
+                .map_err(|_| MetaError::Backend("writer lock poisoned".into()))?;
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(backend)?;
             let out = f(&tx)?;
             tx.commit().map_err(backend)?;
             Ok(out)
@@ -160,7 +169,12 @@ impl SqliteMeta {
     }
 }
 
-fn page_query(conn: &Connection, sql: &str, key: &str, page: (Option<usize>, Option<String>)) -> Result<Vec<String>, MetaError> {
+fn page_query(
+    conn: &Connection,
+    sql: &str,
+    key: &str,
+    page: (Option<usize>, Option<String>),
+) -> Result<Vec<String>, MetaError> {
     let limit = page.0.map(|n| n as i64).unwrap_or(-1);
     let after = page.1.unwrap_or_default();
     let mut stmt = conn.prepare_cached(sql).map_err(backend)?;
@@ -174,7 +188,12 @@ fn page_query(conn: &Connection, sql: &str, key: &str, page: (Option<usize>, Opt
 
 #[async_trait]
 impl MetaStore for SqliteMeta {
-    async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<(), MetaError> {
+    async fn link_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<(), MetaError> {
         let (repo, digest) = (repo.as_str().to_owned(), digest.as_str().to_owned());
         self.write(move |tx| {
             let t = now();
@@ -195,7 +214,11 @@ impl MetaStore for SqliteMeta {
         .await
     }
 
-    async fn linked_blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, MetaError> {
+    async fn linked_blob_size(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<u64>, MetaError> {
         let (repo, digest) = (repo.as_str().to_owned(), digest.as_str().to_owned());
         self.read(move |conn| {
             conn.prepare_cached(
@@ -224,13 +247,23 @@ impl MetaStore for SqliteMeta {
     async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetaError> {
         let (repo, digest) = (repo.as_str().to_owned(), digest.as_str().to_owned());
         self.write(move |tx| {
-            let n = tx.execute("DELETE FROM repo_blobs WHERE repo = ?1 AND digest = ?2", params![repo, digest]).map_err(backend)?;
+            let n = tx
+                .execute(
+                    "DELETE FROM repo_blobs WHERE repo = ?1 AND digest = ?2",
+                    params![repo, digest],
+                )
+                .map_err(backend)?;
             Ok(n > 0)
         })
         .await
     }
 
-    async fn put_manifest(&self, repo: &RepoName, manifest: NewManifest, tag: Option<&Tag>) -> Result<(), MetaError> {
+    async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        manifest: NewManifest,
+        tag: Option<&Tag>,
+    ) -> Result<(), MetaError> {
         let repo = repo.as_str().to_owned();
         let tag = tag.map(|t| t.as_str().to_owned());
         self.write(move |tx| {
@@ -292,7 +325,11 @@ impl MetaStore for SqliteMeta {
         .await
     }
 
-    async fn get_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<Option<StoredManifest>, MetaError> {
+    async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<Option<StoredManifest>, MetaError> {
         let repo = repo.as_str().to_owned();
         let reference = reference.clone();
         self.read(move |conn| {
@@ -322,9 +359,22 @@ impl MetaStore for SqliteMeta {
     async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetaError> {
         let (repo, digest) = (repo.as_str().to_owned(), digest.as_str().to_owned());
         self.write(move |tx| {
-            let n = tx.execute("DELETE FROM manifests WHERE repo = ?1 AND digest = ?2", params![repo, digest]).map_err(backend)?;
-            tx.execute("DELETE FROM tags WHERE repo = ?1 AND digest = ?2", params![repo, digest]).map_err(backend)?;
-            tx.execute("DELETE FROM manifest_edges WHERE repo = ?1 AND manifest = ?2", params![repo, digest]).map_err(backend)?;
+            let n = tx
+                .execute(
+                    "DELETE FROM manifests WHERE repo = ?1 AND digest = ?2",
+                    params![repo, digest],
+                )
+                .map_err(backend)?;
+            tx.execute(
+                "DELETE FROM tags WHERE repo = ?1 AND digest = ?2",
+                params![repo, digest],
+            )
+            .map_err(backend)?;
+            tx.execute(
+                "DELETE FROM manifest_edges WHERE repo = ?1 AND manifest = ?2",
+                params![repo, digest],
+            )
+            .map_err(backend)?;
             Ok(n > 0)
         })
         .await
@@ -333,13 +383,22 @@ impl MetaStore for SqliteMeta {
     async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool, MetaError> {
         let (repo, tag) = (repo.as_str().to_owned(), tag.as_str().to_owned());
         self.write(move |tx| {
-            let n = tx.execute("DELETE FROM tags WHERE repo = ?1 AND tag = ?2", params![repo, tag]).map_err(backend)?;
+            let n = tx
+                .execute(
+                    "DELETE FROM tags WHERE repo = ?1 AND tag = ?2",
+                    params![repo, tag],
+                )
+                .map_err(backend)?;
             Ok(n > 0)
         })
         .await
     }
 
-    async fn list_tags(&self, repo: &RepoName, page: Page<'_>) -> Result<Option<Vec<String>>, MetaError> {
+    async fn list_tags(
+        &self,
+        repo: &RepoName,
+        page: Page<'_>,
+    ) -> Result<Option<Vec<String>>, MetaError> {
         let repo = repo.as_str().to_owned();
         let page = (page.limit, page.after.map(str::to_owned));
         self.read(move |conn| {
@@ -350,7 +409,13 @@ impl MetaStore for SqliteMeta {
             if !known {
                 return Ok(None);
             }
-            page_query(conn, "SELECT tag FROM tags WHERE repo = ?1 AND tag > ?2 ORDER BY tag LIMIT ?3", &repo, page).map(Some)
+            page_query(
+                conn,
+                "SELECT tag FROM tags WHERE repo = ?1 AND tag > ?2 ORDER BY tag LIMIT ?3",
+                &repo,
+                page,
+            )
+            .map(Some)
         })
         .await
     }
@@ -359,12 +424,22 @@ impl MetaStore for SqliteMeta {
         let page = (page.limit, page.after.map(str::to_owned));
         self.read(move |conn| {
             // ?1 is unused but keeps one paging helper for both listings.
-            page_query(conn, "SELECT name FROM repositories WHERE ?1 = ?1 AND name > ?2 ORDER BY name LIMIT ?3", "", page)
+            page_query(
+                conn,
+                "SELECT name FROM repositories WHERE ?1 = ?1 AND name > ?2 ORDER BY name LIMIT ?3",
+                "",
+                page,
+            )
         })
         .await
     }
 
-    async fn referrers(&self, repo: &RepoName, subject: &Digest, artifact_type: Option<&str>) -> Result<Vec<Referrer>, MetaError> {
+    async fn referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Vec<Referrer>, MetaError> {
         let (repo, subject) = (repo.as_str().to_owned(), subject.as_str().to_owned());
         let artifact_type = artifact_type.map(str::to_owned);
         self.read(move |conn| {
@@ -377,15 +452,29 @@ impl MetaStore for SqliteMeta {
                 .map_err(backend)?;
             let rows = stmt
                 .query_map(params![repo, subject, artifact_type], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get(1)?, r.get::<_, i64>(2)?, r.get(3)?, r.get(4)?))
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                    ))
                 })
                 .map_err(backend)?
                 .collect::<rusqlite::Result<Vec<_>>>()
                 .map_err(backend)?;
             rows.into_iter()
-                .map(|(digest, media_type, size, artifact_type, annotations_json)| {
-                    Ok(Referrer { digest: parse_digest(digest)?, media_type, size: size as u64, artifact_type, annotations_json })
-                })
+                .map(
+                    |(digest, media_type, size, artifact_type, annotations_json)| {
+                        Ok(Referrer {
+                            digest: parse_digest(digest)?,
+                            media_type,
+                            size: size as u64,
+                            artifact_type,
+                            annotations_json,
+                        })
+                    },
+                )
                 .collect()
         })
         .await
@@ -394,8 +483,11 @@ impl MetaStore for SqliteMeta {
     async fn record_upload(&self, upload_id: &str, repo: &RepoName) -> Result<(), MetaError> {
         let (id, repo) = (upload_id.to_owned(), repo.as_str().to_owned());
         self.write(move |tx| {
-            tx.execute("INSERT INTO uploads (id, repo, started_at) VALUES (?1, ?2, ?3)", params![id, repo, now()])
-                .map_err(backend)?;
+            tx.execute(
+                "INSERT INTO uploads (id, repo, started_at) VALUES (?1, ?2, ?3)",
+                params![id, repo, now()],
+            )
+            .map_err(backend)?;
             Ok(())
         })
         .await
@@ -414,14 +506,16 @@ impl MetaStore for SqliteMeta {
     async fn forget_upload(&self, upload_id: &str) -> Result<(), MetaError> {
         let id = upload_id.to_owned();
         self.write(move |tx| {
-            tx.execute("DELETE FROM uploads WHERE id = ?1", params![id]).map_err(backend)?;
+            tx.execute("DELETE FROM uploads WHERE id = ?1", params![id])
+                .map_err(backend)?;
             Ok(())
         })
         .await
     }
 
     async fn ping(&self) -> Result<(), MetaError> {
-        self.read(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(backend)).await
+        self.read(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(backend))
+            .await
     }
 }
 
@@ -452,27 +546,84 @@ mod tests {
         let meta = SqliteMeta::open(&dir.path().join("meta.db")).unwrap();
         let repo = RepoName::parse("team/app").unwrap();
         let other = RepoName::parse("team/other").unwrap();
-        let edges = vec![ManifestEdge { digest: digest('a'), kind: EdgeKind::Config }];
+        let edges = vec![ManifestEdge {
+            digest: digest('a'),
+            kind: EdgeKind::Config,
+        }];
         let tag = Tag::parse("v1").unwrap();
-        let err = meta.put_manifest(&repo, manifest('d', edges.clone(), None), Some(&tag)).await.unwrap_err();
-        assert!(matches!(err, MetaError::MissingReferences { ref missing } if missing == &[digest('a')]));
+        let err = meta
+            .put_manifest(&repo, manifest('d', edges.clone(), None), Some(&tag))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, MetaError::MissingReferences { ref missing } if missing == &[digest('a')])
+        );
         meta.link_blob(&other, &digest('a'), 2).await.unwrap();
-        assert!(meta.put_manifest(&repo, manifest('d', edges.clone(), None), Some(&tag)).await.is_err());
+        assert!(meta
+            .put_manifest(&repo, manifest('d', edges.clone(), None), Some(&tag))
+            .await
+            .is_err());
         meta.link_blob(&repo, &digest('a'), 2).await.unwrap();
-        meta.put_manifest(&repo, manifest('d', edges, None), Some(&tag)).await.unwrap();
-        let got = meta.get_manifest(&repo, &Reference::Tag(tag.clone())).await.unwrap().unwrap();
+        meta.put_manifest(&repo, manifest('d', edges, None), Some(&tag))
+            .await
+            .unwrap();
+        let got = meta
+            .get_manifest(&repo, &Reference::Tag(tag.clone()))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(got.digest, digest('d'));
-        assert_eq!(meta.list_tags(&repo, Page { limit: None, after: None }).await.unwrap().unwrap(), vec!["v1"]);
-        assert!(meta.list_tags(&other, Page { limit: None, after: None }).await.unwrap().is_none());
-        assert_eq!(meta.catalog(Page { limit: Some(10), after: None }).await.unwrap(), vec!["team/app"]);
+        assert_eq!(
+            meta.list_tags(
+                &repo,
+                Page {
+                    limit: None,
+                    after: None
+                }
+            )
+            .await
+            .unwrap()
+            .unwrap(),
+            vec!["v1"]
+        );
+        assert!(meta
+            .list_tags(
+                &other,
+                Page {
+                    limit: None,
+                    after: None
+                }
+            )
+            .await
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            meta.catalog(Page {
+                limit: Some(10),
+                after: None
+            })
+            .await
+            .unwrap(),
+            vec!["team/app"]
+        );
 
-        meta.put_manifest(&repo, manifest('e', vec![], Some(digest('d'))), None).await.unwrap();
+        meta.put_manifest(&repo, manifest('e', vec![], Some(digest('d'))), None)
+            .await
+            .unwrap();
         let refs = meta.referrers(&repo, &digest('d'), None).await.unwrap();
         assert_eq!(refs.len(), 1);
-        assert!(meta.referrers(&repo, &digest('d'), Some("other")).await.unwrap().is_empty());
+        assert!(meta
+            .referrers(&repo, &digest('d'), Some("other"))
+            .await
+            .unwrap()
+            .is_empty());
 
         assert!(meta.delete_manifest(&repo, &digest('d')).await.unwrap());
-        assert!(meta.get_manifest(&repo, &Reference::Tag(tag)).await.unwrap().is_none());
+        assert!(meta
+            .get_manifest(&repo, &Reference::Tag(tag))
+            .await
+            .unwrap()
+            .is_none());
         assert!(!meta.delete_manifest(&repo, &digest('d')).await.unwrap());
     }
 }

@@ -45,7 +45,10 @@ pub struct Digest {
 impl Digest {
     /// Parses `algorithm:hex`, requiring lowercase hex of the algorithm's exact length.
     pub fn parse(input: &str) -> Result<Self, ParseError> {
-        let bad = |reason| ParseError::Digest { input: input.chars().take(200).collect(), reason };
+        let bad = |reason| ParseError::Digest {
+            input: input.chars().take(200).collect(),
+            reason,
+        };
         let (algo, hex) = input.split_once(':').ok_or_else(|| bad("missing ':'"))?;
         let algorithm = match algo {
             "sha256" => Algorithm::Sha256,
@@ -56,10 +59,16 @@ impl Digest {
         if hex.len() != algorithm.hex_len() {
             return Err(bad("wrong length for its algorithm"));
         }
-        if !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err(bad("encoded part must be lowercase hex"));
         }
-        Ok(Digest { text: input.to_owned(), algorithm })
+        Ok(Digest {
+            text: input.to_owned(),
+            algorithm,
+        })
     }
 
     /// The sha256 digest of `bytes`: what a manifest pushed by tag is addressed by.

@@ -123,7 +123,9 @@ impl ParsedManifest {
         }
         let wire: Wire = serde_json::from_slice(raw)
             .map_err(|e| invalid(format!("not a JSON manifest: {e}")))?;
-        if wire.fs_layers.is_some() || wire.schema_version.as_ref().and_then(|v| v.as_i64()) == Some(1) {
+        if wire.fs_layers.is_some()
+            || wire.schema_version.as_ref().and_then(|v| v.as_i64()) == Some(1)
+        {
             return Err(schema1());
         }
         match &wire.schema_version {
@@ -158,46 +160,88 @@ impl ParsedManifest {
             if wire.config.is_some() || wire.layers.is_some() {
                 return Err(invalid("an index has no config or layers".into()));
             }
-            let children = wire.manifests.as_ref().ok_or_else(|| invalid("index without manifests".into()))?;
+            let children = wire
+                .manifests
+                .as_ref()
+                .ok_or_else(|| invalid("index without manifests".into()))?;
             for child in children {
-                edges.push(ManifestEdge { digest: descriptor_digest(child)?, kind: EdgeKind::Child });
+                edges.push(ManifestEdge {
+                    digest: descriptor_digest(child)?,
+                    kind: EdgeKind::Child,
+                });
             }
             ManifestKind::Index
         } else {
             if wire.manifests.is_some() {
                 return Err(invalid("an image manifest has no manifests list".into()));
             }
-            let config = wire.config.as_ref().ok_or_else(|| invalid("config is missing".into()))?;
-            edges.push(ManifestEdge { digest: descriptor_digest(config)?, kind: EdgeKind::Config });
-            let layers = wire.layers.as_ref().ok_or_else(|| invalid("layers are missing".into()))?;
+            let config = wire
+                .config
+                .as_ref()
+                .ok_or_else(|| invalid("config is missing".into()))?;
+            edges.push(ManifestEdge {
+                digest: descriptor_digest(config)?,
+                kind: EdgeKind::Config,
+            });
+            let layers = wire
+                .layers
+                .as_ref()
+                .ok_or_else(|| invalid("layers are missing".into()))?;
             for layer in layers {
                 let digest = descriptor_digest(layer)?;
                 let foreign = layer.media_type == mt::DOCKER_FOREIGN_LAYER
                     || layer.urls.as_ref().is_some_and(|u| !u.is_empty());
                 if !foreign {
-                    edges.push(ManifestEdge { digest, kind: EdgeKind::Layer });
+                    edges.push(ManifestEdge {
+                        digest,
+                        kind: EdgeKind::Layer,
+                    });
                 }
             }
             ManifestKind::Image
         };
 
         let subject = wire.subject.as_ref().map(descriptor_digest).transpose()?;
-        let artifact_type = wire.artifact_type.clone().or_else(|| match (&kind, &wire.config) {
-            (ManifestKind::Image, Some(c)) if c.media_type != mt::OCI_CONFIG && c.media_type != mt::OCI_EMPTY && !c.media_type.starts_with("application/vnd.docker.container.image") => Some(c.media_type.clone()),
-            _ => None,
-        });
-        Ok(ParsedManifest { media_type, kind, edges, subject, artifact_type, annotations: wire.annotations })
+        let artifact_type = wire
+            .artifact_type
+            .clone()
+            .or_else(|| match (&kind, &wire.config) {
+                (ManifestKind::Image, Some(c))
+                    if c.media_type != mt::OCI_CONFIG
+                        && c.media_type != mt::OCI_EMPTY
+                        && !c
+                            .media_type
+                            .starts_with("application/vnd.docker.container.image") =>
+                {
+                    Some(c.media_type.clone())
+                }
+                _ => None,
+            });
+        Ok(ParsedManifest {
+            media_type,
+            kind,
+            edges,
+            subject,
+            artifact_type,
+            annotations: wire.annotations,
+        })
     }
 }
 
 fn descriptor_digest(d: &Descriptor) -> Result<Digest, ParseError> {
     if d.media_type.is_empty() {
-        return Err(ParseError::Manifest { reason: format!("descriptor {} has no mediaType", d.digest) });
+        return Err(ParseError::Manifest {
+            reason: format!("descriptor {} has no mediaType", d.digest),
+        });
     }
     if d.size < 0 {
-        return Err(ParseError::Manifest { reason: format!("descriptor {} has a negative size", d.digest) });
+        return Err(ParseError::Manifest {
+            reason: format!("descriptor {} has a negative size", d.digest),
+        });
     }
-    Digest::parse(&d.digest).map_err(|e| ParseError::Manifest { reason: format!("descriptor: {e}") })
+    Digest::parse(&d.digest).map_err(|e| ParseError::Manifest {
+        reason: format!("descriptor: {e}"),
+    })
 }
 
 fn schema1() -> ParseError {
@@ -221,7 +265,12 @@ mod tests {
             "config":{{"mediaType":"{}","digest":"{}","size":2}},
             "layers":[{{"mediaType":"application/x.layer","digest":"{}","size":5}}],
             "subject":{{"mediaType":"{}","digest":"{}","size":9}}}}"#,
-            mt::OCI_MANIFEST, mt::OCI_EMPTY, d('a'), d('b'), mt::OCI_MANIFEST, d('c')
+            mt::OCI_MANIFEST,
+            mt::OCI_EMPTY,
+            d('a'),
+            d('b'),
+            mt::OCI_MANIFEST,
+            d('c')
         );
         let m = ParsedManifest::parse(raw.as_bytes(), Some(mt::OCI_MANIFEST)).unwrap();
         assert_eq!(m.kind, ManifestKind::Image);
@@ -236,7 +285,10 @@ mod tests {
         let raw = format!(
             r#"{{"schemaVersion":2,"config":{{"mediaType":"{}","digest":"{}","size":2}},
             "layers":[{{"mediaType":"{}","digest":"{}","size":5,"urls":["https://x"]}}]}}"#,
-            mt::OCI_CONFIG, d('a'), mt::DOCKER_FOREIGN_LAYER, d('b')
+            mt::OCI_CONFIG,
+            d('a'),
+            mt::DOCKER_FOREIGN_LAYER,
+            d('b')
         );
         let m = ParsedManifest::parse(raw.as_bytes(), None).unwrap();
         assert_eq!(m.media_type, mt::OCI_MANIFEST);
@@ -248,7 +300,9 @@ mod tests {
     fn parses_index() {
         let raw = format!(
             r#"{{"schemaVersion":2,"mediaType":"{}","manifests":[{{"mediaType":"{}","digest":"{}","size":7}}]}}"#,
-            mt::DOCKER_MANIFEST_LIST, mt::DOCKER_MANIFEST, d('e')
+            mt::DOCKER_MANIFEST_LIST,
+            mt::DOCKER_MANIFEST,
+            d('e')
         );
         let m = ParsedManifest::parse(raw.as_bytes(), Some(mt::DOCKER_MANIFEST_LIST)).unwrap();
         assert_eq!(m.kind, ManifestKind::Index);
@@ -258,7 +312,10 @@ mod tests {
     #[test]
     fn refuses_schema1_and_garbage() {
         let s1 = br#"{"schemaVersion":1,"name":"x","tag":"y","fsLayers":[]}"#;
-        assert!(matches!(ParsedManifest::parse(s1, None), Err(ParseError::UnsupportedManifest { .. })));
+        assert!(matches!(
+            ParsedManifest::parse(s1, None),
+            Err(ParseError::UnsupportedManifest { .. })
+        ));
         assert!(matches!(
             ParsedManifest::parse(b"{}", Some(mt::DOCKER_SCHEMA1_SIGNED)),
             Err(ParseError::UnsupportedManifest { .. })
@@ -279,9 +336,15 @@ mod tests {
     fn content_type_must_agree_with_media_type() {
         let raw = format!(
             r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"{}","digest":"{}","size":2}},"layers":[]}}"#,
-            mt::OCI_MANIFEST, mt::OCI_CONFIG, d('a')
+            mt::OCI_MANIFEST,
+            mt::OCI_CONFIG,
+            d('a')
         );
         assert!(ParsedManifest::parse(raw.as_bytes(), Some(mt::DOCKER_MANIFEST)).is_err());
-        assert!(ParsedManifest::parse(raw.as_bytes(), Some("application/vnd.oci.image.manifest.v1+json; charset=utf-8")).is_ok());
+        assert!(ParsedManifest::parse(
+            raw.as_bytes(),
+            Some("application/vnd.oci.image.manifest.v1+json; charset=utf-8")
+        )
+        .is_ok());
     }
 }

@@ -22,7 +22,10 @@ pub const DOCKER_FOREIGN_LAYER: &str = "application/vnd.docker.image.rootfs.fore
 
 /// True for the manifest media types that a registry stores and serves as manifests.
 pub fn is_manifest(media_type: &str) -> bool {
-    matches!(media_type, OCI_MANIFEST | OCI_INDEX | DOCKER_MANIFEST | DOCKER_MANIFEST_LIST)
+    matches!(
+        media_type,
+        OCI_MANIFEST | OCI_INDEX | DOCKER_MANIFEST | DOCKER_MANIFEST_LIST
+    )
 }
 
 /// True for the media types of manifests that list other manifests.

@@ -18,7 +18,10 @@ pub struct RepoName(String);
 impl RepoName {
     /// Validates a full name such as `team/app/api`.
     pub fn parse(input: &str) -> Result<Self, ParseError> {
-        let bad = |reason| ParseError::Name { input: input.chars().take(300).collect(), reason };
+        let bad = |reason| ParseError::Name {
+            input: input.chars().take(300).collect(),
+            reason,
+        };
         if input.is_empty() {
             return Err(bad("empty"));
         }
@@ -92,12 +95,16 @@ impl Tag {
     /// Validates a tag.
     pub fn parse(input: &str) -> Result<Self, ParseError> {
         let bytes = input.as_bytes();
-        let first_ok = bytes.first().is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_');
+        let first_ok = bytes
+            .first()
+            .is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_');
         let rest_ok = bytes
             .iter()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
         if !first_ok || !rest_ok || bytes.len() > 128 {
-            return Err(ParseError::Tag { input: input.chars().take(200).collect() });
+            return Err(ParseError::Tag {
+                input: input.chars().take(200).collect(),
+            });
         }
         Ok(Tag(input.to_owned()))
     }
@@ -149,7 +156,14 @@ mod tests {
 
     #[test]
     fn accepts_spec_names() {
-        for ok in ["a", "library/ubuntu", "team/app/api", "a.b_c__d---e", "0", "x/y-z/0.1"] {
+        for ok in [
+            "a",
+            "library/ubuntu",
+            "team/app/api",
+            "a.b_c__d---e",
+            "0",
+            "x/y-z/0.1",
+        ] {
             assert!(RepoName::parse(ok).is_ok(), "{ok:?} should be accepted");
         }
         assert_eq!(RepoName::parse("team/app").unwrap().project(), "team");
@@ -159,8 +173,25 @@ mod tests {
     fn rejects_bad_names() {
         let long = "a".repeat(256);
         for bad in [
-            "", "../x", "x/..", "x/../y", "A", "Team/app", "a//b", "/a", "a/", "-a", "a-", "a.-b",
-            "a___b", "a..b", "a b", "a%2fb", ".", "a/.hidden", long.as_str(),
+            "",
+            "../x",
+            "x/..",
+            "x/../y",
+            "A",
+            "Team/app",
+            "a//b",
+            "/a",
+            "a/",
+            "-a",
+            "a-",
+            "a.-b",
+            "a___b",
+            "a..b",
+            "a b",
+            "a%2fb",
+            ".",
+            "a/.hidden",
+            long.as_str(),
         ] {
             assert!(RepoName::parse(bad).is_err(), "{bad:?} should be refused");
         }

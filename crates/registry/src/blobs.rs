@@ -41,7 +41,10 @@ impl RangeRequest {
                 if len == 0 || size == 0 {
                     return Err(unsatisfiable);
                 }
-                Ok(ByteRange { start: size.saturating_sub(len), end: size - 1 })
+                Ok(ByteRange {
+                    start: size.saturating_sub(len),
+                    end: size - 1,
+                })
             }
         }
     }
@@ -78,11 +81,18 @@ impl Registry {
         } else if let Some(m) = self.manifest_as_blob(repo, digest).await? {
             return Ok(m.raw.len() as u64);
         }
-        Err(RegistryError::BlobUnknown { digest: digest.clone() })
+        Err(RegistryError::BlobUnknown {
+            digest: digest.clone(),
+        })
     }
 
     /// A blob's bytes, whole or a range.
-    pub async fn read_blob(&self, repo: &RepoName, digest: &Digest, range: Option<RangeRequest>) -> Result<BlobRead, RegistryError> {
+    pub async fn read_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        range: Option<RangeRequest>,
+    ) -> Result<BlobRead, RegistryError> {
         if self.meta.linked_blob_size(repo, digest).await?.is_some() {
             if let Some(size) = self.blobs.stat(digest).await? {
                 let range = range.map(|r| r.resolve(size)).transpose()?;
@@ -100,11 +110,20 @@ impl Registry {
             let body: ByteStream = Box::pin(futures_util::stream::once(async move { Ok(bytes) }));
             return Ok(BlobRead { size, range, body });
         }
-        Err(RegistryError::BlobUnknown { digest: digest.clone() })
+        Err(RegistryError::BlobUnknown {
+            digest: digest.clone(),
+        })
     }
 
-    async fn manifest_as_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<StoredManifest>, RegistryError> {
-        Ok(self.meta.get_manifest(repo, &Reference::Digest(digest.clone())).await?)
+    async fn manifest_as_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<StoredManifest>, RegistryError> {
+        Ok(self
+            .meta
+            .get_manifest(repo, &Reference::Digest(digest.clone()))
+            .await?)
     }
 
     /// Opens an upload session in `repo`.
@@ -117,7 +136,9 @@ impl Registry {
     /// Checks that `id` names an open session of `repo`: a session id from another
     /// repository must not let a client write there.
     async fn own_upload(&self, repo: &RepoName, id: &str) -> Result<UploadId, RegistryError> {
-        let unknown = || RegistryError::UploadUnknown { id: id.chars().take(100).collect() };
+        let unknown = || RegistryError::UploadUnknown {
+            id: id.chars().take(100).collect(),
+        };
         let id = UploadId::parse(id).ok_or_else(unknown)?;
         match self.meta.upload_repo(id.as_str()).await? {
             Some(owner) if owner == repo.as_str() => Ok(id),
@@ -126,7 +147,11 @@ impl Registry {
     }
 
     /// How many bytes the session holds.
-    pub async fn upload_status(&self, repo: &RepoName, id: &str) -> Result<(UploadId, u64), RegistryError> {
+    pub async fn upload_status(
+        &self,
+        repo: &RepoName,
+        id: &str,
+    ) -> Result<(UploadId, u64), RegistryError> {
         let id = self.own_upload(repo, id).await?;
         let len = self.blobs.upload_len(&id).await?;
         Ok((id, len))
@@ -134,7 +159,13 @@ impl Registry {
 
     /// Appends a chunk. `start` is where the client says it begins (`Content-Range`); a
     /// chunk without one is appended at the end (streamed upload).
-    pub async fn append_upload(&self, repo: &RepoName, id: &str, start: Option<u64>, body: ByteStream) -> Result<(UploadId, u64), RegistryError> {
+    pub async fn append_upload(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        start: Option<u64>,
+        body: ByteStream,
+    ) -> Result<(UploadId, u64), RegistryError> {
         let id = self.own_upload(repo, id).await?;
         let offset = match start {
             Some(s) => s,
@@ -179,7 +210,12 @@ impl Registry {
     }
 
     /// A single-request upload (`POST ?digest=` with the body).
-    pub async fn push_blob(&self, repo: &RepoName, digest: &Digest, body: ByteStream) -> Result<u64, RegistryError> {
+    pub async fn push_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        body: ByteStream,
+    ) -> Result<u64, RegistryError> {
         let id = self.blobs.start_upload().await?;
         let result = async {
             self.blobs.append(&id, 0, body).await?;
@@ -202,7 +238,12 @@ impl Registry {
 
     /// Cross-repository mount. With `from`, the blob must be visible there; without, any
     /// repository holding it will do (spec 1.1). The bytes must exist either way.
-    pub async fn mount_blob(&self, repo: &RepoName, digest: &Digest, from: Option<&RepoName>) -> Result<MountOutcome, RegistryError> {
+    pub async fn mount_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        from: Option<&RepoName>,
+    ) -> Result<MountOutcome, RegistryError> {
         let visible = match from {
             Some(source) => self.meta.linked_blob_size(source, digest).await?,
             None => self.meta.any_linked_blob_size(digest).await?,
@@ -223,7 +264,9 @@ impl Registry {
         if self.meta.unlink_blob(repo, digest).await? {
             Ok(())
         } else {
-            Err(RegistryError::BlobUnknown { digest: digest.clone() })
+            Err(RegistryError::BlobUnknown {
+                digest: digest.clone(),
+            })
         }
     }
 }
@@ -235,11 +278,26 @@ mod tests {
     #[test]
     fn ranges_resolve_per_rfc() {
         let r = |start, end| RangeRequest::From { start, end };
-        assert_eq!(r(0, Some(9)).resolve(100).unwrap(), ByteRange { start: 0, end: 9 });
-        assert_eq!(r(90, Some(500)).resolve(100).unwrap(), ByteRange { start: 90, end: 99 });
-        assert_eq!(r(10, None).resolve(100).unwrap(), ByteRange { start: 10, end: 99 });
-        assert_eq!(RangeRequest::Suffix { len: 10 }.resolve(100).unwrap(), ByteRange { start: 90, end: 99 });
-        assert_eq!(RangeRequest::Suffix { len: 500 }.resolve(100).unwrap(), ByteRange { start: 0, end: 99 });
+        assert_eq!(
+            r(0, Some(9)).resolve(100).unwrap(),
+            ByteRange { start: 0, end: 9 }
+        );
+        assert_eq!(
+            r(90, Some(500)).resolve(100).unwrap(),
+            ByteRange { start: 90, end: 99 }
+        );
+        assert_eq!(
+            r(10, None).resolve(100).unwrap(),
+            ByteRange { start: 10, end: 99 }
+        );
+        assert_eq!(
+            RangeRequest::Suffix { len: 10 }.resolve(100).unwrap(),
+            ByteRange { start: 90, end: 99 }
+        );
+        assert_eq!(
+            RangeRequest::Suffix { len: 500 }.resolve(100).unwrap(),
+            ByteRange { start: 0, end: 99 }
+        );
         assert!(r(100, None).resolve(100).is_err());
         assert!(r(5, Some(4)).resolve(100).is_err());
         assert!(RangeRequest::Suffix { len: 0 }.resolve(100).is_err());

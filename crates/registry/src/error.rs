@@ -86,9 +86,15 @@ impl From<StorageError> for RegistryError {
     fn from(e: StorageError) -> Self {
         match e {
             StorageError::UploadUnknown(id) => RegistryError::UploadUnknown { id: id.to_string() },
-            StorageError::OutOfOrder { expected, got } => RegistryError::UploadOutOfOrder { expected, got },
-            StorageError::DigestMismatch { expected, actual } => RegistryError::DigestMismatch { expected, actual },
-            StorageError::BodyInterrupted { source, .. } => RegistryError::BodyInterrupted(source.to_string()),
+            StorageError::OutOfOrder { expected, got } => {
+                RegistryError::UploadOutOfOrder { expected, got }
+            }
+            StorageError::DigestMismatch { expected, actual } => {
+                RegistryError::DigestMismatch { expected, actual }
+            }
+            StorageError::BodyInterrupted { source, .. } => {
+                RegistryError::BodyInterrupted(source.to_string())
+            }
             other => RegistryError::Storage(other),
         }
     }

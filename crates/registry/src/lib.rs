@@ -25,7 +25,9 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_manifest_bytes: 4 * 1024 * 1024 }
+        Limits {
+            max_manifest_bytes: 4 * 1024 * 1024,
+        }
     }
 }
 
@@ -40,7 +42,11 @@ pub struct Registry {
 impl Registry {
     /// Wires the service to its stores.
     pub fn new(blobs: Arc<dyn BlobStore>, meta: Arc<dyn MetaStore>, limits: Limits) -> Self {
-        Registry { blobs, meta, limits }
+        Registry {
+            blobs,
+            meta,
+            limits,
+        }
     }
 
     /// The limits in force, for the edge to enforce them before buffering.

@@ -58,20 +58,29 @@ impl Registry {
     ) -> Result<ManifestPushed, RegistryError> {
         let limit = self.limits.max_manifest_bytes;
         if raw.len() > limit {
-            return Err(RegistryError::ManifestTooLarge { size: raw.len(), limit });
+            return Err(RegistryError::ManifestTooLarge {
+                size: raw.len(),
+                limit,
+            });
         }
         let parsed = ParsedManifest::parse(&raw, content_type)?;
         let (digest, tag) = match reference {
             Reference::Digest(d) => {
                 if !d.matches(&raw) {
                     let actual = Digest::sha256_of(&raw);
-                    return Err(RegistryError::DigestMismatch { expected: d.clone(), actual });
+                    return Err(RegistryError::DigestMismatch {
+                        expected: d.clone(),
+                        actual,
+                    });
                 }
                 (d.clone(), None)
             }
             Reference::Tag(t) => (Digest::sha256_of(&raw), Some(t)),
         };
-        let annotations_json = parsed.annotations.as_ref().map(|a| serde_json::to_string(a).expect("annotations serialise"));
+        let annotations_json = parsed
+            .annotations
+            .as_ref()
+            .map(|a| serde_json::to_string(a).expect("annotations serialise"));
         let record = NewManifest {
             digest: digest.clone(),
             media_type: parsed.media_type,
@@ -82,19 +91,32 @@ impl Registry {
             raw,
         };
         self.meta.put_manifest(repo, record, tag).await?;
-        Ok(ManifestPushed { digest, subject: parsed.subject })
+        Ok(ManifestPushed {
+            digest,
+            subject: parsed.subject,
+        })
     }
 
     /// A manifest by tag or digest, with its stored bytes.
-    pub async fn get_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<StoredManifest, RegistryError> {
+    pub async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<StoredManifest, RegistryError> {
         self.meta
             .get_manifest(repo, reference)
             .await?
-            .ok_or_else(|| RegistryError::ManifestUnknown { reference: reference.to_string() })
+            .ok_or_else(|| RegistryError::ManifestUnknown {
+                reference: reference.to_string(),
+            })
     }
 
     /// Deletes by digest (the manifest and all its tags) or by tag (only that tag).
-    pub async fn delete_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<(), RegistryError> {
+    pub async fn delete_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<(), RegistryError> {
         let existed = match reference {
             Reference::Digest(d) => self.meta.delete_manifest(repo, d).await?,
             Reference::Tag(t) => self.meta.delete_tag(repo, t).await?,
@@ -102,16 +124,24 @@ impl Registry {
         if existed {
             Ok(())
         } else {
-            Err(RegistryError::ManifestUnknown { reference: reference.to_string() })
+            Err(RegistryError::ManifestUnknown {
+                reference: reference.to_string(),
+            })
         }
     }
 
     /// Tags of `repo` in lexical order, one page.
-    pub async fn list_tags(&self, repo: &RepoName, page: Page<'_>) -> Result<Vec<String>, RegistryError> {
+    pub async fn list_tags(
+        &self,
+        repo: &RepoName,
+        page: Page<'_>,
+    ) -> Result<Vec<String>, RegistryError> {
         self.meta
             .list_tags(repo, page)
             .await?
-            .ok_or_else(|| RegistryError::NameUnknown { name: repo.to_string() })
+            .ok_or_else(|| RegistryError::NameUnknown {
+                name: repo.to_string(),
+            })
     }
 
     /// Repository names in lexical order, one page.
@@ -121,8 +151,16 @@ impl Registry {
 
     /// Manifests in `repo` that refer to `subject`. Never "unknown": a subject without
     /// referrers (or not pushed yet) has an empty list, as the spec requires.
-    pub async fn referrers(&self, repo: &RepoName, subject: &Digest, artifact_type: Option<&str>) -> Result<ReferrersIndex, RegistryError> {
+    pub async fn referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<ReferrersIndex, RegistryError> {
         let manifests = self.meta.referrers(repo, subject, artifact_type).await?;
-        Ok(ReferrersIndex { manifests, filtered: artifact_type.is_some() })
+        Ok(ReferrersIndex {
+            manifests,
+            filtered: artifact_type.is_some(),
+        })
     }
 }

@@ -69,13 +69,22 @@ pub struct OciError {
 impl OciError {
     /// An error with a client-facing message.
     pub fn new(status: StatusCode, code: Code, message: impl Into<String>) -> Self {
-        OciError { status, code, message: message.into(), headers: Vec::new() }
+        OciError {
+            status,
+            code,
+            message: message.into(),
+            headers: Vec::new(),
+        }
     }
 
     /// A server fault: logged here with its cause, answered without detail.
     pub fn internal(cause: &dyn std::error::Error) -> Self {
         tracing::error!(error = %cause, "internal error");
-        OciError::new(StatusCode::INTERNAL_SERVER_ERROR, Code::Unknown, "internal server error")
+        OciError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Code::Unknown,
+            "internal server error",
+        )
     }
 
     /// Adds a header to the response (`Range`, `Content-Range`).
@@ -99,7 +108,9 @@ impl From<ParseError> for OciError {
             ParseError::Name { .. } => (StatusCode::BAD_REQUEST, Code::NameInvalid),
             ParseError::Tag { .. } => (StatusCode::BAD_REQUEST, Code::ManifestInvalid),
             ParseError::Manifest { .. } => (StatusCode::BAD_REQUEST, Code::ManifestInvalid),
-            ParseError::UnsupportedManifest { .. } => (StatusCode::UNSUPPORTED_MEDIA_TYPE, Code::Unsupported),
+            ParseError::UnsupportedManifest { .. } => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, Code::Unsupported)
+            }
         };
         OciError::new(status, code, e.to_string())
     }
@@ -112,13 +123,23 @@ impl From<RegistryError> for OciError {
             E::BlobUnknown { .. } => (StatusCode::NOT_FOUND, Code::BlobUnknown),
             E::UploadUnknown { .. } => (StatusCode::NOT_FOUND, Code::BlobUploadUnknown),
             E::UploadOutOfOrder { expected, .. } => {
-                let range = if *expected == 0 { "0-0".to_owned() } else { format!("0-{}", expected - 1) };
-                return OciError::new(StatusCode::RANGE_NOT_SATISFIABLE, Code::BlobUploadInvalid, e.to_string())
-                    .with_header(header::RANGE, range);
+                let range = if *expected == 0 {
+                    "0-0".to_owned()
+                } else {
+                    format!("0-{}", expected - 1)
+                };
+                return OciError::new(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    Code::BlobUploadInvalid,
+                    e.to_string(),
+                )
+                .with_header(header::RANGE, range);
             }
             E::DigestMismatch { .. } => (StatusCode::BAD_REQUEST, Code::DigestInvalid),
             E::Invalid(_) => {
-                let E::Invalid(parse) = e else { unreachable!("matched above") };
+                let E::Invalid(parse) = e else {
+                    unreachable!("matched above")
+                };
                 return parse.into();
             }
             E::ManifestUnknown { .. } => (StatusCode::NOT_FOUND, Code::ManifestUnknown),
@@ -127,8 +148,12 @@ impl From<RegistryError> for OciError {
             E::NameUnknown { .. } => (StatusCode::NOT_FOUND, Code::NameUnknown),
             E::RangeNotSatisfiable { size } => {
                 let content_range = format!("bytes */{size}");
-                return OciError::new(StatusCode::RANGE_NOT_SATISFIABLE, Code::SizeInvalid, e.to_string())
-                    .with_header(header::CONTENT_RANGE, content_range);
+                return OciError::new(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    Code::SizeInvalid,
+                    e.to_string(),
+                )
+                .with_header(header::CONTENT_RANGE, content_range);
             }
             E::BodyInterrupted(_) => (StatusCode::BAD_REQUEST, Code::BlobUploadInvalid),
             E::Storage(_) | E::Meta(_) => return OciError::internal(&e),
@@ -140,7 +165,12 @@ impl From<RegistryError> for OciError {
 impl IntoResponse for OciError {
     fn into_response(self) -> Response {
         let body = json!({ "errors": [{ "code": self.code.as_str(), "message": self.message, "detail": null }] });
-        let mut response = (self.status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
+        let mut response = (
+            self.status,
+            [(header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
+        )
+            .into_response();
         response.headers_mut().extend(self.headers);
         response
     }

@@ -38,13 +38,19 @@ impl<'a> V2Route<'a> {
         if let Some(name) = rest.strip_suffix("/tags/list") {
             return Some(V2Route::Tags { name });
         }
-        if let Some(name) = rest.strip_suffix("/blobs/uploads/").or_else(|| rest.strip_suffix("/blobs/uploads")) {
+        if let Some(name) = rest
+            .strip_suffix("/blobs/uploads/")
+            .or_else(|| rest.strip_suffix("/blobs/uploads"))
+        {
             return Some(V2Route::UploadStart { name });
         }
         let (head, last) = rest.rsplit_once('/')?;
         let (name, word) = head.rsplit_once('/')?;
         match word {
-            "manifests" => Some(V2Route::Manifest { name, reference: last }),
+            "manifests" => Some(V2Route::Manifest {
+                name,
+                reference: last,
+            }),
             "blobs" => Some(V2Route::Blob { name, digest: last }),
             "referrers" => Some(V2Route::Referrers { name, digest: last }),
             "uploads" => {
@@ -67,13 +73,43 @@ mod tests {
             ("/v2", Some(Base)),
             ("/v2/_catalog", Some(Catalog)),
             ("/v2/a/b/c/tags/list", Some(Tags { name: "a/b/c" })),
-            ("/v2/a/manifests/latest", Some(Manifest { name: "a", reference: "latest" })),
-            ("/v2/x/manifests/y/manifests/z", Some(Manifest { name: "x/manifests/y", reference: "z" })),
-            ("/v2/a/b/blobs/sha256:00", Some(Blob { name: "a/b", digest: "sha256:00" })),
+            (
+                "/v2/a/manifests/latest",
+                Some(Manifest {
+                    name: "a",
+                    reference: "latest",
+                }),
+            ),
+            (
+                "/v2/x/manifests/y/manifests/z",
+                Some(Manifest {
+                    name: "x/manifests/y",
+                    reference: "z",
+                }),
+            ),
+            (
+                "/v2/a/b/blobs/sha256:00",
+                Some(Blob {
+                    name: "a/b",
+                    digest: "sha256:00",
+                }),
+            ),
             ("/v2/a/b/blobs/uploads/", Some(UploadStart { name: "a/b" })),
             ("/v2/a/b/blobs/uploads", Some(UploadStart { name: "a/b" })),
-            ("/v2/a/b/blobs/uploads/123", Some(Upload { name: "a/b", id: "123" })),
-            ("/v2/a/referrers/sha256:1", Some(Referrers { name: "a", digest: "sha256:1" })),
+            (
+                "/v2/a/b/blobs/uploads/123",
+                Some(Upload {
+                    name: "a/b",
+                    id: "123",
+                }),
+            ),
+            (
+                "/v2/a/referrers/sha256:1",
+                Some(Referrers {
+                    name: "a",
+                    digest: "sha256:1",
+                }),
+            ),
             ("/v2/manifests/latest", None),
             ("/v2/a/unknown/x", None),
             ("/v3/a/manifests/x", None),
@@ -87,7 +123,19 @@ mod tests {
 
     #[test]
     fn keeps_bad_names_for_the_handler_to_reject() {
-        assert_eq!(V2Route::parse("/v2/../x/manifests/a"), Some(Manifest { name: "../x", reference: "a" }));
-        assert_eq!(V2Route::parse("/v2//manifests/a"), Some(Manifest { name: "", reference: "a" }));
+        assert_eq!(
+            V2Route::parse("/v2/../x/manifests/a"),
+            Some(Manifest {
+                name: "../x",
+                reference: "a"
+            })
+        );
+        assert_eq!(
+            V2Route::parse("/v2//manifests/a"),
+            Some(Manifest {
+                name: "",
+                reference: "a"
+            })
+        );
     }
 }

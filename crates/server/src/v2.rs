@@ -25,10 +25,23 @@ const OCI_FILTERS_APPLIED: &str = "oci-filters-applied";
 type Params = HashMap<String, String>;
 
 /// Entry point for every `/v2` request: routes by [`V2Route`], then by method.
-pub(crate) async fn dispatch(State(app): State<App>, method: Method, uri: Uri, headers: HeaderMap, body: Body) -> Response {
-    let params: Params = Query::try_from_uri(&uri).map(|Query(p)| p).unwrap_or_default();
+pub(crate) async fn dispatch(
+    State(app): State<App>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let params: Params = Query::try_from_uri(&uri)
+        .map(|Query(p)| p)
+        .unwrap_or_default();
     let Some(route) = V2Route::parse(uri.path()) else {
-        return OciError::new(StatusCode::NOT_FOUND, Code::Unsupported, "no such API endpoint").into_response();
+        return OciError::new(
+            StatusCode::NOT_FOUND,
+            Code::Unsupported,
+            "no such API endpoint",
+        )
+        .into_response();
     };
     let result = match (route, method.clone()) {
         (V2Route::Base, Method::GET | Method::HEAD) => Ok(base()),
@@ -37,19 +50,35 @@ pub(crate) async fn dispatch(State(app): State<App>, method: Method, uri: Uri, h
         (V2Route::Manifest { name, reference }, Method::GET | Method::HEAD) => {
             get_manifest(&app, name, reference, method == Method::HEAD).await
         }
-        (V2Route::Manifest { name, reference }, Method::PUT) => put_manifest(&app, name, reference, &headers, body).await,
-        (V2Route::Manifest { name, reference }, Method::DELETE) => delete_manifest(&app, name, reference).await,
+        (V2Route::Manifest { name, reference }, Method::PUT) => {
+            put_manifest(&app, name, reference, &headers, body).await
+        }
+        (V2Route::Manifest { name, reference }, Method::DELETE) => {
+            delete_manifest(&app, name, reference).await
+        }
         (V2Route::Blob { name, digest }, Method::GET | Method::HEAD) => {
             get_blob(&app, name, digest, &headers, method == Method::HEAD).await
         }
         (V2Route::Blob { name, digest }, Method::DELETE) => delete_blob(&app, name, digest).await,
-        (V2Route::UploadStart { name }, Method::POST) => start_upload(&app, name, &params, body).await,
+        (V2Route::UploadStart { name }, Method::POST) => {
+            start_upload(&app, name, &params, body).await
+        }
         (V2Route::Upload { name, id }, Method::GET) => upload_status(&app, name, id).await,
-        (V2Route::Upload { name, id }, Method::PATCH) => patch_upload(&app, name, id, &headers, body).await,
-        (V2Route::Upload { name, id }, Method::PUT) => finish_upload(&app, name, id, &params, &headers, body).await,
+        (V2Route::Upload { name, id }, Method::PATCH) => {
+            patch_upload(&app, name, id, &headers, body).await
+        }
+        (V2Route::Upload { name, id }, Method::PUT) => {
+            finish_upload(&app, name, id, &params, &headers, body).await
+        }
         (V2Route::Upload { name, id }, Method::DELETE) => cancel_upload(&app, name, id).await,
-        (V2Route::Referrers { name, digest }, Method::GET) => referrers(&app, name, digest, &params).await,
-        _ => Err(OciError::new(StatusCode::METHOD_NOT_ALLOWED, Code::Unsupported, format!("{method} is not supported here"))),
+        (V2Route::Referrers { name, digest }, Method::GET) => {
+            referrers(&app, name, digest, &params).await
+        }
+        _ => Err(OciError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            Code::Unsupported,
+            format!("{method} is not supported here"),
+        )),
     };
     result.unwrap_or_else(IntoResponse::into_response)
 }
@@ -70,7 +99,7 @@ fn body_stream(body: Body) -> ByteStream {
     Box::pin(body.into_data_stream().map_err(std::io::Error::other))
 }
 
-fn header_str<'h>(headers: &'h HeaderMap, name: header::HeaderName) -> Option<&'h str> {
+fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -117,13 +146,23 @@ fn page_params(params: &Params) -> Result<(Option<usize>, Option<&str>), OciErro
     let n = match params.get("n") {
         None => None,
         Some(n) => Some(n.parse::<usize>().map_err(|_| {
-            OciError::new(StatusCode::BAD_REQUEST, Code::Unsupported, "n must be a non-negative integer")
+            OciError::new(
+                StatusCode::BAD_REQUEST,
+                Code::Unsupported,
+                "n must be a non-negative integer",
+            )
         })?),
     };
     Ok((n, params.get("last").map(String::as_str)))
 }
 
-fn paged_listing(path: &str, key: &str, name: Option<&str>, mut items: Vec<String>, n: Option<usize>) -> Response {
+fn paged_listing(
+    path: &str,
+    key: &str,
+    name: Option<&str>,
+    mut items: Vec<String>,
+    n: Option<usize>,
+) -> Response {
     let mut headers = vec![("content-type", "application/json".to_owned())];
     if let Some(n) = n {
         if items.len() > n {
@@ -138,23 +177,59 @@ fn paged_listing(path: &str, key: &str, name: Option<&str>, mut items: Vec<Strin
         body.insert("name".into(), name.into());
     }
     body.insert(key.into(), items.into());
-    response(StatusCode::OK, headers, Body::from(serde_json::Value::Object(body).to_string()))
+    response(
+        StatusCode::OK,
+        headers,
+        Body::from(serde_json::Value::Object(body).to_string()),
+    )
 }
 
 async fn catalog(app: &App, params: &Params) -> Result<Response, OciError> {
     let (n, last) = page_params(params)?;
-    let items = app.registry.catalog(Page { limit: n.map(|n| n + 1), after: last }).await?;
-    Ok(paged_listing("/v2/_catalog", "repositories", None, items, n))
+    let items = app
+        .registry
+        .catalog(Page {
+            limit: n.map(|n| n + 1),
+            after: last,
+        })
+        .await?;
+    Ok(paged_listing(
+        "/v2/_catalog",
+        "repositories",
+        None,
+        items,
+        n,
+    ))
 }
 
 async fn tags(app: &App, name: &str, params: &Params) -> Result<Response, OciError> {
     let name = repo(name)?;
     let (n, last) = page_params(params)?;
-    let items = app.registry.list_tags(&name, Page { limit: n.map(|n| n + 1), after: last }).await?;
-    Ok(paged_listing(&format!("/v2/{name}/tags/list"), "tags", Some(name.as_str()), items, n))
+    let items = app
+        .registry
+        .list_tags(
+            &name,
+            Page {
+                limit: n.map(|n| n + 1),
+                after: last,
+            },
+        )
+        .await?;
+    Ok(paged_listing(
+        &format!("/v2/{name}/tags/list"),
+        "tags",
+        Some(name.as_str()),
+        items,
+        n,
+    ))
 }
 
-async fn get_manifest(app: &App, name: &str, reference: &str, head: bool) -> Result<Response, OciError> {
+async fn get_manifest(
+    app: &App,
+    name: &str,
+    reference: &str,
+    head: bool,
+) -> Result<Response, OciError> {
     let name = repo(name)?;
     let reference = Reference::parse(reference)?;
     let m = app.registry.get_manifest(&name, &reference).await?;
@@ -165,19 +240,35 @@ async fn get_manifest(app: &App, name: &str, reference: &str, head: bool) -> Res
         ("etag", format!("\"{}\"", m.digest)),
     ];
     // The digest is over the stored bytes: serve them, never re-serialise.
-    let body = if head { Body::empty() } else { Body::from(m.raw) };
+    let body = if head {
+        Body::empty()
+    } else {
+        Body::from(m.raw)
+    };
     Ok(response(StatusCode::OK, headers, body))
 }
 
-async fn put_manifest(app: &App, name: &str, reference: &str, headers: &HeaderMap, body: Body) -> Result<Response, OciError> {
+async fn put_manifest(
+    app: &App,
+    name: &str,
+    reference: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, OciError> {
     let name = repo(name)?;
     let reference = Reference::parse(reference)?;
     let limit = app.registry.limits().max_manifest_bytes;
     let raw = read_capped(body, headers, limit).await?;
     let content_type = header_str(headers, header::CONTENT_TYPE);
-    let pushed = app.registry.put_manifest(&name, &reference, content_type, raw).await?;
+    let pushed = app
+        .registry
+        .put_manifest(&name, &reference, content_type, raw)
+        .await?;
     let mut out = vec![
-        ("location", format!("/v2/{name}/manifests/{}", pushed.digest)),
+        (
+            "location",
+            format!("/v2/{name}/manifests/{}", pushed.digest),
+        ),
         (DOCKER_CONTENT_DIGEST, pushed.digest.to_string()),
         ("content-length", "0".to_owned()),
     ];
@@ -197,7 +288,9 @@ async fn read_capped(body: Body, headers: &HeaderMap, limit: usize) -> Result<Ve
             format!("manifest of {size} bytes exceeds the limit of {limit} bytes"),
         )
     };
-    if let Some(len) = header_str(headers, header::CONTENT_LENGTH).and_then(|l| l.parse::<usize>().ok()) {
+    if let Some(len) =
+        header_str(headers, header::CONTENT_LENGTH).and_then(|l| l.parse::<usize>().ok())
+    {
         if len > limit {
             return Err(too_large(len));
         }
@@ -205,7 +298,13 @@ async fn read_capped(body: Body, headers: &HeaderMap, limit: usize) -> Result<Ve
     let mut raw = Vec::new();
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| OciError::new(StatusCode::BAD_REQUEST, Code::ManifestInvalid, format!("reading the body: {e}")))?;
+        let chunk = chunk.map_err(|e| {
+            OciError::new(
+                StatusCode::BAD_REQUEST,
+                Code::ManifestInvalid,
+                format!("reading the body: {e}"),
+            )
+        })?;
         if raw.len() + chunk.len() > limit {
             return Err(too_large(raw.len() + chunk.len()));
         }
@@ -218,7 +317,11 @@ async fn delete_manifest(app: &App, name: &str, reference: &str) -> Result<Respo
     let name = repo(name)?;
     let reference = Reference::parse(reference)?;
     app.registry.delete_manifest(&name, &reference).await?;
-    Ok(response(StatusCode::ACCEPTED, vec![("content-length", "0".to_owned())], Body::empty()))
+    Ok(response(
+        StatusCode::ACCEPTED,
+        vec![("content-length", "0".to_owned())],
+        Body::empty(),
+    ))
 }
 
 /// Parses `bytes=a-b`, `bytes=a-` and `bytes=-n`. Anything else (several ranges, other
@@ -233,11 +336,21 @@ fn parse_range(value: &str) -> Option<RangeRequest> {
         return end.parse().ok().map(|len| RangeRequest::Suffix { len });
     }
     let start = start.parse().ok()?;
-    let end = if end.is_empty() { None } else { Some(end.parse().ok()?) };
+    let end = if end.is_empty() {
+        None
+    } else {
+        Some(end.parse().ok()?)
+    };
     Some(RangeRequest::From { start, end })
 }
 
-async fn get_blob(app: &App, name: &str, digest_text: &str, headers: &HeaderMap, head: bool) -> Result<Response, OciError> {
+async fn get_blob(
+    app: &App,
+    name: &str,
+    digest_text: &str,
+    headers: &HeaderMap,
+    head: bool,
+) -> Result<Response, OciError> {
     let name = repo(name)?;
     let digest = digest(digest_text)?;
     let mut out = vec![
@@ -255,7 +368,10 @@ async fn get_blob(app: &App, name: &str, digest_text: &str, headers: &HeaderMap,
     let blob = app.registry.read_blob(&name, &digest, range).await?;
     let status = match blob.range {
         Some(r) => {
-            out.push(("content-range", format!("bytes {}-{}/{}", r.start, r.end, blob.size)));
+            out.push((
+                "content-range",
+                format!("bytes {}-{}/{}", r.start, r.end, blob.size),
+            ));
             out.push(("content-length", r.len().to_string()));
             StatusCode::PARTIAL_CONTENT
         }
@@ -271,10 +387,19 @@ async fn delete_blob(app: &App, name: &str, digest_text: &str) -> Result<Respons
     let name = repo(name)?;
     let digest = digest(digest_text)?;
     app.registry.delete_blob(&name, &digest).await?;
-    Ok(response(StatusCode::ACCEPTED, vec![("content-length", "0".to_owned())], Body::empty()))
+    Ok(response(
+        StatusCode::ACCEPTED,
+        vec![("content-length", "0".to_owned())],
+        Body::empty(),
+    ))
 }
 
-async fn start_upload(app: &App, name: &str, params: &Params, body: Body) -> Result<Response, OciError> {
+async fn start_upload(
+    app: &App,
+    name: &str,
+    params: &Params,
+    body: Body,
+) -> Result<Response, OciError> {
     let name = repo(name)?;
     if let Some(mount) = params.get("mount") {
         let mount = digest(mount)?;
@@ -282,7 +407,11 @@ async fn start_upload(app: &App, name: &str, params: &Params, body: Body) -> Res
         let from = params.get("from").map(|f| RepoName::parse(f).ok());
         let outcome = match from {
             Some(None) => MountOutcome::NotMountable,
-            Some(Some(source)) => app.registry.mount_blob(&name, &mount, Some(&source)).await?,
+            Some(Some(source)) => {
+                app.registry
+                    .mount_blob(&name, &mount, Some(&source))
+                    .await?
+            }
             None => app.registry.mount_blob(&name, &mount, None).await?,
         };
         if outcome == MountOutcome::Mounted {
@@ -310,7 +439,11 @@ fn content_range(headers: &HeaderMap) -> Result<Option<u64>, OciError> {
         return Ok(None);
     };
     let bad = || {
-        OciError::new(StatusCode::RANGE_NOT_SATISFIABLE, Code::BlobUploadInvalid, "malformed Content-Range: expected <start>-<end>")
+        OciError::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            Code::BlobUploadInvalid,
+            "malformed Content-Range: expected <start>-<end>",
+        )
     };
     let text = value.to_str().map_err(|_| bad())?.trim();
     let text = text.strip_prefix("bytes ").unwrap_or(text);
@@ -321,38 +454,66 @@ fn content_range(headers: &HeaderMap) -> Result<Option<u64>, OciError> {
     if end < start {
         return Err(bad());
     }
-    if let Some(len) = header_str(headers, header::CONTENT_LENGTH).and_then(|l| l.parse::<u64>().ok()) {
+    if let Some(len) =
+        header_str(headers, header::CONTENT_LENGTH).and_then(|l| l.parse::<u64>().ok())
+    {
         if len != end - start + 1 {
             return Err(OciError::new(
                 StatusCode::BAD_REQUEST,
                 Code::SizeInvalid,
-                format!("Content-Range covers {} bytes but Content-Length is {len}", end - start + 1),
+                format!(
+                    "Content-Range covers {} bytes but Content-Length is {len}",
+                    end - start + 1
+                ),
             ));
         }
     }
     Ok(Some(start))
 }
 
-async fn patch_upload(app: &App, name: &str, id: &str, headers: &HeaderMap, body: Body) -> Result<Response, OciError> {
+async fn patch_upload(
+    app: &App,
+    name: &str,
+    id: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, OciError> {
     let name = repo(name)?;
     let start = content_range(headers)?;
-    let (id, len) = app.registry.append_upload(&name, id, start, body_stream(body)).await?;
+    let (id, len) = app
+        .registry
+        .append_upload(&name, id, start, body_stream(body))
+        .await?;
     Ok(upload_accepted(StatusCode::ACCEPTED, &name, &id, len))
 }
 
-async fn finish_upload(app: &App, name: &str, id: &str, params: &Params, headers: &HeaderMap, body: Body) -> Result<Response, OciError> {
+async fn finish_upload(
+    app: &App,
+    name: &str,
+    id: &str,
+    params: &Params,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, OciError> {
     let name = repo(name)?;
     let Some(d) = params.get("digest") else {
-        return Err(OciError::new(StatusCode::BAD_REQUEST, Code::DigestInvalid, "the digest query parameter is required"));
+        return Err(OciError::new(
+            StatusCode::BAD_REQUEST,
+            Code::DigestInvalid,
+            "the digest query parameter is required",
+        ));
     };
     let d = digest(d)?;
-    let declared_len = header_str(headers, header::CONTENT_LENGTH).and_then(|l| l.parse::<u64>().ok());
+    let declared_len =
+        header_str(headers, header::CONTENT_LENGTH).and_then(|l| l.parse::<u64>().ok());
     let final_chunk = if declared_len == Some(0) {
         None
     } else {
         Some((content_range(headers)?, body_stream(body)))
     };
-    app.registry.finish_upload(&name, id, &d, final_chunk).await?;
+    app.registry
+        .finish_upload(&name, id, &d, final_chunk)
+        .await?;
     Ok(blob_created(&name, &d))
 }
 
@@ -362,11 +523,22 @@ async fn cancel_upload(app: &App, name: &str, id: &str) -> Result<Response, OciE
     Ok(response(StatusCode::NO_CONTENT, vec![], Body::empty()))
 }
 
-async fn referrers(app: &App, name: &str, digest_text: &str, params: &Params) -> Result<Response, OciError> {
+async fn referrers(
+    app: &App,
+    name: &str,
+    digest_text: &str,
+    params: &Params,
+) -> Result<Response, OciError> {
     let name = repo(name)?;
     let subject = digest(digest_text)?;
-    let artifact_type = params.get("artifactType").map(String::as_str).filter(|t| !t.is_empty());
-    let index = app.registry.referrers(&name, &subject, artifact_type).await?;
+    let artifact_type = params
+        .get("artifactType")
+        .map(String::as_str)
+        .filter(|t| !t.is_empty());
+    let index = app
+        .registry
+        .referrers(&name, &subject, artifact_type)
+        .await?;
     let mut out = vec![("content-type", media_type::OCI_INDEX.to_owned())];
     if index.filtered {
         out.push((OCI_FILTERS_APPLIED, "artifactType".to_owned()));
@@ -375,8 +547,10 @@ async fn referrers(app: &App, name: &str, digest_text: &str, params: &Params) ->
 }
 
 /// Header every response carries, so Docker clients recognise a v2 registry.
-pub(crate) const API_VERSION: (&str, HeaderValue) =
-    ("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
+pub(crate) const API_VERSION: (&str, HeaderValue) = (
+    "docker-distribution-api-version",
+    HeaderValue::from_static("registry/2.0"),
+);
 
 #[cfg(test)]
 mod tests {
@@ -384,9 +558,24 @@ mod tests {
 
     #[test]
     fn parses_range_forms() {
-        assert_eq!(parse_range("bytes=0-9"), Some(RangeRequest::From { start: 0, end: Some(9) }));
-        assert_eq!(parse_range("bytes=5-"), Some(RangeRequest::From { start: 5, end: None }));
-        assert_eq!(parse_range("bytes=-3"), Some(RangeRequest::Suffix { len: 3 }));
+        assert_eq!(
+            parse_range("bytes=0-9"),
+            Some(RangeRequest::From {
+                start: 0,
+                end: Some(9)
+            })
+        );
+        assert_eq!(
+            parse_range("bytes=5-"),
+            Some(RangeRequest::From {
+                start: 5,
+                end: None
+            })
+        );
+        assert_eq!(
+            parse_range("bytes=-3"),
+            Some(RangeRequest::Suffix { len: 3 })
+        );
         assert_eq!(parse_range("bytes=0-1,4-5"), None);
         assert_eq!(parse_range("items=0-1"), None);
         assert_eq!(parse_range("bytes=x-1"), None);

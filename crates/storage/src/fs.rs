@@ -13,8 +13,8 @@ use async_trait::async_trait;
 use berth_oci::{Algorithm, Digest, DigestHasher};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::io::AsyncSeekExt;
 use tokio::io::AsyncReadExt as _;
+use tokio::io::AsyncSeekExt;
 
 use crate::{BlobStore, ByteRange, ByteStream, StorageError, UploadId};
 
@@ -43,13 +43,21 @@ impl FsBlobStore {
         let root = root.into();
         std::fs::create_dir_all(root.join("blobs"))?;
         std::fs::create_dir_all(root.join("uploads"))?;
-        Ok(FsBlobStore { root, sessions: Mutex::new(HashMap::new()) })
+        Ok(FsBlobStore {
+            root,
+            sessions: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Where a blob's bytes live; public so that tools (import, nginx comparisons) agree.
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
-        self.root.join("blobs").join(digest.algorithm().as_str()).join(&hex[..2]).join(hex).join("data")
+        self.root
+            .join("blobs")
+            .join(digest.algorithm().as_str())
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
     }
 
     fn upload_dir(&self, id: &UploadId) -> PathBuf {
@@ -58,14 +66,19 @@ impl FsBlobStore {
 
     /// The session's in-memory state, loading it from disk if the server restarted since
     /// the session was opened.
-    async fn session(&self, id: &UploadId) -> Result<Arc<tokio::sync::Mutex<Session>>, StorageError> {
+    async fn session(
+        &self,
+        id: &UploadId,
+    ) -> Result<Arc<tokio::sync::Mutex<Session>>, StorageError> {
         if let Some(s) = self.sessions.lock().expect("sessions lock").get(id) {
             return Ok(s.clone());
         }
         let data = self.upload_dir(id).join("data");
         let len = match tokio::fs::metadata(&data).await {
             Ok(m) => m.len(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StorageError::UploadUnknown(id.clone())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StorageError::UploadUnknown(id.clone()))
+            }
             Err(e) => return Err(e.into()),
         };
         let fresh = Arc::new(tokio::sync::Mutex::new(Session { hasher: None, len }));
@@ -108,17 +121,26 @@ impl BlobStore for FsBlobStore {
         }
     }
 
-    async fn read(&self, digest: &Digest, range: Option<ByteRange>) -> Result<Option<ByteStream>, StorageError> {
+    async fn read(
+        &self,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<Option<ByteStream>, StorageError> {
         let mut file = match tokio::fs::File::open(self.blob_path(digest)).await {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e.into()),
         };
         let stream: ByteStream = match range {
-            None => Box::pin(tokio_util::io::ReaderStream::with_capacity(file, READ_CHUNK)),
+            None => Box::pin(tokio_util::io::ReaderStream::with_capacity(
+                file, READ_CHUNK,
+            )),
             Some(r) => {
                 file.seek(SeekFrom::Start(r.start)).await?;
-                Box::pin(tokio_util::io::ReaderStream::with_capacity(file.take(r.len()), READ_CHUNK))
+                Box::pin(tokio_util::io::ReaderStream::with_capacity(
+                    file.take(r.len()),
+                    READ_CHUNK,
+                ))
             }
         };
         Ok(Some(stream))
@@ -129,8 +151,14 @@ impl BlobStore for FsBlobStore {
         let dir = self.upload_dir(&id);
         tokio::fs::create_dir_all(&dir).await?;
         tokio::fs::File::create(dir.join("data")).await?;
-        let session = Session { hasher: Some(DigestHasher::new(Algorithm::Sha256)), len: 0 };
-        self.sessions.lock().expect("sessions lock").insert(id.clone(), Arc::new(tokio::sync::Mutex::new(session)));
+        let session = Session {
+            hasher: Some(DigestHasher::new(Algorithm::Sha256)),
+            len: 0,
+        };
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .insert(id.clone(), Arc::new(tokio::sync::Mutex::new(session)));
         Ok(id)
     }
 
@@ -140,23 +168,35 @@ impl BlobStore for FsBlobStore {
         Ok(len)
     }
 
-    async fn append(&self, id: &UploadId, offset: u64, mut body: ByteStream) -> Result<u64, StorageError> {
+    async fn append(
+        &self,
+        id: &UploadId,
+        offset: u64,
+        mut body: ByteStream,
+    ) -> Result<u64, StorageError> {
         let session = self.session(id).await?;
         let mut state = session.lock().await;
         if offset != state.len {
-            return Err(StorageError::OutOfOrder { expected: state.len, got: offset });
+            return Err(StorageError::OutOfOrder {
+                expected: state.len,
+                got: offset,
+            });
         }
         let path = self.upload_dir(id).join("data");
         let hasher = match state.hasher.take() {
             Some(h) => h,
             None => {
                 let p = path.clone();
-                let (h, len) = tokio::task::spawn_blocking(move || hash_file(&p, Algorithm::Sha256))
-                    .await
-                    .map_err(io::Error::other)??;
+                let (h, len) =
+                    tokio::task::spawn_blocking(move || hash_file(&p, Algorithm::Sha256))
+                        .await
+                        .map_err(io::Error::other)??;
                 state.len = len;
                 if offset != len {
-                    return Err(StorageError::OutOfOrder { expected: len, got: offset });
+                    return Err(StorageError::OutOfOrder {
+                        expected: len,
+                        got: offset,
+                    });
                 }
                 h
             }
@@ -206,12 +246,18 @@ impl BlobStore for FsBlobStore {
             Err(e) => {
                 // What reached the file is unknown: rehash it on next use.
                 state.hasher = None;
-                state.len = tokio::fs::metadata(self.upload_dir(id).join("data")).await.map(|m| m.len()).unwrap_or(0);
+                state.len = tokio::fs::metadata(self.upload_dir(id).join("data"))
+                    .await
+                    .map(|m| m.len())
+                    .unwrap_or(0);
                 return Err(e.into());
             }
         }
         if let Some(source) = body_error {
-            return Err(StorageError::BodyInterrupted { kept: state.len, source });
+            return Err(StorageError::BodyInterrupted {
+                kept: state.len,
+                source,
+            });
         }
         Ok(state.len)
     }
@@ -233,7 +279,10 @@ impl BlobStore for FsBlobStore {
             }
         };
         if actual != *expected {
-            return Err(StorageError::DigestMismatch { expected: expected.clone(), actual });
+            return Err(StorageError::DigestMismatch {
+                expected: expected.clone(),
+                actual,
+            });
         }
         let target = self.blob_path(expected);
         let upload_dir = self.upload_dir(id);
@@ -292,7 +341,8 @@ mod tests {
     use super::*;
 
     fn body(parts: &[&'static [u8]]) -> ByteStream {
-        let items: Vec<Result<Bytes, io::Error>> = parts.iter().map(|p| Ok(Bytes::from_static(p))).collect();
+        let items: Vec<Result<Bytes, io::Error>> =
+            parts.iter().map(|p| Ok(Bytes::from_static(p))).collect();
         Box::pin(futures_util::stream::iter(items))
     }
 
@@ -305,19 +355,44 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FsBlobStore::open(dir.path()).unwrap();
         let id = store.start_upload().await.unwrap();
-        assert_eq!(store.append(&id, 0, body(&[b"hello ", b"wor"])).await.unwrap(), 9);
+        assert_eq!(
+            store
+                .append(&id, 0, body(&[b"hello ", b"wor"]))
+                .await
+                .unwrap(),
+            9
+        );
         let err = store.append(&id, 3, body(&[b"x"])).await.unwrap_err();
-        assert!(matches!(err, StorageError::OutOfOrder { expected: 9, got: 3 }));
+        assert!(matches!(
+            err,
+            StorageError::OutOfOrder {
+                expected: 9,
+                got: 3
+            }
+        ));
         assert_eq!(store.append(&id, 9, body(&[b"ld"])).await.unwrap(), 11);
         let wrong = Digest::sha256_of(b"hello");
-        assert!(matches!(store.commit(&id, &wrong).await, Err(StorageError::DigestMismatch { .. })));
+        assert!(matches!(
+            store.commit(&id, &wrong).await,
+            Err(StorageError::DigestMismatch { .. })
+        ));
         let digest = Digest::sha256_of(b"hello world");
         assert_eq!(store.commit(&id, &digest).await.unwrap(), 11);
         assert_eq!(store.stat(&digest).await.unwrap(), Some(11));
-        assert_eq!(collect(store.read(&digest, None).await.unwrap().unwrap()).await, b"hello world");
-        let part = store.read(&digest, Some(ByteRange { start: 6, end: 9 })).await.unwrap().unwrap();
+        assert_eq!(
+            collect(store.read(&digest, None).await.unwrap().unwrap()).await,
+            b"hello world"
+        );
+        let part = store
+            .read(&digest, Some(ByteRange { start: 6, end: 9 }))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(collect(part).await, b"worl");
-        assert!(matches!(store.upload_len(&id).await, Err(StorageError::UploadUnknown(_))));
+        assert!(matches!(
+            store.upload_len(&id).await,
+            Err(StorageError::UploadUnknown(_))
+        ));
         store.delete(&digest).await.unwrap();
         assert_eq!(store.stat(&digest).await.unwrap(), None);
     }
@@ -347,7 +422,10 @@ mod tests {
             Ok(Bytes::from_static(b"keep")),
             Err(io::Error::other("client went away")),
         ]));
-        assert!(matches!(store.append(&id, 0, broken).await, Err(StorageError::BodyInterrupted { kept: 4, .. })));
+        assert!(matches!(
+            store.append(&id, 0, broken).await,
+            Err(StorageError::BodyInterrupted { kept: 4, .. })
+        ));
         store.append(&id, 4, body(&[b"!"])).await.unwrap();
         let mut h = DigestHasher::new(Algorithm::Sha512);
         h.update(b"keep!");
@@ -356,6 +434,9 @@ mod tests {
         assert_eq!(store.stat(&digest).await.unwrap(), Some(5));
         let id2 = store.start_upload().await.unwrap();
         store.abort(&id2).await.unwrap();
-        assert!(matches!(store.upload_len(&id2).await, Err(StorageError::UploadUnknown(_))));
+        assert!(matches!(
+            store.upload_len(&id2).await,
+            Err(StorageError::UploadUnknown(_))
+        ));
     }
 }

@@ -119,14 +119,23 @@ pub trait BlobStore: Send + Sync + 'static {
     /// The blob's size, if its bytes are stored.
     async fn stat(&self, digest: &Digest) -> Result<Option<u64>, StorageError>;
     /// The blob's bytes, or a range of them; `None` if absent.
-    async fn read(&self, digest: &Digest, range: Option<ByteRange>) -> Result<Option<ByteStream>, StorageError>;
+    async fn read(
+        &self,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<Option<ByteStream>, StorageError>;
     /// Opens an empty upload session.
     async fn start_upload(&self) -> Result<UploadId, StorageError>;
     /// How many bytes the session holds: where the next chunk must start.
     async fn upload_len(&self, id: &UploadId) -> Result<u64, StorageError>;
     /// Appends `body` at `offset`, which must equal the current length; hashes as it
     /// writes. Returns the new length.
-    async fn append(&self, id: &UploadId, offset: u64, body: ByteStream) -> Result<u64, StorageError>;
+    async fn append(
+        &self,
+        id: &UploadId,
+        offset: u64,
+        body: ByteStream,
+    ) -> Result<u64, StorageError>;
     /// Verifies the session's bytes against `expected`, makes them durable and publishes
     /// them atomically under that digest. Returns the size. On a mismatch the session
     /// stays open.

@@ -44,7 +44,9 @@ impl TestRegistry {
             let meta = SqliteMeta::open(&root.join("meta.db")).expect("meta store");
             let registry = Registry::new(Arc::new(blobs), Arc::new(meta), limits);
             // Bound here and handed over: no window in which another test takes the port.
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
             let addr = listener.local_addr().expect("addr");
             tokio::spawn(async move {
                 let stop = async move {
@@ -56,7 +58,12 @@ impl TestRegistry {
             });
             addr
         });
-        TestRegistry { addr, shutdown: Some(tx), runtime: Some(runtime), data_dir }
+        TestRegistry {
+            addr,
+            shutdown: Some(tx),
+            runtime: Some(runtime),
+            data_dir,
+        }
     }
 
     /// `127.0.0.1:PORT`, as clients write a registry host.
@@ -133,6 +140,11 @@ impl BerthProcess {
         format!("http://{}", self.addr)
     }
 
+    /// The process id, to read its resource use from `/proc`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL, as a crash would: no chance to clean up.
     pub fn kill(mut self) {
         let _ = self.child.kill();
@@ -151,10 +163,15 @@ impl Drop for BerthProcess {
 /// and says so); under `CI` it fails, because CI installs every tool.
 pub fn tool(name: &str) -> Option<PathBuf> {
     let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths).map(|p| p.join(name)).find(|p| p.is_file())
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.is_file())
     });
     if found.is_none() {
-        assert!(std::env::var_os("CI").is_none(), "{name} is required under CI but not installed");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{name} is required under CI but not installed"
+        );
         eprintln!("skipping: {name} is not installed");
     }
     found

@@ -11,7 +11,10 @@ fn base_endpoint_and_health() {
     let reg = TestRegistry::start();
     let r = http().get(format!("{}/v2/", reg.url())).send().unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(header(&r, "docker-distribution-api-version"), "registry/2.0");
+    assert_eq!(
+        header(&r, "docker-distribution-api-version"),
+        "registry/2.0"
+    );
     let r = http().head(format!("{}/v2/", reg.url())).send().unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert!(r.bytes().unwrap().is_empty());
@@ -38,12 +41,20 @@ fn blob_get_head_and_ranges() {
     assert_eq!(header(&r, "content-type"), "application/octet-stream");
     assert_eq!(r.bytes().unwrap().as_ref(), &data[..]);
 
-    let r = http().get(&url).header("range", "bytes=10-19").send().unwrap();
+    let r = http()
+        .get(&url)
+        .header("range", "bytes=10-19")
+        .send()
+        .unwrap();
     assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
     assert_eq!(header(&r, "content-range"), "bytes 10-19/100000");
     assert_eq!(r.bytes().unwrap().as_ref(), &data[10..20]);
 
-    let r = http().get(&url).header("range", "bytes=99990-").send().unwrap();
+    let r = http()
+        .get(&url)
+        .header("range", "bytes=99990-")
+        .send()
+        .unwrap();
     assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
     assert_eq!(r.bytes().unwrap().as_ref(), &data[99_990..]);
 
@@ -51,14 +62,24 @@ fn blob_get_head_and_ranges() {
     assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
     assert_eq!(r.bytes().unwrap().as_ref(), &data[99_995..]);
 
-    let r = http().get(&url).header("range", "bytes=100000-100010").send().unwrap();
+    let r = http()
+        .get(&url)
+        .header("range", "bytes=100000-100010")
+        .send()
+        .unwrap();
     assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
     assert_eq!(header(&r, "content-range"), "bytes */100000");
 
     // A blob pushed elsewhere is not visible here, though its bytes are shared.
-    let r = http().head(format!("{base}/v2/team/other/blobs/{digest}")).send().unwrap();
+    let r = http()
+        .head(format!("{base}/v2/team/other/blobs/{digest}"))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
-    let r = http().get(format!("{base}/v2/team/other/blobs/{digest}")).send().unwrap();
+    let r = http()
+        .get(format!("{base}/v2/team/other/blobs/{digest}"))
+        .send()
+        .unwrap();
     assert_oci_error(r, StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
 }
 
@@ -72,39 +93,103 @@ fn layers_are_stored_once_but_visible_only_where_pushed_or_mounted() {
     }
     let digest = sha256(&layer);
     let hex = digest.trim_start_matches("sha256:");
-    let path = reg.data_dir().join("blobs/sha256").join(&hex[..2]).join(hex).join("data");
-    assert_eq!(std::fs::read(&path).unwrap(), layer, "Distribution's layout");
-    let copies = walk_files(&reg.data_dir().join("blobs")).into_iter().filter(|p| p.ends_with("data")).count();
+    let path = reg
+        .data_dir()
+        .join("blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .join("data");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        layer,
+        "Distribution's layout"
+    );
+    let copies = walk_files(&reg.data_dir().join("blobs"))
+        .into_iter()
+        .filter(|p| p.ends_with("data"))
+        .count();
     assert_eq!(copies, 1, "one copy on disk");
 
     // Mount from a repository holding it: 201 and visible in the target.
-    let r = http().post(format!("{base}/v2/c/four/blobs/uploads/?mount={digest}&from=a/one")).send().unwrap();
+    let r = http()
+        .post(format!(
+            "{base}/v2/c/four/blobs/uploads/?mount={digest}&from=a/one"
+        ))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
     assert_eq!(header(&r, "location"), format!("/v2/c/four/blobs/{digest}"));
     assert_eq!(header(&r, "docker-content-digest"), digest);
-    assert_eq!(http().head(format!("{base}/v2/c/four/blobs/{digest}")).send().unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        http()
+            .head(format!("{base}/v2/c/four/blobs/{digest}"))
+            .send()
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
 
     // Mount from a repository that lacks it: falls back to an upload session (202).
-    let r = http().post(format!("{base}/v2/c/five/blobs/uploads/?mount={digest}&from=c/nothing")).send().unwrap();
+    let r = http()
+        .post(format!(
+            "{base}/v2/c/five/blobs/uploads/?mount={digest}&from=c/nothing"
+        ))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     assert!(header(&r, "location").starts_with("/v2/c/five/blobs/uploads/"));
-    assert_eq!(http().head(format!("{base}/v2/c/five/blobs/{digest}")).send().unwrap().status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        http()
+            .head(format!("{base}/v2/c/five/blobs/{digest}"))
+            .send()
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
 
     // Mount without `from`: the blob is present somewhere, so it is linked.
-    let r = http().post(format!("{base}/v2/c/six/blobs/uploads/?mount={digest}")).send().unwrap();
+    let r = http()
+        .post(format!("{base}/v2/c/six/blobs/uploads/?mount={digest}"))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
 
     // Mount of an unknown blob: upload session.
     let unknown = sha256(b"never pushed");
-    let r = http().post(format!("{base}/v2/c/six/blobs/uploads/?mount={unknown}&from=a/one")).send().unwrap();
+    let r = http()
+        .post(format!(
+            "{base}/v2/c/six/blobs/uploads/?mount={unknown}&from=a/one"
+        ))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), StatusCode::ACCEPTED);
 
     // Unlinking from one repository leaves the others intact.
-    let r = http().delete(format!("{base}/v2/a/two/blobs/{digest}")).send().unwrap();
+    let r = http()
+        .delete(format!("{base}/v2/a/two/blobs/{digest}"))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), StatusCode::ACCEPTED);
-    assert_eq!(http().head(format!("{base}/v2/a/two/blobs/{digest}")).send().unwrap().status(), StatusCode::NOT_FOUND);
-    assert_eq!(http().head(format!("{base}/v2/a/one/blobs/{digest}")).send().unwrap().status(), StatusCode::OK);
-    let r = http().delete(format!("{base}/v2/a/two/blobs/{digest}")).send().unwrap();
+    assert_eq!(
+        http()
+            .head(format!("{base}/v2/a/two/blobs/{digest}"))
+            .send()
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        http()
+            .head(format!("{base}/v2/a/one/blobs/{digest}"))
+            .send()
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    let r = http()
+        .delete(format!("{base}/v2/a/two/blobs/{digest}"))
+        .send()
+        .unwrap();
     assert_oci_error(r, StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
 }
 
@@ -127,16 +212,25 @@ fn tag_listing_paginates_with_link_headers() {
     let base = reg.url();
     let (_, manifest) = push_image(&base, "team/app", "t00", &[b"layer"]);
     for i in 1..25 {
-        let r = put_manifest(&base, "team/app", &format!("t{i:02}"), "application/vnd.oci.image.manifest.v1+json", &manifest);
+        let r = put_manifest(
+            &base,
+            "team/app",
+            &format!("t{i:02}"),
+            "application/vnd.oci.image.manifest.v1+json",
+            &manifest,
+        );
         assert_eq!(r.status(), StatusCode::CREATED);
     }
-    let r = http().get(format!("{base}/v2/team/app/tags/list")).send().unwrap();
+    let r = http()
+        .get(format!("{base}/v2/team/app/tags/list"))
+        .send()
+        .unwrap();
     let all: Value = r.json().unwrap();
     assert_eq!(all["name"], "team/app");
     assert_eq!(all["tags"].as_array().unwrap().len(), 25);
 
     let mut seen = Vec::new();
-    let mut next = Some(format!("/v2/team/app/tags/list?n=10"));
+    let mut next = Some("/v2/team/app/tags/list?n=10".to_owned());
     while let Some(path) = next.take() {
         let r = http().get(format!("{base}{path}")).send().unwrap();
         assert_eq!(r.status(), StatusCode::OK);
@@ -147,22 +241,40 @@ fn tag_listing_paginates_with_link_headers() {
         seen.extend(tags.iter().map(|t| t.as_str().unwrap().to_owned()));
         if !link.is_empty() {
             assert!(link.ends_with("; rel=\"next\""), "{link}");
-            next = Some(link.trim_start_matches('<').split('>').next().unwrap().to_owned());
+            next = Some(
+                link.trim_start_matches('<')
+                    .split('>')
+                    .next()
+                    .unwrap()
+                    .to_owned(),
+            );
         }
     }
     let expected: Vec<String> = (0..25).map(|i| format!("t{i:02}")).collect();
     assert_eq!(seen, expected);
 
-    let r = http().get(format!("{base}/v2/team/app/tags/list?n=5&last=t20")).send().unwrap();
+    let r = http()
+        .get(format!("{base}/v2/team/app/tags/list?n=5&last=t20"))
+        .send()
+        .unwrap();
     let page: Value = r.json().unwrap();
     assert_eq!(page["tags"], json!(["t21", "t22", "t23", "t24"]));
-    let r = http().get(format!("{base}/v2/team/app/tags/list?n=0")).send().unwrap();
+    let r = http()
+        .get(format!("{base}/v2/team/app/tags/list?n=0"))
+        .send()
+        .unwrap();
     let page: Value = r.json().unwrap();
     assert_eq!(page["tags"], json!([]));
-    let r = http().get(format!("{base}/v2/team/app/tags/list?n=x")).send().unwrap();
+    let r = http()
+        .get(format!("{base}/v2/team/app/tags/list?n=x"))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
 
-    let r = http().get(format!("{base}/v2/team/unknown/tags/list")).send().unwrap();
+    let r = http()
+        .get(format!("{base}/v2/team/unknown/tags/list"))
+        .send()
+        .unwrap();
     assert_oci_error(r, StatusCode::NOT_FOUND, "NAME_UNKNOWN");
 }
 
@@ -174,11 +286,23 @@ fn catalog_paginates() {
     for name in &names {
         push_image(&base, name, "v1", &[name.as_bytes()]);
     }
-    let r = http().get(format!("{base}/v2/_catalog?n=3")).send().unwrap();
-    assert_eq!(header(&r, "link"), "</v2/_catalog?n=3&last=proj/repo2>; rel=\"next\"");
+    let r = http()
+        .get(format!("{base}/v2/_catalog?n=3"))
+        .send()
+        .unwrap();
+    assert_eq!(
+        header(&r, "link"),
+        "</v2/_catalog?n=3&last=proj/repo2>; rel=\"next\""
+    );
     let page: Value = r.json().unwrap();
-    assert_eq!(page["repositories"], json!(["proj/repo0", "proj/repo1", "proj/repo2"]));
-    let r = http().get(format!("{base}/v2/_catalog?n=3&last=proj/repo5")).send().unwrap();
+    assert_eq!(
+        page["repositories"],
+        json!(["proj/repo0", "proj/repo1", "proj/repo2"])
+    );
+    let r = http()
+        .get(format!("{base}/v2/_catalog?n=3&last=proj/repo5"))
+        .send()
+        .unwrap();
     assert!(header(&r, "link").is_empty());
     let page: Value = r.json().unwrap();
     assert_eq!(page["repositories"], json!(["proj/repo6"]));
@@ -208,28 +332,57 @@ fn referrers_list_artifacts_attached_through_subject() {
         .unwrap()
     };
     let sig = artifact("application/vnd.example.signature", &signature, 15);
-    let r = put_manifest(&base, "team/app", &sha256(&sig), "application/vnd.oci.image.manifest.v1+json", &sig);
+    let r = put_manifest(
+        &base,
+        "team/app",
+        &sha256(&sig),
+        "application/vnd.oci.image.manifest.v1+json",
+        &sig,
+    );
     assert_eq!(r.status(), StatusCode::CREATED);
     assert_eq!(header(&r, "oci-subject"), subject);
     let bom = artifact("application/vnd.example.sbom", &sbom, 10);
-    let r = put_manifest(&base, "team/app", &sha256(&bom), "application/vnd.oci.image.manifest.v1+json", &bom);
+    let r = put_manifest(
+        &base,
+        "team/app",
+        &sha256(&bom),
+        "application/vnd.oci.image.manifest.v1+json",
+        &bom,
+    );
     assert_eq!(r.status(), StatusCode::CREATED);
 
-    let r = http().get(format!("{base}/v2/team/app/referrers/{subject}")).send().unwrap();
+    let r = http()
+        .get(format!("{base}/v2/team/app/referrers/{subject}"))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(header(&r, "content-type"), "application/vnd.oci.image.index.v1+json");
+    assert_eq!(
+        header(&r, "content-type"),
+        "application/vnd.oci.image.index.v1+json"
+    );
     assert!(header(&r, "oci-filters-applied").is_empty());
     let index: Value = r.json().unwrap();
     assert_eq!(index["schemaVersion"], 2);
     let listed = index["manifests"].as_array().unwrap();
     assert_eq!(listed.len(), 2);
-    let sig_entry = listed.iter().find(|m| m["digest"] == sha256(&sig)).expect("signature listed");
-    assert_eq!(sig_entry["artifactType"], "application/vnd.example.signature");
+    let sig_entry = listed
+        .iter()
+        .find(|m| m["digest"] == sha256(&sig))
+        .expect("signature listed");
+    assert_eq!(
+        sig_entry["artifactType"],
+        "application/vnd.example.signature"
+    );
     assert_eq!(sig_entry["size"], sig.len());
-    assert_eq!(sig_entry["annotations"]["org.example.kind"], "application/vnd.example.signature");
+    assert_eq!(
+        sig_entry["annotations"]["org.example.kind"],
+        "application/vnd.example.signature"
+    );
 
     let r = http()
-        .get(format!("{base}/v2/team/app/referrers/{subject}?artifactType=application/vnd.example.sbom"))
+        .get(format!(
+            "{base}/v2/team/app/referrers/{subject}?artifactType=application/vnd.example.sbom"
+        ))
         .send()
         .unwrap();
     assert_eq!(header(&r, "oci-filters-applied"), "artifactType");
@@ -238,11 +391,17 @@ fn referrers_list_artifacts_attached_through_subject() {
     assert_eq!(index["manifests"][0]["digest"], sha256(&bom));
 
     let unknown = sha256(b"no such subject");
-    let r = http().get(format!("{base}/v2/team/app/referrers/{unknown}")).send().unwrap();
+    let r = http()
+        .get(format!("{base}/v2/team/app/referrers/{unknown}"))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     let index: Value = r.json().unwrap();
     assert_eq!(index["manifests"], json!([]));
 
-    let r = http().get(format!("{base}/v2/team/app/referrers/sha256:nothex")).send().unwrap();
+    let r = http()
+        .get(format!("{base}/v2/team/app/referrers/sha256:nothex"))
+        .send()
+        .unwrap();
     assert_oci_error(r, StatusCode::BAD_REQUEST, "DIGEST_INVALID");
 }

@@ -14,7 +14,10 @@ use crate::{header, http};
 
 /// Runs a command, failing the test with its output if it fails; returns stdout.
 fn run(cmd: &mut Command) -> String {
-    let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed with {}\nstdout: {}\nstderr: {}",
@@ -37,7 +40,8 @@ fn served_digest(reg: &TestRegistry, repo: &str, tag: &str) -> String {
 }
 
 fn layout_manifest_digest(layout: &Path) -> String {
-    let index: Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
     index["manifests"][0]["digest"].as_str().unwrap().to_owned()
 }
 
@@ -45,22 +49,33 @@ fn layout_manifest_digest(layout: &Path) -> String {
 fn build_layout(umoci: &Path, dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let layout = dir.join("src");
     run(Command::new(umoci).args(["init", "--layout"]).arg(&layout));
-    run(Command::new(umoci).args(["new", "--image"]).arg(format!("{}:v1", layout.display())));
+    run(Command::new(umoci)
+        .args(["new", "--image"])
+        .arg(format!("{}:v1", layout.display())));
     let image = format!("{}:v1", layout.display());
     let mut files = Vec::new();
     for (step, (name, content)) in [
-        ("data/random.bin", (0..3 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect::<Vec<u8>>()),
+        (
+            "data/random.bin",
+            (0..3 * 1024 * 1024u32)
+                .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+                .collect::<Vec<u8>>(),
+        ),
         ("etc/greeting.txt", b"hello from berth\n".to_vec()),
     ]
     .into_iter()
     .enumerate()
     {
         let bundle = dir.join(format!("bundle{step}"));
-        run(Command::new(umoci).args(["unpack", "--image", &image]).arg(&bundle));
+        run(Command::new(umoci)
+            .args(["unpack", "--image", &image])
+            .arg(&bundle));
         let path = bundle.join("rootfs").join(name);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, &content).unwrap();
-        run(Command::new(umoci).args(["repack", "--image", &image]).arg(&bundle));
+        run(Command::new(umoci)
+            .args(["repack", "--image", &image])
+            .arg(&bundle));
         files.push((PathBuf::from(name), content));
     }
     run(Command::new(umoci).args(["config", "--image", &image, "--config.cmd", "/bin/sh"]));
@@ -69,14 +84,19 @@ fn build_layout(umoci: &Path, dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 
 #[test]
 fn skopeo_copies_a_layout_in_and_out_and_umoci_unpacks_the_pull() {
-    let (Some(skopeo), Some(umoci)) = (tool("skopeo"), tool("umoci")) else { return };
+    let (Some(skopeo), Some(umoci)) = (tool("skopeo"), tool("umoci")) else {
+        return;
+    };
     let reg = TestRegistry::start();
     let dir = tempfile::tempdir().unwrap();
     let files = build_layout(&umoci, dir.path());
     let host = reg.host();
     let src = dir.path().join("src");
     let dest = format!("docker://{host}/clients/skopeo:v1");
-    run(Command::new(&skopeo).args(["copy", "--dest-tls-verify=false"]).arg(format!("oci:{}:v1", src.display())).arg(&dest));
+    run(Command::new(&skopeo)
+        .args(["copy", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:v1", src.display()))
+        .arg(&dest));
     let original = layout_manifest_digest(&src);
     assert_eq!(served_digest(&reg, "clients/skopeo", "v1"), original);
 
@@ -85,12 +105,26 @@ fn skopeo_copies_a_layout_in_and_out_and_umoci_unpacks_the_pull() {
     assert_eq!(manifest["layers"].as_array().unwrap().len(), 2);
 
     let back = dir.path().join("back");
-    run(Command::new(&skopeo).args(["copy", "--src-tls-verify=false", &dest]).arg(format!("oci:{}:v1", back.display())));
-    assert_eq!(layout_manifest_digest(&back), original, "same manifest digest after the round trip");
+    run(Command::new(&skopeo)
+        .args(["copy", "--src-tls-verify=false", &dest])
+        .arg(format!("oci:{}:v1", back.display())));
+    assert_eq!(
+        layout_manifest_digest(&back),
+        original,
+        "same manifest digest after the round trip"
+    );
 
     // Conversion to Docker schema 2 inside the registry, tag listing, delete.
     let v2s2 = format!("docker://{host}/clients/skopeo:v1-v2s2");
-    run(Command::new(&skopeo).args(["copy", "--src-tls-verify=false", "--dest-tls-verify=false", "--format", "v2s2", &dest, &v2s2]));
+    run(Command::new(&skopeo).args([
+        "copy",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        "--format",
+        "v2s2",
+        &dest,
+        &v2s2,
+    ]));
     let tags: Value = serde_json::from_str(&run(Command::new(&skopeo).args([
         "list-tags",
         "--tls-verify=false",
@@ -99,32 +133,54 @@ fn skopeo_copies_a_layout_in_and_out_and_umoci_unpacks_the_pull() {
     .unwrap();
     assert_eq!(tags["Tags"], serde_json::json!(["v1", "v1-v2s2"]));
     run(Command::new(&skopeo).args(["delete", "--tls-verify=false", &v2s2]));
-    let r = http().get(format!("{}/v2/clients/skopeo/manifests/v1-v2s2", reg.url())).send().unwrap();
+    let r = http()
+        .get(format!("{}/v2/clients/skopeo/manifests/v1-v2s2", reg.url()))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
 
     // The pulled image unpacks to the same files.
     let bundle = dir.path().join("unpacked");
-    run(Command::new(&umoci).args(["unpack", "--image"]).arg(format!("{}:v1", back.display())).arg(&bundle));
+    run(Command::new(&umoci)
+        .args(["unpack", "--image"])
+        .arg(format!("{}:v1", back.display()))
+        .arg(&bundle));
     for (name, content) in files {
-        assert_eq!(std::fs::read(bundle.join("rootfs").join(&name)).unwrap(), content, "{}", name.display());
+        assert_eq!(
+            std::fs::read(bundle.join("rootfs").join(&name)).unwrap(),
+            content,
+            "{}",
+            name.display()
+        );
     }
 }
 
 #[test]
 fn podman_pushes_and_pulls_a_buildah_image() {
-    let (Some(buildah), Some(podman)) = (tool("buildah"), tool("podman")) else { return };
+    let (Some(buildah), Some(podman)) = (tool("buildah"), tool("podman")) else {
+        return;
+    };
     let reg = TestRegistry::start();
     let dir = tempfile::tempdir().unwrap();
     let storage = |cmd: &Path| {
         let mut c = Command::new(cmd);
-        c.arg("--root").arg(dir.path().join("root")).arg("--runroot").arg(dir.path().join("run")).args(["--storage-driver", "vfs"]);
+        c.arg("--root")
+            .arg(dir.path().join("root"))
+            .arg("--runroot")
+            .arg(dir.path().join("run"))
+            .args(["--storage-driver", "vfs"]);
         c
     };
     let host = reg.host();
     // Base layer, then a second layer on top of it.
     let mut image = String::from("scratch");
-    for (tag, file, content) in [("base", "blob.bin", vec![9u8; 2 * 1024 * 1024]), ("v1", "app.txt", b"second layer\n".to_vec())] {
-        let container = run(storage(&buildah).args(["from", &image])).trim().to_owned();
+    for (tag, file, content) in [
+        ("base", "blob.bin", vec![9u8; 2 * 1024 * 1024]),
+        ("v1", "app.txt", b"second layer\n".to_vec()),
+    ] {
+        let container = run(storage(&buildah).args(["from", &image]))
+            .trim()
+            .to_owned();
         let mount = PathBuf::from(run(storage(&buildah).args(["mount", &container])).trim());
         std::fs::create_dir_all(mount.join("data")).unwrap();
         std::fs::write(mount.join("data").join(file), content).unwrap();
@@ -136,34 +192,54 @@ fn podman_pushes_and_pulls_a_buildah_image() {
     }
     let remote = format!("{host}/clients/podman:v1");
     run(storage(&podman).args(["push", "--tls-verify=false", &image, &remote]));
-    let manifest: Value = http().get(format!("{}/v2/clients/podman/manifests/v1", reg.url())).send().unwrap().json().unwrap();
+    let manifest: Value = http()
+        .get(format!("{}/v2/clients/podman/manifests/v1", reg.url()))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
     assert_eq!(manifest["layers"].as_array().unwrap().len(), 2);
 
     run(storage(&podman).args(["rmi", "--all", "--force"]));
     run(storage(&podman).args(["pull", "--tls-verify=false", &remote]));
-    let digest = run(storage(&podman).args(["image", "inspect", "--format", "{{.Digest}}", &remote]));
+    let digest =
+        run(storage(&podman).args(["image", "inspect", "--format", "{{.Digest}}", &remote]));
     assert_eq!(digest.trim(), served_digest(&reg, "clients/podman", "v1"));
 }
 
 #[test]
 fn oras_python_sdk_pushes_pulls_and_attaches_a_referrer() {
+    // The venv that `.ci/install-test-clients` creates, unless told otherwise.
+    let default_venv =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/clients-venv/bin/python");
     let python = match std::env::var_os("BERTH_TEST_PYTHON") {
         Some(p) => PathBuf::from(p),
+        None if default_venv.exists() => default_venv,
         None => {
             let Some(p) = tool("python3") else { return };
             p
         }
     };
-    let has_oras = Command::new(&python).args(["-c", "import oras.client"]).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    let has_oras = Command::new(&python)
+        .args(["-c", "import oras.client"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
     if !has_oras {
-        assert!(std::env::var_os("CI").is_none(), "the ORAS SDK is required under CI (set BERTH_TEST_PYTHON)");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the ORAS SDK is required under CI (set BERTH_TEST_PYTHON)"
+        );
         eprintln!("skipping: the ORAS Python SDK is not installed");
         return;
     }
     let reg = TestRegistry::start();
     let dir = tempfile::tempdir().unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/oras_artifacts.py");
-    let out = run(Command::new(&python).arg(script).arg(reg.host()).arg(dir.path()));
+    let out = run(Command::new(&python)
+        .arg(script)
+        .arg(reg.host())
+        .arg(dir.path()));
     assert!(out.contains("found the referrer"), "{out}");
 }
 
@@ -183,7 +259,10 @@ impl Daemons {
     }
 
     fn start(containerd: &Path, dockerd: Option<&Path>) -> Self {
-        let dir = tempfile::Builder::new().prefix("bd").tempdir_in("/tmp").unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("bd")
+            .tempdir_in("/tmp")
+            .unwrap();
         let d = dir.path();
         std::fs::write(
             d.join("containerd.toml"),
@@ -194,20 +273,42 @@ impl Daemons {
         )
         .unwrap();
         let log = std::fs::File::create(d.join("containerd.log")).unwrap();
-        let child = Command::new(containerd).arg("--config").arg(d.join("containerd.toml")).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap();
-        let mut daemons = Daemons { dir, children: vec![child] };
+        let child = Command::new(containerd)
+            .arg("--config")
+            .arg(d.join("containerd.toml"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut daemons = Daemons {
+            dir,
+            children: vec![child],
+        };
         let socket = daemons.containerd_socket();
-        assert!(wait_until(Duration::from_secs(30), || socket.exists()), "containerd did not start");
+        assert!(
+            wait_until(Duration::from_secs(30), || socket.exists()),
+            "containerd did not start"
+        );
         if let Some(dockerd) = dockerd {
             let d = daemons.dir.path().to_owned();
             let log = std::fs::File::create(d.join("dockerd.log")).unwrap();
             let child = Command::new(dockerd)
-                .arg("--data-root").arg(d.join("droot"))
-                .arg("--exec-root").arg(d.join("dexec"))
-                .arg("--pidfile").arg(d.join("docker.pid"))
-                .arg("-H").arg(daemons.docker_host())
-                .args(["--iptables=false", "--ip6tables=false", "--bridge=none", "--ip-masq=false"])
-                .arg("--containerd").arg(&socket)
+                .arg("--data-root")
+                .arg(d.join("droot"))
+                .arg("--exec-root")
+                .arg(d.join("dexec"))
+                .arg("--pidfile")
+                .arg(d.join("docker.pid"))
+                .arg("-H")
+                .arg(daemons.docker_host())
+                .args([
+                    "--iptables=false",
+                    "--ip6tables=false",
+                    "--bridge=none",
+                    "--ip-masq=false",
+                ])
+                .arg("--containerd")
+                .arg(&socket)
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
                 .spawn()
@@ -215,9 +316,18 @@ impl Daemons {
             daemons.children.push(child);
             let host = daemons.docker_host();
             let up = wait_until(Duration::from_secs(60), || {
-                Command::new("docker").args(["-H", &host, "version"]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+                Command::new("docker")
+                    .args(["-H", &host, "version"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
             });
-            assert!(up, "dockerd did not start: {}", std::fs::read_to_string(d.join("dockerd.log")).unwrap_or_default());
+            assert!(
+                up,
+                "dockerd did not start: {}",
+                std::fs::read_to_string(d.join("dockerd.log")).unwrap_or_default()
+            );
         }
         daemons
     }
@@ -228,7 +338,9 @@ impl Drop for Daemons {
         for child in self.children.iter_mut().rev() {
             // SIGTERM first so dockerd unmounts what it mounted; SIGKILL if it lingers.
             let _ = Command::new("kill").arg(child.id().to_string()).status();
-            let pid_gone = wait_until(Duration::from_secs(15), || child.try_wait().is_ok_and(|s| s.is_some()));
+            let pid_gone = wait_until(Duration::from_secs(15), || {
+                child.try_wait().is_ok_and(|s| s.is_some())
+            });
             if !pid_gone {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -239,7 +351,12 @@ impl Drop for Daemons {
 
 #[test]
 fn docker_and_ctr_push_and_pull() {
-    let (Some(containerd), Some(ctr), Some(dockerd), Some(_docker)) = (tool("containerd"), tool("ctr"), tool("dockerd"), tool("docker")) else {
+    let (Some(containerd), Some(ctr), Some(dockerd), Some(_docker)) = (
+        tool("containerd"),
+        tool("ctr"),
+        tool("dockerd"),
+        tool("docker"),
+    ) else {
         return;
     };
     let reg = TestRegistry::start();
@@ -247,7 +364,9 @@ fn docker_and_ctr_push_and_pull() {
     let daemons = Daemons::start(&containerd, Some(&dockerd));
     let docker = |args: &[&str]| {
         let mut c = Command::new("docker");
-        c.args(["-H", &daemons.docker_host()]).args(args).env("DOCKER_BUILDKIT", "0");
+        c.args(["-H", &daemons.docker_host()])
+            .args(args)
+            .env("DOCKER_BUILDKIT", "0");
         run(&mut c)
     };
     let ctx = tempfile::tempdir().unwrap();
@@ -257,22 +376,44 @@ fn docker_and_ctr_push_and_pull() {
     let image = format!("{host}/clients/docker:v1");
     docker(&["build", "-q", "-t", &image, &ctx.path().to_string_lossy()]);
     docker(&["push", &image]);
-    let r = http().get(format!("{}/v2/clients/docker/manifests/v1", reg.url())).header("accept", "application/vnd.docker.distribution.manifest.v2+json").send().unwrap();
-    assert_eq!(header(&r, "content-type"), "application/vnd.docker.distribution.manifest.v2+json");
+    let r = http()
+        .get(format!("{}/v2/clients/docker/manifests/v1", reg.url()))
+        .header(
+            "accept",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        )
+        .send()
+        .unwrap();
+    assert_eq!(
+        header(&r, "content-type"),
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
     let manifest: Value = r.json().unwrap();
     assert_eq!(manifest["layers"].as_array().unwrap().len(), 2);
     let pushed = served_digest(&reg, "clients/docker", "v1");
 
     docker(&["rmi", &image]);
     docker(&["pull", &image]);
-    let repo_digests = docker(&["image", "inspect", "--format", "{{json .RepoDigests}}", &image]);
-    assert!(repo_digests.contains(&pushed), "{repo_digests} should contain {pushed}");
+    let repo_digests = docker(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{json .RepoDigests}}",
+        &image,
+    ]);
+    assert!(
+        repo_digests.contains(&pushed),
+        "{repo_digests} should contain {pushed}"
+    );
 
     // containerd's own client against the same daemon.
     let address = daemons.containerd_socket();
     let ctr_cmd = |args: &[&str]| {
         let mut c = Command::new(&ctr);
-        c.arg("--address").arg(&address).args(["--namespace", "berth-test"]).args(args);
+        c.arg("--address")
+            .arg(&address)
+            .args(["--namespace", "berth-test"])
+            .args(args);
         run(&mut c)
     };
     ctr_cmd(&["images", "pull", "--plain-http", &image]);

@@ -16,19 +16,29 @@ fn upload_offset(location: &str) -> u64 {
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     let range = header(&r, "range");
     let end: u64 = range.split('-').nth(1).unwrap().parse().unwrap();
-    if end == 0 { 0 } else { end + 1 }
+    if end == 0 {
+        0
+    } else {
+        end + 1
+    }
 }
 
 /// Every published blob hashes to the digest it is stored under.
 fn assert_published_blobs_verify(data_dir: &Path) {
     let root = data_dir.join("blobs/sha256");
-    let Ok(prefixes) = std::fs::read_dir(&root) else { return };
+    let Ok(prefixes) = std::fs::read_dir(&root) else {
+        return;
+    };
     for prefix in prefixes {
         for blob in std::fs::read_dir(prefix.unwrap().path()).unwrap() {
             let dir = blob.unwrap().path();
             let bytes = std::fs::read(dir.join("data")).unwrap();
             let name = dir.file_name().unwrap().to_str().unwrap().to_owned();
-            assert_eq!(sha256(&bytes), format!("sha256:{name}"), "blob {name} is whole and verified");
+            assert_eq!(
+                sha256(&bytes),
+                format!("sha256:{name}"),
+                "blob {name} is whole and verified"
+            );
         }
     }
 }
@@ -37,13 +47,18 @@ fn assert_published_blobs_verify(data_dir: &Path) {
 fn kill_during_chunked_upload_then_resume_or_start_over() {
     let binary = Path::new(env!("CARGO_BIN_EXE_berth"));
     let data_dir = tempfile::tempdir().unwrap();
-    let data: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..4 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     let digest = sha256(&data);
     let chunk = 1024 * 1024;
 
     let server = BerthProcess::spawn(binary, data_dir.path());
     let base = server.url();
-    let r = http().post(format!("{base}/v2/crash/test/blobs/uploads/")).send().unwrap();
+    let r = http()
+        .post(format!("{base}/v2/crash/test/blobs/uploads/"))
+        .send()
+        .unwrap();
     let path = header(&r, "location");
     let r = http()
         .patch(format!("{base}{path}"))
@@ -66,20 +81,40 @@ fn kill_during_chunked_upload_then_resume_or_start_over() {
     conn.write_all(&data[chunk..chunk + 3 * chunk / 2]).unwrap();
     conn.flush().unwrap();
     // Wait until the server has written some of it, so the crash lands mid-chunk.
-    let staged = std::fs::read_dir(data_dir.path().join("uploads")).unwrap().next().unwrap().unwrap().path().join("data");
-    assert!(wait_until(Duration::from_secs(10), || std::fs::metadata(&staged).map(|m| m.len() > chunk as u64).unwrap_or(false)));
+    let staged = std::fs::read_dir(data_dir.path().join("uploads"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("data");
+    assert!(wait_until(Duration::from_secs(10), || std::fs::metadata(
+        &staged
+    )
+    .map(|m| m.len() > chunk as u64)
+    .unwrap_or(false)));
     server.kill();
     drop(conn);
 
     let server = BerthProcess::spawn(binary, data_dir.path());
     let base = server.url();
     let location = format!("{base}{path}");
-    assert_eq!(http().head(format!("{base}/v2/crash/test/blobs/{digest}")).send().unwrap().status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        http()
+            .head(format!("{base}/v2/crash/test/blobs/{digest}"))
+            .send()
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
     assert_published_blobs_verify(data_dir.path());
 
     // Resume where the disk says the session ends.
     let offset = upload_offset(&location);
-    assert!(offset > chunk as u64 && offset <= (chunk + 3 * chunk / 2) as u64, "offset {offset}");
+    assert!(
+        offset > chunk as u64 && offset <= (chunk + 3 * chunk / 2) as u64,
+        "offset {offset}"
+    );
     let r = http()
         .patch(&location)
         .header("content-range", format!("{offset}-{}", data.len() - 1))
@@ -87,13 +122,25 @@ fn kill_during_chunked_upload_then_resume_or_start_over() {
         .send()
         .unwrap();
     assert_eq!(r.status(), StatusCode::ACCEPTED, "{}", r.text().unwrap());
-    let r = http().put(format!("{location}?digest={digest}")).send().unwrap();
+    let r = http()
+        .put(format!("{location}?digest={digest}"))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
-    let r = http().get(format!("{base}/v2/crash/test/blobs/{digest}")).send().unwrap();
+    let r = http()
+        .get(format!("{base}/v2/crash/test/blobs/{digest}"))
+        .send()
+        .unwrap();
     assert_eq!(sha256(&r.bytes().unwrap()), digest);
 
     // Start over on another repository: a fresh monolithic push of the same bytes.
-    let r = http().post(format!("{base}/v2/crash/other/blobs/uploads/?digest={digest}")).body(data.clone()).send().unwrap();
+    let r = http()
+        .post(format!(
+            "{base}/v2/crash/other/blobs/uploads/?digest={digest}"
+        ))
+        .body(data.clone())
+        .send()
+        .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
     assert_published_blobs_verify(data_dir.path());
     server.kill();
@@ -118,15 +165,36 @@ fn kill_before_any_upload_finishes_leaves_nothing_published() {
     conn.write_all(&data[..100_000]).unwrap();
     conn.flush().unwrap();
     let uploads = data_dir.path().join("uploads");
-    assert!(wait_until(Duration::from_secs(10), || std::fs::read_dir(&uploads).map(|mut d| d.next().is_some()).unwrap_or(false)));
+    assert!(wait_until(Duration::from_secs(10), || std::fs::read_dir(
+        &uploads
+    )
+    .map(|mut d| d.next().is_some())
+    .unwrap_or(false)));
     server.kill();
     drop(conn);
 
     let server = BerthProcess::spawn(binary, data_dir.path());
     let base = server.url();
-    assert_eq!(http().head(format!("{base}/v2/crash/mono/blobs/{digest}")).send().unwrap().status(), StatusCode::NOT_FOUND);
-    assert!(!data_dir.path().join("blobs/sha256").join(&digest[7..9]).exists());
-    let r = http().post(format!("{base}/v2/crash/mono/blobs/uploads/?digest={digest}")).body(data).send().unwrap();
+    assert_eq!(
+        http()
+            .head(format!("{base}/v2/crash/mono/blobs/{digest}"))
+            .send()
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    assert!(!data_dir
+        .path()
+        .join("blobs/sha256")
+        .join(&digest[7..9])
+        .exists());
+    let r = http()
+        .post(format!(
+            "{base}/v2/crash/mono/blobs/uploads/?digest={digest}"
+        ))
+        .body(data)
+        .send()
+        .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
     server.kill();
 }

@@ -15,7 +15,18 @@ fn invalid_names_tags_and_digests() {
     let base = reg.url();
     let digest = sha256(b"x");
     // Sent raw: an HTTP library would normalise `..` away before the server saw it.
-    for name in ["../x", "x/..", "x/../y", "Upper/case", "a//b", "a/", "-a", "a__-b", "%2e%2e/x", "a%2fb"] {
+    for name in [
+        "../x",
+        "x/..",
+        "x/../y",
+        "Upper/case",
+        "a//b",
+        "a/",
+        "-a",
+        "a__-b",
+        "%2e%2e/x",
+        "a%2fb",
+    ] {
         for (method, path) in [
             ("GET", format!("/v2/{name}/tags/list")),
             ("GET", format!("/v2/{name}/manifests/latest")),
@@ -28,24 +39,54 @@ fn invalid_names_tags_and_digests() {
         }
     }
     let long = "a".repeat(256);
-    let r = http().get(format!("{base}/v2/{long}/tags/list")).send().unwrap();
+    let r = http()
+        .get(format!("{base}/v2/{long}/tags/list"))
+        .send()
+        .unwrap();
     assert_oci_error(r, StatusCode::BAD_REQUEST, "NAME_INVALID");
 
-    for bad in ["sha256:abc", "sha256:ZZZ", "md5:d41d8cd98f00b204e9800998ecf8427e", "sha256"] {
-        let r = http().get(format!("{base}/v2/team/app/blobs/{bad}")).send().unwrap();
+    for bad in [
+        "sha256:abc",
+        "sha256:ZZZ",
+        "md5:d41d8cd98f00b204e9800998ecf8427e",
+        "sha256",
+    ] {
+        let r = http()
+            .get(format!("{base}/v2/team/app/blobs/{bad}"))
+            .send()
+            .unwrap();
         assert_oci_error(r, StatusCode::BAD_REQUEST, "DIGEST_INVALID");
     }
-    let r = http().get(format!("{base}/v2/team/app/manifests/sha256:abc")).send().unwrap();
+    let r = http()
+        .get(format!("{base}/v2/team/app/manifests/sha256:abc"))
+        .send()
+        .unwrap();
     assert_oci_error(r, StatusCode::BAD_REQUEST, "DIGEST_INVALID");
-    let r = http().put(format!("{base}/v2/team/app/manifests/.bad-tag")).body("{}").send().unwrap();
+    let r = http()
+        .put(format!("{base}/v2/team/app/manifests/.bad-tag"))
+        .body("{}")
+        .send()
+        .unwrap();
     assert_oci_error(r, StatusCode::BAD_REQUEST, "MANIFEST_INVALID");
-    let r = http().get(format!("{base}/v2/team/app/blobs/{digest}")).send().unwrap();
+    let r = http()
+        .get(format!("{base}/v2/team/app/blobs/{digest}"))
+        .send()
+        .unwrap();
     assert_oci_error(r, StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
-    let r = http().get(format!("{base}/v2/team/app/manifests/latest")).send().unwrap();
+    let r = http()
+        .get(format!("{base}/v2/team/app/manifests/latest"))
+        .send()
+        .unwrap();
     assert_oci_error(r, StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
-    let r = http().post(format!("{base}/v2/team/app/manifests/latest")).send().unwrap();
+    let r = http()
+        .post(format!("{base}/v2/team/app/manifests/latest"))
+        .send()
+        .unwrap();
     assert_oci_error(r, StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED");
-    let r = http().get(format!("{base}/v2/team/app/nothing/here")).send().unwrap();
+    let r = http()
+        .get(format!("{base}/v2/team/app/nothing/here"))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
 }
 
@@ -101,23 +142,34 @@ fn malformed_unknown_and_schema1_manifests() {
     let r = put_manifest(&base, "team/app", &sha256(b"other"), OCI_MANIFEST, &body);
     assert_oci_error(r, StatusCode::BAD_REQUEST, "DIGEST_INVALID");
     // Nothing was stored.
-    let r = http().get(format!("{base}/v2/team/app/tags/list")).send().unwrap();
+    let r = http()
+        .get(format!("{base}/v2/team/app/tags/list"))
+        .send()
+        .unwrap();
     assert_oci_error(r, StatusCode::NOT_FOUND, "NAME_UNKNOWN");
 }
 
 #[test]
 fn oversized_manifest_is_refused_with_413() {
-    let reg = TestRegistry::start_with(Limits { max_manifest_bytes: 1024 });
+    let reg = TestRegistry::start_with(Limits {
+        max_manifest_bytes: 1024,
+    });
     let base = reg.url();
-    let big = serde_json::to_vec(&json!({"schemaVersion": 2, "annotations": {"pad": "x".repeat(2000)}})).unwrap();
+    let big =
+        serde_json::to_vec(&json!({"schemaVersion": 2, "annotations": {"pad": "x".repeat(2000)}}))
+            .unwrap();
     let r = put_manifest(&base, "team/app", "big", OCI_MANIFEST, &big);
     assert_oci_error(r, StatusCode::PAYLOAD_TOO_LARGE, "MANIFEST_INVALID");
     // Without Content-Length (chunked transfer) the limit holds while reading.
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..8).map(|_| Ok(vec![b' '; 512])).collect();
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..8).map(|_| Ok(vec![b' '; 512])).collect();
     let r = http()
         .put(format!("{base}/v2/team/app/manifests/big"))
         .header("content-type", OCI_MANIFEST)
-        .body(reqwest::blocking::Body::new(ChunkReader(chunks.into_iter().flatten().flatten().collect(), 0)))
+        .body(reqwest::blocking::Body::new(ChunkReader(
+            chunks.into_iter().flatten().flatten().collect(),
+            0,
+        )))
         .send()
         .unwrap();
     assert_oci_error(r, StatusCode::PAYLOAD_TOO_LARGE, "MANIFEST_INVALID");
@@ -142,7 +194,11 @@ fn raw_request(host: &str, method: &str, path: &str) -> (u16, String) {
     write!(conn, "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
     let mut answer = String::new();
     conn.read_to_string(&mut answer).unwrap();
-    let status = answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
     (status, body)
 }

@@ -6,6 +6,7 @@ mod clients;
 mod crash;
 mod errors;
 mod manifests;
+mod memory;
 mod uploads;
 
 use berth_oci::Digest;
@@ -15,7 +16,10 @@ use serde_json::{json, Value};
 
 /// A plain HTTP client that never follows redirects, so tests see what the server said.
 pub(crate) fn http() -> Client {
-    Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client")
+    Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
 }
 
 pub(crate) fn sha256(bytes: &[u8]) -> String {
@@ -31,7 +35,12 @@ pub(crate) fn push_blob(base: &str, repo: &str, bytes: &[u8]) -> String {
         .body(bytes.to_vec())
         .send()
         .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED, "push blob: {}", r.text().unwrap_or_default());
+    assert_eq!(
+        r.status(),
+        StatusCode::CREATED,
+        "push blob: {}",
+        r.text().unwrap_or_default()
+    );
     digest
 }
 
@@ -52,17 +61,34 @@ pub(crate) fn image_manifest(config: (&str, usize), layers: &[(&str, usize)]) ->
 
 /// Pushes a small image (config + layers with the given contents) and tags it.
 pub(crate) fn push_image(base: &str, repo: &str, tag: &str, layers: &[&[u8]]) -> (String, Vec<u8>) {
-    let config = format!(r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":[]}},"tag":"{tag}"}}"#);
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":[]}},"tag":"{tag}"}}"#
+    );
     let config_digest = push_blob(base, repo, config.as_bytes());
-    let layer_refs: Vec<(String, usize)> = layers.iter().map(|l| (push_blob(base, repo, l), l.len())).collect();
+    let layer_refs: Vec<(String, usize)> = layers
+        .iter()
+        .map(|l| (push_blob(base, repo, l), l.len()))
+        .collect();
     let refs: Vec<(&str, usize)> = layer_refs.iter().map(|(d, s)| (d.as_str(), *s)).collect();
     let manifest = image_manifest((&config_digest, config.len()), &refs);
-    let r = put_manifest(base, repo, tag, "application/vnd.oci.image.manifest.v1+json", &manifest);
+    let r = put_manifest(
+        base,
+        repo,
+        tag,
+        "application/vnd.oci.image.manifest.v1+json",
+        &manifest,
+    );
     assert_eq!(r.status(), StatusCode::CREATED);
     (sha256(&manifest), manifest)
 }
 
-pub(crate) fn put_manifest(base: &str, repo: &str, reference: &str, media_type: &str, body: &[u8]) -> Response {
+pub(crate) fn put_manifest(
+    base: &str,
+    repo: &str,
+    reference: &str,
+    media_type: &str,
+    body: &[u8],
+) -> Response {
     http()
         .put(format!("{base}/v2/{repo}/manifests/{reference}"))
         .header("content-type", media_type)
@@ -76,9 +102,17 @@ pub(crate) fn assert_oci_error(r: Response, status: StatusCode, code: &str) {
     assert_eq!(r.status(), status, "unexpected status");
     let body: Value = r.json().expect("error body is JSON");
     assert_eq!(body["errors"][0]["code"], code, "body: {body}");
-    assert!(body["errors"][0]["message"].as_str().is_some_and(|m| !m.is_empty()), "message missing: {body}");
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "message missing: {body}"
+    );
 }
 
 pub(crate) fn header(r: &Response, name: &str) -> String {
-    r.headers().get(name).map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default()
+    r.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default()
 }

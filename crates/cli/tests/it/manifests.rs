@@ -25,16 +25,26 @@ fn oci_manifest_by_tag_and_digest_byte_for_byte() {
     let r = put_manifest(&base, "team/app", "v1", OCI_MANIFEST, raw.as_bytes());
     assert_eq!(r.status(), StatusCode::CREATED);
     assert_eq!(header(&r, "docker-content-digest"), digest);
-    assert_eq!(header(&r, "location"), format!("/v2/team/app/manifests/{digest}"));
+    assert_eq!(
+        header(&r, "location"),
+        format!("/v2/team/app/manifests/{digest}")
+    );
 
     for reference in ["v1", digest.as_str()] {
-        let r = http().get(format!("{base}/v2/team/app/manifests/{reference}")).header("accept", OCI_MANIFEST).send().unwrap();
+        let r = http()
+            .get(format!("{base}/v2/team/app/manifests/{reference}"))
+            .header("accept", OCI_MANIFEST)
+            .send()
+            .unwrap();
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(header(&r, "content-type"), OCI_MANIFEST);
         assert_eq!(header(&r, "docker-content-digest"), digest);
         assert_eq!(header(&r, "content-length"), raw.len().to_string());
         assert_eq!(r.bytes().unwrap().as_ref(), raw.as_bytes());
-        let r = http().head(format!("{base}/v2/team/app/manifests/{reference}")).send().unwrap();
+        let r = http()
+            .head(format!("{base}/v2/team/app/manifests/{reference}"))
+            .send()
+            .unwrap();
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(header(&r, "content-length"), raw.len().to_string());
         assert_eq!(header(&r, "docker-content-digest"), digest);
@@ -44,15 +54,28 @@ fn oci_manifest_by_tag_and_digest_byte_for_byte() {
     let r = put_manifest(&base, "team/app", &digest, OCI_MANIFEST, raw.as_bytes());
     assert_eq!(r.status(), StatusCode::CREATED);
     // A manifest is also readable through the blob endpoint, as in Distribution.
-    let r = http().get(format!("{base}/v2/team/app/blobs/{digest}")).send().unwrap();
+    let r = http()
+        .get(format!("{base}/v2/team/app/blobs/{digest}"))
+        .send()
+        .unwrap();
     assert_eq!(r.bytes().unwrap().as_ref(), raw.as_bytes());
 
     // Retagging moves the tag.
     let (other, _) = push_image(&base, "team/app", "v1", &[b"another layer"]);
-    let r = http().head(format!("{base}/v2/team/app/manifests/v1")).send().unwrap();
+    let r = http()
+        .head(format!("{base}/v2/team/app/manifests/v1"))
+        .send()
+        .unwrap();
     assert_eq!(header(&r, "docker-content-digest"), other);
-    let r = http().head(format!("{base}/v2/team/app/manifests/{digest}")).send().unwrap();
-    assert_eq!(r.status(), StatusCode::OK, "the untagged manifest stays by digest");
+    let r = http()
+        .head(format!("{base}/v2/team/app/manifests/{digest}"))
+        .send()
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "the untagged manifest stays by digest"
+    );
 }
 
 #[test]
@@ -72,8 +95,18 @@ fn docker_schema2_manifest_list_and_oci_index() {
     }))
     .unwrap();
     let docker_digest = sha256(&docker);
-    let r = put_manifest(&base, "team/multi", &docker_digest, DOCKER_MANIFEST, &docker);
-    assert_eq!(r.status(), StatusCode::CREATED, "foreign layers are not required");
+    let r = put_manifest(
+        &base,
+        "team/multi",
+        &docker_digest,
+        DOCKER_MANIFEST,
+        &docker,
+    );
+    assert_eq!(
+        r.status(),
+        StatusCode::CREATED,
+        "foreign layers are not required"
+    );
     let (oci_digest, oci) = push_image(&base, "team/multi", "amd64", &[b"oci layer"]);
 
     let list = serde_json::to_vec(&json!({
@@ -87,7 +120,10 @@ fn docker_schema2_manifest_list_and_oci_index() {
     .unwrap();
     let r = put_manifest(&base, "team/multi", "list", DOCKER_LIST, &list);
     assert_eq!(r.status(), StatusCode::CREATED);
-    let r = http().get(format!("{base}/v2/team/multi/manifests/list")).send().unwrap();
+    let r = http()
+        .get(format!("{base}/v2/team/multi/manifests/list"))
+        .send()
+        .unwrap();
     assert_eq!(header(&r, "content-type"), DOCKER_LIST);
     assert_eq!(r.bytes().unwrap().as_ref(), &list[..]);
 
@@ -130,7 +166,10 @@ fn artifact_with_empty_config() {
     .unwrap();
     let r = put_manifest(&base, "team/art", "1.0.0", OCI_MANIFEST, &artifact);
     assert_eq!(r.status(), StatusCode::CREATED);
-    let r = http().get(format!("{base}/v2/team/art/manifests/1.0.0")).send().unwrap();
+    let r = http()
+        .get(format!("{base}/v2/team/art/manifests/1.0.0"))
+        .send()
+        .unwrap();
     assert_eq!(r.bytes().unwrap().as_ref(), &artifact[..]);
 }
 
@@ -142,23 +181,53 @@ fn delete_by_digest_removes_tags_and_delete_by_tag_keeps_the_manifest() {
     put_manifest(&base, "team/app", "v2", OCI_MANIFEST, &manifest);
     put_manifest(&base, "team/app", "v3", OCI_MANIFEST, &manifest);
 
-    let r = http().delete(format!("{base}/v2/team/app/manifests/v3")).send().unwrap();
+    let r = http()
+        .delete(format!("{base}/v2/team/app/manifests/v3"))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), StatusCode::ACCEPTED);
-    let r = http().get(format!("{base}/v2/team/app/manifests/v3")).send().unwrap();
+    let r = http()
+        .get(format!("{base}/v2/team/app/manifests/v3"))
+        .send()
+        .unwrap();
     assert_oci_error(r, StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
-    assert_eq!(http().head(format!("{base}/v2/team/app/manifests/{digest}")).send().unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        http()
+            .head(format!("{base}/v2/team/app/manifests/{digest}"))
+            .send()
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
 
-    let r = http().delete(format!("{base}/v2/team/app/manifests/{digest}")).send().unwrap();
+    let r = http()
+        .delete(format!("{base}/v2/team/app/manifests/{digest}"))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     for reference in ["v1", "v2", digest.as_str()] {
-        let r = http().get(format!("{base}/v2/team/app/manifests/{reference}")).send().unwrap();
+        let r = http()
+            .get(format!("{base}/v2/team/app/manifests/{reference}"))
+            .send()
+            .unwrap();
         assert_oci_error(r, StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
     }
-    let tags: serde_json::Value = http().get(format!("{base}/v2/team/app/tags/list")).send().unwrap().json().unwrap();
+    let tags: serde_json::Value = http()
+        .get(format!("{base}/v2/team/app/tags/list"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
     assert_eq!(tags["tags"], json!([]));
-    let r = http().delete(format!("{base}/v2/team/app/manifests/{digest}")).send().unwrap();
+    let r = http()
+        .delete(format!("{base}/v2/team/app/manifests/{digest}"))
+        .send()
+        .unwrap();
     assert_oci_error(r, StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
-    let r = http().delete(format!("{base}/v2/team/app/manifests/nope")).send().unwrap();
+    let r = http()
+        .delete(format!("{base}/v2/team/app/manifests/nope"))
+        .send()
+        .unwrap();
     assert_oci_error(r, StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
 
     // The same content can be pushed again after a delete.

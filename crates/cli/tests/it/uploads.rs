@@ -11,12 +11,18 @@ use reqwest::StatusCode;
 use crate::{assert_oci_error, header, http, sha256};
 
 fn start(base: &str, repo: &str) -> String {
-    let r = http().post(format!("{base}/v2/{repo}/blobs/uploads/")).send().unwrap();
+    let r = http()
+        .post(format!("{base}/v2/{repo}/blobs/uploads/"))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     assert_eq!(header(&r, "range"), "0-0");
     assert!(!header(&r, "docker-upload-uuid").is_empty());
     let location = header(&r, "location");
-    assert!(location.starts_with(&format!("/v2/{repo}/blobs/uploads/")), "{location}");
+    assert!(
+        location.starts_with(&format!("/v2/{repo}/blobs/uploads/")),
+        "{location}"
+    );
     format!("{base}{location}")
 }
 
@@ -40,11 +46,21 @@ fn chunked_upload_with_status_and_out_of_order_chunks() {
     let location = format!("{base}{}", header(&r, "location"));
 
     // A chunk that skips ahead is refused with the current range.
-    let r = http().patch(&location).header("content-range", "200000-299999").body(data[200_000..].to_vec()).send().unwrap();
+    let r = http()
+        .patch(&location)
+        .header("content-range", "200000-299999")
+        .body(data[200_000..].to_vec())
+        .send()
+        .unwrap();
     assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
     assert_eq!(header(&r, "range"), "0-99999");
     // So is one that rewinds.
-    let r = http().patch(&location).header("content-range", "0-99999").body(data[..100_000].to_vec()).send().unwrap();
+    let r = http()
+        .patch(&location)
+        .header("content-range", "0-99999")
+        .body(data[..100_000].to_vec())
+        .send()
+        .unwrap();
     assert_oci_error(r, StatusCode::RANGE_NOT_SATISFIABLE, "BLOB_UPLOAD_INVALID");
 
     let r = http().get(&location).send().unwrap();
@@ -53,7 +69,11 @@ fn chunked_upload_with_status_and_out_of_order_chunks() {
     assert!(header(&r, "location").contains("/blobs/uploads/"));
 
     // A streamed chunk without Content-Range is appended at the end.
-    let r = http().patch(&location).body(data[100_000..200_000].to_vec()).send().unwrap();
+    let r = http()
+        .patch(&location)
+        .body(data[100_000..200_000].to_vec())
+        .send()
+        .unwrap();
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     assert_eq!(header(&r, "range"), "0-199999");
 
@@ -65,10 +85,16 @@ fn chunked_upload_with_status_and_out_of_order_chunks() {
         .send()
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
-    assert_eq!(header(&r, "location"), format!("/v2/team/app/blobs/{digest}"));
+    assert_eq!(
+        header(&r, "location"),
+        format!("/v2/team/app/blobs/{digest}")
+    );
     assert_eq!(header(&r, "docker-content-digest"), digest);
 
-    let r = http().get(format!("{base}/v2/team/app/blobs/{digest}")).send().unwrap();
+    let r = http()
+        .get(format!("{base}/v2/team/app/blobs/{digest}"))
+        .send()
+        .unwrap();
     assert_eq!(r.bytes().unwrap().as_ref(), &data[..]);
     // The finished session is gone.
     let r = http().get(&location).send().unwrap();
@@ -82,25 +108,46 @@ fn post_then_put_and_sha512() {
     let location = start(&base, "team/app");
     let body = b"monolithic after POST".to_vec();
     let digest = sha256(&body);
-    let r = http().put(format!("{location}?digest={digest}")).body(body.clone()).send().unwrap();
+    let r = http()
+        .put(format!("{location}?digest={digest}"))
+        .body(body.clone())
+        .send()
+        .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
 
     let location = start(&base, "team/app");
     let mut h = DigestHasher::new(Algorithm::Sha512);
     h.update(b"sha512 content");
     let d512 = h.finish().to_string();
-    let r = http().patch(&location).body(b"sha512 content".to_vec()).send().unwrap();
+    let r = http()
+        .patch(&location)
+        .body(b"sha512 content".to_vec())
+        .send()
+        .unwrap();
     let location = format!("{base}{}", header(&r, "location"));
-    let r = http().put(format!("{location}?digest={d512}")).send().unwrap();
+    let r = http()
+        .put(format!("{location}?digest={d512}"))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
-    let r = http().get(format!("{base}/v2/team/app/blobs/{d512}")).send().unwrap();
+    let r = http()
+        .get(format!("{base}/v2/team/app/blobs/{d512}"))
+        .send()
+        .unwrap();
     assert_eq!(r.bytes().unwrap().as_ref(), b"sha512 content");
 
     // Monolithic POST of an empty blob.
     let empty = sha256(b"");
-    let r = http().post(format!("{base}/v2/team/app/blobs/uploads/?digest={empty}")).body(Vec::new()).send().unwrap();
+    let r = http()
+        .post(format!("{base}/v2/team/app/blobs/uploads/?digest={empty}"))
+        .body(Vec::new())
+        .send()
+        .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
-    let r = http().head(format!("{base}/v2/team/app/blobs/{empty}")).send().unwrap();
+    let r = http()
+        .head(format!("{base}/v2/team/app/blobs/{empty}"))
+        .send()
+        .unwrap();
     assert_eq!(header(&r, "content-length"), "0");
 }
 
@@ -109,26 +156,63 @@ fn wrong_digest_is_refused_and_nothing_is_published() {
     let reg = TestRegistry::start();
     let base = reg.url();
     let claimed = sha256(b"what the client claims");
-    let r = http().post(format!("{base}/v2/team/app/blobs/uploads/?digest={claimed}")).body(b"other bytes".to_vec()).send().unwrap();
+    let r = http()
+        .post(format!(
+            "{base}/v2/team/app/blobs/uploads/?digest={claimed}"
+        ))
+        .body(b"other bytes".to_vec())
+        .send()
+        .unwrap();
     assert_oci_error(r, StatusCode::BAD_REQUEST, "DIGEST_INVALID");
-    assert_eq!(http().head(format!("{base}/v2/team/app/blobs/{claimed}")).send().unwrap().status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        http()
+            .head(format!("{base}/v2/team/app/blobs/{claimed}"))
+            .send()
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
     let actual = sha256(b"other bytes");
-    assert_eq!(http().head(format!("{base}/v2/team/app/blobs/{actual}")).send().unwrap().status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        http()
+            .head(format!("{base}/v2/team/app/blobs/{actual}"))
+            .send()
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
 
     let location = start(&base, "team/app");
-    http().patch(&location).body(b"chunk".to_vec()).send().unwrap();
-    let r = http().put(format!("{location}?digest={claimed}")).send().unwrap();
+    http()
+        .patch(&location)
+        .body(b"chunk".to_vec())
+        .send()
+        .unwrap();
+    let r = http()
+        .put(format!("{location}?digest={claimed}"))
+        .send()
+        .unwrap();
     assert_oci_error(r, StatusCode::BAD_REQUEST, "DIGEST_INVALID");
     // The session survives a wrong digest, so the client can finish it correctly.
-    let r = http().put(format!("{location}?digest={}", sha256(b"chunk"))).send().unwrap();
+    let r = http()
+        .put(format!("{location}?digest={}", sha256(b"chunk")))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
 
     let location = start(&base, "team/app");
-    let r = http().put(format!("{location}?digest=sha256:short")).send().unwrap();
+    let r = http()
+        .put(format!("{location}?digest=sha256:short"))
+        .send()
+        .unwrap();
     assert_oci_error(r, StatusCode::BAD_REQUEST, "DIGEST_INVALID");
     let r = http().put(&location).send().unwrap();
     assert_oci_error(r, StatusCode::BAD_REQUEST, "DIGEST_INVALID");
-    let r = http().post(format!("{base}/v2/team/app/blobs/uploads/?digest=md5:abc")).body(b"x".to_vec()).send().unwrap();
+    let r = http()
+        .post(format!("{base}/v2/team/app/blobs/uploads/?digest=md5:abc"))
+        .body(b"x".to_vec())
+        .send()
+        .unwrap();
     assert_oci_error(r, StatusCode::BAD_REQUEST, "DIGEST_INVALID");
 }
 
@@ -138,11 +222,21 @@ fn bad_content_range_and_unknown_sessions() {
     let base = reg.url();
     let location = start(&base, "team/app");
     for bad in ["abc", "5-1", "-5", "0-"] {
-        let r = http().patch(&location).header("content-range", bad).body(b"hello".to_vec()).send().unwrap();
+        let r = http()
+            .patch(&location)
+            .header("content-range", bad)
+            .body(b"hello".to_vec())
+            .send()
+            .unwrap();
         assert_oci_error(r, StatusCode::RANGE_NOT_SATISFIABLE, "BLOB_UPLOAD_INVALID");
     }
     // Content-Range that disagrees with the body's length.
-    let r = http().patch(&location).header("content-range", "0-9").body(b"hello".to_vec()).send().unwrap();
+    let r = http()
+        .patch(&location)
+        .header("content-range", "0-9")
+        .body(b"hello".to_vec())
+        .send()
+        .unwrap();
     assert_oci_error(r, StatusCode::BAD_REQUEST, "SIZE_INVALID");
     let r = http().get(&location).send().unwrap();
     assert_eq!(header(&r, "range"), "0-0", "nothing was written");
@@ -151,10 +245,19 @@ fn bad_content_range_and_unknown_sessions() {
     for r in [
         http().get(&unknown).send().unwrap(),
         http().patch(&unknown).body(b"x".to_vec()).send().unwrap(),
-        http().put(format!("{unknown}?digest={}", sha256(b"x"))).send().unwrap(),
+        http()
+            .put(format!("{unknown}?digest={}", sha256(b"x")))
+            .send()
+            .unwrap(),
         http().delete(&unknown).send().unwrap(),
-        http().get(format!("{base}/v2/team/app/blobs/uploads/..%2f..%2fetc")).send().unwrap(),
-        http().get(format!("{base}/v2/team/app/blobs/uploads/not-a-uuid")).send().unwrap(),
+        http()
+            .get(format!("{base}/v2/team/app/blobs/uploads/..%2f..%2fetc"))
+            .send()
+            .unwrap(),
+        http()
+            .get(format!("{base}/v2/team/app/blobs/uploads/not-a-uuid"))
+            .send()
+            .unwrap(),
     ] {
         assert_oci_error(r, StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN");
     }
@@ -196,12 +299,28 @@ fn truncated_body_keeps_a_resumable_session() {
         let _ = conn.read_to_end(&mut answer);
     }
     let mut held = 0u64;
-    assert!(berth_testkit::wait_until(std::time::Duration::from_secs(5), || {
-        let r = http().get(&location).send().unwrap();
-        held = header(&r, "range").split('-').nth(1).unwrap().parse::<u64>().unwrap() + 1;
-        held == 20_000
-    }), "session holds the bytes that arrived, got {held}");
-    assert_eq!(http().head(format!("{base}/v2/team/app/blobs/{digest}")).send().unwrap().status(), StatusCode::NOT_FOUND);
+    assert!(
+        berth_testkit::wait_until(std::time::Duration::from_secs(5), || {
+            let r = http().get(&location).send().unwrap();
+            held = header(&r, "range")
+                .split('-')
+                .nth(1)
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+                + 1;
+            held == 20_000
+        }),
+        "session holds the bytes that arrived, got {held}"
+    );
+    assert_eq!(
+        http()
+            .head(format!("{base}/v2/team/app/blobs/{digest}"))
+            .send()
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
     let r = http()
         .patch(&location)
         .header("content-range", format!("20000-{}", data.len() - 1))
@@ -209,6 +328,9 @@ fn truncated_body_keeps_a_resumable_session() {
         .send()
         .unwrap();
     assert_eq!(r.status(), StatusCode::ACCEPTED);
-    let r = http().put(format!("{location}?digest={digest}")).send().unwrap();
+    let r = http()
+        .put(format!("{location}?digest={digest}"))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
 }
