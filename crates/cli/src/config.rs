@@ -4,7 +4,10 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use std::time::Duration;
+
 use anyhow::Context;
+use berth_registry::GcOptions;
 use serde::Deserialize;
 
 /// The settings `berth serve` runs with.
@@ -14,6 +17,26 @@ pub(crate) struct Settings {
     pub(crate) data_dir: PathBuf,
     pub(crate) log_level: String,
     pub(crate) max_manifest_bytes: usize,
+    pub(crate) gc: GcSettings,
+}
+
+/// Garbage-collection settings: what a collection keeps, and how often `serve` runs one.
+#[derive(Debug, Clone)]
+pub(crate) struct GcSettings {
+    /// Seconds between scheduled collections in `serve`; `None` for none.
+    pub(crate) interval: Option<Duration>,
+    pub(crate) options: GcOptions,
+}
+
+/// The `[gc]` table of the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileGc {
+    interval_secs: Option<u64>,
+    blob_grace_secs: Option<u64>,
+    upload_max_age_secs: Option<u64>,
+    delete_untagged: Option<bool>,
+    untagged_min_age_secs: Option<u64>,
 }
 
 /// The config file's shape; every key optional.
@@ -25,6 +48,8 @@ struct FileConfig {
     log_level: Option<String>,
     #[serde(default)]
     limits: FileLimits,
+    #[serde(default)]
+    gc: FileGc,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -75,7 +100,26 @@ impl Settings {
                 .max_manifest_bytes
                 .or(file_config.limits.max_manifest_bytes)
                 .unwrap_or(berth_registry::Limits::default().max_manifest_bytes),
+            gc: gc_settings(&file_config.gc),
         })
+    }
+}
+
+fn gc_settings(file: &FileGc) -> GcSettings {
+    let defaults = GcOptions::default();
+    let secs = |v: Option<u64>, d: Duration| v.map(Duration::from_secs).unwrap_or(d);
+    GcSettings {
+        interval: file
+            .interval_secs
+            .filter(|s| *s > 0)
+            .map(Duration::from_secs),
+        options: GcOptions {
+            dry_run: false,
+            delete_untagged: file.delete_untagged.unwrap_or(defaults.delete_untagged),
+            untagged_min_age: secs(file.untagged_min_age_secs, defaults.untagged_min_age),
+            blob_grace: secs(file.blob_grace_secs, defaults.blob_grace),
+            upload_max_age: secs(file.upload_max_age_secs, defaults.upload_max_age),
+        },
     }
 }
 
@@ -104,6 +148,16 @@ mod tests {
         let d = Settings::load(None, Overrides::default()).unwrap();
         assert_eq!(d.listen.to_string(), "127.0.0.1:5000");
         assert_eq!(d.data_dir, PathBuf::from("./berth-data"));
+        assert!(s.gc.interval.is_none());
+        std::fs::write(
+            &path,
+            "[gc]\ninterval_secs = 3600\nblob_grace_secs = 60\ndelete_untagged = true\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path), Overrides::default()).unwrap();
+        assert_eq!(s.gc.interval, Some(Duration::from_secs(3600)));
+        assert_eq!(s.gc.options.blob_grace, Duration::from_secs(60));
+        assert!(s.gc.options.delete_untagged);
         std::fs::write(&path, "lisen = 1\n").unwrap();
         assert!(Settings::load(Some(&path), Overrides::default()).is_err());
     }

@@ -4,13 +4,14 @@ mod config;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use berth_meta::SqliteMeta;
-use berth_registry::{Limits, Registry};
+use berth_registry::{CheckOptions, Limits, Registry};
 use berth_server::App;
 use berth_storage::FsBlobStore;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{Overrides, Settings};
@@ -26,25 +27,62 @@ struct Cli {
     command: Command,
 }
 
+/// Where the data is: shared by every subcommand that opens it.
+#[derive(Args)]
+struct DataArgs {
+    /// TOML config file; settings in it are overridden by environment and flags.
+    #[arg(long, env = "BERTH_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory for blobs and metadata [default: ./berth-data].
+    #[arg(long, env = "BERTH_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Log filter, e.g. `info` or `warn,berth::access=info` [default: info].
+    #[arg(long, env = "BERTH_LOG_LEVEL")]
+    log_level: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the registry.
     Serve {
-        /// TOML config file; settings in it are overridden by environment and flags.
-        #[arg(long, env = "BERTH_CONFIG")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        data: DataArgs,
         /// Address to listen on [default: 127.0.0.1:5000].
         #[arg(long, env = "BERTH_LISTEN")]
         listen: Option<String>,
-        /// Directory for blobs and metadata [default: ./berth-data].
-        #[arg(long, env = "BERTH_DATA_DIR")]
-        data_dir: Option<PathBuf>,
-        /// Log filter, e.g. `info` or `warn,berth::access=info` [default: info].
-        #[arg(long, env = "BERTH_LOG_LEVEL")]
-        log_level: Option<String>,
         /// Largest manifest accepted, in bytes [default: 4194304].
         #[arg(long, env = "BERTH_MAX_MANIFEST_BYTES")]
         max_manifest_bytes: Option<usize>,
+    },
+    /// Collect garbage: unreferenced blobs, abandoned uploads and, if asked, untagged
+    /// manifests. Safe while a registry is serving the same data directory.
+    Gc {
+        #[command(flatten)]
+        data: DataArgs,
+        /// Report what would be removed without removing anything.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also remove manifests that no tag reaches.
+        #[arg(long)]
+        delete_untagged: bool,
+        /// Keep unreferenced blobs used within this many seconds [config: gc.blob_grace_secs; default 3600].
+        #[arg(long)]
+        blob_grace_secs: Option<u64>,
+        /// Keep untagged manifests younger than this many seconds [default 86400].
+        #[arg(long)]
+        untagged_min_age_secs: Option<u64>,
+        /// Purge uploads idle for this many seconds [default 86400].
+        #[arg(long)]
+        upload_max_age_secs: Option<u64>,
+    },
+    /// Verify every stored blob against its digest and every manifest reference.
+    /// Exits with status 1 if anything is missing or corrupt.
+    Check {
+        #[command(flatten)]
+        data: DataArgs,
+        /// Forget missing and corrupt blobs (deleting corrupt bytes) so clients push them again.
+        #[arg(long)]
+        repair: bool,
     },
 }
 
@@ -52,54 +90,137 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve {
-            config,
+            data,
             listen,
-            data_dir,
-            log_level,
             max_manifest_bytes,
         } => {
-            let settings = Settings::load(
-                config.as_deref(),
+            let settings = load(
+                data,
                 Overrides {
                     listen,
-                    data_dir,
-                    log_level,
                     max_manifest_bytes,
+                    ..Overrides::default()
                 },
             )?;
             serve(settings)
         }
+        Command::Gc {
+            data,
+            dry_run,
+            delete_untagged,
+            blob_grace_secs,
+            untagged_min_age_secs,
+            upload_max_age_secs,
+        } => {
+            let settings = load(data, Overrides::default())?;
+            let mut options = settings.gc.options.clone();
+            options.dry_run = dry_run;
+            options.delete_untagged |= delete_untagged;
+            if let Some(s) = blob_grace_secs {
+                options.blob_grace = Duration::from_secs(s);
+            }
+            if let Some(s) = untagged_min_age_secs {
+                options.untagged_min_age = Duration::from_secs(s);
+            }
+            if let Some(s) = upload_max_age_secs {
+                options.upload_max_age = Duration::from_secs(s);
+            }
+            run_offline(&settings, |registry| async move {
+                let report = registry.collect_garbage(&options).await?;
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                Ok(())
+            })
+        }
+        Command::Check { data, repair } => {
+            let settings = load(data, Overrides::default())?;
+            let clean = run_offline(&settings, |registry| async move {
+                let report = registry.check(CheckOptions { repair }).await?;
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                Ok(report.is_clean())
+            })?;
+            if !clean {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
     }
 }
 
-fn serve(settings: Settings) -> anyhow::Result<()> {
+fn load(data: DataArgs, overrides: Overrides) -> anyhow::Result<Settings> {
+    let settings = Settings::load(
+        data.config.as_deref(),
+        Overrides {
+            data_dir: data.data_dir,
+            log_level: data.log_level,
+            ..overrides
+        },
+    )?;
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&settings.log_level).context("invalid log level")?)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    Ok(settings)
+}
+
+/// Opens the stores of the data directory and wires the registry service.
+fn open_registry(settings: &Settings) -> anyhow::Result<Registry> {
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("creating data directory {}", settings.data_dir.display()))?;
+    let blobs = FsBlobStore::open(&settings.data_dir).context("opening blob storage")?;
+    let meta = SqliteMeta::open(&settings.data_dir.join("meta.db")).context("opening metadata")?;
+    Ok(Registry::new(
+        Arc::new(blobs),
+        Arc::new(meta),
+        Limits {
+            max_manifest_bytes: settings.max_manifest_bytes,
+        },
+    ))
+}
+
+/// Runs a maintenance task on the data directory without serving it.
+fn run_offline<T, F, Fut>(settings: &Settings, task: F) -> anyhow::Result<T>
+where
+    F: FnOnce(Registry) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let registry = runtime.block_on(async { open_registry(settings) })?;
+    runtime.block_on(task(registry))
+}
+
+fn serve(settings: Settings) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        std::fs::create_dir_all(&settings.data_dir)
-            .with_context(|| format!("creating data directory {}", settings.data_dir.display()))?;
-        let blobs = FsBlobStore::open(&settings.data_dir).context("opening blob storage")?;
-        let meta = SqliteMeta::open(&settings.data_dir.join("meta.db")).context("opening metadata")?;
-        let registry = Registry::new(
-            Arc::new(blobs),
-            Arc::new(meta),
-            Limits { max_manifest_bytes: settings.max_manifest_bytes },
-        );
+        let registry = open_registry(&settings)?;
+        if let Some(interval) = settings.gc.interval {
+            tokio::spawn(scheduled_gc(registry.clone(), settings.gc.options.clone(), interval));
+        }
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("binding {}", settings.listen))?;
         let addr = listener.local_addr()?;
         tracing::info!(%addr, data_dir = %settings.data_dir.display(), "berth listening on http://{addr}");
-        berth_server::serve(listener, App::new(registry), shutdown_signal()).await?;
+        berth_server::serve(listener, App::new(registry, settings.gc.options.clone()), shutdown_signal()).await?;
         tracing::info!("berth stopped");
         Ok(())
     })
+}
+
+/// Collects garbage every `interval`, online, for as long as the server runs.
+async fn scheduled_gc(registry: Registry, options: berth_registry::GcOptions, interval: Duration) {
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if let Err(e) = registry.collect_garbage(&options).await {
+            tracing::error!(error = %e, "scheduled garbage collection failed");
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM; the server then stops accepting and drains.

@@ -58,6 +58,52 @@ pub struct Referrer {
     pub annotations_json: Option<String>,
 }
 
+/// A blob as a repository sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkedBlob {
+    /// Its size in bytes.
+    pub size: u64,
+    /// When it was last uploaded, mounted, referenced or confirmed (ms since the epoch);
+    /// garbage collection spares blobs used within its grace period.
+    pub last_used_ms: i64,
+}
+
+/// What garbage collection should select in one pass.
+#[derive(Debug, Clone, Copy)]
+pub struct GcSelection {
+    /// Remove manifests that no tag reaches (directly, as an index child or as a referrer
+    /// of a reached manifest) and that were pushed before this time (ms since the epoch).
+    /// `None` keeps every manifest.
+    pub untagged_pushed_before_ms: Option<i64>,
+    /// Only blobs last used before this time (ms since the epoch) may be swept.
+    pub blobs_unused_before_ms: i64,
+    /// Select and report, but change nothing.
+    pub dry_run: bool,
+}
+
+/// What one garbage-collection pass selected (and, unless dry, removed or marked).
+#[derive(Debug, Clone, Default)]
+pub struct GcMarked {
+    /// Manifests removed, as (repository, digest).
+    pub manifests: Vec<(String, Digest)>,
+    /// Blobs marked for deletion, with their sizes: no manifest references them any more,
+    /// their repository links are gone, and their bytes may now be deleted.
+    pub blobs: Vec<(Digest, u64)>,
+}
+
+/// A reference from a manifest to content that is not there: what `berth check` reports.
+#[derive(Debug, Clone)]
+pub struct DanglingEdge {
+    /// The repository of the manifest.
+    pub repo: String,
+    /// The manifest holding the reference.
+    pub manifest: String,
+    /// What it references.
+    pub target: String,
+    /// `config`, `layer` or `child`.
+    pub kind: String,
+}
+
 /// One page of a sorted listing (tags, catalog).
 #[derive(Debug, Clone, Copy)]
 pub struct Page<'a> {
@@ -76,6 +122,10 @@ pub enum MetaError {
         /// What is missing.
         missing: Vec<Digest>,
     },
+    /// Garbage collection is deleting this blob's bytes; the caller must wait and upload
+    /// it again rather than trust bytes that are about to disappear.
+    #[error("the blob is being deleted by garbage collection")]
+    BlobBeingDeleted,
     /// The backend failed.
     #[error("metadata backend: {0}")]
     Backend(String),
@@ -95,15 +145,22 @@ fn list(digests: &[Digest]) -> String {
 /// The metadata operations the registry needs. Every method is one transaction.
 #[async_trait]
 pub trait MetaStore: Send + Sync + 'static {
-    /// Records that `repo` may see blob `digest` (after an upload or mount).
+    /// Announces that bytes for `digest` are about to be published: creates or refreshes the
+    /// blob's record so garbage collection spares it. Fails with
+    /// [`MetaError::BlobBeingDeleted`] while a collection is deleting the same digest.
+    async fn reserve_blob(&self, digest: &Digest) -> Result<(), MetaError>;
+    /// Records that `repo` may see blob `digest` (after an upload or mount). Fails with
+    /// [`MetaError::BlobBeingDeleted`] unless the blob's record is live.
     async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64)
         -> Result<(), MetaError>;
-    /// The blob's size if `repo` may see it.
-    async fn linked_blob_size(
+    /// Restarts a blob's grace period (a client just confirmed it exists).
+    async fn touch_blob(&self, digest: &Digest) -> Result<(), MetaError>;
+    /// The blob if `repo` may see it and it is live.
+    async fn linked_blob(
         &self,
         repo: &RepoName,
         digest: &Digest,
-    ) -> Result<Option<u64>, MetaError>;
+    ) -> Result<Option<LinkedBlob>, MetaError>;
     /// The blob's size if any repository may see it (mount without `from`).
     async fn any_linked_blob_size(&self, digest: &Digest) -> Result<Option<u64>, MetaError>;
     /// Removes `repo`'s link to a blob; true if there was one.
@@ -147,6 +204,25 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn upload_repo(&self, upload_id: &str) -> Result<Option<String>, MetaError>;
     /// Forgets a finished or cancelled upload session.
     async fn forget_upload(&self, upload_id: &str) -> Result<(), MetaError>;
+    /// One garbage-collection pass over the metadata, in one transaction: removes the
+    /// selected manifests, then marks every live blob that nothing references and that was
+    /// not used since the cutoff as being deleted, removing its repository links. Rolled
+    /// back when `dry_run`.
+    async fn mark_garbage(&self, selection: GcSelection) -> Result<GcMarked, MetaError>;
+    /// Blobs marked for deletion whose bytes may still exist (this pass's and any earlier,
+    /// interrupted pass's).
+    async fn blobs_being_deleted(&self) -> Result<Vec<Digest>, MetaError>;
+    /// Drops a blob's record once its bytes are gone.
+    async fn forget_deleted_blob(&self, digest: &Digest) -> Result<(), MetaError>;
+    /// Upload sessions started before the cutoff (ms since the epoch).
+    async fn uploads_started_before(&self, cutoff_ms: i64) -> Result<Vec<String>, MetaError>;
+    /// Every live blob with its recorded size, for scrubbing.
+    async fn live_blobs(&self) -> Result<Vec<(Digest, u64)>, MetaError>;
+    /// References from manifests to blobs or children missing from their repository.
+    async fn dangling_edges(&self) -> Result<Vec<DanglingEdge>, MetaError>;
+    /// Forgets a blob whose bytes are missing or corrupt: its record and every link, so
+    /// that clients see it as absent and upload it again.
+    async fn drop_blob(&self, digest: &Digest) -> Result<(), MetaError>;
     /// A cheap round trip, for health checks.
     async fn ping(&self) -> Result<(), MetaError>;
 }

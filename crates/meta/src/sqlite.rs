@@ -10,12 +10,21 @@ use async_trait::async_trait;
 use berth_oci::{Digest, EdgeKind, Reference, RepoName, Tag};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use crate::{MetaError, MetaStore, NewManifest, Page, Referrer, StoredManifest};
+use crate::{
+    DanglingEdge, GcMarked, GcSelection, LinkedBlob, MetaError, MetaStore, NewManifest, Page,
+    Referrer, StoredManifest,
+};
+
+mod gc;
+
+/// `blobs.state` of a blob that may be served and linked.
+const BLOB_LIVE: &str = "live";
 
 const READERS: usize = 4;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE repositories (
     name TEXT PRIMARY KEY,
     created_at INTEGER NOT NULL
@@ -67,7 +76,12 @@ CREATE TABLE uploads (
     repo TEXT NOT NULL,
     started_at INTEGER NOT NULL
 ) WITHOUT ROWID;
-"#];
+"#,
+    r#"
+ALTER TABLE blobs ADD COLUMN state TEXT NOT NULL DEFAULT 'live';
+CREATE INDEX blobs_by_state_and_use ON blobs (state, last_used_at);
+"#,
+];
 
 /// Metadata in a SQLite file.
 pub struct SqliteMeta {
@@ -83,7 +97,7 @@ fn backend(e: rusqlite::Error) -> MetaError {
 fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
+        .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
 
@@ -188,6 +202,33 @@ fn page_query(
 
 #[async_trait]
 impl MetaStore for SqliteMeta {
+    async fn reserve_blob(&self, digest: &Digest) -> Result<(), MetaError> {
+        let digest = digest.as_str().to_owned();
+        self.write(move |tx| {
+            let t = now();
+            let state: Option<String> = tx
+                .query_row("SELECT state FROM blobs WHERE digest = ?1", params![digest], |r| r.get(0))
+                .optional()
+                .map_err(backend)?;
+            match state.as_deref() {
+                Some(BLOB_LIVE) => {
+                    tx.execute("UPDATE blobs SET last_used_at = ?2 WHERE digest = ?1", params![digest, t])
+                        .map_err(backend)?;
+                }
+                Some(_) => return Err(MetaError::BlobBeingDeleted),
+                None => {
+                    tx.execute(
+                        "INSERT INTO blobs (digest, size, created_at, last_used_at, state) VALUES (?1, 0, ?2, ?2, 'live')",
+                        params![digest, t],
+                    )
+                    .map_err(backend)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn link_blob(
         &self,
         repo: &RepoName,
@@ -197,12 +238,15 @@ impl MetaStore for SqliteMeta {
         let (repo, digest) = (repo.as_str().to_owned(), digest.as_str().to_owned());
         self.write(move |tx| {
             let t = now();
-            tx.execute(
-                "INSERT INTO blobs (digest, size, created_at, last_used_at) VALUES (?1, ?2, ?3, ?3)
-                 ON CONFLICT (digest) DO UPDATE SET last_used_at = excluded.last_used_at",
-                params![digest, size as i64, t],
-            )
-            .map_err(backend)?;
+            let live = tx
+                .execute(
+                    "UPDATE blobs SET size = ?2, last_used_at = ?3 WHERE digest = ?1 AND state = 'live'",
+                    params![digest, size as i64, t],
+                )
+                .map_err(backend)?;
+            if live == 0 {
+                return Err(MetaError::BlobBeingDeleted);
+            }
             tx.execute(
                 "INSERT INTO repo_blobs (repo, digest, linked_at) VALUES (?1, ?2, ?3)
                  ON CONFLICT (repo, digest) DO UPDATE SET linked_at = excluded.linked_at",
@@ -214,18 +258,36 @@ impl MetaStore for SqliteMeta {
         .await
     }
 
-    async fn linked_blob_size(
+    async fn touch_blob(&self, digest: &Digest) -> Result<(), MetaError> {
+        let digest = digest.as_str().to_owned();
+        self.write(move |tx| {
+            tx.execute(
+                "UPDATE blobs SET last_used_at = ?2 WHERE digest = ?1 AND state = 'live'",
+                params![digest, now()],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn linked_blob(
         &self,
         repo: &RepoName,
         digest: &Digest,
-    ) -> Result<Option<u64>, MetaError> {
+    ) -> Result<Option<LinkedBlob>, MetaError> {
         let (repo, digest) = (repo.as_str().to_owned(), digest.as_str().to_owned());
         self.read(move |conn| {
             conn.prepare_cached(
-                "SELECT b.size FROM repo_blobs l JOIN blobs b ON b.digest = l.digest WHERE l.repo = ?1 AND l.digest = ?2",
+                "SELECT b.size, b.last_used_at FROM repo_blobs l JOIN blobs b ON b.digest = l.digest
+                 WHERE l.repo = ?1 AND l.digest = ?2 AND b.state = 'live'",
             )
-            .and_then(|mut s| s.query_row(params![repo, digest], |r| r.get::<_, i64>(0)).optional())
-            .map(|s| s.map(|s| s as u64))
+            .and_then(|mut s| {
+                s.query_row(params![repo, digest], |r| {
+                    Ok(LinkedBlob { size: r.get::<_, i64>(0)? as u64, last_used_ms: r.get(1)? })
+                })
+                .optional()
+            })
             .map_err(backend)
         })
         .await
@@ -235,9 +297,13 @@ impl MetaStore for SqliteMeta {
         let digest = digest.as_str().to_owned();
         self.read(move |conn| {
             conn.prepare_cached(
-                "SELECT b.size FROM blobs b WHERE b.digest = ?1 AND EXISTS (SELECT 1 FROM repo_blobs l WHERE l.digest = b.digest)",
+                "SELECT b.size FROM blobs b WHERE b.digest = ?1 AND b.state = 'live'
+                 AND EXISTS (SELECT 1 FROM repo_blobs l WHERE l.digest = b.digest)",
             )
-            .and_then(|mut s| s.query_row(params![digest], |r| r.get::<_, i64>(0)).optional())
+            .and_then(|mut s| {
+                s.query_row(params![digest], |r| r.get::<_, i64>(0))
+                    .optional()
+            })
             .map(|s| s.map(|s| s as u64))
             .map_err(backend)
         })
@@ -311,6 +377,9 @@ impl MetaStore for SqliteMeta {
                     params![repo, digest, edge.digest.as_str(), edge.kind.as_str()],
                 )
                 .map_err(backend)?;
+                // A fresh reference restarts the blob's grace period.
+                tx.execute("UPDATE blobs SET last_used_at = ?2 WHERE digest = ?1", params![edge.digest.as_str(), t])
+                    .map_err(backend)?;
             }
             if let Some(tag) = tag {
                 tx.execute(
@@ -513,6 +582,34 @@ impl MetaStore for SqliteMeta {
         .await
     }
 
+    async fn mark_garbage(&self, selection: GcSelection) -> Result<GcMarked, MetaError> {
+        self.mark_garbage_sqlite(selection).await
+    }
+
+    async fn blobs_being_deleted(&self) -> Result<Vec<Digest>, MetaError> {
+        self.blobs_being_deleted_sqlite().await
+    }
+
+    async fn forget_deleted_blob(&self, digest: &Digest) -> Result<(), MetaError> {
+        self.forget_deleted_blob_sqlite(digest).await
+    }
+
+    async fn uploads_started_before(&self, cutoff_ms: i64) -> Result<Vec<String>, MetaError> {
+        self.uploads_started_before_sqlite(cutoff_ms).await
+    }
+
+    async fn live_blobs(&self) -> Result<Vec<(Digest, u64)>, MetaError> {
+        self.live_blobs_sqlite().await
+    }
+
+    async fn dangling_edges(&self) -> Result<Vec<DanglingEdge>, MetaError> {
+        self.dangling_edges_sqlite().await
+    }
+
+    async fn drop_blob(&self, digest: &Digest) -> Result<(), MetaError> {
+        self.drop_blob_sqlite(digest).await
+    }
+
     async fn ping(&self) -> Result<(), MetaError> {
         self.read(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(backend))
             .await
@@ -558,6 +655,7 @@ mod tests {
         assert!(
             matches!(err, MetaError::MissingReferences { ref missing } if missing == &[digest('a')])
         );
+        meta.reserve_blob(&digest('a')).await.unwrap();
         meta.link_blob(&other, &digest('a'), 2).await.unwrap();
         assert!(meta
             .put_manifest(&repo, manifest('d', edges.clone(), None), Some(&tag))

@@ -1,11 +1,18 @@
 //! Blob pulls, uploads, mounts and unlinks.
 
-use berth_meta::StoredManifest;
+use std::time::Duration;
+
+use berth_meta::{MetaError, StoredManifest};
 use berth_oci::{Digest, Reference, RepoName};
 use berth_storage::{ByteRange, ByteStream, UploadId};
 use bytes::Bytes;
 
-use crate::{Registry, RegistryError};
+use crate::{now_ms, Registry, RegistryError};
+
+/// A blob confirmed by HEAD is touched at most this often (ms), to keep HEAD a read.
+const TOUCH_AFTER_MS: i64 = 60_000;
+/// How long a push waits for a collection to finish deleting the same digest.
+const RESERVE_PATIENCE: Duration = Duration::from_secs(10);
 
 /// A `Range` request in the forms the edge parsed (`bytes=a-b`, `bytes=a-`, `bytes=-n`),
 /// resolved against the blob's size here.
@@ -74,8 +81,13 @@ impl Registry {
     /// bytes are gone is never reported as present. Manifests are readable as blobs too,
     /// as in Distribution.
     pub async fn stat_blob(&self, repo: &RepoName, digest: &Digest) -> Result<u64, RegistryError> {
-        if self.meta.linked_blob_size(repo, digest).await?.is_some() {
+        if let Some(linked) = self.meta.linked_blob(repo, digest).await? {
             if let Some(size) = self.blobs.stat(digest).await? {
+                // A client checking for a blob usually references it next: keep it out of
+                // garbage collection's reach for another grace period.
+                if now_ms() - linked.last_used_ms > TOUCH_AFTER_MS {
+                    self.meta.touch_blob(digest).await?;
+                }
                 return Ok(size);
             }
         } else if let Some(m) = self.manifest_as_blob(repo, digest).await? {
@@ -93,7 +105,7 @@ impl Registry {
         digest: &Digest,
         range: Option<RangeRequest>,
     ) -> Result<BlobRead, RegistryError> {
-        if self.meta.linked_blob_size(repo, digest).await?.is_some() {
+        if self.meta.linked_blob(repo, digest).await?.is_some() {
             if let Some(size) = self.blobs.stat(digest).await? {
                 let range = range.map(|r| r.resolve(size)).transpose()?;
                 if let Some(body) = self.blobs.read(digest, range).await? {
@@ -192,8 +204,9 @@ impl Registry {
             };
             self.blobs.append(&id, offset, body).await?;
         }
+        self.reserve_blob(digest).await?;
         let size = self.blobs.commit(&id, digest).await?;
-        self.meta.link_blob(repo, digest, size).await?;
+        self.link_published_blob(repo, digest, size).await?;
         self.meta.forget_upload(id.as_str()).await?;
         Ok(size)
     }
@@ -219,20 +232,60 @@ impl Registry {
         let id = self.blobs.start_upload().await?;
         let result = async {
             self.blobs.append(&id, 0, body).await?;
-            self.blobs.commit(&id, digest).await
+            self.reserve_blob(digest).await?;
+            Ok::<_, RegistryError>(self.blobs.commit(&id, digest).await?)
         }
         .await;
         match result {
             Ok(size) => {
-                self.meta.link_blob(repo, digest, size).await?;
+                self.link_published_blob(repo, digest, size).await?;
                 Ok(size)
             }
             Err(e) => {
                 if let Err(abort) = self.blobs.abort(&id).await {
                     tracing::warn!(upload = %id, error = %abort, "could not drop a failed monolithic upload");
                 }
-                Err(e.into())
+                Err(e)
             }
+        }
+    }
+
+    /// Announces the publication of `digest` to the metadata store before the bytes are
+    /// renamed into place (the first step of the protocol in ARCHITECTURE.md). While a
+    /// collection is deleting the same digest, waits for it to finish.
+    async fn reserve_blob(&self, digest: &Digest) -> Result<(), RegistryError> {
+        let deadline = std::time::Instant::now() + RESERVE_PATIENCE;
+        loop {
+            match self.meta.reserve_blob(digest).await {
+                Ok(()) => return Ok(()),
+                Err(MetaError::BlobBeingDeleted) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(MetaError::BlobBeingDeleted) => {
+                    return Err(RegistryError::BlobBusy {
+                        digest: digest.clone(),
+                    })
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Links freshly published bytes into `repo`. If a collection marked the digest in
+    /// between (possible only with a grace period shorter than a commit), the client is told
+    /// to retry rather than given a link to bytes about to disappear.
+    async fn link_published_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<(), RegistryError> {
+        match self.meta.link_blob(repo, digest, size).await {
+            Ok(()) => Ok(()),
+            Err(MetaError::BlobBeingDeleted) => Err(RegistryError::BlobBusy {
+                digest: digest.clone(),
+            }),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -245,7 +298,7 @@ impl Registry {
         from: Option<&RepoName>,
     ) -> Result<MountOutcome, RegistryError> {
         let visible = match from {
-            Some(source) => self.meta.linked_blob_size(source, digest).await?,
+            Some(source) => self.meta.linked_blob(source, digest).await?.map(|b| b.size),
             None => self.meta.any_linked_blob_size(digest).await?,
         };
         if visible.is_none() {
@@ -254,8 +307,12 @@ impl Registry {
         let Some(size) = self.blobs.stat(digest).await? else {
             return Ok(MountOutcome::NotMountable);
         };
-        self.meta.link_blob(repo, digest, size).await?;
-        Ok(MountOutcome::Mounted)
+        match self.meta.link_blob(repo, digest, size).await {
+            Ok(()) => Ok(MountOutcome::Mounted),
+            // Being collected: the client uploads it instead.
+            Err(MetaError::BlobBeingDeleted) => Ok(MountOutcome::NotMountable),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Removes the blob from `repo`'s view. The bytes stay until garbage collection finds

@@ -71,6 +71,12 @@ pub enum RegistryError {
         /// The blob's size, for `Content-Range: bytes */size`.
         size: u64,
     },
+    /// Garbage collection is deleting this digest's bytes right now; retry shortly.
+    #[error("blob {digest} is being garbage-collected; retry the upload")]
+    BlobBusy {
+        /// The blob concerned.
+        digest: Digest,
+    },
     /// The client's body broke off; what arrived before is kept in the session.
     #[error("request body interrupted: {0}")]
     BodyInterrupted(String),

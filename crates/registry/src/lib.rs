@@ -4,7 +4,9 @@
 //! [`RegistryError`]s into OCI error bodies.
 
 mod blobs;
+mod check;
 mod error;
+mod gc;
 mod manifests;
 
 use std::sync::Arc;
@@ -13,8 +15,18 @@ use berth_meta::MetaStore;
 use berth_storage::BlobStore;
 
 pub use blobs::{BlobRead, MountOutcome, RangeRequest};
+pub use check::{CheckOptions, CheckReport};
 pub use error::RegistryError;
+pub use gc::{GcOptions, GcReport};
 pub use manifests::{ManifestPushed, ReferrersIndex};
+
+/// Milliseconds since the Unix epoch: the clock of the metadata store's timestamps.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
 
 /// Limits that protect the server from oversized input.
 #[derive(Debug, Clone)]

@@ -156,6 +156,14 @@ impl From<RegistryError> for OciError {
                 .with_header(header::CONTENT_RANGE, content_range);
             }
             E::BodyInterrupted(_) => (StatusCode::BAD_REQUEST, Code::BlobUploadInvalid),
+            E::BlobBusy { .. } => {
+                return OciError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Code::Unknown,
+                    e.to_string(),
+                )
+                .with_header(header::RETRY_AFTER, "1".to_owned());
+            }
             E::Storage(_) | E::Meta(_) => return OciError::internal(&e),
         };
         OciError::new(status, code, e.to_string())

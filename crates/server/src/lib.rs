@@ -2,6 +2,7 @@
 //! It parses requests, calls the [`Registry`] once per request and maps its errors to OCI
 //! error JSON in one place ([`error`]). It never touches SQL or files.
 
+mod admin;
 pub mod error;
 mod route;
 mod v2;
@@ -13,21 +14,23 @@ use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
+use axum::routing::{any, get, post};
 use axum::Router;
-use berth_registry::Registry;
+use berth_registry::{GcOptions, Registry};
 use tokio::net::TcpListener;
 
 /// What every handler shares.
 #[derive(Clone)]
 pub struct App {
     registry: Registry,
+    gc: GcOptions,
 }
 
 impl App {
-    /// Wraps the domain service for the handlers.
-    pub fn new(registry: Registry) -> Self {
-        App { registry }
+    /// Wraps the domain service for the handlers; `gc` holds the configured collection
+    /// settings the admin endpoint starts from.
+    pub fn new(registry: Registry, gc: GcOptions) -> Self {
+        App { registry, gc }
     }
 }
 
@@ -38,6 +41,7 @@ pub fn router(app: App) -> Router {
         .route("/v2/", any(v2::dispatch))
         .route("/v2/{*path}", any(v2::dispatch))
         .route("/healthz", get(healthz))
+        .route("/api/v1/gc", post(admin::run_gc))
         .with_state(app)
         .layer(middleware::from_fn(access_log))
 }

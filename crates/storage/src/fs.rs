@@ -321,6 +321,26 @@ impl BlobStore for FsBlobStore {
         Ok(())
     }
 
+    async fn list_uploads(&self) -> Result<Vec<(UploadId, std::time::SystemTime)>, StorageError> {
+        let mut out = Vec::new();
+        let mut dir = tokio::fs::read_dir(self.root.join("uploads")).await?;
+        while let Some(entry) = dir.next_entry().await? {
+            let Some(id) = entry.file_name().to_str().and_then(UploadId::parse) else {
+                continue;
+            };
+            let changed = match tokio::fs::metadata(entry.path().join("data")).await {
+                Ok(m) => m.modified()?,
+                // A directory whose data file is gone is an interrupted start or abort.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    entry.metadata().await?.modified()?
+                }
+                Err(e) => return Err(e.into()),
+            };
+            out.push((id, changed));
+        }
+        Ok(out)
+    }
+
     async fn delete(&self, digest: &Digest) -> Result<(), StorageError> {
         let path = self.blob_path(digest);
         match tokio::fs::remove_file(&path).await {

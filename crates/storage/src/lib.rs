@@ -142,6 +142,10 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn commit(&self, id: &UploadId, expected: &Digest) -> Result<u64, StorageError>;
     /// Drops a session and its bytes.
     async fn abort(&self, id: &UploadId) -> Result<(), StorageError>;
+    /// Every upload session with the time its bytes last changed, so garbage collection can
+    /// purge abandoned ones (including those of a crashed monolithic push, which no
+    /// metadata knows about).
+    async fn list_uploads(&self) -> Result<Vec<(UploadId, std::time::SystemTime)>, StorageError>;
     /// Removes a blob's bytes. Only garbage collection calls this, after the metadata
     /// store agreed nothing references the blob.
     async fn delete(&self, digest: &Digest) -> Result<(), StorageError>;

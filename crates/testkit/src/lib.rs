@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use berth_meta::SqliteMeta;
-use berth_registry::{Limits, Registry};
+use berth_registry::{GcOptions, Limits, Registry};
 use berth_server::App;
 use berth_storage::FsBlobStore;
 
@@ -24,13 +24,14 @@ pub struct TestRegistry {
 }
 
 impl TestRegistry {
-    /// Starts a registry with default limits.
+    /// Starts a registry with default limits and collection settings.
     pub fn start() -> Self {
-        Self::start_with(Limits::default())
+        Self::start_with(Limits::default(), GcOptions::default())
     }
 
-    /// Starts a registry with the given limits.
-    pub fn start_with(limits: Limits) -> Self {
+    /// Starts a registry with the given limits and collection settings (used by
+    /// `POST /api/v1/gc`).
+    pub fn start_with(limits: Limits, gc: GcOptions) -> Self {
         let data_dir = tempfile::tempdir().expect("temp dir");
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -52,7 +53,7 @@ impl TestRegistry {
                 let stop = async move {
                     let _ = rx.await;
                 };
-                if let Err(e) = berth_server::serve(listener, App::new(registry), stop).await {
+                if let Err(e) = berth_server::serve(listener, App::new(registry, gc), stop).await {
                     eprintln!("test registry stopped with {e}");
                 }
             });

@@ -151,9 +151,12 @@ fn malformed_unknown_and_schema1_manifests() {
 
 #[test]
 fn oversized_manifest_is_refused_with_413() {
-    let reg = TestRegistry::start_with(Limits {
-        max_manifest_bytes: 1024,
-    });
+    let reg = TestRegistry::start_with(
+        Limits {
+            max_manifest_bytes: 1024,
+        },
+        Default::default(),
+    );
     let base = reg.url();
     let big =
         serde_json::to_vec(&json!({"schemaVersion": 2, "annotations": {"pad": "x".repeat(2000)}}))

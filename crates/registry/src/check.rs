@@ -1,0 +1,96 @@
+//! `berth check`: a scrub of everything stored. Every live blob's bytes are re-hashed
+//! against its digest and every manifest reference is looked up; with `repair`, blobs whose
+//! bytes are missing or corrupt are forgotten (and corrupt bytes deleted) so that clients
+//! see them as absent and push them again, instead of pulling bad data.
+
+use berth_oci::{Digest, DigestHasher};
+use futures_util::StreamExt;
+use serde::Serialize;
+
+use crate::{Registry, RegistryError};
+
+/// How a scrub runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheckOptions {
+    /// Forget missing and corrupt blobs (and delete corrupt bytes).
+    pub repair: bool,
+}
+
+/// What a scrub found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CheckReport {
+    /// Blobs whose bytes were read and verified.
+    pub blobs_verified: u64,
+    /// Bytes read.
+    pub bytes_verified: u64,
+    /// Blobs recorded in metadata but absent from storage.
+    pub blobs_missing: Vec<String>,
+    /// Blobs whose bytes do not hash to their digest.
+    pub blobs_corrupt: Vec<String>,
+    /// Manifest references to content missing from their repository, as
+    /// `repo@manifest -> kind target`.
+    pub dangling_references: Vec<String>,
+    /// Whether missing and corrupt blobs were forgotten.
+    pub repaired: bool,
+}
+
+impl CheckReport {
+    /// True when nothing is wrong.
+    pub fn is_clean(&self) -> bool {
+        self.blobs_missing.is_empty()
+            && self.blobs_corrupt.is_empty()
+            && self.dangling_references.is_empty()
+    }
+}
+
+impl Registry {
+    /// Verifies every stored blob and manifest reference.
+    pub async fn check(&self, options: CheckOptions) -> Result<CheckReport, RegistryError> {
+        let mut report = CheckReport {
+            repaired: options.repair,
+            ..CheckReport::default()
+        };
+        for (digest, _) in self.meta.live_blobs().await? {
+            match self.hash_stored(&digest).await? {
+                None => report.blobs_missing.push(digest.to_string()),
+                Some((actual, len)) if actual != digest => {
+                    report.bytes_verified += len;
+                    report.blobs_corrupt.push(digest.to_string());
+                    if options.repair {
+                        self.blobs.delete(&digest).await?;
+                    }
+                }
+                Some((_, len)) => {
+                    report.blobs_verified += 1;
+                    report.bytes_verified += len;
+                    continue;
+                }
+            }
+            if options.repair {
+                self.meta.drop_blob(&digest).await?;
+            }
+        }
+        for edge in self.meta.dangling_edges().await? {
+            report.dangling_references.push(format!(
+                "{}@{} -> {} {}",
+                edge.repo, edge.manifest, edge.kind, edge.target
+            ));
+        }
+        Ok(report)
+    }
+
+    /// Streams a stored blob through the hash of its digest's algorithm.
+    async fn hash_stored(&self, digest: &Digest) -> Result<Option<(Digest, u64)>, RegistryError> {
+        let Some(mut stream) = self.blobs.read(digest, None).await? else {
+            return Ok(None);
+        };
+        let mut hasher = DigestHasher::new(digest.algorithm());
+        let mut len = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| RegistryError::Storage(e.into()))?;
+            len += chunk.len() as u64;
+            hasher.update(&chunk);
+        }
+        Ok(Some((hasher.finish(), len)))
+    }
+}

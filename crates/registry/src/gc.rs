@@ -1,0 +1,151 @@
+//! Online garbage collection: no read-only mode, pushes and pulls go on.
+//!
+//! 1. Mark, in one metadata transaction: optionally remove manifests no tag reaches, then
+//!    mark every blob that no manifest references and that was not used within the grace
+//!    period as being deleted, removing its repository links in the same transaction.
+//! 2. Sweep: delete the bytes of every blob marked so (this pass's and any interrupted
+//!    pass's), then forget its record.
+//! 3. Purge upload sessions whose bytes have not changed for the configured age.
+//!
+//! The race with a concurrent push is closed in the metadata store: a push reserves the
+//! digest before publishing bytes and links it after, both refused while the digest is
+//! marked, and marking re-checks references and last use in the same transaction.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use berth_meta::GcSelection;
+use serde::Serialize;
+
+use crate::{now_ms, Registry, RegistryError};
+
+/// How a collection runs.
+#[derive(Debug, Clone)]
+pub struct GcOptions {
+    /// Report what would go, change nothing.
+    pub dry_run: bool,
+    /// Also remove manifests no tag reaches (Distribution's `--delete-untagged`).
+    pub delete_untagged: bool,
+    /// Untagged manifests younger than this are kept: a client may be about to tag them.
+    pub untagged_min_age: Duration,
+    /// Unreferenced blobs used (uploaded, mounted, referenced, confirmed) more recently than
+    /// this are kept: a client may be about to push the manifest that references them.
+    pub blob_grace: Duration,
+    /// Upload sessions whose bytes have not changed for this long are abandoned.
+    pub upload_max_age: Duration,
+}
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        GcOptions {
+            dry_run: false,
+            delete_untagged: false,
+            untagged_min_age: Duration::from_secs(24 * 3600),
+            blob_grace: Duration::from_secs(3600),
+            upload_max_age: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// What a collection did (or, dry, would do).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GcReport {
+    /// Whether anything was changed.
+    pub dry_run: bool,
+    /// Manifests removed, as `repo@digest`.
+    pub manifests_removed: Vec<String>,
+    /// Blobs removed (their bytes deleted).
+    pub blobs_removed: Vec<String>,
+    /// Bytes of blob storage freed.
+    pub bytes_freed: u64,
+    /// Upload sessions purged.
+    pub uploads_purged: u64,
+    /// Wall time of the collection, in milliseconds.
+    pub duration_ms: u64,
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Registry {
+    /// Runs one garbage collection. Safe while the registry serves, and from another
+    /// process on the same data (`berth gc`).
+    pub async fn collect_garbage(&self, options: &GcOptions) -> Result<GcReport, RegistryError> {
+        let started = Instant::now();
+        let now = now_ms();
+        let selection = GcSelection {
+            untagged_pushed_before_ms: options
+                .delete_untagged
+                .then(|| now - millis(options.untagged_min_age)),
+            blobs_unused_before_ms: now - millis(options.blob_grace),
+            dry_run: options.dry_run,
+        };
+        let marked = self.meta.mark_garbage(selection).await?;
+        let mut report = GcReport {
+            dry_run: options.dry_run,
+            manifests_removed: marked
+                .manifests
+                .iter()
+                .map(|(repo, d)| format!("{repo}@{d}"))
+                .collect(),
+            ..GcReport::default()
+        };
+        if options.dry_run {
+            report.blobs_removed = marked.blobs.iter().map(|(d, _)| d.to_string()).collect();
+            report.bytes_freed = marked.blobs.iter().map(|(_, size)| size).sum();
+        } else {
+            for digest in self.meta.blobs_being_deleted().await? {
+                let size = self.blobs.stat(&digest).await?;
+                self.blobs.delete(&digest).await?;
+                self.meta.forget_deleted_blob(&digest).await?;
+                report.bytes_freed += size.unwrap_or(0);
+                report.blobs_removed.push(digest.to_string());
+            }
+        }
+        report.uploads_purged = self.purge_uploads(options).await?;
+        report.duration_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(
+            dry_run = report.dry_run,
+            manifests = report.manifests_removed.len(),
+            blobs = report.blobs_removed.len(),
+            bytes = report.bytes_freed,
+            uploads = report.uploads_purged,
+            duration_ms = report.duration_ms,
+            "garbage collection finished"
+        );
+        Ok(report)
+    }
+
+    /// Drops upload sessions whose bytes have not changed for `upload_max_age`, and the
+    /// metadata of sessions whose bytes are already gone.
+    async fn purge_uploads(&self, options: &GcOptions) -> Result<u64, RegistryError> {
+        let cutoff = SystemTime::now() - options.upload_max_age;
+        let mut purged = 0;
+        let sessions = self.blobs.list_uploads().await?;
+        for (id, changed) in &sessions {
+            if *changed >= cutoff {
+                continue;
+            }
+            purged += 1;
+            if !options.dry_run {
+                match self.blobs.abort(id).await {
+                    Ok(()) | Err(berth_storage::StorageError::UploadUnknown(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                self.meta.forget_upload(id.as_str()).await?;
+            }
+        }
+        if !options.dry_run {
+            let stale = self
+                .meta
+                .uploads_started_before(now_ms() - millis(options.upload_max_age))
+                .await?;
+            for id in stale {
+                if !sessions.iter().any(|(s, _)| s.as_str() == id) {
+                    self.meta.forget_upload(&id).await?;
+                }
+            }
+        }
+        Ok(purged)
+    }
+}
