@@ -5,6 +5,8 @@ mod api;
 mod clients;
 mod crash;
 mod errors;
+mod gc;
+mod gc_stress;
 mod manifests;
 mod memory;
 mod uploads;
@@ -115,4 +117,47 @@ pub(crate) fn header(r: &Response, name: &str) -> String {
         .get(name)
         .map(|v| v.to_str().unwrap().to_owned())
         .unwrap_or_default()
+}
+
+/// Pulls `repo:reference` completely: the manifest, then every blob it references (and for
+/// an index, every child), checking each against its digest. Returns the problems found.
+pub(crate) fn pull_problems(base: &str, repo: &str, reference: &str) -> Vec<String> {
+    let r = http()
+        .get(format!("{base}/v2/{repo}/manifests/{reference}"))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json")
+        .send()
+        .unwrap();
+    if r.status() != StatusCode::OK {
+        return vec![format!("{repo}:{reference}: manifest answered {}", r.status())];
+    }
+    let manifest: Value = r.json().unwrap();
+    let mut problems = Vec::new();
+    if let Some(children) = manifest["manifests"].as_array() {
+        for child in children {
+            problems.extend(pull_problems(base, repo, child["digest"].as_str().unwrap()));
+        }
+        return problems;
+    }
+    let mut blobs = vec![manifest["config"].clone()];
+    blobs.extend(manifest["layers"].as_array().cloned().unwrap_or_default());
+    for blob in blobs {
+        let digest = blob["digest"].as_str().unwrap();
+        let r = http().get(format!("{base}/v2/{repo}/blobs/{digest}")).send().unwrap();
+        if r.status() != StatusCode::OK {
+            problems.push(format!("{repo}:{reference}: blob {digest} answered {}", r.status()));
+            continue;
+        }
+        let bytes = r.bytes().unwrap();
+        if sha256(&bytes) != digest {
+            problems.push(format!("{repo}:{reference}: blob {digest} has other content"));
+        }
+    }
+    problems
+}
+
+/// Runs `POST /api/v1/gc` with the given query and returns the report.
+pub(crate) fn run_gc(base: &str, query: &str) -> Value {
+    let r = http().post(format!("{base}/api/v1/gc?{query}")).send().unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    r.json().unwrap()
 }
