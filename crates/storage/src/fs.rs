@@ -328,12 +328,15 @@ impl BlobStore for FsBlobStore {
             let Some(id) = entry.file_name().to_str().and_then(UploadId::parse) else {
                 continue;
             };
+            // Sessions finish and vanish while this runs: a missing entry is simply skipped.
             let changed = match tokio::fs::metadata(entry.path().join("data")).await {
                 Ok(m) => m.modified()?,
-                // A directory whose data file is gone is an interrupted start or abort.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    entry.metadata().await?.modified()?
-                }
+                // A directory without its data file: an interrupted start or abort.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => match entry.metadata().await {
+                    Ok(m) => m.modified()?,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e.into()),
+                },
                 Err(e) => return Err(e.into()),
             };
             out.push((id, changed));

@@ -29,38 +29,86 @@ fn eager_registry() -> TestRegistry {
 }
 
 fn blob_status(base: &str, repo: &str, digest: &str) -> StatusCode {
-    http().head(format!("{base}/v2/{repo}/blobs/{digest}")).send().unwrap().status()
+    http()
+        .head(format!("{base}/v2/{repo}/blobs/{digest}"))
+        .send()
+        .unwrap()
+        .status()
 }
 
 fn removed(report: &Value) -> Vec<String> {
-    report["blobs_removed"].as_array().unwrap().iter().map(|d| d.as_str().unwrap().to_owned()).collect()
+    report["blobs_removed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap().to_owned())
+        .collect()
 }
 
 #[test]
 fn shared_layers_survive_and_exclusive_ones_are_swept() {
     let reg = eager_registry();
     let base = reg.url();
-    let (a, _) = push_image(&base, "team/app", "a", &[b"shared base layer", b"only in a"]);
-    let (b, _) = push_image(&base, "team/app", "b", &[b"shared base layer", b"only in b"]);
+    let (a, _) = push_image(
+        &base,
+        "team/app",
+        "a",
+        &[b"shared base layer", b"only in a"],
+    );
+    let (b, _) = push_image(
+        &base,
+        "team/app",
+        "b",
+        &[b"shared base layer", b"only in b"],
+    );
     push_image(&base, "team/other", "c", &[b"shared base layer"]);
 
-    let r = http().delete(format!("{base}/v2/team/app/manifests/{a}")).send().unwrap();
+    let r = http()
+        .delete(format!("{base}/v2/team/app/manifests/{a}"))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     let report = run_gc(&base, "");
     let gone = removed(&report);
     assert!(gone.contains(&sha256(b"only in a")), "{report}");
     assert!(!gone.contains(&sha256(b"shared base layer")));
     assert!(!gone.contains(&sha256(b"only in b")));
-    assert_eq!(report["bytes_freed"].as_u64().unwrap() as usize, b"only in a".len() + config_len("a"));
-    assert_eq!(blob_status(&base, "team/app", &sha256(b"only in a")), StatusCode::NOT_FOUND);
+    assert_eq!(
+        report["bytes_freed"].as_u64().unwrap() as usize,
+        b"only in a".len() + config_len("a")
+    );
+    assert_eq!(
+        blob_status(&base, "team/app", &sha256(b"only in a")),
+        StatusCode::NOT_FOUND
+    );
     let hex = sha256(b"only in a")[7..].to_owned();
-    assert!(!reg.data_dir().join("blobs/sha256").join(&hex[..2]).join(&hex).join("data").exists(), "bytes deleted");
+    assert!(
+        !reg.data_dir()
+            .join("blobs/sha256")
+            .join(&hex[..2])
+            .join(&hex)
+            .join("data")
+            .exists(),
+        "bytes deleted"
+    );
     assert!(pull_problems(&base, "team/app", "b").is_empty());
     assert!(pull_problems(&base, "team/other", "c").is_empty());
-    assert_eq!(http().head(format!("{base}/v2/team/app/manifests/{b}")).send().unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        http()
+            .head(format!("{base}/v2/team/app/manifests/{b}"))
+            .send()
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
 
     // The same content pushes again and pulls completely.
-    let (again, _) = push_image(&base, "team/app", "a", &[b"shared base layer", b"only in a"]);
+    let (again, _) = push_image(
+        &base,
+        "team/app",
+        "a",
+        &[b"shared base layer", b"only in a"],
+    );
     assert_eq!(again, a);
     assert!(pull_problems(&base, "team/app", "a").is_empty());
     // A second collection finds nothing more.
@@ -79,11 +127,14 @@ fn untagged_manifests_go_only_when_asked_and_index_children_and_referrers_are_ke
     let base = reg.url();
     let (old, _) = push_image(&base, "team/app", "v1", &[b"old layer"]);
     let (new, new_bytes) = push_image(&base, "team/app", "v1", &[b"new layer"]); // v1 moves: old is untagged
-    // An index whose children are untagged.
+                                                                                 // An index whose children are untagged.
     let (child1, c1) = push_image(&base, "team/app", "tmp1", &[b"child one"]);
     let (child2, c2) = push_image(&base, "team/app", "tmp2", &[b"child two"]);
     for tag in ["tmp1", "tmp2"] {
-        http().delete(format!("{base}/v2/team/app/manifests/{tag}")).send().unwrap();
+        http()
+            .delete(format!("{base}/v2/team/app/manifests/{tag}"))
+            .send()
+            .unwrap();
     }
     let index = serde_json::to_vec(&json!({
         "schemaVersion": 2, "mediaType": OCI_INDEX,
@@ -93,7 +144,10 @@ fn untagged_manifests_go_only_when_asked_and_index_children_and_referrers_are_ke
         ],
     }))
     .unwrap();
-    assert_eq!(put_manifest(&base, "team/app", "multi", OCI_INDEX, &index).status(), StatusCode::CREATED);
+    assert_eq!(
+        put_manifest(&base, "team/app", "multi", OCI_INDEX, &index).status(),
+        StatusCode::CREATED
+    );
     // A signature of the tagged image, itself untagged.
     let empty = push_blob(&base, "team/app", b"{}");
     let sig_blob = push_blob(&base, "team/app", b"signature");
@@ -105,35 +159,90 @@ fn untagged_manifests_go_only_when_asked_and_index_children_and_referrers_are_ke
     }))
     .unwrap();
     let sig = sha256(&signature);
-    assert_eq!(put_manifest(&base, "team/app", &sig, OCI_MANIFEST, &signature).status(), StatusCode::CREATED);
+    assert_eq!(
+        put_manifest(&base, "team/app", &sig, OCI_MANIFEST, &signature).status(),
+        StatusCode::CREATED
+    );
 
     // Default: untagged manifests are kept, so nothing they reference goes.
     let report = run_gc(&base, "");
     assert!(report["manifests_removed"].as_array().unwrap().is_empty());
     assert!(!removed(&report).contains(&sha256(b"old layer")));
-    assert_eq!(http().head(format!("{base}/v2/team/app/manifests/{old}")).send().unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        http()
+            .head(format!("{base}/v2/team/app/manifests/{old}"))
+            .send()
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
 
     // Dry run reports without changing.
     let report = run_gc(&base, "delete_untagged=true&dry_run=true");
-    assert_eq!(report["manifests_removed"], json!([format!("team/app@{old}")]));
+    assert_eq!(
+        report["manifests_removed"],
+        json!([format!("team/app@{old}")])
+    );
     assert!(removed(&report).contains(&sha256(b"old layer")));
-    assert_eq!(http().head(format!("{base}/v2/team/app/manifests/{old}")).send().unwrap().status(), StatusCode::OK);
-    assert_eq!(blob_status(&base, "team/app", &sha256(b"old layer")), StatusCode::OK);
+    assert_eq!(
+        http()
+            .head(format!("{base}/v2/team/app/manifests/{old}"))
+            .send()
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        blob_status(&base, "team/app", &sha256(b"old layer")),
+        StatusCode::OK
+    );
 
     let report = run_gc(&base, "delete_untagged=true");
-    assert_eq!(report["manifests_removed"], json!([format!("team/app@{old}")]));
+    assert_eq!(
+        report["manifests_removed"],
+        json!([format!("team/app@{old}")])
+    );
     assert!(removed(&report).contains(&sha256(b"old layer")));
-    assert_eq!(http().head(format!("{base}/v2/team/app/manifests/{old}")).send().unwrap().status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        http()
+            .head(format!("{base}/v2/team/app/manifests/{old}"))
+            .send()
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
     assert!(pull_problems(&base, "team/app", "v1").is_empty());
-    assert!(pull_problems(&base, "team/app", "multi").is_empty(), "index children survive");
-    assert_eq!(http().head(format!("{base}/v2/team/app/manifests/{sig}")).send().unwrap().status(), StatusCode::OK, "referrer of a tagged image survives");
+    assert!(
+        pull_problems(&base, "team/app", "multi").is_empty(),
+        "index children survive"
+    );
+    assert_eq!(
+        http()
+            .head(format!("{base}/v2/team/app/manifests/{sig}"))
+            .send()
+            .unwrap()
+            .status(),
+        StatusCode::OK,
+        "referrer of a tagged image survives"
+    );
 
     // Deleting the image makes its untagged referrers garbage.
-    http().delete(format!("{base}/v2/team/app/manifests/{new}")).send().unwrap();
+    http()
+        .delete(format!("{base}/v2/team/app/manifests/{new}"))
+        .send()
+        .unwrap();
     let report = run_gc(&base, "delete_untagged=true");
-    assert_eq!(report["manifests_removed"], json!([format!("team/app@{sig}")]));
+    assert_eq!(
+        report["manifests_removed"],
+        json!([format!("team/app@{sig}")])
+    );
     assert!(removed(&report).contains(&sig_blob));
-    let listing: Value = http().get(format!("{base}/v2/team/app/referrers/{new}")).send().unwrap().json().unwrap();
+    let listing: Value = http()
+        .get(format!("{base}/v2/team/app/referrers/{new}"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
     assert_eq!(listing["manifests"], json!([]));
 }
 
@@ -141,20 +250,41 @@ fn untagged_manifests_go_only_when_asked_and_index_children_and_referrers_are_ke
 fn grace_period_protects_fresh_blobs_and_abandoned_uploads_are_purged() {
     let reg = TestRegistry::start_with(
         Limits::default(),
-        GcOptions { upload_max_age: Duration::ZERO, ..GcOptions::default() },
+        GcOptions {
+            upload_max_age: Duration::ZERO,
+            ..GcOptions::default()
+        },
     );
     let base = reg.url();
     let digest = push_blob(&base, "team/app", b"uploaded, manifest not pushed yet");
-    let r = http().post(format!("{base}/v2/team/app/blobs/uploads/")).send().unwrap();
+    let r = http()
+        .post(format!("{base}/v2/team/app/blobs/uploads/"))
+        .send()
+        .unwrap();
     let location = format!("{base}{}", r.headers()["location"].to_str().unwrap());
-    http().patch(&location).body(b"abandoned".to_vec()).send().unwrap();
+    http()
+        .patch(&location)
+        .body(b"abandoned".to_vec())
+        .send()
+        .unwrap();
 
     let report = run_gc(&base, "");
-    assert!(removed(&report).is_empty(), "inside the grace period: {report}");
+    assert!(
+        removed(&report).is_empty(),
+        "inside the grace period: {report}"
+    );
     assert_eq!(blob_status(&base, "team/app", &digest), StatusCode::OK);
     assert_eq!(report["uploads_purged"], 1);
-    assert_eq!(http().get(&location).send().unwrap().status(), StatusCode::NOT_FOUND);
-    assert_eq!(std::fs::read_dir(reg.data_dir().join("uploads")).unwrap().count(), 0);
+    assert_eq!(
+        http().get(&location).send().unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        std::fs::read_dir(reg.data_dir().join("uploads"))
+            .unwrap()
+            .count(),
+        0
+    );
 }
 
 #[test]
@@ -165,30 +295,54 @@ fn gc_and_check_commands_work_beside_a_running_registry() {
     let base = server.url();
     let (gone, _) = push_image(&base, "team/app", "gone", &[b"layer of gone"]);
     push_image(&base, "team/app", "kept", &[b"layer of kept"]);
-    http().delete(format!("{base}/v2/team/app/manifests/{gone}")).send().unwrap();
+    http()
+        .delete(format!("{base}/v2/team/app/manifests/{gone}"))
+        .send()
+        .unwrap();
 
     let berth = |args: &[&str]| {
-        let out = Command::new(binary).args(args).arg("--data-dir").arg(data_dir.path()).env("BERTH_LOG_LEVEL", "warn").output().unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+        let out = Command::new(binary)
+            .args(args)
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .env("BERTH_LOG_LEVEL", "warn")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
     };
     let (code, out) = berth(&["gc", "--dry-run", "--blob-grace-secs", "0"]);
     assert_eq!(code, Some(0));
     let report: Value = serde_json::from_str(&out).unwrap();
     assert!(removed(&report).contains(&sha256(b"layer of gone")));
-    assert_eq!(blob_status(&base, "team/app", &sha256(b"layer of gone")), StatusCode::OK, "a dry run changes nothing");
+    assert_eq!(
+        blob_status(&base, "team/app", &sha256(b"layer of gone")),
+        StatusCode::OK,
+        "a dry run changes nothing"
+    );
 
     let (code, out) = berth(&["gc", "--blob-grace-secs", "0"]);
     assert_eq!(code, Some(0));
     let report: Value = serde_json::from_str(&out).unwrap();
     assert!(removed(&report).contains(&sha256(b"layer of gone")));
-    assert_eq!(blob_status(&base, "team/app", &sha256(b"layer of gone")), StatusCode::NOT_FOUND);
+    assert_eq!(
+        blob_status(&base, "team/app", &sha256(b"layer of gone")),
+        StatusCode::NOT_FOUND
+    );
     assert!(pull_problems(&base, "team/app", "kept").is_empty());
 
     let (code, out) = berth(&["check"]);
     assert_eq!(code, Some(0), "{out}");
     // Corrupt a stored layer behind the registry's back.
     let kept = sha256(b"layer of kept");
-    let path = data_dir.path().join("blobs/sha256").join(&kept[7..9]).join(&kept[7..]).join("data");
+    let path = data_dir
+        .path()
+        .join("blobs/sha256")
+        .join(&kept[7..9])
+        .join(&kept[7..])
+        .join("data");
     std::fs::write(&path, b"bit rot").unwrap();
     let (code, out) = berth(&["check"]);
     assert_eq!(code, Some(1));
@@ -196,9 +350,17 @@ fn gc_and_check_commands_work_beside_a_running_registry() {
     assert_eq!(report["blobs_corrupt"], json!([kept]));
     let (code, _) = berth(&["check", "--repair"]);
     assert_eq!(code, Some(1), "it reports what it repaired");
-    assert_eq!(blob_status(&base, "team/app", &kept), StatusCode::NOT_FOUND, "no bad bytes are served");
+    assert_eq!(
+        blob_status(&base, "team/app", &kept),
+        StatusCode::NOT_FOUND,
+        "no bad bytes are served"
+    );
     let (code, out) = berth(&["check"]);
-    assert_eq!(code, Some(1), "the manifest still references the lost layer: {out}");
+    assert_eq!(
+        code,
+        Some(1),
+        "the manifest still references the lost layer: {out}"
+    );
     let report: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["dangling_references"].as_array().unwrap().len(), 1);
     // Pushing the image again heals it.

@@ -124,11 +124,17 @@ pub(crate) fn header(r: &Response, name: &str) -> String {
 pub(crate) fn pull_problems(base: &str, repo: &str, reference: &str) -> Vec<String> {
     let r = http()
         .get(format!("{base}/v2/{repo}/manifests/{reference}"))
-        .header("accept", "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json")
+        .header(
+            "accept",
+            "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json",
+        )
         .send()
         .unwrap();
     if r.status() != StatusCode::OK {
-        return vec![format!("{repo}:{reference}: manifest answered {}", r.status())];
+        return vec![format!(
+            "{repo}:{reference}: manifest answered {}",
+            r.status()
+        )];
     }
     let manifest: Value = r.json().unwrap();
     let mut problems = Vec::new();
@@ -142,14 +148,22 @@ pub(crate) fn pull_problems(base: &str, repo: &str, reference: &str) -> Vec<Stri
     blobs.extend(manifest["layers"].as_array().cloned().unwrap_or_default());
     for blob in blobs {
         let digest = blob["digest"].as_str().unwrap();
-        let r = http().get(format!("{base}/v2/{repo}/blobs/{digest}")).send().unwrap();
+        let r = http()
+            .get(format!("{base}/v2/{repo}/blobs/{digest}"))
+            .send()
+            .unwrap();
         if r.status() != StatusCode::OK {
-            problems.push(format!("{repo}:{reference}: blob {digest} answered {}", r.status()));
+            problems.push(format!(
+                "{repo}:{reference}: blob {digest} answered {}",
+                r.status()
+            ));
             continue;
         }
         let bytes = r.bytes().unwrap();
         if sha256(&bytes) != digest {
-            problems.push(format!("{repo}:{reference}: blob {digest} has other content"));
+            problems.push(format!(
+                "{repo}:{reference}: blob {digest} has other content"
+            ));
         }
     }
     problems
@@ -157,7 +171,10 @@ pub(crate) fn pull_problems(base: &str, repo: &str, reference: &str) -> Vec<Stri
 
 /// Runs `POST /api/v1/gc` with the given query and returns the report.
 pub(crate) fn run_gc(base: &str, query: &str) -> Value {
-    let r = http().post(format!("{base}/api/v1/gc?{query}")).send().unwrap();
+    let r = http()
+        .post(format!("{base}/api/v1/gc?{query}"))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     r.json().unwrap()
 }
