@@ -211,9 +211,9 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn mark_garbage(&self, selection: GcSelection) -> Result<GcMarked, MetaError>;
     /// Blobs marked for deletion whose bytes may still exist (this pass's and any earlier,
     /// interrupted pass's).
-    async fn blobs_being_deleted(&self) -> Result<Vec<Digest>, MetaError>;
-    /// Drops a blob's record once its bytes are gone.
-    async fn forget_deleted_blob(&self, digest: &Digest) -> Result<(), MetaError>;
+    async fn blobs_being_deleted(&self) -> Result<Vec<(Digest, u64)>, MetaError>;
+    /// Drops the records of blobs whose bytes are gone (one transaction for the batch).
+    async fn forget_deleted_blobs(&self, digests: &[Digest]) -> Result<(), MetaError>;
     /// Upload sessions started before the cutoff (ms since the epoch).
     async fn uploads_started_before(&self, cutoff_ms: i64) -> Result<Vec<String>, MetaError>;
     /// Every live blob with its recorded size, for scrubbing.

@@ -288,15 +288,16 @@ async fn read_capped(body: Body, headers: &HeaderMap, limit: usize) -> Result<Ve
             format!("manifest of {size} bytes exceeds the limit of {limit} bytes"),
         )
     };
-    if let Some(len) =
-        header_str(headers, header::CONTENT_LENGTH).and_then(|l| l.parse::<usize>().ok())
-    {
-        if len > limit {
-            return Err(too_large(len));
+    let declared =
+        header_str(headers, header::CONTENT_LENGTH).and_then(|l| l.parse::<usize>().ok());
+    let mut stream = body.into_data_stream();
+    if let Some(len) = declared.filter(|len| *len > limit) {
+        if len <= DRAIN_LIMIT {
+            discard(&mut stream).await;
         }
+        return Err(too_large(len));
     }
     let mut raw = Vec::new();
-    let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| {
             OciError::new(
@@ -306,11 +307,28 @@ async fn read_capped(body: Body, headers: &HeaderMap, limit: usize) -> Result<Ve
             )
         })?;
         if raw.len() + chunk.len() > limit {
-            return Err(too_large(raw.len() + chunk.len()));
+            let seen = raw.len() + chunk.len();
+            drop(raw);
+            discard(&mut stream).await;
+            return Err(too_large(seen));
         }
         raw.extend_from_slice(&chunk);
     }
     Ok(raw)
+}
+
+/// Bodies refused for size are still read (and dropped) up to this many bytes, so the
+/// client gets the 413 instead of a connection reset while it is still sending.
+const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
+
+async fn discard(stream: &mut axum::body::BodyDataStream) {
+    let mut drained = 0usize;
+    while let Some(Ok(chunk)) = stream.next().await {
+        drained += chunk.len();
+        if drained > DRAIN_LIMIT {
+            return;
+        }
+    }
 }
 
 async fn delete_manifest(app: &App, name: &str, reference: &str) -> Result<Response, OciError> {

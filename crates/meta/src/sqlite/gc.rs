@@ -66,12 +66,13 @@ fn mark_unreferenced_blobs(
     tx: &Connection,
     unused_before_ms: i64,
 ) -> Result<Vec<(Digest, u64)>, MetaError> {
-    let garbage = tx
+    // Set-based: one statement marks, one unlinks, whatever the number of blobs.
+    let mut garbage = tx
         .prepare(
-            "SELECT digest, size FROM blobs b
+            "UPDATE blobs SET state = 'deleting'
              WHERE state = 'live' AND last_used_at < ?1
-               AND NOT EXISTS (SELECT 1 FROM manifest_edges e WHERE e.target = b.digest)
-             ORDER BY digest",
+               AND NOT EXISTS (SELECT 1 FROM manifest_edges e WHERE e.target = blobs.digest)
+             RETURNING digest, size",
         )
         .and_then(|mut s| {
             s.query_map(params![unused_before_ms], |r| {
@@ -80,18 +81,16 @@ fn mark_unreferenced_blobs(
             .collect::<rusqlite::Result<Vec<_>>>()
         })
         .map_err(backend)?;
-    let mut marked = Vec::with_capacity(garbage.len());
-    for (digest, size) in garbage {
-        tx.execute(
-            "UPDATE blobs SET state = 'deleting' WHERE digest = ?1",
-            params![digest],
-        )
-        .map_err(backend)?;
-        tx.execute("DELETE FROM repo_blobs WHERE digest = ?1", params![digest])
-            .map_err(backend)?;
-        marked.push((parse_digest(digest)?, size as u64));
-    }
-    Ok(marked)
+    tx.execute(
+        "DELETE FROM repo_blobs WHERE digest IN (SELECT digest FROM blobs WHERE state = 'deleting')",
+        [],
+    )
+    .map_err(backend)?;
+    garbage.sort();
+    garbage
+        .into_iter()
+        .map(|(digest, size)| Ok((parse_digest(digest)?, size as u64)))
+        .collect()
 }
 
 impl SqliteMeta {
@@ -123,31 +122,36 @@ impl SqliteMeta {
         .map_err(|e| MetaError::Backend(e.to_string()))?
     }
 
-    pub(super) async fn blobs_being_deleted_sqlite(&self) -> Result<Vec<Digest>, MetaError> {
+    pub(super) async fn blobs_being_deleted_sqlite(&self) -> Result<Vec<(Digest, u64)>, MetaError> {
         self.read(|conn| {
             let rows = conn
-                .prepare_cached("SELECT digest FROM blobs WHERE state = 'deleting' ORDER BY digest")
+                .prepare_cached(
+                    "SELECT digest, size FROM blobs WHERE state = 'deleting' ORDER BY digest",
+                )
                 .and_then(|mut s| {
-                    s.query_map([], |r| r.get::<_, String>(0))?
+                    s.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
                         .collect::<rusqlite::Result<Vec<_>>>()
                 })
                 .map_err(backend)?;
-            rows.into_iter().map(parse_digest).collect()
+            rows.into_iter()
+                .map(|(d, size)| Ok((parse_digest(d)?, size as u64)))
+                .collect()
         })
         .await
     }
 
-    pub(super) async fn forget_deleted_blob_sqlite(
+    pub(super) async fn forget_deleted_blobs_sqlite(
         &self,
-        digest: &Digest,
+        digests: &[Digest],
     ) -> Result<(), MetaError> {
-        let digest = digest.as_str().to_owned();
+        let digests: Vec<String> = digests.iter().map(|d| d.as_str().to_owned()).collect();
         self.write(move |tx| {
-            tx.execute(
-                "DELETE FROM blobs WHERE digest = ?1 AND state = 'deleting'",
-                params![digest],
-            )
-            .map_err(backend)?;
+            let mut stmt = tx
+                .prepare_cached("DELETE FROM blobs WHERE digest = ?1 AND state = 'deleting'")
+                .map_err(backend)?;
+            for digest in &digests {
+                stmt.execute(params![digest]).map_err(backend)?;
+            }
             Ok(())
         })
         .await
