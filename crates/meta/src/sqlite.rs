@@ -204,6 +204,23 @@ fn page_query(
     Ok(rows)
 }
 
+/// Removes a manifest with its tags and edges; returns how many manifests were removed.
+fn delete_manifest_rows(tx: &Connection, repo: &str, digest: &str) -> Result<usize, MetaError> {
+    let n = tx
+        .prepare_cached("DELETE FROM manifests WHERE repo = ?1 AND digest = ?2")
+        .and_then(|mut s| s.execute(params![repo, digest]))
+        .map_err(backend)?;
+    for sql in [
+        "DELETE FROM tags WHERE repo = ?1 AND digest = ?2",
+        "DELETE FROM manifest_edges WHERE repo = ?1 AND manifest = ?2",
+    ] {
+        tx.prepare_cached(sql)
+            .and_then(|mut s| s.execute(params![repo, digest]))
+            .map_err(backend)?;
+    }
+    Ok(n)
+}
+
 #[async_trait]
 impl MetaStore for SqliteMeta {
     async fn reserve_blob(&self, digest: &Digest) -> Result<(), MetaError> {
@@ -432,22 +449,7 @@ impl MetaStore for SqliteMeta {
     async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetaError> {
         let (repo, digest) = (repo.as_str().to_owned(), digest.as_str().to_owned());
         self.write(move |tx| {
-            let n = tx
-                .execute(
-                    "DELETE FROM manifests WHERE repo = ?1 AND digest = ?2",
-                    params![repo, digest],
-                )
-                .map_err(backend)?;
-            tx.execute(
-                "DELETE FROM tags WHERE repo = ?1 AND digest = ?2",
-                params![repo, digest],
-            )
-            .map_err(backend)?;
-            tx.execute(
-                "DELETE FROM manifest_edges WHERE repo = ?1 AND manifest = ?2",
-                params![repo, digest],
-            )
-            .map_err(backend)?;
+            let n = delete_manifest_rows(tx, &repo, &digest)?;
             Ok(n > 0)
         })
         .await

@@ -36,6 +36,14 @@ fn blob_status(base: &str, repo: &str, digest: &str) -> StatusCode {
         .status()
 }
 
+fn manifest_status(base: &str, repo: &str, reference: &str) -> StatusCode {
+    http()
+        .head(format!("{base}/v2/{repo}/manifests/{reference}"))
+        .send()
+        .unwrap()
+        .status()
+}
+
 fn removed(report: &Value) -> Vec<String> {
     report["blobs_removed"]
         .as_array()
@@ -93,14 +101,7 @@ fn shared_layers_survive_and_exclusive_ones_are_swept() {
     );
     assert!(pull_problems(&base, "team/app", "b").is_empty());
     assert!(pull_problems(&base, "team/other", "c").is_empty());
-    assert_eq!(
-        http()
-            .head(format!("{base}/v2/team/app/manifests/{b}"))
-            .send()
-            .unwrap()
-            .status(),
-        StatusCode::OK
-    );
+    assert_eq!(manifest_status(&base, "team/app", &b), StatusCode::OK);
 
     // The same content pushes again and pulls completely.
     let (again, _) = push_image(
@@ -168,14 +169,7 @@ fn untagged_manifests_go_only_when_asked_and_index_children_and_referrers_are_ke
     let report = run_gc(&base, "");
     assert!(report["manifests_removed"].as_array().unwrap().is_empty());
     assert!(!removed(&report).contains(&sha256(b"old layer")));
-    assert_eq!(
-        http()
-            .head(format!("{base}/v2/team/app/manifests/{old}"))
-            .send()
-            .unwrap()
-            .status(),
-        StatusCode::OK
-    );
+    assert_eq!(manifest_status(&base, "team/app", &old), StatusCode::OK);
 
     // Dry run reports without changing.
     let report = run_gc(&base, "delete_untagged=true&dry_run=true");
@@ -184,14 +178,7 @@ fn untagged_manifests_go_only_when_asked_and_index_children_and_referrers_are_ke
         json!([format!("team/app@{old}")])
     );
     assert!(removed(&report).contains(&sha256(b"old layer")));
-    assert_eq!(
-        http()
-            .head(format!("{base}/v2/team/app/manifests/{old}"))
-            .send()
-            .unwrap()
-            .status(),
-        StatusCode::OK
-    );
+    assert_eq!(manifest_status(&base, "team/app", &old), StatusCode::OK);
     assert_eq!(
         blob_status(&base, "team/app", &sha256(b"old layer")),
         StatusCode::OK
@@ -204,11 +191,7 @@ fn untagged_manifests_go_only_when_asked_and_index_children_and_referrers_are_ke
     );
     assert!(removed(&report).contains(&sha256(b"old layer")));
     assert_eq!(
-        http()
-            .head(format!("{base}/v2/team/app/manifests/{old}"))
-            .send()
-            .unwrap()
-            .status(),
+        manifest_status(&base, "team/app", &old),
         StatusCode::NOT_FOUND
     );
     assert!(pull_problems(&base, "team/app", "v1").is_empty());
@@ -217,11 +200,7 @@ fn untagged_manifests_go_only_when_asked_and_index_children_and_referrers_are_ke
         "index children survive"
     );
     assert_eq!(
-        http()
-            .head(format!("{base}/v2/team/app/manifests/{sig}"))
-            .send()
-            .unwrap()
-            .status(),
+        manifest_status(&base, "team/app", &sig),
         StatusCode::OK,
         "referrer of a tagged image survives"
     );

@@ -3,7 +3,7 @@
 use berth_oci::Digest;
 use rusqlite::{params, Connection, TransactionBehavior};
 
-use super::{backend, parse_digest, SqliteMeta};
+use super::{backend, delete_manifest_rows, parse_digest, SqliteMeta};
 use crate::{DanglingEdge, GcMarked, GcSelection, MetaError};
 
 /// Everything a tag reaches: tagged manifests, the children of reached indexes, and the
@@ -43,16 +43,7 @@ fn remove_unreached_manifests(
         .map_err(backend)?;
     let mut removed = Vec::with_capacity(dead.len());
     for (repo, digest) in dead {
-        tx.execute(
-            "DELETE FROM manifests WHERE repo = ?1 AND digest = ?2",
-            params![repo, digest],
-        )
-        .map_err(backend)?;
-        tx.execute(
-            "DELETE FROM manifest_edges WHERE repo = ?1 AND manifest = ?2",
-            params![repo, digest],
-        )
-        .map_err(backend)?;
+        delete_manifest_rows(tx, &repo, &digest)?;
         removed.push((repo, parse_digest(digest)?));
     }
     tx.execute("DELETE FROM gc_live", []).map_err(backend)?;
