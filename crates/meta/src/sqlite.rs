@@ -16,6 +16,7 @@ use crate::{
 };
 
 mod gc;
+mod group_commit;
 
 /// `blobs.state` of a blob that may be served and linked.
 const BLOB_LIVE: &str = "live";
@@ -86,7 +87,7 @@ ALTER TABLE blobs ADD COLUMN state TEXT NOT NULL DEFAULT 'live';
 
 /// Metadata in a SQLite file.
 pub struct SqliteMeta {
-    writer: Arc<Mutex<Connection>>,
+    writer: group_commit::GroupCommitter,
     readers: Arc<Vec<Mutex<Connection>>>,
     next_reader: AtomicUsize,
 }
@@ -141,7 +142,7 @@ impl SqliteMeta {
             .collect::<rusqlite::Result<Vec<_>>>()
             .map_err(backend)?;
         Ok(SqliteMeta {
-            writer: Arc::new(Mutex::new(writer)),
+            writer: group_commit::GroupCommitter::start(writer),
             readers: Arc::new(readers),
             next_reader: AtomicUsize::new(0),
         })
@@ -164,26 +165,14 @@ impl SqliteMeta {
         .map_err(|e| MetaError::Backend(e.to_string()))?
     }
 
-    /// Runs `f` in one immediate (write-locking) transaction, committed if `f` succeeds.
+    /// Runs `f` as one atomic write, committed (with others waiting at the same time)
+    /// before this returns; if `f` fails, none of its changes are kept.
     async fn write<T, F>(&self, f: F) -> Result<T, MetaError>
     where
         T: Send + 'static,
-        F: FnOnce(&rusqlite::Transaction<'_>) -> Result<T, MetaError> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, MetaError> + Send + 'static,
     {
-        let writer = self.writer.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = writer
-                .lock()
-                .map_err(|_| MetaError::Backend("writer lock poisoned".into()))?;
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(backend)?;
-            let out = f(&tx)?;
-            tx.commit().map_err(backend)?;
-            Ok(out)
-        })
-        .await
-        .map_err(|e| MetaError::Backend(e.to_string()))?
+        self.writer.write(f).await
     }
 }
 

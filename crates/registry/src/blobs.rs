@@ -77,19 +77,19 @@ pub enum MountOutcome {
 }
 
 impl Registry {
-    /// The size of a blob visible in `repo`. Checks the bytes too, so that a blob whose
-    /// bytes are gone is never reported as present. Manifests are readable as blobs too,
-    /// as in Distribution.
+    /// The size of a blob visible in `repo`. Manifests are readable as blobs too, as in
+    /// Distribution.
     pub async fn stat_blob(&self, repo: &RepoName, digest: &Digest) -> Result<u64, RegistryError> {
+        // A live link implies published bytes: bytes are renamed into place before the
+        // link commits and deleted only after garbage collection removed the link. So no
+        // second look at storage here (`berth check` finds bytes lost behind our back).
         if let Some(linked) = self.meta.linked_blob(repo, digest).await? {
-            if let Some(size) = self.blobs.stat(digest).await? {
-                // A client checking for a blob usually references it next: keep it out of
-                // garbage collection's reach for another grace period.
-                if now_ms() - linked.last_used_ms > TOUCH_AFTER_MS {
-                    self.meta.touch_blob(digest).await?;
-                }
-                return Ok(size);
+            // A client checking for a blob usually references it next: keep it out of
+            // garbage collection's reach for another grace period.
+            if now_ms() - linked.last_used_ms > TOUCH_AFTER_MS {
+                self.meta.touch_blob(digest).await?;
             }
+            return Ok(linked.size);
         } else if let Some(m) = self.manifest_as_blob(repo, digest).await? {
             return Ok(m.raw.len() as u64);
         }

@@ -4,8 +4,8 @@
 //! `uploads/<id>/data` on the same file system, so publishing is one `rename`.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
-use std::io::{self, BufWriter, Read, SeekFrom, Write};
+use std::fs::File;
+use std::io::{self, Read, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -21,7 +21,6 @@ use crate::{BlobStore, ByteRange, ByteStream, StorageError, UploadId};
 const READ_CHUNK: usize = 256 * 1024;
 /// Threads removing files at once in a garbage-collection sweep.
 const DELETE_THREADS: usize = 32;
-const WRITE_BUFFER: usize = 1024 * 1024;
 /// Chunks in flight between the task reading the request and the thread hashing and
 /// writing them: bounds memory per upload while letting both run at once.
 const PIPELINE_DEPTH: usize = 32;
@@ -123,6 +122,29 @@ fn remove_blob_file(path: &Path) -> io::Result<()> {
     }
 }
 
+/// `create_dir_all` that reports which directories it created, deepest last.
+fn create_dirs(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut missing = Vec::new();
+    let mut cursor = Some(dir);
+    while let Some(d) = cursor {
+        if d.is_dir() {
+            break;
+        }
+        missing.push(d.to_path_buf());
+        cursor = d.parent();
+    }
+    missing.reverse();
+    for d in &missing {
+        match std::fs::create_dir(d) {
+            Ok(()) => {}
+            // Another upload of the same prefix created it first.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(missing)
+}
+
 fn sync_dir(path: &Path) -> io::Result<()> {
     File::open(path)?.sync_all()
 }
@@ -218,30 +240,19 @@ impl BlobStore for FsBlobStore {
             }
         };
 
-        // The request is read here while a blocking thread hashes and writes: on two cores
-        // the network and the hash each get one.
+        // The request is read and hashed here while a blocking thread writes: on two cores
+        // the network and the hash get one, the page-cache copy the other.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(PIPELINE_DEPTH);
         let start_len = state.len;
-        let writer = tokio::task::spawn_blocking(move || {
-            let mut hasher = hasher;
-            let mut written = 0u64;
-            let result = (|| -> io::Result<()> {
-                let file = OpenOptions::new().append(true).open(&path)?;
-                let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
-                while let Some(chunk) = rx.blocking_recv() {
-                    out.write_all(&chunk)?;
-                    hasher.update(&chunk);
-                    written += chunk.len() as u64;
-                }
-                out.flush()
-            })();
-            (hasher, written, result)
-        });
+        let writer =
+            tokio::task::spawn_blocking(move || crate::staging::append_chunks(&path, &mut rx));
+        let mut hasher = hasher;
         let mut body_error = None;
         while let Some(item) = body.next().await {
             match item {
                 Ok(chunk) if chunk.is_empty() => {}
                 Ok(chunk) => {
+                    hasher.update(&chunk);
                     if tx.send(chunk).await.is_err() {
                         break; // the writer failed; its error is reported below
                     }
@@ -253,7 +264,7 @@ impl BlobStore for FsBlobStore {
             }
         }
         drop(tx);
-        let (hasher, written, result) = writer.await.map_err(io::Error::other)?;
+        let (written, result) = writer.await.map_err(io::Error::other)?;
         match result {
             Ok(()) => {
                 state.hasher = Some(hasher);
@@ -308,12 +319,16 @@ impl BlobStore for FsBlobStore {
                 // Same content is already published: keep the first copy.
                 return std::fs::remove_dir_all(&upload_dir);
             }
-            File::open(&staged)?.sync_all()?;
-            std::fs::create_dir_all(dir)?;
+            File::open(&staged)?.sync_data()?;
+            // Directories created here must reach the disk too, each through its parent;
+            // directories that already existed are durable already.
+            let created = create_dirs(dir)?;
             std::fs::rename(&staged, &target)?;
             sync_dir(dir)?;
-            if let Some(prefix) = dir.parent() {
-                sync_dir(prefix)?;
+            for parent in created.iter().filter_map(|d| d.parent()) {
+                if parent != dir {
+                    sync_dir(parent)?;
+                }
             }
             std::fs::remove_dir_all(&upload_dir)
         })

@@ -1,7 +1,7 @@
 //! Garbage-collection and scrub queries of the SQLite backend.
 
 use berth_oci::Digest;
-use rusqlite::{params, Connection, TransactionBehavior};
+use rusqlite::{params, Connection};
 
 use super::{backend, delete_manifest_rows, parse_digest, SqliteMeta};
 use crate::{DanglingEdge, GcMarked, GcSelection, MetaError};
@@ -89,28 +89,27 @@ impl SqliteMeta {
         &self,
         selection: GcSelection,
     ) -> Result<GcMarked, MetaError> {
-        let writer = self.writer.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = writer
-                .lock()
-                .map_err(|_| MetaError::Backend("writer lock poisoned".into()))?;
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(backend)?;
-            let manifests = match selection.untagged_pushed_before_ms {
-                Some(cutoff) => remove_unreached_manifests(&tx, cutoff)?,
-                None => Vec::new(),
-            };
-            let blobs = mark_unreferenced_blobs(&tx, selection.blobs_unused_before_ms)?;
+        self.write(move |conn| {
+            // A dry run does the real work inside a savepoint and then undoes it, so that
+            // what it reports is exactly what a real pass would do.
             if selection.dry_run {
-                tx.rollback().map_err(backend)?;
-            } else {
-                tx.commit().map_err(backend)?;
+                conn.execute_batch("SAVEPOINT dry_run").map_err(backend)?;
             }
-            Ok(GcMarked { manifests, blobs })
+            let result = (|| {
+                let manifests = match selection.untagged_pushed_before_ms {
+                    Some(cutoff) => remove_unreached_manifests(conn, cutoff)?,
+                    None => Vec::new(),
+                };
+                let blobs = mark_unreferenced_blobs(conn, selection.blobs_unused_before_ms)?;
+                Ok(GcMarked { manifests, blobs })
+            })();
+            if selection.dry_run {
+                conn.execute_batch("ROLLBACK TO dry_run; RELEASE dry_run")
+                    .map_err(backend)?;
+            }
+            result
         })
         .await
-        .map_err(|e| MetaError::Backend(e.to_string()))?
     }
 
     pub(super) async fn blobs_being_deleted_sqlite(&self) -> Result<Vec<(Digest, u64)>, MetaError> {
