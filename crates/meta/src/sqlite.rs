@@ -153,8 +153,18 @@ impl SqliteMeta {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, MetaError> + Send + 'static,
     {
+        // Reads are indexed lookups on a small, memory-mapped database: a few microseconds,
+        // cheaper to run right here than to hand to a blocking thread and back (measured:
+        // the hand-off halved HEAD and manifest GET rates). Only when every reader is busy
+        // does the read go to the blocking pool.
+        let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        for i in 0..READERS {
+            if let Ok(conn) = self.readers[(start + i) % READERS].try_lock() {
+                return f(&conn);
+            }
+        }
         let readers = self.readers.clone();
-        let index = self.next_reader.fetch_add(1, Ordering::Relaxed) % READERS;
+        let index = start % READERS;
         tokio::task::spawn_blocking(move || {
             let conn = readers[index]
                 .lock()
