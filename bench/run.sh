@@ -69,6 +69,7 @@ PY
   done
 fi
 
+port_free "$BERTH_PORT" || { echo "port $BERTH_PORT is busy" >&2; exit 1; }
 "$BERTH" serve --listen "127.0.0.1:$BERTH_PORT" --data-dir "$WORK/berth-data" --log-level warn >>"$WORK/berth.log" 2>&1 &
 BERTH_PID=$!
 STARTED_PIDS+=("$BERTH_PID")

@@ -149,10 +149,16 @@ pub trait MetaStore: Send + Sync + 'static {
     /// blob's record so garbage collection spares it. Fails with
     /// [`MetaError::BlobBeingDeleted`] while a collection is deleting the same digest.
     async fn reserve_blob(&self, digest: &Digest) -> Result<(), MetaError>;
-    /// Records that `repo` may see blob `digest` (after an upload or mount). Fails with
+    /// Records that `repo` may see blob `digest` (after an upload or mount) and forgets the
+    /// upload session that produced it, in one transaction. Fails with
     /// [`MetaError::BlobBeingDeleted`] unless the blob's record is live.
-    async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64)
-        -> Result<(), MetaError>;
+    async fn link_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+        finished_upload: Option<&str>,
+    ) -> Result<(), MetaError>;
     /// Restarts a blob's grace period (a client just confirmed it exists).
     async fn touch_blob(&self, digest: &Digest) -> Result<(), MetaError>;
     /// The blob if `repo` may see it and it is live.

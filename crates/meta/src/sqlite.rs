@@ -254,7 +254,9 @@ impl MetaStore for SqliteMeta {
         repo: &RepoName,
         digest: &Digest,
         size: u64,
+        finished_upload: Option<&str>,
     ) -> Result<(), MetaError> {
+        let finished_upload = finished_upload.map(str::to_owned);
         let (repo, digest) = (repo.as_str().to_owned(), digest.as_str().to_owned());
         self.write(move |tx| {
             let t = now();
@@ -273,6 +275,9 @@ impl MetaStore for SqliteMeta {
                 params![repo, digest, t],
             )
             .map_err(backend)?;
+            if let Some(id) = &finished_upload {
+                tx.execute("DELETE FROM uploads WHERE id = ?1", params![id]).map_err(backend)?;
+            }
             Ok(())
         })
         .await
@@ -661,12 +666,12 @@ mod tests {
             matches!(err, MetaError::MissingReferences { ref missing } if missing == &[digest('a')])
         );
         meta.reserve_blob(&digest('a')).await.unwrap();
-        meta.link_blob(&other, &digest('a'), 2).await.unwrap();
+        meta.link_blob(&other, &digest('a'), 2, None).await.unwrap();
         assert!(meta
             .put_manifest(&repo, manifest('d', edges.clone(), None), Some(&tag))
             .await
             .is_err());
-        meta.link_blob(&repo, &digest('a'), 2).await.unwrap();
+        meta.link_blob(&repo, &digest('a'), 2, None).await.unwrap();
         meta.put_manifest(&repo, manifest('d', edges, None), Some(&tag))
             .await
             .unwrap();

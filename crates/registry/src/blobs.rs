@@ -206,8 +206,8 @@ impl Registry {
         }
         self.reserve_blob(digest).await?;
         let size = self.blobs.commit(&id, digest).await?;
-        self.link_published_blob(repo, digest, size).await?;
-        self.meta.forget_upload(id.as_str()).await?;
+        self.link_published_blob(repo, digest, size, Some(&id))
+            .await?;
         Ok(size)
     }
 
@@ -238,7 +238,7 @@ impl Registry {
         .await;
         match result {
             Ok(size) => {
-                self.link_published_blob(repo, digest, size).await?;
+                self.link_published_blob(repo, digest, size, None).await?;
                 Ok(size)
             }
             Err(e) => {
@@ -279,8 +279,13 @@ impl Registry {
         repo: &RepoName,
         digest: &Digest,
         size: u64,
+        upload: Option<&UploadId>,
     ) -> Result<(), RegistryError> {
-        match self.meta.link_blob(repo, digest, size).await {
+        match self
+            .meta
+            .link_blob(repo, digest, size, upload.map(UploadId::as_str))
+            .await
+        {
             Ok(()) => Ok(()),
             Err(MetaError::BlobBeingDeleted) => Err(RegistryError::BlobBusy {
                 digest: digest.clone(),
@@ -307,7 +312,7 @@ impl Registry {
         let Some(size) = self.blobs.stat(digest).await? else {
             return Ok(MountOutcome::NotMountable);
         };
-        match self.meta.link_blob(repo, digest, size).await {
+        match self.meta.link_blob(repo, digest, size, None).await {
             Ok(()) => Ok(MountOutcome::Mounted),
             // Being collected: the client uploads it instead.
             Err(MetaError::BlobBeingDeleted) => Ok(MountOutcome::NotMountable),

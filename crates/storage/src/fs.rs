@@ -19,6 +19,8 @@ use tokio::io::AsyncSeekExt;
 use crate::{BlobStore, ByteRange, ByteStream, StorageError, UploadId};
 
 const READ_CHUNK: usize = 256 * 1024;
+/// Bodies up to this size are written in one call instead of through the pipeline.
+const SMALL_BODY: usize = 256 * 1024;
 /// Threads removing files at once in a garbage-collection sweep.
 const DELETE_THREADS: usize = 32;
 /// Chunks in flight between the task reading the request and the thread hashing and
@@ -187,8 +189,12 @@ impl BlobStore for FsBlobStore {
     async fn start_upload(&self) -> Result<UploadId, StorageError> {
         let id = UploadId::new_random();
         let dir = self.upload_dir(&id);
-        tokio::fs::create_dir_all(&dir).await?;
-        tokio::fs::File::create(dir.join("data")).await?;
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir)?;
+            File::create(dir.join("data")).map(drop)
+        })
+        .await
+        .map_err(io::Error::other)??;
         let session = Session {
             hasher: Some(DigestHasher::new(Algorithm::Sha256)),
             len: 0,
@@ -240,35 +246,80 @@ impl BlobStore for FsBlobStore {
             }
         };
 
-        // The request is read and hashed here while a blocking thread writes: on two cores
-        // the network and the hash get one, the page-cache copy the other.
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(PIPELINE_DEPTH);
-        let start_len = state.len;
-        let writer =
-            tokio::task::spawn_blocking(move || crate::staging::append_chunks(&path, &mut rx));
+        // Small bodies (most config and layer blobs of real images) are gathered and written
+        // in one blocking call; larger ones are read and hashed here while a blocking thread
+        // writes: on two cores the network and the hash get one, the page-cache copy the other.
         let mut hasher = hasher;
+        let mut head: Vec<Bytes> = Vec::new();
+        let mut head_len = 0usize;
         let mut body_error = None;
-        while let Some(item) = body.next().await {
-            match item {
-                Ok(chunk) if chunk.is_empty() => {}
-                Ok(chunk) => {
-                    hasher.update(&chunk);
-                    if tx.send(chunk).await.is_err() {
-                        break; // the writer failed; its error is reported below
+        let mut ended = false;
+        while head_len < SMALL_BODY {
+            match body.next().await {
+                None => {
+                    ended = true;
+                    break;
+                }
+                Some(Ok(chunk)) => {
+                    if !chunk.is_empty() {
+                        hasher.update(&chunk);
+                        head_len += chunk.len();
+                        head.push(chunk);
                     }
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     body_error = Some(e);
+                    ended = true;
                     break;
                 }
             }
         }
-        drop(tx);
-        let (written, result) = writer.await.map_err(io::Error::other)?;
+        let start_len = state.len;
+        let (written, result) = if ended {
+            let p = path.clone();
+            tokio::task::spawn_blocking(move || crate::staging::append_batch(&p, &head))
+                .await
+                .map_err(io::Error::other)?
+        } else {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(PIPELINE_DEPTH);
+            let writer =
+                tokio::task::spawn_blocking(move || crate::staging::append_chunks(&path, &mut rx));
+            let mut sending = true;
+            for chunk in head {
+                if tx.send(chunk).await.is_err() {
+                    sending = false; // the writer failed; its error is reported below
+                    break;
+                }
+            }
+            while sending {
+                match body.next().await {
+                    None => break,
+                    Some(Ok(chunk)) if chunk.is_empty() => {}
+                    Some(Ok(chunk)) => {
+                        hasher.update(&chunk);
+                        if tx.send(chunk).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        body_error = Some(e);
+                        break;
+                    }
+                }
+            }
+            drop(tx);
+            writer.await.map_err(io::Error::other)?
+        };
         match result {
             Ok(()) => {
                 state.hasher = Some(hasher);
                 state.len = start_len + written;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Purged behind our back (`berth gc` in another process).
+                drop(state);
+                self.forget(id);
+                return Err(StorageError::UploadUnknown(id.clone()));
             }
             Err(e) => {
                 // What reached the file is unknown: rehash it on next use.

@@ -49,6 +49,18 @@ pub(crate) fn append_chunks(
     (written, result)
 }
 
+/// Appends a few chunks at once: the path for small bodies.
+pub(crate) fn append_batch(path: &Path, chunks: &[Bytes]) -> (u64, io::Result<()>) {
+    let result = OpenOptions::new()
+        .append(true)
+        .open(path)
+        .and_then(|mut f| write_batch(&mut f, chunks));
+    match result {
+        Ok(()) => (chunks.iter().map(|c| c.len() as u64).sum(), Ok(())),
+        Err(e) => (0, Err(e)),
+    }
+}
+
 fn write_batch(file: &mut File, batch: &[Bytes]) -> io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> = batch.iter().map(|b| IoSlice::new(b)).collect();
     let mut rest = &mut slices[..];
