@@ -293,17 +293,15 @@ impl BlobStore for FsBlobStore {
             }
             while sending {
                 match body.next().await {
-                    None => break,
+                    None => sending = false,
                     Some(Ok(chunk)) if chunk.is_empty() => {}
                     Some(Ok(chunk)) => {
                         hasher.update(&chunk);
-                        if tx.send(chunk).await.is_err() {
-                            break;
-                        }
+                        sending = tx.send(chunk).await.is_ok();
                     }
                     Some(Err(e)) => {
                         body_error = Some(e);
-                        break;
+                        sending = false;
                     }
                 }
             }
