@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Read, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -13,8 +13,6 @@ use async_trait::async_trait;
 use berth_oci::{Algorithm, Digest, DigestHasher};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::io::AsyncReadExt as _;
-use tokio::io::AsyncSeekExt;
 
 use crate::{BlobStore, ByteRange, ByteStream, StorageError, UploadId};
 
@@ -166,23 +164,24 @@ impl BlobStore for FsBlobStore {
         digest: &Digest,
         range: Option<ByteRange>,
     ) -> Result<Option<ByteStream>, StorageError> {
-        let mut file = match tokio::fs::File::open(self.blob_path(digest)).await {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        let stream: ByteStream = match range {
-            None => Box::pin(tokio_util::io::ReaderStream::with_capacity(
-                file, READ_CHUNK,
-            )),
-            Some(r) => {
-                file.seek(SeekFrom::Start(r.start)).await?;
-                Box::pin(tokio_util::io::ReaderStream::with_capacity(
-                    file.take(r.len()),
-                    READ_CHUNK,
-                ))
+        let path = self.blob_path(digest);
+        let opened = tokio::task::spawn_blocking(move || -> io::Result<Option<File>> {
+            match File::open(&path) {
+                Ok(mut f) => {
+                    if let Some(r) = range {
+                        f.seek(SeekFrom::Start(r.start))?;
+                    }
+                    Ok(Some(f))
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
             }
-        };
+        })
+        .await
+        .map_err(io::Error::other)??;
+        let Some(file) = opened else { return Ok(None) };
+        let len = range.map(|r| r.len());
+        let stream = crate::reading::stream_file(file, len);
         Ok(Some(stream))
     }
 

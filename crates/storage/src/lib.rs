@@ -5,6 +5,7 @@
 //! or whole and verified against its digest, never partial.
 
 mod fs;
+mod reading;
 mod staging;
 
 use std::fmt;
