@@ -182,7 +182,19 @@ impl SqliteMeta {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, MetaError> + Send + 'static,
     {
-        self.writer.write(f).await
+        self.writer.write(group_commit::Durability::Synced, f).await
+    }
+
+    /// Like [`Self::write`], for bookkeeping that must be visible at once but need not be
+    /// on disk before the caller goes on (see [`group_commit::Durability::Visible`]).
+    async fn write_visible<T, F>(&self, f: F) -> Result<T, MetaError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, MetaError> + Send + 'static,
+    {
+        self.writer
+            .write(group_commit::Durability::Visible, f)
+            .await
     }
 }
 
@@ -224,7 +236,7 @@ fn delete_manifest_rows(tx: &Connection, repo: &str, digest: &str) -> Result<usi
 impl MetaStore for SqliteMeta {
     async fn reserve_blob(&self, digest: &Digest) -> Result<(), MetaError> {
         let digest = digest.as_str().to_owned();
-        self.write(move |tx| {
+        self.write_visible(move |tx| {
             let t = now();
             let state: Option<String> = tx
                 .query_row("SELECT state FROM blobs WHERE digest = ?1", params![digest], |r| r.get(0))
@@ -285,7 +297,7 @@ impl MetaStore for SqliteMeta {
 
     async fn touch_blob(&self, digest: &Digest) -> Result<(), MetaError> {
         let digest = digest.as_str().to_owned();
-        self.write(move |tx| {
+        self.write_visible(move |tx| {
             tx.execute(
                 "UPDATE blobs SET last_used_at = ?2 WHERE digest = ?1 AND state = 'live'",
                 params![digest, now()],
@@ -561,7 +573,7 @@ impl MetaStore for SqliteMeta {
 
     async fn record_upload(&self, upload_id: &str, repo: &RepoName) -> Result<(), MetaError> {
         let (id, repo) = (upload_id.to_owned(), repo.as_str().to_owned());
-        self.write(move |tx| {
+        self.write_visible(move |tx| {
             tx.execute(
                 "INSERT INTO uploads (id, repo, started_at) VALUES (?1, ?2, ?3)",
                 params![id, repo, now()],

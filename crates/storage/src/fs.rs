@@ -36,6 +36,9 @@ pub struct FsBlobStore {
 struct Session {
     hasher: Option<DigestHasher>,
     len: u64,
+    /// Bytes appended since write-back was last started, across requests: a chunked
+    /// upload of many small PATCHes gets its write-back started as a large one does.
+    unflushed: u64,
 }
 
 impl FsBlobStore {
@@ -82,7 +85,11 @@ impl FsBlobStore {
             }
             Err(e) => return Err(e.into()),
         };
-        let fresh = Arc::new(tokio::sync::Mutex::new(Session { hasher: None, len }));
+        let fresh = Arc::new(tokio::sync::Mutex::new(Session {
+            hasher: None,
+            len,
+            unflushed: 0,
+        }));
         let mut map = self.sessions.lock().expect("sessions lock");
         Ok(map.entry(id.clone()).or_insert(fresh).clone())
     }
@@ -197,6 +204,7 @@ impl BlobStore for FsBlobStore {
         let session = Session {
             hasher: Some(DigestHasher::new(Algorithm::Sha256)),
             len: 0,
+            unflushed: 0,
         };
         self.sessions
             .lock()
@@ -311,6 +319,17 @@ impl BlobStore for FsBlobStore {
             Ok(()) => {
                 state.hasher = Some(hasher);
                 state.len = start_len + written;
+                state.unflushed += written;
+                if state.unflushed >= crate::staging::WRITEBACK_EVERY {
+                    state.unflushed = 0;
+                    let staged = self.upload_dir(id).join("data");
+                    // Not awaited: the client need not wait for the disk yet.
+                    drop(tokio::task::spawn_blocking(move || {
+                        if let Ok(file) = File::open(&staged) {
+                            let _ = file.sync_data();
+                        }
+                    }));
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // Purged behind our back (`berth gc` in another process).

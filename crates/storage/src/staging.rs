@@ -16,7 +16,7 @@ use bytes::Bytes;
 /// Bytes gathered before one vectored write.
 const BATCH_BYTES: usize = 1024 * 1024;
 /// Bytes written between two background write-back requests.
-const WRITEBACK_EVERY: u64 = 64 * 1024 * 1024;
+pub(crate) const WRITEBACK_EVERY: u64 = 64 * 1024 * 1024;
 
 /// Appends every chunk received on `chunks` to the file at `path`, until the sender is
 /// dropped. Returns how many bytes reached the file and whether all did.
@@ -82,7 +82,7 @@ fn write_batch(file: &mut File, batch: &[Bytes]) -> io::Result<()> {
 struct Writeback {
     file: File,
     since_last: u64,
-    helper: Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
+    helper: Option<mpsc::Sender<()>>,
 }
 
 impl Writeback {
@@ -103,26 +103,24 @@ impl Writeback {
         if self.helper.is_none() {
             if let Ok(file) = self.file.try_clone() {
                 let (tx, rx) = mpsc::channel::<()>();
-                let handle = std::thread::spawn(move || {
+                std::thread::spawn(move || {
                     while rx.recv().is_ok() {
                         while rx.try_recv().is_ok() {} // coalesce requests that piled up
                                                        // Best effort: durability is enforced by the fsync at commit.
                         let _ = file.sync_data();
                     }
                 });
-                self.helper = Some((tx, handle));
+                self.helper = Some(tx);
             }
         }
-        if let Some((tx, _)) = &self.helper {
+        if let Some(tx) = &self.helper {
             let _ = tx.send(());
         }
     }
 
-    /// Lets the helper finish its current flush and exit.
+    /// Lets the helper finish its current flush and exit, without waiting for it: the
+    /// request is answered now, the commit's own fsync waits for the disk later.
     fn finish(self) {
-        if let Some((tx, handle)) = self.helper {
-            drop(tx);
-            let _ = handle.join();
-        }
+        drop(self.helper);
     }
 }

@@ -17,6 +17,8 @@ const MAX_BATCH: usize = 256;
 
 /// One write waiting for the writer thread.
 trait Job: Send {
+    /// Whether the caller must not be answered before the write is on disk.
+    fn durable(&self) -> bool;
     /// Runs the write inside the shared transaction.
     fn run(&mut self, conn: &Connection);
     /// Answers the caller once the shared transaction ended.
@@ -24,6 +26,7 @@ trait Job: Send {
 }
 
 struct TypedJob<T, F> {
+    durable: bool,
     write: Option<F>,
     outcome: Option<Result<T, MetaError>>,
     reply: tokio::sync::oneshot::Sender<Result<T, MetaError>>,
@@ -34,6 +37,10 @@ where
     T: Send,
     F: FnOnce(&Connection) -> Result<T, MetaError> + Send,
 {
+    fn durable(&self) -> bool {
+        self.durable
+    }
+
     fn run(&mut self, conn: &Connection) {
         let Some(write) = self.write.take() else {
             return;
@@ -81,13 +88,15 @@ impl GroupCommitter {
     }
 
     /// Runs `write` in the next shared transaction and returns its result once committed.
-    pub(super) async fn write<T, F>(&self, write: F) -> Result<T, MetaError>
+    /// `durability` says whether that commit must also be on disk before the answer.
+    pub(super) async fn write<T, F>(&self, durability: Durability, write: F) -> Result<T, MetaError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, MetaError> + Send + 'static,
     {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let job = TypedJob {
+            durable: durability == Durability::Synced,
             write: Some(write),
             outcome: None,
             reply,
@@ -101,13 +110,33 @@ impl GroupCommitter {
     }
 }
 
+/// Whether a write must reach the disk before its caller is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Durability {
+    /// Acknowledged state (a linked blob, a manifest, a tag): fsync before answering.
+    Synced,
+    /// Bookkeeping whose loss in a power failure costs a retry, never data: upload
+    /// sessions and blob reservations. Committed (visible to every reader, and kept if
+    /// only the process dies) but flushed with the next synced commit.
+    Visible,
+}
+
 fn run_writer(conn: &Connection, queue: &mpsc::Receiver<Box<dyn Job>>) {
+    // The connection was opened with synchronous=FULL.
+    let mut synced = true;
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match queue.try_recv() {
                 Ok(job) => batch.push(job),
                 Err(_) => break,
+            }
+        }
+        let durable = batch.iter().any(|job| job.durable());
+        if durable != synced {
+            let mode = if durable { "FULL" } else { "OFF" };
+            if conn.pragma_update(None, "synchronous", mode).is_ok() {
+                synced = durable;
             }
         }
         let commit = match conn.execute_batch("BEGIN IMMEDIATE") {
