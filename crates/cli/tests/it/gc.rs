@@ -16,7 +16,7 @@ const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
 /// A registry whose collections spare nothing for age: every unreferenced blob goes.
-fn eager_registry() -> TestRegistry {
+pub(crate) fn eager_registry() -> TestRegistry {
     TestRegistry::start_with(
         Limits::default(),
         GcOptions {

@@ -8,8 +8,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use berth_registry::{GcOptions, Limits};
-use berth_testkit::TestRegistry;
 use reqwest::StatusCode;
 
 use crate::{http, image_manifest, pull_problems, run_gc, sha256};
@@ -75,17 +73,9 @@ fn layer(seed: u64, len: usize) -> Vec<u8> {
 fn concurrent_push_delete_and_gc_lose_nothing() {
     let secs = env_number("BERTH_STRESS_SECS", 6);
     let writers = env_number("BERTH_STRESS_WRITERS", 3);
-    let reg = TestRegistry::start_with(
-        Limits::default(),
-        GcOptions {
-            // No grace at all: only the transactional protocol stands between a push and a
-            // sweep, which is the hardest case for it.
-            blob_grace: Duration::ZERO,
-            untagged_min_age: Duration::ZERO,
-            upload_max_age: Duration::from_secs(3600),
-            ..GcOptions::default()
-        },
-    );
+    // No grace at all: only the transactional protocol stands between a push and a sweep,
+    // which is the hardest case for it.
+    let reg = crate::gc::eager_registry();
     let base = reg.url();
     let counters = Arc::new(Counters {
         pushes: AtomicU64::new(0),
