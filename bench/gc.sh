@@ -41,7 +41,7 @@ mkdir -p "$DIST" "$BERTHW"
 
 start_berth() {
   port_free "$BERTH_PORT" || { echo "port $BERTH_PORT is busy" >&2; return 1; }
-  "$BERTH" serve --listen "127.0.0.1:$BERTH_PORT" --data-dir "$BERTHW/data" --log-level warn \
+  "$BERTH" serve --auth none --listen "127.0.0.1:$BERTH_PORT" --data-dir "$BERTHW/data" --log-level warn \
     >>"$BERTHW/berth.log" 2>&1 &
   BERTH_PID=$!
   STARTED_PIDS+=("$BERTH_PID")

@@ -54,7 +54,7 @@ if want start; then
 import json, subprocess, sys, time, urllib.request
 berth, data, port, rep = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 t0 = time.perf_counter()
-p = subprocess.Popen([berth, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", data, "--log-level", "warn"])
+p = subprocess.Popen([berth, "serve", "--auth", "none", "--listen", f"127.0.0.1:{port}", "--data-dir", data, "--log-level", "warn"])
 while True:
     try:
         if urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1).status == 200:
@@ -70,7 +70,7 @@ PY
 fi
 
 port_free "$BERTH_PORT" || { echo "port $BERTH_PORT is busy" >&2; exit 1; }
-"$BERTH" serve --listen "127.0.0.1:$BERTH_PORT" --data-dir "$WORK/berth-data" --log-level warn >>"$WORK/berth.log" 2>&1 &
+"$BERTH" serve --auth none --listen "127.0.0.1:$BERTH_PORT" --data-dir "$WORK/berth-data" --log-level warn >>"$WORK/berth.log" 2>&1 &
 BERTH_PID=$!
 STARTED_PIDS+=("$BERTH_PID")
 wait_http "http://127.0.0.1:$BERTH_PORT/v2/" || exit 1

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+use berth_auth::{AuthMode, AuthSettings};
 use berth_registry::GcOptions;
 use serde::Deserialize;
 
@@ -18,6 +19,34 @@ pub(crate) struct Settings {
     pub(crate) log_level: String,
     pub(crate) max_manifest_bytes: usize,
     pub(crate) gc: GcSettings,
+    pub(crate) auth: AuthConfig,
+}
+
+/// Authentication settings plus where the keys are.
+#[derive(Debug, Clone)]
+pub(crate) struct AuthConfig {
+    pub(crate) settings: AuthSettings,
+    /// The token signing key (PKCS#8 PEM); created on first start if missing.
+    pub(crate) signing_key: PathBuf,
+    /// The external issuer's public key (SPKI PEM), in `token` mode.
+    pub(crate) issuer_public_key: Option<PathBuf>,
+}
+
+/// The `[auth]` table of the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAuth {
+    mode: Option<String>,
+    service: Option<String>,
+    issuer: Option<String>,
+    realm: Option<String>,
+    token_ttl_secs: Option<u64>,
+    refresh_ttl_secs: Option<u64>,
+    create_projects_on_push: Option<bool>,
+    max_login_failures: Option<u32>,
+    login_failure_window_secs: Option<u64>,
+    signing_key: Option<PathBuf>,
+    issuer_public_key: Option<PathBuf>,
 }
 
 /// Garbage-collection settings: what a collection keeps, and how often `serve` runs one.
@@ -50,6 +79,8 @@ struct FileConfig {
     limits: FileLimits,
     #[serde(default)]
     gc: FileGc,
+    #[serde(default)]
+    auth: FileAuth,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -65,6 +96,7 @@ pub(crate) struct Overrides {
     pub(crate) data_dir: Option<PathBuf>,
     pub(crate) log_level: Option<String>,
     pub(crate) max_manifest_bytes: Option<usize>,
+    pub(crate) auth_mode: Option<String>,
 }
 
 impl Settings {
@@ -86,12 +118,14 @@ impl Settings {
         let listen = listen
             .parse()
             .with_context(|| format!("listen address {listen:?} is not HOST:PORT"))?;
+        let data_dir = overrides
+            .data_dir
+            .or(file_config.data_dir)
+            .unwrap_or_else(|| PathBuf::from("./berth-data"));
+        let auth = auth_config(&file_config.auth, overrides.auth_mode.as_deref(), &data_dir)?;
         Ok(Settings {
             listen,
-            data_dir: overrides
-                .data_dir
-                .or(file_config.data_dir)
-                .unwrap_or_else(|| PathBuf::from("./berth-data")),
+            data_dir,
             log_level: overrides
                 .log_level
                 .or(file_config.log_level)
@@ -101,8 +135,49 @@ impl Settings {
                 .or(file_config.limits.max_manifest_bytes)
                 .unwrap_or(berth_registry::Limits::default().max_manifest_bytes),
             gc: gc_settings(&file_config.gc),
+            auth,
         })
     }
+}
+
+fn auth_config(file: &FileAuth, mode: Option<&str>, data_dir: &Path) -> anyhow::Result<AuthConfig> {
+    let defaults = AuthSettings::default();
+    let mode = match mode.or(file.mode.as_deref()).unwrap_or("builtin") {
+        "builtin" => AuthMode::Builtin,
+        "none" => AuthMode::Disabled,
+        "token" => AuthMode::ExternalToken,
+        other => anyhow::bail!("auth mode {other:?}: expected builtin, none or token"),
+    };
+    if mode == AuthMode::ExternalToken && (file.realm.is_none() || file.issuer_public_key.is_none())
+    {
+        anyhow::bail!("auth mode token needs auth.realm (the issuer's token endpoint) and auth.issuer_public_key");
+    }
+    let secs = |v: Option<u64>, d: Duration| v.map(Duration::from_secs).unwrap_or(d);
+    Ok(AuthConfig {
+        settings: AuthSettings {
+            mode,
+            service: file.service.clone().unwrap_or(defaults.service),
+            issuer: file.issuer.clone().unwrap_or(defaults.issuer),
+            realm: file.realm.clone(),
+            token_ttl: secs(file.token_ttl_secs, defaults.token_ttl),
+            refresh_ttl: secs(file.refresh_ttl_secs, defaults.refresh_ttl),
+            create_projects_on_push: file
+                .create_projects_on_push
+                .unwrap_or(defaults.create_projects_on_push),
+            max_login_failures: file
+                .max_login_failures
+                .unwrap_or(defaults.max_login_failures),
+            login_failure_window: secs(
+                file.login_failure_window_secs,
+                defaults.login_failure_window,
+            ),
+        },
+        signing_key: file
+            .signing_key
+            .clone()
+            .unwrap_or_else(|| data_dir.join("token-signing-key.pem")),
+        issuer_public_key: file.issuer_public_key.clone(),
+    })
 }
 
 fn gc_settings(file: &FileGc) -> GcSettings {
@@ -158,6 +233,22 @@ mod tests {
         assert_eq!(s.gc.interval, Some(Duration::from_secs(3600)));
         assert_eq!(s.gc.options.blob_grace, Duration::from_secs(60));
         assert!(s.gc.options.delete_untagged);
+        assert_eq!(d.auth.settings.mode, AuthMode::Builtin);
+        std::fs::write(&path, "[auth]\nmode = \"none\"\nmax_login_failures = 3\n").unwrap();
+        let s = Settings::load(Some(&path), Overrides::default()).unwrap();
+        assert_eq!(s.auth.settings.mode, AuthMode::Disabled);
+        assert_eq!(s.auth.settings.max_login_failures, 3);
+        let s = Settings::load(
+            Some(&path),
+            Overrides {
+                auth_mode: Some("builtin".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(s.auth.settings.mode, AuthMode::Builtin);
+        std::fs::write(&path, "[auth]\nmode = \"token\"\n").unwrap();
+        assert!(Settings::load(Some(&path), Overrides::default()).is_err());
         std::fs::write(&path, "lisen = 1\n").unwrap();
         assert!(Settings::load(Some(&path), Overrides::default()).is_err());
     }

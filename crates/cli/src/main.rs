@@ -1,5 +1,6 @@
 //! `berth`: a container image registry in one binary.
 
+mod accounts;
 mod config;
 
 use std::path::PathBuf;
@@ -7,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use berth_auth::{AccessControl, AuthMode, TokenSigner};
 use berth_meta::SqliteMeta;
 use berth_registry::{CheckOptions, Limits, Registry};
 use berth_server::App;
@@ -53,6 +55,25 @@ enum Command {
         /// Largest manifest accepted, in bytes [default: 4194304].
         #[arg(long, env = "BERTH_MAX_MANIFEST_BYTES")]
         max_manifest_bytes: Option<usize>,
+        /// Authentication: `builtin` (users, projects, tokens), `none` (anyone may do
+        /// anything; trusted networks only) or `token` (trust an external token issuer)
+        /// [default: builtin].
+        #[arg(long, env = "BERTH_AUTH_MODE")]
+        auth: Option<String>,
+    },
+    /// Manage users (works beside a running registry).
+    User {
+        #[command(flatten)]
+        data: DataArgs,
+        #[command(subcommand)]
+        command: accounts::UserCommand,
+    },
+    /// Show the audit log, newest first.
+    Audit {
+        #[command(flatten)]
+        data: DataArgs,
+        #[command(flatten)]
+        filter: accounts::AuditArgs,
     },
     /// Collect garbage: unreferenced blobs, abandoned uploads and, if asked, untagged
     /// manifests. Safe while a registry is serving the same data directory.
@@ -93,16 +114,30 @@ fn main() -> anyhow::Result<()> {
             data,
             listen,
             max_manifest_bytes,
+            auth,
         } => {
             let settings = load(
                 data,
                 Overrides {
                     listen,
                     max_manifest_bytes,
+                    auth_mode: auth,
                     ..Overrides::default()
                 },
             )?;
             serve(settings)
+        }
+        Command::User { data, command } => {
+            let settings = load(data, Overrides::default())?;
+            run_offline(&settings, |stores| {
+                accounts::user_command(stores.access, command)
+            })
+        }
+        Command::Audit { data, filter } => {
+            let settings = load(data, Overrides::default())?;
+            run_offline(&settings, |stores| {
+                accounts::audit_command(stores.access, filter)
+            })
         }
         Command::Gc {
             data,
@@ -125,16 +160,16 @@ fn main() -> anyhow::Result<()> {
             if let Some(s) = upload_max_age_secs {
                 options.upload_max_age = Duration::from_secs(s);
             }
-            run_offline(&settings, |registry| async move {
-                let report = registry.collect_garbage(&options).await?;
+            run_offline(&settings, |stores| async move {
+                let report = stores.registry.collect_garbage(&options).await?;
                 println!("{}", serde_json::to_string_pretty(&report)?);
                 Ok(())
             })
         }
         Command::Check { data, repair } => {
             let settings = load(data, Overrides::default())?;
-            let clean = run_offline(&settings, |registry| async move {
-                let report = registry.check(CheckOptions { repair }).await?;
+            let clean = run_offline(&settings, |stores| async move {
+                let report = stores.registry.check(CheckOptions { repair }).await?;
                 println!("{}", serde_json::to_string_pretty(&report)?);
                 Ok(report.is_clean())
             })?;
@@ -163,32 +198,77 @@ fn load(data: DataArgs, overrides: Overrides) -> anyhow::Result<Settings> {
     Ok(settings)
 }
 
-/// Opens the stores of the data directory and wires the registry service.
-fn open_registry(settings: &Settings) -> anyhow::Result<Registry> {
+/// The services wired to the stores of the data directory.
+struct Stores {
+    registry: Registry,
+    access: AccessControl,
+}
+
+/// Opens the stores of the data directory and wires the registry and access services.
+/// Must run inside the runtime (the access service starts its audit writer).
+fn open_stores(settings: &Settings) -> anyhow::Result<Stores> {
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("creating data directory {}", settings.data_dir.display()))?;
     let blobs = FsBlobStore::open(&settings.data_dir).context("opening blob storage")?;
-    let meta = SqliteMeta::open(&settings.data_dir.join("meta.db")).context("opening metadata")?;
-    Ok(Registry::new(
+    let meta =
+        Arc::new(SqliteMeta::open(&settings.data_dir.join("meta.db")).context("opening metadata")?);
+    let registry = Registry::new(
         Arc::new(blobs),
-        Arc::new(meta),
+        meta.clone(),
         Limits {
             max_manifest_bytes: settings.max_manifest_bytes,
         },
-    ))
+    );
+    let auth = &settings.auth;
+    let signer = match auth.settings.mode {
+        AuthMode::Builtin => Some(signing_key(&auth.signing_key)?),
+        AuthMode::Disabled | AuthMode::ExternalToken => None,
+    };
+    let issuer_key = match &auth.issuer_public_key {
+        Some(path) if auth.settings.mode == AuthMode::ExternalToken => {
+            let pem = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Some(berth_auth::verifying_key_from_pem(&pem)?)
+        }
+        _ => None,
+    };
+    let access = AccessControl::for_mode(auth.settings.clone(), meta, signer, issuer_key)?;
+    Ok(Stores { registry, access })
+}
+
+/// Loads the token signing key, creating it (readable by the owner only) on first start.
+fn signing_key(path: &std::path::Path) -> anyhow::Result<TokenSigner> {
+    match std::fs::read_to_string(path) {
+        Ok(pem) => Ok(TokenSigner::from_pem(&pem)?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let signer = TokenSigner::generate()?;
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut file = options
+                .open(path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            std::io::Write::write_all(&mut file, signer.to_pem()?.as_bytes())?;
+            file.sync_all()?;
+            tracing::info!(path = %path.display(), "created the token signing key");
+            Ok(signer)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
 }
 
 /// Runs a maintenance task on the data directory without serving it.
 fn run_offline<T, F, Fut>(settings: &Settings, task: F) -> anyhow::Result<T>
 where
-    F: FnOnce(Registry) -> Fut,
+    F: FnOnce(Stores) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let registry = runtime.block_on(async { open_registry(settings) })?;
-    runtime.block_on(task(registry))
+    let stores = runtime.block_on(async { open_stores(settings) })?;
+    runtime.block_on(task(stores))
 }
 
 fn serve(settings: Settings) -> anyhow::Result<()> {
@@ -196,7 +276,14 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let registry = open_registry(&settings)?;
+        let Stores { registry, access } = open_stores(&settings)?;
+        if access.settings().mode == AuthMode::Builtin {
+            let password = std::env::var("BERTH_ADMIN_PASSWORD").ok().filter(|p| !p.is_empty());
+            if let Some(generated) = access.bootstrap_admin(password).await? {
+                // Shown once, on the terminal of whoever started the first run.
+                eprintln!("\nberth: created user \"admin\" with password {generated}\n       (change it with `berth user passwd admin`)\n");
+            }
+        }
         if let Some(interval) = settings.gc.interval {
             tokio::spawn(scheduled_gc(registry.clone(), settings.gc.options.clone(), interval));
         }
@@ -205,7 +292,9 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
             .with_context(|| format!("binding {}", settings.listen))?;
         let addr = listener.local_addr()?;
         tracing::info!(%addr, data_dir = %settings.data_dir.display(), "berth listening on http://{addr}");
-        berth_server::serve(listener, App::new(registry, settings.gc.options.clone()), shutdown_signal()).await?;
+        tracing::info!(auth = ?access.settings().mode, "access control");
+        let app = App::new(registry, access, settings.gc.options.clone());
+        berth_server::serve(listener, app, shutdown_signal()).await?;
         tracing::info!("berth stopped");
         Ok(())
     })

@@ -6,11 +6,16 @@
 //! Only this crate writes SQL. The embedded backend is SQLite; the [`MetaStore`] trait is
 //! what a second backend implements.
 
+mod accounts;
 mod sqlite;
 
 use async_trait::async_trait;
 use berth_oci::{Digest, ManifestEdge, Reference, RepoName, Tag};
 
+pub use accounts::{
+    AccountStore, AuditFilter, AuditRecord, MemberRecord, NewAuditEvent, ProjectRecord,
+    RobotRecord, UserRecord,
+};
 pub use sqlite::SqliteMeta;
 
 /// A manifest as the registry accepted it: the exact bytes plus the facts parsed out of them.
@@ -126,6 +131,15 @@ pub enum MetaError {
     /// it again rather than trust bytes that are about to disappear.
     #[error("the blob is being deleted by garbage collection")]
     BlobBeingDeleted,
+    /// A record with that name exists already.
+    #[error("{0}")]
+    Conflict(String),
+    /// A record the operation needs does not exist.
+    #[error("{0} does not exist")]
+    NotFound(String),
+    /// The record still holds content and cannot be removed.
+    #[error("{0}")]
+    NotEmpty(String),
     /// The backend failed.
     #[error("metadata backend: {0}")]
     Backend(String),
@@ -195,8 +209,13 @@ pub trait MetaStore: Send + Sync + 'static {
         repo: &RepoName,
         page: Page<'_>,
     ) -> Result<Option<Vec<String>>, MetaError>;
-    /// Repository names in lexical order.
-    async fn catalog(&self, page: Page<'_>) -> Result<Vec<String>, MetaError>;
+    /// Repository names in lexical order; only those in the listed projects (first path
+    /// segments) when `within` is given.
+    async fn catalog(
+        &self,
+        page: Page<'_>,
+        within: Option<&[String]>,
+    ) -> Result<Vec<String>, MetaError>;
     /// Manifests in `repo` whose subject is `subject`, optionally of one artifact type.
     async fn referrers(
         &self,

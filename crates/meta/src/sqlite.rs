@@ -15,6 +15,7 @@ use crate::{
     Referrer, StoredManifest,
 };
 
+mod accounts;
 mod gc;
 mod group_commit;
 
@@ -82,6 +83,51 @@ CREATE TABLE uploads (
 -- 'live' or 'deleting'. Deliberately not indexed: a collection scans blobs once, while
 -- an index would be rewritten for every blob it marks (measured: 3x slower marking).
 ALTER TABLE blobs ADD COLUMN state TEXT NOT NULL DEFAULT 'live';
+"#,
+    r#"
+CREATE TABLE users (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    password_hash TEXT NOT NULL,
+    admin INTEGER NOT NULL DEFAULT 0,
+    generation INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE projects (
+    name TEXT PRIMARY KEY,
+    public INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE members (
+    project TEXT NOT NULL REFERENCES projects (name) ON DELETE CASCADE,
+    user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    role TEXT NOT NULL,
+    PRIMARY KEY (project, user_id)
+) WITHOUT ROWID;
+CREATE INDEX members_by_user ON members (user_id);
+CREATE TABLE robots (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    project TEXT NOT NULL REFERENCES projects (name) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    secret_hash TEXT NOT NULL,
+    permissions TEXT NOT NULL,
+    expires_at INTEGER,
+    created_at INTEGER NOT NULL,
+    UNIQUE (project, name)
+);
+CREATE TABLE audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    actor_kind TEXT NOT NULL,
+    address TEXT NOT NULL,
+    action TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    result TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX audit_by_actor ON audit (actor, id);
+CREATE INDEX audit_by_action ON audit (action, id);
 "#,
 ];
 
@@ -511,16 +557,35 @@ impl MetaStore for SqliteMeta {
         .await
     }
 
-    async fn catalog(&self, page: Page<'_>) -> Result<Vec<String>, MetaError> {
-        let page = (page.limit, page.after.map(str::to_owned));
+    async fn catalog(
+        &self,
+        page: Page<'_>,
+        within: Option<&[String]>,
+    ) -> Result<Vec<String>, MetaError> {
+        let limit = page.limit.map(|n| n as i64).unwrap_or(-1);
+        let after = page.after.unwrap_or_default().to_owned();
+        let within = within.map(|projects| {
+            let list: Vec<String> = projects.iter().map(|p| format!("\"{p}\"")).collect();
+            format!("[{}]", list.join(","))
+        });
         self.read(move |conn| {
-            // ?1 is unused but keeps one paging helper for both listings.
-            page_query(
-                conn,
-                "SELECT name FROM repositories WHERE ?1 = ?1 AND name > ?2 ORDER BY name LIMIT ?3",
-                "",
-                page,
-            )
+            // The project is the first path segment; project names need no JSON escaping
+            // (they are lowercase alphanumerics and separators).
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT name FROM repositories WHERE name > ?1
+                     AND (?2 IS NULL OR (CASE WHEN instr(name, '/') > 0
+                            THEN substr(name, 1, instr(name, '/') - 1) ELSE name END)
+                          IN (SELECT value FROM json_each(?2)))
+                     ORDER BY name LIMIT ?3",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(params![after, within, limit], |r| r.get::<_, String>(0))
+                .map_err(backend)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(backend)?;
+            Ok(rows)
         })
         .await
     }
@@ -718,10 +783,13 @@ mod tests {
             .unwrap()
             .is_none());
         assert_eq!(
-            meta.catalog(Page {
-                limit: Some(10),
-                after: None
-            })
+            meta.catalog(
+                Page {
+                    limit: Some(10),
+                    after: None
+                },
+                None
+            )
             .await
             .unwrap(),
             vec!["team/app"]

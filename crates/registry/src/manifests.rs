@@ -144,9 +144,14 @@ impl Registry {
             })
     }
 
-    /// Repository names in lexical order, one page.
-    pub async fn catalog(&self, page: Page<'_>) -> Result<Vec<String>, RegistryError> {
-        Ok(self.meta.catalog(page).await?)
+    /// Repository names in lexical order, one page; only those in the `within` projects
+    /// when given (what the caller may see).
+    pub async fn catalog(
+        &self,
+        page: Page<'_>,
+        within: Option<&[String]>,
+    ) -> Result<Vec<String>, RegistryError> {
+        Ok(self.meta.catalog(page, within).await?)
     }
 
     /// Manifests in `repo` that refer to `subject`. Never "unknown": a subject without

@@ -1,34 +1,111 @@
-//! The admin API. For now: triggering garbage collection. It is unauthenticated until
-//! users and roles exist; bind the registry to a trusted address meanwhile.
+//! The admin REST API under `/api/v1`: users, projects, members, robot accounts, the audit
+//! log and garbage collection. Documented in `api/openapi.json` (served at
+//! `/api/v1/openapi.json`). Each handler parses, makes one call to [`AccessControl`]
+//! (which authorizes and audits) or the registry, and answers JSON.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
-use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{Extensions, StatusCode};
 use axum::response::{IntoResponse, Response};
+use berth_auth::time::rfc3339;
+use berth_auth::{robot_login, ImportOutcome, Need, NewRobot, NewUser};
+use berth_meta::{AuditFilter, AuditRecord, ProjectRecord, RobotRecord, UserRecord};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
 
+use crate::auth::caller_of;
 use crate::error::{Code, OciError};
 use crate::App;
 
-fn flag(params: &HashMap<String, String>, name: &str) -> Result<Option<bool>, OciError> {
+/// The OpenAPI description of this API, served as is.
+pub(crate) const OPENAPI: &str = include_str!("../api/openapi.json");
+
+type Params = HashMap<String, String>;
+
+fn bad_request(message: impl Into<String>) -> OciError {
+    OciError::new(StatusCode::BAD_REQUEST, Code::BadRequest, message)
+}
+
+fn flag(params: &Params, name: &str) -> Result<Option<bool>, OciError> {
     match params.get(name).map(String::as_str) {
         None => Ok(None),
         Some("true" | "1" | "") => Ok(Some(true)),
         Some("false" | "0") => Ok(Some(false)),
-        Some(other) => Err(OciError::new(
-            StatusCode::BAD_REQUEST,
-            Code::Unsupported,
-            format!("{name}={other}: expected true or false"),
-        )),
+        Some(other) => Err(bad_request(format!(
+            "{name}={other}: expected true or false"
+        ))),
     }
 }
 
+fn number(params: &Params, name: &str) -> Result<Option<i64>, OciError> {
+    params
+        .get(name)
+        .map(|v| {
+            v.parse::<i64>()
+                .map_err(|_| bad_request(format!("{name}={v}: expected an integer")))
+        })
+        .transpose()
+}
+
+fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, OciError> {
+    serde_json::from_slice(bytes).map_err(|e| bad_request(format!("request body: {e}")))
+}
+
+fn reply(status: StatusCode, value: Value) -> Response {
+    (
+        status,
+        [("content-type", "application/json")],
+        value.to_string(),
+    )
+        .into_response()
+}
+
+fn user_json(u: &UserRecord) -> Value {
+    json!({ "name": u.name, "admin": u.admin, "created_at": rfc3339(u.created_ms) })
+}
+
+fn project_json(p: &ProjectRecord) -> Value {
+    json!({ "name": p.name, "public": p.public, "created_at": rfc3339(p.created_ms) })
+}
+
+fn robot_json(r: &RobotRecord) -> Value {
+    json!({
+        "name": robot_login(r),
+        "project": r.project,
+        "permissions": r.permissions,
+        "expires_at": r.expires_ms.map(rfc3339),
+        "created_at": rfc3339(r.created_ms),
+    })
+}
+
+fn audit_json(r: &AuditRecord) -> Value {
+    let e = &r.event;
+    json!({
+        "id": r.id,
+        "time": rfc3339(e.at_ms),
+        "actor": e.actor,
+        "actor_kind": e.actor_kind,
+        "address": e.address,
+        "action": e.action,
+        "resource": e.resource,
+        "result": e.result,
+        "detail": e.detail,
+    })
+}
+
 /// `POST /api/v1/gc[?dry_run=true][&delete_untagged=true]`: one collection with the
-/// configured settings, answered with its report as JSON.
+/// configured settings (system administrators).
 pub(crate) async fn run_gc(
     State(app): State<App>,
-    Query(params): Query<HashMap<String, String>>,
+    extensions: Extensions,
+    Query(params): Query<Params>,
 ) -> Result<Response, OciError> {
+    let caller = caller_of(&extensions);
+    app.access.authorize(&caller, Need::System).await?;
     let mut options = app.gc.clone();
     if let Some(dry) = flag(&params, "dry_run")? {
         options.dry_run = dry;
@@ -37,6 +114,368 @@ pub(crate) async fn run_gc(
         options.delete_untagged = untagged;
     }
     let report = app.registry.collect_garbage(&options).await?;
-    let body = serde_json::to_string(&report).map_err(|e| OciError::internal(&e))?;
-    Ok((StatusCode::OK, [("content-type", "application/json")], body).into_response())
+    let body = serde_json::to_value(&report).map_err(|e| OciError::internal(&e))?;
+    Ok(reply(StatusCode::OK, body))
+}
+
+/// `GET /api/v1/openapi.json`.
+pub(crate) async fn openapi() -> Response {
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        OPENAPI,
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateUser {
+    name: String,
+    password: Option<String>,
+    #[serde(default)]
+    admin: bool,
+}
+
+/// `POST /api/v1/users`.
+pub(crate) async fn create_user(
+    State(app): State<App>,
+    extensions: Extensions,
+    bytes: Bytes,
+) -> Result<Response, OciError> {
+    let req: CreateUser = body(&bytes)?;
+    let new = NewUser {
+        name: req.name,
+        password: req.password,
+        admin: req.admin,
+    };
+    let (user, generated) = app.access.create_user(&caller_of(&extensions), new).await?;
+    let mut value = user_json(&user);
+    if let Some(password) = generated {
+        value["password"] = password.into();
+    }
+    Ok(reply(StatusCode::CREATED, value))
+}
+
+/// `GET /api/v1/users`.
+pub(crate) async fn list_users(
+    State(app): State<App>,
+    extensions: Extensions,
+) -> Result<Response, OciError> {
+    let users = app.access.users(&caller_of(&extensions)).await?;
+    Ok(reply(
+        StatusCode::OK,
+        json!({ "users": users.iter().map(user_json).collect::<Vec<_>>() }),
+    ))
+}
+
+/// `GET /api/v1/users/{name}`.
+pub(crate) async fn get_user(
+    State(app): State<App>,
+    extensions: Extensions,
+    Path(name): Path<String>,
+) -> Result<Response, OciError> {
+    let user = app.access.user(&caller_of(&extensions), &name).await?;
+    Ok(reply(StatusCode::OK, user_json(&user)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateUser {
+    password: Option<String>,
+    admin: Option<bool>,
+}
+
+/// `PUT /api/v1/users/{name}`.
+pub(crate) async fn update_user(
+    State(app): State<App>,
+    extensions: Extensions,
+    Path(name): Path<String>,
+    bytes: Bytes,
+) -> Result<Response, OciError> {
+    let req: UpdateUser = body(&bytes)?;
+    let user = app
+        .access
+        .update_user(&caller_of(&extensions), &name, req.password, req.admin)
+        .await?;
+    Ok(reply(StatusCode::OK, user_json(&user)))
+}
+
+/// `DELETE /api/v1/users/{name}`.
+pub(crate) async fn delete_user(
+    State(app): State<App>,
+    extensions: Extensions,
+    Path(name): Path<String>,
+) -> Result<Response, OciError> {
+    app.access
+        .delete_user(&caller_of(&extensions), &name)
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `POST /api/v1/users/import`: an htpasswd file as the body.
+pub(crate) async fn import_users(
+    State(app): State<App>,
+    extensions: Extensions,
+    bytes: Bytes,
+) -> Result<Response, OciError> {
+    let text = std::str::from_utf8(&bytes).map_err(|_| bad_request("htpasswd files are text"))?;
+    let outcomes = app
+        .access
+        .import_htpasswd(&caller_of(&extensions), text)
+        .await?;
+    let results: Vec<Value> = outcomes
+        .iter()
+        .map(|(name, outcome)| match outcome {
+            ImportOutcome::Created => json!({ "name": name, "outcome": "created" }),
+            ImportOutcome::Exists => json!({ "name": name, "outcome": "exists" }),
+            ImportOutcome::Invalid(why) => {
+                json!({ "name": name, "outcome": "invalid", "detail": why })
+            }
+        })
+        .collect();
+    Ok(reply(StatusCode::OK, json!({ "results": results })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateProject {
+    name: String,
+    #[serde(default)]
+    public: bool,
+}
+
+/// `POST /api/v1/projects`.
+pub(crate) async fn create_project(
+    State(app): State<App>,
+    extensions: Extensions,
+    bytes: Bytes,
+) -> Result<Response, OciError> {
+    let req: CreateProject = body(&bytes)?;
+    let project = app
+        .access
+        .create_project(&caller_of(&extensions), &req.name, req.public)
+        .await?;
+    Ok(reply(StatusCode::CREATED, project_json(&project)))
+}
+
+/// `GET /api/v1/projects`: the projects the caller can see.
+pub(crate) async fn list_projects(
+    State(app): State<App>,
+    extensions: Extensions,
+) -> Result<Response, OciError> {
+    let projects = app.access.projects(&caller_of(&extensions)).await?;
+    Ok(reply(
+        StatusCode::OK,
+        json!({ "projects": projects.iter().map(project_json).collect::<Vec<_>>() }),
+    ))
+}
+
+/// `GET /api/v1/projects/{name}`.
+pub(crate) async fn get_project(
+    State(app): State<App>,
+    extensions: Extensions,
+    Path(name): Path<String>,
+) -> Result<Response, OciError> {
+    let project = app.access.project(&caller_of(&extensions), &name).await?;
+    Ok(reply(StatusCode::OK, project_json(&project)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateProject {
+    public: bool,
+}
+
+/// `PUT /api/v1/projects/{name}`.
+pub(crate) async fn update_project(
+    State(app): State<App>,
+    extensions: Extensions,
+    Path(name): Path<String>,
+    bytes: Bytes,
+) -> Result<Response, OciError> {
+    let req: UpdateProject = body(&bytes)?;
+    let project = app
+        .access
+        .set_project_public(&caller_of(&extensions), &name, req.public)
+        .await?;
+    Ok(reply(StatusCode::OK, project_json(&project)))
+}
+
+/// `DELETE /api/v1/projects/{name}`: only an empty project.
+pub(crate) async fn delete_project(
+    State(app): State<App>,
+    extensions: Extensions,
+    Path(name): Path<String>,
+) -> Result<Response, OciError> {
+    app.access
+        .delete_project(&caller_of(&extensions), &name)
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `GET /api/v1/projects/{name}/members`.
+pub(crate) async fn list_members(
+    State(app): State<App>,
+    extensions: Extensions,
+    Path(name): Path<String>,
+) -> Result<Response, OciError> {
+    let members = app.access.members(&caller_of(&extensions), &name).await?;
+    let members: Vec<Value> = members
+        .iter()
+        .map(|m| json!({ "user": m.user, "role": m.role }))
+        .collect();
+    Ok(reply(StatusCode::OK, json!({ "members": members })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddMember {
+    user: String,
+    role: String,
+}
+
+/// `POST /api/v1/projects/{name}/members`: adds a member (201) or changes its role (200).
+pub(crate) async fn add_member(
+    State(app): State<App>,
+    extensions: Extensions,
+    Path(name): Path<String>,
+    bytes: Bytes,
+) -> Result<Response, OciError> {
+    let req: AddMember = body(&bytes)?;
+    let added = app
+        .access
+        .set_member(&caller_of(&extensions), &name, &req.user, &req.role)
+        .await?;
+    let status = if added {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(reply(status, json!({ "user": req.user, "role": req.role })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetRole {
+    role: String,
+}
+
+/// `PUT /api/v1/projects/{name}/members/{user}`.
+pub(crate) async fn set_member(
+    State(app): State<App>,
+    extensions: Extensions,
+    Path((name, user)): Path<(String, String)>,
+    bytes: Bytes,
+) -> Result<Response, OciError> {
+    let req: SetRole = body(&bytes)?;
+    app.access
+        .set_member(&caller_of(&extensions), &name, &user, &req.role)
+        .await?;
+    Ok(reply(
+        StatusCode::OK,
+        json!({ "user": user, "role": req.role }),
+    ))
+}
+
+/// `DELETE /api/v1/projects/{name}/members/{user}`.
+pub(crate) async fn remove_member(
+    State(app): State<App>,
+    extensions: Extensions,
+    Path((name, user)): Path<(String, String)>,
+) -> Result<Response, OciError> {
+    app.access
+        .remove_member(&caller_of(&extensions), &name, &user)
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRobot {
+    name: String,
+    permissions: Vec<String>,
+    expires_in_days: Option<u64>,
+}
+
+/// `POST /api/v1/projects/{name}/robots`: the answer carries the secret, once.
+pub(crate) async fn create_robot(
+    State(app): State<App>,
+    extensions: Extensions,
+    Path(name): Path<String>,
+    bytes: Bytes,
+) -> Result<Response, OciError> {
+    let req: CreateRobot = body(&bytes)?;
+    let new = NewRobot {
+        name: req.name,
+        permissions: req.permissions,
+        expires_in: req.expires_in_days.map(|d| Duration::from_secs(d * 86_400)),
+    };
+    let (robot, secret) = app
+        .access
+        .create_robot(&caller_of(&extensions), &name, new)
+        .await?;
+    let mut value = robot_json(&robot);
+    value["secret"] = secret.into();
+    Ok(reply(StatusCode::CREATED, value))
+}
+
+/// `GET /api/v1/projects/{name}/robots`.
+pub(crate) async fn list_robots(
+    State(app): State<App>,
+    extensions: Extensions,
+    Path(name): Path<String>,
+) -> Result<Response, OciError> {
+    let robots = app.access.robots(&caller_of(&extensions), &name).await?;
+    Ok(reply(
+        StatusCode::OK,
+        json!({ "robots": robots.iter().map(robot_json).collect::<Vec<_>>() }),
+    ))
+}
+
+/// `DELETE /api/v1/projects/{name}/robots/{robot}`.
+pub(crate) async fn delete_robot(
+    State(app): State<App>,
+    extensions: Extensions,
+    Path((name, robot)): Path<(String, String)>,
+) -> Result<Response, OciError> {
+    app.access
+        .delete_robot(&caller_of(&extensions), &name, &robot)
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Events per page at most.
+const MAX_AUDIT_PAGE: usize = 1000;
+
+/// `GET /api/v1/audit`: newest first, filtered; `next_before` pages on.
+pub(crate) async fn audit(
+    State(app): State<App>,
+    extensions: Extensions,
+    Query(params): Query<Params>,
+) -> Result<Response, OciError> {
+    let limit = number(&params, "limit")?
+        .unwrap_or(100)
+        .clamp(1, MAX_AUDIT_PAGE as i64) as usize;
+    let filter = AuditFilter {
+        actor: params.get("actor").cloned(),
+        action: params.get("action").cloned(),
+        resource_prefix: params.get("resource").cloned(),
+        result: params.get("result").cloned(),
+        since_ms: number(&params, "since")?,
+        until_ms: number(&params, "until")?,
+        before_id: number(&params, "before")?,
+        limit,
+    };
+    let events = app
+        .access
+        .audit_log(&caller_of(&extensions), filter)
+        .await?;
+    let next = (events.len() == limit)
+        .then(|| events.last().map(|e| e.id))
+        .flatten();
+    Ok(reply(
+        StatusCode::OK,
+        json!({ "events": events.iter().map(audit_json).collect::<Vec<_>>(), "next_before": next }),
+    ))
 }

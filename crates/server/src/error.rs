@@ -3,6 +3,7 @@
 
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use berth_auth::AuthError;
 use berth_oci::ParseError;
 use berth_registry::RegistryError;
 use serde_json::json;
@@ -33,6 +34,18 @@ pub enum Code {
     SizeInvalid,
     /// The operation is unsupported.
     Unsupported,
+    /// Authentication required.
+    Unauthorized,
+    /// Requested access to the resource is denied.
+    Denied,
+    /// Too many requests.
+    TooManyRequests,
+    /// Admin API only: the request is malformed.
+    BadRequest,
+    /// Admin API only: the named user, project, member or robot does not exist.
+    NotFound,
+    /// Admin API only: the name is taken, or the project is not empty.
+    Conflict,
     /// A server-side fault; no detail is given to the client.
     Unknown,
 }
@@ -52,6 +65,12 @@ impl Code {
             Code::NameUnknown => "NAME_UNKNOWN",
             Code::SizeInvalid => "SIZE_INVALID",
             Code::Unsupported => "UNSUPPORTED",
+            Code::Unauthorized => "UNAUTHORIZED",
+            Code::Denied => "DENIED",
+            Code::TooManyRequests => "TOOMANYREQUESTS",
+            Code::BadRequest => "BAD_REQUEST",
+            Code::NotFound => "NOT_FOUND",
+            Code::Conflict => "CONFLICT",
             Code::Unknown => "UNKNOWN",
         }
     }
@@ -165,6 +184,33 @@ impl From<RegistryError> for OciError {
                 .with_header(header::RETRY_AFTER, "1".to_owned());
             }
             E::Storage(_) | E::Meta(_) => return OciError::internal(&e),
+        };
+        OciError::new(status, code, e.to_string())
+    }
+}
+
+impl From<AuthError> for OciError {
+    fn from(e: AuthError) -> Self {
+        use AuthError as E;
+        let (status, code) = match &e {
+            E::Unauthenticated | E::BadCredentials | E::BadToken(_) | E::InsufficientScope(_) => {
+                (StatusCode::UNAUTHORIZED, Code::Unauthorized)
+            }
+            E::RateLimited { retry_after_secs } => {
+                let retry = retry_after_secs.to_string();
+                return OciError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    Code::TooManyRequests,
+                    e.to_string(),
+                )
+                .with_header(header::RETRY_AFTER, retry);
+            }
+            E::Denied(_) => (StatusCode::FORBIDDEN, Code::Denied),
+            E::Invalid(_) => (StatusCode::BAD_REQUEST, Code::BadRequest),
+            E::NotFound(_) => (StatusCode::NOT_FOUND, Code::NotFound),
+            E::Conflict(_) => (StatusCode::CONFLICT, Code::Conflict),
+            E::Unavailable(_) => (StatusCode::NOT_FOUND, Code::Unsupported),
+            E::Crypto(_) | E::Meta(_) => return OciError::internal(&e),
         };
         OciError::new(status, code, e.to_string())
     }

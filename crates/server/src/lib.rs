@@ -1,10 +1,14 @@
-//! The HTTP edge of berth: the OCI distribution API under `/v2`, `/healthz`, request logs.
-//! It parses requests, calls the [`Registry`] once per request and maps its errors to OCI
-//! error JSON in one place ([`error`]). It never touches SQL or files.
+//! The HTTP edge of berth: the OCI distribution API under `/v2`, the token endpoint, the
+//! admin API under `/api/v1`, `/healthz`, request logs. It parses requests, has every
+//! request authenticated and authorized by [`AccessControl`] (in [`auth`]), calls the
+//! [`Registry`] once per request and maps errors to OCI error JSON in one place
+//! ([`error`]). It never touches SQL or files.
 
 mod admin;
+mod auth;
 pub mod error;
 mod route;
+mod token;
 mod v2;
 
 use std::future::Future;
@@ -14,8 +18,9 @@ use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
+use axum::routing::{any, delete, get, post};
 use axum::Router;
+use berth_auth::AccessControl;
 use berth_registry::{GcOptions, Registry};
 use tokio::net::TcpListener;
 
@@ -23,14 +28,19 @@ use tokio::net::TcpListener;
 #[derive(Clone)]
 pub struct App {
     registry: Registry,
+    access: AccessControl,
     gc: GcOptions,
 }
 
 impl App {
-    /// Wraps the domain service for the handlers; `gc` holds the configured collection
+    /// Wraps the domain services for the handlers; `gc` holds the configured collection
     /// settings the admin endpoint starts from.
-    pub fn new(registry: Registry, gc: GcOptions) -> Self {
-        App { registry, gc }
+    pub fn new(registry: Registry, access: AccessControl, gc: GcOptions) -> Self {
+        App {
+            registry,
+            access,
+            gc,
+        }
     }
 }
 
@@ -41,7 +51,48 @@ pub fn router(app: App) -> Router {
         .route("/v2/", any(v2::dispatch))
         .route("/v2/{*path}", any(v2::dispatch))
         .route("/healthz", get(healthz))
+        .route("/token", get(token::token).post(token::token))
+        .route("/api/v1/openapi.json", get(admin::openapi))
         .route("/api/v1/gc", post(admin::run_gc))
+        .route(
+            "/api/v1/users",
+            get(admin::list_users).post(admin::create_user),
+        )
+        .route("/api/v1/users/import", post(admin::import_users))
+        .route(
+            "/api/v1/users/{name}",
+            get(admin::get_user)
+                .put(admin::update_user)
+                .delete(admin::delete_user),
+        )
+        .route(
+            "/api/v1/projects",
+            get(admin::list_projects).post(admin::create_project),
+        )
+        .route(
+            "/api/v1/projects/{name}",
+            get(admin::get_project)
+                .put(admin::update_project)
+                .delete(admin::delete_project),
+        )
+        .route(
+            "/api/v1/projects/{name}/members",
+            get(admin::list_members).post(admin::add_member),
+        )
+        .route(
+            "/api/v1/projects/{name}/members/{user}",
+            axum::routing::put(admin::set_member).delete(admin::remove_member),
+        )
+        .route(
+            "/api/v1/projects/{name}/robots",
+            get(admin::list_robots).post(admin::create_robot),
+        )
+        .route(
+            "/api/v1/projects/{name}/robots/{robot}",
+            delete(admin::delete_robot),
+        )
+        .route("/api/v1/audit", get(admin::audit))
+        .layer(middleware::from_fn_with_state(app.clone(), auth::guard))
         .with_state(app)
         .layer(middleware::from_fn(access_log))
 }
@@ -53,7 +104,8 @@ pub async fn serve(
     app: App,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(app))
+    let service = router(app).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, service)
         .with_graceful_shutdown(shutdown)
         .await
 }

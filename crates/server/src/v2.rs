@@ -7,6 +7,8 @@ use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use berth_auth::{Caller, Need, Permission};
 use berth_meta::Page;
 use berth_oci::{media_type, Digest, Reference, RepoName};
 use berth_registry::{MountOutcome, RangeRequest};
@@ -27,6 +29,7 @@ type Params = HashMap<String, String>;
 /// Entry point for every `/v2` request: routes by [`V2Route`], then by method.
 pub(crate) async fn dispatch(
     State(app): State<App>,
+    Extension(caller): Extension<Caller>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -45,7 +48,7 @@ pub(crate) async fn dispatch(
     };
     let result = match (route, method.clone()) {
         (V2Route::Base, Method::GET | Method::HEAD) => Ok(base()),
-        (V2Route::Catalog, Method::GET) => catalog(&app, &params).await,
+        (V2Route::Catalog, Method::GET) => catalog(&app, &caller, &params).await,
         (V2Route::Tags { name }, Method::GET) => tags(&app, name, &params).await,
         (V2Route::Manifest { name, reference }, Method::GET | Method::HEAD) => {
             get_manifest(&app, name, reference, method == Method::HEAD).await
@@ -61,7 +64,7 @@ pub(crate) async fn dispatch(
         }
         (V2Route::Blob { name, digest }, Method::DELETE) => delete_blob(&app, name, digest).await,
         (V2Route::UploadStart { name }, Method::POST) => {
-            start_upload(&app, name, &params, body).await
+            start_upload(&app, &caller, name, &params, body).await
         }
         (V2Route::Upload { name, id }, Method::GET) => upload_status(&app, name, id).await,
         (V2Route::Upload { name, id }, Method::PATCH) => {
@@ -184,14 +187,18 @@ fn paged_listing(
     )
 }
 
-async fn catalog(app: &App, params: &Params) -> Result<Response, OciError> {
+async fn catalog(app: &App, caller: &Caller, params: &Params) -> Result<Response, OciError> {
     let (n, last) = page_params(params)?;
+    let visible = app.access.visible_projects(caller).await?;
     let items = app
         .registry
-        .catalog(Page {
-            limit: n.map(|n| n + 1),
-            after: last,
-        })
+        .catalog(
+            Page {
+                limit: n.map(|n| n + 1),
+                after: last,
+            },
+            visible.as_deref(),
+        )
         .await?;
     Ok(paged_listing(
         "/v2/_catalog",
@@ -414,6 +421,7 @@ async fn delete_blob(app: &App, name: &str, digest_text: &str) -> Result<Respons
 
 async fn start_upload(
     app: &App,
+    caller: &Caller,
     name: &str,
     params: &Params,
     body: Body,
@@ -421,16 +429,30 @@ async fn start_upload(
     let name = repo(name)?;
     if let Some(mount) = params.get("mount") {
         let mount = digest(mount)?;
-        // A malformed `from` cannot name a repository holding the blob: fall back to upload.
+        // A malformed `from`, or one the caller may not pull from, cannot lend the blob:
+        // fall back to an upload, as the spec allows, without saying why.
         let from = params.get("from").map(|f| RepoName::parse(f).ok());
         let outcome = match from {
             Some(None) => MountOutcome::NotMountable,
             Some(Some(source)) => {
-                app.registry
-                    .mount_blob(&name, &mount, Some(&source))
-                    .await?
+                let need = Need::Repository {
+                    name: &source,
+                    permission: Permission::Read,
+                };
+                if app.access.authorize(caller, need).await.is_ok() {
+                    app.registry
+                        .mount_blob(&name, &mount, Some(&source))
+                        .await?
+                } else {
+                    MountOutcome::NotMountable
+                }
             }
-            None => app.registry.mount_blob(&name, &mount, None).await?,
+            // Without `from` any repository could lend the blob: only when nobody's
+            // access is checked, or for administrators, who may read everything.
+            None if !app.access.enabled() || caller.principal.is_admin() => {
+                app.registry.mount_blob(&name, &mount, None).await?
+            }
+            None => MountOutcome::NotMountable,
         };
         if outcome == MountOutcome::Mounted {
             return Ok(blob_created(&name, &mount));

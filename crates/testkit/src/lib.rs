@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use berth_auth::{AccessControl, AuthMode, AuthSettings, TokenSigner};
 use berth_meta::SqliteMeta;
 use berth_registry::{GcOptions, Limits, Registry};
 use berth_server::App;
@@ -23,15 +24,53 @@ pub struct TestRegistry {
     data_dir: tempfile::TempDir,
 }
 
+/// The password of `admin` in registries started with access control.
+pub const ADMIN_PASSWORD: &str = "admin-password-for-tests";
+
 impl TestRegistry {
-    /// Starts a registry with default limits and collection settings.
+    /// Starts an open registry (no access control, as Distribution without `auth`) with
+    /// default limits and collection settings.
     pub fn start() -> Self {
         Self::start_with(Limits::default(), GcOptions::default())
     }
 
-    /// Starts a registry with the given limits and collection settings (used by
+    /// Starts an open registry with the given limits and collection settings (used by
     /// `POST /api/v1/gc`).
     pub fn start_with(limits: Limits, gc: GcOptions) -> Self {
+        let auth = AuthSettings {
+            mode: AuthMode::Disabled,
+            ..AuthSettings::default()
+        };
+        Self::start_full(limits, gc, auth, None)
+    }
+
+    /// Starts a registry with access control in the given settings' mode; in builtin mode
+    /// the user `admin` has [`ADMIN_PASSWORD`].
+    pub fn start_with_auth(auth: AuthSettings) -> Self {
+        Self::start_full(Limits::default(), GcOptions::default(), auth, None)
+    }
+
+    /// Starts a registry that trusts only tokens signed by `issuer_key` (external token
+    /// mode), so tests can mint any token, forged ones included.
+    pub fn start_trusting(auth: AuthSettings, issuer_key: berth_auth::VerifyingKey) -> Self {
+        let auth = AuthSettings {
+            mode: AuthMode::ExternalToken,
+            ..auth
+        };
+        Self::start_full(
+            Limits::default(),
+            GcOptions::default(),
+            auth,
+            Some(issuer_key),
+        )
+    }
+
+    fn start_full(
+        limits: Limits,
+        gc: GcOptions,
+        auth: AuthSettings,
+        issuer_key: Option<berth_auth::VerifyingKey>,
+    ) -> Self {
         let data_dir = tempfile::tempdir().expect("temp dir");
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -42,8 +81,17 @@ impl TestRegistry {
         let root = data_dir.path().to_owned();
         let addr = runtime.block_on(async move {
             let blobs = FsBlobStore::open(&root).expect("blob store");
-            let meta = SqliteMeta::open(&root.join("meta.db")).expect("meta store");
-            let registry = Registry::new(Arc::new(blobs), Arc::new(meta), limits);
+            let meta = Arc::new(SqliteMeta::open(&root.join("meta.db")).expect("meta store"));
+            let registry = Registry::new(Arc::new(blobs), meta.clone(), limits);
+            let signer = TokenSigner::generate().expect("signing key");
+            let access = AccessControl::for_mode(auth, meta, Some(signer), issuer_key)
+                .expect("access control");
+            if access.settings().mode == AuthMode::Builtin {
+                access
+                    .bootstrap_admin(Some(ADMIN_PASSWORD.to_owned()))
+                    .await
+                    .expect("first admin");
+            }
             // Bound here and handed over: no window in which another test takes the port.
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
@@ -53,7 +101,9 @@ impl TestRegistry {
                 let stop = async move {
                     let _ = rx.await;
                 };
-                if let Err(e) = berth_server::serve(listener, App::new(registry, gc), stop).await {
+                if let Err(e) =
+                    berth_server::serve(listener, App::new(registry, access, gc), stop).await
+                {
                     eprintln!("test registry stopped with {e}");
                 }
             });
@@ -94,7 +144,8 @@ impl Drop for TestRegistry {
     }
 }
 
-/// A `berth serve` child process on `127.0.0.1:0`; killed (and reaped) on drop.
+/// An open (`--auth none`) `berth serve` child process on `127.0.0.1:0`; killed (and
+/// reaped) on drop.
 pub struct BerthProcess {
     child: Child,
     addr: SocketAddr,
@@ -104,7 +155,14 @@ impl BerthProcess {
     /// Starts `binary serve` on `data_dir` and waits until it reports its address.
     pub fn spawn(binary: &Path, data_dir: &Path) -> Self {
         let mut child = Command::new(binary)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "serve",
+                "--auth",
+                "none",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(data_dir)
             .env("BERTH_LOG_LEVEL", "info")
             .stdout(Stdio::null())

@@ -2,6 +2,7 @@
 //! client tools where they are installed. One binary, so it links once.
 
 mod api;
+mod auth;
 mod clients;
 mod crash;
 mod errors;

@@ -1,0 +1,117 @@
+//! The audit trail. Every event goes through one queue, written in batches by one task,
+//! so the log's order is the order events happened in. Frequent events (pulls, pushes,
+//! logins) do not wait for the write; administrative changes wait until their event is
+//! written before the call that made them returns.
+
+use std::sync::Arc;
+
+use berth_meta::{AccountStore, NewAuditEvent};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::policy::Caller;
+use crate::time::now_ms;
+
+/// Events queued at most before recording waits for the writer.
+const QUEUE: usize = 8192;
+/// Events written in one transaction at most.
+const BATCH: usize = 512;
+
+/// Outcome of an audited operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// It was done.
+    Success,
+    /// The caller was not allowed.
+    Denied,
+    /// It was allowed but failed (bad input, missing content, credentials).
+    Failed,
+}
+
+impl Outcome {
+    /// The spelling in the log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Denied => "denied",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// Builds an event for `caller` now.
+pub fn event(
+    caller: &Caller,
+    action: &str,
+    resource: &str,
+    outcome: Outcome,
+    detail: &str,
+) -> NewAuditEvent {
+    NewAuditEvent {
+        at_ms: now_ms(),
+        actor: caller.principal.actor().to_owned(),
+        actor_kind: caller.principal.kind().to_owned(),
+        address: caller.address.clone(),
+        action: action.to_owned(),
+        resource: resource.to_owned(),
+        result: outcome.as_str().to_owned(),
+        detail: detail.to_owned(),
+    }
+}
+
+/// A login attempt's event: the actor is the name claimed, not (yet) proven.
+pub fn login_event(name: &str, address: &str, outcome: Outcome, detail: &str) -> NewAuditEvent {
+    NewAuditEvent {
+        at_ms: now_ms(),
+        actor: name.to_owned(),
+        actor_kind: "unauthenticated".to_owned(),
+        address: address.to_owned(),
+        action: "login".to_owned(),
+        resource: name.to_owned(),
+        result: outcome.as_str().to_owned(),
+        detail: detail.to_owned(),
+    }
+}
+
+/// Where events go.
+#[derive(Clone)]
+pub(crate) struct AuditLog {
+    queue: mpsc::Sender<Queued>,
+}
+
+/// An event, and whom to tell once it is written.
+type Queued = (NewAuditEvent, Option<oneshot::Sender<()>>);
+
+impl AuditLog {
+    /// Starts the writer task on the current runtime.
+    pub(crate) fn start(store: Arc<dyn AccountStore>) -> Self {
+        let (queue, mut events) = mpsc::channel::<Queued>(QUEUE);
+        tokio::spawn(async move {
+            let mut batch: Vec<Queued> = Vec::with_capacity(BATCH);
+            while events.recv_many(&mut batch, BATCH).await > 0 {
+                let (records, waiting): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
+                if let Err(e) = store.append_audit(records).await {
+                    tracing::error!(error = %e, "writing the audit log failed");
+                }
+                for done in waiting.into_iter().flatten() {
+                    let _ = done.send(());
+                }
+            }
+        });
+        AuditLog { queue }
+    }
+
+    /// Queues an event; waits only if the writer is far behind.
+    pub(crate) async fn record(&self, event: NewAuditEvent) {
+        if self.queue.send((event, None)).await.is_err() {
+            tracing::error!("audit log writer stopped");
+        }
+    }
+
+    /// Queues an event and waits until it is written.
+    pub(crate) async fn record_now(&self, event: NewAuditEvent) {
+        let (done, written) = oneshot::channel();
+        if self.queue.send((event, Some(done))).await.is_err() || written.await.is_err() {
+            tracing::error!("audit log writer stopped");
+        }
+    }
+}
