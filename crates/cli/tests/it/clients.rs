@@ -10,10 +10,11 @@ use berth_testkit::{tool, wait_until, TestRegistry};
 use reqwest::StatusCode;
 use serde_json::Value;
 
+use crate::auth::{api, Who};
 use crate::{header, http};
 
 /// Runs a command, failing the test with its output if it fails; returns stdout.
-fn run(cmd: &mut Command) -> String {
+pub(crate) fn run(cmd: &mut Command) -> String {
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -39,14 +40,14 @@ fn served_digest(reg: &TestRegistry, repo: &str, tag: &str) -> String {
     header(&r, "docker-content-digest")
 }
 
-fn layout_manifest_digest(layout: &Path) -> String {
+pub(crate) fn layout_manifest_digest(layout: &Path) -> String {
     let index: Value =
         serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
     index["manifests"][0]["digest"].as_str().unwrap().to_owned()
 }
 
 /// An OCI layout holding `src:v1` with two layers, built offline with umoci.
-fn build_layout(umoci: &Path, dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+pub(crate) fn build_layout(umoci: &Path, dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let layout = dir.join("src");
     run(Command::new(umoci).args(["init", "--layout"]).arg(&layout));
     run(Command::new(umoci)
@@ -421,5 +422,103 @@ fn docker_and_ctr_push_and_pull() {
     ctr_cmd(&["images", "tag", &image, &copy]);
     ctr_cmd(&["images", "push", "--plain-http", &copy]);
     assert_eq!(served_digest(&reg, "clients/ctr", "v1"), pushed);
+
+    // The same daemons against a registry with access control: `docker login` follows
+    // the token flow (and stores a refresh token), then push and pull a private project.
+    let secured = TestRegistry::start_with_auth(berth_auth::AuthSettings::default());
+    let admin = Who::admin();
+    let (s, _) = api(
+        &secured,
+        &admin,
+        reqwest::Method::POST,
+        "/users",
+        Some(serde_json::json!({"name": "dockeruser", "password": "docker-password"})),
+    );
+    assert_eq!(s, StatusCode::CREATED);
+    let config = tempfile::tempdir().unwrap();
+    let docker_as = |args: &[&str], stdin: Option<&str>| {
+        let mut c = Command::new("docker");
+        c.arg("--config")
+            .arg(config.path())
+            .args(["-H", &daemons.docker_host()])
+            .args(args)
+            .env("DOCKER_BUILDKIT", "0");
+        match stdin {
+            Some(input) => run_with_stdin(&mut c, input),
+            None => run(&mut c),
+        }
+    };
+    let secured_host = secured.host();
+    docker_as(
+        &[
+            "login",
+            "-u",
+            "dockeruser",
+            "--password-stdin",
+            &secured_host,
+        ],
+        Some("docker-password"),
+    );
+    let stored = std::fs::read_to_string(config.path().join("config.json")).unwrap();
+    assert!(
+        stored.contains("identitytoken"),
+        "docker keeps a refresh token, not the password: {stored}"
+    );
+    let private = format!("{secured_host}/dockeruser/app:v1");
+    docker_as(&["tag", &image, &private], None);
+    docker_as(&["push", &private], None);
+    docker_as(&["rmi", &private], None);
+    docker_as(&["pull", &private], None);
+    docker_as(&["logout", &secured_host], None);
+    docker_as(&["rmi", &private], None);
+    let mut anonymous = Command::new("docker");
+    anonymous.arg("--config").arg(config.path()).args([
+        "-H",
+        &daemons.docker_host(),
+        "pull",
+        &private,
+    ]);
+    let out = anonymous.output().unwrap();
+    assert!(
+        !out.status.success(),
+        "an anonymous pull of a private project fails"
+    );
+    // ctr with Basic credentials through the token flow.
+    let copy = format!("{secured_host}/dockeruser/ctr:v1");
+    ctr_cmd(&["images", "tag", &image, &copy]);
+    ctr_cmd(&[
+        "images",
+        "push",
+        "--plain-http",
+        "--user",
+        "dockeruser:docker-password",
+        &copy,
+    ]);
     drop(daemons);
+}
+
+/// Runs a command with `input` on its standard input; returns stdout.
+pub(crate) fn run_with_stdin(cmd: &mut Command, input: &str) -> String {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

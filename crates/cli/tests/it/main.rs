@@ -4,6 +4,7 @@
 mod api;
 mod auth;
 mod clients;
+mod clients_auth;
 mod crash;
 mod errors;
 mod gc;
