@@ -11,6 +11,7 @@ mod gc;
 mod gc_stress;
 mod manifests;
 mod memory;
+mod openapi;
 mod uploads;
 
 use berth_oci::Digest;
