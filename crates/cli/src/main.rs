@@ -33,13 +33,13 @@ struct Cli {
 #[derive(Args)]
 struct DataArgs {
     /// TOML config file; settings in it are overridden by environment and flags.
-    #[arg(long, env = "BERTH_CONFIG")]
+    #[arg(long, env = "BERTH_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Directory for blobs and metadata [default: ./berth-data].
-    #[arg(long, env = "BERTH_DATA_DIR")]
+    #[arg(long, env = "BERTH_DATA_DIR", global = true)]
     data_dir: Option<PathBuf>,
     /// Log filter, e.g. `info` or `warn,berth::access=info` [default: info].
-    #[arg(long, env = "BERTH_LOG_LEVEL")]
+    #[arg(long, env = "BERTH_LOG_LEVEL", global = true)]
     log_level: Option<String>,
 }
 

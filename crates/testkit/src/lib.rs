@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use berth_auth::{AccessControl, AuthMode, AuthSettings, TokenSigner};
@@ -149,28 +149,33 @@ impl Drop for TestRegistry {
 pub struct BerthProcess {
     child: Child,
     addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl BerthProcess {
-    /// Starts `binary serve` on `data_dir` and waits until it reports its address.
+    /// Starts an open `binary serve` on `data_dir` and waits until it reports its address.
     pub fn spawn(binary: &Path, data_dir: &Path) -> Self {
+        Self::spawn_with(binary, data_dir, &["--auth", "none"], &[])
+    }
+
+    /// Starts `binary serve` on `data_dir` with extra arguments and environment, and waits
+    /// until it reports its address. Its log is kept (see [`BerthProcess::log`]).
+    pub fn spawn_with(binary: &Path, data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(binary)
-            .args([
-                "serve",
-                "--auth",
-                "none",
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-            ])
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
+            .args(args)
             .env("BERTH_LOG_LEVEL", "info")
+            .env_remove("BERTH_ADMIN_PASSWORD")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn berth");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = std::sync::mpsc::channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let lines = log.clone();
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -180,6 +185,9 @@ impl BerthProcess {
                         let _ = tx.send(addr);
                         sent = true;
                     }
+                }
+                if let Ok(mut lines) = lines.lock() {
+                    lines.push(line);
                 }
             }
         });
@@ -191,7 +199,12 @@ impl BerthProcess {
                 panic!("berth did not report its address");
             }
         };
-        BerthProcess { child, addr }
+        BerthProcess { child, addr, log }
+    }
+
+    /// What the process wrote to stderr so far, line by line.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
     /// `http://127.0.0.1:PORT`.

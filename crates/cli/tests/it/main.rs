@@ -3,6 +3,7 @@
 
 mod api;
 mod auth;
+mod cli_accounts;
 mod clients;
 mod clients_auth;
 mod crash;

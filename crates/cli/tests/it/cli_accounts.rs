@@ -1,0 +1,175 @@
+//! The real binary with access control on: the first administrator on first start,
+//! `berth user …` and `berth audit` beside a running server, and keys and users that
+//! survive a restart.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use berth_testkit::{wait_until, BerthProcess};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::auth::Who;
+use crate::clients::{run, run_with_stdin};
+use crate::http;
+
+fn berth(data_dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_berth"));
+    c.args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("BERTH_LOG_LEVEL", "warn")
+        .stdin(Stdio::null());
+    c
+}
+
+fn status_as(server: &BerthProcess, who: &Who) -> StatusCode {
+    who.request(
+        &http(),
+        reqwest::Method::GET,
+        &format!("{}/v2/", server.url()),
+    )
+    .send()
+    .unwrap()
+    .status()
+}
+
+#[test]
+fn first_start_creates_an_admin_and_user_commands_work_beside_the_server() {
+    let binary = Path::new(env!("CARGO_BIN_EXE_berth"));
+    let data = tempfile::tempdir().unwrap();
+    let server = BerthProcess::spawn_with(binary, data.path(), &[], &[]);
+    // The generated password is printed once.
+    let log = server.log();
+    let line = log
+        .iter()
+        .find(|l| l.contains("created user \"admin\" with password"))
+        .unwrap_or_else(|| panic!("no admin password in the log: {log:#?}"));
+    let password = line.rsplit(' ').next().unwrap().to_owned();
+    let admin = Who::user("admin", &password);
+    assert_eq!(status_as(&server, &admin), StatusCode::OK);
+    assert_eq!(
+        status_as(&server, &Who::anonymous()),
+        StatusCode::UNAUTHORIZED
+    );
+
+    let d = data.path();
+    run_with_stdin(
+        &mut berth(d, &["user", "add", "ops", "--password-stdin"]),
+        "ops-password\n",
+    );
+    assert_eq!(
+        status_as(&server, &Who::user("ops", "ops-password")),
+        StatusCode::OK
+    );
+    let out = run(&mut berth(d, &["user", "add", "auditor", "--admin"]));
+    let generated = out.rsplit(' ').next().unwrap().trim().to_owned();
+    assert_eq!(
+        status_as(&server, &Who::user("auditor", &generated)),
+        StatusCode::OK
+    );
+
+    // A Distribution htpasswd file moves over with its passwords.
+    let htpasswd = d.join("htpasswd");
+    std::fs::write(
+        &htpasswd,
+        "alice:$2y$05$XkuvP9aMYIv.Qf1R4lQUcuEQ1ZzqiqIWupx5hcf6jeuoLQWIsHU/q\n",
+    )
+    .unwrap();
+    let out = run(Command::new(binary)
+        .args(["user", "import-htpasswd"])
+        .arg(&htpasswd)
+        .arg("--data-dir")
+        .arg(d));
+    assert!(out.contains("alice\timported"), "{out}");
+    assert_eq!(
+        status_as(&server, &Who::user("alice", "wonderland")),
+        StatusCode::OK
+    );
+
+    run_with_stdin(
+        &mut berth(d, &["user", "passwd", "ops", "--password-stdin"]),
+        "ops-password-2\n",
+    );
+    assert_eq!(
+        status_as(&server, &Who::user("ops", "ops-password")),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        status_as(&server, &Who::user("ops", "ops-password-2")),
+        StatusCode::OK
+    );
+    let list = run(&mut berth(d, &["user", "list"]));
+    for name in ["admin\tadmin", "alice\tuser", "auditor\tadmin", "ops\tuser"] {
+        assert!(list.contains(name), "{list}");
+    }
+    run(&mut berth(d, &["user", "delete", "ops"]));
+    assert_eq!(
+        status_as(&server, &Who::user("ops", "ops-password-2")),
+        StatusCode::UNAUTHORIZED
+    );
+    let out = berth(d, &["user", "delete", "ops"]).output().unwrap();
+    assert!(!out.status.success(), "deleting a missing user fails");
+
+    // Tokens survive a restart (the signing key is kept), the admin is not recreated.
+    let token: Value = admin
+        .request(
+            &http(),
+            reqwest::Method::GET,
+            &format!(
+                "{}/token?service=berth&scope=registry:catalog:*",
+                server.url()
+            ),
+        )
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let token = token["token"].as_str().unwrap().to_owned();
+    server.kill();
+    let server = BerthProcess::spawn_with(binary, data.path(), &[], &[]);
+    assert!(!server.log().iter().any(|l| l.contains("created user")));
+    let r = http()
+        .get(format!("{}/v2/_catalog", server.url()))
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        status_as(&server, &Who::user("alice", "wonderland")),
+        StatusCode::OK,
+        "rehashed password still works"
+    );
+
+    // `berth audit` shows what happened, the CLI's own changes included.
+    let mut lines = Vec::new();
+    assert!(wait_until(Duration::from_secs(10), || {
+        let out = run(&mut berth(d, &["audit", "--json", "--limit", "1000"]));
+        lines = out
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .collect();
+        lines
+            .iter()
+            .any(|e| e["action"] == "login" && e["actor"] == "alice")
+    }));
+    let has = |actor: &str, action: &str, resource: &str, result: &str| {
+        lines.iter().any(|e| {
+            e["actor"] == actor
+                && e["action"] == action
+                && e["resource"] == resource
+                && e["result"] == result
+        })
+    };
+    assert!(has("berth-cli", "user.create", "admin", "success"));
+    assert!(has("berth-cli", "user.create", "ops", "success"));
+    assert!(has("berth-cli", "user.update", "ops", "success"));
+    assert!(has("berth-cli", "user.delete", "ops", "success"));
+    assert!(has("ops", "login", "ops", "failed"));
+    let filtered = run(&mut berth(
+        d,
+        &["audit", "--actor", "berth-cli", "--action", "user.delete"],
+    ));
+    assert_eq!(filtered.lines().count(), 1, "{filtered}");
+}
