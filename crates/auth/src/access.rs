@@ -535,8 +535,12 @@ impl AccessControl {
                 .and_then(|r| Role::parse(&r)),
             _ => None,
         };
+        // Repositories pushed while access control was off have no project record: they
+        // belong to a private project without members (administrators only) until an
+        // administrator creates the project, rather than to whoever pushes there first.
+        let exists = record.is_some() || self.inner.store.project_in_use(project).await?;
         let facts = ProjectFacts {
-            exists: record.is_some(),
+            exists,
             public: record.as_ref().is_some_and(|p| p.public),
             role,
         };

@@ -156,6 +156,9 @@ pub trait AccountStore: Send + Sync + 'static {
     async fn project(&self, name: &str) -> Result<Option<ProjectRecord>, MetaError>;
     /// Every project, by name.
     async fn projects(&self) -> Result<Vec<ProjectRecord>, MetaError>;
+    /// Whether any repository lives under the name (`<name>` or `<name>/…`), with or
+    /// without a project record: repositories pushed while access control was off.
+    async fn project_in_use(&self, name: &str) -> Result<bool, MetaError>;
     /// Makes a project public or private; false if there is no such project.
     async fn set_project_public(&self, name: &str, public: bool) -> Result<bool, MetaError>;
     /// Removes an empty project with its members and robots; [`MetaError::NotEmpty`] while

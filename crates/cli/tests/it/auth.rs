@@ -46,7 +46,18 @@ pub(crate) fn api(
     path: &str,
     body: Option<Value>,
 ) -> (StatusCode, Value) {
-    let mut r = who.request(&http(), method, &format!("{}/api/v1{path}", reg.url()));
+    api_at(&reg.url(), who, method, path, body)
+}
+
+/// `api` against any base URL (a `BerthProcess`).
+pub(crate) fn api_at(
+    base: &str,
+    who: &Who,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut r = who.request(&http(), method, &format!("{base}/api/v1{path}"));
     if let Some(body) = body {
         r = r
             .header("content-type", "application/json")

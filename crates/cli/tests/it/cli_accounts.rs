@@ -173,3 +173,62 @@ fn first_start_creates_an_admin_and_user_commands_work_beside_the_server() {
     ));
     assert_eq!(filtered.lines().count(), 1, "{filtered}");
 }
+
+#[test]
+fn repositories_pushed_without_access_control_belong_to_administrators_until_adopted() {
+    let binary = Path::new(env!("CARGO_BIN_EXE_berth"));
+    let data = tempfile::tempdir().unwrap();
+    let open = BerthProcess::spawn(binary, data.path());
+    let legacy = crate::push_blob(&open.url(), "legacy/app", b"pushed before auth");
+    open.kill();
+
+    let env = [("BERTH_ADMIN_PASSWORD", "first-admin-password")];
+    let server = BerthProcess::spawn_with(binary, data.path(), &[], &env);
+    let admin = Who::user("admin", "first-admin-password");
+    let (status, _) = crate::auth::api_at(
+        &server.url(),
+        &admin,
+        reqwest::Method::POST,
+        "/users",
+        Some(serde_json::json!({"name": "eve", "password": "eve-password"})),
+    );
+    assert_eq!(status, StatusCode::CREATED);
+    let eve = Who::user("eve", "eve-password");
+    let blob = format!("{}/v2/legacy/app/blobs/{legacy}", server.url());
+    let push = format!("{}/v2/legacy/app/blobs/uploads/", server.url());
+    let get = |who: &Who| {
+        who.request(&http(), reqwest::Method::GET, &blob)
+            .send()
+            .unwrap()
+            .status()
+    };
+    let start_push = |who: &Who| {
+        who.request(&http(), reqwest::Method::POST, &push)
+            .send()
+            .unwrap()
+            .status()
+    };
+    // Eve may create projects by pushing, but not take over one that holds repositories.
+    assert_eq!(get(&eve), StatusCode::FORBIDDEN);
+    assert_eq!(start_push(&eve), StatusCode::FORBIDDEN);
+    assert_eq!(get(&admin), StatusCode::OK);
+    // Once an administrator adopts it, membership works as usual.
+    for (path, body) in [
+        ("/projects", serde_json::json!({"name": "legacy"})),
+        (
+            "/projects/legacy/members",
+            serde_json::json!({"user": "eve", "role": "guest"}),
+        ),
+    ] {
+        let (status, value) = crate::auth::api_at(
+            &server.url(),
+            &admin,
+            reqwest::Method::POST,
+            path,
+            Some(body),
+        );
+        assert_eq!(status, StatusCode::CREATED, "{path}: {value}");
+    }
+    assert_eq!(get(&eve), StatusCode::OK);
+    assert_eq!(start_push(&eve), StatusCode::FORBIDDEN);
+}

@@ -73,6 +73,17 @@ fn project_exists(conn: &Connection, name: &str) -> Result<bool, MetaError> {
         .map_err(backend)
 }
 
+/// Whether repositories (with manifests, or only blobs so far) live under a project name.
+/// `name > p/ AND name < p0` is the index range of `p/…` (`0` follows `/`).
+fn holds_repositories(conn: &Connection, project: &str) -> Result<bool, MetaError> {
+    conn.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM repositories WHERE name = ?1 OR (name > ?1 || '/' AND name < ?1 || '0'))
+             OR EXISTS (SELECT 1 FROM repo_blobs WHERE repo = ?1 OR (repo > ?1 || '/' AND repo < ?1 || '0'))",
+    )
+    .and_then(|mut s| s.query_row(params![project], |r| r.get::<_, bool>(0)))
+    .map_err(backend)
+}
+
 fn query_all<T>(
     conn: &Connection,
     sql: &str,
@@ -251,6 +262,11 @@ impl AccountStore for SqliteMeta {
         .await
     }
 
+    async fn project_in_use(&self, name: &str) -> Result<bool, MetaError> {
+        let name = name.to_owned();
+        self.read(move |conn| holds_repositories(conn, &name)).await
+    }
+
     async fn set_project_public(&self, name: &str, public: bool) -> Result<bool, MetaError> {
         let name = name.to_owned();
         self.write(move |tx| {
@@ -268,16 +284,7 @@ impl AccountStore for SqliteMeta {
     async fn delete_project(&self, name: &str) -> Result<bool, MetaError> {
         let name = name.to_owned();
         self.write(move |tx| {
-            let holds_repositories = tx
-                .query_row(
-                    "SELECT 1 FROM repositories WHERE name = ?1 OR substr(name, 1, length(?1) + 1) = ?1 || '/' LIMIT 1",
-                    params![name],
-                    |_| Ok(()),
-                )
-                .optional()
-                .map_err(backend)?
-                .is_some();
-            if holds_repositories {
+            if holds_repositories(tx, &name)? {
                 return Err(MetaError::NotEmpty(format!(
                     "project {name} still holds repositories"
                 )));
