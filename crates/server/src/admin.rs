@@ -445,6 +445,51 @@ pub(crate) async fn delete_robot(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// Search hits per kind at most.
+const MAX_SEARCH_HITS: usize = 100;
+
+/// `GET /api/v1/search?q=…`: projects and repositories whose name contains `q`, among
+/// those the caller may see (the same visibility as the catalog).
+pub(crate) async fn search(
+    State(app): State<App>,
+    extensions: Extensions,
+    Query(params): Query<Params>,
+) -> Result<Response, OciError> {
+    let caller = caller_of(&extensions);
+    let q = params
+        .get("q")
+        .map(|q| q.trim().to_lowercase())
+        .filter(|q| !q.is_empty())
+        .ok_or_else(|| bad_request("q: the text to search for is required"))?;
+    let projects: Vec<Value> = app
+        .access
+        .projects(&caller)
+        .await?
+        .iter()
+        .filter(|p| p.name.contains(&q))
+        .take(MAX_SEARCH_HITS)
+        .map(project_json)
+        .collect();
+    let visible = app.access.visible_projects(&caller).await?;
+    let all = berth_meta::Page {
+        limit: None,
+        after: None,
+    };
+    let repositories: Vec<Value> = app
+        .registry
+        .catalog(all, visible.as_deref())
+        .await?
+        .into_iter()
+        .filter(|name| name.contains(&q))
+        .take(MAX_SEARCH_HITS)
+        .map(|name| json!({ "name": name, "project": berth_auth::policy::project_of(&name) }))
+        .collect();
+    Ok(reply(
+        StatusCode::OK,
+        json!({ "projects": projects, "repositories": repositories }),
+    ))
+}
+
 /// Events per page at most.
 const MAX_AUDIT_PAGE: usize = 1000;
 

@@ -92,6 +92,7 @@ pub fn router(app: App) -> Router {
             delete(admin::delete_robot),
         )
         .route("/api/v1/audit", get(admin::audit))
+        .route("/api/v1/search", get(admin::search))
         .layer(middleware::from_fn_with_state(app.clone(), auth::guard))
         .with_state(app)
         .layer(middleware::from_fn(access_log))

@@ -224,11 +224,28 @@ fn attempt(reg: &TestRegistry, who: &Who, project: &str, op: char, round: usize)
                 .unwrap();
             assert_eq!(r.status(), StatusCode::OK, "the catalog answers everyone");
             let body: Value = r.json().unwrap();
-            return body["repositories"]
+            let in_catalog = body["repositories"]
                 .as_array()
                 .unwrap()
                 .iter()
                 .any(|r| r == &json!(repo));
+            // Search shows exactly what the catalog shows.
+            let r = who
+                .request(&client, Method::GET, &format!("{base}/api/v1/search?q=app"))
+                .send()
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::OK, "search answers everyone");
+            let body: Value = r.json().unwrap();
+            let in_search = body["repositories"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["name"] == json!(repo));
+            assert_eq!(
+                in_catalog, in_search,
+                "{who:?} on {project}: catalog and search disagree"
+            );
+            return in_catalog;
         }
         'A' => who
             .request(

@@ -168,6 +168,9 @@ fn every_documented_operation_answers_as_documented() {
         call(M::POST, "/api/v1/gc", "/api/v1/gc?dry_run=true", &admin, None, S::OK),
         call(M::POST, "/api/v1/gc", "/api/v1/gc", &zoe, None, S::FORBIDDEN),
         call(M::POST, "/api/v1/gc", "/api/v1/gc?dry_run=maybe", &admin, None, S::BAD_REQUEST),
+        call(M::GET, "/api/v1/search", "/api/v1/search?q=zoe", &anonymous, None, S::OK),
+        call(M::GET, "/api/v1/search", "/api/v1/search", &anonymous, None, S::BAD_REQUEST),
+        call(M::GET, "/api/v1/search", "/api/v1/search?q=x", &Who::user("zoe", "nope"), None, S::UNAUTHORIZED),
         // Projects holding repositories cannot be removed.
         call(M::DELETE, "/api/v1/projects/{name}", "/api/v1/projects/zoes", &zoe, None, S::CONFLICT),
     ];
