@@ -1,7 +1,8 @@
-//! The authentication edge: every request passes [`guard`], which reads the credentials,
-//! asks [`AccessControl`] who the caller is and, for `/v2`, whether it may do what the
-//! route does. The caller travels to the handlers as a request extension. Pushes, pulls
-//! and deletes are audited here, after the handler answered, with their outcome.
+//! The authentication edge. Every `/v2` request is [`admit`]ted before its handler runs:
+//! the credentials are read, [`AccessControl`] says who the caller is and whether it may
+//! do what the route does; pushes, pulls and deletes are audited once answered. Every
+//! `/api/v1` request passes [`api_guard`], which authenticates and hands the caller to
+//! the admin handlers as a request extension.
 
 use std::net::SocketAddr;
 
@@ -172,90 +173,125 @@ pub(crate) fn refusal(
         .into_response()
 }
 
-/// Authenticates every request (except the token endpoint and health checks, which
-/// handle credentials themselves) and authorizes every `/v2` request.
-pub(crate) async fn guard(State(app): State<App>, mut request: Request, next: Next) -> Response {
-    let path = request.uri().path().to_owned();
-    if path == "/token" || path == "/healthz" {
-        return next.run(request).await;
+/// A `/v2` request let through: who is calling, and what to audit once it is answered.
+pub(crate) struct Admitted {
+    /// The caller, for handlers that look further (catalog, mount).
+    pub(crate) caller: Caller,
+    audit: Option<(&'static str, String)>,
+}
+
+/// Authenticates and authorizes one `/v2` request, before its handler runs. The route
+/// and method name the need (pull, push, delete); refusals are answered here.
+pub(crate) async fn admit(
+    access: &AccessControl,
+    route: Option<&V2Route<'_>>,
+    method: &Method,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+) -> Result<Admitted, Response> {
+    if !access.enabled() {
+        // Open registry: nothing to check; reads are not audited without identities (nor
+        // is their address worth formatting).
+        let (audit, address) = match *method {
+            Method::GET | Method::HEAD => (None, String::new()),
+            _ => (
+                route.and_then(|r| audited(r, method, parse_name(r).as_ref(), false)),
+                peer.ip().to_string(),
+            ),
+        };
+        return Ok(Admitted {
+            caller: Caller::anonymous(&address),
+            audit,
+        });
     }
-    let access = app.access.clone();
+    let address = peer.ip().to_string();
+    let caller = access
+        .authenticate(credentials(headers), &address)
+        .await
+        .map_err(|e| refusal(access, headers, None, e, false))?;
+    let name = route.and_then(parse_name);
+    let audit = route.and_then(|r| audited(r, method, name.as_ref(), true));
+    let need = route.and_then(|r| v2_need(r, method, name.as_ref()));
+    if let Some(need) = &need {
+        if let Err(e) = access.authorize(&caller, *need).await {
+            if let (Some((action, resource)), AuthError::Denied(why)) = (&audit, &e) {
+                access
+                    .record(&caller, action, resource, Outcome::Denied, why)
+                    .await;
+            }
+            return Err(refusal(access, headers, Some(need), e, false));
+        }
+    }
+    Ok(Admitted { caller, audit })
+}
+
+impl Admitted {
+    /// Records the audited operation with its outcome: the answer's status and, on
+    /// success, the digest it named.
+    pub(crate) async fn finish(
+        self,
+        access: &AccessControl,
+        status: StatusCode,
+        digest: Option<String>,
+    ) {
+        let Some((action, resource)) = self.audit else {
+            return;
+        };
+        let (outcome, detail) = if status.is_success() {
+            (Outcome::Success, digest.unwrap_or_default())
+        } else {
+            (Outcome::Failed, status.as_u16().to_string())
+        };
+        access
+            .record(&self.caller, action, &resource, outcome, &detail)
+            .await;
+    }
+}
+
+fn parse_name(route: &V2Route<'_>) -> Option<RepoName> {
+    route_name(route).and_then(|n| RepoName::parse(n).ok())
+}
+
+/// Authenticates every `/api/v1` request; each admin operation then authorizes itself
+/// through [`AccessControl`]. Adds the Basic challenge to refusals of anonymous callers.
+pub(crate) async fn api_guard(
+    State(app): State<App>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let address = client_address(&request);
-    let api = path.starts_with("/api/");
-    let caller = match access
+    let caller = match app
+        .access
         .authenticate(credentials(request.headers()), &address)
         .await
     {
         Ok(caller) => caller,
-        Err(e) => return refusal(&access, request.headers(), None, e, api),
+        Err(e) => return refusal(&app.access, request.headers(), None, e, true),
     };
-    let route = V2Route::parse(&path);
-    let name = route
-        .as_ref()
-        .and_then(route_name)
-        .and_then(|n| RepoName::parse(n).ok());
-    let method = request.method().clone();
-    let need = route
-        .as_ref()
-        .and_then(|r| v2_need(r, &method, name.as_ref()));
-    if let Some(need) = &need {
-        if let Err(e) = access.authorize(&caller, *need).await {
-            if let (Some(route), AuthError::Denied(why)) = (&route, &e) {
-                if let Some((action, resource)) = audited(route, &method, name.as_ref()) {
-                    access
-                        .record(&caller, action, &resource, Outcome::Denied, why)
-                        .await;
-                }
-            }
-            return refusal(&access, request.headers(), Some(need), e, false);
-        }
-    }
-    request.extensions_mut().insert(caller.clone());
+    request.extensions_mut().insert(caller);
     let mut response = next.run(request).await;
-    if api && response.status() == StatusCode::UNAUTHORIZED {
-        // Admin handlers refuse anonymous callers through `?`: tell them how to log in.
-        let value = format!("Basic realm=\"{}\"", access.settings().service);
+    if response.status() == StatusCode::UNAUTHORIZED {
+        let value = format!("Basic realm=\"{}\"", app.access.settings().service);
         if let Ok(value) = axum::http::HeaderValue::from_str(&value) {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, value);
         }
     }
-    if let Some((action, resource)) = route
-        .as_ref()
-        .and_then(|r| audited(r, &method, name.as_ref()))
-    {
-        // Pulls are only worth recording when callers have identities.
-        if action != "pull" || access.enabled() {
-            let outcome = if response.status().is_success() {
-                Outcome::Success
-            } else {
-                Outcome::Failed
-            };
-            let detail = match outcome {
-                Outcome::Success => response
-                    .headers()
-                    .get("docker-content-digest")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_owned(),
-                _ => response.status().as_u16().to_string(),
-            };
-            access
-                .record(&caller, action, &resource, outcome, &detail)
-                .await;
-        }
-    }
     response
 }
 
 /// The audit action and resource of a `/v2` request, for the operations the audit log
-/// keeps: manifest pulls, pushes and deletes, blob deletes.
+/// keeps: manifest pulls (if `pulls`), pushes and deletes, blob deletes.
 fn audited(
     route: &V2Route<'_>,
     method: &Method,
     name: Option<&RepoName>,
+    pulls: bool,
 ) -> Option<(&'static str, String)> {
+    if !pulls && method == Method::GET {
+        return None;
+    }
     let name = name?;
     let reference = |r: &str| match Reference::parse(r) {
         Ok(Reference::Tag(t)) => format!("{name}:{t}"),

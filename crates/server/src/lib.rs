@@ -18,7 +18,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, delete, get, post};
+use axum::routing::{any, delete, get, post, put};
 use axum::Router;
 use berth_auth::AccessControl;
 use berth_registry::{GcOptions, Registry};
@@ -46,13 +46,9 @@ impl App {
 
 /// The full HTTP surface of the registry.
 pub fn router(app: App) -> Router {
-    Router::new()
-        .route("/v2", any(v2::dispatch))
-        .route("/v2/", any(v2::dispatch))
-        .route("/v2/{*path}", any(v2::dispatch))
-        .route("/healthz", get(healthz))
-        .route("/token", get(token::token).post(token::token))
-        .route("/api/v1/openapi.json", get(admin::openapi))
+    // `/v2` requests are admitted inside `v2::dispatch` (no middleware on the hot path);
+    // admin requests pass `auth::api_guard`.
+    let admin = Router::new()
         .route("/api/v1/gc", post(admin::run_gc))
         .route(
             "/api/v1/users",
@@ -81,7 +77,7 @@ pub fn router(app: App) -> Router {
         )
         .route(
             "/api/v1/projects/{name}/members/{user}",
-            axum::routing::put(admin::set_member).delete(admin::remove_member),
+            put(admin::set_member).delete(admin::remove_member),
         )
         .route(
             "/api/v1/projects/{name}/robots",
@@ -93,7 +89,15 @@ pub fn router(app: App) -> Router {
         )
         .route("/api/v1/audit", get(admin::audit))
         .route("/api/v1/search", get(admin::search))
-        .layer(middleware::from_fn_with_state(app.clone(), auth::guard))
+        .route_layer(middleware::from_fn_with_state(app.clone(), auth::api_guard));
+    Router::new()
+        .route("/v2", any(v2::dispatch))
+        .route("/v2/", any(v2::dispatch))
+        .route("/v2/{*path}", any(v2::dispatch))
+        .route("/healthz", get(healthz))
+        .route("/token", get(token::token).post(token::token))
+        .route("/api/v1/openapi.json", get(admin::openapi))
+        .merge(admin)
         .with_state(app)
         .layer(middleware::from_fn(access_log))
 }

@@ -7,7 +7,9 @@ use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::Extension;
+use std::net::SocketAddr;
+
+use axum::extract::ConnectInfo;
 use berth_auth::{Caller, Need, Permission};
 use berth_meta::Page;
 use berth_oci::{media_type, Digest, Reference, RepoName};
@@ -15,6 +17,7 @@ use berth_registry::{MountOutcome, RangeRequest};
 use berth_storage::{ByteStream, UploadId};
 use futures_util::{StreamExt, TryStreamExt};
 
+use crate::auth;
 use crate::error::{Code, OciError};
 use crate::route::V2Route;
 use crate::App;
@@ -29,16 +32,42 @@ type Params = HashMap<String, String>;
 /// Entry point for every `/v2` request: routes by [`V2Route`], then by method.
 pub(crate) async fn dispatch(
     State(app): State<App>,
-    Extension(caller): Extension<Caller>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let params: Params = Query::try_from_uri(&uri)
+    let route = V2Route::parse(uri.path());
+    let admitted = match auth::admit(&app.access, route.as_ref(), &method, &headers, peer).await {
+        Ok(admitted) => admitted,
+        Err(refused) => return refused,
+    };
+    let response = handle(&app, &admitted.caller, route, method, &uri, headers, body).await;
+    let digest = response
+        .headers()
+        .get(DOCKER_CONTENT_DIGEST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    admitted
+        .finish(&app.access, response.status(), digest)
+        .await;
+    response
+}
+
+async fn handle(
+    app: &App,
+    caller: &Caller,
+    route: Option<V2Route<'_>>,
+    method: Method,
+    uri: &Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let params: Params = Query::try_from_uri(uri)
         .map(|Query(p)| p)
         .unwrap_or_default();
-    let Some(route) = V2Route::parse(uri.path()) else {
+    let Some(route) = route else {
         return OciError::new(
             StatusCode::NOT_FOUND,
             Code::Unsupported,
@@ -48,34 +77,34 @@ pub(crate) async fn dispatch(
     };
     let result = match (route, method.clone()) {
         (V2Route::Base, Method::GET | Method::HEAD) => Ok(base()),
-        (V2Route::Catalog, Method::GET) => catalog(&app, &caller, &params).await,
-        (V2Route::Tags { name }, Method::GET) => tags(&app, name, &params).await,
+        (V2Route::Catalog, Method::GET) => catalog(app, caller, &params).await,
+        (V2Route::Tags { name }, Method::GET) => tags(app, name, &params).await,
         (V2Route::Manifest { name, reference }, Method::GET | Method::HEAD) => {
-            get_manifest(&app, name, reference, method == Method::HEAD).await
+            get_manifest(app, name, reference, method == Method::HEAD).await
         }
         (V2Route::Manifest { name, reference }, Method::PUT) => {
-            put_manifest(&app, name, reference, &headers, body).await
+            put_manifest(app, name, reference, &headers, body).await
         }
         (V2Route::Manifest { name, reference }, Method::DELETE) => {
-            delete_manifest(&app, name, reference).await
+            delete_manifest(app, name, reference).await
         }
         (V2Route::Blob { name, digest }, Method::GET | Method::HEAD) => {
-            get_blob(&app, name, digest, &headers, method == Method::HEAD).await
+            get_blob(app, name, digest, &headers, method == Method::HEAD).await
         }
-        (V2Route::Blob { name, digest }, Method::DELETE) => delete_blob(&app, name, digest).await,
+        (V2Route::Blob { name, digest }, Method::DELETE) => delete_blob(app, name, digest).await,
         (V2Route::UploadStart { name }, Method::POST) => {
-            start_upload(&app, &caller, name, &params, body).await
+            start_upload(app, caller, name, &params, body).await
         }
-        (V2Route::Upload { name, id }, Method::GET) => upload_status(&app, name, id).await,
+        (V2Route::Upload { name, id }, Method::GET) => upload_status(app, name, id).await,
         (V2Route::Upload { name, id }, Method::PATCH) => {
-            patch_upload(&app, name, id, &headers, body).await
+            patch_upload(app, name, id, &headers, body).await
         }
         (V2Route::Upload { name, id }, Method::PUT) => {
-            finish_upload(&app, name, id, &params, &headers, body).await
+            finish_upload(app, name, id, &params, &headers, body).await
         }
-        (V2Route::Upload { name, id }, Method::DELETE) => cancel_upload(&app, name, id).await,
+        (V2Route::Upload { name, id }, Method::DELETE) => cancel_upload(app, name, id).await,
         (V2Route::Referrers { name, digest }, Method::GET) => {
-            referrers(&app, name, digest, &params).await
+            referrers(app, name, digest, &params).await
         }
         _ => Err(OciError::new(
             StatusCode::METHOD_NOT_ALLOWED,
