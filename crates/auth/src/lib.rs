@@ -66,6 +66,10 @@ pub struct AuthSettings {
     pub max_login_failures: u32,
     /// The rate-limit window.
     pub login_failure_window: Duration,
+    /// Whether every manifest pull is audited (as Harbor does). Registries serving
+    /// thousands of pulls a second may turn it off; pushes, deletes, logins and account
+    /// changes are always audited.
+    pub audit_pulls: bool,
 }
 
 impl Default for AuthSettings {
@@ -80,6 +84,7 @@ impl Default for AuthSettings {
             create_projects_on_push: true,
             max_login_failures: 10,
             login_failure_window: Duration::from_secs(300),
+            audit_pulls: true,
         }
     }
 }

@@ -45,6 +45,7 @@ struct FileAuth {
     create_projects_on_push: Option<bool>,
     max_login_failures: Option<u32>,
     login_failure_window_secs: Option<u64>,
+    audit_pulls: Option<bool>,
     signing_key: Option<PathBuf>,
     issuer_public_key: Option<PathBuf>,
 }
@@ -171,6 +172,7 @@ fn auth_config(file: &FileAuth, mode: Option<&str>, data_dir: &Path) -> anyhow::
                 file.login_failure_window_secs,
                 defaults.login_failure_window,
             ),
+            audit_pulls: file.audit_pulls.unwrap_or(defaults.audit_pulls),
         },
         signing_key: file
             .signing_key

@@ -210,11 +210,14 @@ pub(crate) async fn admit(
         .await
         .map_err(|e| refusal(access, headers, None, e, false))?;
     let name = route.and_then(parse_name);
-    let audit = route.and_then(|r| audited(r, method, name.as_ref(), true));
+    let pulls = access.settings().audit_pulls;
+    let audit = route.and_then(|r| audited(r, method, name.as_ref(), pulls));
     let need = route.and_then(|r| v2_need(r, method, name.as_ref()));
     if let Some(need) = &need {
         if let Err(e) = access.authorize(&caller, *need).await {
-            if let (Some((action, resource)), AuthError::Denied(why)) = (&audit, &e) {
+            // Refusals are always recorded, pulls included.
+            let refused = route.and_then(|r| audited(r, method, name.as_ref(), true));
+            if let (Some((action, resource)), AuthError::Denied(why)) = (&refused, &e) {
                 access
                     .record(&caller, action, resource, Outcome::Denied, why)
                     .await;
