@@ -826,3 +826,63 @@ fn token_subject(principal: &Principal) -> TokenSubject {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_meta::SqliteMeta;
+
+    async fn service(dir: &std::path::Path) -> (AccessControl, Arc<SqliteMeta>) {
+        let store = Arc::new(SqliteMeta::open(&dir.join("meta.db")).unwrap());
+        let access = AccessControl::for_mode(
+            AuthSettings::default(),
+            store.clone(),
+            Some(TokenSigner::generate().unwrap()),
+            None,
+        )
+        .unwrap();
+        (access, store)
+    }
+
+    #[tokio::test]
+    async fn expired_robots_can_neither_log_in_nor_use_their_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let (access, store) = service(dir.path()).await;
+        store.create_project("p", false, None).await.unwrap();
+        let hash = hash_password("robot-secret").unwrap();
+        let soon = now_ms() + 1_000;
+        store
+            .create_robot("p", "ci", &hash, &["pull".into()], Some(soon))
+            .await
+            .unwrap();
+        let login = || Credentials::Password {
+            user: "robot$p+ci".into(),
+            password: "robot-secret".into(),
+        };
+        let caller = access.authenticate(login(), "127.0.0.1").await.unwrap();
+        let scope = Scope::parse("repository:p/app:pull,push").unwrap();
+        let issued = access.issue_token(&caller, &[scope], false).await.unwrap();
+        assert_eq!(
+            issued.granted[0].actions,
+            ["pull"],
+            "robots get only their permissions"
+        );
+        let bearer = || Credentials::Bearer(issued.token.clone());
+        assert!(access.authenticate(bearer(), "127.0.0.1").await.is_ok());
+        // Expire it (the clock passes the robot's expiry).
+        store.delete_robot("p", "ci").await.unwrap();
+        store
+            .create_robot("p", "ci", &hash, &["pull".into()], Some(now_ms() - 1))
+            .await
+            .unwrap();
+        assert!(matches!(
+            access.authenticate(login(), "127.0.0.1").await,
+            Err(AuthError::BadCredentials)
+        ));
+        // The token names the old robot's id: a new robot of the same name does not inherit it.
+        assert!(matches!(
+            access.authenticate(bearer(), "127.0.0.1").await,
+            Err(AuthError::BadToken(TokenError::Revoked))
+        ));
+    }
+}

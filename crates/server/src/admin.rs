@@ -406,6 +406,11 @@ pub(crate) async fn create_robot(
     bytes: Bytes,
 ) -> Result<Response, OciError> {
     let req: CreateRobot = body(&bytes)?;
+    if req.expires_in_days == Some(0) {
+        return Err(bad_request(
+            "expires_in_days: at least 1 (omit it for no expiry)",
+        ));
+    }
     let new = NewRobot {
         name: req.name,
         permissions: req.permissions,

@@ -483,6 +483,26 @@ fn docker_and_ctr_push_and_pull() {
         !out.status.success(),
         "an anonymous pull of a private project fails"
     );
+    // A robot account of the project logs in with docker and pulls.
+    let (s, robot) = api(
+        &secured,
+        &admin,
+        reqwest::Method::POST,
+        "/projects/dockeruser/robots",
+        Some(serde_json::json!({"name": "puller", "permissions": ["pull"]})),
+    );
+    assert_eq!(s, StatusCode::CREATED, "{robot}");
+    docker_as(
+        &[
+            "login",
+            "-u",
+            robot["name"].as_str().unwrap(),
+            "--password-stdin",
+            &secured_host,
+        ],
+        Some(robot["secret"].as_str().unwrap()),
+    );
+    docker_as(&["pull", &private], None);
     // ctr with Basic credentials through the token flow.
     let copy = format!("{secured_host}/dockeruser/ctr:v1");
     ctr_cmd(&["images", "tag", &image, &copy]);
