@@ -18,8 +18,26 @@ pub(crate) struct Settings {
     pub(crate) data_dir: PathBuf,
     pub(crate) log_level: String,
     pub(crate) max_manifest_bytes: usize,
+    pub(crate) meta: MetaConfig,
     pub(crate) gc: GcSettings,
     pub(crate) auth: AuthConfig,
+}
+
+/// Where metadata lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum MetaConfig {
+    /// `meta.db` in the data directory.
+    Sqlite,
+    /// A PostgreSQL database shared by every node.
+    Postgres { url: String, schema: Option<String> },
+}
+
+/// The `[meta]` table of the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMeta {
+    postgres_url: Option<String>,
+    postgres_schema: Option<String>,
 }
 
 /// Authentication settings plus where the keys are.
@@ -82,6 +100,8 @@ struct FileConfig {
     gc: FileGc,
     #[serde(default)]
     auth: FileAuth,
+    #[serde(default)]
+    meta: FileMeta,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -98,6 +118,7 @@ pub(crate) struct Overrides {
     pub(crate) log_level: Option<String>,
     pub(crate) max_manifest_bytes: Option<usize>,
     pub(crate) auth_mode: Option<String>,
+    pub(crate) postgres_url: Option<String>,
 }
 
 impl Settings {
@@ -137,6 +158,13 @@ impl Settings {
                 .unwrap_or(berth_registry::Limits::default().max_manifest_bytes),
             gc: gc_settings(&file_config.gc),
             auth,
+            meta: match overrides.postgres_url.or(file_config.meta.postgres_url) {
+                Some(url) => MetaConfig::Postgres {
+                    url,
+                    schema: file_config.meta.postgres_schema,
+                },
+                None => MetaConfig::Sqlite,
+            },
         })
     }
 }

@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use berth_auth::{AccessControl, AuthMode, TokenSigner};
-use berth_meta::SqliteMeta;
+use berth_meta::{AccountStore, MetaStore, PostgresMeta, SqliteMeta};
 use berth_registry::{CheckOptions, Limits, Registry};
 use berth_server::App;
 use berth_storage::FsBlobStore;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{Overrides, Settings};
+use crate::config::{MetaConfig, Overrides, Settings};
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +41,10 @@ struct DataArgs {
     /// Log filter, e.g. `info` or `warn,berth::access=info` [default: info].
     #[arg(long, env = "BERTH_LOG_LEVEL", global = true)]
     log_level: Option<String>,
+    /// Keep metadata in this PostgreSQL database (shared by every node) instead of
+    /// `meta.db` in the data directory.
+    #[arg(long, env = "BERTH_POSTGRES_URL", global = true)]
+    postgres_url: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -187,6 +191,7 @@ fn load(data: DataArgs, overrides: Overrides) -> anyhow::Result<Settings> {
         Overrides {
             data_dir: data.data_dir,
             log_level: data.log_level,
+            postgres_url: data.postgres_url,
             ..overrides
         },
     )?;
@@ -206,15 +211,27 @@ struct Stores {
 
 /// Opens the stores of the data directory and wires the registry and access services.
 /// Must run inside the runtime (the access service starts its audit writer).
-fn open_stores(settings: &Settings) -> anyhow::Result<Stores> {
+async fn open_stores(settings: &Settings) -> anyhow::Result<Stores> {
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("creating data directory {}", settings.data_dir.display()))?;
     let blobs = FsBlobStore::open(&settings.data_dir).context("opening blob storage")?;
-    let meta =
-        Arc::new(SqliteMeta::open(&settings.data_dir.join("meta.db")).context("opening metadata")?);
+    let (meta, accounts): (Arc<dyn MetaStore>, Arc<dyn AccountStore>) = match &settings.meta {
+        MetaConfig::Sqlite => {
+            let path = settings.data_dir.join("meta.db");
+            let meta = Arc::new(SqliteMeta::open(&path).context("opening metadata")?);
+            (meta.clone(), meta)
+        }
+        MetaConfig::Postgres { url, schema } => {
+            let meta = PostgresMeta::connect(url, schema.as_deref())
+                .await
+                .context("connecting to PostgreSQL")?;
+            let meta = Arc::new(meta);
+            (meta.clone(), meta)
+        }
+    };
     let registry = Registry::new(
         Arc::new(blobs),
-        meta.clone(),
+        meta,
         Limits {
             max_manifest_bytes: settings.max_manifest_bytes,
         },
@@ -232,7 +249,7 @@ fn open_stores(settings: &Settings) -> anyhow::Result<Stores> {
         }
         _ => None,
     };
-    let access = AccessControl::for_mode(auth.settings.clone(), meta, signer, issuer_key)?;
+    let access = AccessControl::for_mode(auth.settings.clone(), accounts, signer, issuer_key)?;
     Ok(Stores { registry, access })
 }
 
@@ -267,7 +284,7 @@ where
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let stores = runtime.block_on(async { open_stores(settings) })?;
+    let stores = runtime.block_on(open_stores(settings))?;
     runtime.block_on(task(stores))
 }
 
@@ -276,7 +293,7 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let Stores { registry, access } = open_stores(&settings)?;
+        let Stores { registry, access } = open_stores(&settings).await?;
         if access.settings().mode == AuthMode::Builtin {
             let password = std::env::var("BERTH_ADMIN_PASSWORD").ok().filter(|p| !p.is_empty());
             if let Some(generated) = access.bootstrap_admin(password).await? {

@@ -3,10 +3,11 @@
 //! referrers. Listing tags, the catalog and referrers are index queries here, never
 //! directory walks, which is what makes them fast.
 //!
-//! Only this crate writes SQL. The embedded backend is SQLite; the [`MetaStore`] trait is
-//! what a second backend implements.
+//! Only this crate writes SQL. The embedded backend is SQLite; PostgreSQL serves several
+//! nodes sharing one store. Both implement [`MetaStore`] and [`AccountStore`].
 
 mod accounts;
+mod postgres;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -16,6 +17,7 @@ pub use accounts::{
     AccountStore, AuditFilter, AuditRecord, MemberRecord, NewAuditEvent, ProjectRecord,
     RobotRecord, UserRecord,
 };
+pub use postgres::PostgresMeta;
 pub use sqlite::SqliteMeta;
 
 /// A manifest as the registry accepted it: the exact bytes plus the facts parsed out of them.

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use berth_auth::{AccessControl, AuthMode, AuthSettings, TokenSigner};
-use berth_meta::SqliteMeta;
+use berth_meta::{AccountStore, MetaStore, PostgresMeta, SqliteMeta};
 use berth_registry::{GcOptions, Limits, Registry};
 use berth_server::App;
 use berth_storage::FsBlobStore;
@@ -22,6 +22,89 @@ pub struct TestRegistry {
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     runtime: Option<tokio::runtime::Runtime>,
     data_dir: tempfile::TempDir,
+}
+
+mod postgres;
+
+pub use postgres::{shared_cluster, PostgresCluster};
+
+/// Which metadata backend a test registry uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaBackend {
+    /// SQLite in the registry's data directory.
+    Sqlite,
+    /// A schema of its own in the shared throwaway PostgreSQL cluster (SQLite when
+    /// PostgreSQL is not installed, outside CI).
+    Postgres,
+}
+
+/// How to start a test registry.
+#[derive(Clone)]
+pub struct Options {
+    /// Input limits.
+    pub limits: Limits,
+    /// Garbage-collection settings (for `POST /api/v1/gc`).
+    pub gc: GcOptions,
+    /// Access control; disabled by default.
+    pub auth: AuthSettings,
+    /// In external token mode, the issuer's key.
+    pub issuer_key: Option<berth_auth::VerifyingKey>,
+    /// The metadata backend.
+    pub meta: MetaBackend,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            limits: Limits::default(),
+            gc: GcOptions::default(),
+            auth: AuthSettings {
+                mode: AuthMode::Disabled,
+                ..AuthSettings::default()
+            },
+            issuer_key: None,
+            meta: MetaBackend::Sqlite,
+        }
+    }
+}
+
+/// Opens a fresh metadata store of the given backend.
+async fn open_meta(
+    backend: MetaBackend,
+    root: &Path,
+) -> (Arc<dyn MetaStore>, Arc<dyn AccountStore>) {
+    if backend == MetaBackend::Postgres {
+        if let Some(cluster) = shared_cluster() {
+            let schema = format!("t_{}", uuid_like());
+            let mut last = None;
+            for _ in 0..100 {
+                match PostgresMeta::connect(cluster.url(), Some(&schema)).await {
+                    Ok(meta) => {
+                        let meta = Arc::new(meta);
+                        return (meta.clone(), meta);
+                    }
+                    // The server may still be starting.
+                    Err(e) => last = Some(e),
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("connecting to the test cluster: {last:?}");
+        }
+    }
+    let meta = Arc::new(SqliteMeta::open(&root.join("meta.db")).expect("meta store"));
+    (meta.clone(), meta)
+}
+
+/// A unique lowercase name part.
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{}_{nanos:x}_{n}", std::process::id())
 }
 
 /// The password of `admin` in registries started with access control.
@@ -37,40 +120,44 @@ impl TestRegistry {
     /// Starts an open registry with the given limits and collection settings (used by
     /// `POST /api/v1/gc`).
     pub fn start_with(limits: Limits, gc: GcOptions) -> Self {
-        let auth = AuthSettings {
-            mode: AuthMode::Disabled,
-            ..AuthSettings::default()
-        };
-        Self::start_full(limits, gc, auth, None)
+        Self::start_opts(Options {
+            limits,
+            gc,
+            ..Options::default()
+        })
     }
 
     /// Starts a registry with access control in the given settings' mode; in builtin mode
     /// the user `admin` has [`ADMIN_PASSWORD`].
     pub fn start_with_auth(auth: AuthSettings) -> Self {
-        Self::start_full(Limits::default(), GcOptions::default(), auth, None)
+        Self::start_opts(Options {
+            auth,
+            ..Options::default()
+        })
     }
 
     /// Starts a registry that trusts only tokens signed by `issuer_key` (external token
     /// mode), so tests can mint any token, forged ones included.
     pub fn start_trusting(auth: AuthSettings, issuer_key: berth_auth::VerifyingKey) -> Self {
-        let auth = AuthSettings {
-            mode: AuthMode::ExternalToken,
-            ..auth
-        };
-        Self::start_full(
-            Limits::default(),
-            GcOptions::default(),
-            auth,
-            Some(issuer_key),
-        )
+        Self::start_opts(Options {
+            auth: AuthSettings {
+                mode: AuthMode::ExternalToken,
+                ..auth
+            },
+            issuer_key: Some(issuer_key),
+            ..Options::default()
+        })
     }
 
-    fn start_full(
-        limits: Limits,
-        gc: GcOptions,
-        auth: AuthSettings,
-        issuer_key: Option<berth_auth::VerifyingKey>,
-    ) -> Self {
+    /// Starts a registry as `options` say.
+    pub fn start_opts(options: Options) -> Self {
+        let Options {
+            limits,
+            gc,
+            auth,
+            issuer_key,
+            meta: backend,
+        } = options;
         let data_dir = tempfile::tempdir().expect("temp dir");
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -81,10 +168,10 @@ impl TestRegistry {
         let root = data_dir.path().to_owned();
         let addr = runtime.block_on(async move {
             let blobs = FsBlobStore::open(&root).expect("blob store");
-            let meta = Arc::new(SqliteMeta::open(&root.join("meta.db")).expect("meta store"));
-            let registry = Registry::new(Arc::new(blobs), meta.clone(), limits);
+            let (meta, accounts) = open_meta(backend, &root).await;
+            let registry = Registry::new(Arc::new(blobs), meta, limits);
             let signer = TokenSigner::generate().expect("signing key");
-            let access = AccessControl::for_mode(auth, meta, Some(signer), issuer_key)
+            let access = AccessControl::for_mode(auth, accounts, Some(signer), issuer_key)
                 .expect("access control");
             if access.settings().mode == AuthMode::Builtin {
                 access

@@ -1,6 +1,5 @@
 //! Pulls, listings, mounts and referrers over real HTTP.
 
-use berth_testkit::TestRegistry;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -8,7 +7,7 @@ use crate::{assert_oci_error, header, http, push_blob, push_image, put_manifest,
 
 #[test]
 fn base_endpoint_and_health() {
-    let reg = TestRegistry::start();
+    let reg = crate::start();
     let r = http().get(format!("{}/v2/", reg.url())).send().unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(
@@ -24,7 +23,7 @@ fn base_endpoint_and_health() {
 
 #[test]
 fn blob_get_head_and_ranges() {
-    let reg = TestRegistry::start();
+    let reg = crate::start();
     let base = reg.url();
     let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
     let digest = push_blob(&base, "team/app", &data);
@@ -85,7 +84,7 @@ fn blob_get_head_and_ranges() {
 
 #[test]
 fn layers_are_stored_once_but_visible_only_where_pushed_or_mounted() {
-    let reg = TestRegistry::start();
+    let reg = crate::start();
     let base = reg.url();
     let layer = b"shared layer bytes".repeat(1000);
     for repo in ["a/one", "a/two", "b/three"] {
@@ -208,7 +207,7 @@ fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn tag_listing_paginates_with_link_headers() {
-    let reg = TestRegistry::start();
+    let reg = crate::start();
     let base = reg.url();
     let (_, manifest) = push_image(&base, "team/app", "t00", &[b"layer"]);
     for i in 1..25 {
@@ -280,7 +279,7 @@ fn tag_listing_paginates_with_link_headers() {
 
 #[test]
 fn catalog_paginates() {
-    let reg = TestRegistry::start();
+    let reg = crate::start();
     let base = reg.url();
     let names: Vec<String> = (0..7).map(|i| format!("proj/repo{i}")).collect();
     for name in &names {
@@ -313,7 +312,7 @@ fn catalog_paginates() {
 
 #[test]
 fn referrers_list_artifacts_attached_through_subject() {
-    let reg = TestRegistry::start();
+    let reg = crate::start();
     let base = reg.url();
     let (subject, subject_bytes) = push_image(&base, "team/app", "v1", &[b"app layer"]);
     let empty = push_blob(&base, "team/app", b"{}");

@@ -295,7 +295,7 @@ fn attempt(reg: &TestRegistry, who: &Who, project: &str, op: char, round: usize)
 
 #[test]
 fn permission_matrix_over_public_and_private_projects() {
-    let reg = TestRegistry::start_with_auth(settings());
+    let reg = crate::start_with_auth(settings());
     let admin = Who::admin();
     use Method as M;
     use StatusCode as S;
@@ -487,7 +487,7 @@ fn allow(b: bool) -> &'static str {
 
 #[test]
 fn cross_project_mount_needs_pull_on_the_source() {
-    let reg = TestRegistry::start_with_auth(settings());
+    let reg = crate::start_with_auth(settings());
     let admin = Who::admin();
     use Method as M;
     use StatusCode as S;
@@ -604,7 +604,7 @@ fn assert_unauthorized(r: Response, why: &str) {
 
 #[test]
 fn builtin_tokens_grant_what_was_asked_and_allowed_and_die_with_their_user() {
-    let reg = TestRegistry::start_with_auth(settings());
+    let reg = crate::start_with_auth(settings());
     let admin = Who::admin();
     use Method as M;
     use StatusCode as S;
@@ -862,7 +862,7 @@ fn external_issuer_tokens_are_checked_strictly() {
         realm: Some("https://auth.example.test/token".into()),
         ..settings()
     };
-    let reg = TestRegistry::start_trusting(auth, issuer.verifying_key());
+    let reg = crate::start_trusting(auth, issuer.verifying_key());
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -997,7 +997,7 @@ fn audit_trail(reg: &TestRegistry) -> Vec<(String, String, String, String)> {
 
 #[test]
 fn audit_log_records_a_scripted_sequence_in_order() {
-    let reg = TestRegistry::start_with_auth(settings());
+    let reg = crate::start_with_auth(settings());
     let admin = Who::admin();
     use Method as M;
     use StatusCode as S;
@@ -1161,7 +1161,7 @@ fn client_from(address: &str) -> Client {
 
 #[test]
 fn repeated_failed_logins_are_rate_limited_per_user_and_per_address() {
-    let reg = TestRegistry::start_with_auth(AuthSettings {
+    let reg = crate::start_with_auth(AuthSettings {
         max_login_failures: 3,
         login_failure_window: Duration::from_secs(300),
         ..AuthSettings::default()

@@ -88,7 +88,7 @@ fn skopeo_copies_a_layout_in_and_out_and_umoci_unpacks_the_pull() {
     let (Some(skopeo), Some(umoci)) = (tool("skopeo"), tool("umoci")) else {
         return;
     };
-    let reg = TestRegistry::start();
+    let reg = crate::start();
     let dir = tempfile::tempdir().unwrap();
     let files = build_layout(&umoci, dir.path());
     let host = reg.host();
@@ -161,7 +161,7 @@ fn podman_pushes_and_pulls_a_buildah_image() {
     let (Some(buildah), Some(podman)) = (tool("buildah"), tool("podman")) else {
         return;
     };
-    let reg = TestRegistry::start();
+    let reg = crate::start();
     let dir = tempfile::tempdir().unwrap();
     let storage = |cmd: &Path| {
         let mut c = Command::new(cmd);
@@ -234,7 +234,7 @@ fn oras_python_sdk_pushes_pulls_and_attaches_a_referrer() {
         eprintln!("skipping: the ORAS Python SDK is not installed");
         return;
     }
-    let reg = TestRegistry::start();
+    let reg = crate::start();
     let dir = tempfile::tempdir().unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/oras_artifacts.py");
     let out = run(Command::new(&python)
@@ -360,7 +360,7 @@ fn docker_and_ctr_push_and_pull() {
     ) else {
         return;
     };
-    let reg = TestRegistry::start();
+    let reg = crate::start();
     let host = reg.host();
     let daemons = Daemons::start(&containerd, Some(&dockerd));
     let docker = |args: &[&str]| {
@@ -425,7 +425,7 @@ fn docker_and_ctr_push_and_pull() {
 
     // The same daemons against a registry with access control: `docker login` follows
     // the token flow (and stores a refresh token), then push and pull a private project.
-    let secured = TestRegistry::start_with_auth(berth_auth::AuthSettings::default());
+    let secured = crate::start_with_auth(berth_auth::AuthSettings::default());
     let admin = Who::admin();
     let (s, _) = api(
         &secured,

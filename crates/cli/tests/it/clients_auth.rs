@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use berth_auth::AuthSettings;
-use berth_testkit::{tool, TestRegistry};
+use berth_testkit::tool;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
@@ -20,7 +20,7 @@ fn skopeo_and_podman_log_in_as_users_and_robots() {
     else {
         return;
     };
-    let reg = TestRegistry::start_with_auth(AuthSettings::default());
+    let reg = crate::start_with_auth(AuthSettings::default());
     let admin = Who::admin();
     let host = reg.host();
     expect_api(

@@ -1,7 +1,6 @@
 //! Bad input: each answered with the spec's error code and status, nothing stored.
 
 use berth_registry::Limits;
-use berth_testkit::TestRegistry;
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -11,7 +10,7 @@ const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 #[test]
 fn invalid_names_tags_and_digests() {
-    let reg = TestRegistry::start();
+    let reg = crate::start();
     let base = reg.url();
     let digest = sha256(b"x");
     // Sent raw: an HTTP library would normalise `..` away before the server saw it.
@@ -92,7 +91,7 @@ fn invalid_names_tags_and_digests() {
 
 #[test]
 fn malformed_unknown_and_schema1_manifests() {
-    let reg = TestRegistry::start();
+    let reg = crate::start();
     let base = reg.url();
     let config = push_blob(&base, "team/app", b"{}");
     let cases: Vec<(&str, Vec<u8>, StatusCode, &str)> = vec![
@@ -151,7 +150,7 @@ fn malformed_unknown_and_schema1_manifests() {
 
 #[test]
 fn oversized_manifest_is_refused_with_413() {
-    let reg = TestRegistry::start_with(
+    let reg = crate::start_with(
         Limits {
             max_manifest_bytes: 1024,
         },

@@ -17,7 +17,7 @@ const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
 /// A registry whose collections spare nothing for age: every unreferenced blob goes.
 pub(crate) fn eager_registry() -> TestRegistry {
-    TestRegistry::start_with(
+    crate::start_with(
         Limits::default(),
         GcOptions {
             blob_grace: Duration::ZERO,
@@ -227,7 +227,7 @@ fn untagged_manifests_go_only_when_asked_and_index_children_and_referrers_are_ke
 
 #[test]
 fn grace_period_protects_fresh_blobs_and_abandoned_uploads_are_purged() {
-    let reg = TestRegistry::start_with(
+    let reg = crate::start_with(
         Limits::default(),
         GcOptions {
             upload_max_age: Duration::ZERO,
@@ -268,6 +268,9 @@ fn grace_period_protects_fresh_blobs_and_abandoned_uploads_are_purged() {
 
 #[test]
 fn gc_and_check_commands_work_beside_a_running_registry() {
+    if crate::BACKEND != berth_testkit::MetaBackend::Sqlite {
+        return; // drives the binary on its embedded default; covered by `it`
+    }
     let binary = Path::new(env!("CARGO_BIN_EXE_berth"));
     let data_dir = tempfile::tempdir().unwrap();
     let server = BerthProcess::spawn(binary, data_dir.path());

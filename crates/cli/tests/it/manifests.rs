@@ -1,6 +1,5 @@
 //! Manifest push, pull and delete for every supported kind.
 
-use berth_testkit::TestRegistry;
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -13,7 +12,7 @@ const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+
 
 #[test]
 fn oci_manifest_by_tag_and_digest_byte_for_byte() {
-    let reg = TestRegistry::start();
+    let reg = crate::start();
     let base = reg.url();
     let config = push_blob(&base, "team/app", b"{\"os\":\"linux\"}");
     let layer = push_blob(&base, "team/app", b"layer");
@@ -80,7 +79,7 @@ fn oci_manifest_by_tag_and_digest_byte_for_byte() {
 
 #[test]
 fn docker_schema2_manifest_list_and_oci_index() {
-    let reg = TestRegistry::start();
+    let reg = crate::start();
     let base = reg.url();
     let config = push_blob(&base, "team/multi", b"{\"architecture\":\"arm64\"}");
     let layer = push_blob(&base, "team/multi", b"docker layer");
@@ -152,7 +151,7 @@ fn docker_schema2_manifest_list_and_oci_index() {
 
 #[test]
 fn artifact_with_empty_config() {
-    let reg = TestRegistry::start();
+    let reg = crate::start();
     let base = reg.url();
     let empty = push_blob(&base, "team/art", b"{}");
     let file = push_blob(&base, "team/art", b"chart bytes");
@@ -175,7 +174,7 @@ fn artifact_with_empty_config() {
 
 #[test]
 fn delete_by_digest_removes_tags_and_delete_by_tag_keeps_the_manifest() {
-    let reg = TestRegistry::start();
+    let reg = crate::start();
     let base = reg.url();
     let (digest, manifest) = push_image(&base, "team/app", "v1", &[b"layer"]);
     put_manifest(&base, "team/app", "v2", OCI_MANIFEST, &manifest);

@@ -6,7 +6,6 @@
 use std::collections::BTreeSet;
 
 use berth_auth::AuthSettings;
-use berth_testkit::TestRegistry;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -109,7 +108,7 @@ fn call(
 #[test]
 fn every_documented_operation_answers_as_documented() {
     let spec: Value = serde_json::from_str(SPEC).expect("openapi.json is JSON");
-    let reg = TestRegistry::start_with_auth(AuthSettings::default());
+    let reg = crate::start_with_auth(AuthSettings::default());
     let admin = Who::admin();
     let anonymous = Who::anonymous();
     let zoe = Who::user("zoe", "zoe-password");

@@ -5,7 +5,6 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 
 use berth_oci::{Algorithm, DigestHasher};
-use berth_testkit::TestRegistry;
 use reqwest::StatusCode;
 
 use crate::{assert_oci_error, header, http, sha256};
@@ -28,7 +27,7 @@ fn start(base: &str, repo: &str) -> String {
 
 #[test]
 fn chunked_upload_with_status_and_out_of_order_chunks() {
-    let reg = TestRegistry::start();
+    let reg = crate::start();
     let base = reg.url();
     let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 256) as u8).collect();
     let digest = sha256(&data);
@@ -103,7 +102,7 @@ fn chunked_upload_with_status_and_out_of_order_chunks() {
 
 #[test]
 fn post_then_put_and_sha512() {
-    let reg = TestRegistry::start();
+    let reg = crate::start();
     let base = reg.url();
     let location = start(&base, "team/app");
     let body = b"monolithic after POST".to_vec();
@@ -153,7 +152,7 @@ fn post_then_put_and_sha512() {
 
 #[test]
 fn wrong_digest_is_refused_and_nothing_is_published() {
-    let reg = TestRegistry::start();
+    let reg = crate::start();
     let base = reg.url();
     let claimed = sha256(b"what the client claims");
     let r = http()
@@ -218,7 +217,7 @@ fn wrong_digest_is_refused_and_nothing_is_published() {
 
 #[test]
 fn bad_content_range_and_unknown_sessions() {
-    let reg = TestRegistry::start();
+    let reg = crate::start();
     let base = reg.url();
     let location = start(&base, "team/app");
     for bad in ["abc", "5-1", "-5", "0-"] {
@@ -278,7 +277,7 @@ fn bad_content_range_and_unknown_sessions() {
 /// stay in the session, nothing is published, and the client can resume from the offset.
 #[test]
 fn truncated_body_keeps_a_resumable_session() {
-    let reg = TestRegistry::start();
+    let reg = crate::start();
     let base = reg.url();
     let location = start(&base, "team/app");
     let path = location.trim_start_matches(&base).to_owned();
