@@ -142,6 +142,10 @@ pub enum MetaError {
     /// The record still holds content and cannot be removed.
     #[error("{0}")]
     NotEmpty(String),
+    /// The backend cannot be reached (connection refused or lost, pool exhausted): the
+    /// operation did not happen and may be retried later.
+    #[error("metadata backend unavailable: {0}")]
+    Unavailable(String),
     /// The backend failed.
     #[error("metadata backend: {0}")]
     Backend(String),

@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use berth_oci::{Digest, EdgeKind, Reference, RepoName, Tag};
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{IsolationLevel, NoTls, Row};
 
@@ -23,6 +23,8 @@ mod accounts;
 
 /// Connections per node.
 const POOL_SIZE: usize = 16;
+/// How long a request waits for a connection before answering that the store is down.
+const OUTAGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Attempts of a write that keeps meeting serialization conflicts.
 const MAX_ATTEMPTS: usize = 20;
 
@@ -154,14 +156,22 @@ impl From<MetaError> for Fail {
 }
 
 fn pg(e: tokio_postgres::Error) -> MetaError {
-    MetaError::Backend(match e.as_db_error() {
-        Some(db) => format!("postgres: {}", db.message()),
-        None => format!("postgres: {e}"),
-    })
+    match e.as_db_error() {
+        // The server shutting down or refusing connections is an outage, not a fault.
+        Some(db) if db.code().code().starts_with("57P") || db.code().code().starts_with("08") => {
+            MetaError::Unavailable(format!("postgres: {}", db.message()))
+        }
+        Some(db) => MetaError::Backend(format!("postgres: {}", db.message())),
+        // No server answer at all: the connection broke or could not be made.
+        None if e.is_closed() || e.code().is_none() => {
+            MetaError::Unavailable(format!("postgres: {e}"))
+        }
+        None => MetaError::Backend(format!("postgres: {e}")),
+    }
 }
 
 fn pool_error(e: deadpool_postgres::PoolError) -> MetaError {
-    MetaError::Backend(format!("postgres pool: {e}"))
+    MetaError::Unavailable(format!("postgres: {e}"))
 }
 
 /// Maps a uniqueness violation to [`MetaError::Conflict`].
@@ -248,6 +258,7 @@ impl PostgresMeta {
         let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| MetaError::Backend(format!("postgres url: {e}")))?;
+        config.connect_timeout(OUTAGE_TIMEOUT);
         if let Some(schema) = schema {
             if !schema
                 .chars()
@@ -274,8 +285,13 @@ impl PostgresMeta {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
+        // Bounded waits: during an outage requests fail fast with 503 instead of piling up.
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(OUTAGE_TIMEOUT))
+            .create_timeout(Some(OUTAGE_TIMEOUT))
+            .recycle_timeout(Some(OUTAGE_TIMEOUT))
             .build()
             .map_err(|e| MetaError::Backend(format!("postgres pool: {e}")))?;
         let meta = PostgresMeta { pool };

@@ -66,9 +66,12 @@ impl Registry {
         &self.limits
     }
 
-    /// Both stores answer: used by health checks.
-    pub async fn check_health(&self) -> Result<(), RegistryError> {
-        self.meta.ping().await?;
-        Ok(())
+    /// Each store's readiness, checked independently: `(blobs, metadata)`.
+    pub async fn readiness(&self) -> (Result<(), RegistryError>, Result<(), RegistryError>) {
+        let (blobs, meta) = tokio::join!(self.blobs.ready(), self.meta.ping());
+        (
+            blobs.map_err(RegistryError::from),
+            meta.map_err(RegistryError::from),
+        )
     }
 }

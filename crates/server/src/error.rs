@@ -4,6 +4,7 @@
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use berth_auth::AuthError;
+use berth_meta::MetaError;
 use berth_oci::ParseError;
 use berth_registry::RegistryError;
 use serde_json::json;
@@ -76,6 +77,9 @@ impl Code {
     }
 }
 
+/// Seconds a client is asked to wait after a backend outage.
+pub const RETRY_AFTER_SECS: u64 = 5;
+
 /// An error response in the spec's `{"errors":[{code,message,detail}]}` form.
 #[derive(Debug)]
 pub struct OciError {
@@ -104,6 +108,17 @@ impl OciError {
             Code::Unknown,
             "internal server error",
         )
+    }
+
+    /// A backend outage: logged, answered `503` with a retry hint. Nothing was changed.
+    pub fn unavailable(cause: &dyn std::error::Error) -> Self {
+        tracing::warn!(error = %cause, "backend unavailable");
+        OciError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Code::Unknown,
+            "a storage backend is unavailable; retry later",
+        )
+        .with_header(header::RETRY_AFTER, RETRY_AFTER_SECS.to_string())
     }
 
     /// Adds a header to the response (`Range`, `Content-Range`).
@@ -183,6 +198,7 @@ impl From<RegistryError> for OciError {
                 )
                 .with_header(header::RETRY_AFTER, "1".to_owned());
             }
+            E::Meta(MetaError::Unavailable(_)) => return OciError::unavailable(&e),
             E::Storage(_) | E::Meta(_) => return OciError::internal(&e),
         };
         OciError::new(status, code, e.to_string())
@@ -210,6 +226,7 @@ impl From<AuthError> for OciError {
             E::NotFound(_) => (StatusCode::NOT_FOUND, Code::NotFound),
             E::Conflict(_) => (StatusCode::CONFLICT, Code::Conflict),
             E::Unavailable(_) => (StatusCode::NOT_FOUND, Code::Unsupported),
+            E::Meta(MetaError::Unavailable(_)) => return OciError::unavailable(&e),
             E::Crypto(_) | E::Meta(_) => return OciError::internal(&e),
         };
         OciError::new(status, code, e.to_string())

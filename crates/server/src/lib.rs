@@ -95,6 +95,7 @@ pub fn router(app: App) -> Router {
         .route("/v2/", any(v2::dispatch))
         .route("/v2/{*path}", any(v2::dispatch))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/token", get(token::token).post(token::token))
         .route("/api/v1/openapi.json", get(admin::openapi))
         .merge(admin)
@@ -115,18 +116,40 @@ pub async fn serve(
         .await
 }
 
-async fn healthz(State(app): State<App>) -> Response {
-    match app.registry.check_health().await {
-        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
-        Err(e) => {
-            tracing::error!(error = %e, "health check failed");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "metadata store unavailable\n",
-            )
-                .into_response()
-        }
+/// Liveness: the process serves requests. Deliberately independent of the backends (see
+/// `/readyz`): a database outage must not get every node restarted.
+async fn healthz() -> Response {
+    (StatusCode::OK, "ok\n").into_response()
+}
+
+/// Readiness: whether each backend answers now. `200` when both do; `503` with a retry
+/// hint and which one failed otherwise, so load balancers take the node out while a store
+/// is down and put it back when it returns.
+async fn readyz(State(app): State<App>) -> Response {
+    let (blobs, meta) = app.registry.readiness().await;
+    let state = |r: &Result<(), berth_registry::RegistryError>| match r {
+        Ok(()) => "ok".to_owned(),
+        Err(e) => format!("unavailable: {e}"),
+    };
+    let body = serde_json::json!({ "blobs": state(&blobs), "metadata": state(&meta) }).to_string();
+    if blobs.is_ok() && meta.is_ok() {
+        return (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response();
     }
+    tracing::warn!(%body, "not ready");
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [
+            (header::CONTENT_TYPE, "application/json".to_owned()),
+            (header::RETRY_AFTER, error::RETRY_AFTER_SECS.to_string()),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 /// One structured log line per request, and the API version header on every response.

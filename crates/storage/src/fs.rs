@@ -158,6 +158,19 @@ fn sync_dir(path: &Path) -> io::Result<()> {
 
 #[async_trait]
 impl BlobStore for FsBlobStore {
+    async fn ready(&self) -> Result<(), StorageError> {
+        // Both trees must be there and be directories (an unmounted volume fails here).
+        for dir in ["blobs", "uploads"] {
+            let meta = tokio::fs::metadata(self.root.join(dir)).await?;
+            if !meta.is_dir() {
+                return Err(StorageError::Io(std::io::Error::other(format!(
+                    "{dir} is not a directory"
+                ))));
+            }
+        }
+        Ok(())
+    }
+
     async fn stat(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
         match tokio::fs::metadata(self.blob_path(digest)).await {
             Ok(m) => Ok(Some(m.len())),

@@ -151,6 +151,8 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Removes a blob's bytes. Only garbage collection calls this, after the metadata
     /// store agreed nothing references the blob.
     async fn delete(&self, digest: &Digest) -> Result<(), StorageError>;
+    /// Whether the store can serve and accept bytes right now (readiness probes).
+    async fn ready(&self) -> Result<(), StorageError>;
     /// Removes many blobs' bytes; a sweep calls this once per collection so a backend can
     /// batch (one thread for the file system, multi-object deletes for S3).
     async fn delete_many(&self, digests: &[Digest]) -> Result<(), StorageError> {

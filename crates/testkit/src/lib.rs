@@ -26,7 +26,7 @@ pub struct TestRegistry {
 
 mod postgres;
 
-pub use postgres::{shared_cluster, PostgresCluster};
+pub use postgres::{shared_cluster, PostgresCluster, PrivateCluster};
 
 /// Which metadata backend a test registry uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +51,8 @@ pub struct Options {
     pub issuer_key: Option<berth_auth::VerifyingKey>,
     /// The metadata backend.
     pub meta: MetaBackend,
+    /// With [`MetaBackend::Postgres`]: this server instead of the shared cluster.
+    pub postgres_url: Option<String>,
 }
 
 impl Default for Options {
@@ -64,6 +66,7 @@ impl Default for Options {
             },
             issuer_key: None,
             meta: MetaBackend::Sqlite,
+            postgres_url: None,
         }
     }
 }
@@ -71,14 +74,15 @@ impl Default for Options {
 /// Opens a fresh metadata store of the given backend.
 async fn open_meta(
     backend: MetaBackend,
+    url: Option<String>,
     root: &Path,
 ) -> (Arc<dyn MetaStore>, Arc<dyn AccountStore>) {
     if backend == MetaBackend::Postgres {
-        if let Some(cluster) = shared_cluster() {
+        if let Some(url) = url.or_else(|| shared_cluster().map(|c| c.url().to_owned())) {
             let schema = format!("t_{}", uuid_like());
             let mut last = None;
             for _ in 0..100 {
-                match PostgresMeta::connect(cluster.url(), Some(&schema)).await {
+                match PostgresMeta::connect(&url, Some(&schema)).await {
                     Ok(meta) => {
                         let meta = Arc::new(meta);
                         return (meta.clone(), meta);
@@ -157,6 +161,7 @@ impl TestRegistry {
             auth,
             issuer_key,
             meta: backend,
+            postgres_url,
         } = options;
         let data_dir = tempfile::tempdir().expect("temp dir");
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -168,7 +173,7 @@ impl TestRegistry {
         let root = data_dir.path().to_owned();
         let addr = runtime.block_on(async move {
             let blobs = FsBlobStore::open(&root).expect("blob store");
-            let (meta, accounts) = open_meta(backend, &root).await;
+            let (meta, accounts) = open_meta(backend, postgres_url, &root).await;
             let registry = Registry::new(Arc::new(blobs), meta, limits);
             let signer = TokenSigner::generate().expect("signing key");
             let access = AccessControl::for_mode(auth, accounts, Some(signer), issuer_key)

@@ -19,6 +19,8 @@ mod gc_stress;
 mod manifests;
 #[path = "../it/openapi.rs"]
 mod openapi;
+#[path = "../it/outage.rs"]
+mod outage;
 #[path = "../it/uploads.rs"]
 mod uploads;
 
