@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use berth_auth::{AccessControl, AuthMode, TokenSigner};
 use berth_meta::{AccountStore, MetaStore, PostgresMeta, SqliteMeta};
-use berth_registry::{CheckOptions, Limits, Registry};
+use berth_registry::{CheckOptions, Limits, Registry, RegistryError};
 use berth_server::App;
 use berth_storage::FsBlobStore;
 use clap::{Args, Parser, Subcommand};
@@ -323,8 +323,17 @@ async fn scheduled_gc(registry: Registry, options: berth_registry::GcOptions, in
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        if let Err(e) = registry.collect_garbage(&options).await {
-            tracing::error!(error = %e, "scheduled garbage collection failed");
+        match registry.collect_garbage(&options).await {
+            Ok(report) => tracing::info!(
+                blobs = report.blobs_removed.len(),
+                manifests = report.manifests_removed.len(),
+                bytes = report.bytes_freed,
+                "scheduled garbage collection done"
+            ),
+            Err(RegistryError::JobRunning { .. }) => {
+                tracing::info!("scheduled garbage collection skipped: another node is collecting");
+            }
+            Err(e) => tracing::error!(error = %e, "scheduled garbage collection failed"),
         }
     }
 }

@@ -254,6 +254,12 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Forgets a blob whose bytes are missing or corrupt: its record and every link, so
     /// that clients see it as absent and upload it again.
     async fn drop_blob(&self, digest: &Digest) -> Result<(), MetaError>;
+    /// Takes (or renews) the named lease for `holder` until `ttl_ms` from now, if nobody
+    /// else holds it unexpired: how nodes sharing a store run a background job (garbage
+    /// collection) one at a time. A holder that dies loses the lease when it expires.
+    async fn try_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, MetaError>;
+    /// Gives a lease back early (only if `holder` holds it).
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), MetaError>;
     /// A cheap round trip, for health checks.
     async fn ping(&self) -> Result<(), MetaError>;
 }

@@ -29,7 +29,8 @@ const OUTAGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 const MAX_ATTEMPTS: usize = 20;
 
 /// Schema migrations, applied in order under an advisory lock (nodes may start together).
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE repositories (
     name TEXT COLLATE "C" PRIMARY KEY,
     created_at BIGINT NOT NULL
@@ -125,7 +126,15 @@ CREATE TABLE audit (
 );
 CREATE INDEX audit_by_actor ON audit (actor, id);
 CREATE INDEX audit_by_action ON audit (action, id);
-"#];
+"#,
+    r#"
+CREATE TABLE leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
+"#,
+];
 
 /// Why a write body stopped: a conflict to retry, or a real outcome.
 pub(crate) enum Fail {
@@ -867,6 +876,33 @@ impl MetaStore for PostgresMeta {
                 .await?;
             tx.execute("DELETE FROM blobs WHERE digest = $1", &[&digest])
                 .await?;
+            Ok(())
+        })
+    }
+
+    async fn try_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, MetaError> {
+        write_tx!(self, Durability::Synced, |tx| {
+            let t = now();
+            let taken = tx
+                .query_opt(
+                    "INSERT INTO leases (name, holder, expires_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
+                 WHERE leases.holder = excluded.holder OR leases.expires_at < $4
+                 RETURNING holder",
+                    &[&name, &holder, &(t + ttl_ms), &t],
+                )
+                .await?;
+            Ok(taken.is_some())
+        })
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), MetaError> {
+        write_tx!(self, Durability::Synced, |tx| {
+            tx.execute(
+                "DELETE FROM leases WHERE name = $1 AND holder = $2",
+                &[&name, &holder],
+            )
+            .await?;
             Ok(())
         })
     }

@@ -129,6 +129,13 @@ CREATE TABLE audit (
 CREATE INDEX audit_by_actor ON audit (actor, id);
 CREATE INDEX audit_by_action ON audit (action, id);
 "#,
+    r#"
+CREATE TABLE leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires_at INTEGER NOT NULL
+) WITHOUT ROWID;
+"#,
 ];
 
 /// Metadata in a SQLite file.
@@ -697,6 +704,38 @@ impl MetaStore for SqliteMeta {
         self.drop_blob_sqlite(digest).await
     }
 
+    async fn try_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, MetaError> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.write(move |tx| {
+            let t = now();
+            tx.query_row(
+                "INSERT INTO leases (name, holder, expires_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
+                 WHERE leases.holder = excluded.holder OR leases.expires_at < ?4
+                 RETURNING holder",
+                params![name, holder, t + ttl_ms, t],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|taken| taken.is_some())
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), MetaError> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.write(move |tx| {
+            tx.execute(
+                "DELETE FROM leases WHERE name = ?1 AND holder = ?2",
+                params![name, holder],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn ping(&self) -> Result<(), MetaError> {
         self.read(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(backend))
             .await
@@ -813,5 +852,27 @@ mod tests {
             .unwrap()
             .is_none());
         assert!(!meta.delete_manifest(&repo, &digest('d')).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn leases_are_exclusive_until_released_or_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = SqliteMeta::open(&dir.path().join("meta.db")).unwrap();
+        assert!(meta.try_lease("gc", "a", 60_000).await.unwrap());
+        assert!(meta.try_lease("gc", "a", 60_000).await.unwrap(), "renewal");
+        assert!(!meta.try_lease("gc", "b", 60_000).await.unwrap());
+        assert!(meta.try_lease("other", "b", 60_000).await.unwrap());
+        meta.release_lease("gc", "b").await.unwrap();
+        assert!(
+            !meta.try_lease("gc", "b", 60_000).await.unwrap(),
+            "only the holder releases"
+        );
+        meta.release_lease("gc", "a").await.unwrap();
+        assert!(meta.try_lease("gc", "b", 1).await.unwrap());
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        assert!(
+            meta.try_lease("gc", "a", 60_000).await.unwrap(),
+            "expired: taken over"
+        );
     }
 }

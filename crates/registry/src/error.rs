@@ -77,6 +77,12 @@ pub enum RegistryError {
         /// The blob concerned.
         digest: Digest,
     },
+    /// A background job that runs on one node at a time is running elsewhere.
+    #[error("{job} is already running on another node")]
+    JobRunning {
+        /// Which job.
+        job: String,
+    },
     /// The client's body broke off; what arrived before is kept in the session.
     #[error("request body interrupted: {0}")]
     BodyInterrupted(String),

@@ -71,10 +71,35 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// The lease a collection holds, so that nodes sharing a store take turns.
+const GC_LEASE: &str = "gc";
+/// How long a collection's lease lasts. The lease saves work rather than guarding safety:
+/// two collections at once are still correct (marking is transactional, deleting twice is
+/// harmless), so a collection outliving its lease only costs duplicate effort.
+const GC_LEASE_MS: i64 = 15 * 60 * 1000;
+
 impl Registry {
-    /// Runs one garbage collection. Safe while the registry serves, and from another
-    /// process on the same data (`berth gc`).
+    /// Runs one garbage collection, unless another node (or `berth gc`) is running one:
+    /// then [`RegistryError::JobRunning`]. Safe while the registry serves, and from another
+    /// process on the same data. Dry runs change nothing and take no lease.
     pub async fn collect_garbage(&self, options: &GcOptions) -> Result<GcReport, RegistryError> {
+        if options.dry_run {
+            return self.collect_garbage_now(options).await;
+        }
+        let holder = self.node_id();
+        if !self.meta.try_lease(GC_LEASE, holder, GC_LEASE_MS).await? {
+            return Err(RegistryError::JobRunning {
+                job: "garbage collection".into(),
+            });
+        }
+        let result = self.collect_garbage_now(options).await;
+        if let Err(e) = self.meta.release_lease(GC_LEASE, holder).await {
+            tracing::warn!(error = %e, "releasing the collection lease; it expires by itself");
+        }
+        result
+    }
+
+    async fn collect_garbage_now(&self, options: &GcOptions) -> Result<GcReport, RegistryError> {
         let started = Instant::now();
         let now = now_ms();
         let selection = GcSelection {

@@ -28,6 +28,15 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+fn new_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "node".to_owned());
+    static STARTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{host}/{}/{}/{n}", std::process::id(), now_ms())
+}
+
 /// Limits that protect the server from oversized input.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -49,6 +58,7 @@ pub struct Registry {
     blobs: Arc<dyn BlobStore>,
     meta: Arc<dyn MetaStore>,
     limits: Limits,
+    node_id: Arc<str>,
 }
 
 impl Registry {
@@ -58,7 +68,13 @@ impl Registry {
             blobs,
             meta,
             limits,
+            node_id: new_node_id().into(),
         }
+    }
+
+    /// This process's name in leases: unique per start, readable in the database.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
     }
 
     /// The limits in force, for the edge to enforce them before buffering.

@@ -190,6 +190,7 @@ impl From<RegistryError> for OciError {
                 .with_header(header::CONTENT_RANGE, content_range);
             }
             E::BodyInterrupted(_) => (StatusCode::BAD_REQUEST, Code::BlobUploadInvalid),
+            E::JobRunning { .. } => (StatusCode::CONFLICT, Code::Conflict),
             E::BlobBusy { .. } => {
                 return OciError::new(
                     StatusCode::SERVICE_UNAVAILABLE,

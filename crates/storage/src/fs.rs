@@ -94,6 +94,25 @@ impl FsBlobStore {
         Ok(map.entry(id.clone()).or_insert(fresh).clone())
     }
 
+    /// Another process sharing this directory (a second node on a shared volume) may have
+    /// appended to the session since this one last did: if the staged file's length is not
+    /// what the in-memory state says, drop the state, so it is rebuilt from the file.
+    async fn resync(&self, id: &UploadId, state: &mut Session) -> Result<(), StorageError> {
+        let len = match tokio::fs::metadata(self.upload_dir(id).join("data")).await {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.forget(id);
+                return Err(StorageError::UploadUnknown(id.clone()));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if len != state.len {
+            state.hasher = None;
+            state.len = len;
+        }
+        Ok(())
+    }
+
     fn forget(&self, id: &UploadId) {
         self.sessions.lock().expect("sessions lock").remove(id);
     }
@@ -228,8 +247,9 @@ impl BlobStore for FsBlobStore {
 
     async fn upload_len(&self, id: &UploadId) -> Result<u64, StorageError> {
         let session = self.session(id).await?;
-        let len = session.lock().await.len;
-        Ok(len)
+        let mut state = session.lock().await;
+        self.resync(id, &mut state).await?;
+        Ok(state.len)
     }
 
     async fn append(
@@ -240,6 +260,7 @@ impl BlobStore for FsBlobStore {
     ) -> Result<u64, StorageError> {
         let session = self.session(id).await?;
         let mut state = session.lock().await;
+        self.resync(id, &mut state).await?;
         if offset != state.len {
             return Err(StorageError::OutOfOrder {
                 expected: state.len,
@@ -372,6 +393,7 @@ impl BlobStore for FsBlobStore {
     async fn commit(&self, id: &UploadId, expected: &Digest) -> Result<u64, StorageError> {
         let session = self.session(id).await?;
         let mut state = session.lock().await;
+        self.resync(id, &mut state).await?;
         let staged = self.upload_dir(id).join("data");
         let actual = match (&state.hasher, expected.algorithm()) {
             (Some(h), Algorithm::Sha256) => h.clone().finish(),

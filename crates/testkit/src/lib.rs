@@ -21,7 +21,22 @@ pub struct TestRegistry {
     addr: SocketAddr,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     runtime: Option<tokio::runtime::Runtime>,
-    data_dir: tempfile::TempDir,
+    data_dir: DataDir,
+}
+
+/// A registry's data directory: its own temporary one, or one shared with other nodes.
+enum DataDir {
+    Own(tempfile::TempDir),
+    Shared(PathBuf),
+}
+
+impl DataDir {
+    fn path(&self) -> &Path {
+        match self {
+            DataDir::Own(dir) => dir.path(),
+            DataDir::Shared(path) => path,
+        }
+    }
 }
 
 mod postgres;
@@ -53,6 +68,10 @@ pub struct Options {
     pub meta: MetaBackend,
     /// With [`MetaBackend::Postgres`]: this server instead of the shared cluster.
     pub postgres_url: Option<String>,
+    /// With [`MetaBackend::Postgres`]: this schema (another node's) instead of a new one.
+    pub postgres_schema: Option<String>,
+    /// This data directory (another node's) instead of a new temporary one.
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -67,6 +86,8 @@ impl Default for Options {
             issuer_key: None,
             meta: MetaBackend::Sqlite,
             postgres_url: None,
+            postgres_schema: None,
+            data_dir: None,
         }
     }
 }
@@ -75,11 +96,12 @@ impl Default for Options {
 async fn open_meta(
     backend: MetaBackend,
     url: Option<String>,
+    schema: Option<String>,
     root: &Path,
 ) -> (Arc<dyn MetaStore>, Arc<dyn AccountStore>) {
     if backend == MetaBackend::Postgres {
         if let Some(url) = url.or_else(|| shared_cluster().map(|c| c.url().to_owned())) {
-            let schema = format!("t_{}", uuid_like());
+            let schema = schema.unwrap_or_else(|| format!("t_{}", uuid_like()));
             let mut last = None;
             for _ in 0..100 {
                 match PostgresMeta::connect(&url, Some(&schema)).await {
@@ -97,6 +119,11 @@ async fn open_meta(
     }
     let meta = Arc::new(SqliteMeta::open(&root.join("meta.db")).expect("meta store"));
     (meta.clone(), meta)
+}
+
+/// A fresh schema name for a group of test nodes sharing one store.
+pub fn unique_schema() -> String {
+    format!("t_{}", uuid_like())
 }
 
 /// A unique lowercase name part.
@@ -162,8 +189,13 @@ impl TestRegistry {
             issuer_key,
             meta: backend,
             postgres_url,
+            postgres_schema,
+            data_dir,
         } = options;
-        let data_dir = tempfile::tempdir().expect("temp dir");
+        let data_dir = match data_dir {
+            Some(path) => DataDir::Shared(path),
+            None => DataDir::Own(tempfile::tempdir().expect("temp dir")),
+        };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -173,7 +205,7 @@ impl TestRegistry {
         let root = data_dir.path().to_owned();
         let addr = runtime.block_on(async move {
             let blobs = FsBlobStore::open(&root).expect("blob store");
-            let (meta, accounts) = open_meta(backend, postgres_url, &root).await;
+            let (meta, accounts) = open_meta(backend, postgres_url, postgres_schema, &root).await;
             let registry = Registry::new(Arc::new(blobs), meta, limits);
             let signer = TokenSigner::generate().expect("signing key");
             let access = AccessControl::for_mode(auth, accounts, Some(signer), issuer_key)

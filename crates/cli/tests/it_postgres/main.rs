@@ -17,6 +17,8 @@ mod gc;
 mod gc_stress;
 #[path = "../it/manifests.rs"]
 mod manifests;
+#[path = "../it/multinode.rs"]
+mod multinode;
 #[path = "../it/openapi.rs"]
 mod openapi;
 #[path = "../it/outage.rs"]

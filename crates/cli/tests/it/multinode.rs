@@ -1,0 +1,277 @@
+//! Several berth nodes sharing one PostgreSQL schema and one blob directory (a shared
+//! volume): what one node accepts, every node serves; an upload may move between nodes
+//! mid-way; concurrent pushes of the same layers through different nodes and a collection
+//! on one node while another pushes lose nothing; background jobs take turns by lease.
+
+use std::time::{Duration, Instant};
+
+use berth_meta::{MetaStore, PostgresMeta};
+use berth_registry::GcOptions;
+use berth_testkit::{shared_cluster, unique_schema, MetaBackend, Options, TestRegistry};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::{header, http, pull_problems, push_blob, push_image, sha256};
+
+/// `n` nodes on one new schema of the shared cluster and one data directory; `None`
+/// without PostgreSQL (locally).
+fn nodes(n: usize, gc: GcOptions) -> Option<(Vec<TestRegistry>, tempfile::TempDir, String)> {
+    shared_cluster()?;
+    let dir = tempfile::tempdir().unwrap();
+    let schema = unique_schema();
+    let nodes = (0..n)
+        .map(|_| {
+            TestRegistry::start_opts(Options {
+                meta: MetaBackend::Postgres,
+                postgres_schema: Some(schema.clone()),
+                data_dir: Some(dir.path().to_owned()),
+                gc: gc.clone(),
+                ..Options::default()
+            })
+        })
+        .collect();
+    Some((nodes, dir, schema))
+}
+
+#[test]
+fn what_one_node_accepts_every_node_serves_and_uploads_move_between_nodes() {
+    let Some((nodes, _dir, _)) = nodes(3, GcOptions::default()) else {
+        return;
+    };
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let (digest, _) = push_image(&a.url(), "team/app", "v1", &[b"layer one", b"layer two"]);
+    for node in &nodes {
+        assert!(pull_problems(&node.url(), "team/app", "v1").is_empty());
+        let catalog: Value = http()
+            .get(format!("{}/v2/_catalog", node.url()))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        assert_eq!(catalog["repositories"], serde_json::json!(["team/app"]));
+    }
+    let r = http()
+        .delete(format!("{}/v2/team/app/manifests/{digest}", b.url()))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let r = http()
+        .get(format!("{}/v2/team/app/manifests/v1", c.url()))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+
+    // A chunked upload: opened on A, a chunk through A, a chunk through B, status on C,
+    // finished on A.
+    let blob: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let (first, second) = blob.split_at(1024 * 1024 + 17);
+    let r = http()
+        .post(format!("{}/v2/team/app/blobs/uploads/", a.url()))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let location = header(&r, "location");
+    let patch = |node: &TestRegistry, start: usize, chunk: &[u8]| {
+        http()
+            .patch(format!("{}{location}", node.url()))
+            .header(
+                "content-range",
+                format!("{start}-{}", start + chunk.len() - 1),
+            )
+            .header("content-type", "application/octet-stream")
+            .body(chunk.to_vec())
+            .send()
+            .unwrap()
+    };
+    assert_eq!(patch(a, 0, first).status(), StatusCode::ACCEPTED);
+    let r = patch(b, first.len(), second);
+    assert_eq!(
+        r.status(),
+        StatusCode::ACCEPTED,
+        "{}",
+        r.text().unwrap_or_default()
+    );
+    let r = http().get(format!("{}{location}", c.url())).send().unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    assert_eq!(header(&r, "range"), format!("0-{}", blob.len() - 1));
+    let r = http()
+        .put(format!("{}{location}?digest={}", a.url(), sha256(&blob)))
+        .send()
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::CREATED,
+        "{}",
+        r.text().unwrap_or_default()
+    );
+    let got = http()
+        .get(format!("{}/v2/team/app/blobs/{}", c.url(), sha256(&blob)))
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
+    assert_eq!(sha256(&got), sha256(&blob));
+}
+
+#[test]
+fn concurrent_pushes_of_shared_layers_through_different_nodes() {
+    let Some((nodes, _dir, _)) = nodes(2, GcOptions::default()) else {
+        return;
+    };
+    let urls: Vec<String> = nodes.iter().map(TestRegistry::url).collect();
+    let shared: [&[u8]; 2] = [
+        b"base layer shared by every image",
+        b"runtime layer shared too",
+    ];
+    std::thread::scope(|s| {
+        for i in 0..8 {
+            let url = urls[i % urls.len()].clone();
+            s.spawn(move || {
+                let own = format!("layer of image {i}");
+                push_image(
+                    &url,
+                    "team/shared",
+                    &format!("t{i}"),
+                    &[shared[0], shared[1], own.as_bytes()],
+                );
+            });
+        }
+    });
+    for url in &urls {
+        for i in 0..8 {
+            let problems = pull_problems(url, "team/shared", &format!("t{i}"));
+            assert!(problems.is_empty(), "{problems:?}");
+        }
+    }
+}
+
+#[test]
+fn collection_on_one_node_while_another_pushes_keeps_every_tag() {
+    let eager = GcOptions {
+        blob_grace: Duration::ZERO,
+        upload_max_age: Duration::from_secs(3600),
+        ..GcOptions::default()
+    };
+    let Some((nodes, _dir, _)) = nodes(2, eager) else {
+        return;
+    };
+    let (pusher, collector) = (nodes[0].url(), nodes[1].url());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut acknowledged = Vec::new();
+    let mut collections = 0;
+    std::thread::scope(|s| {
+        let gc = s.spawn(|| {
+            let mut n = 0;
+            while Instant::now() < deadline {
+                let r = http()
+                    .post(format!("{collector}/api/v1/gc"))
+                    .send()
+                    .unwrap();
+                assert!(r.status() == StatusCode::OK || r.status() == StatusCode::CONFLICT);
+                n += 1;
+                // A collection every 50 ms: far more often than any real schedule.
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            n
+        });
+        let mut i = 0;
+        while Instant::now() < deadline {
+            i += 1;
+            let tag = format!("p{i}");
+            // A push can lose a race with the collection (its blob unlinked before its
+            // manifest): the client sees an error and pushes again, as real clients do.
+            for _attempt in 0..10 {
+                let layer = format!("layer {i}");
+                let config = format!(r#"{{"tag":"{tag}"}}"#);
+                let ok = [layer.as_bytes(), config.as_bytes()].iter().all(|b| {
+                    http()
+                        .post(format!(
+                            "{pusher}/v2/team/gc/blobs/uploads/?digest={}",
+                            sha256(b)
+                        ))
+                        .body(b.to_vec())
+                        .send()
+                        .is_ok_and(|r| r.status() == StatusCode::CREATED)
+                });
+                let manifest = crate::image_manifest(
+                    (&sha256(config.as_bytes()), config.len()),
+                    &[(&sha256(layer.as_bytes()), layer.len())],
+                );
+                let put = ok
+                    && http()
+                        .put(format!("{pusher}/v2/team/gc/manifests/{tag}"))
+                        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+                        .body(manifest)
+                        .send()
+                        .is_ok_and(|r| r.status() == StatusCode::CREATED);
+                if put {
+                    acknowledged.push(tag.clone());
+                    break;
+                }
+            }
+        }
+        collections = gc.join().unwrap();
+    });
+    assert!(
+        collections > 0 && acknowledged.len() > 5,
+        "{collections} collections, {} pushes",
+        acknowledged.len()
+    );
+    for url in [&pusher, &collector] {
+        for tag in &acknowledged {
+            let problems = pull_problems(url, "team/gc", tag);
+            assert!(problems.is_empty(), "{problems:?}");
+        }
+    }
+}
+
+#[test]
+fn collections_take_turns_by_lease() {
+    let Some((nodes, _dir, schema)) = nodes(2, GcOptions::default()) else {
+        return;
+    };
+    let url = shared_cluster().unwrap().url().to_owned();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = runtime
+        .block_on(PostgresMeta::connect(&url, Some(&schema)))
+        .unwrap();
+    // Another node is collecting: both of these nodes refuse to start a second collection.
+    assert!(runtime
+        .block_on(store.try_lease("gc", "elsewhere", 60_000))
+        .unwrap());
+    for node in &nodes {
+        let r = http()
+            .post(format!("{}/api/v1/gc", node.url()))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::CONFLICT);
+        let dry = http()
+            .post(format!("{}/api/v1/gc?dry_run=true", node.url()))
+            .send()
+            .unwrap();
+        assert_eq!(dry.status(), StatusCode::OK, "a dry run needs no lease");
+    }
+    // That node dies: its lease expires and a live node takes over.
+    runtime
+        .block_on(store.release_lease("gc", "elsewhere"))
+        .unwrap();
+    assert!(runtime
+        .block_on(store.try_lease("gc", "elsewhere", 1))
+        .unwrap());
+    std::thread::sleep(Duration::from_millis(10));
+    push_blob(&nodes[0].url(), "team/lease", b"some blob");
+    let r = http()
+        .post(format!("{}/api/v1/gc", nodes[1].url()))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // Released after the collection: the other node may run the next one.
+    let r = http()
+        .post(format!("{}/api/v1/gc", nodes[0].url()))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}
