@@ -19,8 +19,81 @@ pub(crate) struct Settings {
     pub(crate) log_level: String,
     pub(crate) max_manifest_bytes: usize,
     pub(crate) meta: MetaConfig,
+    pub(crate) storage: StorageConfig,
     pub(crate) gc: GcSettings,
     pub(crate) auth: AuthConfig,
+}
+
+/// Where blob bytes live.
+#[derive(Debug, Clone)]
+pub(crate) enum StorageConfig {
+    /// `blobs/` and `uploads/` in the data directory.
+    Filesystem,
+    /// An S3-compatible bucket.
+    S3(berth_storage::S3Config),
+}
+
+/// The `[storage]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileStorage {
+    backend: Option<String>,
+    s3: Option<FileS3>,
+}
+
+/// The `[storage.s3]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileS3 {
+    endpoint: Option<String>,
+    region: Option<String>,
+    bucket: Option<String>,
+    prefix: Option<String>,
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+    path_style: Option<bool>,
+    redirect: Option<bool>,
+    redirect_ttl_secs: Option<u64>,
+}
+
+fn storage_config(file: &FileStorage) -> anyhow::Result<StorageConfig> {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let backend = env("BERTH_STORAGE").or(file.backend.clone());
+    match backend.as_deref().unwrap_or("filesystem") {
+        "filesystem" => Ok(StorageConfig::Filesystem),
+        "s3" => {
+            let s3 = file.s3.as_ref();
+            let get = |key: Option<&String>, var: &str| env(var).or(key.cloned());
+            let bucket = get(s3.and_then(|s| s.bucket.as_ref()), "BERTH_S3_BUCKET")
+                .context("storage s3: bucket (or BERTH_S3_BUCKET) is required")?;
+            let endpoint = get(s3.and_then(|s| s.endpoint.as_ref()), "BERTH_S3_ENDPOINT");
+            Ok(StorageConfig::S3(berth_storage::S3Config {
+                path_style: s3.and_then(|s| s.path_style).unwrap_or(endpoint.is_some()),
+                endpoint,
+                region: get(s3.and_then(|s| s.region.as_ref()), "BERTH_S3_REGION")
+                    .unwrap_or_else(|| "us-east-1".to_owned()),
+                bucket,
+                prefix: get(s3.and_then(|s| s.prefix.as_ref()), "BERTH_S3_PREFIX")
+                    .unwrap_or_default(),
+                access_key_id: get(
+                    s3.and_then(|s| s.access_key_id.as_ref()),
+                    "BERTH_S3_ACCESS_KEY_ID",
+                )
+                .context("storage s3: access_key_id (or BERTH_S3_ACCESS_KEY_ID) is required")?,
+                secret_access_key: get(
+                    s3.and_then(|s| s.secret_access_key.as_ref()),
+                    "BERTH_S3_SECRET_ACCESS_KEY",
+                )
+                .context(
+                    "storage s3: secret_access_key (or BERTH_S3_SECRET_ACCESS_KEY) is required",
+                )?,
+                redirect: s3.and_then(|s| s.redirect).unwrap_or(false).then(|| {
+                    Duration::from_secs(s3.and_then(|s| s.redirect_ttl_secs).unwrap_or(900))
+                }),
+            }))
+        }
+        other => anyhow::bail!("storage backend {other:?}: expected filesystem or s3"),
+    }
 }
 
 /// Where metadata lives.
@@ -44,8 +117,9 @@ struct FileMeta {
 #[derive(Debug, Clone)]
 pub(crate) struct AuthConfig {
     pub(crate) settings: AuthSettings,
-    /// The token signing key (PKCS#8 PEM); created on first start if missing.
-    pub(crate) signing_key: PathBuf,
+    /// The token signing key (PKCS#8 PEM) as a file; `None` keeps it in the metadata
+    /// store, created by the first node to start and shared by all.
+    pub(crate) signing_key: Option<PathBuf>,
     /// The external issuer's public key (SPKI PEM), in `token` mode.
     pub(crate) issuer_public_key: Option<PathBuf>,
 }
@@ -102,6 +176,8 @@ struct FileConfig {
     auth: FileAuth,
     #[serde(default)]
     meta: FileMeta,
+    #[serde(default)]
+    storage: FileStorage,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -144,7 +220,8 @@ impl Settings {
             .data_dir
             .or(file_config.data_dir)
             .unwrap_or_else(|| PathBuf::from("./berth-data"));
-        let auth = auth_config(&file_config.auth, overrides.auth_mode.as_deref(), &data_dir)?;
+        let auth = auth_config(&file_config.auth, overrides.auth_mode.as_deref())?;
+        let storage = storage_config(&file_config.storage)?;
         Ok(Settings {
             listen,
             data_dir,
@@ -158,6 +235,7 @@ impl Settings {
                 .unwrap_or(berth_registry::Limits::default().max_manifest_bytes),
             gc: gc_settings(&file_config.gc),
             auth,
+            storage,
             meta: match overrides.postgres_url.or(file_config.meta.postgres_url) {
                 Some(url) => MetaConfig::Postgres {
                     url,
@@ -169,7 +247,7 @@ impl Settings {
     }
 }
 
-fn auth_config(file: &FileAuth, mode: Option<&str>, data_dir: &Path) -> anyhow::Result<AuthConfig> {
+fn auth_config(file: &FileAuth, mode: Option<&str>) -> anyhow::Result<AuthConfig> {
     let defaults = AuthSettings::default();
     let mode = match mode.or(file.mode.as_deref()).unwrap_or("builtin") {
         "builtin" => AuthMode::Builtin,
@@ -202,10 +280,7 @@ fn auth_config(file: &FileAuth, mode: Option<&str>, data_dir: &Path) -> anyhow::
             ),
             audit_pulls: file.audit_pulls.unwrap_or(defaults.audit_pulls),
         },
-        signing_key: file
-            .signing_key
-            .clone()
-            .unwrap_or_else(|| data_dir.join("token-signing-key.pem")),
+        signing_key: file.signing_key.clone(),
         issuer_public_key: file.issuer_public_key.clone(),
     })
 }

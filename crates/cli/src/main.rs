@@ -12,11 +12,11 @@ use berth_auth::{AccessControl, AuthMode, TokenSigner};
 use berth_meta::{AccountStore, MetaStore, PostgresMeta, SqliteMeta};
 use berth_registry::{CheckOptions, Limits, Registry, RegistryError};
 use berth_server::App;
-use berth_storage::FsBlobStore;
+use berth_storage::{BlobStore, FsBlobStore, S3BlobStore};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{MetaConfig, Overrides, Settings};
+use crate::config::{MetaConfig, Overrides, Settings, StorageConfig};
 
 #[derive(Parser)]
 #[command(
@@ -214,7 +214,14 @@ struct Stores {
 async fn open_stores(settings: &Settings) -> anyhow::Result<Stores> {
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("creating data directory {}", settings.data_dir.display()))?;
-    let blobs = FsBlobStore::open(&settings.data_dir).context("opening blob storage")?;
+    let blobs: Arc<dyn BlobStore> = match &settings.storage {
+        StorageConfig::Filesystem => {
+            Arc::new(FsBlobStore::open(&settings.data_dir).context("opening blob storage")?)
+        }
+        StorageConfig::S3(config) => {
+            Arc::new(S3BlobStore::new(config.clone()).context("configuring S3 storage")?)
+        }
+    };
     let (meta, accounts): (Arc<dyn MetaStore>, Arc<dyn AccountStore>) = match &settings.meta {
         MetaConfig::Sqlite => {
             let path = settings.data_dir.join("meta.db");
@@ -230,7 +237,7 @@ async fn open_stores(settings: &Settings) -> anyhow::Result<Stores> {
         }
     };
     let registry = Registry::new(
-        Arc::new(blobs),
+        blobs,
         meta,
         Limits {
             max_manifest_bytes: settings.max_manifest_bytes,
@@ -238,7 +245,18 @@ async fn open_stores(settings: &Settings) -> anyhow::Result<Stores> {
     );
     let auth = &settings.auth;
     let signer = match auth.settings.mode {
-        AuthMode::Builtin => Some(signing_key(&auth.signing_key)?),
+        AuthMode::Builtin => Some(match &auth.signing_key {
+            Some(path) => signing_key(path)?,
+            None => {
+                // Kept in the metadata store: every node signs and checks with the same key.
+                let candidate = TokenSigner::generate()?.to_pem()?;
+                let pem = accounts
+                    .setting_or_insert("token_signing_key", &candidate)
+                    .await
+                    .context("reading the token signing key")?;
+                TokenSigner::from_pem(&pem)?
+            }
+        }),
         AuthMode::Disabled | AuthMode::ExternalToken => None,
     };
     let issuer_key = match &auth.issuer_public_key {

@@ -194,6 +194,11 @@ pub trait AccountStore: Send + Sync + 'static {
     /// Removes a robot; true if it existed.
     async fn delete_robot(&self, project: &str, name: &str) -> Result<bool, MetaError>;
 
+    /// The stored value of a registry-wide setting, storing `candidate` first if there is
+    /// none (the first node to start wins; every node then agrees). The token signing key
+    /// lives here, so that every node verifies every node's tokens.
+    async fn setting_or_insert(&self, name: &str, candidate: &str) -> Result<String, MetaError>;
+
     /// Appends events to the audit log, in order.
     async fn append_audit(&self, events: Vec<NewAuditEvent>) -> Result<(), MetaError>;
     /// Audit events matching the filter, newest first.

@@ -127,6 +127,19 @@ impl Registry {
         })
     }
 
+    /// Where the client may download the blob directly (a pre-signed object store URL),
+    /// if the blob store redirects downloads and `repo` may see the blob.
+    pub async fn blob_redirect(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<String>, RegistryError> {
+        if self.meta.linked_blob(repo, digest).await?.is_none() {
+            return Ok(None);
+        }
+        Ok(self.blobs.direct_url(digest).await?)
+    }
+
     async fn manifest_as_blob(
         &self,
         repo: &RepoName,

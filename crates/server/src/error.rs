@@ -7,6 +7,7 @@ use berth_auth::AuthError;
 use berth_meta::MetaError;
 use berth_oci::ParseError;
 use berth_registry::RegistryError;
+use berth_storage::StorageError;
 use serde_json::json;
 
 /// The error codes of the distribution spec (plus `UNKNOWN` for server faults, as
@@ -199,7 +200,9 @@ impl From<RegistryError> for OciError {
                 )
                 .with_header(header::RETRY_AFTER, "1".to_owned());
             }
-            E::Meta(MetaError::Unavailable(_)) => return OciError::unavailable(&e),
+            E::Meta(MetaError::Unavailable(_)) | E::Storage(StorageError::Unavailable(_)) => {
+                return OciError::unavailable(&e)
+            }
             E::Storage(_) | E::Meta(_) => return OciError::internal(&e),
         };
         OciError::new(status, code, e.to_string())

@@ -418,6 +418,19 @@ async fn get_blob(
         out.push(("content-length", size.to_string()));
         return Ok(response(StatusCode::OK, out, Body::empty()));
     }
+    if let Some(url) = app.registry.blob_redirect(&name, &digest).await? {
+        // The object store serves the bytes (and the client's Range) itself.
+        let headers = vec![
+            ("location", url),
+            (DOCKER_CONTENT_DIGEST, digest.to_string()),
+            ("content-length", "0".to_owned()),
+        ];
+        return Ok(response(
+            StatusCode::TEMPORARY_REDIRECT,
+            headers,
+            Body::empty(),
+        ));
+    }
     let range = header_str(headers, header::RANGE).and_then(parse_range);
     let blob = app.registry.read_blob(&name, &digest, range).await?;
     let status = match blob.range {

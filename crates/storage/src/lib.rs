@@ -6,6 +6,8 @@
 
 mod fs;
 mod reading;
+mod resumable;
+mod s3;
 mod staging;
 
 use std::fmt;
@@ -18,6 +20,8 @@ use bytes::Bytes;
 use futures_util::Stream;
 
 pub use fs::FsBlobStore;
+pub use resumable::ResumableSha256;
+pub use s3::{S3BlobStore, S3Config};
 
 /// A stream of body bytes, in or out. Blobs are never held whole in memory.
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, io::Error>> + Send>>;
@@ -112,6 +116,10 @@ pub enum StorageError {
     /// The backend itself failed.
     #[error("storage I/O: {0}")]
     Io(#[from] io::Error),
+    /// The backend cannot be reached (an object store that is down): nothing happened,
+    /// and the operation may be retried later.
+    #[error("blob storage unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// Content-addressed blob storage. Implementations must make `commit` atomic: after a
@@ -151,6 +159,11 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Removes a blob's bytes. Only garbage collection calls this, after the metadata
     /// store agreed nothing references the blob.
     async fn delete(&self, digest: &Digest) -> Result<(), StorageError>;
+    /// A URL the client may fetch the blob from directly (a pre-signed object store URL),
+    /// when the backend is configured to redirect downloads; `None` to stream through.
+    async fn direct_url(&self, _digest: &Digest) -> Result<Option<String>, StorageError> {
+        Ok(None)
+    }
     /// Whether the store can serve and accept bytes right now (readiness probes).
     async fn ready(&self) -> Result<(), StorageError>;
     /// Removes many blobs' bytes; a sweep calls this once per collection so a backend can

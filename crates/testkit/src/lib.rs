@@ -13,7 +13,7 @@ use berth_auth::{AccessControl, AuthMode, AuthSettings, TokenSigner};
 use berth_meta::{AccountStore, MetaStore, PostgresMeta, SqliteMeta};
 use berth_registry::{GcOptions, Limits, Registry};
 use berth_server::App;
-use berth_storage::FsBlobStore;
+use berth_storage::{BlobStore, FsBlobStore, S3BlobStore, S3Config};
 
 /// A registry served in this process on `127.0.0.1:0`, with its own runtime and a temporary
 /// data directory. Stops on drop.
@@ -39,9 +39,23 @@ impl DataDir {
     }
 }
 
+mod garage;
 mod postgres;
+mod proxy;
 
+pub use garage::{shared_garage, GarageServer};
 pub use postgres::{shared_cluster, PostgresCluster, PrivateCluster};
+pub use proxy::CuttableProxy;
+
+/// Where a test registry keeps blob bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobBackend {
+    /// The registry's data directory.
+    Filesystem,
+    /// A prefix of its own in the shared throwaway S3 server (the file system when Garage
+    /// is not installed, outside CI).
+    S3,
+}
 
 /// Which metadata backend a test registry uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +86,14 @@ pub struct Options {
     pub postgres_schema: Option<String>,
     /// This data directory (another node's) instead of a new temporary one.
     pub data_dir: Option<PathBuf>,
+    /// The blob backend.
+    pub blobs: BlobBackend,
+    /// With [`BlobBackend::S3`]: this key prefix (another node's) instead of a new one.
+    pub s3_prefix: Option<String>,
+    /// With [`BlobBackend::S3`]: reach the server through this endpoint (a proxy).
+    pub s3_endpoint: Option<String>,
+    /// With [`BlobBackend::S3`]: redirect blob downloads to pre-signed URLs this long-lived.
+    pub s3_redirect: Option<Duration>,
 }
 
 impl Default for Options {
@@ -88,8 +110,38 @@ impl Default for Options {
             postgres_url: None,
             postgres_schema: None,
             data_dir: None,
+            blobs: BlobBackend::Filesystem,
+            s3_prefix: None,
+            s3_endpoint: None,
+            s3_redirect: None,
         }
     }
+}
+
+/// Opens the blob store of the given backend.
+fn open_blobs(
+    backend: BlobBackend,
+    prefix: Option<String>,
+    endpoint: Option<String>,
+    redirect: Option<Duration>,
+    root: &Path,
+) -> Arc<dyn BlobStore> {
+    if backend == BlobBackend::S3 {
+        if let Some(garage) = shared_garage() {
+            let config = S3Config {
+                endpoint: Some(endpoint.unwrap_or_else(|| garage.endpoint.clone())),
+                region: garage.region.clone(),
+                bucket: garage.bucket.clone(),
+                prefix: prefix.unwrap_or_else(unique_schema),
+                access_key_id: garage.access_key_id.clone(),
+                secret_access_key: garage.secret_access_key.clone(),
+                path_style: true,
+                redirect,
+            };
+            return Arc::new(S3BlobStore::new(config).expect("S3 blob store"));
+        }
+    }
+    Arc::new(FsBlobStore::open(root).expect("blob store"))
 }
 
 /// Opens a fresh metadata store of the given backend.
@@ -121,7 +173,7 @@ async fn open_meta(
     (meta.clone(), meta)
 }
 
-/// A fresh schema name for a group of test nodes sharing one store.
+/// A fresh schema name (or S3 key prefix) for a group of test nodes sharing one store.
 pub fn unique_schema() -> String {
     format!("t_{}", uuid_like())
 }
@@ -191,6 +243,10 @@ impl TestRegistry {
             postgres_url,
             postgres_schema,
             data_dir,
+            blobs: blob_backend,
+            s3_prefix,
+            s3_endpoint,
+            s3_redirect,
         } = options;
         let data_dir = match data_dir {
             Some(path) => DataDir::Shared(path),
@@ -204,9 +260,9 @@ impl TestRegistry {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let root = data_dir.path().to_owned();
         let addr = runtime.block_on(async move {
-            let blobs = FsBlobStore::open(&root).expect("blob store");
+            let blobs = open_blobs(blob_backend, s3_prefix, s3_endpoint, s3_redirect, &root);
             let (meta, accounts) = open_meta(backend, postgres_url, postgres_schema, &root).await;
-            let registry = Registry::new(Arc::new(blobs), meta, limits);
+            let registry = Registry::new(blobs, meta, limits);
             let signer = TokenSigner::generate().expect("signing key");
             let access = AccessControl::for_mode(auth, accounts, Some(signer), issuer_key)
                 .expect("access control");

@@ -49,6 +49,7 @@ pub(crate) fn start_trusting(
 fn start_opts(options: Options) -> TestRegistry {
     TestRegistry::start_opts(Options {
         meta: crate::BACKEND,
+        blobs: crate::BLOBS,
         ..options
     })
 }

@@ -1,6 +1,6 @@
 //! Integration tests: the real server on an ephemeral loopback port, real HTTP, and real
 //! client tools where they are installed. One binary, so it links once. Metadata in
-//! SQLite; `it_postgres` runs the registry suites again on PostgreSQL.
+//! SQLite; `it_scaleout` runs the registry suites again on S3 and PostgreSQL.
 
 mod api;
 mod auth;
@@ -21,3 +21,5 @@ pub(crate) use common::*;
 
 /// This suite's metadata backend.
 pub(crate) const BACKEND: berth_testkit::MetaBackend = berth_testkit::MetaBackend::Sqlite;
+/// This suite's blob backend.
+pub(crate) const BLOBS: berth_testkit::BlobBackend = berth_testkit::BlobBackend::Filesystem;

@@ -1,5 +1,5 @@
-//! Several berth nodes sharing one PostgreSQL schema and one blob directory (a shared
-//! volume): what one node accepts, every node serves; an upload may move between nodes
+//! Several berth nodes sharing one PostgreSQL schema and one blob store (a prefix in the
+//! S3 bucket, or a shared directory without Garage): what one node accepts, every node serves; an upload may move between nodes
 //! mid-way; concurrent pushes of the same layers through different nodes and a collection
 //! on one node while another pushes lose nothing; background jobs take turns by lease.
 
@@ -25,6 +25,8 @@ fn nodes(n: usize, gc: GcOptions) -> Option<(Vec<TestRegistry>, tempfile::TempDi
                 meta: MetaBackend::Postgres,
                 postgres_schema: Some(schema.clone()),
                 data_dir: Some(dir.path().to_owned()),
+                blobs: crate::BLOBS,
+                s3_prefix: Some(schema.clone()),
                 gc: gc.clone(),
                 ..Options::default()
             })

@@ -48,6 +48,7 @@ fn a_metadata_outage_answers_503_and_recovers_without_losing_anything() {
     let reg = TestRegistry::start_opts(Options {
         meta: MetaBackend::Postgres,
         postgres_url: Some(cluster.url().to_owned()),
+        blobs: crate::BLOBS,
         ..Options::default()
     });
     let base = reg.url();

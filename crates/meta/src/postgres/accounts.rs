@@ -383,6 +383,20 @@ impl AccountStore for PostgresMeta {
         })
     }
 
+    async fn setting_or_insert(&self, name: &str, candidate: &str) -> Result<String, MetaError> {
+        write_tx!(self, Durability::Synced, |tx| {
+            tx.execute(
+                "INSERT INTO settings (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+                &[&name, &candidate],
+            )
+            .await?;
+            let row = tx
+                .query_one("SELECT value FROM settings WHERE name = $1", &[&name])
+                .await?;
+            Ok(row.get::<_, String>(0))
+        })
+    }
+
     async fn append_audit(&self, events: Vec<NewAuditEvent>) -> Result<(), MetaError> {
         write_tx!(self, Durability::Synced, |tx| {
             let stmt = tx

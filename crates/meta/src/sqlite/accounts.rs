@@ -453,6 +453,24 @@ impl AccountStore for SqliteMeta {
         .await
     }
 
+    async fn setting_or_insert(&self, name: &str, candidate: &str) -> Result<String, MetaError> {
+        let (name, candidate) = (name.to_owned(), candidate.to_owned());
+        self.write(move |tx| {
+            tx.execute(
+                "INSERT INTO settings (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING",
+                params![name, candidate],
+            )
+            .map_err(backend)?;
+            tx.query_row(
+                "SELECT value FROM settings WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )
+            .map_err(backend)
+        })
+        .await
+    }
+
     async fn append_audit(&self, events: Vec<NewAuditEvent>) -> Result<(), MetaError> {
         self.write(move |tx| {
             let mut stmt = tx

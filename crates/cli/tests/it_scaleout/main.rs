@@ -1,7 +1,8 @@
-//! The registry suites of `it` again, with metadata in PostgreSQL (a throwaway cluster
-//! the test process starts on a Unix socket and that stops with it). Same test sources:
-//! what passes on SQLite must pass here. Suites that drive the `berth` binary or client
-//! tools stay in `it`.
+//! The registry suites of `it` again on the scale-out backends: blobs in S3 (a throwaway
+//! Garage server) and metadata in PostgreSQL (a throwaway cluster on a Unix socket), both
+//! started by the test process and stopped with it. Same test sources: what passes on the
+//! file system and SQLite must pass here. Suites that drive the `berth` binary or client
+//! tools stay in `it`; the multi-node and outage suites are only here.
 
 #[path = "../it/api.rs"]
 mod api;
@@ -23,6 +24,8 @@ mod multinode;
 mod openapi;
 #[path = "../it/outage.rs"]
 mod outage;
+#[path = "../it/s3.rs"]
+mod s3;
 #[path = "../it/uploads.rs"]
 mod uploads;
 
@@ -30,3 +33,5 @@ pub(crate) use common::*;
 
 /// This suite's metadata backend.
 pub(crate) const BACKEND: berth_testkit::MetaBackend = berth_testkit::MetaBackend::Postgres;
+/// This suite's blob backend.
+pub(crate) const BLOBS: berth_testkit::BlobBackend = berth_testkit::BlobBackend::S3;

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# berth on its scale-out backends (blobs in S3 on a local Garage, metadata in a local
+# PostgreSQL) beside berth on its embedded default (file system + SQLite), measured
+# through the public API by the same harness, targets alternated inside every repetition:
+# push and pull throughput and manifest requests per second. Both berths run with
+# `--auth none`, as in bench/run.sh. Prints JSON lines and a Markdown table at the end.
+#
+# Environment: SIZE (256MiB), REPS (3), SECS (10), CONNS (64), ONLY (subset of: push
+#   pull manifest), EMBEDDED_PORT (5220), SCALEOUT_PORT (5221), KEEP=1.
+# Needs: cargo, python3, curl, wrk, the postgresql package and garage
+#   (`cargo install garage --version 2.5.0 --locked`).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source bench/lib.sh
+
+SIZE=${SIZE:-256MiB}
+REPS=${REPS:-3}
+SECS=${SECS:-10}
+CONNS=${CONNS:-64}
+EMBEDDED_PORT=${EMBEDDED_PORT:-5220}
+SCALEOUT_PORT=${SCALEOUT_PORT:-5221}
+ONLY=${ONLY:-push pull manifest}
+WORK=$(mktemp -d "${TMPDIR_BASE:-/tmp}/berth-scaleout.XXXXXX")
+OUT=${OUT:-$WORK/results.jsonl}
+STATUS=0
+PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+GARAGE=$(command -v garage || echo "${CARGO_HOME:-$HOME/.cargo}/bin/garage")
+AS_PG=()
+[ "$(id -u)" = 0 ] && AS_PG=(runuser -u postgres --)
+
+cleanup() {
+  stop_started
+  [ -n "${PG_BIN:-}" ] && [ -d "$WORK/pg/data" ] &&
+    "${AS_PG[@]}" "$PG_BIN/pg_ctl" -D "$WORK/pg/data" -m fast -w stop >/dev/null 2>&1
+  [ "${KEEP:-0}" = 1 ] && log "kept $WORK" || rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+[ -x "$PG_BIN/initdb" ] || { echo "PostgreSQL server binaries not found" >&2; exit 1; }
+[ -x "$GARAGE" ] || { echo "garage not found" >&2; exit 1; }
+for port in "$EMBEDDED_PORT" "$SCALEOUT_PORT"; do
+  port_free "$port" || { echo "port $port is busy" >&2; exit 1; }
+done
+
+cargo build --release --quiet -p berth || exit 1
+BERTH=$PWD/target/release/berth
+
+# PostgreSQL: a throwaway cluster on a Unix socket in $WORK/pg (durable settings, as a
+# real deployment would run it).
+mkdir -p "$WORK/pg"
+[ "$(id -u)" = 0 ] && chown postgres:postgres "$WORK/pg"
+"${AS_PG[@]}" "$PG_BIN/initdb" --auth=trust --username=postgres --locale=C -D "$WORK/pg/data" >/dev/null || exit 1
+"${AS_PG[@]}" "$PG_BIN/pg_ctl" -D "$WORK/pg/data" -l "$WORK/pg/log" -w \
+  -o "-k $WORK/pg -c listen_addresses=" start >/dev/null || exit 1
+PG_URL="host=$WORK/pg user=postgres dbname=postgres"
+
+# Garage: one node, one bucket, one key.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+S3_PORT=$(free_port) RPC_PORT=$(free_port) ADMIN_PORT=$(free_port)
+mkdir -p "$WORK/garage"
+cat >"$WORK/garage/garage.toml" <<EOF
+metadata_dir = "$WORK/garage/meta"
+data_dir = "$WORK/garage/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:$RPC_PORT"
+rpc_public_addr = "127.0.0.1:$RPC_PORT"
+rpc_secret = "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:$S3_PORT"
+root_domain = ".s3.garage.localhost"
+[admin]
+api_bind_addr = "127.0.0.1:$ADMIN_PORT"
+EOF
+export GARAGE_DEFAULT_ACCESS_KEY="GK$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+export GARAGE_DEFAULT_SECRET_KEY="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+export GARAGE_DEFAULT_BUCKET=berth-bench
+"$GARAGE" -c "$WORK/garage/garage.toml" server --single-node --default-bucket >"$WORK/garage/log" 2>&1 &
+STARTED_PIDS+=("$!")
+wait_http "http://127.0.0.1:$ADMIN_PORT/health" 60 || exit 1
+
+"$BERTH" serve --auth none --listen "127.0.0.1:$EMBEDDED_PORT" --data-dir "$WORK/embedded" \
+  --log-level warn >>"$WORK/embedded.log" 2>&1 &
+EMBEDDED_PID=$!
+STARTED_PIDS+=("$EMBEDDED_PID")
+BERTH_STORAGE=s3 BERTH_S3_ENDPOINT="http://127.0.0.1:$S3_PORT" BERTH_S3_REGION=garage \
+  BERTH_S3_BUCKET=berth-bench BERTH_S3_ACCESS_KEY_ID="$GARAGE_DEFAULT_ACCESS_KEY" \
+  BERTH_S3_SECRET_ACCESS_KEY="$GARAGE_DEFAULT_SECRET_KEY" BERTH_POSTGRES_URL="$PG_URL" \
+  "$BERTH" serve --auth none --listen "127.0.0.1:$SCALEOUT_PORT" --data-dir "$WORK/scaleout" \
+  --log-level warn >>"$WORK/scaleout.log" 2>&1 &
+SCALEOUT_PID=$!
+STARTED_PIDS+=("$SCALEOUT_PID")
+wait_http "http://127.0.0.1:$EMBEDDED_PORT/v2/" || exit 1
+wait_http "http://127.0.0.1:$SCALEOUT_PORT/readyz" 30 || { cat "$WORK/scaleout.log" >&2; exit 1; }
+E="http://127.0.0.1:$EMBEDDED_PORT"
+S="http://127.0.0.1:$SCALEOUT_PORT"
+log "embedded berth pid $EMBEDDED_PID at $E, S3+PostgreSQL berth pid $SCALEOUT_PID at $S; $(uptime)"
+
+want() { [[ " $ONLY " == *" $1 "* ]]; }
+rb() {
+  local sub=$1
+  shift
+  log "regbench $sub $*"
+  $REGBENCH "$sub" --url "$E" --label embedded --pid "$EMBEDDED_PID" \
+    --url "$S" --label s3-postgres --pid "$SCALEOUT_PID" --reps "$REPS" "$@" | tee -a "$OUT" || STATUS=1
+}
+
+want push && rb push-blob --size "$SIZE"
+want pull && rb pull-blob --size "$SIZE" --parallel 1,4
+want manifest && rb manifest-rps --conns "$CONNS" --secs "$SECS"
+
+python3 bench/report.py "$OUT" 2>/dev/null || true
+log "scale-out bench done (status $STATUS); $(uptime)"
+exit $STATUS

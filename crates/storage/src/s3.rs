@@ -1,0 +1,509 @@
+//! Blobs in an S3-compatible object store (AWS S3, MinIO, Garage, Ceph RGW), through the
+//! `object_store` crate (which signs requests). Nothing lives on the node: an upload
+//! session is objects under `uploads/<id>/` — the chunks as they arrived and a small
+//! `state` object with the length and the SHA-256 state so far — so the next chunk may
+//! reach any node. Published blobs use Distribution's layout under the prefix
+//! (`blobs/sha256/<xx>/<hex>/data`). Memory stays bounded: bodies stream through in
+//! parts of a few MiB.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use berth_oci::{Algorithm, Digest, DigestHasher};
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path;
+use object_store::signer::Signer;
+use object_store::{
+    BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore, PutPayload, RetryConfig,
+    WriteMultipart,
+};
+
+use crate::resumable::ResumableSha256;
+use crate::{BlobStore, ByteRange, ByteStream, StorageError, UploadId};
+
+/// Part size of multipart uploads (S3's minimum is 5 MiB).
+const PART: usize = 8 * 1024 * 1024;
+/// Parts in flight per upload: with [`PART`], at most 16 MiB buffered per upload.
+const PARTS_IN_FLIGHT: usize = 2;
+/// Marks a state object, so a foreign object is never mistaken for one.
+const STATE_MAGIC: &[u8] = b"berth-upload-1\n";
+
+/// Where and how to reach the bucket.
+#[derive(Debug, Clone)]
+pub struct S3Config {
+    /// `http(s)://host:port` of an S3-compatible server; `None` for AWS.
+    pub endpoint: Option<String>,
+    /// The region (Garage: its `s3_region`).
+    pub region: String,
+    /// The bucket.
+    pub bucket: String,
+    /// A key prefix, so several registries (or tests) can share a bucket.
+    pub prefix: String,
+    /// Access key id.
+    pub access_key_id: String,
+    /// Secret access key.
+    pub secret_access_key: String,
+    /// `https://endpoint/bucket/key` rather than `https://bucket.endpoint/key`.
+    pub path_style: bool,
+    /// Answer blob GETs with a redirect to a pre-signed URL valid this long, instead of
+    /// streaming through the node.
+    pub redirect: Option<Duration>,
+}
+
+/// Blob bytes in an S3 bucket.
+pub struct S3BlobStore {
+    store: Arc<AmazonS3>,
+    prefix: String,
+    redirect: Option<Duration>,
+}
+
+fn unavailable(e: object_store::Error) -> StorageError {
+    match e {
+        // Wrong credentials or rights are configuration faults, not outages.
+        object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. } => {
+            StorageError::Io(std::io::Error::other(e.to_string()))
+        }
+        other => StorageError::Unavailable(other.to_string()),
+    }
+}
+
+fn is_not_found(e: &object_store::Error) -> bool {
+    matches!(e, object_store::Error::NotFound { .. })
+}
+
+impl S3BlobStore {
+    /// Connects lazily (the first request reaches the server).
+    pub fn new(config: S3Config) -> Result<Self, StorageError> {
+        let mut builder = AmazonS3Builder::new()
+            .with_region(&config.region)
+            .with_bucket_name(&config.bucket)
+            .with_access_key_id(&config.access_key_id)
+            .with_secret_access_key(&config.secret_access_key)
+            .with_virtual_hosted_style_request(!config.path_style)
+            // Fail fast during an outage (the registry answers 503 and clients retry),
+            // but never cut a long transfer short.
+            .with_retry(RetryConfig {
+                backoff: BackoffConfig::default(),
+                max_retries: 2,
+                retry_timeout: Duration::from_secs(10),
+            })
+            .with_client_options(
+                ClientOptions::new()
+                    .with_allow_http(true)
+                    .with_timeout_disabled()
+                    .with_connect_timeout(Duration::from_secs(5)),
+            );
+        if let Some(endpoint) = &config.endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        let store = builder.build().map_err(|e| {
+            StorageError::Io(std::io::Error::other(format!("S3 configuration: {e}")))
+        })?;
+        Ok(S3BlobStore {
+            store: Arc::new(store),
+            prefix: config.prefix.trim_matches('/').to_owned(),
+            redirect: config.redirect,
+        })
+    }
+
+    fn key(&self, rest: &str) -> Path {
+        if self.prefix.is_empty() {
+            Path::from(rest)
+        } else {
+            Path::from(format!("{}/{rest}", self.prefix))
+        }
+    }
+
+    fn blob_key(&self, digest: &Digest) -> Path {
+        let hex = digest.hex();
+        self.key(&format!(
+            "blobs/{}/{}/{hex}/data",
+            digest.algorithm().as_str(),
+            &hex[..2]
+        ))
+    }
+
+    fn upload_key(&self, id: &UploadId, rest: &str) -> Path {
+        self.key(&format!("uploads/{id}/{rest}"))
+    }
+
+    /// The session's state: length and hash so far.
+    async fn load_state(&self, id: &UploadId) -> Result<ResumableSha256, StorageError> {
+        match self.store.get(&self.upload_key(id, "state")).await {
+            Ok(result) => {
+                let bytes = result.bytes().await.map_err(unavailable)?;
+                bytes
+                    .strip_prefix(STATE_MAGIC)
+                    .and_then(ResumableSha256::from_bytes)
+                    .ok_or_else(|| {
+                        StorageError::Io(std::io::Error::other(format!(
+                            "upload {id}: unreadable state"
+                        )))
+                    })
+            }
+            Err(e) if is_not_found(&e) => {
+                match self.store.head(&self.upload_key(id, "started")).await {
+                    Ok(_) => Ok(ResumableSha256::default()),
+                    Err(e) if is_not_found(&e) => Err(StorageError::UploadUnknown(id.clone())),
+                    Err(e) => Err(unavailable(e)),
+                }
+            }
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn save_state(&self, id: &UploadId, state: &ResumableSha256) -> Result<(), StorageError> {
+        let mut bytes = STATE_MAGIC.to_vec();
+        bytes.extend_from_slice(&state.to_bytes());
+        self.store
+            .put(&self.upload_key(id, "state"), PutPayload::from(bytes))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// The session's chunks in order, checked to cover `0..len` without gaps.
+    async fn chunks(&self, id: &UploadId, len: u64) -> Result<Vec<(Path, u64)>, StorageError> {
+        let prefix = self.upload_key(id, "chunks");
+        let mut chunks: Vec<(u64, Path, u64)> = self
+            .store
+            .list(Some(&prefix))
+            .map_err(unavailable)
+            .try_filter_map(|meta| async move {
+                let offset = meta.location.filename().and_then(|f| f.parse::<u64>().ok());
+                Ok(offset.map(|o| (o, meta.location, meta.size)))
+            })
+            .try_collect()
+            .await?;
+        chunks.sort_by_key(|c| c.0);
+        let mut expected = 0;
+        let mut ordered = Vec::with_capacity(chunks.len());
+        for (offset, path, size) in chunks {
+            // A chunk a failed append left beyond the recorded end is ignored.
+            if offset >= len {
+                continue;
+            }
+            if offset != expected {
+                return Err(StorageError::Io(std::io::Error::other(format!(
+                    "upload {id}: chunk at {offset}, expected {expected}"
+                ))));
+            }
+            expected += size;
+            ordered.push((path, size));
+        }
+        if expected != len {
+            return Err(StorageError::Io(std::io::Error::other(format!(
+                "upload {id}: chunks hold {expected} bytes, state says {len}"
+            ))));
+        }
+        Ok(ordered)
+    }
+
+    fn stream_of(&self, path: Path) -> ByteStream {
+        let store = self.store.clone();
+        Box::pin(
+            futures_util::stream::once(async move { store.get(&path).await })
+                .map_ok(|result| result.into_stream())
+                .try_flatten()
+                .map_err(|e| std::io::Error::other(e.to_string())),
+        )
+    }
+
+    /// Writes a stream to `path`: one PUT if it fits a part, multipart otherwise. Returns
+    /// the bytes written and how the stream ended (an error after some bytes keeps them).
+    async fn write_stream(
+        &self,
+        path: &Path,
+        mut body: ByteStream,
+        mut on_chunk: impl FnMut(&[u8]) + Send,
+    ) -> Result<(u64, Option<std::io::Error>), StorageError> {
+        let mut head: Vec<Bytes> = Vec::new();
+        let mut head_len = 0usize;
+        let mut ended_with = None;
+        let mut ended = false;
+        while head_len < PART {
+            match body.next().await {
+                None => {
+                    ended = true;
+                    break;
+                }
+                Some(Ok(chunk)) => {
+                    on_chunk(&chunk);
+                    head_len += chunk.len();
+                    head.push(chunk);
+                }
+                Some(Err(e)) => {
+                    ended_with = Some(e);
+                    ended = true;
+                    break;
+                }
+            }
+        }
+        if ended {
+            if head_len > 0 || ended_with.is_none() {
+                self.store
+                    .put(path, PutPayload::from_iter(head))
+                    .await
+                    .map_err(unavailable)?;
+            }
+            return Ok((head_len as u64, ended_with));
+        }
+        let upload = self.store.put_multipart(path).await.map_err(unavailable)?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART);
+        let mut written = head_len as u64;
+        for chunk in head {
+            writer.write(&chunk);
+        }
+        loop {
+            if let Err(e) = writer.wait_for_capacity(PARTS_IN_FLIGHT).await {
+                return Err(unavailable(e));
+            }
+            match body.next().await {
+                None => break,
+                Some(Ok(chunk)) => {
+                    on_chunk(&chunk);
+                    written += chunk.len() as u64;
+                    writer.write(&chunk);
+                }
+                Some(Err(e)) => {
+                    ended_with = Some(e);
+                    break;
+                }
+            }
+        }
+        writer.finish().await.map_err(unavailable)?;
+        Ok((written, ended_with))
+    }
+
+    async fn delete_prefix(&self, prefix: Path) -> Result<(), StorageError> {
+        let paths = self
+            .store
+            .list(Some(&prefix))
+            .map_ok(|m| m.location)
+            .boxed();
+        self.store
+            .delete_stream(paths)
+            .try_for_each(|_| async { Ok(()) })
+            .await
+            .or_else(|e| {
+                if is_not_found(&e) {
+                    Ok(())
+                } else {
+                    Err(unavailable(e))
+                }
+            })
+    }
+}
+
+#[async_trait]
+impl BlobStore for S3BlobStore {
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
+        match self.store.head(&self.blob_key(digest)).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn read(
+        &self,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<Option<ByteStream>, StorageError> {
+        let options = GetOptions {
+            range: range.map(|r| GetRange::Bounded(r.start..r.end + 1)),
+            ..GetOptions::default()
+        };
+        match self.store.get_opts(&self.blob_key(digest), options).await {
+            Ok(result) => Ok(Some(Box::pin(
+                result
+                    .into_stream()
+                    .map_err(|e| std::io::Error::other(e.to_string())),
+            ))),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn direct_url(&self, digest: &Digest) -> Result<Option<String>, StorageError> {
+        let Some(ttl) = self.redirect else {
+            return Ok(None);
+        };
+        let url = self
+            .store
+            .signed_url(http::Method::GET, &self.blob_key(digest), ttl)
+            .await
+            .map_err(unavailable)?;
+        Ok(Some(url.to_string()))
+    }
+
+    async fn start_upload(&self) -> Result<UploadId, StorageError> {
+        let id = UploadId::new_random();
+        self.store
+            .put(&self.upload_key(&id, "started"), PutPayload::default())
+            .await
+            .map_err(unavailable)?;
+        Ok(id)
+    }
+
+    async fn upload_len(&self, id: &UploadId) -> Result<u64, StorageError> {
+        Ok(self.load_state(id).await?.len())
+    }
+
+    async fn append(
+        &self,
+        id: &UploadId,
+        offset: u64,
+        body: ByteStream,
+    ) -> Result<u64, StorageError> {
+        let mut state = self.load_state(id).await?;
+        if offset != state.len() {
+            return Err(StorageError::OutOfOrder {
+                expected: state.len(),
+                got: offset,
+            });
+        }
+        let chunk = self.upload_key(id, &format!("chunks/{offset:020}"));
+        let (written, interrupted) = self
+            .write_stream(&chunk, body, |bytes| state.update(bytes))
+            .await?;
+        if written > 0 {
+            self.save_state(id, &state).await?;
+        }
+        match interrupted {
+            Some(source) => Err(StorageError::BodyInterrupted {
+                kept: state.len(),
+                source,
+            }),
+            None => Ok(state.len()),
+        }
+    }
+
+    async fn commit(&self, id: &UploadId, expected: &Digest) -> Result<u64, StorageError> {
+        let state = self.load_state(id).await?;
+        let len = state.len();
+        let chunks = self.chunks(id, len).await?;
+        let actual = match expected.algorithm() {
+            Algorithm::Sha256 => state.finish(),
+            other => {
+                let mut hasher = DigestHasher::new(other);
+                for (path, _) in &chunks {
+                    let mut stream = self.stream_of(path.clone());
+                    while let Some(bytes) = stream.next().await {
+                        hasher.update(&bytes.map_err(StorageError::Io)?);
+                    }
+                }
+                hasher.finish()
+            }
+        };
+        if actual != *expected {
+            return Err(StorageError::DigestMismatch {
+                expected: expected.clone(),
+                actual,
+            });
+        }
+        let target = self.blob_key(expected);
+        let published = match self.store.head(&target).await {
+            Ok(_) => true,
+            Err(e) if is_not_found(&e) => false,
+            Err(e) => return Err(unavailable(e)),
+        };
+        if !published {
+            // One chunk (a monolithic or single-PATCH push): a server-side copy. Otherwise
+            // (or if the store refuses the copy, e.g. over 5 GiB), stream the chunks into
+            // one multipart upload. Either way the blob appears whole or not at all.
+            let copied = match chunks.as_slice() {
+                [(only, _)] => self.store.copy(only, &target).await.is_ok(),
+                _ => false,
+            };
+            if !copied {
+                let sources: Vec<Path> = chunks.iter().map(|(p, _)| p.clone()).collect();
+                let store = self.store.clone();
+                let joined: ByteStream = Box::pin(
+                    futures_util::stream::iter(sources)
+                        .then(move |path| {
+                            let store = store.clone();
+                            async move { store.get(&path).await.map(|r| r.into_stream()) }
+                        })
+                        .try_flatten()
+                        .map_err(|e| std::io::Error::other(e.to_string())),
+                );
+                let (written, failed) = self.write_stream(&target, joined, |_| {}).await?;
+                if let Some(e) = failed {
+                    return Err(StorageError::Io(e));
+                }
+                debug_assert_eq!(written, len);
+            }
+        }
+        self.abort(id).await?;
+        Ok(len)
+    }
+
+    async fn abort(&self, id: &UploadId) -> Result<(), StorageError> {
+        self.delete_prefix(self.key(&format!("uploads/{id}"))).await
+    }
+
+    async fn list_uploads(&self) -> Result<Vec<(UploadId, SystemTime)>, StorageError> {
+        let objects: Vec<object_store::ObjectMeta> = self
+            .store
+            .list(Some(&self.key("uploads")))
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        let mut latest: std::collections::BTreeMap<UploadId, SystemTime> = Default::default();
+        for meta in objects {
+            let parts: Vec<_> = meta.location.parts().collect();
+            let Some(position) = parts.iter().position(|p| p.as_ref() == "uploads") else {
+                continue;
+            };
+            let Some(id) = parts
+                .get(position + 1)
+                .and_then(|p| UploadId::parse(p.as_ref()))
+            else {
+                continue;
+            };
+            let at: SystemTime = meta.last_modified.into();
+            let entry = latest.entry(id).or_insert(at);
+            if at > *entry {
+                *entry = at;
+            }
+        }
+        Ok(latest.into_iter().collect())
+    }
+
+    async fn delete(&self, digest: &Digest) -> Result<(), StorageError> {
+        match self.store.delete(&self.blob_key(digest)).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn delete_many(&self, digests: &[Digest]) -> Result<(), StorageError> {
+        let paths: Vec<object_store::Result<Path>> =
+            digests.iter().map(|d| Ok(self.blob_key(d))).collect();
+        self.store
+            .delete_stream(futures_util::stream::iter(paths).boxed())
+            .try_for_each(|_| async { Ok(()) })
+            .await
+            .or_else(|e| {
+                if is_not_found(&e) {
+                    Ok(())
+                } else {
+                    Err(unavailable(e))
+                }
+            })
+    }
+
+    async fn ready(&self) -> Result<(), StorageError> {
+        self.store
+            .list_with_delimiter(Some(&self.key("blobs")))
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+}
