@@ -354,6 +354,23 @@ mod tests {
         assert_eq!(s.auth.settings.mode, AuthMode::Builtin);
         std::fs::write(&path, "[auth]\nmode = \"token\"\n").unwrap();
         assert!(Settings::load(Some(&path), Overrides::default()).is_err());
+        std::fs::write(
+            &path,
+            "[meta]\npostgres_url = \"host=/run/pg\"\n[storage]\nbackend = \"s3\"\n[storage.s3]\nendpoint = \"http://127.0.0.1:3900\"\nregion = \"garage\"\nbucket = \"b\"\naccess_key_id = \"k\"\nsecret_access_key = \"s\"\nredirect = true\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path), Overrides::default()).unwrap();
+        assert!(matches!(s.meta, MetaConfig::Postgres { ref url, .. } if url == "host=/run/pg"));
+        let StorageConfig::S3(s3) = &s.storage else {
+            panic!("s3 expected");
+        };
+        assert!(s3.path_style, "path style by default with an endpoint");
+        assert_eq!(s3.redirect, Some(Duration::from_secs(900)));
+        std::fs::write(&path, "[storage]\nbackend = \"s3\"\n").unwrap();
+        assert!(
+            Settings::load(Some(&path), Overrides::default()).is_err(),
+            "bucket required"
+        );
         std::fs::write(&path, "lisen = 1\n").unwrap();
         assert!(Settings::load(Some(&path), Overrides::default()).is_err());
     }

@@ -223,18 +223,22 @@ fn concurrent_push_delete_and_gc_lose_nothing() {
             "{repo}:{tag} was deleted"
         );
     }
+    // Every stored blob verifies against its name (on the file system; in S3 the tags
+    // verified above read every referenced blob back).
     let mut stored = 0;
     let root = reg.data_dir().join("blobs/sha256");
-    for prefix in std::fs::read_dir(&root).unwrap() {
-        for blob in std::fs::read_dir(prefix.unwrap().path()).unwrap() {
-            let dir = blob.unwrap().path();
-            let bytes = std::fs::read(dir.join("data")).unwrap();
-            assert_eq!(
-                sha256(&bytes)[7..],
-                *dir.file_name().unwrap().to_str().unwrap(),
-                "stored blob verifies"
-            );
-            stored += 1;
+    if crate::BLOBS == berth_testkit::BlobBackend::Filesystem {
+        for prefix in std::fs::read_dir(&root).unwrap() {
+            for blob in std::fs::read_dir(prefix.unwrap().path()).unwrap() {
+                let dir = blob.unwrap().path();
+                let bytes = std::fs::read(dir.join("data")).unwrap();
+                assert_eq!(
+                    sha256(&bytes)[7..],
+                    *dir.file_name().unwrap().to_str().unwrap(),
+                    "stored blob verifies"
+                );
+                stored += 1;
+            }
         }
     }
     let shared_digest = sha256(&bases[0]);

@@ -158,13 +158,15 @@ fn collection_on_one_node_while_another_pushes_keeps_every_tag() {
         return;
     };
     let (pusher, collector) = (nodes[0].url(), nodes[1].url());
-    let deadline = Instant::now() + Duration::from_secs(3);
+    // At least 12 acknowledged pushes while collections run (bounded by 60 s).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let pushing = std::sync::atomic::AtomicBool::new(true);
     let mut acknowledged = Vec::new();
     let mut collections = 0;
     std::thread::scope(|s| {
         let gc = s.spawn(|| {
             let mut n = 0;
-            while Instant::now() < deadline {
+            while pushing.load(std::sync::atomic::Ordering::Relaxed) {
                 let r = http()
                     .post(format!("{collector}/api/v1/gc"))
                     .send()
@@ -177,7 +179,7 @@ fn collection_on_one_node_while_another_pushes_keeps_every_tag() {
             n
         });
         let mut i = 0;
-        while Instant::now() < deadline {
+        while acknowledged.len() < 12 && Instant::now() < deadline {
             i += 1;
             let tag = format!("p{i}");
             // A push can lose a race with the collection (its blob unlinked before its
@@ -212,10 +214,11 @@ fn collection_on_one_node_while_another_pushes_keeps_every_tag() {
                 }
             }
         }
+        pushing.store(false, std::sync::atomic::Ordering::Relaxed);
         collections = gc.join().unwrap();
     });
     assert!(
-        collections > 0 && acknowledged.len() > 5,
+        collections > 0 && acknowledged.len() >= 12,
         "{collections} collections, {} pushes",
         acknowledged.len()
     );
