@@ -47,6 +47,7 @@ BERTH=$PWD/target/release/berth
 
 # PostgreSQL: a throwaway cluster on a Unix socket in $WORK/pg (durable settings, as a
 # real deployment would run it).
+chmod 755 "$WORK"
 mkdir -p "$WORK/pg"
 [ "$(id -u)" = 0 ] && chown postgres:postgres "$WORK/pg"
 "${AS_PG[@]}" "$PG_BIN/initdb" --auth=trust --username=postgres --locale=C -D "$WORK/pg/data" >/dev/null || exit 1
