@@ -280,3 +280,123 @@ fn collections_take_turns_by_lease() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
 }
+
+#[test]
+fn two_berth_processes_share_s3_and_postgres_and_each_others_tokens() {
+    use crate::auth::Who;
+    use berth_testkit::{shared_garage, BerthProcess};
+    let (Some(pg), Some(garage)) = (shared_cluster(), shared_garage()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let schema = unique_schema();
+    let config = dir.path().join("berth.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[meta]\npostgres_url = \"{}\"\npostgres_schema = \"{schema}\"\n\
+             [storage]\nbackend = \"s3\"\n[storage.s3]\nendpoint = \"{}\"\nregion = \"{}\"\n\
+             bucket = \"{}\"\nprefix = \"{schema}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
+            pg.url(),
+            garage.endpoint,
+            garage.region,
+            garage.bucket,
+            garage.access_key_id,
+            garage.secret_access_key
+        ),
+    )
+    .unwrap();
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_berth"));
+    let args = ["--config", config.to_str().unwrap()];
+    let env = [("BERTH_ADMIN_PASSWORD", "two-node-admin")];
+    let a = BerthProcess::spawn_with(binary, &dir.path().join("a"), &args, &env);
+    let b = BerthProcess::spawn_with(binary, &dir.path().join("b"), &args, &env);
+    let admin = Who::user("admin", "two-node-admin");
+    for node in [&a, &b] {
+        let r = http().get(format!("{}/readyz", node.url())).send().unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+
+    // Push through A with a token A issued ...
+    let token: Value = admin
+        .request(
+            &http(),
+            reqwest::Method::GET,
+            &format!(
+                "{}/token?service=berth&scope=repository:team/app:pull,push",
+                a.url()
+            ),
+        )
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let token = token["token"].as_str().unwrap().to_owned();
+    let layer = b"a layer pushed through node A".to_vec();
+    let r = http()
+        .post(format!(
+            "{}/v2/team/app/blobs/uploads/?digest={}",
+            a.url(),
+            sha256(&layer)
+        ))
+        .bearer_auth(&token)
+        .body(layer.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    // ... and pull it through B with the same token: the signing key is shared.
+    let r = http()
+        .get(format!("{}/v2/team/app/blobs/{}", b.url(), sha256(&layer)))
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().unwrap().as_ref(), layer.as_slice());
+
+    // A chunked upload opened on B, continued on A, finished on B.
+    let blob: Vec<u8> = (0..2 * 1024 * 1024u32).map(|i| (i % 241) as u8).collect();
+    let (first, second) = blob.split_at(700_001);
+    let r = http()
+        .post(format!("{}/v2/team/app/blobs/uploads/", b.url()))
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let location = header(&r, "location");
+    for (node, start, chunk) in [(&b, 0, first), (&a, first.len(), second)] {
+        let r = http()
+            .patch(format!("{}{location}", node.url()))
+            .bearer_auth(&token)
+            .header(
+                "content-range",
+                format!("{start}-{}", start + chunk.len() - 1),
+            )
+            .body(chunk.to_vec())
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+    }
+    let r = http()
+        .put(format!("{}{location}?digest={}", b.url(), sha256(&blob)))
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::CREATED,
+        "{}",
+        r.text().unwrap_or_default()
+    );
+
+    // Node A goes away; B serves everything.
+    a.kill();
+    for digest in [sha256(&layer), sha256(&blob)] {
+        let r = http()
+            .get(format!("{}/v2/team/app/blobs/{digest}", b.url()))
+            .bearer_auth(&token)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(sha256(&r.bytes().unwrap()), digest);
+    }
+}
