@@ -81,7 +81,18 @@ pub fn shared_garage() -> Option<&'static GarageServer> {
         .as_ref()
 }
 
-fn start(binary: &std::path::Path) -> GarageServer {
+/// A configured (not yet started) single-node Garage in a temporary directory.
+struct Prepared {
+    dir: PathBuf,
+    s3: u16,
+    admin: u16,
+    region: String,
+    access_key_id: String,
+    secret_access_key: String,
+    bucket: String,
+}
+
+fn prepare() -> Prepared {
     let dir = tempfile::Builder::new()
         .prefix("berth-s3")
         .tempdir_in("/tmp")
@@ -103,9 +114,51 @@ fn start(binary: &std::path::Path) -> GarageServer {
         ),
     )
     .expect("garage config");
-    let access_key_id = format!("GK{}", hex(12));
-    let secret_access_key = hex(32);
-    let bucket = "berth-test".to_owned();
+    Prepared {
+        dir,
+        s3,
+        admin,
+        region,
+        access_key_id: format!("GK{}", hex(12)),
+        secret_access_key: hex(32),
+        bucket: "berth-test".to_owned(),
+    }
+}
+
+impl Prepared {
+    /// `garage server`, with the default bucket and key made from the environment.
+    fn command(&self, binary: &std::path::Path) -> Command {
+        let mut c = Command::new(binary);
+        c.arg("-c")
+            .arg(self.dir.join("garage.toml"))
+            .args(["server", "--single-node", "--default-bucket"])
+            .env("GARAGE_DEFAULT_ACCESS_KEY", &self.access_key_id)
+            .env("GARAGE_DEFAULT_SECRET_KEY", &self.secret_access_key)
+            .env("GARAGE_DEFAULT_BUCKET", &self.bucket);
+        c
+    }
+
+    fn wait_healthy(&self) {
+        let health = format!("127.0.0.1:{}", self.admin);
+        let up = wait_until(Duration::from_secs(60), || http_ok(&health, "/health"));
+        assert!(
+            up,
+            "garage did not become healthy: {}",
+            std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+        );
+    }
+}
+
+fn start(binary: &std::path::Path) -> GarageServer {
+    let Prepared {
+        dir,
+        s3,
+        admin,
+        region,
+        access_key_id,
+        secret_access_key,
+        bucket,
+    } = prepare();
     let script = format!(
         "'{garage}' -c '{d}/garage.toml' server --single-node --default-bucket >'{d}/log' 2>&1 & g=$!; \
          while kill -0 {parent} 2>/dev/null && kill -0 $g 2>/dev/null; do sleep 0.5; done; \
@@ -156,4 +209,100 @@ fn http_ok(addr: &str, path: &str) -> bool {
     }
     let mut answer = [0u8; 12];
     stream.read_exact(&mut answer).is_ok() && answer.ends_with(b"200")
+}
+
+/// A Garage server of one test's own, which it may kill and start again on the same data
+/// and ports (an S3 outage). Killed and removed on drop, and by a watchdog if the test
+/// process dies first.
+pub struct PrivateGarage {
+    binary: PathBuf,
+    prepared: Prepared,
+    child: Option<std::process::Child>,
+    _watchdog: std::process::Child,
+}
+
+impl PrivateGarage {
+    /// Starts one; `None` when Garage is not installed (locally).
+    pub fn start() -> Option<Self> {
+        let Some(binary) = garage_binary() else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "Garage is required under CI but not installed"
+            );
+            eprintln!("skipping: Garage is not installed");
+            return None;
+        };
+        let prepared = prepare();
+        // The watchdog only cleans up: it kills whatever Garage runs on this config.
+        let script = format!(
+            "while kill -0 {parent} 2>/dev/null; do sleep 0.5; done; \
+             pkill -f '{d}/garage.toml'; rm -rf '{d}'",
+            parent = std::process::id(),
+            d = prepared.dir.display(),
+        );
+        let watchdog = Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("watchdog");
+        let mut garage = PrivateGarage {
+            binary,
+            prepared,
+            child: None,
+            _watchdog: watchdog,
+        };
+        garage.resume();
+        Some(garage)
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.prepared.s3)
+    }
+
+    /// The settings a registry needs to keep its blobs here.
+    pub fn s3_config(&self) -> berth_storage::S3Config {
+        berth_storage::S3Config {
+            endpoint: Some(self.endpoint()),
+            region: self.prepared.region.clone(),
+            bucket: self.prepared.bucket.clone(),
+            prefix: "registry".into(),
+            access_key_id: self.prepared.access_key_id.clone(),
+            secret_access_key: self.prepared.secret_access_key.clone(),
+            path_style: true,
+            redirect: None,
+        }
+    }
+
+    /// Kills the server (SIGKILL: a crash).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same data and ports, and waits until it is healthy.
+    pub fn resume(&mut self) {
+        let log = std::fs::File::create(self.prepared.dir.join("log")).expect("log");
+        let child = self
+            .prepared
+            .command(&self.binary)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("starting garage");
+        self.child = Some(child);
+        self.prepared.wait_healthy();
+    }
+}
+
+impl Drop for PrivateGarage {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.prepared.dir);
+    }
 }

@@ -43,7 +43,7 @@ mod garage;
 mod postgres;
 mod proxy;
 
-pub use garage::{shared_garage, GarageServer};
+pub use garage::{shared_garage, GarageServer, PrivateGarage};
 pub use postgres::{shared_cluster, PostgresCluster, PrivateCluster};
 pub use proxy::CuttableProxy;
 
@@ -94,6 +94,8 @@ pub struct Options {
     pub s3_endpoint: Option<String>,
     /// With [`BlobBackend::S3`]: redirect blob downloads to pre-signed URLs this long-lived.
     pub s3_redirect: Option<Duration>,
+    /// With [`BlobBackend::S3`]: this server instead of the shared one.
+    pub s3_config: Option<S3Config>,
 }
 
 impl Default for Options {
@@ -114,6 +116,7 @@ impl Default for Options {
             s3_prefix: None,
             s3_endpoint: None,
             s3_redirect: None,
+            s3_config: None,
         }
     }
 }
@@ -247,6 +250,7 @@ impl TestRegistry {
             s3_prefix,
             s3_endpoint,
             s3_redirect,
+            s3_config,
         } = options;
         let data_dir = match data_dir {
             Some(path) => DataDir::Shared(path),
@@ -260,7 +264,12 @@ impl TestRegistry {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let root = data_dir.path().to_owned();
         let addr = runtime.block_on(async move {
-            let blobs = open_blobs(blob_backend, s3_prefix, s3_endpoint, s3_redirect, &root);
+            let blobs = match (blob_backend, s3_config) {
+                (BlobBackend::S3, Some(config)) => {
+                    Arc::new(S3BlobStore::new(config).expect("S3 blob store")) as Arc<dyn BlobStore>
+                }
+                _ => open_blobs(blob_backend, s3_prefix, s3_endpoint, s3_redirect, &root),
+            };
             let (meta, accounts) = open_meta(backend, postgres_url, postgres_schema, &root).await;
             let registry = Registry::new(blobs, meta, limits);
             let signer = TokenSigner::generate().expect("signing key");

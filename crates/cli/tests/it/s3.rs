@@ -1,12 +1,15 @@
 //! What only the S3 backend does: redirecting downloads to pre-signed URLs (Range
-//! included), and living through an S3 outage — here a cut network link to the server —
-//! with clean 503s, a readiness report, recovery, and nothing acknowledged lost.
+//! included), and living through S3 outages — a cut network link, then the server killed
+//! and restarted — with clean 503s, a readiness report, recovery, and nothing
+//! acknowledged lost.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use berth_testkit::{shared_garage, wait_until, BlobBackend, CuttableProxy, Options, TestRegistry};
+use berth_testkit::{
+    shared_garage, wait_until, BlobBackend, CuttableProxy, Options, PrivateGarage, TestRegistry,
+};
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -68,11 +71,14 @@ fn downloads_can_be_redirected_to_presigned_urls_with_ranges() {
 
 #[test]
 fn an_s3_outage_answers_503_and_recovers_without_losing_anything() {
-    let Some(garage) = shared_garage() else {
+    // First the link to the server is cut (a network outage), then the server itself is
+    // killed and started again (a crash); each time the registry answers 503, reports
+    // itself not ready, and recovers by itself.
+    let Some(mut garage) = PrivateGarage::start() else {
         return;
     };
     let target = garage
-        .endpoint
+        .endpoint()
         .trim_start_matches("http://")
         .parse()
         .unwrap();
@@ -80,7 +86,10 @@ fn an_s3_outage_answers_503_and_recovers_without_losing_anything() {
     let reg = TestRegistry::start_opts(Options {
         meta: crate::BACKEND,
         blobs: BlobBackend::S3,
-        s3_endpoint: Some(format!("http://{}", proxy.addr())),
+        s3_config: Some(berth_storage::S3Config {
+            endpoint: Some(format!("http://{}", proxy.addr())),
+            ..garage.s3_config()
+        }),
         ..Options::default()
     });
     let base = reg.url();
@@ -171,12 +180,36 @@ fn an_s3_outage_answers_503_and_recovers_without_losing_anything() {
         }),
         "ready again once S3 is back"
     );
-    let count = acknowledged.lock().unwrap().len();
-    assert!(wait_until(Duration::from_secs(10), || acknowledged
-        .lock()
-        .unwrap()
-        .len()
-        > count + 2));
+    let grew = |by: usize| {
+        let count = acknowledged.lock().unwrap().len();
+        wait_until(Duration::from_secs(10), || {
+            acknowledged.lock().unwrap().len() > count + by
+        })
+    };
+    assert!(grew(2), "pushes succeed again after the link is back");
+
+    // The server crashes and comes back on the same data.
+    garage.stop();
+    let r = http()
+        .get(format!("{base}/v2/outage/app/blobs/{layer}"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let r = http().get(format!("{base}/readyz")).send().unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    garage.resume();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            http()
+                .get(format!("{base}/readyz"))
+                .send()
+                .unwrap()
+                .status()
+                == StatusCode::OK
+        }),
+        "ready again once the server is back"
+    );
+    assert!(grew(2), "pushes succeed again after the restart");
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
 
