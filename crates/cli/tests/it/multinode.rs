@@ -388,6 +388,23 @@ fn two_berth_processes_share_s3_and_postgres_and_each_others_tokens() {
         r.text().unwrap_or_default()
     );
 
+    // Maintenance commands work on the shared stores beside the running nodes.
+    for command in ["gc", "check"] {
+        let out = std::process::Command::new(binary)
+            .args([command, "--config", config.to_str().unwrap(), "--data-dir"])
+            .arg(dir.path().join("maintenance"))
+            .env("BERTH_LOG_LEVEL", "warn")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "berth {command}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(report.is_object(), "{report}");
+    }
+
     // Node A goes away; B serves everything.
     a.kill();
     for digest in [sha256(&layer), sha256(&blob)] {
