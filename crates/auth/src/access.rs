@@ -189,6 +189,12 @@ impl AccessControl {
             .await;
     }
 
+    /// Writes out the audit events still queued; the server calls this once it stopped
+    /// serving, so a clean shutdown loses none.
+    pub async fn flush_audit(&self) {
+        self.inner.audit.flush().await;
+    }
+
     /// Checks credentials. Failures are counted by the rate limiter and audited.
     pub async fn authenticate(
         &self,

@@ -79,7 +79,8 @@ pub(crate) struct AuditLog {
 }
 
 /// An event, and whom to tell once it is written.
-type Queued = (NewAuditEvent, Option<oneshot::Sender<()>>);
+/// `None` as the event is a flush: answered once everything queued before it is written.
+type Queued = (Option<NewAuditEvent>, Option<oneshot::Sender<()>>);
 
 impl AuditLog {
     /// Starts the writer task on the current runtime.
@@ -89,8 +90,12 @@ impl AuditLog {
             let mut batch: Vec<Queued> = Vec::with_capacity(BATCH);
             while events.recv_many(&mut batch, BATCH).await > 0 {
                 let (records, waiting): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
-                if let Err(e) = store.append_audit(records).await {
-                    tracing::error!(error = %e, "writing the audit log failed");
+                let records: Vec<NewAuditEvent> = records.into_iter().flatten().collect();
+                // A batch of flushes only has nothing to write.
+                if !records.is_empty() {
+                    if let Err(e) = store.append_audit(records).await {
+                        tracing::error!(error = %e, "writing the audit log failed");
+                    }
                 }
                 for done in waiting.into_iter().flatten() {
                     let _ = done.send(());
@@ -102,15 +107,23 @@ impl AuditLog {
 
     /// Queues an event; waits only if the writer is far behind.
     pub(crate) async fn record(&self, event: NewAuditEvent) {
-        if self.queue.send((event, None)).await.is_err() {
+        if self.queue.send((Some(event), None)).await.is_err() {
             tracing::error!("audit log writer stopped");
+        }
+    }
+
+    /// Waits until every event queued so far is written (at shutdown).
+    pub(crate) async fn flush(&self) {
+        let (done, written) = oneshot::channel();
+        if self.queue.send((None, Some(done))).await.is_ok() {
+            let _ = written.await;
         }
     }
 
     /// Queues an event and waits until it is written.
     pub(crate) async fn record_now(&self, event: NewAuditEvent) {
         let (done, written) = oneshot::channel();
-        if self.queue.send((event, Some(done))).await.is_err() || written.await.is_err() {
+        if self.queue.send((Some(event), Some(done))).await.is_err() || written.await.is_err() {
             tracing::error!("audit log writer stopped");
         }
     }
