@@ -18,7 +18,9 @@ use crate::policy::{
 };
 use crate::scope::Scope;
 use crate::time::now_ms;
-use crate::token::{Claims, ResourceAccess, TokenError, TokenSigner, TokenSubject, TokenVerifier};
+use crate::token::{
+    Claims, IssuerKey, ResourceAccess, TokenError, TokenSigner, TokenSubject, TokenVerifier,
+};
 use crate::{AuthError, AuthMode, AuthSettings, ROBOT_PREFIX};
 
 /// Credentials as the edge found them.
@@ -148,11 +150,11 @@ impl AccessControl {
         settings: AuthSettings,
         store: Arc<dyn AccountStore>,
         signer: Option<TokenSigner>,
-        issuer_key: Option<p256::ecdsa::VerifyingKey>,
+        issuer_key: Option<IssuerKey>,
     ) -> Result<Self, AuthError> {
         let key = match settings.mode {
             AuthMode::Disabled => None,
-            AuthMode::Builtin => signer.as_ref().map(TokenSigner::verifying_key),
+            AuthMode::Builtin => signer.as_ref().map(|s| IssuerKey::from(s.verifying_key())),
             AuthMode::ExternalToken => issuer_key,
         };
         let verifier = key.map(|k| TokenVerifier::new(k, &settings.issuer, &settings.service));

@@ -26,11 +26,9 @@ pub use access::{AccessControl, Credentials, IssuedToken, Need};
 pub use accounts::{robot_login, ImportOutcome, NewRobot, NewUser, ROBOT_PREFIX};
 pub use audit::Outcome;
 pub use limiter::LoginLimiter;
-/// The public key that checks tokens (ES256).
-pub use p256::ecdsa::VerifyingKey;
 pub use policy::{Caller, Permission, Permissions, Principal, Proof, Role};
 pub use scope::Scope;
-pub use token::{verifying_key_from_pem, TokenError, TokenSigner, TokenVerifier};
+pub use token::{verifying_key_from_pem, IssuerKey, TokenError, TokenSigner, TokenVerifier};
 
 /// How the registry authenticates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,7 +1,8 @@
-//! Docker registry tokens: JSON Web Tokens signed with ES256, whose `access` claim lists
-//! what the bearer may do (the Docker token specification). The header's `alg` must be
-//! exactly `ES256`: `none`, HMAC and anything else are refused before any claim is read,
-//! so a forged header cannot choose how it is checked.
+//! Docker registry tokens: JSON Web Tokens whose `access` claim lists what the bearer may
+//! do (the Docker token specification). berth signs with ES256; tokens of an external
+//! issuer may also be RS256. The header's `alg` must be exactly the trusted key's
+//! algorithm: `none`, HMAC and any other are refused before any claim is read, so a forged
+//! header cannot choose how it is checked.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -215,16 +216,67 @@ impl TokenSigner {
     }
 }
 
-/// Reads an SPKI PEM public key: the key of an external token issuer.
-pub fn verifying_key_from_pem(pem: &str) -> Result<VerifyingKey, AuthError> {
-    VerifyingKey::from_public_key_pem(pem)
-        .map_err(|e| AuthError::Crypto(format!("reading the token issuer's public key: {e}")))
+/// A public key that checks tokens, with the one algorithm it accepts.
+#[derive(Clone, Debug)]
+pub enum IssuerKey {
+    /// ECDSA P-256 with SHA-256: berth's own tokens, and issuers that use EC keys.
+    Es256(VerifyingKey),
+    /// RSA PKCS#1 v1.5 with SHA-256: the common choice of external token services.
+    Rs256(rsa::pkcs1v15::VerifyingKey<Sha256>),
+}
+
+impl IssuerKey {
+    fn algorithm(&self) -> &'static str {
+        match self {
+            IssuerKey::Es256(_) => "ES256",
+            IssuerKey::Rs256(_) => "RS256",
+        }
+    }
+
+    fn verify(&self, message: &[u8], signature: &[u8]) -> Result<(), TokenError> {
+        match self {
+            IssuerKey::Es256(key) => {
+                let signature =
+                    Signature::from_slice(signature).map_err(|_| TokenError::BadSignature)?;
+                key.verify(message, &signature)
+                    .map_err(|_| TokenError::BadSignature)
+            }
+            IssuerKey::Rs256(key) => {
+                let signature = rsa::pkcs1v15::Signature::try_from(signature)
+                    .map_err(|_| TokenError::BadSignature)?;
+                key.verify(message, &signature)
+                    .map_err(|_| TokenError::BadSignature)
+            }
+        }
+    }
+}
+
+impl From<VerifyingKey> for IssuerKey {
+    fn from(key: VerifyingKey) -> Self {
+        IssuerKey::Es256(key)
+    }
+}
+
+/// Reads a PEM public key (SPKI, or PKCS#1 for RSA): the key of an external token issuer.
+pub fn verifying_key_from_pem(pem: &str) -> Result<IssuerKey, AuthError> {
+    use rsa::pkcs1::DecodeRsaPublicKey;
+    if let Ok(key) = VerifyingKey::from_public_key_pem(pem) {
+        return Ok(IssuerKey::Es256(key));
+    }
+    rsa::RsaPublicKey::from_public_key_pem(pem)
+        .or_else(|_| rsa::RsaPublicKey::from_pkcs1_pem(pem))
+        .map(|key| IssuerKey::Rs256(rsa::pkcs1v15::VerifyingKey::new(key)))
+        .map_err(|e| {
+            AuthError::Crypto(format!(
+                "reading the token issuer's public key (P-256 or RSA): {e}"
+            ))
+        })
 }
 
 /// Checks tokens from one issuer for one service.
 #[derive(Clone)]
 pub struct TokenVerifier {
-    key: VerifyingKey,
+    key: IssuerKey,
     issuer: String,
     service: String,
 }
@@ -234,9 +286,9 @@ const LEEWAY_SECS: i64 = 30;
 
 impl TokenVerifier {
     /// Trusts tokens signed by `key`, issued by `issuer` for `service`.
-    pub fn new(key: VerifyingKey, issuer: &str, service: &str) -> Self {
+    pub fn new(key: impl Into<IssuerKey>, issuer: &str, service: &str) -> Self {
         TokenVerifier {
-            key,
+            key: key.into(),
             issuer: issuer.to_owned(),
             service: service.to_owned(),
         }
@@ -257,15 +309,12 @@ impl TokenVerifier {
         };
         let parsed: Header =
             serde_json::from_slice(&decode(header)?).map_err(|_| TokenError::Malformed)?;
-        if parsed.alg != "ES256" {
+        if parsed.alg != self.key.algorithm() {
             return Err(TokenError::UnsupportedAlgorithm(parsed.alg));
         }
-        let signature =
-            Signature::from_slice(&decode(signature)?).map_err(|_| TokenError::BadSignature)?;
         let signing_input = &token[..header.len() + 1 + payload.len()];
         self.key
-            .verify(signing_input.as_bytes(), &signature)
-            .map_err(|_| TokenError::BadSignature)?;
+            .verify(signing_input.as_bytes(), &decode(signature)?)?;
         let claims: Claims =
             serde_json::from_slice(&decode(payload)?).map_err(|_| TokenError::Malformed)?;
         if claims.iss != self.issuer {
@@ -351,11 +400,54 @@ mod tests {
         assert_eq!(verifier.verify("", 1001), Err(TokenError::Malformed));
     }
 
+    /// A 2048-bit RSA key made with `openssl genpkey` for these tests only.
+    const TEST_RSA_KEY: &str = include_str!("../testdata/test-rsa-key.pem");
+
+    #[test]
+    fn external_rs256_tokens_verify_and_cannot_pass_as_es256() {
+        use rsa::pkcs8::{DecodePrivateKey, EncodePublicKey};
+        use rsa::signature::{SignatureEncoding, Signer};
+        let private = rsa::RsaPrivateKey::from_pkcs8_pem(TEST_RSA_KEY).unwrap();
+        let public_pem = private
+            .to_public_key()
+            .to_public_key_pem(Default::default())
+            .unwrap();
+        let key = verifying_key_from_pem(&public_pem).unwrap();
+        assert!(matches!(key, IssuerKey::Rs256(_)));
+        let verifier = TokenVerifier::new(key, "berth", "registry");
+        let sign = |alg: &str| {
+            let header = URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"{alg}","typ":"JWT"}}"#));
+            let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims(1000)).unwrap());
+            let input = format!("{header}.{payload}");
+            let signer = rsa::pkcs1v15::SigningKey::<Sha256>::new(private.clone());
+            let signature = signer.sign(input.as_bytes()).to_bytes();
+            format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature))
+        };
+        assert_eq!(verifier.verify(&sign("RS256"), 1001).unwrap(), claims(1000));
+        assert_eq!(
+            verifier.verify(&sign("ES256"), 1001),
+            Err(TokenError::UnsupportedAlgorithm("ES256".into())),
+            "the algorithm is the key's, not the header's"
+        );
+        let es = TokenSigner::generate()
+            .unwrap()
+            .sign(&claims(1000))
+            .unwrap();
+        assert!(verifier.verify(&es, 1001).is_err());
+        let mut tampered = sign("RS256");
+        tampered.insert(tampered.len() - 5, 'A');
+        assert!(verifier.verify(&tampered, 1001).is_err());
+    }
+
     #[test]
     fn keys_survive_pem() {
         let signer = TokenSigner::generate().unwrap();
         let again = TokenSigner::from_pem(&signer.to_pem().unwrap()).unwrap();
-        let public = verifying_key_from_pem(&signer.public_pem().unwrap()).unwrap();
+        let IssuerKey::Es256(public) =
+            verifying_key_from_pem(&signer.public_pem().unwrap()).unwrap()
+        else {
+            panic!("a P-256 key");
+        };
         assert_eq!(again.verifying_key(), public);
         let token = again.sign(&claims(5)).unwrap();
         assert!(TokenVerifier::new(public, "berth", "registry")

@@ -77,7 +77,7 @@ pub struct Options {
     /// Access control; disabled by default.
     pub auth: AuthSettings,
     /// In external token mode, the issuer's key.
-    pub issuer_key: Option<berth_auth::VerifyingKey>,
+    pub issuer_key: Option<berth_auth::IssuerKey>,
     /// The metadata backend.
     pub meta: MetaBackend,
     /// With [`MetaBackend::Postgres`]: this server instead of the shared cluster.
@@ -224,7 +224,7 @@ impl TestRegistry {
 
     /// Starts a registry that trusts only tokens signed by `issuer_key` (external token
     /// mode), so tests can mint any token, forged ones included.
-    pub fn start_trusting(auth: AuthSettings, issuer_key: berth_auth::VerifyingKey) -> Self {
+    pub fn start_trusting(auth: AuthSettings, issuer_key: berth_auth::IssuerKey) -> Self {
         Self::start_opts(Options {
             auth: AuthSettings {
                 mode: AuthMode::ExternalToken,

@@ -862,7 +862,7 @@ fn external_issuer_tokens_are_checked_strictly() {
         realm: Some("https://auth.example.test/token".into()),
         ..settings()
     };
-    let reg = crate::start_trusting(auth, issuer.verifying_key());
+    let reg = crate::start_trusting(auth, issuer.verifying_key().into());
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

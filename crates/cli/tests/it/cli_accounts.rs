@@ -232,3 +232,103 @@ fn repositories_pushed_without_access_control_belong_to_administrators_until_ado
     assert_eq!(get(&eve), StatusCode::OK);
     assert_eq!(start_push(&eve), StatusCode::FORBIDDEN);
 }
+
+#[test]
+fn token_mode_trusts_an_external_rs256_issuer_configured_by_file() {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    use rsa::pkcs8::{DecodePrivateKey, EncodePublicKey};
+    use rsa::signature::{SignatureEncoding, Signer};
+
+    let private =
+        rsa::RsaPrivateKey::from_pkcs8_pem(include_str!("../../../auth/testdata/test-rsa-key.pem"))
+            .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let public = data.path().join("issuer.pem");
+    std::fs::write(
+        &public,
+        private
+            .to_public_key()
+            .to_public_key_pem(Default::default())
+            .unwrap(),
+    )
+    .unwrap();
+    let config = data.path().join("berth.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[auth]\nmode = \"token\"\nissuer = \"corp-auth\"\nservice = \"berth\"\n\
+             realm = \"https://auth.example.test/token\"\nissuer_public_key = \"{}\"\n",
+            public.display()
+        ),
+    )
+    .unwrap();
+    let binary = Path::new(env!("CARGO_BIN_EXE_berth"));
+    let server = BerthProcess::spawn_with(
+        binary,
+        &data.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+        &[],
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token = |actions: &str| {
+        let header = URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256","typ":"JWT"}"#);
+        let claims = format!(
+            r#"{{"iss":"corp-auth","sub":"ci","aud":"berth","exp":{},"nbf":{},"iat":{},"jti":"1",
+                "access":[{{"type":"repository","name":"team/app","actions":[{actions}]}}]}}"#,
+            now + 300,
+            now - 5,
+            now - 5
+        );
+        let input = format!("{header}.{}", URL_SAFE_NO_PAD.encode(claims));
+        let signer = rsa::pkcs1v15::SigningKey::<sha2::Sha256>::new(private.clone());
+        let signature = signer.sign(input.as_bytes()).to_bytes();
+        format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature))
+    };
+    let push = token(r#""pull","push""#);
+    let layer = b"pushed with an external token".to_vec();
+    let digest = crate::sha256(&layer);
+    let r = http()
+        .post(format!(
+            "{}/v2/team/app/blobs/uploads/?digest={digest}",
+            server.url()
+        ))
+        .bearer_auth(&push)
+        .body(layer.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let blob = format!("{}/v2/team/app/blobs/{digest}", server.url());
+    let r = http()
+        .get(&blob)
+        .bearer_auth(token(r#""pull""#))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = http().get(&blob).send().unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let challenge = r.headers()["www-authenticate"].to_str().unwrap().to_owned();
+    assert!(
+        challenge.starts_with("Bearer realm=\"https://auth.example.test/token\",service=\"berth\""),
+        "{challenge}"
+    );
+    let r = http()
+        .delete(&blob)
+        .bearer_auth(token(r#""pull""#))
+        .send()
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::UNAUTHORIZED,
+        "no delete in the token"
+    );
+    // No token endpoint of its own, and no passwords.
+    let r = http()
+        .get(format!("{}/token?service=berth", server.url()))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+}

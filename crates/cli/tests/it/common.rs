@@ -34,7 +34,7 @@ pub(crate) fn start_with_auth(auth: AuthSettings) -> TestRegistry {
 /// A registry trusting tokens signed by `issuer_key` (see `TestRegistry::start_trusting`).
 pub(crate) fn start_trusting(
     auth: AuthSettings,
-    issuer_key: berth_auth::VerifyingKey,
+    issuer_key: berth_auth::IssuerKey,
 ) -> TestRegistry {
     start_opts(Options {
         auth: AuthSettings {
