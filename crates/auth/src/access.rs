@@ -528,25 +528,20 @@ impl AccessControl {
         if matches!(principal, Principal::External { .. }) {
             return Ok((Permissions::ALL, true));
         }
-        let record = self.inner.store.project(project).await?;
-        let role = match (principal, &record) {
-            (
-                Principal::User {
-                    id, admin: false, ..
-                },
-                Some(_),
-            ) => self
-                .inner
-                .store
-                .member_role(project, *id)
-                .await?
-                .and_then(|r| Role::parse(&r)),
+        // A member's role matters only for users who are not administrators.
+        let user = match principal {
+            Principal::User {
+                id, admin: false, ..
+            } => Some(*id),
             _ => None,
         };
+        let access = self.inner.store.project_access(project, user).await?;
+        let record = access.project;
+        let role = access.role.as_deref().and_then(Role::parse);
         // Repositories pushed while access control was off have no project record: they
         // belong to a private project without members (administrators only) until an
         // administrator creates the project, rather than to whoever pushes there first.
-        let exists = record.is_some() || self.inner.store.project_in_use(project).await?;
+        let exists = record.is_some() || access.unrecorded_repositories;
         let facts = ProjectFacts {
             exists,
             public: record.as_ref().is_some_and(|p| p.public),

@@ -63,6 +63,17 @@ pub struct RobotRecord {
     pub created_ms: i64,
 }
 
+/// What an authorization needs to know of a project, read at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectAccess {
+    /// The project's record, if it has one.
+    pub project: Option<ProjectRecord>,
+    /// The user's role in it, if a user was named and is a member.
+    pub role: Option<String>,
+    /// Whether repositories live under the name although there is no record.
+    pub unrecorded_repositories: bool,
+}
+
 /// One audited operation, as it is recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewAuditEvent {
@@ -156,6 +167,13 @@ pub trait AccountStore: Send + Sync + 'static {
     async fn project(&self, name: &str) -> Result<Option<ProjectRecord>, MetaError>;
     /// Every project, by name.
     async fn projects(&self) -> Result<Vec<ProjectRecord>, MetaError>;
+    /// The project's record, `user_id`'s role in it and, when there is no record, whether
+    /// repositories live under the name: one round trip per authorization.
+    async fn project_access(
+        &self,
+        project: &str,
+        user_id: Option<i64>,
+    ) -> Result<ProjectAccess, MetaError>;
     /// Whether any repository lives under the name (`<name>` or `<name>/…`), with or
     /// without a project record: repositories pushed while access control was off.
     async fn project_in_use(&self, name: &str) -> Result<bool, MetaError>;

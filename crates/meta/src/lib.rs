@@ -14,8 +14,8 @@ use async_trait::async_trait;
 use berth_oci::{Digest, ManifestEdge, Reference, RepoName, Tag};
 
 pub use accounts::{
-    AccountStore, AuditFilter, AuditRecord, MemberRecord, NewAuditEvent, ProjectRecord,
-    RobotRecord, UserRecord,
+    AccountStore, AuditFilter, AuditRecord, MemberRecord, NewAuditEvent, ProjectAccess,
+    ProjectRecord, RobotRecord, UserRecord,
 };
 pub use postgres::PostgresMeta;
 pub use sqlite::SqliteMeta;

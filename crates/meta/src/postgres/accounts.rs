@@ -5,8 +5,8 @@ use tokio_postgres::Row;
 
 use super::{now, unique, write_tx, Durability, Fail, PostgresMeta};
 use crate::accounts::{
-    AccountStore, AuditFilter, AuditRecord, MemberRecord, NewAuditEvent, ProjectRecord,
-    RobotRecord, UserRecord,
+    AccountStore, AuditFilter, AuditRecord, MemberRecord, NewAuditEvent, ProjectAccess,
+    ProjectRecord, RobotRecord, UserRecord,
 };
 use crate::MetaError;
 
@@ -202,6 +202,39 @@ impl AccountStore for PostgresMeta {
             project_row,
         )
         .await
+    }
+
+    async fn project_access(
+        &self,
+        project: &str,
+        user_id: Option<i64>,
+    ) -> Result<ProjectAccess, MetaError> {
+        let row = self
+            .row(
+                "SELECT p.name, p.public, p.created_at,
+                        (SELECT role FROM members m WHERE m.project = $1 AND m.user_id = $2),
+                        p.name IS NULL AND (
+                            EXISTS (SELECT 1 FROM repositories
+                                    WHERE name = $1 OR (name > $1 || '/' AND name < $1 || '0'))
+                            OR EXISTS (SELECT 1 FROM repo_blobs
+                                    WHERE repo = $1 OR (repo > $1 || '/' AND repo < $1 || '0')))
+                 FROM (SELECT $1::text AS wanted) q LEFT JOIN projects p ON p.name = q.wanted",
+                &[&project, &user_id],
+                |r| {
+                    let name: Option<String> = r.get(0);
+                    Ok(ProjectAccess {
+                        project: name.map(|name| ProjectRecord {
+                            name,
+                            public: r.get(1),
+                            created_ms: r.get(2),
+                        }),
+                        role: r.get(3),
+                        unrecorded_repositories: r.get(4),
+                    })
+                },
+            )
+            .await?;
+        row.ok_or_else(|| MetaError::Corrupt("project access query returned no row".into()))
     }
 
     async fn project_in_use(&self, name: &str) -> Result<bool, MetaError> {

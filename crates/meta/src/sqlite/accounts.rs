@@ -5,8 +5,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{backend, now, SqliteMeta};
 use crate::accounts::{
-    AccountStore, AuditFilter, AuditRecord, MemberRecord, NewAuditEvent, ProjectRecord,
-    RobotRecord, UserRecord,
+    AccountStore, AuditFilter, AuditRecord, MemberRecord, NewAuditEvent, ProjectAccess,
+    ProjectRecord, RobotRecord, UserRecord,
 };
 use crate::MetaError;
 
@@ -258,6 +258,42 @@ impl AccountStore for SqliteMeta {
                 [],
                 project_row,
             )
+        })
+        .await
+    }
+
+    async fn project_access(
+        &self,
+        project: &str,
+        user_id: Option<i64>,
+    ) -> Result<ProjectAccess, MetaError> {
+        let project = project.to_owned();
+        self.read(move |conn| {
+            let row = conn
+                .prepare_cached(
+                    "SELECT p.name, p.public, p.created_at,
+                            (SELECT role FROM members m WHERE m.project = ?1 AND m.user_id = ?2)
+                     FROM projects p WHERE p.name = ?1",
+                )
+                .and_then(|mut s| {
+                    s.query_row(params![project, user_id], |r| {
+                        Ok((project_row(r)?, r.get::<_, Option<String>>(3)?))
+                    })
+                    .optional()
+                })
+                .map_err(backend)?;
+            Ok(match row {
+                Some((record, role)) => ProjectAccess {
+                    project: Some(record),
+                    role,
+                    unrecorded_repositories: false,
+                },
+                None => ProjectAccess {
+                    project: None,
+                    role: None,
+                    unrecorded_repositories: holds_repositories(conn, &project)?,
+                },
+            })
         })
         .await
     }
