@@ -195,6 +195,16 @@ pub(crate) fn unique(what: String) -> impl FnOnce(tokio_postgres::Error) -> Fail
     }
 }
 
+/// The pause before retrying a conflicting transaction: growing with the attempt, and
+/// spread (by the clock's nanoseconds) so that conflicting nodes do not retry in step.
+pub(crate) fn retry_pause(attempt: usize) -> std::time::Duration {
+    let spread = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::from(d.subsec_nanos()) % 1000)
+        .unwrap_or(0);
+    std::time::Duration::from_micros(attempt as u64 * 1000 + spread)
+}
+
 pub(crate) fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -254,6 +264,8 @@ macro_rules! write_tx {
                     "postgres: too many serialization conflicts".into(),
                 ));
             }
+            // Let the transaction that won the conflict finish before trying again.
+            tokio::time::sleep(crate::postgres::retry_pause(attempt)).await;
         }
     }};
 }
@@ -785,7 +797,7 @@ impl MetaStore for PostgresMeta {
 
     async fn mark_garbage(&self, selection: GcSelection) -> Result<GcMarked, MetaError> {
         let mut client = self.pool.get().await.map_err(pool_error)?;
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 1..=MAX_ATTEMPTS {
             let tx = client
                 .build_transaction()
                 .isolation_level(IsolationLevel::Serializable)
@@ -798,12 +810,15 @@ impl MetaStore for PostgresMeta {
             let end = match outcome {
                 Ok(marked) if selection.dry_run => tx.rollback().await.map(|()| marked),
                 Ok(marked) => tx.commit().await.map(|()| marked),
-                Err(Fail::Retry) => continue,
+                Err(Fail::Retry) => {
+                    tokio::time::sleep(retry_pause(attempt)).await;
+                    continue;
+                }
                 Err(Fail::Meta(e)) => return Err(e),
             };
             match end.map_err(Fail::from) {
                 Ok(marked) => return Ok(marked),
-                Err(Fail::Retry) => continue,
+                Err(Fail::Retry) => tokio::time::sleep(retry_pause(attempt)).await,
                 Err(Fail::Meta(e)) => return Err(e),
             }
         }
