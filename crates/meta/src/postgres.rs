@@ -413,6 +413,13 @@ async fn mark(
     tx: &deadpool_postgres::Transaction<'_>,
     selection: GcSelection,
 ) -> Result<GcMarked, Fail> {
+    // A long transaction over every blob would lose serialization conflicts to the pushes
+    // running beside it again and again. Writers of `blobs` wait instead while it marks
+    // (tens of milliseconds; readers do not wait); taken before the first query, so the
+    // mark's snapshot follows every write that was in flight. A push that had already read
+    // its links still meets the mark as a conflict and is retried.
+    tx.batch_execute("LOCK TABLE blobs IN SHARE ROW EXCLUSIVE MODE")
+        .await?;
     let mut manifests = Vec::new();
     if let Some(cutoff) = selection.untagged_pushed_before_ms {
         for row in tx.query(LIVE_MANIFESTS, &[&cutoff]).await? {
