@@ -43,8 +43,8 @@ mod garage;
 mod postgres;
 mod proxy;
 
-pub use garage::{shared_garage, GarageServer, PrivateGarage};
-pub use postgres::{shared_cluster, PostgresCluster, PrivateCluster};
+pub use garage::{shared_garage, GarageServer};
+pub use postgres::{shared_cluster, PostgresCluster};
 pub use proxy::CuttableProxy;
 
 /// Where a test registry keeps blob bytes.
@@ -90,8 +90,6 @@ pub struct Options {
     pub blobs: BlobBackend,
     /// With [`BlobBackend::S3`]: this key prefix (another node's) instead of a new one.
     pub s3_prefix: Option<String>,
-    /// With [`BlobBackend::S3`]: reach the server through this endpoint (a proxy).
-    pub s3_endpoint: Option<String>,
     /// With [`BlobBackend::S3`]: redirect blob downloads to pre-signed URLs this long-lived.
     pub s3_redirect: Option<Duration>,
     /// With [`BlobBackend::S3`]: this server instead of the shared one.
@@ -114,7 +112,6 @@ impl Default for Options {
             data_dir: None,
             blobs: BlobBackend::Filesystem,
             s3_prefix: None,
-            s3_endpoint: None,
             s3_redirect: None,
             s3_config: None,
         }
@@ -125,21 +122,14 @@ impl Default for Options {
 fn open_blobs(
     backend: BlobBackend,
     prefix: Option<String>,
-    endpoint: Option<String>,
     redirect: Option<Duration>,
     root: &Path,
 ) -> Arc<dyn BlobStore> {
     if backend == BlobBackend::S3 {
         if let Some(garage) = shared_garage() {
             let config = S3Config {
-                endpoint: Some(endpoint.unwrap_or_else(|| garage.endpoint.clone())),
-                region: garage.region.clone(),
-                bucket: garage.bucket.clone(),
-                prefix: prefix.unwrap_or_else(unique_schema),
-                access_key_id: garage.access_key_id.clone(),
-                secret_access_key: garage.secret_access_key.clone(),
-                path_style: true,
                 redirect,
+                ..garage.s3_config(&prefix.unwrap_or_else(unique_schema))
             };
             return Arc::new(S3BlobStore::new(config).expect("S3 blob store"));
         }
@@ -248,7 +238,6 @@ impl TestRegistry {
             data_dir,
             blobs: blob_backend,
             s3_prefix,
-            s3_endpoint,
             s3_redirect,
             s3_config,
         } = options;
@@ -268,7 +257,7 @@ impl TestRegistry {
                 (BlobBackend::S3, Some(config)) => {
                     Arc::new(S3BlobStore::new(config).expect("S3 blob store")) as Arc<dyn BlobStore>
                 }
-                _ => open_blobs(blob_backend, s3_prefix, s3_endpoint, s3_redirect, &root),
+                _ => open_blobs(blob_backend, s3_prefix, s3_redirect, &root),
             };
             let (meta, accounts) = open_meta(backend, postgres_url, postgres_schema, &root).await;
             let registry = Registry::new(blobs, meta, limits);
@@ -429,13 +418,36 @@ pub fn tool(name: &str) -> Option<PathBuf> {
             .find(|p| p.is_file())
     });
     if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{name} is required under CI but not installed"
-        );
-        eprintln!("skipping: {name} is not installed");
+        missing_tool(name, "skipping");
     }
     found
+}
+
+/// A tool CI installs is missing: under `CI` that fails the test; locally it says what
+/// happens instead (`consequence`: skipping, or a fallback).
+pub(crate) fn missing_tool(name: &str, consequence: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{name} is required under CI but not installed"
+    );
+    eprintln!("{name} is not installed: {consequence}");
+}
+
+/// Runs `cleanup` in a shell once this test process has exited, however it exits (a
+/// panic, an abort, SIGKILL): servers a test starts never outlive it. The shell polls for
+/// the test process, so it needs no signal from it.
+pub(crate) fn after_exit(cleanup: &str) -> Child {
+    let script = format!(
+        "while kill -0 {parent} 2>/dev/null; do sleep 0.5; done; {cleanup}",
+        parent = std::process::id()
+    );
+    Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cleanup shell")
 }
 
 /// Polls `condition` until it holds or `timeout` passes; tests wait on facts, not sleeps.

@@ -1,31 +1,35 @@
 //! Throwaway PostgreSQL clusters, made with the server binaries of the `postgresql`
 //! package and listening only on a Unix socket in a temporary directory. The shared one is
-//! created on first use and stopped (its directory removed) by a watchdog shell as soon as
-//! the test process exits, however it exits; each registry gets its own schema in it.
-//! A [`PrivateCluster`] belongs to one test, which may stop and start it (outages).
+//! created on first use (fast and not crash-safe: fsync off) and each registry gets its own
+//! schema in it; a test may also start a durable one of its own and stop and start it (an
+//! outage). Either is stopped, and its directory removed, when the test process exits,
+//! however it exits (see [`crate::after_exit`]).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
-use std::time::Duration;
 
-use crate::wait_until;
+use crate::{after_exit, missing_tool};
 
-/// Where the shared cluster listens, as a connection string.
+/// A running cluster.
 pub struct PostgresCluster {
+    bin: PathBuf,
+    dir: PathBuf,
+    root: bool,
+    durable: bool,
     url: String,
-    /// The watchdog shell; it outlives this process on purpose, to stop the server.
-    _watchdog: std::process::Child,
-}
-
-impl PostgresCluster {
-    /// `host=<socket dir> user=postgres dbname=postgres`.
-    pub fn url(&self) -> &str {
-        &self.url
-    }
+    _cleanup: Child,
 }
 
 static CLUSTER: OnceLock<Option<PostgresCluster>> = OnceLock::new();
+
+/// The shared cluster, started on first call; `None` when PostgreSQL is not installed
+/// (locally; under `CI` that is a failure, since CI installs it).
+pub fn shared_cluster() -> Option<&'static PostgresCluster> {
+    CLUSTER
+        .get_or_init(|| PostgresCluster::start(false, "the PostgreSQL suite runs on SQLite"))
+        .as_ref()
+}
 
 /// The directory of PostgreSQL's server binaries (`initdb`, `postgres`), newest version.
 fn server_bin_dir() -> Option<PathBuf> {
@@ -56,24 +60,6 @@ fn as_postgres(root: bool, program: &Path) -> Command {
     } else {
         Command::new(program)
     }
-}
-
-/// The shared cluster, started on first call; `None` when PostgreSQL is not installed
-/// (locally; under `CI` that is a failure, since CI installs it).
-pub fn shared_cluster() -> Option<&'static PostgresCluster> {
-    CLUSTER
-        .get_or_init(|| {
-            let Some(bin) = server_bin_dir() else {
-                assert!(
-                    std::env::var_os("CI").is_none(),
-                    "PostgreSQL is required under CI but not installed"
-                );
-                eprintln!("PostgreSQL is not installed: the PostgreSQL suite runs on SQLite");
-                return None;
-            };
-            Some(start(&bin))
-        })
-        .as_ref()
 }
 
 /// Creates a temporary directory (owned by `postgres` when we are root) with a fresh
@@ -113,96 +99,39 @@ fn init_cluster(bin: &Path, root: bool) -> PathBuf {
     dir
 }
 
-fn start(bin: &Path) -> PostgresCluster {
-    let root = is_root();
-    let dir = init_cluster(bin, root);
-    let data = dir.join("data");
-    // The watchdog: postgres runs as long as this test process does, then stops (a fast
-    // shutdown, signalled to the postmaster itself: `runuser` does not pass it on) and its
-    // directory goes.
-    let postgres = bin.join("postgres");
-    let runner = if root { "runuser -u postgres -- " } else { "" };
-    let script = format!(
-        "{runner}'{postgres}' -D '{data}' -k '{dir}' -c listen_addresses= -c max_connections=400 \
-         -c fsync=off -c synchronous_commit=off -c full_page_writes=off >'{dir}/log' 2>&1 & pg=$!; \
-         while kill -0 {parent} 2>/dev/null && kill -0 $pg 2>/dev/null; do sleep 0.5; done; \
-         kill -INT $(head -n1 '{data}/postmaster.pid' 2>/dev/null) 2>/dev/null; wait $pg; rm -rf '{dir}'",
-        postgres = postgres.display(),
-        data = data.display(),
-        dir = dir.display(),
-        parent = std::process::id(),
-    );
-    let watchdog = Command::new("sh")
-        .args(["-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting postgres");
-    let socket = dir.join(".s.PGSQL.5432");
-    assert!(
-        wait_until(Duration::from_secs(30), || socket.exists()),
-        "postgres did not start: {}",
-        std::fs::read_to_string(dir.join("log")).unwrap_or_default()
-    );
-    PostgresCluster {
-        url: format!("host={} user=postgres dbname=postgres", dir.display()),
-        _watchdog: watchdog,
+impl PostgresCluster {
+    /// A durable cluster of the calling test's own; `None` when PostgreSQL is not
+    /// installed (locally).
+    pub fn start_private() -> Option<Self> {
+        Self::start(true, "skipping")
     }
-}
 
-/// A cluster of one test's own, which it may stop and start. Stopped and removed on drop
-/// (and by a watchdog if the test process dies first).
-pub struct PrivateCluster {
-    bin: PathBuf,
-    dir: PathBuf,
-    root: bool,
-    url: String,
-    _watchdog: std::process::Child,
-}
-
-impl PrivateCluster {
-    /// Creates and starts a cluster; `None` when PostgreSQL is not installed (locally).
-    pub fn start() -> Option<Self> {
+    fn start(durable: bool, consequence: &str) -> Option<Self> {
         let Some(bin) = server_bin_dir() else {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "PostgreSQL is required under CI but not installed"
-            );
-            eprintln!("skipping: PostgreSQL is not installed");
+            missing_tool("PostgreSQL", consequence);
             return None;
         };
         let root = is_root();
         let dir = init_cluster(&bin, root);
-        let data = dir.join("data");
-        let script = format!(
-            "while kill -0 {parent} 2>/dev/null; do sleep 0.5; done; \
-             {runner}'{pg_ctl}' -D '{data}' -m immediate stop >/dev/null 2>&1; rm -rf '{dir}'",
-            parent = std::process::id(),
+        let cleanup = after_exit(&format!(
+            "{runner}'{pg_ctl}' -D '{dir}/data' -m immediate stop >/dev/null 2>&1; rm -rf '{dir}'",
             runner = if root { "runuser -u postgres -- " } else { "" },
             pg_ctl = bin.join("pg_ctl").display(),
-            data = data.display(),
             dir = dir.display(),
-        );
-        let watchdog = Command::new("sh")
-            .args(["-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("watchdog");
-        let cluster = PrivateCluster {
+        ));
+        let cluster = PostgresCluster {
             url: format!("host={} user=postgres dbname=postgres", dir.display()),
             bin,
             dir,
             root,
-            _watchdog: watchdog,
+            durable,
+            _cleanup: cleanup,
         };
         cluster.resume();
         Some(cluster)
     }
 
-    /// The connection string.
+    /// `host=<socket dir> user=postgres dbname=postgres`.
     pub fn url(&self) -> &str {
         &self.url
     }
@@ -230,16 +159,19 @@ impl PrivateCluster {
 
     /// Starts the server (again) and waits until it accepts connections.
     pub fn resume(&self) {
-        let options = format!(
-            "-k {} -c listen_addresses= -c max_connections=100",
+        let mut options = format!(
+            "-k {} -c listen_addresses= -c max_connections=400",
             self.dir.display()
         );
+        if !self.durable {
+            options.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
+        }
         let log = self.dir.join("log");
         self.pg_ctl(&["-w", "-l", &log.to_string_lossy(), "-o", &options, "start"]);
     }
 }
 
-impl Drop for PrivateCluster {
+impl Drop for PostgresCluster {
     fn drop(&mut self) {
         let _ = as_postgres(self.root, &self.bin.join("pg_ctl"))
             .arg("-D")

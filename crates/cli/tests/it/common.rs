@@ -213,6 +213,8 @@ pub(crate) fn run_gc(base: &str, query: &str) -> Value {
         .post(format!("{base}/api/v1/gc?{query}"))
         .send()
         .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    r.json().unwrap()
+    let status = r.status();
+    let body: Value = r.json().unwrap_or(Value::Null);
+    assert_eq!(status, StatusCode::OK, "gc: {body}");
+    body
 }

@@ -290,6 +290,7 @@ fn two_berth_processes_share_s3_and_postgres_and_each_others_tokens() {
     };
     let dir = tempfile::tempdir().unwrap();
     let schema = unique_schema();
+    let s3 = garage.s3_config(&schema);
     let config = dir.path().join("berth.toml");
     std::fs::write(
         &config,
@@ -298,11 +299,11 @@ fn two_berth_processes_share_s3_and_postgres_and_each_others_tokens() {
              [storage]\nbackend = \"s3\"\n[storage.s3]\nendpoint = \"{}\"\nregion = \"{}\"\n\
              bucket = \"{}\"\nprefix = \"{schema}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
             pg.url(),
-            garage.endpoint,
-            garage.region,
-            garage.bucket,
-            garage.access_key_id,
-            garage.secret_access_key
+            s3.endpoint.as_deref().unwrap_or_default(),
+            s3.region,
+            s3.bucket,
+            s3.access_key_id,
+            s3.secret_access_key
         ),
     )
     .unwrap();

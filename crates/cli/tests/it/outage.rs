@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use berth_testkit::{wait_until, MetaBackend, Options, PrivateCluster, TestRegistry};
+use berth_testkit::{wait_until, MetaBackend, Options, PostgresCluster, TestRegistry};
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -42,7 +42,7 @@ fn try_push(base: &str, repo: &str, tag: &str) -> bool {
 
 #[test]
 fn a_metadata_outage_answers_503_and_recovers_without_losing_anything() {
-    let Some(cluster) = PrivateCluster::start() else {
+    let Some(cluster) = PostgresCluster::start_private() else {
         return;
     };
     let reg = TestRegistry::start_opts(Options {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use berth_testkit::{
-    shared_garage, wait_until, BlobBackend, CuttableProxy, Options, PrivateGarage, TestRegistry,
+    shared_garage, wait_until, BlobBackend, CuttableProxy, GarageServer, Options, TestRegistry,
 };
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -74,7 +74,7 @@ fn an_s3_outage_answers_503_and_recovers_without_losing_anything() {
     // First the link to the server is cut (a network outage), then the server itself is
     // killed and started again (a crash); each time the registry answers 503, reports
     // itself not ready, and recovers by itself.
-    let Some(mut garage) = PrivateGarage::start() else {
+    let Some(garage) = GarageServer::start_private() else {
         return;
     };
     let target = garage
@@ -88,7 +88,7 @@ fn an_s3_outage_answers_503_and_recovers_without_losing_anything() {
         blobs: BlobBackend::S3,
         s3_config: Some(berth_storage::S3Config {
             endpoint: Some(format!("http://{}", proxy.addr())),
-            ..garage.s3_config()
+            ..garage.s3_config("registry")
         }),
         ..Options::default()
     });
