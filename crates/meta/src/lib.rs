@@ -154,6 +154,19 @@ pub enum MetaError {
     Corrupt(String),
 }
 
+/// Milliseconds since the Unix epoch: the clock of every stored timestamp.
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A digest read back from the store; a malformed one means corruption.
+fn parse_digest(text: String) -> Result<Digest, MetaError> {
+    Digest::parse(&text).map_err(|e| MetaError::Corrupt(e.to_string()))
+}
+
 fn list(digests: &[Digest]) -> String {
     digests
         .iter()

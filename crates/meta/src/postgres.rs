@@ -15,8 +15,8 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{IsolationLevel, NoTls, Row};
 
 use crate::{
-    DanglingEdge, GcMarked, GcSelection, LinkedBlob, MetaError, MetaStore, NewManifest, Page,
-    Referrer, StoredManifest,
+    now, parse_digest, DanglingEdge, GcMarked, GcSelection, LinkedBlob, MetaError, MetaStore,
+    NewManifest, Page, Referrer, StoredManifest,
 };
 
 mod accounts;
@@ -203,17 +203,6 @@ pub(crate) fn retry_pause(attempt: usize) -> std::time::Duration {
         .map(|d| u64::from(d.subsec_nanos()) % 1000)
         .unwrap_or(0);
     std::time::Duration::from_micros(attempt as u64 * 1000 + spread)
-}
-
-pub(crate) fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-fn parse_digest(text: String) -> Result<Digest, MetaError> {
-    Digest::parse(&text).map_err(|e| MetaError::Corrupt(e.to_string()))
 }
 
 /// Whether a write may return before its commit is flushed (see the SQLite backend's

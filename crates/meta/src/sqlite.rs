@@ -4,15 +4,14 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use berth_oci::{Digest, EdgeKind, Reference, RepoName, Tag};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::{
-    DanglingEdge, GcMarked, GcSelection, LinkedBlob, MetaError, MetaStore, NewManifest, Page,
-    Referrer, StoredManifest,
+    now, parse_digest, DanglingEdge, GcMarked, GcSelection, LinkedBlob, MetaError, MetaStore,
+    NewManifest, Page, Referrer, StoredManifest,
 };
 
 mod accounts;
@@ -153,13 +152,6 @@ fn backend(e: rusqlite::Error) -> MetaError {
     MetaError::Backend(e.to_string())
 }
 
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(30))?;
@@ -183,10 +175,6 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
         tx.commit()?;
     }
     Ok(())
-}
-
-fn parse_digest(text: String) -> Result<Digest, MetaError> {
-    Digest::parse(&text).map_err(|e| MetaError::Corrupt(e.to_string()))
 }
 
 impl SqliteMeta {

@@ -3,11 +3,12 @@
 use async_trait::async_trait;
 use tokio_postgres::Row;
 
-use super::{now, unique, write_tx, Durability, Fail, PostgresMeta};
+use super::{unique, write_tx, Durability, Fail, PostgresMeta};
 use crate::accounts::{
     AccountStore, AuditFilter, AuditRecord, MemberRecord, NewAuditEvent, ProjectAccess,
     ProjectRecord, RobotRecord, UserRecord,
 };
+use crate::now;
 use crate::MetaError;
 
 const USER_COLUMNS: &str = "id, name, password_hash, admin, generation, created_at";

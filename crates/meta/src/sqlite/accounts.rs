@@ -3,11 +3,12 @@
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
-use super::{backend, now, SqliteMeta};
+use super::{backend, SqliteMeta};
 use crate::accounts::{
     AccountStore, AuditFilter, AuditRecord, MemberRecord, NewAuditEvent, ProjectAccess,
     ProjectRecord, RobotRecord, UserRecord,
 };
+use crate::now;
 use crate::MetaError;
 
 const USER_COLUMNS: &str = "id, name, password_hash, admin, generation, created_at";

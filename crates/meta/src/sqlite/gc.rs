@@ -3,7 +3,8 @@
 use berth_oci::Digest;
 use rusqlite::{params, Connection};
 
-use super::{backend, delete_manifest_rows, parse_digest, SqliteMeta};
+use super::{backend, delete_manifest_rows, SqliteMeta};
+use crate::parse_digest;
 use crate::{DanglingEdge, GcMarked, GcSelection, MetaError};
 
 /// Everything a tag reaches: tagged manifests, the children of reached indexes, and the
