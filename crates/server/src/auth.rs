@@ -144,29 +144,42 @@ fn scope_for(need: &Need<'_>) -> Option<Scope> {
     }
 }
 
+/// How a refused caller is told to log in.
+#[derive(Clone, Copy)]
+pub(crate) enum Login<'a> {
+    /// Docker's token flow (`/v2`): a Bearer challenge naming the scope needed, if known.
+    Token(Option<&'a Need<'a>>),
+    /// HTTP Basic (the admin API, the token endpoint).
+    Basic,
+}
+
+fn basic_challenge(access: &AccessControl) -> String {
+    format!("Basic realm=\"{}\"", access.settings().service)
+}
+
 /// Answers a refused request: 401 with a challenge the client can follow, 403, or 429.
 pub(crate) fn refusal(
     access: &AccessControl,
     headers: &HeaderMap,
-    need: Option<&Need<'_>>,
     e: AuthError,
-    api: bool,
+    login: Login<'_>,
 ) -> Response {
     let insufficient = matches!(e, AuthError::InsufficientScope(_));
     let error = OciError::from(e);
     if error.status() != StatusCode::UNAUTHORIZED {
         return error.into_response();
     }
-    let value = if api {
-        format!("Basic realm=\"{}\"", access.settings().service)
-    } else {
-        let scope = need.and_then(scope_for);
-        challenge(
-            access,
-            headers,
-            scope.as_ref(),
-            insufficient.then_some("insufficient_scope"),
-        )
+    let value = match login {
+        Login::Basic => basic_challenge(access),
+        Login::Token(need) => {
+            let scope = need.and_then(scope_for);
+            challenge(
+                access,
+                headers,
+                scope.as_ref(),
+                insufficient.then_some("insufficient_scope"),
+            )
+        }
     };
     error
         .with_header(header::WWW_AUTHENTICATE, value)
@@ -208,7 +221,7 @@ pub(crate) async fn admit(
     let caller = access
         .authenticate(credentials(headers), &address)
         .await
-        .map_err(|e| refusal(access, headers, None, e, false))?;
+        .map_err(|e| refusal(access, headers, e, Login::Token(None)))?;
     let name = route.and_then(parse_name);
     let pulls = access.settings().audit_pulls;
     let audit = route.and_then(|r| audited(r, method, name.as_ref(), pulls));
@@ -222,7 +235,7 @@ pub(crate) async fn admit(
                     .record(&caller, action, resource, Outcome::Denied, why)
                     .await;
             }
-            return Err(refusal(access, headers, Some(need), e, false));
+            return Err(refusal(access, headers, e, Login::Token(Some(need))));
         }
     }
     Ok(Admitted { caller, audit })
@@ -269,13 +282,13 @@ pub(crate) async fn api_guard(
         .await
     {
         Ok(caller) => caller,
-        Err(e) => return refusal(&app.access, request.headers(), None, e, true),
+        Err(e) => return refusal(&app.access, request.headers(), e, Login::Basic),
     };
     request.extensions_mut().insert(caller);
     let mut response = next.run(request).await;
     if response.status() == StatusCode::UNAUTHORIZED {
-        let value = format!("Basic realm=\"{}\"", app.access.settings().service);
-        if let Ok(value) = axum::http::HeaderValue::from_str(&value) {
+        // Admin operations refuse anonymous callers through `?`: tell them how to log in.
+        if let Ok(value) = axum::http::HeaderValue::from_str(&basic_challenge(&app.access)) {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, value);

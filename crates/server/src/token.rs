@@ -11,7 +11,7 @@ use berth_auth::{AuthError, Credentials, Scope};
 use futures_util::StreamExt;
 use serde_json::json;
 
-use crate::auth::{client_address, credentials, refusal};
+use crate::auth::{client_address, credentials, refusal, Login};
 use crate::error::{Code, OciError};
 use crate::App;
 
@@ -124,7 +124,7 @@ async fn issue(app: &App, request: Request) -> Result<Response, Response> {
     let caller = access
         .authenticate(credentials, &address)
         .await
-        .map_err(|e| refusal(access, &headers, None, e, true))?;
+        .map_err(|e| refusal(access, &headers, e, Login::Basic))?;
     let scopes: Vec<Scope> = pairs
         .iter()
         .filter(|(k, _)| k == "scope")
