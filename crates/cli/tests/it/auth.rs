@@ -1235,3 +1235,106 @@ fn repeated_failed_logins_are_rate_limited_per_user_and_per_address() {
         .iter()
         .any(|e| e.0 == "erin" && e.1 == "login" && e.3 == "denied"));
 }
+
+#[test]
+fn pull_auditing_can_be_switched_off_but_refusals_are_always_recorded() {
+    let reg = crate::start_with_auth(AuthSettings {
+        audit_pulls: false,
+        ..settings()
+    });
+    let admin = Who::admin();
+    use Method as M;
+    use StatusCode as S;
+    expect_api(
+        &reg,
+        &admin,
+        M::POST,
+        "/users",
+        Some(json!({"name": "fay", "password": "fay-password"})),
+        S::CREATED,
+    );
+    push_image_as(&reg, &admin, "quiet/app", "v1", b"quiet layer");
+    let url = format!("{}/v2/quiet/app/manifests/v1", reg.url());
+    assert_eq!(
+        admin
+            .request(&http(), M::GET, &url)
+            .send()
+            .unwrap()
+            .status(),
+        S::OK
+    );
+    let fay = Who::user("fay", "fay-password");
+    assert_eq!(
+        fay.request(&http(), M::GET, &url).send().unwrap().status(),
+        S::FORBIDDEN
+    );
+    let mut trail = Vec::new();
+    assert!(wait_until(Duration::from_secs(10), || {
+        trail = audit_trail(&reg);
+        trail.iter().any(|e| e.1 == "pull")
+    }));
+    let pulls: Vec<_> = trail.iter().filter(|e| e.1 == "pull").collect();
+    assert_eq!(pulls.len(), 1, "only the refused pull: {trail:#?}");
+    assert_eq!(pulls[0].0, "fay");
+    assert_eq!(pulls[0].3, "denied");
+    assert!(
+        trail.iter().any(|e| e.1 == "push" && e.3 == "success"),
+        "pushes are always audited"
+    );
+}
+
+#[test]
+fn the_token_endpoint_refuses_malformed_requests() {
+    let reg = crate::start_with_auth(settings());
+    let token_url = format!("{}/token", reg.url());
+    let form = |body: String| {
+        http()
+            .post(&token_url)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .unwrap()
+    };
+    let r = form("grant_type=client_credentials&service=berth".into());
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        r.json::<Value>().unwrap()["errors"][0]["code"],
+        "BAD_REQUEST"
+    );
+    assert_eq!(
+        form("service=berth".into()).status(),
+        StatusCode::BAD_REQUEST,
+        "no grant_type"
+    );
+    let huge = format!(
+        "grant_type=password&username=admin&password={}",
+        "x".repeat(100_000)
+    );
+    assert_eq!(
+        form(huge).status(),
+        StatusCode::BAD_REQUEST,
+        "forms are capped"
+    );
+    let r = form("grant_type=password&service=berth&username=admin&password=wrong".into());
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = http().put(&token_url).send().unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    // Malformed Basic credentials are wrong credentials, not anonymous ones.
+    let r = http()
+        .get(format!("{token_url}?service=berth"))
+        .header("authorization", "Basic !!!not-base64")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // Scopes the caller may not have are left out of the token, not refused.
+    let t = fetch_token(
+        &reg,
+        &Who::anonymous(),
+        &["repository:nope/x:push", "nonsense"],
+        false,
+    );
+    assert_eq!(
+        jwt_claims(t["token"].as_str().unwrap())["access"],
+        json!([])
+    );
+}

@@ -158,6 +158,7 @@ fn every_documented_operation_answers_as_documented() {
         call(M::POST, "/api/v1/projects/{name}/robots", "/api/v1/projects/zoes/robots", &zoe, Some(json!({"name": "ci", "permissions": ["pull", "push"], "expires_in_days": 7})), S::CREATED),
         call(M::POST, "/api/v1/projects/{name}/robots", "/api/v1/projects/zoes/robots", &zoe, Some(json!({"name": "ci", "permissions": ["pull"]})), S::CONFLICT),
         call(M::POST, "/api/v1/projects/{name}/robots", "/api/v1/projects/zoes/robots", &zoe, Some(json!({"name": "x", "permissions": ["admin"]})), S::BAD_REQUEST),
+        call(M::POST, "/api/v1/projects/{name}/robots", "/api/v1/projects/zoes/robots", &zoe, Some(json!({"name": "now", "permissions": ["pull"], "expires_in_days": 0})), S::BAD_REQUEST),
         call(M::GET, "/api/v1/projects/{name}/robots", "/api/v1/projects/zoes/robots", &zoe, None, S::OK),
         call(M::DELETE, "/api/v1/projects/{name}/robots/{robot}", "/api/v1/projects/zoes/robots/ci", &zoe, None, S::NO_CONTENT),
         call(M::DELETE, "/api/v1/projects/{name}/robots/{robot}", "/api/v1/projects/zoes/robots/ci", &zoe, None, S::NOT_FOUND),
