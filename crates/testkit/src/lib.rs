@@ -435,13 +435,16 @@ pub(crate) fn missing_tool(name: &str, consequence: &str) {
 
 /// Runs `cleanup` in a shell once this test process has exited, however it exits (a
 /// panic, an abort, SIGKILL): servers a test starts never outlive it. The shell polls for
-/// the test process, so it needs no signal from it.
+/// the test process, so it needs no signal from it, and runs in a process group of its
+/// own, so that a signal to the test's group (a `timeout` wrapper) does not take it along.
 pub(crate) fn after_exit(cleanup: &str) -> Child {
+    use std::os::unix::process::CommandExt;
     let script = format!(
         "while kill -0 {parent} 2>/dev/null; do sleep 0.5; done; {cleanup}",
         parent = std::process::id()
     );
     Command::new("sh")
+        .process_group(0)
         .args(["-c", &script])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
