@@ -2,14 +2,13 @@
 //! The registry must answer clean 503s with a retry hint, report itself not ready, come
 //! back by itself when the database does, and lose nothing it acknowledged.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use berth_testkit::{wait_until, MetaBackend, Options, PostgresCluster, TestRegistry};
 use reqwest::StatusCode;
 use serde_json::Value;
 
+use crate::pusher::BackgroundPusher;
 use crate::{header, http, image_manifest, pull_problems, push_image, sha256};
 
 /// Pushes a one-layer image; true only if every step was acknowledged.
@@ -68,35 +67,14 @@ fn a_metadata_outage_answers_503_and_recovers_without_losing_anything() {
     );
 
     // A writer keeps pushing through the outage and notes what was acknowledged.
-    let acknowledged = Arc::new(Mutex::new(Vec::new()));
-    let refused = Arc::new(Mutex::new(0usize));
-    let stop = Arc::new(AtomicBool::new(false));
     let writer = {
-        let (base, acknowledged, refused, stop) = (
-            base.clone(),
-            acknowledged.clone(),
-            refused.clone(),
-            stop.clone(),
-        );
-        std::thread::spawn(move || {
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let tag = format!("w{n}");
-                if try_push(&base, "outage/writer", &tag) {
-                    acknowledged.lock().unwrap().push(tag);
-                } else {
-                    *refused.lock().unwrap() += 1;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+        let base = base.clone();
+        BackgroundPusher::start(move |n| {
+            let tag = format!("w{n}");
+            try_push(&base, "outage/writer", &tag).then_some(tag)
         })
     };
-    assert!(wait_until(Duration::from_secs(10), || acknowledged
-        .lock()
-        .unwrap()
-        .len()
-        >= 3));
+    assert!(writer.wait_acknowledged(3));
 
     cluster.stop();
     let manifest = format!("{base}/v2/outage/app/manifests/before");
@@ -135,11 +113,7 @@ fn a_metadata_outage_answers_503_and_recovers_without_losing_anything() {
         .send()
         .unwrap();
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
-    let refused_before = *refused.lock().unwrap();
-    assert!(wait_until(Duration::from_secs(10), || *refused
-        .lock()
-        .unwrap()
-        > refused_before));
+    assert!(writer.wait_refused());
 
     cluster.resume();
     assert!(
@@ -151,14 +125,8 @@ fn a_metadata_outage_answers_503_and_recovers_without_losing_anything() {
             == StatusCode::OK),
         "the registry recovers by itself"
     );
-    let count = acknowledged.lock().unwrap().len();
-    assert!(wait_until(Duration::from_secs(10), || acknowledged
-        .lock()
-        .unwrap()
-        .len()
-        > count + 2));
-    stop.store(true, Ordering::Relaxed);
-    writer.join().unwrap();
+    assert!(writer.wait_acknowledged(3));
+    let (acknowledged, refused) = writer.finish();
     assert_eq!(
         http()
             .get(format!("{base}/readyz"))
@@ -169,7 +137,6 @@ fn a_metadata_outage_answers_503_and_recovers_without_losing_anything() {
     );
 
     let mut problems = pull_problems(&base, "outage/app", "before");
-    let acknowledged = acknowledged.lock().unwrap().clone();
     for tag in &acknowledged {
         problems.extend(pull_problems(&base, "outage/writer", tag));
     }
@@ -177,13 +144,10 @@ fn a_metadata_outage_answers_503_and_recovers_without_losing_anything() {
         problems.is_empty(),
         "acknowledged pushes lost: {problems:#?}"
     );
-    assert!(
-        *refused.lock().unwrap() > 0,
-        "the outage was seen by the writer"
-    );
+    assert!(refused > 0, "the outage was seen by the writer");
     eprintln!(
         "outage: {} pushes acknowledged and intact, {} refused during the outage",
         acknowledged.len(),
-        refused.lock().unwrap()
+        refused
     );
 }

@@ -3,8 +3,6 @@
 //! and restarted — with clean 503s, a readiness report, recovery, and nothing
 //! acknowledged lost.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use berth_testkit::{
@@ -13,6 +11,7 @@ use berth_testkit::{
 use reqwest::StatusCode;
 use serde_json::Value;
 
+use crate::pusher::BackgroundPusher;
 use crate::{header, http, pull_problems, push_blob, push_image, sha256};
 
 fn s3_registry(options: Options) -> Option<TestRegistry> {
@@ -100,35 +99,22 @@ fn an_s3_outage_answers_503_and_recovers_without_losing_anything() {
         &[b"stored before the outage"],
     );
 
-    let acknowledged = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(AtomicBool::new(false));
     let writer = {
-        let (base, acknowledged, stop) = (base.clone(), acknowledged.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let layer = format!("layer {n}");
-                let ok = http()
-                    .post(format!(
-                        "{base}/v2/outage/writer/blobs/uploads/?digest={}",
-                        sha256(layer.as_bytes())
-                    ))
-                    .body(layer.clone())
-                    .send()
-                    .is_ok_and(|r| r.status() == StatusCode::CREATED);
-                if ok {
-                    acknowledged.lock().unwrap().push(sha256(layer.as_bytes()));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+        let base = base.clone();
+        BackgroundPusher::start(move |n| {
+            let layer = format!("layer {n}");
+            let digest = sha256(layer.as_bytes());
+            http()
+                .post(format!(
+                    "{base}/v2/outage/writer/blobs/uploads/?digest={digest}"
+                ))
+                .body(layer)
+                .send()
+                .is_ok_and(|r| r.status() == StatusCode::CREATED)
+                .then_some(digest)
         })
     };
-    assert!(wait_until(Duration::from_secs(10), || acknowledged
-        .lock()
-        .unwrap()
-        .len()
-        >= 3));
+    assert!(writer.wait_acknowledged(3));
 
     proxy.cut();
     let manifest: Value = http()
@@ -180,13 +166,10 @@ fn an_s3_outage_answers_503_and_recovers_without_losing_anything() {
         }),
         "ready again once S3 is back"
     );
-    let grew = |by: usize| {
-        let count = acknowledged.lock().unwrap().len();
-        wait_until(Duration::from_secs(10), || {
-            acknowledged.lock().unwrap().len() > count + by
-        })
-    };
-    assert!(grew(2), "pushes succeed again after the link is back");
+    assert!(
+        writer.wait_acknowledged(3),
+        "pushes succeed again after the link is back"
+    );
 
     // The server crashes and comes back on the same data.
     garage.stop();
@@ -209,12 +192,15 @@ fn an_s3_outage_answers_503_and_recovers_without_losing_anything() {
         }),
         "ready again once the server is back"
     );
-    assert!(grew(2), "pushes succeed again after the restart");
-    stop.store(true, Ordering::Relaxed);
-    writer.join().unwrap();
+    assert!(
+        writer.wait_acknowledged(3),
+        "pushes succeed again after the restart"
+    );
+    let (acknowledged, refused) = writer.finish();
+    assert!(refused > 0, "the outages were seen by the writer");
 
     let mut problems = pull_problems(&base, "outage/app", "before");
-    for digest in acknowledged.lock().unwrap().iter() {
+    for digest in &acknowledged {
         let r = http()
             .get(format!("{base}/v2/outage/writer/blobs/{digest}"))
             .send()

@@ -24,6 +24,8 @@ mod multinode;
 mod openapi;
 #[path = "../it/outage.rs"]
 mod outage;
+#[path = "../it/pusher.rs"]
+mod pusher;
 #[path = "../it/s3.rs"]
 mod s3;
 #[path = "../it/uploads.rs"]
