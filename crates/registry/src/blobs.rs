@@ -151,10 +151,16 @@ impl Registry {
             .await?)
     }
 
-    /// Opens an upload session in `repo`.
+    /// Opens an upload session in `repo`. The staging area and the session record are
+    /// created at once; if one fails, the other is left to the upload purge.
     pub async fn start_upload(&self, repo: &RepoName) -> Result<UploadId, RegistryError> {
-        let id = self.blobs.start_upload().await?;
-        self.meta.record_upload(id.as_str(), repo).await?;
+        let id = UploadId::new_random();
+        let (staged, recorded) = tokio::join!(
+            self.blobs.start_upload(&id),
+            self.meta.record_upload(id.as_str(), repo)
+        );
+        staged?;
+        recorded?;
         Ok(id)
     }
 
@@ -215,9 +221,18 @@ impl Registry {
                 Some(s) => s,
                 None => self.blobs.upload_len(&id).await?,
             };
-            self.blobs.append(&id, offset, body).await?;
+            // The reservation does not depend on the bytes: it is made while they arrive.
+            // Should the append fail, the reservation is only a live row without links,
+            // which garbage collection removes after its grace period.
+            let (appended, reserved) = tokio::join!(
+                self.blobs.append(&id, offset, body),
+                self.reserve_blob(digest)
+            );
+            appended?;
+            reserved?;
+        } else {
+            self.reserve_blob(digest).await?;
         }
-        self.reserve_blob(digest).await?;
         let size = self.blobs.commit(&id, digest).await?;
         self.link_published_blob(repo, digest, size, Some(&id))
             .await?;
@@ -242,10 +257,14 @@ impl Registry {
         digest: &Digest,
         body: ByteStream,
     ) -> Result<u64, RegistryError> {
-        let id = self.blobs.start_upload().await?;
+        let id = UploadId::new_random();
+        self.blobs.start_upload(&id).await?;
         let result = async {
-            self.blobs.append(&id, 0, body).await?;
-            self.reserve_blob(digest).await?;
+            // As in `finish_upload`: reserved while the bytes arrive.
+            let (appended, reserved) =
+                tokio::join!(self.blobs.append(&id, 0, body), self.reserve_blob(digest));
+            appended?;
+            reserved?;
             Ok::<_, RegistryError>(self.blobs.commit(&id, digest).await?)
         }
         .await;

@@ -1,7 +1,10 @@
 //! The filesystem backend. Blobs live in Distribution's layout
 //! (`blobs/<algorithm>/<first two hex>/<hex>/data`) so an existing Distribution data
 //! directory can be adopted and nginx can serve the same files; uploads are staged in
-//! `uploads/<id>/data` on the same file system, so publishing is one `rename`.
+//! `uploads/<id>.part` on the same file system, so publishing is one `rename`. (Staging
+//! files sit directly in `uploads/`: a directory per session cost a block allocated at
+//! the start and freed, with a synchronous discard, at the end of every upload. Sessions
+//! staged the older way, `uploads/<id>/data`, are moved on first use.)
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -17,6 +20,8 @@ use futures_util::StreamExt;
 use crate::{BlobStore, ByteRange, ByteStream, StorageError, UploadId};
 
 const READ_CHUNK: usize = 256 * 1024;
+/// The file name suffix of a staged upload in `uploads/`.
+const STAGED_SUFFIX: &str = ".part";
 /// Bodies up to this size are written in one call instead of through the pipeline.
 const SMALL_BODY: usize = 256 * 1024;
 /// Threads removing files at once in a garbage-collection sweep.
@@ -64,8 +69,29 @@ impl FsBlobStore {
             .join("data")
     }
 
-    fn upload_dir(&self, id: &UploadId) -> PathBuf {
+    /// Where a session's bytes are staged.
+    fn staged_path(&self, id: &UploadId) -> PathBuf {
+        self.root
+            .join("uploads")
+            .join(format!("{}{STAGED_SUFFIX}", id.as_str()))
+    }
+
+    /// Where earlier versions staged a session: a directory per session.
+    fn legacy_session_dir(&self, id: &UploadId) -> PathBuf {
         self.root.join("uploads").join(id.as_str())
+    }
+
+    /// Moves a session staged the older way to the current layout. `false` if there is none.
+    async fn adopt_legacy_session(&self, id: &UploadId) -> io::Result<bool> {
+        let dir = self.legacy_session_dir(id);
+        match tokio::fs::rename(dir.join("data"), self.staged_path(id)).await {
+            Ok(()) => {
+                let _ = tokio::fs::remove_dir(&dir).await;
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// The session's in-memory state, loading it from disk if the server restarted since
@@ -77,11 +103,14 @@ impl FsBlobStore {
         if let Some(s) = self.sessions.lock().expect("sessions lock").get(id) {
             return Ok(s.clone());
         }
-        let data = self.upload_dir(id).join("data");
-        let len = match tokio::fs::metadata(&data).await {
+        let staged = self.staged_path(id);
+        let len = match tokio::fs::metadata(&staged).await {
             Ok(m) => m.len(),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(StorageError::UploadUnknown(id.clone()))
+                if !self.adopt_legacy_session(id).await? {
+                    return Err(StorageError::UploadUnknown(id.clone()));
+                }
+                tokio::fs::metadata(&staged).await?.len()
             }
             Err(e) => return Err(e.into()),
         };
@@ -98,7 +127,7 @@ impl FsBlobStore {
     /// appended to the session since this one last did: if the staged file's length is not
     /// what the in-memory state says, drop the state, so it is rebuilt from the file.
     async fn resync(&self, id: &UploadId, state: &mut Session) -> Result<(), StorageError> {
-        let len = match tokio::fs::metadata(self.upload_dir(id).join("data")).await {
+        let len = match tokio::fs::metadata(self.staged_path(id)).await {
             Ok(m) => m.len(),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 self.forget(id);
@@ -224,15 +253,11 @@ impl BlobStore for FsBlobStore {
         Ok(Some(stream))
     }
 
-    async fn start_upload(&self) -> Result<UploadId, StorageError> {
-        let id = UploadId::new_random();
-        let dir = self.upload_dir(&id);
-        tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&dir)?;
-            File::create(dir.join("data")).map(drop)
-        })
-        .await
-        .map_err(io::Error::other)??;
+    async fn start_upload(&self, id: &UploadId) -> Result<(), StorageError> {
+        let staged = self.staged_path(id);
+        tokio::task::spawn_blocking(move || File::create(staged).map(drop))
+            .await
+            .map_err(io::Error::other)??;
         let session = Session {
             hasher: Some(DigestHasher::new(Algorithm::Sha256)),
             len: 0,
@@ -242,7 +267,7 @@ impl BlobStore for FsBlobStore {
             .lock()
             .expect("sessions lock")
             .insert(id.clone(), Arc::new(tokio::sync::Mutex::new(session)));
-        Ok(id)
+        Ok(())
     }
 
     async fn upload_len(&self, id: &UploadId) -> Result<u64, StorageError> {
@@ -267,7 +292,7 @@ impl BlobStore for FsBlobStore {
                 got: offset,
             });
         }
-        let path = self.upload_dir(id).join("data");
+        let path = self.staged_path(id);
         let hasher = match state.hasher.take() {
             Some(h) => h,
             None => {
@@ -357,7 +382,7 @@ impl BlobStore for FsBlobStore {
                 state.unflushed += written;
                 if state.unflushed >= crate::staging::WRITEBACK_EVERY {
                     state.unflushed = 0;
-                    let staged = self.upload_dir(id).join("data");
+                    let staged = self.staged_path(id);
                     // Not awaited: the client need not wait for the disk yet.
                     drop(tokio::task::spawn_blocking(move || {
                         if let Ok(file) = File::open(&staged) {
@@ -375,7 +400,7 @@ impl BlobStore for FsBlobStore {
             Err(e) => {
                 // What reached the file is unknown: rehash it on next use.
                 state.hasher = None;
-                state.len = tokio::fs::metadata(self.upload_dir(id).join("data"))
+                state.len = tokio::fs::metadata(self.staged_path(id))
                     .await
                     .map(|m| m.len())
                     .unwrap_or(0);
@@ -395,7 +420,7 @@ impl BlobStore for FsBlobStore {
         let session = self.session(id).await?;
         let mut state = session.lock().await;
         self.resync(id, &mut state).await?;
-        let staged = self.upload_dir(id).join("data");
+        let staged = self.staged_path(id);
         let actual = match (&state.hasher, expected.algorithm()) {
             (Some(h), Algorithm::Sha256) => h.clone().finish(),
             _ => {
@@ -415,12 +440,11 @@ impl BlobStore for FsBlobStore {
             });
         }
         let target = self.blob_path(expected);
-        let upload_dir = self.upload_dir(id);
         tokio::task::spawn_blocking(move || -> io::Result<()> {
             let dir = target.parent().expect("blob path has a parent");
             if target.exists() {
                 // Same content is already published: keep the first copy.
-                return std::fs::remove_dir_all(&upload_dir);
+                return std::fs::remove_file(&staged);
             }
             File::open(&staged)?.sync_data()?;
             // Directories created here must reach the disk too, each through its parent;
@@ -433,7 +457,7 @@ impl BlobStore for FsBlobStore {
                     sync_dir(parent)?;
                 }
             }
-            std::fs::remove_dir_all(&upload_dir)
+            Ok(())
         })
         .await
         .map_err(io::Error::other)??;
@@ -444,12 +468,26 @@ impl BlobStore for FsBlobStore {
     }
 
     async fn abort(&self, id: &UploadId) -> Result<(), StorageError> {
-        let session = self.session(id).await?;
-        let _state = session.lock().await;
-        match tokio::fs::remove_dir_all(self.upload_dir(id)).await {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e.into()),
+        // Removes whatever is on disk, even a session this process cannot load (an
+        // interrupted start leaves a legacy directory without its data file).
+        let session = self
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .get(id)
+            .cloned();
+        let _state = match &session {
+            Some(s) => Some(s.lock().await),
+            None => None,
+        };
+        let staged = tokio::fs::remove_file(self.staged_path(id)).await;
+        let legacy = tokio::fs::remove_dir_all(self.legacy_session_dir(id)).await;
+        for result in [staged, legacy] {
+            match result {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         self.forget(id);
         Ok(())
@@ -459,18 +497,30 @@ impl BlobStore for FsBlobStore {
         let mut out = Vec::new();
         let mut dir = tokio::fs::read_dir(self.root.join("uploads")).await?;
         while let Some(entry) = dir.next_entry().await? {
-            let Some(id) = entry.file_name().to_str().and_then(UploadId::parse) else {
-                continue;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let (id, legacy) = match name.strip_suffix(STAGED_SUFFIX) {
+                Some(stem) => (UploadId::parse(stem), false),
+                None => (UploadId::parse(name), true),
             };
+            let Some(id) = id else { continue };
             // Sessions finish and vanish while this runs: a missing entry is simply skipped.
-            let changed = match tokio::fs::metadata(entry.path().join("data")).await {
+            let data = if legacy {
+                entry.path().join("data")
+            } else {
+                entry.path()
+            };
+            let changed = match tokio::fs::metadata(data).await {
                 Ok(m) => m.modified()?,
-                // A directory without its data file: an interrupted start or abort.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => match entry.metadata().await {
-                    Ok(m) => m.modified()?,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e.into()),
-                },
+                // A legacy directory without its data file: an interrupted start or abort.
+                Err(e) if e.kind() == io::ErrorKind::NotFound && legacy => {
+                    match entry.metadata().await {
+                        Ok(m) => m.modified()?,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e.into()),
             };
             out.push((id, changed));
@@ -527,6 +577,12 @@ mod tests {
         Box::pin(futures_util::stream::iter(items))
     }
 
+    async fn open_session(store: &FsBlobStore) -> UploadId {
+        let id = UploadId::new_random();
+        store.start_upload(&id).await.unwrap();
+        id
+    }
+
     async fn collect(s: ByteStream) -> Vec<u8> {
         s.map(|c| c.unwrap()).collect::<Vec<_>>().await.concat()
     }
@@ -535,7 +591,7 @@ mod tests {
     async fn chunked_upload_commits_and_reads_back() {
         let dir = tempfile::tempdir().unwrap();
         let store = FsBlobStore::open(dir.path()).unwrap();
-        let id = store.start_upload().await.unwrap();
+        let id = open_session(&store).await;
         assert_eq!(
             store
                 .append(&id, 0, body(&[b"hello ", b"wor"]))
@@ -583,7 +639,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let id = {
             let store = FsBlobStore::open(dir.path()).unwrap();
-            let id = store.start_upload().await.unwrap();
+            let id = open_session(&store).await;
             store.append(&id, 0, body(&[b"abc"])).await.unwrap();
             id
         };
@@ -598,7 +654,7 @@ mod tests {
     async fn sha512_and_interrupted_bodies() {
         let dir = tempfile::tempdir().unwrap();
         let store = FsBlobStore::open(dir.path()).unwrap();
-        let id = store.start_upload().await.unwrap();
+        let id = open_session(&store).await;
         let broken: ByteStream = Box::pin(futures_util::stream::iter(vec![
             Ok(Bytes::from_static(b"keep")),
             Err(io::Error::other("client went away")),
@@ -613,7 +669,7 @@ mod tests {
         let digest = h.finish();
         assert_eq!(store.commit(&id, &digest).await.unwrap(), 5);
         assert_eq!(store.stat(&digest).await.unwrap(), Some(5));
-        let id2 = store.start_upload().await.unwrap();
+        let id2 = open_session(&store).await;
         store.abort(&id2).await.unwrap();
         assert!(matches!(
             store.upload_len(&id2).await,
@@ -649,7 +705,7 @@ mod tests {
     async fn large_unaligned_appends_keep_every_byte() {
         let dir = tempfile::tempdir().unwrap();
         let store = FsBlobStore::open(dir.path()).unwrap();
-        let id = store.start_upload().await.unwrap();
+        let id = open_session(&store).await;
         let mut expected = Vec::new();
         let sizes = [300_001, 7, 2 * 1024 * 1024 + 4095, 1, 5_000_000, 4096];
         for (i, size) in sizes.into_iter().enumerate() {
@@ -683,5 +739,32 @@ mod tests {
         );
         let stored = std::fs::read(store.blob_path(&digest)).unwrap();
         assert!(stored == expected, "the published file differs");
+    }
+
+    /// A session staged by an earlier version (`uploads/<id>/data`) is adopted: its
+    /// length is reported, it can be continued and committed, and the purge sees it.
+    #[tokio::test]
+    async fn sessions_staged_the_older_way_are_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path()).unwrap();
+        let id = UploadId::new_random();
+        let legacy = dir.path().join("uploads").join(id.as_str());
+        std::fs::create_dir_all(&legacy).unwrap();
+        std::fs::write(legacy.join("data"), b"old ").unwrap();
+        let listed = store.list_uploads().await.unwrap();
+        assert!(listed.iter().any(|(l, _)| *l == id), "purge sees it");
+        assert_eq!(store.upload_len(&id).await.unwrap(), 4);
+        assert!(!legacy.exists(), "moved to the current layout");
+        store.append(&id, 4, body(&[b"session"])).await.unwrap();
+        let digest = Digest::sha256_of(b"old session");
+        assert_eq!(store.commit(&id, &digest).await.unwrap(), 11);
+        assert!(store.list_uploads().await.unwrap().is_empty());
+
+        // An empty legacy directory (an interrupted start) is listed and removed by abort.
+        let stray = UploadId::new_random();
+        std::fs::create_dir_all(dir.path().join("uploads").join(stray.as_str())).unwrap();
+        assert_eq!(store.list_uploads().await.unwrap().len(), 1);
+        store.abort(&stray).await.unwrap();
+        assert!(store.list_uploads().await.unwrap().is_empty());
     }
 }

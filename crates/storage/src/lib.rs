@@ -134,8 +134,9 @@ pub trait BlobStore: Send + Sync + 'static {
         digest: &Digest,
         range: Option<ByteRange>,
     ) -> Result<Option<ByteStream>, StorageError>;
-    /// Opens an empty upload session.
-    async fn start_upload(&self) -> Result<UploadId, StorageError>;
+    /// Opens an empty upload session under `id` (a fresh [`UploadId::new_random`]). The
+    /// caller picks the id so that it can record the session elsewhere at the same time.
+    async fn start_upload(&self, id: &UploadId) -> Result<(), StorageError>;
     /// How many bytes the session holds: where the next chunk must start.
     async fn upload_len(&self, id: &UploadId) -> Result<u64, StorageError>;
     /// Appends `body` at `offset`, which must equal the current length; hashes as it

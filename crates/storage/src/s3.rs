@@ -341,13 +341,12 @@ impl BlobStore for S3BlobStore {
         Ok(Some(url.to_string()))
     }
 
-    async fn start_upload(&self) -> Result<UploadId, StorageError> {
-        let id = UploadId::new_random();
+    async fn start_upload(&self, id: &UploadId) -> Result<(), StorageError> {
         self.store
-            .put(&self.upload_key(&id, "started"), PutPayload::default())
+            .put(&self.upload_key(id, "started"), PutPayload::default())
             .await
             .map_err(unavailable)?;
-        Ok(id)
+        Ok(())
     }
 
     async fn upload_len(&self, id: &UploadId) -> Result<u64, StorageError> {
