@@ -64,7 +64,22 @@ pub struct BlobRead {
     /// The part being sent, if a range was asked for.
     pub range: Option<ByteRange>,
     /// The bytes.
-    pub body: ByteStream,
+    pub body: BlobBytes,
+}
+
+/// Where a blob's bytes come from.
+pub enum BlobBytes {
+    /// A stream (object storage, manifests read as blobs).
+    Stream(ByteStream),
+    /// `len` bytes of a local file from `start`, which the HTTP edge hands to the kernel.
+    File {
+        /// The blob's file.
+        file: std::fs::File,
+        /// First byte to send.
+        start: u64,
+        /// Bytes to send.
+        len: u64,
+    },
 }
 
 /// What a cross-repository mount did.
@@ -106,9 +121,21 @@ impl Registry {
         range: Option<RangeRequest>,
     ) -> Result<BlobRead, RegistryError> {
         if self.meta.linked_blob(repo, digest).await?.is_some() {
+            if let Some(local) = self.blobs.open_local(digest).await? {
+                let size = local.size;
+                let range = range.map(|r| r.resolve(size)).transpose()?;
+                let (start, len) = range.map_or((0, size), |r| (r.start, r.len()));
+                let body = BlobBytes::File {
+                    file: local.file,
+                    start,
+                    len,
+                };
+                return Ok(BlobRead { size, range, body });
+            }
             if let Some(size) = self.blobs.stat(digest).await? {
                 let range = range.map(|r| r.resolve(size)).transpose()?;
-                if let Some(body) = self.blobs.read(digest, range).await? {
+                if let Some(stream) = self.blobs.read(digest, range).await? {
+                    let body = BlobBytes::Stream(stream);
                     return Ok(BlobRead { size, range, body });
                 }
             }
@@ -119,7 +146,9 @@ impl Registry {
                 Some(r) => Bytes::from(m.raw).slice(r.start as usize..=r.end as usize),
                 None => Bytes::from(m.raw),
             };
-            let body: ByteStream = Box::pin(futures_util::stream::once(async move { Ok(bytes) }));
+            let body = BlobBytes::Stream(Box::pin(futures_util::stream::once(
+                async move { Ok(bytes) },
+            )));
             return Ok(BlobRead { size, range, body });
         }
         Err(RegistryError::BlobUnknown {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use berth_meta::MetaStore;
 use berth_storage::BlobStore;
 
-pub use blobs::{BlobRead, MountOutcome, RangeRequest};
+pub use blobs::{BlobBytes, BlobRead, MountOutcome, RangeRequest};
 pub use check::{CheckOptions, CheckReport};
 pub use error::RegistryError;
 pub use gc::{GcOptions, GcReport};

@@ -55,8 +55,8 @@ pub(crate) fn credentials(headers: &HeaderMap) -> Credentials {
 pub(crate) fn client_address(request: &Request) -> String {
     request
         .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(a)| a.ip().to_string())
+        .get::<ConnectInfo<crate::zero_copy::Peer>>()
+        .map(|ConnectInfo(peer)| peer.addr.ip().to_string())
         .unwrap_or_else(|| "unknown".to_owned())
 }
 

@@ -10,6 +10,7 @@ pub mod error;
 mod route;
 mod token;
 mod v2;
+mod zero_copy;
 
 use std::future::Future;
 use std::time::Instant;
@@ -110,8 +111,8 @@ pub async fn serve(
     app: App,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let service = router(app).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, service)
+    let service = router(app).into_make_service_with_connect_info::<zero_copy::Peer>();
+    axum::serve(zero_copy::ZeroCopyListener(listener), service)
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -7,19 +7,19 @@ use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use std::net::SocketAddr;
 
 use axum::extract::ConnectInfo;
 use berth_auth::{Caller, Need, Permission};
 use berth_meta::Page;
 use berth_oci::{media_type, Digest, Reference, RepoName};
-use berth_registry::{MountOutcome, RangeRequest};
+use berth_registry::{BlobBytes, MountOutcome, RangeRequest};
 use berth_storage::{ByteStream, UploadId};
 use futures_util::{StreamExt, TryStreamExt};
 
 use crate::auth;
 use crate::error::{Code, OciError};
 use crate::route::V2Route;
+use crate::zero_copy::Peer;
 use crate::App;
 
 const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
@@ -32,18 +32,26 @@ type Params = HashMap<String, String>;
 /// Entry point for every `/v2` request: routes by [`V2Route`], then by method.
 pub(crate) async fn dispatch(
     State(app): State<App>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let route = V2Route::parse(uri.path());
-    let admitted = match auth::admit(&app.access, route.as_ref(), &method, &headers, peer).await {
-        Ok(admitted) => admitted,
-        Err(refused) => return refused,
+    let admitted =
+        match auth::admit(&app.access, route.as_ref(), &method, &headers, peer.addr).await {
+            Ok(admitted) => admitted,
+            Err(refused) => return refused,
+        };
+    let request = Incoming {
+        peer: &peer,
+        method,
+        uri: &uri,
+        headers,
+        body,
     };
-    let response = handle(&app, &admitted.caller, route, method, &uri, headers, body).await;
+    let response = handle(&app, &admitted.caller, route, request).await;
     let digest = response
         .headers()
         .get(DOCKER_CONTENT_DIGEST)
@@ -55,15 +63,28 @@ pub(crate) async fn dispatch(
     response
 }
 
+/// The parts of a `/v2` request the handlers use.
+struct Incoming<'a> {
+    peer: &'a Peer,
+    method: Method,
+    uri: &'a Uri,
+    headers: HeaderMap,
+    body: Body,
+}
+
 async fn handle(
     app: &App,
     caller: &Caller,
     route: Option<V2Route<'_>>,
-    method: Method,
-    uri: &Uri,
-    headers: HeaderMap,
-    body: Body,
+    request: Incoming<'_>,
 ) -> Response {
+    let Incoming {
+        peer,
+        method,
+        uri,
+        headers,
+        body,
+    } = request;
     let params: Params = Query::try_from_uri(uri)
         .map(|Query(p)| p)
         .unwrap_or_default();
@@ -89,7 +110,7 @@ async fn handle(
             delete_manifest(app, name, reference).await
         }
         (V2Route::Blob { name, digest }, Method::GET | Method::HEAD) => {
-            get_blob(app, name, digest, &headers, method == Method::HEAD).await
+            get_blob(app, peer, name, digest, &headers, method == Method::HEAD).await
         }
         (V2Route::Blob { name, digest }, Method::DELETE) => delete_blob(app, name, digest).await,
         (V2Route::UploadStart { name }, Method::POST) => {
@@ -400,6 +421,7 @@ fn parse_range(value: &str) -> Option<RangeRequest> {
 
 async fn get_blob(
     app: &App,
+    peer: &Peer,
     name: &str,
     digest_text: &str,
     headers: &HeaderMap,
@@ -447,7 +469,11 @@ async fn get_blob(
             StatusCode::OK
         }
     };
-    Ok(response(status, out, Body::from_stream(blob.body)))
+    let body = match blob.body {
+        BlobBytes::Stream(stream) => Body::from_stream(stream),
+        BlobBytes::File { file, start, len } => Body::new(peer.file_body(file, start, len)),
+    };
+    Ok(response(status, out, body))
 }
 
 async fn delete_blob(app: &App, name: &str, digest_text: &str) -> Result<Response, OciError> {

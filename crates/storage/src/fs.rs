@@ -17,7 +17,7 @@ use berth_oci::{Algorithm, Digest, DigestHasher};
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use crate::{BlobStore, ByteRange, ByteStream, StorageError, UploadId};
+use crate::{BlobStore, ByteRange, ByteStream, LocalBlob, StorageError, UploadId};
 
 const READ_CHUNK: usize = 256 * 1024;
 /// The file name suffix of a staged upload in `uploads/`.
@@ -251,6 +251,23 @@ impl BlobStore for FsBlobStore {
         let len = range.map(|r| r.len());
         let stream = crate::reading::stream_file(file, len);
         Ok(Some(stream))
+    }
+
+    async fn open_local(&self, digest: &Digest) -> Result<Option<LocalBlob>, StorageError> {
+        let path = self.blob_path(digest);
+        let opened = tokio::task::spawn_blocking(move || -> io::Result<Option<LocalBlob>> {
+            match File::open(&path) {
+                Ok(file) => {
+                    let size = file.metadata()?.len();
+                    Ok(Some(LocalBlob { file, size }))
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+        .map_err(io::Error::other)??;
+        Ok(opened)
     }
 
     async fn start_upload(&self, id: &UploadId) -> Result<(), StorageError> {

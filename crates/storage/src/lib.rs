@@ -20,6 +20,16 @@ use bytes::Bytes;
 use futures_util::Stream;
 
 pub use fs::FsBlobStore;
+
+/// A blob's file, opened: blob files never change once published (content addressed,
+/// only ever unlinked), so the handle reads the same bytes for as long as it is held.
+#[derive(Debug)]
+pub struct LocalBlob {
+    /// The open file.
+    pub file: std::fs::File,
+    /// Its length in bytes.
+    pub size: u64,
+}
 pub use resumable::ResumableSha256;
 pub use s3::{S3BlobStore, S3Config};
 
@@ -163,6 +173,13 @@ pub trait BlobStore: Send + Sync + 'static {
     /// A URL the client may fetch the blob from directly (a pre-signed object store URL),
     /// when the backend is configured to redirect downloads; `None` to stream through.
     async fn direct_url(&self, _digest: &Digest) -> Result<Option<String>, StorageError> {
+        Ok(None)
+    }
+    /// The blob as an open local file, so that the HTTP edge can have the kernel send it
+    /// (`sendfile`) instead of copying it through the process. `None` where blobs are not
+    /// local files (object storage; such blobs are sent from [`Self::read`]) or the blob
+    /// is absent.
+    async fn open_local(&self, _digest: &Digest) -> Result<Option<LocalBlob>, StorageError> {
         Ok(None)
     }
     /// Whether the store can serve and accept bytes right now (readiness probes).

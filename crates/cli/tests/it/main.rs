@@ -9,6 +9,7 @@ mod clients;
 mod clients_auth;
 mod common;
 mod crash;
+mod downloads;
 mod errors;
 mod gc;
 mod gc_stress;

@@ -10,6 +10,8 @@ mod api;
 mod auth;
 #[path = "../it/common.rs"]
 mod common;
+#[path = "../it/downloads.rs"]
+mod downloads;
 #[path = "../it/errors.rs"]
 mod errors;
 #[path = "../it/gc.rs"]
