@@ -250,18 +250,12 @@ impl Registry {
                 Some(s) => s,
                 None => self.blobs.upload_len(&id).await?,
             };
-            // The reservation does not depend on the bytes: it is made while they arrive.
-            // Should the append fail, the reservation is only a live row without links,
-            // which garbage collection removes after its grace period.
-            let (appended, reserved) = tokio::join!(
-                self.blobs.append(&id, offset, body),
-                self.reserve_blob(digest)
-            );
-            appended?;
-            reserved?;
-        } else {
-            self.reserve_blob(digest).await?;
+            self.blobs.append(&id, offset, body).await?;
         }
+        // Reserved only now, just before the rename: the window in which a collection
+        // could take the reservation for garbage (with a grace period shorter than an
+        // upload) stays as short as a commit.
+        self.reserve_blob(digest).await?;
         let size = self.blobs.commit(&id, digest).await?;
         self.link_published_blob(repo, digest, size, Some(&id))
             .await?;
@@ -289,11 +283,8 @@ impl Registry {
         let id = UploadId::new_random();
         self.blobs.start_upload(&id).await?;
         let result = async {
-            // As in `finish_upload`: reserved while the bytes arrive.
-            let (appended, reserved) =
-                tokio::join!(self.blobs.append(&id, 0, body), self.reserve_blob(digest));
-            appended?;
-            reserved?;
+            self.blobs.append(&id, 0, body).await?;
+            self.reserve_blob(digest).await?;
             Ok::<_, RegistryError>(self.blobs.commit(&id, digest).await?)
         }
         .await;
