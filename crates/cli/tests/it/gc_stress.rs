@@ -27,9 +27,14 @@ struct Counters {
     blobs_removed: AtomicU64,
 }
 
-/// Pushes one blob the way clients do: HEAD first, upload if absent, retry when the
-/// registry says a collection is deleting the same digest.
-fn ensure_blob(base: &str, repo: &str, bytes: &[u8], counters: &Counters) {
+/// How long past the run's end a push may keep hearing that its digest is being deleted.
+/// Collections finish within milliseconds here; a digest busy for longer means a collection
+/// stopped half-way (the collector thread's own failure is then reported at its join).
+const BUSY_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Pushes one blob the way clients do: HEAD first, upload if absent, retry (after a short
+/// pause) when the registry says a collection is deleting the same digest.
+fn ensure_blob(base: &str, repo: &str, bytes: &[u8], counters: &Counters, give_up: Instant) {
     let digest = sha256(bytes);
     loop {
         if http()
@@ -48,7 +53,14 @@ fn ensure_blob(base: &str, repo: &str, bytes: &[u8], counters: &Counters) {
             .unwrap();
         match r.status() {
             StatusCode::CREATED => return,
-            StatusCode::SERVICE_UNAVAILABLE => counters.retries.fetch_add(1, Ordering::Relaxed),
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert!(
+                    Instant::now() < give_up,
+                    "{digest} was still being deleted {BUSY_PATIENCE:?} after the run's end"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+                counters.retries.fetch_add(1, Ordering::Relaxed)
+            }
             other => panic!(
                 "blob upload answered {other}: {}",
                 r.text().unwrap_or_default()
@@ -104,7 +116,7 @@ fn concurrent_push_delete_and_gc_lose_nothing() {
                 let config = format!("{{\"writer\":{w},\"image\":{i}}}").into_bytes();
                 loop {
                     for blob in [shared.as_slice(), unique.as_slice(), config.as_slice()] {
-                        ensure_blob(&base, &repo, blob, &counters);
+                        ensure_blob(&base, &repo, blob, &counters, deadline + BUSY_PATIENCE);
                     }
                     let manifest = image_manifest(
                         (&sha256(&config), config.len()),
