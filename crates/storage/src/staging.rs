@@ -4,7 +4,7 @@
 //! from one reused, aligned buffer straight to the device, so the kernel neither copies
 //! them into the page cache (the largest cost of a push in profiles, and one that varies
 //! with the host's memory state) nor has them left to flush at commit. Where direct I/O is
-//! refused (tmpfs, some network file systems) the buffered path is used: chunks are
+//! refused (older tmpfs, some network file systems) the buffered path is used: chunks are
 //! gathered and written with one vectored `write` per mebibyte, and a second thread starts
 //! write-back as the upload runs, so that the `fsync` before the blob is published has only
 //! the tail left to flush.
