@@ -285,6 +285,15 @@ impl S3BlobStore {
             .list(Some(&prefix))
             .map_ok(|m| m.location)
             .boxed();
+        self.delete_paths(paths).await
+    }
+
+    /// Deletes every object `paths` names (batched by the store); an object already gone
+    /// counts as deleted.
+    async fn delete_paths(
+        &self,
+        paths: futures_util::stream::BoxStream<'static, object_store::Result<Path>>,
+    ) -> Result<(), StorageError> {
         self.store
             .delete_stream(paths)
             .try_for_each(|_| async { Ok(()) })
@@ -485,17 +494,8 @@ impl BlobStore for S3BlobStore {
     async fn delete_many(&self, digests: &[Digest]) -> Result<(), StorageError> {
         let paths: Vec<object_store::Result<Path>> =
             digests.iter().map(|d| Ok(self.blob_key(d))).collect();
-        self.store
-            .delete_stream(futures_util::stream::iter(paths).boxed())
-            .try_for_each(|_| async { Ok(()) })
+        self.delete_paths(futures_util::stream::iter(paths).boxed())
             .await
-            .or_else(|e| {
-                if is_not_found(&e) {
-                    Ok(())
-                } else {
-                    Err(unavailable(e))
-                }
-            })
     }
 
     async fn ready(&self) -> Result<(), StorageError> {
