@@ -31,9 +31,9 @@ fn assert_published_blobs_verify(data_dir: &Path) {
     };
     for prefix in prefixes {
         for blob in std::fs::read_dir(prefix.unwrap().path()).unwrap() {
-            let dir = blob.unwrap().path();
-            let bytes = std::fs::read(dir.join("data")).unwrap();
-            let name = dir.file_name().unwrap().to_str().unwrap().to_owned();
+            let file = blob.unwrap().path();
+            let bytes = std::fs::read(&file).unwrap();
+            let name = file.file_name().unwrap().to_str().unwrap().to_owned();
             assert_eq!(
                 sha256(&bytes),
                 format!("sha256:{name}"),

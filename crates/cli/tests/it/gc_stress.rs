@@ -242,11 +242,11 @@ fn concurrent_push_delete_and_gc_lose_nothing() {
     if crate::BLOBS == berth_testkit::BlobBackend::Filesystem {
         for prefix in std::fs::read_dir(&root).unwrap() {
             for blob in std::fs::read_dir(prefix.unwrap().path()).unwrap() {
-                let dir = blob.unwrap().path();
-                let bytes = std::fs::read(dir.join("data")).unwrap();
+                let file = blob.unwrap().path();
+                let bytes = std::fs::read(&file).unwrap();
                 assert_eq!(
                     sha256(&bytes)[7..],
-                    *dir.file_name().unwrap().to_str().unwrap(),
+                    *file.file_name().unwrap().to_str().unwrap(),
                     "stored blob verifies"
                 );
                 stored += 1;
