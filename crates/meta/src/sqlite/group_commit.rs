@@ -45,17 +45,17 @@ where
         let Some(write) = self.write.take() else {
             return;
         };
-        if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+        if let Err(e) = run_cached(conn, "SAVEPOINT job") {
             self.outcome = Some(Err(backend(e)));
             return;
         }
         let outcome = write(conn);
         let end = if outcome.is_ok() {
-            "RELEASE job"
+            run_cached(conn, "RELEASE job")
         } else {
-            "ROLLBACK TO job; RELEASE job"
+            conn.execute_batch("ROLLBACK TO job; RELEASE job")
         };
-        self.outcome = Some(match conn.execute_batch(end) {
+        self.outcome = Some(match end {
             Ok(()) => outcome,
             Err(e) => Err(backend(e)),
         });
@@ -121,6 +121,12 @@ pub(super) enum Durability {
     Visible,
 }
 
+/// Runs a statement without parameters or rows from the statement cache: these few run
+/// around every write, and parsing them each time showed in profiles.
+fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(drop)
+}
+
 fn run_writer(conn: &Connection, queue: &mpsc::Receiver<Box<dyn Job>>) {
     // The connection was opened with synchronous=FULL.
     let mut synced = true;
@@ -139,12 +145,12 @@ fn run_writer(conn: &Connection, queue: &mpsc::Receiver<Box<dyn Job>>) {
                 synced = durable;
             }
         }
-        let commit = match conn.execute_batch("BEGIN IMMEDIATE") {
+        let commit = match run_cached(conn, "BEGIN IMMEDIATE") {
             Ok(()) => {
                 for job in batch.iter_mut() {
                     job.run(conn);
                 }
-                match conn.execute_batch("COMMIT") {
+                match run_cached(conn, "COMMIT") {
                     Ok(()) => Ok(()),
                     Err(e) => {
                         let _ = conn.execute_batch("ROLLBACK");
