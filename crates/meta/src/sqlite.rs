@@ -177,7 +177,8 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     conn.busy_timeout(std::time::Duration::from_secs(30))?;
     // WAL: readers never block the writer. synchronous=FULL: an acknowledged push survives
-    // power loss, not only a process crash.
+    // power loss, not only a process crash. (The writer connection switches to NORMAL and
+    // flushes the log itself, off its own thread: see `group_commit`.)
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -208,7 +209,7 @@ impl SqliteMeta {
             .collect::<rusqlite::Result<Vec<_>>>()
             .map_err(backend)?;
         Ok(SqliteMeta {
-            writer: group_commit::GroupCommitter::start(writer),
+            writer: group_commit::GroupCommitter::start(writer, path).map_err(backend)?,
             readers: Arc::new(readers),
             next_reader: AtomicUsize::new(0),
         })

@@ -2,9 +2,18 @@
 //! committing every write on its own caps the registry at a few hundred small writes per
 //! second. Instead one thread owns the write connection and runs every write that is
 //! waiting in one transaction, each inside its own savepoint (a failing write is rolled
-//! back alone), then commits once and answers them all. Nobody is answered before the
-//! commit, so an acknowledged write is durable exactly as before.
+//! back alone), then commits once. Writes that must be durable are answered only after a
+//! second thread has `fdatasync`ed the write-ahead log past their commit; the writer
+//! meanwhile runs the next batch, so bookkeeping writes never queue behind another
+//! batch's flush, and one flush answers every durable batch committed while the previous
+//! one ran. The connection runs with `synchronous=NORMAL`: commits do not sync, but
+//! checkpoints do (the log is synced before its frames are copied into the database and
+//! the database after), which is what keeps the file intact on power loss.
 
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
 use rusqlite::Connection;
@@ -77,14 +86,24 @@ pub(super) struct GroupCommitter {
 }
 
 impl GroupCommitter {
-    /// Starts the writer thread; it ends when the committer is dropped.
-    pub(super) fn start(conn: Connection) -> Self {
+    /// Starts the writer and log-flushing threads for the database at `db_path`; they end
+    /// when the committer is dropped.
+    pub(super) fn start(conn: Connection, db_path: &Path) -> rusqlite::Result<Self> {
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let mut wal = db_path.as_os_str().to_owned();
+        wal.push("-wal");
+        let wal = PathBuf::from(wal);
         let (jobs, queue) = mpsc::channel::<Box<dyn Job>>();
+        let (flushes, flush_queue) = mpsc::channel::<Vec<Box<dyn Job>>>();
         std::thread::Builder::new()
             .name("berth-meta-writer".into())
-            .spawn(move || run_writer(&conn, &queue))
+            .spawn(move || run_writer(&conn, &queue, &flushes))
             .expect("spawning the metadata writer thread");
-        GroupCommitter { jobs }
+        std::thread::Builder::new()
+            .name("berth-meta-flush".into())
+            .spawn(move || run_flusher(&wal, &flush_queue))
+            .expect("spawning the metadata flush thread");
+        Ok(GroupCommitter { jobs })
     }
 
     /// Runs `write` in the next shared transaction and returns its result once committed.
@@ -113,7 +132,11 @@ impl GroupCommitter {
 /// Whether a write must reach the disk before its caller is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Durability {
-    /// Acknowledged state (a linked blob, a manifest, a tag): fsync before answering.
+    /// Acknowledged state (a linked blob, a manifest, a tag): on disk before answering.
+    /// (Other connections may read it a moment earlier, while the log is being flushed;
+    /// anything that deletes bytes on the strength of what it read, such as garbage
+    /// collection, does so only after a durable write of its own, whose flush covers
+    /// every commit before it.)
     Synced,
     /// Bookkeeping whose loss in a power failure costs a retry, never data: upload
     /// sessions and blob reservations. Committed (visible to every reader, and kept if
@@ -127,22 +150,17 @@ fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(drop)
 }
 
-fn run_writer(conn: &Connection, queue: &mpsc::Receiver<Box<dyn Job>>) {
-    // The connection was opened with synchronous=FULL.
-    let mut synced = true;
+fn run_writer(
+    conn: &Connection,
+    queue: &mpsc::Receiver<Box<dyn Job>>,
+    flushes: &mpsc::Sender<Vec<Box<dyn Job>>>,
+) {
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match queue.try_recv() {
                 Ok(job) => batch.push(job),
                 Err(_) => break,
-            }
-        }
-        let durable = batch.iter().any(|job| job.durable());
-        if durable != synced {
-            let mode = if durable { "FULL" } else { "OFF" };
-            if conn.pragma_update(None, "synchronous", mode).is_ok() {
-                synced = durable;
             }
         }
         let commit = match run_cached(conn, "BEGIN IMMEDIATE") {
@@ -160,8 +178,98 @@ fn run_writer(conn: &Connection, queue: &mpsc::Receiver<Box<dyn Job>>) {
             }
             Err(e) => Err(e.to_string()),
         };
-        for job in batch {
+        let (durable, visible): (Vec<_>, Vec<_>) = batch.into_iter().partition(|j| j.durable());
+        for job in visible {
             job.finish(commit.clone());
         }
+        if durable.is_empty() {
+            continue;
+        }
+        if commit.is_err() {
+            for job in durable {
+                job.finish(commit.clone());
+            }
+            continue;
+        }
+        if let Err(mpsc::SendError(durable)) = flushes.send(durable) {
+            for job in durable {
+                job.finish(Err("metadata flush thread stopped".into()));
+            }
+        }
+    }
+}
+
+/// Answers committed durable writes once the write-ahead log is on disk: one flush for
+/// every batch that arrived while the previous flush ran.
+fn run_flusher(wal: &Path, queue: &mpsc::Receiver<Vec<Box<dyn Job>>>) {
+    let mut log = None;
+    while let Ok(first) = queue.recv() {
+        let mut waiting = first;
+        while let Ok(more) = queue.try_recv() {
+            waiting.extend(more);
+        }
+        let flushed = sync_log(wal, &mut log)
+            .map_err(|e| format!("flushing the metadata write-ahead log: {e}"));
+        for job in waiting {
+            job.finish(flushed.clone());
+        }
+    }
+}
+
+/// An open write-ahead log and the identity of the file it was opened as.
+struct OpenLog {
+    file: File,
+    identity: (u64, u64),
+}
+
+/// `fdatasync`s the write-ahead log at `path`, reopening it if SQLite replaced the file
+/// since the last flush (it deletes the log when the last connection closes and creates
+/// it again on the next open). The first flush of a log file also syncs its directory,
+/// so that the file's name survives a power loss too.
+fn sync_log(path: &Path, log: &mut Option<OpenLog>) -> io::Result<()> {
+    let meta = std::fs::metadata(path)?;
+    let identity = (meta.dev(), meta.ino());
+    let current = match log.take() {
+        Some(open) if open.identity == identity => open,
+        _ => {
+            let file = File::open(path)?;
+            if let Some(dir) = path.parent() {
+                let dir = if dir.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    dir
+                };
+                File::open(dir)?.sync_all()?;
+            }
+            OpenLog { file, identity }
+        }
+    };
+    current.file.sync_data()?;
+    *log = Some(current);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The flush follows the log file: a replaced file is reopened, a missing one is an
+    /// error (never a silent success).
+    #[test]
+    fn flushing_follows_a_replaced_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join("meta.db-wal");
+        let mut log = None;
+        assert!(sync_log(&wal, &mut log).is_err());
+        std::fs::write(&wal, b"first").unwrap();
+        sync_log(&wal, &mut log).unwrap();
+        let first = log.as_ref().unwrap().identity;
+        sync_log(&wal, &mut log).unwrap();
+        assert_eq!(log.as_ref().unwrap().identity, first, "kept open");
+        let replacement = dir.path().join("new");
+        std::fs::write(&replacement, b"second").unwrap();
+        std::fs::rename(&replacement, &wal).unwrap();
+        sync_log(&wal, &mut log).unwrap();
+        assert_ne!(log.as_ref().unwrap().identity, first, "reopened");
     }
 }
