@@ -61,8 +61,7 @@ impl FsBlobStore {
     }
 
     /// Where a blob published by this version lives; public so that tools and tests agree.
-    /// (A blob in Distribution's layout has its bytes in `data` under this path instead:
-    /// see [`published_file`].)
+    /// (A blob in Distribution's layout is a directory here, with its bytes in `data`.)
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
         self.root
@@ -133,7 +132,7 @@ impl FsBlobStore {
     /// The `stat` runs right here rather than on the blocking pool: it reads an inode the
     /// kernel holds in memory (the session's own file, touched moments ago), which costs a
     /// few microseconds, while a hand-off to a blocking thread and back costs two context
-    /// switches. Every upload request does this once or twice.
+    /// switches. Every upload request does this up to three times.
     fn resync(&self, id: &UploadId, state: &mut Session) -> Result<(), StorageError> {
         let len = match std::fs::metadata(self.staged_path(id)) {
             Ok(m) => m.len(),
@@ -171,21 +170,21 @@ fn hash_file(path: &Path, algorithm: Algorithm) -> io::Result<(DigestHasher, u64
     }
 }
 
-/// The file holding the blob published at `path` (from [`FsBlobStore::blob_path`]):
-/// `path` itself, or `path/data` in Distribution's layout. `None` if there is none, which
-/// includes an empty directory left by an interrupted publish or delete of that layout.
-fn published_file(path: &Path) -> io::Result<Option<(PathBuf, std::fs::Metadata)>> {
+/// The size of the blob published at `path` (from [`FsBlobStore::blob_path`]), whose
+/// bytes are `path` itself or `path/data` in Distribution's layout. `None` if there is
+/// none, which includes an empty directory left by an interrupted publish or delete of
+/// that layout.
+fn published_len(path: &Path) -> io::Result<Option<u64>> {
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
     if !meta.is_dir() {
-        return Ok(Some((path.to_path_buf(), meta)));
+        return Ok(Some(meta.len()));
     }
-    let data = path.join("data");
-    match std::fs::metadata(&data) {
-        Ok(m) => Ok(Some((data, m))),
+    match std::fs::metadata(path.join("data")) {
+        Ok(m) => Ok(Some(m.len())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
@@ -280,10 +279,10 @@ impl BlobStore for FsBlobStore {
 
     async fn stat(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
         let path = self.blob_path(digest);
-        let found = tokio::task::spawn_blocking(move || published_file(&path))
+        let len = tokio::task::spawn_blocking(move || published_len(&path))
             .await
             .map_err(io::Error::other)??;
-        Ok(found.map(|(_, meta)| meta.len()))
+        Ok(len)
     }
 
     async fn read(
@@ -508,7 +507,7 @@ impl BlobStore for FsBlobStore {
         let target = self.blob_path(expected);
         tokio::task::spawn_blocking(move || -> io::Result<()> {
             let dir = target.parent().expect("blob path has a parent");
-            if published_file(&target)?.is_some() {
+            if published_len(&target)?.is_some() {
                 // Same content is already published: keep the first copy.
                 return std::fs::remove_file(&staged);
             }
