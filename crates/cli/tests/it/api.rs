@@ -82,6 +82,61 @@ fn blob_get_head_and_ranges() {
     assert_oci_error(r, StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
 }
 
+/// Blobs that earlier versions stored in Distribution's layout (`<hex>/data`) keep being
+/// served whole, by range and by HEAD; pushing the same bytes again (to another repository
+/// too) keeps that copy instead of writing a second one; a bad range is still refused.
+#[test]
+fn blobs_stored_in_distribution_layout_are_still_served() {
+    if crate::BLOBS != berth_testkit::BlobBackend::Filesystem {
+        return;
+    }
+    let reg = crate::start();
+    let base = reg.url();
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let digest = push_blob(&base, "team/old", &data);
+    let hex = digest.trim_start_matches("sha256:");
+    let flat = reg
+        .data_dir()
+        .join("blobs/sha256")
+        .join(&hex[..2])
+        .join(hex);
+    // Rewrite the store as an earlier version left it.
+    let moved = flat.with_extension("moving");
+    std::fs::rename(&flat, &moved).unwrap();
+    std::fs::create_dir(&flat).unwrap();
+    std::fs::rename(&moved, flat.join("data")).unwrap();
+
+    let url = format!("{base}/v2/team/old/blobs/{digest}");
+    let r = http().head(&url).send().unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "content-length"), "300000");
+    let r = http().get(&url).send().unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().unwrap().as_ref(), &data[..]);
+    let r = http()
+        .get(&url)
+        .header("range", "bytes=250000-250099")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(r.bytes().unwrap().as_ref(), &data[250_000..250_100]);
+    let r = http()
+        .get(&url)
+        .header("range", "bytes=300000-")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+
+    assert_eq!(push_blob(&base, "team/again", &data), digest);
+    let r = http()
+        .get(format!("{base}/v2/team/again/blobs/{digest}"))
+        .send()
+        .unwrap();
+    assert_eq!(r.bytes().unwrap().as_ref(), &data[..]);
+    assert!(flat.join("data").is_file(), "the existing copy is kept");
+    assert_eq!(walk_files(&reg.data_dir().join("blobs")).len(), 1);
+}
+
 #[test]
 fn layers_are_stored_once_but_visible_only_where_pushed_or_mounted() {
     let reg = crate::start();
