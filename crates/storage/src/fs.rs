@@ -511,16 +511,20 @@ impl BlobStore for FsBlobStore {
                 // Same content is already published: keep the first copy.
                 return std::fs::remove_file(&staged);
             }
-            if target.is_dir() {
-                // An empty directory of Distribution's layout, left by an interrupted
-                // publish or delete: it would refuse the rename.
-                std::fs::remove_dir(&target)?;
-            }
             File::open(&staged)?.sync_data()?;
             // Directories created here must reach the disk too, each through its parent;
             // directories that already existed are durable already.
             let created = create_dirs(dir)?;
-            std::fs::rename(&staged, &target)?;
+            match std::fs::rename(&staged, &target) {
+                // An empty directory of Distribution's layout, left by an interrupted
+                // publish or delete, refuses the rename; checked only then, off the
+                // common path.
+                Err(e) if e.kind() == io::ErrorKind::IsADirectory || target.is_dir() => {
+                    std::fs::remove_dir(&target)?;
+                    std::fs::rename(&staged, &target)?;
+                }
+                other => other?,
+            }
             sync_dir(dir)?;
             for parent in created.iter().filter_map(|d| d.parent()) {
                 if parent != dir {
