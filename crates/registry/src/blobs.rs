@@ -245,21 +245,35 @@ impl Registry {
         final_chunk: Option<(Option<u64>, ByteStream)>,
     ) -> Result<u64, RegistryError> {
         let id = self.own_upload(repo, id).await?;
-        if let Some((start, body)) = final_chunk {
-            let offset = match start {
-                Some(s) => s,
-                None => self.blobs.upload_len(&id).await?,
-            };
-            self.blobs.append(&id, offset, body).await?;
-        }
-        // Reserved only now, just before the rename: the window in which a collection
-        // could take the reservation for garbage (with a grace period shorter than an
-        // upload) stays as short as a commit.
-        self.reserve_blob(digest).await?;
-        let size = self.blobs.commit(&id, digest).await?;
+        let final_chunk = match final_chunk {
+            Some((Some(start), body)) => Some((start, body)),
+            Some((None, body)) => Some((self.blobs.upload_len(&id).await?, body)),
+            None => None,
+        };
+        let size = self.publish_upload(&id, final_chunk, digest).await?;
         self.link_published_blob(repo, digest, size, Some(&id))
             .await?;
         Ok(size)
+    }
+
+    /// Verifies and publishes a session's bytes under `digest`, announcing the publication
+    /// to the metadata store first (ARCHITECTURE.md, "A push publishes a blob"). The
+    /// announcement runs while the bytes are flushed to disk. It is made only once the
+    /// digest matched, and as late as possible: the window in which a collection could
+    /// take it for garbage (with a grace period shorter than an upload) stays as short as
+    /// a commit.
+    async fn publish_upload(
+        &self,
+        id: &UploadId,
+        final_chunk: Option<(u64, ByteStream)>,
+        digest: &Digest,
+    ) -> Result<u64, RegistryError> {
+        let sealed = self.blobs.seal(id, final_chunk, digest).await?;
+        if let Err(e) = self.reserve_blob(digest).await {
+            sealed.abandon().await;
+            return Err(e);
+        }
+        Ok(sealed.publish().await?)
     }
 
     /// Cancels a session and drops its bytes.
@@ -282,12 +296,7 @@ impl Registry {
     ) -> Result<u64, RegistryError> {
         let id = UploadId::new_random();
         self.blobs.start_upload(&id).await?;
-        let result = async {
-            self.blobs.append(&id, 0, body).await?;
-            self.reserve_blob(digest).await?;
-            Ok::<_, RegistryError>(self.blobs.commit(&id, digest).await?)
-        }
-        .await;
+        let result = self.publish_upload(&id, Some((0, body)), digest).await;
         match result {
             Ok(size) => {
                 self.link_published_blob(repo, digest, size, None).await?;

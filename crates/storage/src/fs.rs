@@ -19,7 +19,7 @@ use berth_oci::{Algorithm, Digest, DigestHasher};
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use crate::{BlobStore, ByteRange, ByteStream, LocalBlob, StorageError, UploadId};
+use crate::{BlobStore, ByteRange, ByteStream, LocalBlob, Sealed, StorageError, UploadId};
 
 const READ_CHUNK: usize = 256 * 1024;
 /// The file name suffix of a staged upload in `uploads/`.
@@ -106,18 +106,21 @@ impl FsBlobStore {
             return Ok(s.clone());
         }
         let staged = self.staged_path(id);
-        let len = match tokio::fs::metadata(&staged).await {
-            Ok(m) => m.len(),
+        let (len, hasher) = match tokio::fs::metadata(&staged).await {
+            Ok(m) => (m.len(), None),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                if !self.adopt_legacy_session(id).await? {
-                    return Err(StorageError::UploadUnknown(id.clone()));
+                if self.adopt_legacy_session(id).await? {
+                    (tokio::fs::metadata(&staged).await?.len(), None)
+                } else {
+                    // No bytes yet (the file comes with the first ones), or no session at
+                    // all: which, the metadata store knows, and the registry asked it first.
+                    (0, Some(DigestHasher::new(Algorithm::Sha256)))
                 }
-                tokio::fs::metadata(&staged).await?.len()
             }
             Err(e) => return Err(e.into()),
         };
         let fresh = Arc::new(tokio::sync::Mutex::new(Session {
-            hasher: None,
+            hasher,
             len,
             unflushed: 0,
         }));
@@ -136,6 +139,9 @@ impl FsBlobStore {
     fn resync(&self, id: &UploadId, state: &mut Session) -> Result<(), StorageError> {
         let len = match std::fs::metadata(self.staged_path(id)) {
             Ok(m) => m.len(),
+            // Nothing written yet.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && state.len == 0 => return Ok(()),
+            // Purged behind our back (`berth gc` in another process).
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 self.forget(id);
                 return Err(StorageError::UploadUnknown(id.clone()));
@@ -149,6 +155,170 @@ impl FsBlobStore {
         Ok(())
     }
 
+    /// Appends `body` at `offset` to a locked session, hashing as it goes. With
+    /// `defer_small`, a body that ends within [`SMALL_BODY`] is hashed but not written:
+    /// it is returned for the caller to write (the session's hash covers it, its length
+    /// does not yet).
+    async fn write_body(
+        &self,
+        id: &UploadId,
+        state: &mut Session,
+        offset: u64,
+        mut body: ByteStream,
+        defer_small: bool,
+    ) -> Result<Vec<Bytes>, StorageError> {
+        if offset != state.len {
+            return Err(StorageError::OutOfOrder {
+                expected: state.len,
+                got: offset,
+            });
+        }
+        let path = self.staged_path(id);
+        let hasher = match state.hasher.take() {
+            Some(h) => h,
+            None => {
+                let p = path.clone();
+                let (h, len) =
+                    tokio::task::spawn_blocking(move || hash_file(&p, Algorithm::Sha256))
+                        .await
+                        .map_err(io::Error::other)??;
+                state.len = len;
+                if offset != len {
+                    return Err(StorageError::OutOfOrder {
+                        expected: len,
+                        got: offset,
+                    });
+                }
+                h
+            }
+        };
+
+        // Small bodies (most config and layer blobs of real images) are gathered and written
+        // in one blocking call; larger ones are read and hashed here while a blocking thread
+        // writes: on two cores the network and the hash get one, the page-cache copy the other.
+        let mut hasher = hasher;
+        let mut head: Vec<Bytes> = Vec::new();
+        let mut head_len = 0usize;
+        let mut body_error = None;
+        let mut ended = false;
+        while head_len < SMALL_BODY {
+            match body.next().await {
+                None => {
+                    ended = true;
+                    break;
+                }
+                Some(Ok(chunk)) => {
+                    if !chunk.is_empty() {
+                        hasher.update(&chunk);
+                        head_len += chunk.len();
+                        head.push(chunk);
+                    }
+                }
+                Some(Err(e)) => {
+                    body_error = Some(e);
+                    ended = true;
+                    break;
+                }
+            }
+        }
+        if ended && body_error.is_none() && defer_small {
+            state.hasher = Some(hasher);
+            return Ok(head);
+        }
+        let start_len = state.len;
+        let (written, result) = if ended {
+            let p = path.clone();
+            tokio::task::spawn_blocking(move || crate::staging::append_batch(&p, &head))
+                .await
+                .map_err(io::Error::other)?
+        } else {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(PIPELINE_DEPTH);
+            let writer = tokio::task::spawn_blocking(move || {
+                crate::staging::append_chunks(&path, start_len, &mut rx)
+            });
+            let mut sending = true;
+            for chunk in head {
+                if tx.send(chunk).await.is_err() {
+                    sending = false; // the writer failed; its error is reported below
+                    break;
+                }
+            }
+            while sending {
+                match body.next().await {
+                    None => sending = false,
+                    Some(Ok(chunk)) if chunk.is_empty() => {}
+                    Some(Ok(chunk)) => {
+                        hasher.update(&chunk);
+                        sending = tx.send(chunk).await.is_ok();
+                    }
+                    Some(Err(e)) => {
+                        body_error = Some(e);
+                        sending = false;
+                    }
+                }
+            }
+            drop(tx);
+            writer.await.map_err(io::Error::other)?
+        };
+        match result {
+            Ok(()) => {
+                state.hasher = Some(hasher);
+                state.len = start_len + written;
+                state.unflushed += written;
+                if state.unflushed >= crate::staging::WRITEBACK_EVERY {
+                    state.unflushed = 0;
+                    let staged = self.staged_path(id);
+                    // Not awaited: the client need not wait for the disk yet.
+                    drop(tokio::task::spawn_blocking(move || {
+                        if let Ok(file) = File::open(&staged) {
+                            let _ = file.sync_data();
+                        }
+                    }));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Purged behind our back (`berth gc` in another process).
+                self.forget(id);
+                return Err(StorageError::UploadUnknown(id.clone()));
+            }
+            Err(e) => {
+                // What reached the file is unknown: rehash it on next use.
+                state.hasher = None;
+                state.len = tokio::fs::metadata(self.staged_path(id))
+                    .await
+                    .map(|m| m.len())
+                    .unwrap_or(0);
+                return Err(e.into());
+            }
+        }
+        if let Some(source) = body_error {
+            return Err(StorageError::BodyInterrupted {
+                kept: state.len,
+                source,
+            });
+        }
+        Ok(Vec::new())
+    }
+
+    /// The digest of a locked session's bytes: from the running hash, or by reading the
+    /// staged file (after a restart, or for another algorithm).
+    async fn session_digest(
+        &self,
+        id: &UploadId,
+        state: &mut Session,
+        algorithm: Algorithm,
+    ) -> Result<Digest, StorageError> {
+        if let (Some(h), Algorithm::Sha256) = (&state.hasher, algorithm) {
+            return Ok(h.clone().finish());
+        }
+        let staged = self.staged_path(id);
+        let (h, len) = tokio::task::spawn_blocking(move || hash_file(&staged, algorithm))
+            .await
+            .map_err(io::Error::other)??;
+        state.len = len;
+        Ok(h.finish())
+    }
+
     fn forget(&self, id: &UploadId) {
         self.sessions.lock().expect("sessions lock").remove(id);
     }
@@ -156,8 +326,13 @@ impl FsBlobStore {
 
 /// Hashes a whole file from the start; used after a restart or for non-default algorithms.
 fn hash_file(path: &Path, algorithm: Algorithm) -> io::Result<(DigestHasher, u64)> {
-    let mut file = File::open(path)?;
     let mut hasher = DigestHasher::new(algorithm);
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        // A session whose first bytes have yet to come.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((hasher, 0)),
+        Err(e) => return Err(e),
+    };
     let mut buf = vec![0u8; READ_CHUNK];
     let mut len = 0u64;
     loop {
@@ -262,6 +437,66 @@ fn sync_dir(path: &Path) -> io::Result<()> {
     File::open(path)?.sync_all()
 }
 
+/// The blocking half of a publication: writes the `pending` tail of the session, makes
+/// the staged bytes durable, waits for the go-ahead through `gate` (the metadata store's
+/// reservation, made meanwhile) and renames them into place. Returns how many pending
+/// bytes reached the file, and the outcome.
+fn publish_staged(
+    staged: &Path,
+    target: &Path,
+    pending: &[Bytes],
+    gate: tokio::sync::oneshot::Receiver<()>,
+) -> (u64, io::Result<()>) {
+    let mut written = 0;
+    let result = (|| {
+        // Created here if the session got no bytes before its last request.
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(staged)?;
+        if !pending.is_empty() {
+            crate::staging::write_batch(&mut file, pending)?;
+            written = pending.iter().map(|c| c.len() as u64).sum();
+        }
+        // Same content already published: nothing to flush, the first copy is kept.
+        let already = published_len(target)?.is_some();
+        if !already {
+            file.sync_data()?;
+        }
+        drop(file);
+        gate.blocking_recv()
+            .map_err(|_| io::Error::new(io::ErrorKind::Interrupted, "publication abandoned"))?;
+        if published_len(target)?.is_some() {
+            return std::fs::remove_file(staged);
+        }
+        if already {
+            // It went away meanwhile (collected): this copy is published after all.
+            File::open(staged)?.sync_data()?;
+        }
+        let dir = target.parent().expect("blob path has a parent");
+        // Directories created here must reach the disk too, each through its parent;
+        // directories that already existed are durable already.
+        let created = create_dirs(dir)?;
+        match std::fs::rename(staged, target) {
+            // An empty directory of Distribution's layout, left by an interrupted publish
+            // or delete, refuses the rename; checked only then, off the common path.
+            Err(e) if e.kind() == io::ErrorKind::IsADirectory || target.is_dir() => {
+                std::fs::remove_dir(target)?;
+                std::fs::rename(staged, target)?;
+            }
+            other => other?,
+        }
+        sync_dir(dir)?;
+        for parent in created.iter().filter_map(|d| d.parent()) {
+            if parent != dir {
+                sync_dir(parent)?;
+            }
+        }
+        Ok(())
+    })();
+    (written, result)
+}
+
 #[async_trait]
 impl BlobStore for FsBlobStore {
     async fn ready(&self) -> Result<(), StorageError> {
@@ -319,10 +554,8 @@ impl BlobStore for FsBlobStore {
     }
 
     async fn start_upload(&self, id: &UploadId) -> Result<(), StorageError> {
-        let staged = self.staged_path(id);
-        tokio::task::spawn_blocking(move || File::create(staged).map(drop))
-            .await
-            .map_err(io::Error::other)??;
+        // Nothing on disk yet: the staged file is created with the first bytes, by the
+        // thread that writes them (for most pushes, the one that then publishes them).
         let session = Session {
             hasher: Some(DigestHasher::new(Algorithm::Sha256)),
             len: 0,
@@ -346,199 +579,77 @@ impl BlobStore for FsBlobStore {
         &self,
         id: &UploadId,
         offset: u64,
-        mut body: ByteStream,
+        body: ByteStream,
     ) -> Result<u64, StorageError> {
         let session = self.session(id).await?;
         let mut state = session.lock().await;
         self.resync(id, &mut state)?;
-        if offset != state.len {
-            return Err(StorageError::OutOfOrder {
-                expected: state.len,
-                got: offset,
-            });
-        }
-        let path = self.staged_path(id);
-        let hasher = match state.hasher.take() {
-            Some(h) => h,
-            None => {
-                let p = path.clone();
-                let (h, len) =
-                    tokio::task::spawn_blocking(move || hash_file(&p, Algorithm::Sha256))
-                        .await
-                        .map_err(io::Error::other)??;
-                state.len = len;
-                if offset != len {
-                    return Err(StorageError::OutOfOrder {
-                        expected: len,
-                        got: offset,
-                    });
-                }
-                h
-            }
-        };
-
-        // Small bodies (most config and layer blobs of real images) are gathered and written
-        // in one blocking call; larger ones are read and hashed here while a blocking thread
-        // writes: on two cores the network and the hash get one, the page-cache copy the other.
-        let mut hasher = hasher;
-        let mut head: Vec<Bytes> = Vec::new();
-        let mut head_len = 0usize;
-        let mut body_error = None;
-        let mut ended = false;
-        while head_len < SMALL_BODY {
-            match body.next().await {
-                None => {
-                    ended = true;
-                    break;
-                }
-                Some(Ok(chunk)) => {
-                    if !chunk.is_empty() {
-                        hasher.update(&chunk);
-                        head_len += chunk.len();
-                        head.push(chunk);
-                    }
-                }
-                Some(Err(e)) => {
-                    body_error = Some(e);
-                    ended = true;
-                    break;
-                }
-            }
-        }
-        let start_len = state.len;
-        let (written, result) = if ended {
-            let p = path.clone();
-            tokio::task::spawn_blocking(move || crate::staging::append_batch(&p, &head))
-                .await
-                .map_err(io::Error::other)?
-        } else {
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(PIPELINE_DEPTH);
-            let writer = tokio::task::spawn_blocking(move || {
-                crate::staging::append_chunks(&path, start_len, &mut rx)
-            });
-            let mut sending = true;
-            for chunk in head {
-                if tx.send(chunk).await.is_err() {
-                    sending = false; // the writer failed; its error is reported below
-                    break;
-                }
-            }
-            while sending {
-                match body.next().await {
-                    None => sending = false,
-                    Some(Ok(chunk)) if chunk.is_empty() => {}
-                    Some(Ok(chunk)) => {
-                        hasher.update(&chunk);
-                        sending = tx.send(chunk).await.is_ok();
-                    }
-                    Some(Err(e)) => {
-                        body_error = Some(e);
-                        sending = false;
-                    }
-                }
-            }
-            drop(tx);
-            writer.await.map_err(io::Error::other)?
-        };
-        match result {
-            Ok(()) => {
-                state.hasher = Some(hasher);
-                state.len = start_len + written;
-                state.unflushed += written;
-                if state.unflushed >= crate::staging::WRITEBACK_EVERY {
-                    state.unflushed = 0;
-                    let staged = self.staged_path(id);
-                    // Not awaited: the client need not wait for the disk yet.
-                    drop(tokio::task::spawn_blocking(move || {
-                        if let Ok(file) = File::open(&staged) {
-                            let _ = file.sync_data();
-                        }
-                    }));
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                // Purged behind our back (`berth gc` in another process).
-                drop(state);
-                self.forget(id);
-                return Err(StorageError::UploadUnknown(id.clone()));
-            }
-            Err(e) => {
-                // What reached the file is unknown: rehash it on next use.
-                state.hasher = None;
-                state.len = tokio::fs::metadata(self.staged_path(id))
-                    .await
-                    .map(|m| m.len())
-                    .unwrap_or(0);
-                return Err(e.into());
-            }
-        }
-        if let Some(source) = body_error {
-            return Err(StorageError::BodyInterrupted {
-                kept: state.len,
-                source,
-            });
-        }
+        self.write_body(id, &mut state, offset, body, false).await?;
         Ok(state.len)
     }
 
     async fn commit(&self, id: &UploadId, expected: &Digest) -> Result<u64, StorageError> {
+        self.seal(id, None, expected).await?.publish().await
+    }
+
+    async fn seal<'a>(
+        &'a self,
+        id: &UploadId,
+        final_chunk: Option<(u64, ByteStream)>,
+        expected: &Digest,
+    ) -> Result<Sealed<'a>, StorageError> {
         let session = self.session(id).await?;
-        let mut state = session.lock().await;
+        let mut state = session.lock_owned().await;
         self.resync(id, &mut state)?;
-        let staged = self.staged_path(id);
-        let actual = match (&state.hasher, expected.algorithm()) {
-            (Some(h), Algorithm::Sha256) => h.clone().finish(),
-            _ => {
-                let p = staged.clone();
-                let algorithm = expected.algorithm();
-                let (h, len) = tokio::task::spawn_blocking(move || hash_file(&p, algorithm))
-                    .await
-                    .map_err(io::Error::other)??;
-                state.len = len;
-                h.finish()
-            }
-        };
+        // A small final chunk is written by the thread that then flushes and publishes
+        // it: one hand-off to the blocking pool for the whole request instead of two.
+        let mut pending = Vec::new();
+        if let Some((offset, body)) = final_chunk {
+            let defer = expected.algorithm() == Algorithm::Sha256;
+            pending = self.write_body(id, &mut state, offset, body, defer).await?;
+        }
+        let pending_len: u64 = pending.iter().map(|c| c.len() as u64).sum();
+        let actual = self
+            .session_digest(id, &mut state, expected.algorithm())
+            .await?;
         if actual != *expected {
+            if !pending.is_empty() {
+                // The chunk is kept, as any appended chunk is.
+                let staged = self.staged_path(id);
+                let (written, result) = tokio::task::spawn_blocking(move || {
+                    crate::staging::append_batch(&staged, &pending)
+                })
+                .await
+                .map_err(io::Error::other)?;
+                state.len += written;
+                if written != pending_len {
+                    state.hasher = None;
+                }
+                result?;
+            }
             return Err(StorageError::DigestMismatch {
                 expected: expected.clone(),
                 actual,
             });
         }
+        let base = state.len;
+        let (go, gate) = tokio::sync::oneshot::channel();
+        let staged = self.staged_path(id);
         let target = self.blob_path(expected);
-        tokio::task::spawn_blocking(move || -> io::Result<()> {
-            let dir = target.parent().expect("blob path has a parent");
-            if published_len(&target)?.is_some() {
-                // Same content is already published: keep the first copy.
-                return std::fs::remove_file(&staged);
+        let task =
+            tokio::task::spawn_blocking(move || publish_staged(&staged, &target, &pending, gate));
+        let id = id.clone();
+        Ok(Sealed::gated(go, async move {
+            let (written, outcome) = task.await.map_err(io::Error::other)?;
+            state.len = base + written;
+            if written != pending_len {
+                state.hasher = None;
             }
-            File::open(&staged)?.sync_data()?;
-            // Directories created here must reach the disk too, each through its parent;
-            // directories that already existed are durable already.
-            let created = create_dirs(dir)?;
-            match std::fs::rename(&staged, &target) {
-                // An empty directory of Distribution's layout, left by an interrupted
-                // publish or delete, refuses the rename; checked only then, off the
-                // common path.
-                Err(e) if e.kind() == io::ErrorKind::IsADirectory || target.is_dir() => {
-                    std::fs::remove_dir(&target)?;
-                    std::fs::rename(&staged, &target)?;
-                }
-                other => other?,
-            }
-            sync_dir(dir)?;
-            for parent in created.iter().filter_map(|d| d.parent()) {
-                if parent != dir {
-                    sync_dir(parent)?;
-                }
-            }
-            Ok(())
-        })
-        .await
-        .map_err(io::Error::other)??;
-        let size = state.len;
-        drop(state);
-        self.forget(id);
-        Ok(size)
+            outcome?;
+            drop(state);
+            self.forget(&id);
+            Ok(base + written)
+        }))
     }
 
     async fn abort(&self, id: &UploadId) -> Result<(), StorageError> {
@@ -694,10 +805,10 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(collect(part).await, b"worl");
-        assert!(matches!(
-            store.upload_len(&id).await,
-            Err(StorageError::UploadUnknown(_))
-        ));
+        // The session is over: nothing is left staged. (Whether an id names a session is
+        // the metadata store's to say; to this store, an unknown id holds no bytes.)
+        assert!(!store.staged_path(&id).exists());
+        assert_eq!(store.upload_len(&id).await.unwrap(), 0);
         store.delete(&digest).await.unwrap();
         assert_eq!(store.stat(&digest).await.unwrap(), None);
     }
@@ -738,11 +849,61 @@ mod tests {
         assert_eq!(store.commit(&id, &digest).await.unwrap(), 5);
         assert_eq!(store.stat(&digest).await.unwrap(), Some(5));
         let id2 = open_session(&store).await;
+        store.append(&id2, 0, body(&[b"dropped"])).await.unwrap();
         store.abort(&id2).await.unwrap();
+        assert!(!store.staged_path(&id2).exists());
+        assert_eq!(store.upload_len(&id2).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_session_has_no_file_until_its_first_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path()).unwrap();
+        let id = open_session(&store).await;
+        assert!(!store.staged_path(&id).exists());
+        assert_eq!(store.upload_len(&id).await.unwrap(), 0);
+        // Another process sharing the directory (a second node) sees the same empty session.
+        let other = FsBlobStore::open(dir.path()).unwrap();
+        assert_eq!(other.upload_len(&id).await.unwrap(), 0);
+        // An empty blob is published from a session that never got a byte.
+        let empty = Digest::sha256_of(b"");
+        assert_eq!(store.commit(&id, &empty).await.unwrap(), 0);
+        assert_eq!(store.stat(&empty).await.unwrap(), Some(0));
+        // The same for another algorithm, which rehashes the (missing) staged file.
+        let id = open_session(&store).await;
+        let empty512 = DigestHasher::new(Algorithm::Sha512).finish();
+        assert_eq!(other.commit(&id, &empty512).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_seal_leaves_the_session_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path()).unwrap();
+        let id = open_session(&store).await;
+        store.append(&id, 0, body(&[b"hello "])).await.unwrap();
+        let digest = Digest::sha256_of(b"hello world");
+        // A final chunk that does not match is kept, as any appended chunk is.
+        let wrong = Digest::sha256_of(b"something else");
         assert!(matches!(
-            store.upload_len(&id2).await,
-            Err(StorageError::UploadUnknown(_))
+            store.seal(&id, Some((6, body(&[b"wor"]))), &wrong).await,
+            Err(StorageError::DigestMismatch { .. })
         ));
+        assert_eq!(store.upload_len(&id).await.unwrap(), 9);
+        // The announcement is refused: nothing is published, the bytes stay staged.
+        let sealed = store
+            .seal(&id, Some((9, body(&[b"ld"]))), &digest)
+            .await
+            .unwrap();
+        sealed.abandon().await;
+        assert_eq!(store.stat(&digest).await.unwrap(), None);
+        assert_eq!(store.upload_len(&id).await.unwrap(), 11);
+        // A later attempt publishes them.
+        let sealed = store.seal(&id, None, &digest).await.unwrap();
+        assert_eq!(sealed.publish().await.unwrap(), 11);
+        assert_eq!(
+            collect(store.read(&digest, None).await.unwrap().unwrap()).await,
+            b"hello world"
+        );
     }
 
     /// Deterministic bytes that no two offsets share a pattern of.

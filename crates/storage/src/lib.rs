@@ -11,6 +11,7 @@ mod s3;
 mod staging;
 
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 
@@ -132,6 +133,58 @@ pub enum StorageError {
     Unavailable(String),
 }
 
+/// An upload whose bytes matched their digest and are on their way to disk, not yet
+/// published. Publishing a blob is announced to the metadata store before the bytes
+/// become visible (ARCHITECTURE.md, "A push publishes a blob"); the seal lets that announcement
+/// and the disk flush run at the same time instead of one after the other.
+#[must_use = "a seal must be published or abandoned"]
+pub struct Sealed<'a> {
+    go: Option<tokio::sync::oneshot::Sender<()>>,
+    finish: Pin<Box<dyn Future<Output = Result<u64, StorageError>> + Send + 'a>>,
+}
+
+impl<'a> Sealed<'a> {
+    /// A seal whose whole publication happens in `finish`, for backends with nothing
+    /// to overlap.
+    pub fn deferred(finish: impl Future<Output = Result<u64, StorageError>> + Send + 'a) -> Self {
+        Sealed {
+            go: None,
+            finish: Box::pin(finish),
+        }
+    }
+
+    /// A seal whose backend waits for `go` before it makes the bytes visible, and reports
+    /// through `finish`; a dropped `go` means "do not publish".
+    pub fn gated(
+        go: tokio::sync::oneshot::Sender<()>,
+        finish: impl Future<Output = Result<u64, StorageError>> + Send + 'a,
+    ) -> Self {
+        Sealed {
+            go: Some(go),
+            finish: Box::pin(finish),
+        }
+    }
+
+    /// Makes the bytes visible under their digest, atomically, once they are durable.
+    /// Returns the blob's size.
+    pub async fn publish(mut self) -> Result<u64, StorageError> {
+        if let Some(go) = self.go.take() {
+            // A backend that already gave up reports why through `finish`.
+            let _ = go.send(());
+        }
+        self.finish.await
+    }
+
+    /// Leaves the bytes unpublished and the session open (the announcement was refused),
+    /// returning once the backend is done with the session.
+    pub async fn abandon(mut self) {
+        drop(self.go.take());
+        if let Err(e) = self.finish.await {
+            tracing::debug!(error = %e, "abandoned publication ended");
+        }
+    }
+}
+
 /// Content-addressed blob storage. Implementations must make `commit` atomic: after a
 /// crash at any point the blob is absent or whole.
 #[async_trait]
@@ -146,6 +199,9 @@ pub trait BlobStore: Send + Sync + 'static {
     ) -> Result<Option<ByteStream>, StorageError>;
     /// Opens an empty upload session under `id` (a fresh [`UploadId::new_random`]). The
     /// caller picks the id so that it can record the session elsewhere at the same time.
+    /// A backend may store nothing until the first bytes arrive (the file system's does
+    /// not create the staged file before), so to it an id without bytes is an empty
+    /// session: whether an id names a session at all is for that record to say.
     async fn start_upload(&self, id: &UploadId) -> Result<(), StorageError>;
     /// How many bytes the session holds: where the next chunk must start.
     async fn upload_len(&self, id: &UploadId) -> Result<u64, StorageError>;
@@ -161,6 +217,23 @@ pub trait BlobStore: Send + Sync + 'static {
     /// them atomically under that digest. Returns the size. On a mismatch the session
     /// stays open.
     async fn commit(&self, id: &UploadId, expected: &Digest) -> Result<u64, StorageError>;
+    /// Appends `final_chunk` (at its offset) if there is one, verifies the session's bytes
+    /// against `expected` and starts making them durable; [`Sealed::publish`] then does
+    /// what `commit` does. On a mismatch the session stays open, the chunk appended.
+    async fn seal<'a>(
+        &'a self,
+        id: &UploadId,
+        final_chunk: Option<(u64, ByteStream)>,
+        expected: &Digest,
+    ) -> Result<Sealed<'a>, StorageError> {
+        if let Some((offset, body)) = final_chunk {
+            self.append(id, offset, body).await?;
+        }
+        let (id, expected) = (id.clone(), expected.clone());
+        Ok(Sealed::deferred(async move {
+            self.commit(&id, &expected).await
+        }))
+    }
     /// Drops a session and its bytes.
     async fn abort(&self, id: &UploadId) -> Result<(), StorageError>;
     /// Every upload session with the time its bytes last changed, so garbage collection can

@@ -38,6 +38,7 @@ pub(crate) fn append_chunks(
 ) -> (u64, io::Result<()>) {
     match OpenOptions::new()
         .write(true)
+        .create(true)
         .custom_flags(libc::O_DIRECT)
         .open(path)
     {
@@ -181,7 +182,7 @@ fn append_buffered(
 ) -> (u64, io::Result<()>) {
     let mut written = 0u64;
     let result = (|| {
-        let mut file = OpenOptions::new().append(true).open(path)?;
+        let mut file = OpenOptions::new().append(true).create(true).open(path)?;
         let mut writeback = Writeback::new(&file)?;
         let mut batch: Vec<Bytes> = Vec::with_capacity(64);
         let mut batch_len = 0usize;
@@ -208,6 +209,7 @@ fn append_buffered(
 pub(crate) fn append_batch(path: &Path, chunks: &[Bytes]) -> (u64, io::Result<()>) {
     let result = OpenOptions::new()
         .append(true)
+        .create(true)
         .open(path)
         .and_then(|mut f| write_batch(&mut f, chunks));
     match result {
@@ -216,7 +218,8 @@ pub(crate) fn append_batch(path: &Path, chunks: &[Bytes]) -> (u64, io::Result<()
     }
 }
 
-fn write_batch(file: &mut File, batch: &[Bytes]) -> io::Result<()> {
+/// Writes `batch` at the file's position with as few vectored writes as it takes.
+pub(crate) fn write_batch(file: &mut File, batch: &[Bytes]) -> io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> = batch.iter().map(|b| IoSlice::new(b)).collect();
     let mut rest = &mut slices[..];
     while !rest.is_empty() {

@@ -154,7 +154,9 @@ fn kill_before_any_upload_finishes_leaves_nothing_published() {
     let data_dir = tempfile::tempdir().unwrap();
     let server = BerthProcess::spawn(binary, data_dir.path());
     let base = server.url();
-    let data = vec![42u8; 256 * 1024];
+    // Large enough to be written as it arrives (small bodies are gathered in memory and
+    // written with the publication), so that a staged file shows the upload under way.
+    let data = vec![42u8; 4 * 1024 * 1024];
     let digest = sha256(&data);
     let host = base.trim_start_matches("http://").to_owned();
     let mut conn = TcpStream::connect(&host).unwrap();
@@ -164,7 +166,7 @@ fn kill_before_any_upload_finishes_leaves_nothing_published() {
         data.len()
     )
     .unwrap();
-    conn.write_all(&data[..100_000]).unwrap();
+    conn.write_all(&data[..1_000_000]).unwrap();
     conn.flush().unwrap();
     let uploads = data_dir.path().join("uploads");
     assert!(wait_until(Duration::from_secs(10), || std::fs::read_dir(
