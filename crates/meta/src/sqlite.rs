@@ -1,6 +1,7 @@
 //! The embedded SQLite backend: one file in the data directory, WAL mode, one writer
 //! connection and a few readers so that pulls never wait behind a push.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -146,6 +147,12 @@ pub struct SqliteMeta {
     writer: group_commit::GroupCommitter,
     readers: Arc<Vec<Mutex<Connection>>>,
     next_reader: AtomicUsize,
+    /// Upload sessions this process opened and has not seen end, with their repository.
+    /// A POST answers without waiting for its record to commit, and the requests that
+    /// follow find their session here without a read transaction. (Only this process
+    /// serves the file; a session another process purged behind its back is caught by
+    /// the blob store, which finds its bytes gone.)
+    open_uploads: Mutex<HashMap<String, String>>,
 }
 
 fn backend(e: rusqlite::Error) -> MetaError {
@@ -212,6 +219,7 @@ impl SqliteMeta {
             writer: group_commit::GroupCommitter::start(writer, path).map_err(backend)?,
             readers: Arc::new(readers),
             next_reader: AtomicUsize::new(0),
+            open_uploads: Mutex::default(),
         })
     }
 
@@ -240,6 +248,12 @@ impl SqliteMeta {
         })
         .await
         .map_err(|e| MetaError::Backend(e.to_string()))?
+    }
+
+    fn open_uploads(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.open_uploads
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Runs `f` as one atomic write, committed (with others waiting at the same time)
@@ -334,9 +348,10 @@ impl MetaStore for SqliteMeta {
         size: u64,
         finished_upload: Option<&str>,
     ) -> Result<(), MetaError> {
-        let finished_upload = finished_upload.map(str::to_owned);
+        let finished = finished_upload.map(str::to_owned);
+        let finished_upload = finished.clone();
         let (repo, digest) = (repo.as_str().to_owned(), digest.as_str().to_owned());
-        self.write(move |tx| {
+        let linked = self.write(move |tx| {
             let t = now();
             let live = exec(tx,
                     "UPDATE blobs SET size = ?2, last_used_at = ?3 WHERE digest = ?1 AND state = 'live'",
@@ -357,7 +372,11 @@ impl MetaStore for SqliteMeta {
             }
             Ok(())
         })
-        .await
+        .await;
+        if let (Ok(()), Some(id)) = (&linked, finished) {
+            self.open_uploads().remove(&id);
+        }
+        linked
     }
 
     async fn touch_blob(&self, digest: &Digest) -> Result<(), MetaError> {
@@ -658,7 +677,10 @@ impl MetaStore for SqliteMeta {
 
     async fn record_upload(&self, upload_id: &str, repo: &RepoName) -> Result<(), MetaError> {
         let (id, repo) = (upload_id.to_owned(), repo.as_str().to_owned());
-        self.write_visible(move |tx| {
+        self.open_uploads().insert(id.clone(), repo.clone());
+        // Not awaited: the session is known here at once, and its record, needed only by
+        // a later process (after a restart, or `berth gc`), commits with the next batch.
+        self.writer.submit(move |tx| {
             exec(
                 tx,
                 "INSERT INTO uploads (id, repo, started_at) VALUES (?1, ?2, ?3)",
@@ -666,11 +688,14 @@ impl MetaStore for SqliteMeta {
             )
             .map_err(backend)?;
             Ok(())
-        })
-        .await
+        });
+        Ok(())
     }
 
     async fn upload_repo(&self, upload_id: &str) -> Result<Option<String>, MetaError> {
+        if let Some(repo) = self.open_uploads().get(upload_id) {
+            return Ok(Some(repo.clone()));
+        }
         let id = upload_id.to_owned();
         self.read(move |conn| {
             conn.prepare_cached("SELECT repo FROM uploads WHERE id = ?1")
@@ -681,6 +706,7 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn forget_upload(&self, upload_id: &str) -> Result<(), MetaError> {
+        self.open_uploads().remove(upload_id);
         let id = upload_id.to_owned();
         self.write(move |tx| {
             exec(tx, "DELETE FROM uploads WHERE id = ?1", params![id]).map_err(backend)?;
@@ -888,5 +914,42 @@ mod tests {
             meta.try_lease("gc", "a", 60_000).await.unwrap(),
             "expired: taken over"
         );
+    }
+
+    #[tokio::test]
+    async fn upload_sessions_are_known_at_once_and_recorded_for_later_processes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.db");
+        let meta = SqliteMeta::open(&path).unwrap();
+        let repo = RepoName::parse("team/app").unwrap();
+        meta.record_upload("s1", &repo).await.unwrap();
+        meta.record_upload("s2", &repo).await.unwrap();
+        // Known to this process before the record commits.
+        assert_eq!(
+            meta.upload_repo("s1").await.unwrap().as_deref(),
+            Some("team/app")
+        );
+        // A durable write commits after the queued ones: another process sees them.
+        meta.try_lease("barrier", "x", 60_000).await.unwrap();
+        let other = SqliteMeta::open(&path).unwrap();
+        assert_eq!(
+            other.upload_repo("s2").await.unwrap().as_deref(),
+            Some("team/app")
+        );
+        assert_eq!(
+            other.uploads_started_before(i64::MAX).await.unwrap().len(),
+            2
+        );
+        // Ended here, forgotten everywhere.
+        meta.forget_upload("s1").await.unwrap();
+        assert_eq!(meta.upload_repo("s1").await.unwrap(), None);
+        assert_eq!(other.upload_repo("s1").await.unwrap(), None);
+        // A session finished by a link is forgotten too.
+        meta.reserve_blob(&digest('a')).await.unwrap();
+        meta.link_blob(&repo, &digest('a'), 3, Some("s2"))
+            .await
+            .unwrap();
+        assert_eq!(meta.upload_repo("s2").await.unwrap(), None);
+        assert_eq!(other.upload_repo("s2").await.unwrap(), None);
     }
 }

@@ -14,6 +14,7 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use berth_meta::GcSelection;
+use berth_storage::UploadId;
 use serde::Serialize;
 
 use crate::{now_ms, Registry, RegistryError};
@@ -175,6 +176,14 @@ impl Registry {
                 .await?;
             for id in stale {
                 if !sessions.iter().any(|(s, _)| s.as_str() == id) {
+                    // A session that never got a byte has no staged file, but may have
+                    // state in the blob store: drop it too.
+                    if let Some(upload) = UploadId::parse(&id) {
+                        match self.blobs.abort(&upload).await {
+                            Ok(()) | Err(berth_storage::StorageError::UploadUnknown(_)) => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
                     self.meta.forget_upload(&id).await?;
                 }
             }

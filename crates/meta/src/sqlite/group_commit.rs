@@ -129,6 +129,32 @@ impl GroupCommitter {
     }
 }
 
+impl GroupCommitter {
+    /// Queues `write` for the next shared transaction without waiting for it: for
+    /// records nobody reads back before a restart. A failure is logged.
+    pub(super) fn submit<F>(&self, write: F)
+    where
+        F: FnOnce(&Connection) -> Result<(), MetaError> + Send + 'static,
+    {
+        let (reply, _) = tokio::sync::oneshot::channel();
+        let job = TypedJob {
+            durable: false,
+            write: Some(move |conn: &Connection| {
+                let outcome = write(conn);
+                if let Err(e) = &outcome {
+                    tracing::warn!(error = %e, "a queued metadata write failed");
+                }
+                outcome
+            }),
+            outcome: None,
+            reply,
+        };
+        if self.jobs.send(Box::new(job)).is_err() {
+            tracing::warn!("metadata writer stopped; a queued write was dropped");
+        }
+    }
+}
+
 /// Whether a write must reach the disk before its caller is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Durability {
@@ -138,9 +164,9 @@ pub(super) enum Durability {
     /// collection, does so only after a durable write of its own, whose flush covers
     /// every commit before it.)
     Synced,
-    /// Bookkeeping whose loss in a power failure costs a retry, never data: upload
-    /// sessions and blob reservations. Committed (visible to every reader, and kept if
-    /// only the process dies) but flushed with the next synced commit.
+    /// Bookkeeping whose loss in a power failure costs a retry, never data: blob
+    /// reservations and touches. Committed (visible to every reader, and kept if only the
+    /// process dies) but flushed with the next synced commit.
     Visible,
 }
 
