@@ -18,6 +18,8 @@ pub(crate) struct Settings {
     pub(crate) data_dir: PathBuf,
     pub(crate) log_level: String,
     pub(crate) max_manifest_bytes: usize,
+    /// Blob downloads go out with `sendfile` (see `App::with_sendfile`).
+    pub(crate) sendfile: bool,
     pub(crate) meta: MetaConfig,
     pub(crate) storage: StorageConfig,
     pub(crate) gc: GcSettings,
@@ -168,6 +170,7 @@ struct FileConfig {
     listen: Option<String>,
     data_dir: Option<PathBuf>,
     log_level: Option<String>,
+    sendfile: Option<bool>,
     #[serde(default)]
     limits: FileLimits,
     #[serde(default)]
@@ -233,6 +236,7 @@ impl Settings {
                 .max_manifest_bytes
                 .or(file_config.limits.max_manifest_bytes)
                 .unwrap_or(berth_registry::Limits::default().max_manifest_bytes),
+            sendfile: file_config.sendfile.unwrap_or(false),
             gc: gc_settings(&file_config.gc),
             auth,
             storage,
@@ -315,6 +319,7 @@ mod tests {
         let s = Settings::load(Some(&path), Overrides::default()).unwrap();
         assert_eq!(s.listen.port(), 6000);
         assert_eq!(s.max_manifest_bytes, 1024);
+        assert!(!s.sendfile);
         let s = Settings::load(
             Some(&path),
             Overrides {

@@ -328,7 +328,8 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, data_dir = %settings.data_dir.display(), "berth listening on http://{addr}");
         tracing::info!(auth = ?access.settings().mode, "access control");
-        let app = App::new(registry, access.clone(), settings.gc.options.clone());
+        let app = App::new(registry, access.clone(), settings.gc.options.clone())
+            .with_sendfile(settings.sendfile);
         berth_server::serve(listener, app, shutdown_signal()).await?;
         access.flush_audit().await;
         tracing::info!("berth stopped");

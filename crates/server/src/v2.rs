@@ -471,7 +471,13 @@ async fn get_blob(
     };
     let body = match blob.body {
         BlobBytes::Stream(stream) => Body::from_stream(stream),
-        BlobBytes::File { file, start, len } => Body::new(peer.file_body(file, start, len)),
+        BlobBytes::File { file, start, len } if app.sendfile => {
+            Body::new(peer.file_body(file, start, len))
+        }
+        BlobBytes::File { file, start, len } => Body::from_stream(
+            berth_storage::stream_file_range(file, start, len)
+                .map_err(|e| OciError::internal(&e))?,
+        ),
     };
     Ok(response(status, out, body))
 }

@@ -21,6 +21,7 @@ use bytes::Bytes;
 use futures_util::Stream;
 
 pub use fs::FsBlobStore;
+pub use reading::stream_file_range;
 
 /// A blob's file, opened: blob files never change once published (content addressed,
 /// only ever unlinked), so the handle reads the same bytes for as long as it is held.

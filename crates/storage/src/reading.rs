@@ -3,7 +3,7 @@
 //! small read.
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, Read, Seek, SeekFrom};
 
 use bytes::Bytes;
 
@@ -13,6 +13,13 @@ use crate::ByteStream;
 const CHUNK: usize = 512 * 1024;
 /// Chunks read ahead of the socket: with `CHUNK` this bounds a download's buffers to 1 MiB.
 const AHEAD: usize = 2;
+
+/// Streams `len` bytes of an opened blob file from `start`: what the HTTP edge sends a
+/// [`crate::LocalBlob`] with when it does not hand the file to `sendfile`.
+pub fn stream_file_range(mut file: File, start: u64, len: u64) -> io::Result<ByteStream> {
+    file.seek(SeekFrom::Start(start))?;
+    Ok(stream_file(file, Some(len)))
+}
 
 /// Streams `len` bytes (or everything) from `file`'s current position.
 pub(crate) fn stream_file(mut file: File, len: Option<u64>) -> ByteStream {

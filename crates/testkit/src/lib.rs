@@ -94,6 +94,8 @@ pub struct Options {
     pub s3_redirect: Option<Duration>,
     /// With [`BlobBackend::S3`]: this server instead of the shared one.
     pub s3_config: Option<S3Config>,
+    /// Send blob files with `sendfile` (`App::with_sendfile`).
+    pub sendfile: bool,
 }
 
 impl Default for Options {
@@ -114,6 +116,7 @@ impl Default for Options {
             s3_prefix: None,
             s3_redirect: None,
             s3_config: None,
+            sendfile: false,
         }
     }
 }
@@ -240,6 +243,7 @@ impl TestRegistry {
             s3_prefix,
             s3_redirect,
             s3_config,
+            sendfile,
         } = options;
         let data_dir = match data_dir {
             Some(path) => DataDir::Shared(path),
@@ -279,8 +283,12 @@ impl TestRegistry {
                 let stop = async move {
                     let _ = rx.await;
                 };
-                if let Err(e) =
-                    berth_server::serve(listener, App::new(registry, access, gc), stop).await
+                if let Err(e) = berth_server::serve(
+                    listener,
+                    App::new(registry, access, gc).with_sendfile(sendfile),
+                    stop,
+                )
+                .await
                 {
                     eprintln!("test registry stopped with {e}");
                 }

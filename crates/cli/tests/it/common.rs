@@ -46,7 +46,8 @@ pub(crate) fn start_trusting(
     })
 }
 
-fn start_opts(options: Options) -> TestRegistry {
+/// A registry on this suite's backends, with `options` otherwise.
+pub(crate) fn start_opts(options: Options) -> TestRegistry {
     TestRegistry::start_opts(Options {
         meta: crate::BACKEND,
         blobs: crate::BLOBS,

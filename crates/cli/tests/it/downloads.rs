@@ -1,6 +1,7 @@
-//! Blob downloads over real connections: whole blobs and ranges that cross the slices the
-//! file-system backend hands to `sendfile`, several responses in a row on one keep-alive
-//! connection (the framing must survive a file body), and clients that leave mid-download.
+//! Blob downloads over real connections, both ways a blob file goes out (copied through a
+//! read-ahead thread, the default, and handed to `sendfile`): whole blobs and ranges that
+//! cross the slices and chunks, several responses in a row on one keep-alive connection
+//! (the framing must survive a file body), and clients that leave mid-download.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -46,9 +47,23 @@ fn get(path: &str, host: &str, extra: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n")
 }
 
+/// A registry on this suite's backends, sending blob files with `sendfile` or not.
+fn start(sendfile: bool) -> berth_testkit::TestRegistry {
+    crate::start_opts(berth_testkit::Options {
+        sendfile,
+        ..Default::default()
+    })
+}
+
 #[test]
 fn large_blobs_whole_ranged_and_back_to_back_on_one_connection() {
-    let reg = crate::start();
+    for sendfile in [false, true] {
+        whole_ranged_and_back_to_back(sendfile);
+    }
+}
+
+fn whole_ranged_and_back_to_back(sendfile: bool) {
+    let reg = start(sendfile);
     let base = reg.url();
     // Three slices and an odd tail; pushed in one request, so written with direct I/O and
     // not in the page cache when first read.
@@ -123,7 +138,13 @@ fn large_blobs_whole_ranged_and_back_to_back_on_one_connection() {
 
 #[test]
 fn clients_leaving_mid_download_do_not_disturb_others() {
-    let reg = crate::start();
+    for sendfile in [false, true] {
+        leaving_mid_download(sendfile);
+    }
+}
+
+fn leaving_mid_download(sendfile: bool) {
+    let reg = start(sendfile);
     let base = reg.url();
     let data = pattern(24 * 1024 * 1024);
     let digest = push_blob(&base, "dl/leave", &data);
