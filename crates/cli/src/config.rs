@@ -336,10 +336,11 @@ mod tests {
         assert!(s.gc.interval.is_none());
         std::fs::write(
             &path,
-            "[gc]\ninterval_secs = 3600\nblob_grace_secs = 60\ndelete_untagged = true\n",
+            "sendfile = true\n[gc]\ninterval_secs = 3600\nblob_grace_secs = 60\ndelete_untagged = true\n",
         )
         .unwrap();
         let s = Settings::load(Some(&path), Overrides::default()).unwrap();
+        assert!(s.sendfile);
         assert_eq!(s.gc.interval, Some(Duration::from_secs(3600)));
         assert_eq!(s.gc.options.blob_grace, Duration::from_secs(60));
         assert!(s.gc.options.delete_untagged);

@@ -9,9 +9,12 @@ use bytes::Bytes;
 
 use crate::ByteStream;
 
-/// Bytes per read.
-const CHUNK: usize = 512 * 1024;
-/// Chunks read ahead of the socket: with `CHUNK` this bounds a download's buffers to 1 MiB.
+/// Bytes per read. Measured with sixteen parallel downloads: 512 KiB and 128 KiB ran at
+/// the same rate, but each reading thread's allocator arena kept its peak of chunks, and
+/// the server's peak RSS went from 31 MiB to 57-68 MiB.
+const CHUNK: usize = 128 * 1024;
+/// Chunks read ahead of the socket: with `CHUNK` this bounds a download's queued buffers
+/// to 256 KiB.
 const AHEAD: usize = 2;
 
 /// Streams `len` bytes of an opened blob file from `start`: what the HTTP edge sends a
