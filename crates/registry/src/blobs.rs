@@ -245,11 +245,6 @@ impl Registry {
         final_chunk: Option<(Option<u64>, ByteStream)>,
     ) -> Result<u64, RegistryError> {
         let id = self.own_upload(repo, id).await?;
-        let final_chunk = match final_chunk {
-            Some((Some(start), body)) => Some((start, body)),
-            Some((None, body)) => Some((self.blobs.upload_len(&id).await?, body)),
-            None => None,
-        };
         let size = self.publish_upload(&id, final_chunk, digest).await?;
         self.link_published_blob(repo, digest, size, Some(&id))
             .await?;
@@ -265,7 +260,7 @@ impl Registry {
     async fn publish_upload(
         &self,
         id: &UploadId,
-        final_chunk: Option<(u64, ByteStream)>,
+        final_chunk: Option<(Option<u64>, ByteStream)>,
         digest: &Digest,
     ) -> Result<u64, RegistryError> {
         let sealed = self.blobs.seal(id, final_chunk, digest).await?;
@@ -296,7 +291,9 @@ impl Registry {
     ) -> Result<u64, RegistryError> {
         let id = UploadId::new_random();
         self.blobs.start_upload(&id).await?;
-        let result = self.publish_upload(&id, Some((0, body)), digest).await;
+        let result = self
+            .publish_upload(&id, Some((Some(0), body)), digest)
+            .await;
         match result {
             Ok(size) => {
                 self.link_published_blob(repo, digest, size, None).await?;

@@ -595,7 +595,7 @@ impl BlobStore for FsBlobStore {
     async fn seal<'a>(
         &'a self,
         id: &UploadId,
-        final_chunk: Option<(u64, ByteStream)>,
+        final_chunk: Option<(Option<u64>, ByteStream)>,
         expected: &Digest,
     ) -> Result<Sealed<'a>, StorageError> {
         let session = self.session(id).await?;
@@ -604,7 +604,9 @@ impl BlobStore for FsBlobStore {
         // A small final chunk is written by the thread that then flushes and publishes
         // it: one hand-off to the blocking pool for the whole request instead of two.
         let mut pending = Vec::new();
-        if let Some((offset, body)) = final_chunk {
+        if let Some((start, body)) = final_chunk {
+            // Without a client offset the chunk goes at the end, which the lock holds still.
+            let offset = start.unwrap_or(state.len);
             let defer = expected.algorithm() == Algorithm::Sha256;
             pending = self.write_body(id, &mut state, offset, body, defer).await?;
         }
@@ -885,13 +887,15 @@ mod tests {
         // A final chunk that does not match is kept, as any appended chunk is.
         let wrong = Digest::sha256_of(b"something else");
         assert!(matches!(
-            store.seal(&id, Some((6, body(&[b"wor"]))), &wrong).await,
+            store
+                .seal(&id, Some((Some(6), body(&[b"wor"]))), &wrong)
+                .await,
             Err(StorageError::DigestMismatch { .. })
         ));
         assert_eq!(store.upload_len(&id).await.unwrap(), 9);
         // The announcement is refused: nothing is published, the bytes stay staged.
         let sealed = store
-            .seal(&id, Some((9, body(&[b"ld"]))), &digest)
+            .seal(&id, Some((None, body(&[b"ld"]))), &digest)
             .await
             .unwrap();
         sealed.abandon().await;

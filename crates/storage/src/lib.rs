@@ -179,7 +179,9 @@ impl<'a> Sealed<'a> {
     /// Leaves the bytes unpublished and the session open (the announcement was refused),
     /// returning once the backend is done with the session.
     pub async fn abandon(mut self) {
-        drop(self.go.take());
+        // A deferred seal's `finish` is the whole publication: it must not run at all.
+        let Some(go) = self.go.take() else { return };
+        drop(go);
         if let Err(e) = self.finish.await {
             tracing::debug!(error = %e, "abandoned publication ended");
         }
@@ -218,16 +220,21 @@ pub trait BlobStore: Send + Sync + 'static {
     /// them atomically under that digest. Returns the size. On a mismatch the session
     /// stays open.
     async fn commit(&self, id: &UploadId, expected: &Digest) -> Result<u64, StorageError>;
-    /// Appends `final_chunk` (at its offset) if there is one, verifies the session's bytes
-    /// against `expected` and starts making them durable; [`Sealed::publish`] then does
-    /// what `commit` does. On a mismatch the session stays open, the chunk appended.
+    /// Appends `final_chunk` if there is one (at its offset, or at the session's end when
+    /// the client gave none), verifies the session's bytes against `expected` and starts
+    /// making them durable; [`Sealed::publish`] then does what `commit` does. On a
+    /// mismatch the session stays open, the chunk appended.
     async fn seal<'a>(
         &'a self,
         id: &UploadId,
-        final_chunk: Option<(u64, ByteStream)>,
+        final_chunk: Option<(Option<u64>, ByteStream)>,
         expected: &Digest,
     ) -> Result<Sealed<'a>, StorageError> {
-        if let Some((offset, body)) = final_chunk {
+        if let Some((start, body)) = final_chunk {
+            let offset = match start {
+                Some(offset) => offset,
+                None => self.upload_len(id).await?,
+            };
             self.append(id, offset, body).await?;
         }
         let (id, expected) = (id.clone(), expected.clone());
