@@ -150,18 +150,32 @@ impl Registry {
         Ok(report)
     }
 
-    /// Drops upload sessions whose bytes have not changed for `upload_max_age`, and the
-    /// metadata of sessions whose bytes are already gone.
+    /// Drops upload sessions whose bytes have not changed for `upload_max_age`, and those
+    /// opened that long ago with no bytes at all (nothing staged, only their record).
     async fn purge_uploads(&self, options: &GcOptions) -> Result<u64, RegistryError> {
         let cutoff = SystemTime::now() - options.upload_max_age;
-        let mut purged = 0;
         let sessions = self.blobs.list_uploads().await?;
-        for (id, changed) in &sessions {
-            if *changed >= cutoff {
-                continue;
+        let mut stale: Vec<UploadId> = sessions
+            .iter()
+            .filter(|(_, changed)| *changed < cutoff)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let recorded = self
+            .meta
+            .uploads_started_before(now_ms() - millis(options.upload_max_age))
+            .await?;
+        for id in recorded {
+            if !sessions.iter().any(|(s, _)| s.as_str() == id) {
+                match UploadId::parse(&id) {
+                    Some(upload) => stale.push(upload),
+                    // Not an id this version hands out: only its record is left to drop.
+                    None if !options.dry_run => self.meta.forget_upload(&id).await?,
+                    None => {}
+                }
             }
-            purged += 1;
-            if !options.dry_run {
+        }
+        if !options.dry_run {
+            for id in &stale {
                 match self.blobs.abort(id).await {
                     Ok(()) | Err(berth_storage::StorageError::UploadUnknown(_)) => {}
                     Err(e) => return Err(e.into()),
@@ -169,25 +183,6 @@ impl Registry {
                 self.meta.forget_upload(id.as_str()).await?;
             }
         }
-        if !options.dry_run {
-            let stale = self
-                .meta
-                .uploads_started_before(now_ms() - millis(options.upload_max_age))
-                .await?;
-            for id in stale {
-                if !sessions.iter().any(|(s, _)| s.as_str() == id) {
-                    // A session that never got a byte has no staged file, but may have
-                    // state in the blob store: drop it too.
-                    if let Some(upload) = UploadId::parse(&id) {
-                        match self.blobs.abort(&upload).await {
-                            Ok(()) | Err(berth_storage::StorageError::UploadUnknown(_)) => {}
-                            Err(e) => return Err(e.into()),
-                        }
-                    }
-                    self.meta.forget_upload(&id).await?;
-                }
-            }
-        }
-        Ok(purged)
+        Ok(stale.len() as u64)
     }
 }

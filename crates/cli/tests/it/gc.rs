@@ -245,6 +245,16 @@ fn grace_period_protects_fresh_blobs_and_abandoned_uploads_are_purged() {
         .body(b"abandoned".to_vec())
         .send()
         .unwrap();
+    // Opened and never sent a byte: nothing staged, only its record.
+    let r = http()
+        .post(format!("{base}/v2/team/app/blobs/uploads/"))
+        .send()
+        .unwrap();
+    let empty = format!("{base}{}", r.headers()["location"].to_str().unwrap());
+    assert_eq!(
+        http().get(&empty).send().unwrap().status(),
+        StatusCode::NO_CONTENT
+    );
 
     let report = run_gc(&base, "");
     assert!(
@@ -252,11 +262,13 @@ fn grace_period_protects_fresh_blobs_and_abandoned_uploads_are_purged() {
         "inside the grace period: {report}"
     );
     assert_eq!(blob_status(&base, "team/app", &digest), StatusCode::OK);
-    assert_eq!(report["uploads_purged"], 1);
-    assert_eq!(
-        http().get(&location).send().unwrap().status(),
-        StatusCode::NOT_FOUND
-    );
+    assert_eq!(report["uploads_purged"], 2);
+    for session in [&location, &empty] {
+        assert_eq!(
+            http().get(session).send().unwrap().status(),
+            StatusCode::NOT_FOUND
+        );
+    }
     if crate::BLOBS == berth_testkit::BlobBackend::Filesystem {
         assert_eq!(
             std::fs::read_dir(reg.data_dir().join("uploads"))
