@@ -4,7 +4,7 @@
 //! to its name. Bounded in time; `BERTH_STRESS_SECS` and `BERTH_STRESS_WRITERS` make it
 //! bigger (see README).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,8 +28,9 @@ struct Counters {
 }
 
 /// How long past the run's end a push may keep hearing that its digest is being deleted.
-/// Collections finish within milliseconds here; a digest busy for longer means a collection
-/// stopped half-way (the collector thread's own failure is then reported at its join).
+/// The last collection starts before the run's end and finishes within a second here; a
+/// digest busy for longer means a collection stopped half-way (the collector thread's own
+/// failure is then reported at its join).
 const BUSY_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Pushes one blob the way clients do: HEAD first, upload if absent, retry (after a short
@@ -98,7 +99,6 @@ fn concurrent_push_delete_and_gc_lose_nothing() {
     });
     let live: Arc<Mutex<Vec<(String, String, String)>>> = Arc::default(); // (repo, tag, digest)
     let deleted: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
     let deadline = Instant::now() + Duration::from_secs(secs);
     let bases: Arc<Vec<Vec<u8>>> = Arc::new((0..3).map(|i| layer(1000 + i, 64 * 1024)).collect());
 
@@ -193,25 +193,32 @@ fn concurrent_push_delete_and_gc_lose_nothing() {
         }));
     }
     {
-        let (base, counters, stop) = (base.clone(), counters.clone(), stop.clone());
+        // With no grace at all, an image whose pieces are unreferenced until its manifest
+        // lands can lose a piece to every pass: a collector that never pauses starves the
+        // writers (that is what the grace period is for). So after each pass it waits for
+        // one image to land (or 300 ms), racing the writers still in flight; and it stops
+        // with the run, so that every writer finishes the image it is on.
+        let (base, counters) = (base.clone(), counters.clone());
         threads.push(std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
+            while Instant::now() < deadline {
                 let report = run_gc(&base, "delete_untagged=true");
                 counters.collections.fetch_add(1, Ordering::Relaxed);
                 counters.blobs_removed.fetch_add(
                     report["blobs_removed"].as_array().unwrap().len() as u64,
                     Ordering::Relaxed,
                 );
-                std::thread::sleep(Duration::from_millis(50));
+                let (pushed, paused) = (counters.pushes.load(Ordering::Relaxed), Instant::now());
+                while counters.pushes.load(Ordering::Relaxed) == pushed
+                    && paused.elapsed() < Duration::from_millis(300)
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
             }
         }));
     }
-    let gc_thread = threads.pop().unwrap();
     for t in threads {
         t.join().expect("worker panicked");
     }
-    stop.store(true, Ordering::Relaxed);
-    gc_thread.join().expect("gc loop panicked");
     // One last collection after the dust settles.
     let last = run_gc(&base, "delete_untagged=true");
     counters.blobs_removed.fetch_add(
