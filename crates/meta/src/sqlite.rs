@@ -189,8 +189,11 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    // Metadata is small and hot: map it rather than copy pages through the page cache.
-    conn.pragma_update(None, "mmap_size", 256 * 1024 * 1024)?;
+    // No memory map: each connection's map counted the database again in the process's
+    // RSS (five connections, five times its size), and under pushes every read after a
+    // commit unmapped it, interrupting the other cores. The connections' own page caches
+    // serve the hot pages as fast (PERFORMANCE.md).
+    conn.pragma_update(None, "mmap_size", 0)?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     Ok(conn)
 }
@@ -228,7 +231,7 @@ impl SqliteMeta {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, MetaError> + Send + 'static,
     {
-        // Reads are indexed lookups on a small, memory-mapped database: a few microseconds,
+        // Reads are indexed lookups on pages the connection has cached: a few microseconds,
         // cheaper to run right here than to hand to a blocking thread and back (measured:
         // the hand-off halved HEAD and manifest GET rates). Only when every reader is busy
         // does the read go to the blocking pool.
