@@ -273,12 +273,6 @@ impl PostgresMeta {
             .parse()
             .map_err(|e| MetaError::Backend(format!("postgres url: {e}")))?;
         config.connect_timeout(OUTAGE_TIMEOUT);
-        // No JIT: on small tables the planner's guesses for the collection's recursive
-        // query pass the JIT threshold, and compiling it took 200-400 ms of a 2 ms query
-        // on every pass. Nothing here runs long enough to repay a compilation.
-        let mut options = config.get_options().unwrap_or_default().to_owned();
-        options.push_str(" -c jit=off");
-        config.options(options.trim_start());
         if let Some(schema) = schema {
             if !schema
                 .chars()
@@ -288,11 +282,18 @@ impl PostgresMeta {
                     "schema name {schema:?}: letters, digits and _ only"
                 )));
             }
-            let options = format!(
-                "{} -c search_path={schema}",
-                config.get_options().unwrap_or_default()
-            );
-            config.options(options);
+        }
+        // No JIT: on small tables the planner's guesses for the collection's recursive
+        // query pass the JIT threshold, and compiling it took 200-400 ms of a 2 ms query
+        // on every pass. Nothing here runs long enough to repay a compilation. Options
+        // given in the URL are kept.
+        let mut options = config.get_options().unwrap_or_default().to_owned();
+        options.push_str(" -c jit=off");
+        if let Some(schema) = schema {
+            options.push_str(&format!(" -c search_path={schema}"));
+        }
+        config.options(options.trim_start());
+        if let Some(schema) = schema {
             let (client, connection) = config.connect(NoTls).await.map_err(pg)?;
             let task = tokio::spawn(connection);
             client

@@ -418,3 +418,28 @@ fn two_berth_processes_share_s3_and_postgres_and_each_others_tokens() {
         assert_eq!(sha256(&r.bytes().unwrap()), digest);
     }
 }
+
+/// Options in the operator's connection string reach the server beside those berth adds
+/// (no JIT, the schema's search path): a read-only default makes creating the schema fail.
+#[test]
+fn connection_options_in_the_url_are_kept() {
+    let Some(cluster) = shared_cluster() else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let read_only = format!(
+        "{} options='-c default_transaction_read_only=on'",
+        cluster.url()
+    );
+    let refused = runtime
+        .block_on(PostgresMeta::connect(&read_only, Some(&unique_schema())))
+        .err()
+        .expect("a read-only connection cannot create its schema");
+    assert!(refused.to_string().contains("read-only"), "{refused}");
+    runtime
+        .block_on(PostgresMeta::connect(cluster.url(), Some(&unique_schema())))
+        .expect("the same server without the option");
+}
