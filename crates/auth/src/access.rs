@@ -833,10 +833,10 @@ fn token_subject(principal: &Principal) -> TokenSubject {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use berth_meta::SqliteMeta;
+    use berth_meta::Database;
 
-    async fn service(dir: &std::path::Path) -> (AccessControl, Arc<SqliteMeta>) {
-        let store = Arc::new(SqliteMeta::open(&dir.join("meta.db")).unwrap());
+    async fn service(dir: &std::path::Path) -> (AccessControl, Arc<Database>) {
+        let store = Arc::new(Database::open_sqlite(&dir.join("meta.db")).unwrap());
         let access = AccessControl::for_mode(
             AuthSettings::default(),
             store.clone(),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use berth_auth::{AccessControl, AuthMode, TokenSigner};
-use berth_meta::{AccountStore, MetaStore, PostgresMeta, SqliteMeta};
+use berth_meta::{AccountStore, Database, MetaStore};
 use berth_registry::{CheckOptions, Limits, Registry, RegistryError};
 use berth_server::App;
 use berth_storage::{BlobStore, FsBlobStore, S3BlobStore};
@@ -225,11 +225,11 @@ async fn open_stores(settings: &Settings) -> anyhow::Result<Stores> {
     let (meta, accounts): (Arc<dyn MetaStore>, Arc<dyn AccountStore>) = match &settings.meta {
         MetaConfig::Sqlite => {
             let path = settings.data_dir.join("meta.db");
-            let meta = Arc::new(SqliteMeta::open(&path).context("opening metadata")?);
+            let meta = Arc::new(Database::open_sqlite(&path).context("opening metadata")?);
             (meta.clone(), meta)
         }
         MetaConfig::Postgres { url, schema } => {
-            let meta = PostgresMeta::connect(url, schema.as_deref())
+            let meta = Database::connect_postgres(url, schema.as_deref())
                 .await
                 .context("connecting to PostgreSQL")?;
             let meta = Arc::new(meta);

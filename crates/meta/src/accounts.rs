@@ -4,7 +4,8 @@
 
 use async_trait::async_trait;
 
-use crate::MetaError;
+use crate::engine::{args, Durability, Row, Tx};
+use crate::{now, Database, MetaError};
 
 /// A person who logs in with a name and password.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -221,4 +222,540 @@ pub trait AccountStore: Send + Sync + 'static {
     async fn append_audit(&self, events: Vec<NewAuditEvent>) -> Result<(), MetaError>;
     /// Audit events matching the filter, newest first.
     async fn audit(&self, filter: AuditFilter) -> Result<Vec<AuditRecord>, MetaError>;
+}
+
+const USER_COLUMNS: &str = "id, name, password_hash, admin, generation, created_at";
+const ROBOT_COLUMNS: &str = "id, project, name, secret_hash, permissions, expires_at, created_at";
+
+fn user_row(mut r: Row) -> Result<UserRecord, MetaError> {
+    Ok(UserRecord {
+        id: r.int(0)?,
+        name: r.text(1)?,
+        password_hash: r.text(2)?,
+        admin: r.bool(3)?,
+        generation: r.int(4)?,
+        created_ms: r.int(5)?,
+    })
+}
+
+fn project_row(r: &mut Row) -> Result<ProjectRecord, MetaError> {
+    Ok(ProjectRecord {
+        name: r.text(0)?,
+        public: r.bool(1)?,
+        created_ms: r.int(2)?,
+    })
+}
+
+fn robot_row(mut r: Row) -> Result<RobotRecord, MetaError> {
+    let permissions = r.text(4)?;
+    Ok(RobotRecord {
+        id: r.int(0)?,
+        project: r.text(1)?,
+        name: r.text(2)?,
+        secret_hash: r.text(3)?,
+        permissions: permissions
+            .split(',')
+            .filter(|p| !p.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        expires_ms: r.opt_int(5)?,
+        created_ms: r.int(6)?,
+    })
+}
+
+/// Names what clashed when a statement met a uniqueness violation.
+fn clash(what: String) -> impl FnOnce(MetaError) -> MetaError {
+    move |e| match e {
+        MetaError::Conflict(_) => MetaError::Conflict(what),
+        other => other,
+    }
+}
+
+/// Whether repositories (with manifests, or only blobs so far) live under a project name.
+/// `name > p/ AND name < p0` is the index range of `p/…` (`0` follows `/`).
+const HOLDS_REPOSITORIES: &str = "
+EXISTS (SELECT 1 FROM repositories WHERE name = ?1 OR (name > ?1 || '/' AND name < ?1 || '0'))
+OR EXISTS (SELECT 1 FROM repo_blobs WHERE repo = ?1 OR (repo > ?1 || '/' AND repo < ?1 || '0'))";
+
+fn holds_repositories(tx: &mut dyn Tx, project: &str) -> Result<bool, MetaError> {
+    tx.query_one(&format!("SELECT {HOLDS_REPOSITORIES}"), args![project])?
+        .bool(0)
+}
+
+fn project_exists(tx: &mut dyn Tx, name: &str) -> Result<bool, MetaError> {
+    tx.exists("SELECT 1 FROM projects WHERE name = ?1", args![name])
+}
+
+#[async_trait]
+impl AccountStore for Database {
+    async fn count_users(&self) -> Result<u64, MetaError> {
+        self.engine
+            .read(|tx| tx.query_one("SELECT count(*) FROM users", &[])?.size(0))
+            .await
+    }
+
+    async fn create_user(
+        &self,
+        name: &str,
+        password_hash: &str,
+        admin: bool,
+    ) -> Result<UserRecord, MetaError> {
+        let (name, hash) = (name.to_owned(), password_hash.to_owned());
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                let row = tx
+                    .query_one(
+                        &format!(
+                            "INSERT INTO users (name, password_hash, admin, created_at) VALUES (?1, ?2, ?3, ?4)
+                             RETURNING {USER_COLUMNS}"
+                        ),
+                        args![&name, &hash, admin, now()],
+                    )
+                    .map_err(clash(format!("user {name} exists")))?;
+                user_row(row)
+            })
+            .await
+    }
+
+    async fn user(&self, name: &str) -> Result<Option<UserRecord>, MetaError> {
+        let name = name.to_owned();
+        self.engine
+            .read(move |tx| {
+                tx.query_opt(
+                    &format!("SELECT {USER_COLUMNS} FROM users WHERE name = ?1"),
+                    args![&name],
+                )?
+                .map(user_row)
+                .transpose()
+            })
+            .await
+    }
+
+    async fn users(&self) -> Result<Vec<UserRecord>, MetaError> {
+        self.engine
+            .read(|tx| {
+                tx.query_map(
+                    &format!("SELECT {USER_COLUMNS} FROM users ORDER BY name"),
+                    &[],
+                    user_row,
+                )
+            })
+            .await
+    }
+
+    async fn update_user(
+        &self,
+        name: &str,
+        password_hash: Option<&str>,
+        admin: Option<bool>,
+    ) -> Result<Option<UserRecord>, MetaError> {
+        let name = name.to_owned();
+        let hash = password_hash.map(str::to_owned);
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                if let Some(hash) = &hash {
+                    tx.execute(
+                        "UPDATE users SET password_hash = ?2, generation = generation + 1 WHERE name = ?1",
+                        args![&name, hash],
+                    )?;
+                }
+                if let Some(admin) = admin {
+                    tx.execute(
+                        "UPDATE users SET admin = ?2 WHERE name = ?1",
+                        args![&name, admin],
+                    )?;
+                }
+                tx.query_opt(
+                    &format!("SELECT {USER_COLUMNS} FROM users WHERE name = ?1"),
+                    args![&name],
+                )?
+                .map(user_row)
+                .transpose()
+            })
+            .await
+    }
+
+    async fn rehash_password(&self, user_id: i64, password_hash: &str) -> Result<(), MetaError> {
+        let hash = password_hash.to_owned();
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                tx.execute(
+                    "UPDATE users SET password_hash = ?2 WHERE id = ?1",
+                    args![user_id, &hash],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn delete_user(&self, name: &str) -> Result<bool, MetaError> {
+        let name = name.to_owned();
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                Ok(tx.execute("DELETE FROM users WHERE name = ?1", args![&name])? > 0)
+            })
+            .await
+    }
+
+    async fn create_project(
+        &self,
+        name: &str,
+        public: bool,
+        owner: Option<(i64, &str)>,
+    ) -> Result<ProjectRecord, MetaError> {
+        let name = name.to_owned();
+        let owner = owner.map(|(id, role)| (id, role.to_owned()));
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                let t = now();
+                tx.execute(
+                    "INSERT INTO projects (name, public, created_at) VALUES (?1, ?2, ?3)",
+                    args![&name, public, t],
+                )
+                .map_err(clash(format!("project {name} exists")))?;
+                if let Some((user_id, role)) = &owner {
+                    tx.execute(
+                        "INSERT INTO members (project, user_id, role) VALUES (?1, ?2, ?3)",
+                        args![&name, *user_id, role],
+                    )?;
+                }
+                Ok(ProjectRecord {
+                    name: name.clone(),
+                    public,
+                    created_ms: t,
+                })
+            })
+            .await
+    }
+
+    async fn project(&self, name: &str) -> Result<Option<ProjectRecord>, MetaError> {
+        let name = name.to_owned();
+        self.engine
+            .read(move |tx| {
+                tx.query_opt(
+                    "SELECT name, public, created_at FROM projects WHERE name = ?1",
+                    args![&name],
+                )?
+                .map(|mut r| project_row(&mut r))
+                .transpose()
+            })
+            .await
+    }
+
+    async fn projects(&self) -> Result<Vec<ProjectRecord>, MetaError> {
+        self.engine
+            .read(|tx| {
+                tx.query_map(
+                    "SELECT name, public, created_at FROM projects ORDER BY name",
+                    &[],
+                    |mut r| project_row(&mut r),
+                )
+            })
+            .await
+    }
+
+    async fn project_access(
+        &self,
+        project: &str,
+        user_id: Option<i64>,
+    ) -> Result<ProjectAccess, MetaError> {
+        let project = project.to_owned();
+        self.engine
+            .read(move |tx| {
+                // One statement, one round trip per authorization.
+                let mut r = tx.query_one(
+                    &format!(
+                        "SELECT p.name, p.public, p.created_at,
+                                (SELECT role FROM members m WHERE m.project = ?1 AND m.user_id = ?2),
+                                p.name IS NULL AND ({HOLDS_REPOSITORIES})
+                         FROM (SELECT CAST(?1 AS TEXT) AS wanted) q LEFT JOIN projects p ON p.name = q.wanted"
+                    ),
+                    args![&project, user_id],
+                )?;
+                let recorded = r.opt_text(0)?.is_some();
+                Ok(ProjectAccess {
+                    role: r.opt_text(3)?,
+                    unrecorded_repositories: r.bool(4)?,
+                    project: if recorded {
+                        Some(ProjectRecord {
+                            name: project.clone(),
+                            public: r.bool(1)?,
+                            created_ms: r.int(2)?,
+                        })
+                    } else {
+                        None
+                    },
+                })
+            })
+            .await
+    }
+
+    async fn project_in_use(&self, name: &str) -> Result<bool, MetaError> {
+        let name = name.to_owned();
+        self.engine
+            .read(move |tx| holds_repositories(tx, &name))
+            .await
+    }
+
+    async fn set_project_public(&self, name: &str, public: bool) -> Result<bool, MetaError> {
+        let name = name.to_owned();
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                Ok(tx.execute(
+                    "UPDATE projects SET public = ?2 WHERE name = ?1",
+                    args![&name, public],
+                )? > 0)
+            })
+            .await
+    }
+
+    async fn delete_project(&self, name: &str) -> Result<bool, MetaError> {
+        let name = name.to_owned();
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                if holds_repositories(tx, &name)? {
+                    return Err(MetaError::NotEmpty(format!(
+                        "project {name} still holds repositories"
+                    )));
+                }
+                Ok(tx.execute("DELETE FROM projects WHERE name = ?1", args![&name])? > 0)
+            })
+            .await
+    }
+
+    async fn members(&self, project: &str) -> Result<Vec<MemberRecord>, MetaError> {
+        let project = project.to_owned();
+        self.engine
+            .read(move |tx| {
+                tx.query_map(
+                    "SELECT u.name, m.role FROM members m JOIN users u ON u.id = m.user_id
+                     WHERE m.project = ?1 ORDER BY u.name",
+                    args![&project],
+                    |mut r| {
+                        Ok(MemberRecord {
+                            user: r.text(0)?,
+                            role: r.text(1)?,
+                        })
+                    },
+                )
+            })
+            .await
+    }
+
+    async fn member_role(&self, project: &str, user_id: i64) -> Result<Option<String>, MetaError> {
+        let project = project.to_owned();
+        self.engine
+            .read(move |tx| {
+                tx.query_opt(
+                    "SELECT role FROM members WHERE project = ?1 AND user_id = ?2",
+                    args![&project, user_id],
+                )?
+                .map(|mut r| r.text(0))
+                .transpose()
+            })
+            .await
+    }
+
+    async fn member_projects(&self, user_id: i64) -> Result<Vec<(String, String)>, MetaError> {
+        self.engine
+            .read(move |tx| {
+                tx.query_map(
+                    "SELECT project, role FROM members WHERE user_id = ?1 ORDER BY project",
+                    args![user_id],
+                    |mut r| Ok((r.text(0)?, r.text(1)?)),
+                )
+            })
+            .await
+    }
+
+    async fn set_member(&self, project: &str, user: &str, role: &str) -> Result<bool, MetaError> {
+        let (project, user, role) = (project.to_owned(), user.to_owned(), role.to_owned());
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                if !project_exists(tx, &project)? {
+                    return Err(MetaError::NotFound(format!("project {project}")));
+                }
+                let Some(mut found) =
+                    tx.query_opt("SELECT id FROM users WHERE name = ?1", args![&user])?
+                else {
+                    return Err(MetaError::NotFound(format!("user {user}")));
+                };
+                let id = found.int(0)?;
+                let updated = tx.execute(
+                    "UPDATE members SET role = ?3 WHERE project = ?1 AND user_id = ?2",
+                    args![&project, id, &role],
+                )?;
+                if updated > 0 {
+                    return Ok(false);
+                }
+                tx.execute(
+                    "INSERT INTO members (project, user_id, role) VALUES (?1, ?2, ?3)",
+                    args![&project, id, &role],
+                )?;
+                Ok(true)
+            })
+            .await
+    }
+
+    async fn remove_member(&self, project: &str, user: &str) -> Result<bool, MetaError> {
+        let (project, user) = (project.to_owned(), user.to_owned());
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                Ok(tx.execute(
+                    "DELETE FROM members WHERE project = ?1
+                     AND user_id = (SELECT id FROM users WHERE name = ?2)",
+                    args![&project, &user],
+                )? > 0)
+            })
+            .await
+    }
+
+    async fn create_robot(
+        &self,
+        project: &str,
+        name: &str,
+        secret_hash: &str,
+        permissions: &[String],
+        expires_ms: Option<i64>,
+    ) -> Result<RobotRecord, MetaError> {
+        let (project, name, hash) = (project.to_owned(), name.to_owned(), secret_hash.to_owned());
+        let permissions = permissions.join(",");
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                if !project_exists(tx, &project)? {
+                    return Err(MetaError::NotFound(format!("project {project}")));
+                }
+                let row = tx
+                    .query_one(
+                        &format!(
+                            "INSERT INTO robots (project, name, secret_hash, permissions, expires_at, created_at)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING {ROBOT_COLUMNS}"
+                        ),
+                        args![&project, &name, &hash, &permissions, expires_ms, now()],
+                    )
+                    .map_err(clash(format!("robot {name} exists in project {project}")))?;
+                robot_row(row)
+            })
+            .await
+    }
+
+    async fn robot(&self, project: &str, name: &str) -> Result<Option<RobotRecord>, MetaError> {
+        let (project, name) = (project.to_owned(), name.to_owned());
+        self.engine
+            .read(move |tx| {
+                tx.query_opt(
+                    &format!("SELECT {ROBOT_COLUMNS} FROM robots WHERE project = ?1 AND name = ?2"),
+                    args![&project, &name],
+                )?
+                .map(robot_row)
+                .transpose()
+            })
+            .await
+    }
+
+    async fn robots(&self, project: &str) -> Result<Vec<RobotRecord>, MetaError> {
+        let project = project.to_owned();
+        self.engine
+            .read(move |tx| {
+                tx.query_map(
+                    &format!("SELECT {ROBOT_COLUMNS} FROM robots WHERE project = ?1 ORDER BY name"),
+                    args![&project],
+                    robot_row,
+                )
+            })
+            .await
+    }
+
+    async fn delete_robot(&self, project: &str, name: &str) -> Result<bool, MetaError> {
+        let (project, name) = (project.to_owned(), name.to_owned());
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                Ok(tx.execute(
+                    "DELETE FROM robots WHERE project = ?1 AND name = ?2",
+                    args![&project, &name],
+                )? > 0)
+            })
+            .await
+    }
+
+    async fn setting_or_insert(&self, name: &str, candidate: &str) -> Result<String, MetaError> {
+        let (name, candidate) = (name.to_owned(), candidate.to_owned());
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                tx.execute(
+                    "INSERT INTO settings (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING",
+                    args![&name, &candidate],
+                )?;
+                tx.query_one("SELECT value FROM settings WHERE name = ?1", args![&name])?
+                    .text(0)
+            })
+            .await
+    }
+
+    async fn append_audit(&self, events: Vec<NewAuditEvent>) -> Result<(), MetaError> {
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                for e in &events {
+                    tx.execute(
+                        "INSERT INTO audit (at, actor, actor_kind, address, action, resource, result, detail)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                        args![
+                            e.at_ms,
+                            &e.actor,
+                            &e.actor_kind,
+                            &e.address,
+                            &e.action,
+                            &e.resource,
+                            &e.result,
+                            &e.detail
+                        ],
+                    )?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    async fn audit(&self, filter: AuditFilter) -> Result<Vec<AuditRecord>, MetaError> {
+        self.engine
+            .read(move |tx| {
+                tx.query_map(
+                    "SELECT id, at, actor, actor_kind, address, action, resource, result, detail FROM audit
+                     WHERE (CAST(?1 AS TEXT) IS NULL OR actor = ?1)
+                       AND (CAST(?2 AS TEXT) IS NULL OR action = ?2)
+                       AND (CAST(?3 AS TEXT) IS NULL OR substr(resource, 1, length(?3)) = ?3)
+                       AND (CAST(?4 AS TEXT) IS NULL OR result = ?4)
+                       AND (CAST(?5 AS BIGINT) IS NULL OR at >= ?5)
+                       AND (CAST(?6 AS BIGINT) IS NULL OR at < ?6)
+                       AND (CAST(?7 AS BIGINT) IS NULL OR id < ?7)
+                     ORDER BY id DESC LIMIT ?8",
+                    args![
+                        filter.actor.as_deref(),
+                        filter.action.as_deref(),
+                        filter.resource_prefix.as_deref(),
+                        filter.result.as_deref(),
+                        filter.since_ms,
+                        filter.until_ms,
+                        filter.before_id,
+                        i64::try_from(filter.limit).unwrap_or(i64::MAX)
+                    ],
+                    |mut r| {
+                        Ok(AuditRecord {
+                            id: r.int(0)?,
+                            event: NewAuditEvent {
+                                at_ms: r.int(1)?,
+                                actor: r.text(2)?,
+                                actor_kind: r.text(3)?,
+                                address: r.text(4)?,
+                                action: r.text(5)?,
+                                resource: r.text(6)?,
+                                result: r.text(7)?,
+                                detail: r.text(8)?,
+                            },
+                        })
+                    },
+                )
+            })
+            .await
+    }
 }

@@ -3,12 +3,21 @@
 //! referrers. Listing tags, the catalog and referrers are index queries here, never
 //! directory walks, which is what makes them fast.
 //!
-//! Only this crate writes SQL. The embedded backend is SQLite; PostgreSQL serves several
-//! nodes sharing one store. Both implement [`MetaStore`] and [`AccountStore`].
+//! Only this crate writes SQL. [`Database`] implements [`MetaStore`] and [`AccountStore`]
+//! once, over either engine: SQLite embedded in the data directory (the default), or
+//! PostgreSQL shared by several nodes. `engine` is the cut between the two.
 
 mod accounts;
+mod engine;
+mod gc;
+mod images;
 mod postgres;
+mod schema;
 mod sqlite;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
 
 use async_trait::async_trait;
 use berth_oci::{Digest, ManifestEdge, Reference, RepoName, Tag};
@@ -17,8 +26,44 @@ pub use accounts::{
     AccountStore, AuditFilter, AuditRecord, MemberRecord, NewAuditEvent, ProjectAccess,
     ProjectRecord, RobotRecord, UserRecord,
 };
-pub use postgres::PostgresMeta;
-pub use sqlite::SqliteMeta;
+
+use engine::Engine;
+
+/// The metadata store: every query and rule of [`MetaStore`] and [`AccountStore`], over
+/// the engine it was opened on.
+pub struct Database {
+    engine: Engine,
+    /// Upload sessions this node opened and has not seen end, with their repository, when
+    /// the store is this node's alone (SQLite): a POST answers without waiting for its
+    /// record to commit, and the requests that follow find their session here without a
+    /// read. (Only this node serves the session's file; a session another process purged
+    /// behind its back is caught by the blob store, which finds its bytes gone.)
+    open_uploads: Option<Mutex<HashMap<String, String>>>,
+}
+
+impl Database {
+    /// Opens (creating and migrating if needed) the SQLite database at `path`.
+    pub fn open_sqlite(path: &Path) -> Result<Self, MetaError> {
+        let engine = Engine::Sqlite(sqlite::SqliteEngine::open(path)?);
+        Ok(Self::over(engine))
+    }
+
+    /// Connects to PostgreSQL at `url` (`postgres://user:password@host:port/db` or a
+    /// key=value string), using `schema` if given (created if missing), and applies
+    /// migrations.
+    pub async fn connect_postgres(url: &str, schema: Option<&str>) -> Result<Self, MetaError> {
+        let engine = Engine::Postgres(postgres::PostgresEngine::connect(url, schema).await?);
+        Ok(Self::over(engine))
+    }
+
+    fn over(engine: Engine) -> Self {
+        let open_uploads = engine.node_local().then(Mutex::default);
+        Database {
+            engine,
+            open_uploads,
+        }
+    }
+}
 
 /// A manifest as the registry accepted it: the exact bytes plus the facts parsed out of them.
 #[derive(Debug, Clone)]
@@ -160,11 +205,6 @@ fn now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
-}
-
-/// A digest read back from the store; a malformed one means corruption.
-fn parse_digest(text: String) -> Result<Digest, MetaError> {
-    Digest::parse(&text).map_err(|e| MetaError::Corrupt(e.to_string()))
 }
 
 fn list(digests: &[Digest]) -> String {

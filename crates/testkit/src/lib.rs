@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use berth_auth::{AccessControl, AuthMode, AuthSettings, TokenSigner};
-use berth_meta::{AccountStore, MetaStore, PostgresMeta, SqliteMeta};
+use berth_meta::{AccountStore, Database, MetaStore};
 use berth_registry::{GcOptions, Limits, Registry};
 use berth_server::App;
 use berth_storage::{BlobStore, FsBlobStore, S3BlobStore, S3Config};
@@ -152,7 +152,7 @@ async fn open_meta(
             let schema = schema.unwrap_or_else(|| format!("t_{}", uuid_like()));
             let mut last = None;
             for _ in 0..100 {
-                match PostgresMeta::connect(&url, Some(&schema)).await {
+                match Database::connect_postgres(&url, Some(&schema)).await {
                     Ok(meta) => {
                         let meta = Arc::new(meta);
                         return (meta.clone(), meta);
@@ -165,7 +165,7 @@ async fn open_meta(
             panic!("connecting to the test cluster: {last:?}");
         }
     }
-    let meta = Arc::new(SqliteMeta::open(&root.join("meta.db")).expect("meta store"));
+    let meta = Arc::new(Database::open_sqlite(&root.join("meta.db")).expect("meta store"));
     (meta.clone(), meta)
 }
 

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use berth_meta::{MetaStore, PostgresMeta};
+use berth_meta::{Database, MetaStore};
 use berth_registry::GcOptions;
 use berth_testkit::{shared_cluster, unique_schema, MetaBackend, Options, TestRegistry};
 use reqwest::StatusCode;
@@ -241,7 +241,7 @@ fn collections_take_turns_by_lease() {
         .build()
         .unwrap();
     let store = runtime
-        .block_on(PostgresMeta::connect(&url, Some(&schema)))
+        .block_on(Database::connect_postgres(&url, Some(&schema)))
         .unwrap();
     // Another node is collecting: both of these nodes refuse to start a second collection.
     assert!(runtime
@@ -435,11 +435,17 @@ fn connection_options_in_the_url_are_kept() {
         cluster.url()
     );
     let refused = runtime
-        .block_on(PostgresMeta::connect(&read_only, Some(&unique_schema())))
+        .block_on(Database::connect_postgres(
+            &read_only,
+            Some(&unique_schema()),
+        ))
         .err()
         .expect("a read-only connection cannot create its schema");
     assert!(refused.to_string().contains("read-only"), "{refused}");
     runtime
-        .block_on(PostgresMeta::connect(cluster.url(), Some(&unique_schema())))
+        .block_on(Database::connect_postgres(
+            cluster.url(),
+            Some(&unique_schema()),
+        ))
         .expect("the same server without the option");
 }

@@ -19,6 +19,7 @@ use std::sync::mpsc;
 use rusqlite::Connection;
 
 use super::backend;
+use crate::engine::Durability;
 use crate::MetaError;
 
 /// Writes folded into one commit at most; bounds the latency a write adds to others.
@@ -153,21 +154,6 @@ impl GroupCommitter {
             tracing::warn!("metadata writer stopped; a queued write was dropped");
         }
     }
-}
-
-/// Whether a write must reach the disk before its caller is answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Durability {
-    /// Acknowledged state (a linked blob, a manifest, a tag): on disk before answering.
-    /// (Other connections may read it a moment earlier, while the log is being flushed;
-    /// anything that deletes bytes on the strength of what it read, such as garbage
-    /// collection, does so only after a durable write of its own, whose flush covers
-    /// every commit before it.)
-    Synced,
-    /// Bookkeeping whose loss in a power failure costs a retry, never data: blob
-    /// reservations and touches. Committed (visible to every reader, and kept if only the
-    /// process dies) but flushed with the next synced commit.
-    Visible,
 }
 
 /// Runs a statement without parameters or rows from the statement cache: these few run

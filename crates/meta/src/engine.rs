@@ -1,0 +1,331 @@
+//! The cut between the metadata logic and the database engines. Everything above this
+//! module — every query, every rule of `MetaStore` and `AccountStore` — is written once
+//! against [`Tx`]; below it, SQLite and PostgreSQL each say how a statement runs, how a
+//! write commits (group commit on one writer thread; a SERIALIZABLE transaction retried
+//! on conflicts) and what little of their SQL differs ([`Dialect`]).
+//!
+//! Statements are written with SQLite's numbered placeholders (`?1`, `?2`): the embedded
+//! default runs them as written, and PostgreSQL's engine rewrites them to `$1`, `$2`.
+//! Booleans are bound and read as integers (0 or 1), as SQLite stores them; the PostgreSQL
+//! engine converts where a column is `BOOLEAN`.
+
+use berth_oci::Digest;
+
+use crate::postgres::PostgresEngine;
+use crate::sqlite::SqliteEngine;
+use crate::MetaError;
+
+/// A value bound to a statement's placeholder.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Value<'a> {
+    /// SQL `NULL`, of whatever type the placeholder has.
+    Null,
+    /// An integer; also a boolean (0 or 1).
+    Int(i64),
+    /// Text.
+    Text(&'a str),
+    /// Bytes (a manifest's exact bytes).
+    Bytes(&'a [u8]),
+    /// A list of text values, for [`Dialect::in_list`].
+    TextList(&'a [&'a str]),
+}
+
+impl From<i64> for Value<'_> {
+    fn from(v: i64) -> Self {
+        Value::Int(v)
+    }
+}
+
+impl From<bool> for Value<'_> {
+    fn from(v: bool) -> Self {
+        Value::Int(i64::from(v))
+    }
+}
+
+impl<'a> From<&'a str> for Value<'a> {
+    fn from(v: &'a str) -> Self {
+        Value::Text(v)
+    }
+}
+
+impl<'a> From<&'a String> for Value<'a> {
+    fn from(v: &'a String) -> Self {
+        Value::Text(v)
+    }
+}
+
+impl<'a> From<&'a [u8]> for Value<'a> {
+    fn from(v: &'a [u8]) -> Self {
+        Value::Bytes(v)
+    }
+}
+
+impl<'a> From<&'a [&'a str]> for Value<'a> {
+    fn from(v: &'a [&'a str]) -> Self {
+        Value::TextList(v)
+    }
+}
+
+impl<'a, T: Into<Value<'a>>> From<Option<T>> for Value<'a> {
+    fn from(v: Option<T>) -> Self {
+        v.map_or(Value::Null, Into::into)
+    }
+}
+
+/// `args![a, b, c]`: a statement's placeholder values, in order.
+macro_rules! args {
+    ($($value:expr),* $(,)?) => {
+        &[$(crate::engine::Value::from($value)),*]
+    };
+}
+pub(crate) use args;
+
+/// One column of a result row, owned.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Cell {
+    /// SQL `NULL`.
+    Null,
+    /// An integer (or a boolean, as 0 or 1).
+    Int(i64),
+    /// Text.
+    Text(String),
+    /// Bytes.
+    Bytes(Vec<u8>),
+}
+
+/// A result row. Getters take the column out, so a manifest's bytes move to the caller
+/// without a copy; a column of an unexpected type is corrupt data, never a panic.
+#[derive(Debug)]
+pub(crate) struct Row(pub(crate) Vec<Cell>);
+
+impl Row {
+    fn take(&mut self, i: usize) -> Cell {
+        self.0
+            .get_mut(i)
+            .map(|c| std::mem::replace(c, Cell::Null))
+            .unwrap_or(Cell::Null)
+    }
+
+    fn mismatch(i: usize, want: &str, got: &Cell) -> MetaError {
+        MetaError::Corrupt(format!("column {i}: expected {want}, found {got:?}"))
+    }
+
+    /// An integer column.
+    pub(crate) fn int(&mut self, i: usize) -> Result<i64, MetaError> {
+        match self.take(i) {
+            Cell::Int(v) => Ok(v),
+            other => Err(Self::mismatch(i, "an integer", &other)),
+        }
+    }
+
+    /// A nullable integer column.
+    pub(crate) fn opt_int(&mut self, i: usize) -> Result<Option<i64>, MetaError> {
+        match self.take(i) {
+            Cell::Null => Ok(None),
+            Cell::Int(v) => Ok(Some(v)),
+            other => Err(Self::mismatch(i, "an integer", &other)),
+        }
+    }
+
+    /// A size or count column (never negative when written by us).
+    pub(crate) fn size(&mut self, i: usize) -> Result<u64, MetaError> {
+        let v = self.int(i)?;
+        u64::try_from(v).map_err(|_| MetaError::Corrupt(format!("column {i}: negative size {v}")))
+    }
+
+    /// A boolean column (stored as 0/1 or as a PostgreSQL `BOOLEAN`).
+    pub(crate) fn bool(&mut self, i: usize) -> Result<bool, MetaError> {
+        Ok(self.int(i)? != 0)
+    }
+
+    /// A text column.
+    pub(crate) fn text(&mut self, i: usize) -> Result<String, MetaError> {
+        match self.take(i) {
+            Cell::Text(v) => Ok(v),
+            other => Err(Self::mismatch(i, "text", &other)),
+        }
+    }
+
+    /// A nullable text column.
+    pub(crate) fn opt_text(&mut self, i: usize) -> Result<Option<String>, MetaError> {
+        match self.take(i) {
+            Cell::Null => Ok(None),
+            Cell::Text(v) => Ok(Some(v)),
+            other => Err(Self::mismatch(i, "text", &other)),
+        }
+    }
+
+    /// A bytes column.
+    pub(crate) fn bytes(&mut self, i: usize) -> Result<Vec<u8>, MetaError> {
+        match self.take(i) {
+            Cell::Bytes(v) => Ok(v),
+            // SQLite hands back what was stored; an empty blob may come back as text.
+            Cell::Text(v) => Ok(v.into_bytes()),
+            other => Err(Self::mismatch(i, "bytes", &other)),
+        }
+    }
+
+    /// A digest column; a malformed digest means corruption.
+    pub(crate) fn digest(&mut self, i: usize) -> Result<Digest, MetaError> {
+        let text = self.text(i)?;
+        Digest::parse(&text).map_err(|e| MetaError::Corrupt(e.to_string()))
+    }
+}
+
+/// Statements inside one transaction (a write) or on one connection (a read).
+///
+/// Errors are already [`MetaError`]s: a uniqueness violation is
+/// [`MetaError::Conflict`] (with an empty message, for the caller to name what clashed),
+/// an unreachable backend [`MetaError::Unavailable`].
+pub(crate) trait Tx {
+    /// Runs a statement; returns how many rows it changed.
+    fn execute(&mut self, sql: &str, args: &[Value<'_>]) -> Result<u64, MetaError>;
+    /// Runs a statement and returns every row.
+    fn query(&mut self, sql: &str, args: &[Value<'_>]) -> Result<Vec<Row>, MetaError>;
+    /// Which SQL this transaction speaks, for the few statements that differ.
+    fn dialect(&self) -> Dialect;
+}
+
+impl dyn Tx + '_ {
+    /// The first row, if any.
+    pub(crate) fn query_opt(
+        &mut self,
+        sql: &str,
+        args: &[Value<'_>],
+    ) -> Result<Option<Row>, MetaError> {
+        Ok(self.query(sql, args)?.into_iter().next())
+    }
+
+    /// The one row the statement always returns.
+    pub(crate) fn query_one(&mut self, sql: &str, args: &[Value<'_>]) -> Result<Row, MetaError> {
+        self.query_opt(sql, args)?
+            .ok_or_else(|| MetaError::Backend("a statement returned no row".into()))
+    }
+
+    /// Whether the statement returns any row.
+    pub(crate) fn exists(&mut self, sql: &str, args: &[Value<'_>]) -> Result<bool, MetaError> {
+        Ok(!self.query(sql, args)?.is_empty())
+    }
+
+    /// Maps every row.
+    pub(crate) fn query_map<T>(
+        &mut self,
+        sql: &str,
+        args: &[Value<'_>],
+        map: impl FnMut(Row) -> Result<T, MetaError>,
+    ) -> Result<Vec<T>, MetaError> {
+        self.query(sql, args)?.into_iter().map(map).collect()
+    }
+}
+
+/// The SQL the engines do not share. Everything else is written once, in the subset both
+/// understand (`ON CONFLICT`, `RETURNING`, `CAST`, recursive CTEs with one recursive term).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    /// The embedded engine.
+    Sqlite,
+    /// The shared engine.
+    Postgres,
+}
+
+impl Dialect {
+    /// `<expr> <in_list(n)>` tests membership in the [`Value::TextList`] bound to `?n`:
+    /// SQLite reads it as a JSON array, PostgreSQL as a `text[]`.
+    pub(crate) fn in_list(self, n: usize) -> String {
+        match self {
+            Dialect::Sqlite => format!("IN (SELECT value FROM json_each(?{n}))"),
+            Dialect::Postgres => format!("= ANY(?{n})"),
+        }
+    }
+
+    /// The first `/`-separated segment of a text column: a repository's project.
+    pub(crate) fn first_segment(self, column: &str) -> String {
+        match self {
+            Dialect::Sqlite => format!(
+                "(CASE WHEN instr({column}, '/') > 0 THEN substr({column}, 1, instr({column}, '/') - 1) ELSE {column} END)"
+            ),
+            Dialect::Postgres => format!("split_part({column}, '/', 1)"),
+        }
+    }
+
+    /// The statement that keeps writers of `blobs` out while garbage collection marks,
+    /// so that the long mark is not starved by the pushes beside it. SQLite has one
+    /// writer already.
+    pub(crate) fn lock_blobs_against_writers(self) -> Option<&'static str> {
+        match self {
+            Dialect::Sqlite => None,
+            Dialect::Postgres => Some("LOCK TABLE blobs IN SHARE ROW EXCLUSIVE MODE"),
+        }
+    }
+}
+
+/// Whether a write must reach the disk before its caller is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Durability {
+    /// Acknowledged state (a linked blob, a manifest, a tag, an account): on disk before
+    /// answering. (Other connections may read it a moment earlier, while the log is being
+    /// flushed; anything that deletes bytes on the strength of what it read, such as
+    /// garbage collection, does so only after a durable write of its own, whose flush
+    /// covers every commit before it.)
+    Synced,
+    /// Bookkeeping whose loss in a power failure costs a retry, never data: blob
+    /// reservations and touches. Committed and visible at once, flushed with a later
+    /// synced commit (SQLite) or with `synchronous_commit = off` (PostgreSQL).
+    Visible,
+}
+
+/// A database engine: where statements run and how writes commit.
+pub(crate) enum Engine {
+    /// One SQLite file, one writer thread with group commit, a few readers.
+    Sqlite(SqliteEngine),
+    /// A PostgreSQL pool shared by every node.
+    Postgres(PostgresEngine),
+}
+
+impl Engine {
+    /// Runs `read` on a connection outside any write. Reads of several statements are not
+    /// one snapshot on PostgreSQL: callers never need them to be.
+    pub(crate) async fn read<T, F>(&self, read: F) -> Result<T, MetaError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn Tx) -> Result<T, MetaError> + Send + 'static,
+    {
+        match self {
+            Engine::Sqlite(e) => e.read(read).await,
+            Engine::Postgres(e) => e.read(read).await,
+        }
+    }
+
+    /// Runs `write` as one atomic transaction: all of its changes commit, or (when it
+    /// fails) none. It may run more than once (PostgreSQL retries it after a serialization
+    /// conflict), so it must not act outside the transaction.
+    pub(crate) async fn write<T, F>(&self, durability: Durability, write: F) -> Result<T, MetaError>
+    where
+        T: Send + 'static,
+        F: FnMut(&mut dyn Tx) -> Result<T, MetaError> + Send + 'static,
+    {
+        match self {
+            Engine::Sqlite(e) => e.write(durability, write).await,
+            Engine::Postgres(e) => e.write(durability, write).await,
+        }
+    }
+
+    /// Queues `write` without waiting for it, for records nobody on this node reads back
+    /// before they commit (an upload session's owner, known in memory meanwhile). A
+    /// failure is logged.
+    pub(crate) fn write_unawaited<F>(&self, write: F)
+    where
+        F: FnMut(&mut dyn Tx) -> Result<(), MetaError> + Send + 'static,
+    {
+        match self {
+            Engine::Sqlite(e) => e.submit(write),
+            Engine::Postgres(e) => e.submit(write),
+        }
+    }
+
+    /// Whether this engine's store is used by one node only: then the node may keep what
+    /// it alone serves (open upload sessions) in memory.
+    pub(crate) fn node_local(&self) -> bool {
+        matches!(self, Engine::Sqlite(_))
+    }
+}

@@ -1,0 +1,574 @@
+//! [`MetaStore`] for both engines: blobs and their links, manifests with their edges,
+//! tags, referrers, upload sessions and leases.
+
+use async_trait::async_trait;
+use berth_oci::{Digest, EdgeKind, Reference, RepoName, Tag};
+
+use crate::engine::{args, Durability, Row, Tx};
+use crate::{
+    now, DanglingEdge, Database, GcMarked, GcSelection, LinkedBlob, MetaError, MetaStore,
+    NewManifest, Page, Referrer, StoredManifest,
+};
+
+/// `LIMIT` of a page: all rows when the page has no limit.
+fn limit(page: &Page<'_>) -> i64 {
+    page.limit
+        .map_or(i64::MAX, |n| i64::try_from(n).unwrap_or(i64::MAX))
+}
+
+/// Removes a manifest with its tags and edges; returns whether it existed.
+pub(crate) fn delete_manifest_rows(
+    tx: &mut dyn Tx,
+    repo: &str,
+    digest: &str,
+) -> Result<bool, MetaError> {
+    let n = tx.execute(
+        "DELETE FROM manifests WHERE repo = ?1 AND digest = ?2",
+        args![repo, digest],
+    )?;
+    tx.execute(
+        "DELETE FROM tags WHERE repo = ?1 AND digest = ?2",
+        args![repo, digest],
+    )?;
+    tx.execute(
+        "DELETE FROM manifest_edges WHERE repo = ?1 AND manifest = ?2",
+        args![repo, digest],
+    )?;
+    Ok(n > 0)
+}
+
+/// The edges of `manifest` whose targets `repo` does not hold.
+fn missing_references(
+    tx: &mut dyn Tx,
+    repo: &str,
+    manifest: &NewManifest,
+) -> Result<Vec<Digest>, MetaError> {
+    let mut missing = Vec::new();
+    for edge in &manifest.edges {
+        let sql = match edge.kind {
+            EdgeKind::Config | EdgeKind::Layer => {
+                "SELECT 1 FROM repo_blobs WHERE repo = ?1 AND digest = ?2"
+            }
+            EdgeKind::Child => "SELECT 1 FROM manifests WHERE repo = ?1 AND digest = ?2",
+        };
+        if !tx.exists(sql, args![repo, edge.digest.as_str()])? && !missing.contains(&edge.digest) {
+            missing.push(edge.digest.clone());
+        }
+    }
+    Ok(missing)
+}
+
+fn stored_manifest(mut r: Row) -> Result<StoredManifest, MetaError> {
+    Ok(StoredManifest {
+        digest: r.digest(0)?,
+        media_type: r.text(1)?,
+        raw: r.bytes(2)?,
+    })
+}
+
+fn digest_and_size(mut r: Row) -> Result<(Digest, u64), MetaError> {
+    Ok((r.digest(0)?, r.size(1)?))
+}
+
+impl Database {
+    fn open_uploads(
+        &self,
+    ) -> Option<std::sync::MutexGuard<'_, std::collections::HashMap<String, String>>> {
+        self.open_uploads
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+}
+
+#[async_trait]
+impl MetaStore for Database {
+    async fn reserve_blob(&self, digest: &Digest) -> Result<(), MetaError> {
+        let digest = digest.as_str().to_owned();
+        self.engine
+            .write(Durability::Visible, move |tx| {
+                let t = now();
+                let state = tx
+                    .query_opt("SELECT state FROM blobs WHERE digest = ?1", args![&digest])?
+                    .map(|mut r| r.text(0))
+                    .transpose()?;
+                match state.as_deref() {
+                    Some(BLOB_LIVE) => {
+                        tx.execute(
+                            "UPDATE blobs SET last_used_at = ?2 WHERE digest = ?1",
+                            args![&digest, t],
+                        )?;
+                    }
+                    Some(_) => return Err(MetaError::BlobBeingDeleted),
+                    None => {
+                        tx.execute(
+                            "INSERT INTO blobs (digest, size, created_at, last_used_at, state) VALUES (?1, 0, ?2, ?2, 'live')",
+                            args![&digest, t],
+                        )?;
+                    }
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    async fn link_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+        finished_upload: Option<&str>,
+    ) -> Result<(), MetaError> {
+        let finished = finished_upload.map(str::to_owned);
+        let finished_upload = finished.clone();
+        let (repo, digest) = (repo.as_str().to_owned(), digest.as_str().to_owned());
+        let size = i64::try_from(size).map_err(|_| MetaError::Backend("blob too large".into()))?;
+        let linked = self
+            .engine
+            .write(Durability::Synced, move |tx| {
+                let t = now();
+                let live = tx.execute(
+                    "UPDATE blobs SET size = ?2, last_used_at = ?3 WHERE digest = ?1 AND state = 'live'",
+                    args![&digest, size, t],
+                )?;
+                if live == 0 {
+                    return Err(MetaError::BlobBeingDeleted);
+                }
+                tx.execute(
+                    "INSERT INTO repo_blobs (repo, digest, linked_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (repo, digest) DO UPDATE SET linked_at = excluded.linked_at",
+                    args![&repo, &digest, t],
+                )?;
+                if let Some(id) = &finished_upload {
+                    tx.execute("DELETE FROM uploads WHERE id = ?1", args![id])?;
+                }
+                Ok(())
+            })
+            .await;
+        if let (Ok(()), Some(id), Some(mut open)) = (&linked, finished, self.open_uploads()) {
+            open.remove(&id);
+        }
+        linked
+    }
+
+    async fn touch_blob(&self, digest: &Digest) -> Result<(), MetaError> {
+        let digest = digest.as_str().to_owned();
+        self.engine
+            .write(Durability::Visible, move |tx| {
+                tx.execute(
+                    "UPDATE blobs SET last_used_at = ?2 WHERE digest = ?1 AND state = 'live'",
+                    args![&digest, now()],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn linked_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<LinkedBlob>, MetaError> {
+        let (repo, digest) = (repo.as_str().to_owned(), digest.as_str().to_owned());
+        self.engine
+            .read(move |tx| {
+                tx.query_opt(
+                    "SELECT b.size, b.last_used_at FROM repo_blobs l JOIN blobs b ON b.digest = l.digest
+                     WHERE l.repo = ?1 AND l.digest = ?2 AND b.state = 'live'",
+                    args![&repo, &digest],
+                )?
+                .map(|mut r| {
+                    Ok(LinkedBlob {
+                        size: r.size(0)?,
+                        last_used_ms: r.int(1)?,
+                    })
+                })
+                .transpose()
+            })
+            .await
+    }
+
+    async fn any_linked_blob_size(&self, digest: &Digest) -> Result<Option<u64>, MetaError> {
+        let digest = digest.as_str().to_owned();
+        self.engine
+            .read(move |tx| {
+                tx.query_opt(
+                    "SELECT b.size FROM blobs b WHERE b.digest = ?1 AND b.state = 'live'
+                     AND EXISTS (SELECT 1 FROM repo_blobs l WHERE l.digest = b.digest)",
+                    args![&digest],
+                )?
+                .map(|mut r| r.size(0))
+                .transpose()
+            })
+            .await
+    }
+
+    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetaError> {
+        let (repo, digest) = (repo.as_str().to_owned(), digest.as_str().to_owned());
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                let n = tx.execute(
+                    "DELETE FROM repo_blobs WHERE repo = ?1 AND digest = ?2",
+                    args![&repo, &digest],
+                )?;
+                Ok(n > 0)
+            })
+            .await
+    }
+
+    async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        manifest: NewManifest,
+        tag: Option<&Tag>,
+    ) -> Result<(), MetaError> {
+        let repo = repo.as_str().to_owned();
+        let tag = tag.map(|t| t.as_str().to_owned());
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                let missing = missing_references(tx, &repo, &manifest)?;
+                if !missing.is_empty() {
+                    return Err(MetaError::MissingReferences { missing });
+                }
+                let t = now();
+                let digest = manifest.digest.as_str();
+                tx.execute(
+                    "INSERT INTO repositories (name, created_at) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                    args![&repo, t],
+                )?;
+                tx.execute(
+                    "INSERT INTO manifests (repo, digest, media_type, artifact_type, subject, annotations, size, raw, pushed_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                     ON CONFLICT (repo, digest) DO UPDATE SET pushed_at = excluded.pushed_at",
+                    args![
+                        &repo,
+                        digest,
+                        &manifest.media_type,
+                        manifest.artifact_type.as_deref(),
+                        manifest.subject.as_ref().map(Digest::as_str),
+                        manifest.annotations_json.as_deref(),
+                        manifest.raw.len() as i64,
+                        manifest.raw.as_slice(),
+                        t
+                    ],
+                )?;
+                for edge in &manifest.edges {
+                    tx.execute(
+                        "INSERT INTO manifest_edges (repo, manifest, target, kind) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT DO NOTHING",
+                        args![&repo, digest, edge.digest.as_str(), edge.kind.as_str()],
+                    )?;
+                    // A fresh reference restarts the blob's grace period.
+                    tx.execute(
+                        "UPDATE blobs SET last_used_at = ?2 WHERE digest = ?1",
+                        args![edge.digest.as_str(), t],
+                    )?;
+                }
+                if let Some(tag) = &tag {
+                    tx.execute(
+                        "INSERT INTO tags (repo, tag, digest, updated_at) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (repo, tag) DO UPDATE SET digest = excluded.digest, updated_at = excluded.updated_at",
+                        args![&repo, tag, digest, t],
+                    )?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<Option<StoredManifest>, MetaError> {
+        let repo = repo.as_str().to_owned();
+        let reference = reference.clone();
+        self.engine
+            .read(move |tx| {
+                let row = match &reference {
+                    Reference::Digest(d) => tx.query_opt(
+                        "SELECT digest, media_type, raw FROM manifests WHERE repo = ?1 AND digest = ?2",
+                        args![&repo, d.as_str()],
+                    )?,
+                    Reference::Tag(t) => tx.query_opt(
+                        "SELECT m.digest, m.media_type, m.raw FROM tags t
+                         JOIN manifests m ON m.repo = t.repo AND m.digest = t.digest
+                         WHERE t.repo = ?1 AND t.tag = ?2",
+                        args![&repo, t.as_str()],
+                    )?,
+                };
+                row.map(stored_manifest).transpose()
+            })
+            .await
+    }
+
+    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetaError> {
+        let (repo, digest) = (repo.as_str().to_owned(), digest.as_str().to_owned());
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                delete_manifest_rows(tx, &repo, &digest)
+            })
+            .await
+    }
+
+    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool, MetaError> {
+        let (repo, tag) = (repo.as_str().to_owned(), tag.as_str().to_owned());
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                let n = tx.execute(
+                    "DELETE FROM tags WHERE repo = ?1 AND tag = ?2",
+                    args![&repo, &tag],
+                )?;
+                Ok(n > 0)
+            })
+            .await
+    }
+
+    async fn list_tags(
+        &self,
+        repo: &RepoName,
+        page: Page<'_>,
+    ) -> Result<Option<Vec<String>>, MetaError> {
+        let repo = repo.as_str().to_owned();
+        let (limit, after) = (limit(&page), page.after.unwrap_or_default().to_owned());
+        self.engine
+            .read(move |tx| {
+                if !tx.exists("SELECT 1 FROM repositories WHERE name = ?1", args![&repo])? {
+                    return Ok(None);
+                }
+                tx.query_map(
+                    "SELECT tag FROM tags WHERE repo = ?1 AND tag > ?2 ORDER BY tag LIMIT ?3",
+                    args![&repo, &after, limit],
+                    |mut r| r.text(0),
+                )
+                .map(Some)
+            })
+            .await
+    }
+
+    async fn catalog(
+        &self,
+        page: Page<'_>,
+        within: Option<&[String]>,
+    ) -> Result<Vec<String>, MetaError> {
+        let (limit, after) = (limit(&page), page.after.unwrap_or_default().to_owned());
+        let within: Option<Vec<String>> = within.map(<[String]>::to_vec);
+        self.engine
+            .read(move |tx| {
+                let Some(projects) = &within else {
+                    return tx.query_map(
+                        "SELECT name FROM repositories WHERE name > ?1 ORDER BY name LIMIT ?2",
+                        args![&after, limit],
+                        |mut r| r.text(0),
+                    );
+                };
+                let projects: Vec<&str> = projects.iter().map(String::as_str).collect();
+                let dialect = tx.dialect();
+                let sql = format!(
+                    "SELECT name FROM repositories WHERE name > ?1 AND {} {}
+                     ORDER BY name LIMIT ?2",
+                    dialect.first_segment("name"),
+                    dialect.in_list(3)
+                );
+                tx.query_map(&sql, args![&after, limit, projects.as_slice()], |mut r| {
+                    r.text(0)
+                })
+            })
+            .await
+    }
+
+    async fn referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Vec<Referrer>, MetaError> {
+        let (repo, subject) = (repo.as_str().to_owned(), subject.as_str().to_owned());
+        let artifact_type = artifact_type.map(str::to_owned);
+        self.engine
+            .read(move |tx| {
+                tx.query_map(
+                    "SELECT digest, media_type, size, artifact_type, annotations FROM manifests
+                     WHERE repo = ?1 AND subject = ?2
+                       AND (CAST(?3 AS TEXT) IS NULL OR artifact_type = ?3)
+                     ORDER BY digest",
+                    args![&repo, &subject, artifact_type.as_deref()],
+                    |mut r| {
+                        Ok(Referrer {
+                            digest: r.digest(0)?,
+                            media_type: r.text(1)?,
+                            size: r.size(2)?,
+                            artifact_type: r.opt_text(3)?,
+                            annotations_json: r.opt_text(4)?,
+                        })
+                    },
+                )
+            })
+            .await
+    }
+
+    async fn record_upload(&self, upload_id: &str, repo: &RepoName) -> Result<(), MetaError> {
+        let (id, owner) = (upload_id.to_owned(), repo.as_str().to_owned());
+        let insert = move |tx: &mut dyn Tx| {
+            tx.execute(
+                "INSERT INTO uploads (id, repo, started_at) VALUES (?1, ?2, ?3)",
+                args![&id, &owner, now()],
+            )?;
+            Ok(())
+        };
+        let known_here = match self.open_uploads() {
+            Some(mut open) => {
+                open.insert(upload_id.to_owned(), repo.as_str().to_owned());
+                true
+            }
+            None => false,
+        };
+        if known_here {
+            // Not awaited: the session is known here at once, and its record, needed only
+            // by a later process (after a restart, or `berth gc`), commits with the next
+            // batch.
+            self.engine.write_unawaited(insert);
+            return Ok(());
+        }
+        self.engine.write(Durability::Visible, insert).await
+    }
+
+    async fn upload_repo(&self, upload_id: &str) -> Result<Option<String>, MetaError> {
+        if let Some(repo) = self
+            .open_uploads()
+            .and_then(|open| open.get(upload_id).cloned())
+        {
+            return Ok(Some(repo));
+        }
+        let id = upload_id.to_owned();
+        self.engine
+            .read(move |tx| {
+                tx.query_opt("SELECT repo FROM uploads WHERE id = ?1", args![&id])?
+                    .map(|mut r| r.text(0))
+                    .transpose()
+            })
+            .await
+    }
+
+    async fn forget_upload(&self, upload_id: &str) -> Result<(), MetaError> {
+        if let Some(mut open) = self.open_uploads() {
+            open.remove(upload_id);
+        }
+        let id = upload_id.to_owned();
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                tx.execute("DELETE FROM uploads WHERE id = ?1", args![&id])?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn mark_garbage(&self, selection: GcSelection) -> Result<GcMarked, MetaError> {
+        self.engine
+            .write(Durability::Synced, move |tx| crate::gc::mark(tx, selection))
+            .await
+    }
+
+    async fn blobs_being_deleted(&self) -> Result<Vec<(Digest, u64)>, MetaError> {
+        self.engine
+            .read(|tx| {
+                tx.query_map(
+                    "SELECT digest, size FROM blobs WHERE state = 'deleting' ORDER BY digest",
+                    &[],
+                    digest_and_size,
+                )
+            })
+            .await
+    }
+
+    async fn forget_deleted_blobs(&self, digests: &[Digest]) -> Result<(), MetaError> {
+        let digests: Vec<String> = digests.iter().map(|d| d.as_str().to_owned()).collect();
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                let list: Vec<&str> = digests.iter().map(String::as_str).collect();
+                let sql = format!(
+                    "DELETE FROM blobs WHERE state = 'deleting' AND digest {}",
+                    tx.dialect().in_list(1)
+                );
+                tx.execute(&sql, args![list.as_slice()])?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn uploads_started_before(&self, cutoff_ms: i64) -> Result<Vec<String>, MetaError> {
+        self.engine
+            .read(move |tx| {
+                tx.query_map(
+                    "SELECT id FROM uploads WHERE started_at < ?1 ORDER BY id",
+                    args![cutoff_ms],
+                    |mut r| r.text(0),
+                )
+            })
+            .await
+    }
+
+    async fn live_blobs(&self) -> Result<Vec<(Digest, u64)>, MetaError> {
+        self.engine
+            .read(|tx| {
+                tx.query_map(
+                    "SELECT digest, size FROM blobs WHERE state = 'live' ORDER BY digest",
+                    &[],
+                    digest_and_size,
+                )
+            })
+            .await
+    }
+
+    async fn dangling_edges(&self) -> Result<Vec<DanglingEdge>, MetaError> {
+        self.engine.read(crate::gc::dangling_edges).await
+    }
+
+    async fn drop_blob(&self, digest: &Digest) -> Result<(), MetaError> {
+        let digest = digest.as_str().to_owned();
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                tx.execute("DELETE FROM repo_blobs WHERE digest = ?1", args![&digest])?;
+                tx.execute("DELETE FROM blobs WHERE digest = ?1", args![&digest])?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn try_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, MetaError> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                let t = now();
+                tx.exists(
+                    "INSERT INTO leases (name, holder, expires_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
+                     WHERE leases.holder = excluded.holder OR leases.expires_at < ?4
+                     RETURNING holder",
+                    args![&name, &holder, t.saturating_add(ttl_ms), t],
+                )
+            })
+            .await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), MetaError> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                tx.execute(
+                    "DELETE FROM leases WHERE name = ?1 AND holder = ?2",
+                    args![&name, &holder],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn ping(&self) -> Result<(), MetaError> {
+        self.engine
+            .read(|tx| tx.query_one("SELECT 1", &[]).map(drop))
+            .await
+    }
+}
+
+/// `blobs.state` of a blob that may be served and linked.
+const BLOB_LIVE: &str = "live";

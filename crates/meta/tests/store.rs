@@ -1,0 +1,955 @@
+//! The behaviour of the metadata store, run on SQLite always and on PostgreSQL whenever its
+//! server binaries are installed (always in CI): the same test on both engines is what
+//! keeps one set of queries honest on two databases.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_meta::{
+    AccountStore, AuditFilter, Database, GcSelection, MetaError, MetaStore, NewAuditEvent,
+    NewManifest, Page,
+};
+use berth_oci::{Digest, EdgeKind, ManifestEdge, Reference, RepoName, Tag};
+
+/// Where a store lives, so a test can open a second handle on it (a second node, or a
+/// later process).
+#[derive(Clone)]
+enum Place {
+    Sqlite(PathBuf),
+    Postgres { url: String, schema: String },
+}
+
+impl Place {
+    async fn open(&self) -> Database {
+        match self {
+            Place::Sqlite(path) => Database::open_sqlite(path).expect("open SQLite"),
+            Place::Postgres { url, schema } => {
+                let mut last = None;
+                // The shared cluster may still be starting.
+                for _ in 0..100 {
+                    match Database::connect_postgres(url, Some(schema)).await {
+                        Ok(db) => return db,
+                        Err(e) => last = Some(e),
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                panic!("connecting to PostgreSQL: {last:?}");
+            }
+        }
+    }
+}
+
+/// Runs `test` on a fresh store of each engine.
+async fn on_each_engine<F, Fut>(test: F)
+where
+    F: Fn(Place) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().unwrap();
+    eprintln!("on SQLite");
+    test(Place::Sqlite(dir.path().join("meta.db"))).await;
+    if let Some(cluster) = berth_testkit::shared_cluster() {
+        eprintln!("on PostgreSQL");
+        test(Place::Postgres {
+            url: cluster.url().to_owned(),
+            schema: berth_testkit::unique_schema(),
+        })
+        .await;
+    }
+}
+
+fn digest(c: char) -> Digest {
+    Digest::parse(&format!("sha256:{}", c.to_string().repeat(64))).unwrap()
+}
+
+fn numbered_digest(n: usize) -> Digest {
+    Digest::parse(&format!("sha256:{n:064x}")).unwrap()
+}
+
+fn repo(name: &str) -> RepoName {
+    RepoName::parse(name).unwrap()
+}
+
+fn tag(name: &str) -> Tag {
+    Tag::parse(name).unwrap()
+}
+
+fn all() -> Page<'static> {
+    Page {
+        limit: None,
+        after: None,
+    }
+}
+
+fn layer(d: &Digest) -> ManifestEdge {
+    ManifestEdge {
+        digest: d.clone(),
+        kind: EdgeKind::Layer,
+    }
+}
+
+fn child(d: &Digest) -> ManifestEdge {
+    ManifestEdge {
+        digest: d.clone(),
+        kind: EdgeKind::Child,
+    }
+}
+
+fn manifest(d: &Digest, edges: Vec<ManifestEdge>, subject: Option<Digest>) -> NewManifest {
+    NewManifest {
+        digest: d.clone(),
+        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+        artifact_type: subject.as_ref().map(|_| "application/x.sig".to_owned()),
+        subject,
+        annotations_json: Some(r#"{"a":"b"}"#.into()),
+        edges,
+        raw: format!("{{\"m\":\"{}\"}}", d.as_str()).into_bytes(),
+    }
+}
+
+/// Reserves and links a blob, as a finished upload does.
+async fn push_blob(db: &Database, repo: &RepoName, d: &Digest, size: u64) {
+    db.reserve_blob(d).await.unwrap();
+    db.link_blob(repo, d, size, None).await.unwrap();
+}
+
+const NO_GC_CUTOFF: i64 = 0;
+
+fn far_future() -> i64 {
+    i64::MAX / 2
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_are_visible_only_where_linked() {
+    on_each_engine(|place| async move {
+        let db = place.open().await;
+        let (app, other) = (repo("team/app"), repo("team/other"));
+        let a = digest('a');
+        assert!(
+            matches!(
+                db.link_blob(&app, &a, 3, None).await,
+                Err(MetaError::BlobBeingDeleted)
+            ),
+            "a link needs a reservation first"
+        );
+        assert!(db.any_linked_blob_size(&a).await.unwrap().is_none());
+        push_blob(&db, &app, &a, 3).await;
+        let linked = db.linked_blob(&app, &a).await.unwrap().unwrap();
+        assert_eq!(linked.size, 3);
+        assert!(db.linked_blob(&other, &a).await.unwrap().is_none());
+        assert_eq!(db.any_linked_blob_size(&a).await.unwrap(), Some(3));
+        db.touch_blob(&a).await.unwrap();
+        let touched = db.linked_blob(&app, &a).await.unwrap().unwrap();
+        assert!(touched.last_used_ms >= linked.last_used_ms);
+        assert!(db.unlink_blob(&app, &a).await.unwrap());
+        assert!(!db.unlink_blob(&app, &a).await.unwrap());
+        assert!(db.linked_blob(&app, &a).await.unwrap().is_none());
+        assert!(db.any_linked_blob_size(&a).await.unwrap().is_none());
+        db.ping().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifests_require_their_references_and_keep_their_bytes() {
+    on_each_engine(|place| async move {
+        let db = place.open().await;
+        let (app, other) = (repo("team/app"), repo("team/other"));
+        let (a, d, e, idx) = (digest('a'), digest('d'), digest('e'), digest('f'));
+        let v1 = tag("v1");
+        let err = db
+            .put_manifest(
+                &app,
+                manifest(&d, vec![layer(&a), layer(&a)], None),
+                Some(&v1),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, MetaError::MissingReferences { ref missing } if missing == std::slice::from_ref(&a)),
+            "{err:?}"
+        );
+        push_blob(&db, &other, &a, 2).await;
+        assert!(
+            db.put_manifest(&app, manifest(&d, vec![layer(&a)], None), Some(&v1))
+                .await
+                .is_err(),
+            "a blob of another repository does not count"
+        );
+        db.link_blob(&app, &a, 2, None).await.unwrap();
+        let pushed = manifest(&d, vec![layer(&a)], None);
+        db.put_manifest(&app, pushed.clone(), Some(&v1))
+            .await
+            .unwrap();
+        let got = db
+            .get_manifest(&app, &Reference::Tag(v1.clone()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((got.digest, got.raw), (d.clone(), pushed.raw.clone()));
+        let by_digest = db
+            .get_manifest(&app, &Reference::Digest(d.clone()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(by_digest.media_type, pushed.media_type);
+        assert!(db
+            .get_manifest(&other, &Reference::Digest(d.clone()))
+            .await
+            .unwrap()
+            .is_none());
+
+        // An index needs its children in the same repository.
+        let index = manifest(&idx, vec![child(&d)], None);
+        assert!(db.put_manifest(&other, index.clone(), None).await.is_err());
+        db.put_manifest(&app, index, Some(&tag("multi")))
+            .await
+            .unwrap();
+
+        // Referrers, filtered by artifact type.
+        db.put_manifest(&app, manifest(&e, vec![], Some(d.clone())), None)
+            .await
+            .unwrap();
+        let refs = db.referrers(&app, &d, None).await.unwrap();
+        assert_eq!(refs.len(), 1);
+        assert_eq!(refs[0].digest, e);
+        assert_eq!(refs[0].artifact_type.as_deref(), Some("application/x.sig"));
+        assert_eq!(refs[0].annotations_json.as_deref(), Some(r#"{"a":"b"}"#));
+        assert!(
+            db.referrers(&app, &d, Some("application/x.sig"))
+                .await
+                .unwrap()
+                .len()
+                == 1
+        );
+        assert!(db
+            .referrers(&app, &d, Some("other"))
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(db.referrers(&app, &a, None).await.unwrap().is_empty());
+
+        // A tag moves; deleting it leaves the manifest; deleting the manifest its tags.
+        db.put_manifest(&app, manifest(&e, vec![], Some(d.clone())), Some(&v1))
+            .await
+            .unwrap();
+        let moved = db
+            .get_manifest(&app, &Reference::Tag(v1.clone()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(moved.digest, e);
+        assert!(db.delete_tag(&app, &v1).await.unwrap());
+        assert!(!db.delete_tag(&app, &v1).await.unwrap());
+        assert!(db
+            .get_manifest(&app, &Reference::Digest(e.clone()))
+            .await
+            .unwrap()
+            .is_some());
+        assert!(db.delete_manifest(&app, &idx).await.unwrap());
+        assert!(db
+            .get_manifest(&app, &Reference::Tag(tag("multi")))
+            .await
+            .unwrap()
+            .is_none());
+        assert!(!db.delete_manifest(&app, &idx).await.unwrap());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_and_the_catalog_page_in_byte_order() {
+    on_each_engine(|place| async move {
+        let db = place.open().await;
+        let a = digest('a');
+        let names = ["team/app", "team/app/sub", "other/x", "Z/upper", "team-b/y"];
+        for name in names {
+            let r = RepoName::parse(&name.to_lowercase()).unwrap();
+            push_blob(&db, &r, &a, 1).await;
+            db.put_manifest(&r, manifest(&digest('d'), vec![layer(&a)], None), None)
+                .await
+                .unwrap();
+        }
+        let app = repo("team/app");
+        for t in ["b", "B", "a", "a-1", "1", "Z"] {
+            db.put_manifest(
+                &app,
+                manifest(&digest('d'), vec![layer(&a)], None),
+                Some(&tag(t)),
+            )
+            .await
+            .unwrap();
+        }
+        let tags = db.list_tags(&app, all()).await.unwrap().unwrap();
+        assert_eq!(tags, ["1", "B", "Z", "a", "a-1", "b"]);
+        let page = db
+            .list_tags(
+                &app,
+                Page {
+                    limit: Some(2),
+                    after: Some("Z"),
+                },
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(page, ["a", "a-1"]);
+        assert!(db
+            .list_tags(&repo("nobody/here"), all())
+            .await
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            db.list_tags(&repo("other/x"), all())
+                .await
+                .unwrap()
+                .unwrap(),
+            Vec::<String>::new(),
+            "a repository without tags lists none"
+        );
+
+        let catalog = db.catalog(all(), None).await.unwrap();
+        assert_eq!(
+            catalog,
+            ["other/x", "team-b/y", "team/app", "team/app/sub", "z/upper"]
+        );
+        let page = db
+            .catalog(
+                Page {
+                    limit: Some(2),
+                    after: Some("team-b/y"),
+                },
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(page, ["team/app", "team/app/sub"]);
+        let within = ["team".to_owned(), "z".to_owned(), "x\"y".to_owned()];
+        assert_eq!(
+            db.catalog(all(), Some(&within)).await.unwrap(),
+            ["team/app", "team/app/sub", "z/upper"]
+        );
+        assert!(db.catalog(all(), Some(&[])).await.unwrap().is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_sessions_are_known_at_once_and_to_every_later_handle() {
+    on_each_engine(|place| async move {
+        let db = place.open().await;
+        let app = repo("team/app");
+        db.record_upload("s1", &app).await.unwrap();
+        db.record_upload("s2", &app).await.unwrap();
+        assert_eq!(
+            db.upload_repo("s1").await.unwrap().as_deref(),
+            Some("team/app")
+        );
+        assert_eq!(db.upload_repo("nope").await.unwrap(), None);
+        // A durable write commits after any queued one: another handle sees both.
+        db.try_lease("barrier", "x", 60_000).await.unwrap();
+        let other = place.open().await;
+        assert_eq!(
+            other.upload_repo("s2").await.unwrap().as_deref(),
+            Some("team/app")
+        );
+        assert_eq!(
+            other.uploads_started_before(i64::MAX).await.unwrap(),
+            ["s1", "s2"]
+        );
+        assert!(other.uploads_started_before(0).await.unwrap().is_empty());
+        db.forget_upload("s1").await.unwrap();
+        assert_eq!(db.upload_repo("s1").await.unwrap(), None);
+        assert_eq!(other.upload_repo("s1").await.unwrap(), None);
+        // A session finished by a link is forgotten too.
+        db.reserve_blob(&digest('a')).await.unwrap();
+        db.link_blob(&app, &digest('a'), 3, Some("s2"))
+            .await
+            .unwrap();
+        assert_eq!(db.upload_repo("s2").await.unwrap(), None);
+        assert_eq!(other.upload_repo("s2").await.unwrap(), None);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_are_exclusive_until_released_or_expired() {
+    on_each_engine(|place| async move {
+        let db = place.open().await;
+        let node_b = place.open().await;
+        assert!(db.try_lease("gc", "a", 60_000).await.unwrap());
+        assert!(db.try_lease("gc", "a", 60_000).await.unwrap(), "renewal");
+        assert!(!node_b.try_lease("gc", "b", 60_000).await.unwrap());
+        assert!(node_b.try_lease("other", "b", 60_000).await.unwrap());
+        node_b.release_lease("gc", "b").await.unwrap();
+        assert!(
+            !node_b.try_lease("gc", "b", 60_000).await.unwrap(),
+            "only the holder releases"
+        );
+        db.release_lease("gc", "a").await.unwrap();
+        assert!(node_b.try_lease("gc", "b", 1).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(
+            db.try_lease("gc", "a", 60_000).await.unwrap(),
+            "expired: taken over"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_collection_marks_what_nothing_reaches() {
+    on_each_engine(|place| async move {
+        let db = place.open().await;
+        let app = repo("team/app");
+        let (kept, shared, orphan, lonely) = (digest('1'), digest('2'), digest('3'), digest('4'));
+        for d in [&kept, &shared, &orphan, &lonely] {
+            push_blob(&db, &app, d, 10).await;
+        }
+        let (tagged, untagged, idx, sig, child_m) = (
+            digest('a'),
+            digest('b'),
+            digest('c'),
+            digest('e'),
+            digest('f'),
+        );
+        db.put_manifest(
+            &app,
+            manifest(&tagged, vec![layer(&kept), layer(&shared)], None),
+            Some(&tag("v1")),
+        )
+        .await
+        .unwrap();
+        db.put_manifest(
+            &app,
+            manifest(&untagged, vec![layer(&orphan), layer(&shared)], None),
+            None,
+        )
+        .await
+        .unwrap();
+        // A tagged index keeps its child; a referrer of a reached manifest is reached.
+        db.put_manifest(&app, manifest(&child_m, vec![], None), None)
+            .await
+            .unwrap();
+        db.put_manifest(
+            &app,
+            manifest(&idx, vec![child(&child_m)], None),
+            Some(&tag("multi")),
+        )
+        .await
+        .unwrap();
+        db.put_manifest(&app, manifest(&sig, vec![], Some(tagged.clone())), None)
+            .await
+            .unwrap();
+
+        let selection = GcSelection {
+            untagged_pushed_before_ms: Some(far_future()),
+            blobs_unused_before_ms: far_future(),
+            dry_run: true,
+        };
+        let dry = db.mark_garbage(selection).await.unwrap();
+        assert_eq!(dry.manifests, [("team/app".to_owned(), untagged.clone())]);
+        let mut expected = vec![(orphan.clone(), 10), (lonely.clone(), 10)];
+        expected.sort_by(|x, y| x.0.as_str().cmp(y.0.as_str()));
+        assert_eq!(dry.blobs, expected);
+        assert!(
+            db.blobs_being_deleted().await.unwrap().is_empty(),
+            "a dry run changes nothing"
+        );
+        assert!(db
+            .get_manifest(&app, &Reference::Digest(untagged.clone()))
+            .await
+            .unwrap()
+            .is_some());
+
+        let marked = db
+            .mark_garbage(GcSelection {
+                dry_run: false,
+                ..selection
+            })
+            .await
+            .unwrap();
+        assert_eq!((marked.manifests, marked.blobs), (dry.manifests, dry.blobs));
+        for d in [&tagged, &idx, &sig, &child_m] {
+            assert!(db
+                .get_manifest(&app, &Reference::Digest(d.clone()))
+                .await
+                .unwrap()
+                .is_some());
+        }
+        assert!(db
+            .get_manifest(&app, &Reference::Digest(untagged))
+            .await
+            .unwrap()
+            .is_none());
+        assert_eq!(db.blobs_being_deleted().await.unwrap(), expected);
+        assert!(db.linked_blob(&app, &orphan).await.unwrap().is_none());
+        assert!(matches!(
+            db.reserve_blob(&orphan).await,
+            Err(MetaError::BlobBeingDeleted)
+        ));
+        assert!(matches!(
+            db.link_blob(&app, &orphan, 10, None).await,
+            Err(MetaError::BlobBeingDeleted)
+        ));
+        let mut live = db.live_blobs().await.unwrap();
+        live.sort_by(|x, y| x.0.as_str().cmp(y.0.as_str()));
+        assert_eq!(live, [(kept.clone(), 10), (shared.clone(), 10)]);
+
+        db.forget_deleted_blobs(&[orphan.clone(), lonely.clone(), kept.clone()])
+            .await
+            .unwrap();
+        assert!(db.blobs_being_deleted().await.unwrap().is_empty());
+        assert_eq!(
+            db.live_blobs().await.unwrap().len(),
+            2,
+            "live blobs are not forgotten"
+        );
+        // After the sweep the digest may be pushed again.
+        push_blob(&db, &app, &orphan, 10).await;
+
+        // A pass that keeps manifests and spares recently used blobs.
+        let spared = db
+            .mark_garbage(GcSelection {
+                untagged_pushed_before_ms: None,
+                blobs_unused_before_ms: NO_GC_CUTOFF,
+                dry_run: false,
+            })
+            .await
+            .unwrap();
+        assert!(spared.manifests.is_empty() && spared.blobs.is_empty());
+
+        // The scrub's view: a dropped blob leaves its manifests' edges dangling.
+        assert!(db.dangling_edges().await.unwrap().is_empty());
+        db.drop_blob(&kept).await.unwrap();
+        let dangling = db.dangling_edges().await.unwrap();
+        assert_eq!(dangling.len(), 1);
+        assert_eq!(
+            (
+                dangling[0].manifest.as_str(),
+                dangling[0].target.as_str(),
+                dangling[0].kind.as_str()
+            ),
+            (tagged.as_str(), kept.as_str(), "layer")
+        );
+        assert!(db.linked_blob(&app, &kept).await.unwrap().is_none());
+    })
+    .await;
+}
+
+/// Pushes race a collector that would delete every unreferenced blob at once. Whatever
+/// interleaving happens, a manifest the store accepted never loses a blob: either the
+/// link commits first and the mark sees the blob in use, or the mark commits first and
+/// the push is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marking_under_concurrent_pushes_never_strands_a_manifest() {
+    on_each_engine(|place| async move {
+        let db = Arc::new(place.open().await);
+        let writers: Vec<_> = (0..4)
+            .map(|w| {
+                let db = db.clone();
+                tokio::spawn(async move {
+                    let mut accepted = Vec::new();
+                    for i in 0..25 {
+                        let r = repo(&format!("p/w{w}"));
+                        let blob = numbered_digest(w * 1000 + i);
+                        let m = numbered_digest(100_000 + w * 1000 + i);
+                        let pushed = async {
+                            db.reserve_blob(&blob).await?;
+                            db.link_blob(&r, &blob, 5, None).await?;
+                            db.put_manifest(
+                                &r,
+                                manifest(&m, vec![layer(&blob)], None),
+                                Some(&tag(&format!("t{i}"))),
+                            )
+                            .await
+                        };
+                        match pushed.await {
+                            Ok(()) => accepted.push((r, m)),
+                            Err(
+                                MetaError::BlobBeingDeleted | MetaError::MissingReferences { .. },
+                            ) => {}
+                            Err(e) => panic!("unexpected push failure: {e}"),
+                        }
+                    }
+                    accepted
+                })
+            })
+            .collect();
+        let collector = {
+            let db = db.clone();
+            tokio::spawn(async move {
+                let mut passes = 0;
+                loop {
+                    let marked = db
+                        .mark_garbage(GcSelection {
+                            untagged_pushed_before_ms: None,
+                            blobs_unused_before_ms: far_future(),
+                            dry_run: false,
+                        })
+                        .await
+                        .unwrap();
+                    let digests: Vec<Digest> = marked.blobs.into_iter().map(|(d, _)| d).collect();
+                    db.forget_deleted_blobs(&digests).await.unwrap();
+                    passes += 1;
+                    if passes >= 10 {
+                        return;
+                    }
+                }
+            })
+        };
+        let mut accepted = Vec::new();
+        for w in writers {
+            accepted.extend(w.await.unwrap());
+        }
+        collector.await.unwrap();
+        assert!(!accepted.is_empty(), "some pushes got through");
+        assert!(db.dangling_edges().await.unwrap().is_empty());
+        for (r, m) in &accepted {
+            let stored = db
+                .get_manifest(r, &Reference::Digest(m.clone()))
+                .await
+                .unwrap();
+            assert!(stored.is_some(), "{r:?} {m:?}");
+        }
+        let live = db.live_blobs().await.unwrap().len();
+        assert_eq!(
+            live,
+            accepted.len(),
+            "every accepted manifest's blob, and nothing else, is live"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_are_named_once_and_versioned_by_password() {
+    on_each_engine(|place| async move {
+        let db = place.open().await;
+        assert_eq!(db.count_users().await.unwrap(), 0);
+        let alice = db.create_user("alice", "hash-1", false).await.unwrap();
+        assert_eq!(
+            (alice.name.as_str(), alice.admin, alice.generation),
+            ("alice", false, 0)
+        );
+        let err = db.create_user("alice", "other", true).await.unwrap_err();
+        assert!(
+            matches!(err, MetaError::Conflict(ref m) if m.contains("alice")),
+            "{err:?}"
+        );
+        db.create_user("bob", "hash-b", true).await.unwrap();
+        assert_eq!(db.count_users().await.unwrap(), 2);
+        let names: Vec<String> = db
+            .users()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|u| u.name)
+            .collect();
+        assert_eq!(names, ["alice", "bob"]);
+
+        let changed = db
+            .update_user("alice", Some("hash-2"), Some(true))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (
+                changed.password_hash.as_str(),
+                changed.admin,
+                changed.generation
+            ),
+            ("hash-2", true, 1)
+        );
+        let demoted = db
+            .update_user("alice", None, Some(false))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((demoted.admin, demoted.generation), (false, 1));
+        assert!(db
+            .update_user("nobody", Some("x"), None)
+            .await
+            .unwrap()
+            .is_none());
+        db.rehash_password(alice.id, "hash-3").await.unwrap();
+        let rehashed = db.user("alice").await.unwrap().unwrap();
+        assert_eq!(
+            (rehashed.password_hash.as_str(), rehashed.generation),
+            ("hash-3", 1)
+        );
+
+        db.create_project("team", false, Some((alice.id, "admin")))
+            .await
+            .unwrap();
+        assert_eq!(
+            db.member_projects(alice.id).await.unwrap(),
+            [("team".to_owned(), "admin".to_owned())]
+        );
+        assert!(db.delete_user("alice").await.unwrap());
+        assert!(!db.delete_user("alice").await.unwrap());
+        assert!(db.user("alice").await.unwrap().is_none());
+        assert!(
+            db.members("team").await.unwrap().is_empty(),
+            "memberships go with the user"
+        );
+        let again = db.create_user("alice", "hash-4", false).await.unwrap();
+        assert_ne!(again.id, alice.id, "a new account is a new id");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projects_members_and_robots() {
+    on_each_engine(|place| async move {
+        let db = place.open().await;
+        let owner = db.create_user("owner", "h", false).await.unwrap();
+        let dev = db.create_user("dev", "h", false).await.unwrap();
+        let team = db
+            .create_project("team", false, Some((owner.id, "admin")))
+            .await
+            .unwrap();
+        assert!(!team.public);
+        assert!(matches!(
+            db.create_project("team", true, None).await,
+            Err(MetaError::Conflict(_))
+        ));
+        db.create_project("open", true, None).await.unwrap();
+        let names: Vec<String> = db
+            .projects()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        assert_eq!(names, ["open", "team"]);
+        assert!(db.project("open").await.unwrap().unwrap().public);
+        assert!(db.set_project_public("team", true).await.unwrap());
+        assert!(db.project("team").await.unwrap().unwrap().public);
+        assert!(!db.set_project_public("nope", true).await.unwrap());
+
+        // Members.
+        assert!(db.set_member("team", "dev", "developer").await.unwrap());
+        assert!(
+            !db.set_member("team", "dev", "maintainer").await.unwrap(),
+            "changed, not added"
+        );
+        assert_eq!(
+            db.member_role("team", dev.id).await.unwrap().as_deref(),
+            Some("maintainer")
+        );
+        assert!(matches!(
+            db.set_member("nope", "dev", "guest").await,
+            Err(MetaError::NotFound(_))
+        ));
+        assert!(matches!(
+            db.set_member("team", "ghost", "guest").await,
+            Err(MetaError::NotFound(_))
+        ));
+        let members: Vec<(String, String)> = db
+            .members("team")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.user, m.role))
+            .collect();
+        assert_eq!(
+            members,
+            [
+                ("dev".into(), "maintainer".into()),
+                ("owner".into(), "admin".into())
+            ]
+        );
+
+        // What one authorization reads.
+        let access = db.project_access("team", Some(dev.id)).await.unwrap();
+        assert_eq!(access.project.as_ref().map(|p| p.public), Some(true));
+        assert_eq!(access.role.as_deref(), Some("maintainer"));
+        assert!(!access.unrecorded_repositories);
+        let anonymous = db.project_access("team", None).await.unwrap();
+        assert!(anonymous.role.is_none() && anonymous.project.is_some());
+        let unrecorded = db.project_access("legacy", Some(dev.id)).await.unwrap();
+        assert!(unrecorded.project.is_none() && !unrecorded.unrecorded_repositories);
+        assert!(!db.project_in_use("legacy").await.unwrap());
+        push_blob(&db, &repo("legacy/app"), &digest('a'), 1).await;
+        assert!(
+            db.project_access("legacy", None)
+                .await
+                .unwrap()
+                .unrecorded_repositories
+        );
+        assert!(db.project_in_use("legacy").await.unwrap());
+        assert!(
+            !db.project_in_use("leg").await.unwrap(),
+            "a prefix is not a project"
+        );
+
+        assert!(db.remove_member("team", "dev").await.unwrap());
+        assert!(!db.remove_member("team", "dev").await.unwrap());
+        assert!(db.member_role("team", dev.id).await.unwrap().is_none());
+
+        // Robots.
+        let perms = vec!["pull".to_owned(), "push".to_owned()];
+        let robot = db
+            .create_robot("team", "ci", "secret-hash", &perms, Some(42))
+            .await
+            .unwrap();
+        assert_eq!(
+            (robot.permissions.clone(), robot.expires_ms),
+            (perms.clone(), Some(42))
+        );
+        assert!(matches!(
+            db.create_robot("team", "ci", "x", &perms, None).await,
+            Err(MetaError::Conflict(_))
+        ));
+        assert!(matches!(
+            db.create_robot("nope", "ci", "x", &[], None).await,
+            Err(MetaError::NotFound(_))
+        ));
+        db.create_robot("team", "bot", "x", &[], None)
+            .await
+            .unwrap();
+        assert_eq!(db.robot("team", "ci").await.unwrap(), Some(robot));
+        let robots: Vec<String> = db
+            .robots("team")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(robots, ["bot", "ci"]);
+        assert!(db
+            .robot("team", "bot")
+            .await
+            .unwrap()
+            .unwrap()
+            .permissions
+            .is_empty());
+        assert!(db.delete_robot("team", "bot").await.unwrap());
+        assert!(!db.delete_robot("team", "bot").await.unwrap());
+
+        // A project holding repositories cannot go; an empty one takes its robots along.
+        let app = repo("team/app");
+        push_blob(&db, &app, &digest('b'), 1).await;
+        assert!(matches!(
+            db.delete_project("team").await,
+            Err(MetaError::NotEmpty(_))
+        ));
+        db.unlink_blob(&app, &digest('b')).await.unwrap();
+        assert!(db.delete_project("team").await.unwrap());
+        assert!(!db.delete_project("team").await.unwrap());
+        assert!(db.robot("team", "ci").await.unwrap().is_none());
+        assert!(db.member_projects(owner.id).await.unwrap().is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_keep_the_first_value() {
+    on_each_engine(|place| async move {
+        let db = place.open().await;
+        let node_b = place.open().await;
+        assert_eq!(db.setting_or_insert("key", "first").await.unwrap(), "first");
+        assert_eq!(
+            node_b.setting_or_insert("key", "second").await.unwrap(),
+            "first"
+        );
+        assert_eq!(node_b.setting_or_insert("other", "x").await.unwrap(), "x");
+    })
+    .await;
+}
+
+fn audit_event(
+    at_ms: i64,
+    actor: &str,
+    action: &str,
+    resource: &str,
+    result: &str,
+) -> NewAuditEvent {
+    NewAuditEvent {
+        at_ms,
+        actor: actor.into(),
+        actor_kind: "user".into(),
+        address: "127.0.0.1".into(),
+        action: action.into(),
+        resource: resource.into(),
+        result: result.into(),
+        detail: "\u{1b}[31m".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_log_filters_and_pages_newest_first() {
+    on_each_engine(|place| async move {
+        let db = place.open().await;
+        db.append_audit(vec![
+            audit_event(100, "alice", "push", "team/app:v1", "success"),
+            audit_event(200, "bob", "pull", "team/app:v1", "success"),
+            audit_event(300, "alice", "delete", "other/x@sha256:1", "denied"),
+            audit_event(400, "alice", "push", "team/lib:v2", "failed"),
+        ])
+        .await
+        .unwrap();
+        let list = |filter: AuditFilter| {
+            let db = &db;
+            async move {
+                db.audit(filter)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|r| r.event.at_ms)
+                    .collect::<Vec<_>>()
+            }
+        };
+        let everything = AuditFilter {
+            limit: 10,
+            ..AuditFilter::default()
+        };
+        assert_eq!(list(everything.clone()).await, [400, 300, 200, 100]);
+        let all = db.audit(everything.clone()).await.unwrap();
+        assert_eq!(
+            all[0].event,
+            audit_event(400, "alice", "push", "team/lib:v2", "failed")
+        );
+        assert!(all.windows(2).all(|w| w[0].id > w[1].id));
+        let filtered = |f: fn(&mut AuditFilter)| {
+            let mut filter = everything.clone();
+            f(&mut filter);
+            filter
+        };
+        assert_eq!(
+            list(filtered(|f| f.actor = Some("alice".into()))).await,
+            [400, 300, 100]
+        );
+        assert_eq!(
+            list(filtered(|f| f.action = Some("push".into()))).await,
+            [400, 100]
+        );
+        assert_eq!(
+            list(filtered(|f| f.resource_prefix = Some("team/".into()))).await,
+            [400, 200, 100]
+        );
+        assert_eq!(
+            list(filtered(|f| f.resource_prefix = Some("%".into()))).await,
+            Vec::<i64>::new()
+        );
+        assert_eq!(
+            list(filtered(|f| f.result = Some("denied".into()))).await,
+            [300]
+        );
+        assert_eq!(
+            list(filtered(|f| f.since_ms = Some(200))).await,
+            [400, 300, 200]
+        );
+        assert_eq!(list(filtered(|f| f.until_ms = Some(200))).await, [100]);
+        assert_eq!(list(filtered(|f| f.limit = 2)).await, [400, 300]);
+        let before = AuditFilter {
+            before_id: Some(all[1].id),
+            ..everything.clone()
+        };
+        assert_eq!(list(before).await, [200, 100]);
+    })
+    .await;
+}
