@@ -4,7 +4,7 @@
 
 use async_trait::async_trait;
 
-use crate::engine::{args, Durability, Row, Tx};
+use crate::engine::{args, owned, Durability, Row, Tx};
 use crate::{now, Database, MetaError};
 
 /// A person who logs in with a name and password.
@@ -224,8 +224,19 @@ pub trait AccountStore: Send + Sync + 'static {
     async fn audit(&self, filter: AuditFilter) -> Result<Vec<AuditRecord>, MetaError>;
 }
 
-const USER_COLUMNS: &str = "id, name, password_hash, admin, generation, created_at";
-const ROBOT_COLUMNS: &str = "id, project, name, secret_hash, permissions, expires_at, created_at";
+/// The columns [`user_row`] reads.
+macro_rules! user_columns {
+    () => {
+        "id, name, password_hash, admin, generation, created_at"
+    };
+}
+
+/// The columns [`robot_row`] reads.
+macro_rules! robot_columns {
+    () => {
+        "id, project, name, secret_hash, permissions, expires_at, created_at"
+    };
+}
 
 fn user_row(mut r: Row) -> Result<UserRecord, MetaError> {
     Ok(UserRecord {
@@ -238,7 +249,7 @@ fn user_row(mut r: Row) -> Result<UserRecord, MetaError> {
     })
 }
 
-fn project_row(r: &mut Row) -> Result<ProjectRecord, MetaError> {
+fn project_row(mut r: Row) -> Result<ProjectRecord, MetaError> {
     Ok(ProjectRecord {
         name: r.text(0)?,
         public: r.bool(1)?,
@@ -263,6 +274,22 @@ fn robot_row(mut r: Row) -> Result<RobotRecord, MetaError> {
     })
 }
 
+fn audit_row(mut r: Row) -> Result<AuditRecord, MetaError> {
+    Ok(AuditRecord {
+        id: r.int(0)?,
+        event: NewAuditEvent {
+            at_ms: r.int(1)?,
+            actor: r.text(2)?,
+            actor_kind: r.text(3)?,
+            address: r.text(4)?,
+            action: r.text(5)?,
+            resource: r.text(6)?,
+            result: r.text(7)?,
+            detail: r.text(8)?,
+        },
+    })
+}
+
 /// Names what clashed when a statement met a uniqueness violation.
 fn clash(what: String) -> impl FnOnce(MetaError) -> MetaError {
     move |e| match e {
@@ -273,25 +300,27 @@ fn clash(what: String) -> impl FnOnce(MetaError) -> MetaError {
 
 /// Whether repositories (with manifests, or only blobs so far) live under a project name.
 /// `name > p/ AND name < p0` is the index range of `p/…` (`0` follows `/`).
-const HOLDS_REPOSITORIES: &str = "
-EXISTS (SELECT 1 FROM repositories WHERE name = ?1 OR (name > ?1 || '/' AND name < ?1 || '0'))
-OR EXISTS (SELECT 1 FROM repo_blobs WHERE repo = ?1 OR (repo > ?1 || '/' AND repo < ?1 || '0'))";
-
-fn holds_repositories(tx: &mut dyn Tx, project: &str) -> Result<bool, MetaError> {
-    tx.query_one(&format!("SELECT {HOLDS_REPOSITORIES}"), args![project])?
-        .bool(0)
+macro_rules! holds_repositories {
+    () => {
+        "EXISTS (SELECT 1 FROM repositories WHERE name = ?1 OR (name > ?1 || '/' AND name < ?1 || '0'))
+         OR EXISTS (SELECT 1 FROM repo_blobs WHERE repo = ?1 OR (repo > ?1 || '/' AND repo < ?1 || '0'))"
+    };
 }
+const HOLDS_REPOSITORIES: &str = concat!("SELECT ", holds_repositories!());
 
 fn project_exists(tx: &mut dyn Tx, name: &str) -> Result<bool, MetaError> {
     tx.exists("SELECT 1 FROM projects WHERE name = ?1", args![name])
 }
 
+fn changed(n: u64) -> bool {
+    n > 0
+}
+
 #[async_trait]
 impl AccountStore for Database {
     async fn count_users(&self) -> Result<u64, MetaError> {
-        self.engine
-            .read(|tx| tx.query_one("SELECT count(*) FROM users", &[])?.size(0))
-            .await
+        let count = self.read_row("SELECT count(*) FROM users", vec![], |mut r| r.size(0));
+        Ok(count.await?.unwrap_or(0))
     }
 
     async fn create_user(
@@ -305,9 +334,9 @@ impl AccountStore for Database {
             .write(Durability::Synced, move |tx| {
                 let row = tx
                     .query_one(
-                        &format!(
-                            "INSERT INTO users (name, password_hash, admin, created_at) VALUES (?1, ?2, ?3, ?4)
-                             RETURNING {USER_COLUMNS}"
+                        concat!(
+                            "INSERT INTO users (name, password_hash, admin, created_at) VALUES (?1, ?2, ?3, ?4) RETURNING ",
+                            user_columns!()
                         ),
                         args![&name, &hash, admin, now()],
                     )
@@ -318,29 +347,13 @@ impl AccountStore for Database {
     }
 
     async fn user(&self, name: &str) -> Result<Option<UserRecord>, MetaError> {
-        let name = name.to_owned();
-        self.engine
-            .read(move |tx| {
-                tx.query_opt(
-                    &format!("SELECT {USER_COLUMNS} FROM users WHERE name = ?1"),
-                    args![&name],
-                )?
-                .map(user_row)
-                .transpose()
-            })
-            .await
+        let sql = concat!("SELECT ", user_columns!(), " FROM users WHERE name = ?1");
+        self.read_row(sql, owned![name], user_row).await
     }
 
     async fn users(&self) -> Result<Vec<UserRecord>, MetaError> {
-        self.engine
-            .read(|tx| {
-                tx.query_map(
-                    &format!("SELECT {USER_COLUMNS} FROM users ORDER BY name"),
-                    &[],
-                    user_row,
-                )
-            })
-            .await
+        let sql = concat!("SELECT ", user_columns!(), " FROM users ORDER BY name");
+        self.read_rows(sql, vec![], user_row).await
     }
 
     async fn update_user(
@@ -360,41 +373,26 @@ impl AccountStore for Database {
                     )?;
                 }
                 if let Some(admin) = admin {
-                    tx.execute(
-                        "UPDATE users SET admin = ?2 WHERE name = ?1",
-                        args![&name, admin],
-                    )?;
+                    tx.execute("UPDATE users SET admin = ?2 WHERE name = ?1", args![&name, admin])?;
                 }
-                tx.query_opt(
-                    &format!("SELECT {USER_COLUMNS} FROM users WHERE name = ?1"),
-                    args![&name],
-                )?
-                .map(user_row)
-                .transpose()
+                let sql = concat!("SELECT ", user_columns!(), " FROM users WHERE name = ?1");
+                tx.query_opt(sql, args![&name])?.map(user_row).transpose()
             })
             .await
     }
 
     async fn rehash_password(&self, user_id: i64, password_hash: &str) -> Result<(), MetaError> {
-        let hash = password_hash.to_owned();
-        self.engine
-            .write(Durability::Synced, move |tx| {
-                tx.execute(
-                    "UPDATE users SET password_hash = ?2 WHERE id = ?1",
-                    args![user_id, &hash],
-                )?;
-                Ok(())
-            })
+        let sql = "UPDATE users SET password_hash = ?2 WHERE id = ?1";
+        self.write_statement(Durability::Synced, sql, owned![user_id, password_hash])
             .await
+            .map(drop)
     }
 
     async fn delete_user(&self, name: &str) -> Result<bool, MetaError> {
-        let name = name.to_owned();
-        self.engine
-            .write(Durability::Synced, move |tx| {
-                Ok(tx.execute("DELETE FROM users WHERE name = ?1", args![&name])? > 0)
-            })
+        let sql = "DELETE FROM users WHERE name = ?1";
+        self.write_statement(Durability::Synced, sql, owned![name])
             .await
+            .map(changed)
     }
 
     async fn create_project(
@@ -429,29 +427,13 @@ impl AccountStore for Database {
     }
 
     async fn project(&self, name: &str) -> Result<Option<ProjectRecord>, MetaError> {
-        let name = name.to_owned();
-        self.engine
-            .read(move |tx| {
-                tx.query_opt(
-                    "SELECT name, public, created_at FROM projects WHERE name = ?1",
-                    args![&name],
-                )?
-                .map(|mut r| project_row(&mut r))
-                .transpose()
-            })
-            .await
+        let sql = "SELECT name, public, created_at FROM projects WHERE name = ?1";
+        self.read_row(sql, owned![name], project_row).await
     }
 
     async fn projects(&self) -> Result<Vec<ProjectRecord>, MetaError> {
-        self.engine
-            .read(|tx| {
-                tx.query_map(
-                    "SELECT name, public, created_at FROM projects ORDER BY name",
-                    &[],
-                    |mut r| project_row(&mut r),
-                )
-            })
-            .await
+        let sql = "SELECT name, public, created_at FROM projects ORDER BY name";
+        self.read_rows(sql, vec![], project_row).await
     }
 
     async fn project_access(
@@ -459,61 +441,53 @@ impl AccountStore for Database {
         project: &str,
         user_id: Option<i64>,
     ) -> Result<ProjectAccess, MetaError> {
-        let project = project.to_owned();
-        self.engine
-            .read(move |tx| {
-                // One statement, one round trip per authorization.
-                let mut r = tx.query_one(
-                    &format!(
-                        "SELECT p.name, p.public, p.created_at,
-                                (SELECT role FROM members m WHERE m.project = ?1 AND m.user_id = ?2),
-                                p.name IS NULL AND ({HOLDS_REPOSITORIES})
-                         FROM (SELECT CAST(?1 AS TEXT) AS wanted) q LEFT JOIN projects p ON p.name = q.wanted"
-                    ),
-                    args![&project, user_id],
-                )?;
-                let recorded = r.opt_text(0)?.is_some();
-                Ok(ProjectAccess {
-                    role: r.opt_text(3)?,
-                    unrecorded_repositories: r.bool(4)?,
-                    project: if recorded {
-                        Some(ProjectRecord {
-                            name: project.clone(),
-                            public: r.bool(1)?,
-                            created_ms: r.int(2)?,
-                        })
-                    } else {
-                        None
-                    },
-                })
+        // One statement, one round trip per authorization.
+        let sql = concat!(
+            "SELECT p.name, p.public, p.created_at,
+                    (SELECT role FROM members m WHERE m.project = ?1 AND m.user_id = ?2),
+                    p.name IS NULL AND (",
+            holds_repositories!(),
+            ") FROM (SELECT CAST(?1 AS TEXT) AS wanted) q LEFT JOIN projects p ON p.name = q.wanted"
+        );
+        let access = self.read_row(sql, owned![project, user_id], |mut r| {
+            let role = r.opt_text(3)?;
+            let unrecorded_repositories = r.bool(4)?;
+            let project = match r.opt_text(0)? {
+                Some(name) => Some(ProjectRecord {
+                    name,
+                    public: r.bool(1)?,
+                    created_ms: r.int(2)?,
+                }),
+                None => None,
+            };
+            Ok(ProjectAccess {
+                project,
+                role,
+                unrecorded_repositories,
             })
-            .await
+        });
+        access
+            .await?
+            .ok_or_else(|| MetaError::Corrupt("project access query returned no row".into()))
     }
 
     async fn project_in_use(&self, name: &str) -> Result<bool, MetaError> {
-        let name = name.to_owned();
-        self.engine
-            .read(move |tx| holds_repositories(tx, &name))
-            .await
+        let held = self.read_row(HOLDS_REPOSITORIES, owned![name], |mut r| r.bool(0));
+        Ok(held.await? == Some(true))
     }
 
     async fn set_project_public(&self, name: &str, public: bool) -> Result<bool, MetaError> {
-        let name = name.to_owned();
-        self.engine
-            .write(Durability::Synced, move |tx| {
-                Ok(tx.execute(
-                    "UPDATE projects SET public = ?2 WHERE name = ?1",
-                    args![&name, public],
-                )? > 0)
-            })
+        let sql = "UPDATE projects SET public = ?2 WHERE name = ?1";
+        self.write_statement(Durability::Synced, sql, owned![name, public])
             .await
+            .map(changed)
     }
 
     async fn delete_project(&self, name: &str) -> Result<bool, MetaError> {
         let name = name.to_owned();
         self.engine
             .write(Durability::Synced, move |tx| {
-                if holds_repositories(tx, &name)? {
+                if tx.query_one(HOLDS_REPOSITORIES, args![&name])?.bool(0)? {
                     return Err(MetaError::NotEmpty(format!(
                         "project {name} still holds repositories"
                     )));
@@ -524,47 +498,26 @@ impl AccountStore for Database {
     }
 
     async fn members(&self, project: &str) -> Result<Vec<MemberRecord>, MetaError> {
-        let project = project.to_owned();
-        self.engine
-            .read(move |tx| {
-                tx.query_map(
-                    "SELECT u.name, m.role FROM members m JOIN users u ON u.id = m.user_id
-                     WHERE m.project = ?1 ORDER BY u.name",
-                    args![&project],
-                    |mut r| {
-                        Ok(MemberRecord {
-                            user: r.text(0)?,
-                            role: r.text(1)?,
-                        })
-                    },
-                )
+        let sql = "SELECT u.name, m.role FROM members m JOIN users u ON u.id = m.user_id
+                   WHERE m.project = ?1 ORDER BY u.name";
+        self.read_rows(sql, owned![project], |mut r| {
+            Ok(MemberRecord {
+                user: r.text(0)?,
+                role: r.text(1)?,
             })
-            .await
+        })
+        .await
     }
 
     async fn member_role(&self, project: &str, user_id: i64) -> Result<Option<String>, MetaError> {
-        let project = project.to_owned();
-        self.engine
-            .read(move |tx| {
-                tx.query_opt(
-                    "SELECT role FROM members WHERE project = ?1 AND user_id = ?2",
-                    args![&project, user_id],
-                )?
-                .map(|mut r| r.text(0))
-                .transpose()
-            })
+        let sql = "SELECT role FROM members WHERE project = ?1 AND user_id = ?2";
+        self.read_row(sql, owned![project, user_id], |mut r| r.text(0))
             .await
     }
 
     async fn member_projects(&self, user_id: i64) -> Result<Vec<(String, String)>, MetaError> {
-        self.engine
-            .read(move |tx| {
-                tx.query_map(
-                    "SELECT project, role FROM members WHERE user_id = ?1 ORDER BY project",
-                    args![user_id],
-                    |mut r| Ok((r.text(0)?, r.text(1)?)),
-                )
-            })
+        let sql = "SELECT project, role FROM members WHERE user_id = ?1 ORDER BY project";
+        self.read_rows(sql, owned![user_id], |mut r| Ok((r.text(0)?, r.text(1)?)))
             .await
     }
 
@@ -598,16 +551,11 @@ impl AccountStore for Database {
     }
 
     async fn remove_member(&self, project: &str, user: &str) -> Result<bool, MetaError> {
-        let (project, user) = (project.to_owned(), user.to_owned());
-        self.engine
-            .write(Durability::Synced, move |tx| {
-                Ok(tx.execute(
-                    "DELETE FROM members WHERE project = ?1
-                     AND user_id = (SELECT id FROM users WHERE name = ?2)",
-                    args![&project, &user],
-                )? > 0)
-            })
+        let sql = "DELETE FROM members WHERE project = ?1
+                   AND user_id = (SELECT id FROM users WHERE name = ?2)";
+        self.write_statement(Durability::Synced, sql, owned![project, user])
             .await
+            .map(changed)
     }
 
     async fn create_robot(
@@ -627,9 +575,10 @@ impl AccountStore for Database {
                 }
                 let row = tx
                     .query_one(
-                        &format!(
+                        concat!(
                             "INSERT INTO robots (project, name, secret_hash, permissions, expires_at, created_at)
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING {ROBOT_COLUMNS}"
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING ",
+                            robot_columns!()
                         ),
                         args![&project, &name, &hash, &permissions, expires_ms, now()],
                     )
@@ -640,42 +589,28 @@ impl AccountStore for Database {
     }
 
     async fn robot(&self, project: &str, name: &str) -> Result<Option<RobotRecord>, MetaError> {
-        let (project, name) = (project.to_owned(), name.to_owned());
-        self.engine
-            .read(move |tx| {
-                tx.query_opt(
-                    &format!("SELECT {ROBOT_COLUMNS} FROM robots WHERE project = ?1 AND name = ?2"),
-                    args![&project, &name],
-                )?
-                .map(robot_row)
-                .transpose()
-            })
-            .await
+        let sql = concat!(
+            "SELECT ",
+            robot_columns!(),
+            " FROM robots WHERE project = ?1 AND name = ?2"
+        );
+        self.read_row(sql, owned![project, name], robot_row).await
     }
 
     async fn robots(&self, project: &str) -> Result<Vec<RobotRecord>, MetaError> {
-        let project = project.to_owned();
-        self.engine
-            .read(move |tx| {
-                tx.query_map(
-                    &format!("SELECT {ROBOT_COLUMNS} FROM robots WHERE project = ?1 ORDER BY name"),
-                    args![&project],
-                    robot_row,
-                )
-            })
-            .await
+        let sql = concat!(
+            "SELECT ",
+            robot_columns!(),
+            " FROM robots WHERE project = ?1 ORDER BY name"
+        );
+        self.read_rows(sql, owned![project], robot_row).await
     }
 
     async fn delete_robot(&self, project: &str, name: &str) -> Result<bool, MetaError> {
-        let (project, name) = (project.to_owned(), name.to_owned());
-        self.engine
-            .write(Durability::Synced, move |tx| {
-                Ok(tx.execute(
-                    "DELETE FROM robots WHERE project = ?1 AND name = ?2",
-                    args![&project, &name],
-                )? > 0)
-            })
+        let sql = "DELETE FROM robots WHERE project = ?1 AND name = ?2";
+        self.write_statement(Durability::Synced, sql, owned![project, name])
             .await
+            .map(changed)
     }
 
     async fn setting_or_insert(&self, name: &str, candidate: &str) -> Result<String, MetaError> {
@@ -699,16 +634,7 @@ impl AccountStore for Database {
                     tx.execute(
                         "INSERT INTO audit (at, actor, actor_kind, address, action, resource, result, detail)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                        args![
-                            e.at_ms,
-                            &e.actor,
-                            &e.actor_kind,
-                            &e.address,
-                            &e.action,
-                            &e.resource,
-                            &e.result,
-                            &e.detail
-                        ],
+                        args![e.at_ms, &e.actor, &e.actor_kind, &e.address, &e.action, &e.resource, &e.result, &e.detail],
                     )?;
                 }
                 Ok(())
@@ -717,45 +643,26 @@ impl AccountStore for Database {
     }
 
     async fn audit(&self, filter: AuditFilter) -> Result<Vec<AuditRecord>, MetaError> {
-        self.engine
-            .read(move |tx| {
-                tx.query_map(
-                    "SELECT id, at, actor, actor_kind, address, action, resource, result, detail FROM audit
-                     WHERE (CAST(?1 AS TEXT) IS NULL OR actor = ?1)
-                       AND (CAST(?2 AS TEXT) IS NULL OR action = ?2)
-                       AND (CAST(?3 AS TEXT) IS NULL OR substr(resource, 1, length(?3)) = ?3)
-                       AND (CAST(?4 AS TEXT) IS NULL OR result = ?4)
-                       AND (CAST(?5 AS BIGINT) IS NULL OR at >= ?5)
-                       AND (CAST(?6 AS BIGINT) IS NULL OR at < ?6)
-                       AND (CAST(?7 AS BIGINT) IS NULL OR id < ?7)
-                     ORDER BY id DESC LIMIT ?8",
-                    args![
-                        filter.actor.as_deref(),
-                        filter.action.as_deref(),
-                        filter.resource_prefix.as_deref(),
-                        filter.result.as_deref(),
-                        filter.since_ms,
-                        filter.until_ms,
-                        filter.before_id,
-                        i64::try_from(filter.limit).unwrap_or(i64::MAX)
-                    ],
-                    |mut r| {
-                        Ok(AuditRecord {
-                            id: r.int(0)?,
-                            event: NewAuditEvent {
-                                at_ms: r.int(1)?,
-                                actor: r.text(2)?,
-                                actor_kind: r.text(3)?,
-                                address: r.text(4)?,
-                                action: r.text(5)?,
-                                resource: r.text(6)?,
-                                result: r.text(7)?,
-                                detail: r.text(8)?,
-                            },
-                        })
-                    },
-                )
-            })
-            .await
+        let sql =
+            "SELECT id, at, actor, actor_kind, address, action, resource, result, detail FROM audit
+                   WHERE (CAST(?1 AS TEXT) IS NULL OR actor = ?1)
+                     AND (CAST(?2 AS TEXT) IS NULL OR action = ?2)
+                     AND (CAST(?3 AS TEXT) IS NULL OR substr(resource, 1, length(?3)) = ?3)
+                     AND (CAST(?4 AS TEXT) IS NULL OR result = ?4)
+                     AND (CAST(?5 AS BIGINT) IS NULL OR at >= ?5)
+                     AND (CAST(?6 AS BIGINT) IS NULL OR at < ?6)
+                     AND (CAST(?7 AS BIGINT) IS NULL OR id < ?7)
+                   ORDER BY id DESC LIMIT ?8";
+        let args = owned![
+            filter.actor.as_deref(),
+            filter.action.as_deref(),
+            filter.resource_prefix.as_deref(),
+            filter.result.as_deref(),
+            filter.since_ms,
+            filter.until_ms,
+            filter.before_id,
+            i64::try_from(filter.limit).unwrap_or(i64::MAX)
+        ];
+        self.read_rows(sql, args, audit_row).await
     }
 }

@@ -9,25 +9,41 @@
 //! Booleans are bound and read as integers (0 or 1), as SQLite stores them; the PostgreSQL
 //! engine converts where a column is `BOOLEAN`.
 
+use std::borrow::Cow;
+
 use berth_oci::Digest;
 
 use crate::postgres::PostgresEngine;
 use crate::sqlite::SqliteEngine;
 use crate::MetaError;
 
-/// A value bound to a statement's placeholder.
-#[derive(Debug, Clone, Copy)]
+/// A value bound to a statement's placeholder: borrowed inside a transaction, owned
+/// (`Value<'static>`) when a statement is handed to an engine whole.
+#[derive(Debug, Clone)]
 pub(crate) enum Value<'a> {
     /// SQL `NULL`, of whatever type the placeholder has.
     Null,
     /// An integer; also a boolean (0 or 1).
     Int(i64),
     /// Text.
-    Text(&'a str),
+    Text(Cow<'a, str>),
     /// Bytes (a manifest's exact bytes).
-    Bytes(&'a [u8]),
+    Bytes(Cow<'a, [u8]>),
     /// A list of text values, for [`Dialect::in_list`].
-    TextList(&'a [&'a str]),
+    TextList(Vec<String>),
+}
+
+impl Value<'_> {
+    /// The value with its text copied, to outlive the caller's borrows.
+    pub(crate) fn into_owned(self) -> Value<'static> {
+        match self {
+            Value::Null => Value::Null,
+            Value::Int(v) => Value::Int(v),
+            Value::TextList(v) => Value::TextList(v),
+            Value::Text(v) => Value::Text(Cow::Owned(v.into_owned())),
+            Value::Bytes(v) => Value::Bytes(Cow::Owned(v.into_owned())),
+        }
+    }
 }
 
 impl From<i64> for Value<'_> {
@@ -44,25 +60,25 @@ impl From<bool> for Value<'_> {
 
 impl<'a> From<&'a str> for Value<'a> {
     fn from(v: &'a str) -> Self {
-        Value::Text(v)
+        Value::Text(Cow::Borrowed(v))
     }
 }
 
 impl<'a> From<&'a String> for Value<'a> {
     fn from(v: &'a String) -> Self {
-        Value::Text(v)
+        Value::Text(Cow::Borrowed(v))
     }
 }
 
 impl<'a> From<&'a [u8]> for Value<'a> {
     fn from(v: &'a [u8]) -> Self {
-        Value::Bytes(v)
+        Value::Bytes(Cow::Borrowed(v))
     }
 }
 
-impl<'a> From<&'a [&'a str]> for Value<'a> {
-    fn from(v: &'a [&'a str]) -> Self {
-        Value::TextList(v)
+impl From<&[String]> for Value<'_> {
+    fn from(v: &[String]) -> Self {
+        Value::TextList(v.to_vec())
     }
 }
 
@@ -79,6 +95,14 @@ macro_rules! args {
     };
 }
 pub(crate) use args;
+
+/// `owned![a, b, c]`: the same, copied, for a statement handed to an engine whole.
+macro_rules! owned {
+    ($($value:expr),* $(,)?) => {
+        vec![$(crate::engine::Value::from($value).into_owned()),*]
+    };
+}
+pub(crate) use owned;
 
 /// One column of a result row, owned.
 #[derive(Debug, Clone, PartialEq)]

@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 use berth_oci::{Digest, EdgeKind, Reference, RepoName, Tag};
 
-use crate::engine::{args, Durability, Row, Tx};
+use crate::engine::{args, owned, Durability, Row, Tx};
 use crate::{
     now, DanglingEdge, Database, GcMarked, GcSelection, LinkedBlob, MetaError, MetaStore,
     NewManifest, Page, Referrer, StoredManifest,
@@ -83,32 +83,18 @@ impl Database {
 #[async_trait]
 impl MetaStore for Database {
     async fn reserve_blob(&self, digest: &Digest) -> Result<(), MetaError> {
-        let digest = digest.as_str().to_owned();
-        self.engine
-            .write(Durability::Visible, move |tx| {
-                let t = now();
-                let state = tx
-                    .query_opt("SELECT state FROM blobs WHERE digest = ?1", args![&digest])?
-                    .map(|mut r| r.text(0))
-                    .transpose()?;
-                match state.as_deref() {
-                    Some(BLOB_LIVE) => {
-                        tx.execute(
-                            "UPDATE blobs SET last_used_at = ?2 WHERE digest = ?1",
-                            args![&digest, t],
-                        )?;
-                    }
-                    Some(_) => return Err(MetaError::BlobBeingDeleted),
-                    None => {
-                        tx.execute(
-                            "INSERT INTO blobs (digest, size, created_at, last_used_at, state) VALUES (?1, 0, ?2, ?2, 'live')",
-                            args![&digest, t],
-                        )?;
-                    }
-                }
-                Ok(())
-            })
-            .await
+        // A new record, or a live one refreshed; a record being deleted is left alone and
+        // returns no row.
+        let sql = "INSERT INTO blobs (digest, size, created_at, last_used_at, state) VALUES (?1, 0, ?2, ?2, 'live')
+                   ON CONFLICT (digest) DO UPDATE SET last_used_at = excluded.last_used_at
+                   WHERE blobs.state = 'live'
+                   RETURNING state";
+        let args = owned![digest.as_str(), now()];
+        let reserved = self
+            .engine
+            .write(Durability::Visible, move |tx| tx.exists(sql, &args))
+            .await?;
+        reserved.then_some(()).ok_or(MetaError::BlobBeingDeleted)
     }
 
     async fn link_blob(
@@ -151,16 +137,10 @@ impl MetaStore for Database {
     }
 
     async fn touch_blob(&self, digest: &Digest) -> Result<(), MetaError> {
-        let digest = digest.as_str().to_owned();
-        self.engine
-            .write(Durability::Visible, move |tx| {
-                tx.execute(
-                    "UPDATE blobs SET last_used_at = ?2 WHERE digest = ?1 AND state = 'live'",
-                    args![&digest, now()],
-                )?;
-                Ok(())
-            })
+        let sql = "UPDATE blobs SET last_used_at = ?2 WHERE digest = ?1 AND state = 'live'";
+        self.write_statement(Durability::Visible, sql, owned![digest.as_str(), now()])
             .await
+            .map(drop)
     }
 
     async fn linked_blob(
@@ -168,51 +148,33 @@ impl MetaStore for Database {
         repo: &RepoName,
         digest: &Digest,
     ) -> Result<Option<LinkedBlob>, MetaError> {
-        let (repo, digest) = (repo.as_str().to_owned(), digest.as_str().to_owned());
-        self.engine
-            .read(move |tx| {
-                tx.query_opt(
-                    "SELECT b.size, b.last_used_at FROM repo_blobs l JOIN blobs b ON b.digest = l.digest
-                     WHERE l.repo = ?1 AND l.digest = ?2 AND b.state = 'live'",
-                    args![&repo, &digest],
-                )?
-                .map(|mut r| {
-                    Ok(LinkedBlob {
-                        size: r.size(0)?,
-                        last_used_ms: r.int(1)?,
-                    })
-                })
-                .transpose()
+        let sql =
+            "SELECT b.size, b.last_used_at FROM repo_blobs l JOIN blobs b ON b.digest = l.digest
+                   WHERE l.repo = ?1 AND l.digest = ?2 AND b.state = 'live'";
+        self.read_row(sql, owned![repo.as_str(), digest.as_str()], |mut r| {
+            Ok(LinkedBlob {
+                size: r.size(0)?,
+                last_used_ms: r.int(1)?,
             })
-            .await
+        })
+        .await
     }
 
     async fn any_linked_blob_size(&self, digest: &Digest) -> Result<Option<u64>, MetaError> {
-        let digest = digest.as_str().to_owned();
-        self.engine
-            .read(move |tx| {
-                tx.query_opt(
-                    "SELECT b.size FROM blobs b WHERE b.digest = ?1 AND b.state = 'live'
-                     AND EXISTS (SELECT 1 FROM repo_blobs l WHERE l.digest = b.digest)",
-                    args![&digest],
-                )?
-                .map(|mut r| r.size(0))
-                .transpose()
-            })
+        let sql = "SELECT b.size FROM blobs b WHERE b.digest = ?1 AND b.state = 'live'
+                   AND EXISTS (SELECT 1 FROM repo_blobs l WHERE l.digest = b.digest)";
+        self.read_row(sql, owned![digest.as_str()], |mut r| r.size(0))
             .await
     }
 
     async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetaError> {
-        let (repo, digest) = (repo.as_str().to_owned(), digest.as_str().to_owned());
-        self.engine
-            .write(Durability::Synced, move |tx| {
-                let n = tx.execute(
-                    "DELETE FROM repo_blobs WHERE repo = ?1 AND digest = ?2",
-                    args![&repo, &digest],
-                )?;
-                Ok(n > 0)
-            })
-            .await
+        let sql = "DELETE FROM repo_blobs WHERE repo = ?1 AND digest = ?2";
+        let n = self.write_statement(
+            Durability::Synced,
+            sql,
+            owned![repo.as_str(), digest.as_str()],
+        );
+        Ok(n.await? > 0)
     }
 
     async fn put_manifest(
@@ -280,25 +242,19 @@ impl MetaStore for Database {
         repo: &RepoName,
         reference: &Reference,
     ) -> Result<Option<StoredManifest>, MetaError> {
-        let repo = repo.as_str().to_owned();
-        let reference = reference.clone();
-        self.engine
-            .read(move |tx| {
-                let row = match &reference {
-                    Reference::Digest(d) => tx.query_opt(
-                        "SELECT digest, media_type, raw FROM manifests WHERE repo = ?1 AND digest = ?2",
-                        args![&repo, d.as_str()],
-                    )?,
-                    Reference::Tag(t) => tx.query_opt(
-                        "SELECT m.digest, m.media_type, m.raw FROM tags t
-                         JOIN manifests m ON m.repo = t.repo AND m.digest = t.digest
-                         WHERE t.repo = ?1 AND t.tag = ?2",
-                        args![&repo, t.as_str()],
-                    )?,
-                };
-                row.map(stored_manifest).transpose()
-            })
-            .await
+        let (sql, args) = match reference {
+            Reference::Digest(d) => (
+                "SELECT digest, media_type, raw FROM manifests WHERE repo = ?1 AND digest = ?2",
+                owned![repo.as_str(), d.as_str()],
+            ),
+            Reference::Tag(t) => (
+                "SELECT m.digest, m.media_type, m.raw FROM tags t
+                 JOIN manifests m ON m.repo = t.repo AND m.digest = t.digest
+                 WHERE t.repo = ?1 AND t.tag = ?2",
+                owned![repo.as_str(), t.as_str()],
+            ),
+        };
+        self.read_row(sql, args, stored_manifest).await
     }
 
     async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetaError> {
@@ -311,16 +267,9 @@ impl MetaStore for Database {
     }
 
     async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool, MetaError> {
-        let (repo, tag) = (repo.as_str().to_owned(), tag.as_str().to_owned());
-        self.engine
-            .write(Durability::Synced, move |tx| {
-                let n = tx.execute(
-                    "DELETE FROM tags WHERE repo = ?1 AND tag = ?2",
-                    args![&repo, &tag],
-                )?;
-                Ok(n > 0)
-            })
-            .await
+        let sql = "DELETE FROM tags WHERE repo = ?1 AND tag = ?2";
+        let n = self.write_statement(Durability::Synced, sql, owned![repo.as_str(), tag.as_str()]);
+        Ok(n.await? > 0)
     }
 
     async fn list_tags(
@@ -361,7 +310,6 @@ impl MetaStore for Database {
                         |mut r| r.text(0),
                     );
                 };
-                let projects: Vec<&str> = projects.iter().map(String::as_str).collect();
                 let dialect = tx.dialect();
                 let sql = format!(
                     "SELECT name FROM repositories WHERE name > ?1 AND {} {}
@@ -382,28 +330,20 @@ impl MetaStore for Database {
         subject: &Digest,
         artifact_type: Option<&str>,
     ) -> Result<Vec<Referrer>, MetaError> {
-        let (repo, subject) = (repo.as_str().to_owned(), subject.as_str().to_owned());
-        let artifact_type = artifact_type.map(str::to_owned);
-        self.engine
-            .read(move |tx| {
-                tx.query_map(
-                    "SELECT digest, media_type, size, artifact_type, annotations FROM manifests
-                     WHERE repo = ?1 AND subject = ?2
-                       AND (CAST(?3 AS TEXT) IS NULL OR artifact_type = ?3)
-                     ORDER BY digest",
-                    args![&repo, &subject, artifact_type.as_deref()],
-                    |mut r| {
-                        Ok(Referrer {
-                            digest: r.digest(0)?,
-                            media_type: r.text(1)?,
-                            size: r.size(2)?,
-                            artifact_type: r.opt_text(3)?,
-                            annotations_json: r.opt_text(4)?,
-                        })
-                    },
-                )
+        let sql = "SELECT digest, media_type, size, artifact_type, annotations FROM manifests
+                   WHERE repo = ?1 AND subject = ?2 AND (CAST(?3 AS TEXT) IS NULL OR artifact_type = ?3)
+                   ORDER BY digest";
+        let args = owned![repo.as_str(), subject.as_str(), artifact_type];
+        self.read_rows(sql, args, |mut r| {
+            Ok(Referrer {
+                digest: r.digest(0)?,
+                media_type: r.text(1)?,
+                size: r.size(2)?,
+                artifact_type: r.opt_text(3)?,
+                annotations_json: r.opt_text(4)?,
             })
-            .await
+        })
+        .await
     }
 
     async fn record_upload(&self, upload_id: &str, repo: &RepoName) -> Result<(), MetaError> {
@@ -439,13 +379,8 @@ impl MetaStore for Database {
         {
             return Ok(Some(repo));
         }
-        let id = upload_id.to_owned();
-        self.engine
-            .read(move |tx| {
-                tx.query_opt("SELECT repo FROM uploads WHERE id = ?1", args![&id])?
-                    .map(|mut r| r.text(0))
-                    .transpose()
-            })
+        let sql = "SELECT repo FROM uploads WHERE id = ?1";
+        self.read_row(sql, owned![upload_id], |mut r| r.text(0))
             .await
     }
 
@@ -453,13 +388,10 @@ impl MetaStore for Database {
         if let Some(mut open) = self.open_uploads() {
             open.remove(upload_id);
         }
-        let id = upload_id.to_owned();
-        self.engine
-            .write(Durability::Synced, move |tx| {
-                tx.execute("DELETE FROM uploads WHERE id = ?1", args![&id])?;
-                Ok(())
-            })
+        let sql = "DELETE FROM uploads WHERE id = ?1";
+        self.write_statement(Durability::Synced, sql, owned![upload_id])
             .await
+            .map(drop)
     }
 
     async fn mark_garbage(&self, selection: GcSelection) -> Result<GcMarked, MetaError> {
@@ -469,54 +401,32 @@ impl MetaStore for Database {
     }
 
     async fn blobs_being_deleted(&self) -> Result<Vec<(Digest, u64)>, MetaError> {
-        self.engine
-            .read(|tx| {
-                tx.query_map(
-                    "SELECT digest, size FROM blobs WHERE state = 'deleting' ORDER BY digest",
-                    &[],
-                    digest_and_size,
-                )
-            })
-            .await
+        let sql = "SELECT digest, size FROM blobs WHERE state = 'deleting' ORDER BY digest";
+        self.read_rows(sql, vec![], digest_and_size).await
     }
 
     async fn forget_deleted_blobs(&self, digests: &[Digest]) -> Result<(), MetaError> {
         let digests: Vec<String> = digests.iter().map(|d| d.as_str().to_owned()).collect();
         self.engine
             .write(Durability::Synced, move |tx| {
-                let list: Vec<&str> = digests.iter().map(String::as_str).collect();
                 let sql = format!(
                     "DELETE FROM blobs WHERE state = 'deleting' AND digest {}",
                     tx.dialect().in_list(1)
                 );
-                tx.execute(&sql, args![list.as_slice()])?;
-                Ok(())
+                tx.execute(&sql, args![digests.as_slice()]).map(drop)
             })
             .await
     }
 
     async fn uploads_started_before(&self, cutoff_ms: i64) -> Result<Vec<String>, MetaError> {
-        self.engine
-            .read(move |tx| {
-                tx.query_map(
-                    "SELECT id FROM uploads WHERE started_at < ?1 ORDER BY id",
-                    args![cutoff_ms],
-                    |mut r| r.text(0),
-                )
-            })
+        let sql = "SELECT id FROM uploads WHERE started_at < ?1 ORDER BY id";
+        self.read_rows(sql, owned![cutoff_ms], |mut r| r.text(0))
             .await
     }
 
     async fn live_blobs(&self) -> Result<Vec<(Digest, u64)>, MetaError> {
-        self.engine
-            .read(|tx| {
-                tx.query_map(
-                    "SELECT digest, size FROM blobs WHERE state = 'live' ORDER BY digest",
-                    &[],
-                    digest_and_size,
-                )
-            })
-            .await
+        let sql = "SELECT digest, size FROM blobs WHERE state = 'live' ORDER BY digest";
+        self.read_rows(sql, vec![], digest_and_size).await
     }
 
     async fn dangling_edges(&self) -> Result<Vec<DanglingEdge>, MetaError> {
@@ -551,24 +461,15 @@ impl MetaStore for Database {
     }
 
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), MetaError> {
-        let (name, holder) = (name.to_owned(), holder.to_owned());
-        self.engine
-            .write(Durability::Synced, move |tx| {
-                tx.execute(
-                    "DELETE FROM leases WHERE name = ?1 AND holder = ?2",
-                    args![&name, &holder],
-                )?;
-                Ok(())
-            })
+        let sql = "DELETE FROM leases WHERE name = ?1 AND holder = ?2";
+        self.write_statement(Durability::Synced, sql, owned![name, holder])
             .await
+            .map(drop)
     }
 
     async fn ping(&self) -> Result<(), MetaError> {
-        self.engine
-            .read(|tx| tx.query_one("SELECT 1", &[]).map(drop))
+        self.read_row("SELECT 1", vec![], |_| Ok(()))
             .await
+            .map(drop)
     }
 }
-
-/// `blobs.state` of a blob that may be served and linked.
-const BLOB_LIVE: &str = "live";

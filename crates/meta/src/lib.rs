@@ -27,7 +27,7 @@ pub use accounts::{
     ProjectRecord, RobotRecord, UserRecord,
 };
 
-use engine::Engine;
+use engine::{Durability, Engine, Row, Value};
 
 /// The metadata store: every query and rule of [`MetaStore`] and [`AccountStore`], over
 /// the engine it was opened on.
@@ -54,6 +54,50 @@ impl Database {
     pub async fn connect_postgres(url: &str, schema: Option<&str>) -> Result<Self, MetaError> {
         let engine = Engine::Postgres(postgres::PostgresEngine::connect(url, schema).await?);
         Ok(Self::over(engine))
+    }
+
+    /// One statement as a write of its own; the number of rows it changed.
+    async fn write_statement(
+        &self,
+        durability: Durability,
+        sql: &'static str,
+        args: Vec<Value<'static>>,
+    ) -> Result<u64, MetaError> {
+        self.engine
+            .write(durability, move |tx| tx.execute(sql, &args))
+            .await
+    }
+
+    /// Every row of one read statement, mapped.
+    async fn read_rows<T, F>(
+        &self,
+        sql: &'static str,
+        args: Vec<Value<'static>>,
+        map: F,
+    ) -> Result<Vec<T>, MetaError>
+    where
+        T: Send + 'static,
+        F: FnMut(Row) -> Result<T, MetaError> + Send + 'static,
+    {
+        self.engine
+            .read(move |tx| tx.query_map(sql, &args, map))
+            .await
+    }
+
+    /// The first row of one read statement, mapped.
+    async fn read_row<T, F>(
+        &self,
+        sql: &'static str,
+        args: Vec<Value<'static>>,
+        map: F,
+    ) -> Result<Option<T>, MetaError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Row) -> Result<T, MetaError> + Send + 'static,
+    {
+        self.engine
+            .read(move |tx| tx.query_opt(sql, &args)?.map(map).transpose())
+            .await
     }
 
     fn over(engine: Engine) -> Self {

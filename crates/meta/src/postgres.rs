@@ -321,12 +321,12 @@ impl ToSql for Null {
 /// A value converted to what the placeholder's type takes.
 fn bind(value: &Value<'_>, ty: &Type) -> Result<Box<dyn ToSql + Sync + Send>, MetaError> {
     let mismatch = || MetaError::Backend(format!("postgres: cannot bind {value:?} as {ty}"));
-    Ok(match *value {
+    Ok(match value {
         Value::Null => Box::new(Null),
-        Value::Int(v) if *ty == Type::INT8 => Box::new(v),
-        Value::Int(v) if *ty == Type::INT4 => Box::new(i32::try_from(v).map_err(|_| mismatch())?),
-        Value::Int(v) if *ty == Type::BOOL => Box::new(v != 0),
-        Value::Text(v) => Box::new(v.to_owned()),
+        Value::Int(v) if *ty == Type::INT8 => Box::new(*v),
+        Value::Int(v) if *ty == Type::INT4 => Box::new(i32::try_from(*v).map_err(|_| mismatch())?),
+        Value::Int(v) if *ty == Type::BOOL => Box::new(*v != 0),
+        Value::Text(v) => Box::new(v.to_string()),
         Value::Bytes(v) => Box::new(v.to_vec()),
         Value::TextList(items) => {
             Box::new(items.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())

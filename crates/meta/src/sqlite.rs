@@ -144,9 +144,9 @@ struct SqliteTx<'c>(&'c Connection);
 
 impl rusqlite::ToSql for Value<'_> {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-        Ok(match *self {
+        Ok(match self {
             Value::Null => ToSqlOutput::Borrowed(ValueRef::Null),
-            Value::Int(v) => ToSqlOutput::Borrowed(ValueRef::Integer(v)),
+            Value::Int(v) => ToSqlOutput::Borrowed(ValueRef::Integer(*v)),
             Value::Text(v) => ToSqlOutput::Borrowed(ValueRef::Text(v.as_bytes())),
             Value::Bytes(v) => ToSqlOutput::Borrowed(ValueRef::Blob(v)),
             // Read by `json_each` (see `Dialect::in_list`).
@@ -158,7 +158,7 @@ impl rusqlite::ToSql for Value<'_> {
 }
 
 /// A JSON array of strings.
-fn json_array(items: &[&str]) -> String {
+fn json_array(items: &[String]) -> String {
     let mut out = String::from("[");
     for (i, item) in items.iter().enumerate() {
         if i > 0 {
@@ -222,14 +222,16 @@ mod tests {
 
     #[test]
     fn lists_are_bound_as_json_arrays() {
-        assert_eq!(json_array(&[]), "[]");
-        assert_eq!(json_array(&["a", "b\"c", "d\\"]), r#"["a","b\"c","d\\"]"#);
+        let list =
+            |items: &[&str]| json_array(&items.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(list(&[]), "[]");
+        assert_eq!(list(&["a", "b\"c", "d\\"]), r#"["a","b\"c","d\\"]"#);
         let conn = Connection::open_in_memory().unwrap();
-        let items = ["x\u{1}", "y"];
+        let items = vec!["x\u{1}".to_owned(), "y".to_owned()];
         let n: i64 = conn
             .query_row(
                 "SELECT count(*) FROM json_each(?1)",
-                [Value::TextList(&items)],
+                [Value::TextList(items)],
                 |r| r.get(0),
             )
             .unwrap();
