@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# A/B: the working tree's berth against the berth of another revision (BASE, default the
-# parent commit), both running side by side and measured alternately inside every
-# repetition, so that a change's effect is not confused with the machine's noise. Prints
-# regbench's JSON lines on stdout, its ratios of B (this tree) to A (BASE) included, and a
-# Markdown table at the end (bench/report.py).
+# A/B: the berth of one revision (B, default HEAD) against another's (BASE, default B's
+# parent), both running side by side and measured alternately inside every repetition,
+# so that a change's effect is not confused with the machine's noise. Each is built from
+# a clean checkout of its revision (uncommitted changes take no part). Prints regbench's
+# JSON lines on stdout, its ratios of B to A included, and a Markdown table at the end
+# (bench/report.py).
 #
-# Environment: BASE (HEAD~1), REPS (5), SECS (10), CONNS (64), IMAGES (200), TAGS (10000),
+# Environment: B (HEAD), BASE (B~1), REPS (5), SECS (10), CONNS (64), IMAGES (200), TAGS (10000),
 #   REPOS (5000), SIZE (1GiB), ONLY (subset of: manifest head many tags catalog push pull),
 #   A_PORT (5220), B_PORT (5221), KEEP=1.
 # Needs: cargo, git, python3, curl, wrk, ab (apache2-utils).
@@ -13,7 +14,8 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source bench/lib.sh
 
-BASE=${BASE:-HEAD~1}
+B=${B:-HEAD}
+BASE=${BASE:-$B~1}
 REPS=${REPS:-5}
 SECS=${SECS:-10}
 CONNS=${CONNS:-64}
@@ -30,18 +32,22 @@ STATUS=0
 ROOT=$PWD
 cleanup() {
   stop_started
-  git -C "$ROOT" worktree remove --force "$WORK/base" >/dev/null 2>&1
+  git -C "$ROOT" worktree remove --force "$WORK/a" >/dev/null 2>&1
+  git -C "$ROOT" worktree remove --force "$WORK/b" >/dev/null 2>&1
   [ "${KEEP:-0}" = 1 ] && log "kept $WORK" || rm -rf "$WORK"
 }
 trap cleanup EXIT
 
 base_rev=$(git rev-parse --short "$BASE") || exit 1
-git worktree add --detach --quiet "$WORK/base" "$base_rev" || exit 1
-# One target directory: the dependencies are built once for both.
-(cd "$WORK/base" && CARGO_TARGET_DIR="$ROOT/target" cargo build --release --quiet -p berth) || exit 1
-cp target/release/berth "$WORK/berth-a"
-cargo build --release --quiet -p berth || exit 1
-cp target/release/berth "$WORK/berth-b"
+b_rev=$(git rev-parse --short "$B") || exit 1
+for side in a b; do
+  rev=$base_rev
+  [ "$side" = b ] && rev=$b_rev
+  git worktree add --detach --quiet "$WORK/$side" "$rev" || exit 1
+  # One target directory: the dependencies are built once for both.
+  (cd "$WORK/$side" && CARGO_TARGET_DIR="$ROOT/target/ab" cargo build --release --quiet -p berth) || exit 1
+  cp target/ab/release/berth "$WORK/berth-$side"
+done
 
 start_berth() { # binary port name
   port_free "$2" || { echo "port $2 is busy" >&2; exit 1; }
@@ -54,7 +60,7 @@ start_berth "$WORK/berth-a" "$A_PORT" a
 A_PID=${STARTED_PIDS[-1]}
 start_berth "$WORK/berth-b" "$B_PORT" b
 B_PID=${STARTED_PIDS[-1]}
-log "A = $base_rev (pid $A_PID), B = working tree (pid $B_PID); $(uptime)"
+log "A = $base_rev (pid $A_PID), B = $b_rev (pid $B_PID); $(uptime)"
 
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 rb() {
@@ -62,7 +68,7 @@ rb() {
   shift
   log "regbench $sub $*"
   $REGBENCH "$sub" --url "http://127.0.0.1:$A_PORT" --label "A-$base_rev" --pid "$A_PID" \
-    --url "http://127.0.0.1:$B_PORT" --label B-tree --pid "$B_PID" --reps "$REPS" "$@" |
+    --url "http://127.0.0.1:$B_PORT" --label "B-$b_rev" --pid "$B_PID" --reps "$REPS" "$@" |
     tee -a "$OUT" || STATUS=1
 }
 

@@ -241,6 +241,15 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// The caller as the event log names whoever made a change.
+    pub fn as_actor(&self) -> berth_meta::Actor {
+        berth_meta::Actor {
+            name: self.principal.actor().to_owned(),
+            kind: self.principal.kind().to_owned(),
+            address: self.address.clone(),
+        }
+    }
+
     /// An anonymous caller from `address`.
     pub fn anonymous(address: &str) -> Self {
         Caller {

@@ -218,9 +218,11 @@ pub trait AccountStore: Send + Sync + 'static {
     /// lives here, so that every node verifies every node's tokens.
     async fn setting_or_insert(&self, name: &str, candidate: &str) -> Result<String, MetaError>;
 
-    /// Appends events to the audit log, in order.
+    /// Appends events to the audit log, in order: attempts that changed nothing (a
+    /// refusal, a login, a pull), recorded in the event log without a change.
     async fn append_audit(&self, events: Vec<NewAuditEvent>) -> Result<(), MetaError>;
-    /// Audit events matching the filter, newest first.
+    /// Audit events matching the filter, newest first: every event of the log, changes
+    /// included.
     async fn audit(&self, filter: AuditFilter) -> Result<Vec<AuditRecord>, MetaError>;
 }
 
@@ -630,11 +632,12 @@ impl AccountStore for Database {
     async fn append_audit(&self, events: Vec<NewAuditEvent>) -> Result<(), MetaError> {
         self.engine
             .write(Durability::Synced, move |tx| {
-                for e in &events {
+                let first = crate::events::reserve_sequence(tx, events.len())?;
+                for (seq, e) in (first..).zip(&events) {
                     tx.execute(
-                        "INSERT INTO audit (at, actor, actor_kind, address, action, resource, result, detail)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                        args![e.at_ms, &e.actor, &e.actor_kind, &e.address, &e.action, &e.resource, &e.result, &e.detail],
+                        "INSERT INTO events (seq, at, actor, actor_kind, address, action, resource, result, detail)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                        args![seq, e.at_ms, &e.actor, &e.actor_kind, &e.address, &e.action, &e.resource, &e.result, &e.detail],
                     )?;
                 }
                 Ok(())
@@ -644,15 +647,15 @@ impl AccountStore for Database {
 
     async fn audit(&self, filter: AuditFilter) -> Result<Vec<AuditRecord>, MetaError> {
         let sql =
-            "SELECT id, at, actor, actor_kind, address, action, resource, result, detail FROM audit
+            "SELECT seq, at, actor, actor_kind, address, action, resource, result, detail FROM events
                    WHERE (CAST(?1 AS TEXT) IS NULL OR actor = ?1)
                      AND (CAST(?2 AS TEXT) IS NULL OR action = ?2)
                      AND (CAST(?3 AS TEXT) IS NULL OR substr(resource, 1, length(?3)) = ?3)
                      AND (CAST(?4 AS TEXT) IS NULL OR result = ?4)
                      AND (CAST(?5 AS BIGINT) IS NULL OR at >= ?5)
                      AND (CAST(?6 AS BIGINT) IS NULL OR at < ?6)
-                     AND (CAST(?7 AS BIGINT) IS NULL OR id < ?7)
-                   ORDER BY id DESC LIMIT ?8";
+                     AND (CAST(?7 AS BIGINT) IS NULL OR seq < ?7)
+                   ORDER BY seq DESC LIMIT ?8";
         let args = owned![
             filter.actor.as_deref(),
             filter.action.as_deref(),

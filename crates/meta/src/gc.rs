@@ -4,7 +4,7 @@ use berth_oci::Digest;
 
 use crate::engine::{args, Tx};
 use crate::images::delete_manifest_rows;
-use crate::{DanglingEdge, GcMarked, GcSelection, MetaError};
+use crate::{Actor, Change, DanglingEdge, GcMarked, GcSelection, MetaError};
 
 /// The manifests no tag reaches: everything a tag reaches is live — tagged manifests, the
 /// children of reached indexes, the referrers of reached manifests — and so is every
@@ -75,6 +75,14 @@ fn mark_unless_dry(tx: &mut dyn Tx, selection: GcSelection) -> Result<GcMarked, 
         &[],
     )?;
     blobs.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+    if !manifests.is_empty() || !blobs.is_empty() {
+        let change = Change::GarbageCollected {
+            manifests: manifests.len() as u64,
+            blobs: blobs.len() as u64,
+            bytes: blobs.iter().map(|(_, size)| size).sum(),
+        };
+        crate::events::record(tx, &Actor::system("gc"), &[change])?;
+    }
     Ok(GcMarked { manifests, blobs })
 }
 

@@ -5,10 +5,28 @@ use async_trait::async_trait;
 use berth_oci::{Digest, EdgeKind, Reference, RepoName, Tag};
 
 use crate::engine::{args, owned, Durability, Row, Tx};
+use crate::events::{self, Actor, Change, TagChange};
 use crate::{
-    now, DanglingEdge, Database, GcMarked, GcSelection, LinkedBlob, MetaError, MetaStore,
-    NewManifest, Page, Referrer, StoredManifest,
+    now, BlobArrival, DanglingEdge, Database, GcMarked, GcSelection, LinkedBlob, MetaError,
+    MetaStore, NewManifest, Page, Referrer, StoredManifest,
 };
+
+/// Takes (or renews) a lease for `holder` if nobody else holds it unexpired.
+pub(crate) fn take_lease(
+    tx: &mut dyn Tx,
+    name: &str,
+    holder: &str,
+    ttl_ms: i64,
+) -> Result<bool, MetaError> {
+    let t = now();
+    tx.exists(
+        "INSERT INTO leases (name, holder, expires_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
+         WHERE leases.holder = excluded.holder OR leases.expires_at < ?4
+         RETURNING holder",
+        args![name, holder, t.saturating_add(ttl_ms), t],
+    )
+}
 
 /// `LIMIT` of a page: all rows when the page has no limit.
 fn limit(page: &Page<'_>) -> i64 {
@@ -58,6 +76,31 @@ fn missing_references(
     Ok(missing)
 }
 
+/// Points `tag` at `digest`; says what it pointed at before.
+fn point_tag(
+    tx: &mut dyn Tx,
+    repo: &str,
+    tag: &str,
+    digest: &str,
+    at: i64,
+) -> Result<TagChange, MetaError> {
+    let before = tx.query_opt(
+        "SELECT digest FROM tags WHERE repo = ?1 AND tag = ?2",
+        args![repo, tag],
+    )?;
+    let before = before.map(|mut r| r.text(0)).transpose()?;
+    tx.execute(
+        "INSERT INTO tags (repo, tag, digest, updated_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (repo, tag) DO UPDATE SET digest = excluded.digest, updated_at = excluded.updated_at",
+        args![repo, tag, digest, at],
+    )?;
+    Ok(match before {
+        None => TagChange::Created,
+        Some(from) if from == digest => TagChange::Unchanged,
+        Some(from) => TagChange::Moved { from },
+    })
+}
+
 fn stored_manifest(mut r: Row) -> Result<StoredManifest, MetaError> {
     Ok(StoredManifest {
         digest: r.digest(0)?,
@@ -102,11 +145,27 @@ impl MetaStore for Database {
         repo: &RepoName,
         digest: &Digest,
         size: u64,
-        finished_upload: Option<&str>,
+        arrival: BlobArrival<'_>,
+        by: &Actor,
     ) -> Result<(), MetaError> {
-        let finished = finished_upload.map(str::to_owned);
-        let finished_upload = finished.clone();
-        let (repo, digest) = (repo.as_str().to_owned(), digest.as_str().to_owned());
+        let session = match arrival {
+            BlobArrival::Uploaded { session } => session.map(str::to_owned),
+            BlobArrival::Mounted => None,
+        };
+        let change = match arrival {
+            BlobArrival::Uploaded { .. } => Change::BlobUploaded {
+                repository: repo.to_string(),
+                digest: digest.to_string(),
+                size,
+            },
+            BlobArrival::Mounted => Change::BlobMounted {
+                repository: repo.to_string(),
+                digest: digest.to_string(),
+                size,
+            },
+        };
+        let finished = session.clone();
+        let (repo, digest, by) = (repo.to_string(), digest.to_string(), by.clone());
         let size = i64::try_from(size).map_err(|_| MetaError::Backend("blob too large".into()))?;
         let linked = self
             .engine
@@ -124,10 +183,10 @@ impl MetaStore for Database {
                      ON CONFLICT (repo, digest) DO UPDATE SET linked_at = excluded.linked_at",
                     args![&repo, &digest, t],
                 )?;
-                if let Some(id) = &finished_upload {
+                if let Some(id) = &session {
                     tx.execute("DELETE FROM uploads WHERE id = ?1", args![id])?;
                 }
-                Ok(())
+                events::record(tx, &by, std::slice::from_ref(&change))
             })
             .await;
         if let (Ok(()), Some(id), Some(mut open)) = (&linked, finished, self.open_uploads()) {
@@ -167,14 +226,27 @@ impl MetaStore for Database {
             .await
     }
 
-    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetaError> {
-        let sql = "DELETE FROM repo_blobs WHERE repo = ?1 AND digest = ?2";
-        let n = self.write_statement(
-            Durability::Synced,
-            sql,
-            owned![repo.as_str(), digest.as_str()],
-        );
-        Ok(n.await? > 0)
+    async fn unlink_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        by: &Actor,
+    ) -> Result<bool, MetaError> {
+        let change = Change::BlobDeleted {
+            repository: repo.to_string(),
+            digest: digest.to_string(),
+        };
+        let (repo, digest, by) = (repo.to_string(), digest.to_string(), by.clone());
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                let sql = "DELETE FROM repo_blobs WHERE repo = ?1 AND digest = ?2";
+                let unlinked = tx.execute(sql, args![&repo, &digest])? > 0;
+                if unlinked {
+                    events::record(tx, &by, std::slice::from_ref(&change))?;
+                }
+                Ok(unlinked)
+            })
+            .await
     }
 
     async fn put_manifest(
@@ -182,9 +254,11 @@ impl MetaStore for Database {
         repo: &RepoName,
         manifest: NewManifest,
         tag: Option<&Tag>,
+        by: &Actor,
     ) -> Result<(), MetaError> {
         let repo = repo.as_str().to_owned();
         let tag = tag.map(|t| t.as_str().to_owned());
+        let by = by.clone();
         self.engine
             .write(Durability::Synced, move |tx| {
                 let missing = missing_references(tx, &repo, &manifest)?;
@@ -225,14 +299,19 @@ impl MetaStore for Database {
                         args![edge.digest.as_str(), t],
                     )?;
                 }
-                if let Some(tag) = &tag {
-                    tx.execute(
-                        "INSERT INTO tags (repo, tag, digest, updated_at) VALUES (?1, ?2, ?3, ?4)
-                         ON CONFLICT (repo, tag) DO UPDATE SET digest = excluded.digest, updated_at = excluded.updated_at",
-                        args![&repo, tag, digest, t],
-                    )?;
-                }
-                Ok(())
+                let tag_change = match &tag {
+                    Some(tag) => Some((tag.clone(), point_tag(tx, &repo, tag, digest, t)?)),
+                    None => None,
+                };
+                let change = Change::ManifestPushed {
+                    repository: repo.clone(),
+                    digest: digest.to_owned(),
+                    media_type: manifest.media_type.clone(),
+                    size: manifest.raw.len() as u64,
+                    subject: manifest.subject.as_ref().map(Digest::to_string),
+                    tag: tag_change,
+                };
+                events::record(tx, &by, &[change])
             })
             .await
     }
@@ -257,19 +336,54 @@ impl MetaStore for Database {
         self.read_row(sql, args, stored_manifest).await
     }
 
-    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetaError> {
-        let (repo, digest) = (repo.as_str().to_owned(), digest.as_str().to_owned());
+    async fn delete_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        by: &Actor,
+    ) -> Result<bool, MetaError> {
+        let (repo, digest, by) = (repo.to_string(), digest.to_string(), by.clone());
         self.engine
             .write(Durability::Synced, move |tx| {
-                delete_manifest_rows(tx, &repo, &digest)
+                let tags = tx.query_map(
+                    "SELECT tag FROM tags WHERE repo = ?1 AND digest = ?2 ORDER BY tag",
+                    args![&repo, &digest],
+                    |mut r| r.text(0),
+                )?;
+                if !delete_manifest_rows(tx, &repo, &digest)? {
+                    return Ok(false);
+                }
+                let change = Change::ManifestDeleted {
+                    repository: repo.clone(),
+                    digest: digest.clone(),
+                    tags,
+                };
+                events::record(tx, &by, &[change])?;
+                Ok(true)
             })
             .await
     }
 
-    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool, MetaError> {
-        let sql = "DELETE FROM tags WHERE repo = ?1 AND tag = ?2";
-        let n = self.write_statement(Durability::Synced, sql, owned![repo.as_str(), tag.as_str()]);
-        Ok(n.await? > 0)
+    async fn delete_tag(&self, repo: &RepoName, tag: &Tag, by: &Actor) -> Result<bool, MetaError> {
+        let (repo, tag, by) = (repo.to_string(), tag.to_string(), by.clone());
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                let deleted = tx.query_opt(
+                    "DELETE FROM tags WHERE repo = ?1 AND tag = ?2 RETURNING digest",
+                    args![&repo, &tag],
+                )?;
+                let Some(mut deleted) = deleted else {
+                    return Ok(false);
+                };
+                let change = Change::TagDeleted {
+                    repository: repo.clone(),
+                    tag: tag.clone(),
+                    digest: deleted.text(0)?,
+                };
+                events::record(tx, &by, &[change])?;
+                Ok(true)
+            })
+            .await
     }
 
     async fn list_tags(
@@ -448,14 +562,7 @@ impl MetaStore for Database {
         let (name, holder) = (name.to_owned(), holder.to_owned());
         self.engine
             .write(Durability::Synced, move |tx| {
-                let t = now();
-                tx.exists(
-                    "INSERT INTO leases (name, holder, expires_at) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
-                     WHERE leases.holder = excluded.holder OR leases.expires_at < ?4
-                     RETURNING holder",
-                    args![&name, &holder, t.saturating_add(ttl_ms), t],
-                )
+                take_lease(tx, &name, &holder, ttl_ms)
             })
             .await
     }

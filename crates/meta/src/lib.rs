@@ -9,6 +9,7 @@
 
 mod accounts;
 mod engine;
+mod events;
 mod gc;
 mod images;
 mod postgres;
@@ -26,6 +27,7 @@ pub use accounts::{
     AccountStore, AuditFilter, AuditRecord, MemberRecord, NewAuditEvent, ProjectAccess,
     ProjectRecord, RobotRecord, UserRecord,
 };
+pub use events::{Actor, Change, Event, EventLog, TagChange};
 
 use engine::{Durability, Engine, Row, Value};
 
@@ -200,6 +202,18 @@ pub struct DanglingEdge {
     pub kind: String,
 }
 
+/// How a blob came to a repository: what its event reports.
+#[derive(Debug, Clone, Copy)]
+pub enum BlobArrival<'a> {
+    /// Uploaded; the upload session, if it had one, is finished.
+    Uploaded {
+        /// The session to forget.
+        session: Option<&'a str>,
+    },
+    /// Mounted from a repository that holds it.
+    Mounted,
+}
+
 /// One page of a sorted listing (tags, catalog).
 #[derive(Debug, Clone, Copy)]
 pub struct Page<'a> {
@@ -266,15 +280,16 @@ pub trait MetaStore: Send + Sync + 'static {
     /// blob's record so garbage collection spares it. Fails with
     /// [`MetaError::BlobBeingDeleted`] while a collection is deleting the same digest.
     async fn reserve_blob(&self, digest: &Digest) -> Result<(), MetaError>;
-    /// Records that `repo` may see blob `digest` (after an upload or mount) and forgets the
-    /// upload session that produced it, in one transaction. Fails with
-    /// [`MetaError::BlobBeingDeleted`] unless the blob's record is live.
+    /// Records that `repo` may see blob `digest` (after an upload or mount), forgets the
+    /// upload session that produced it and records the event, in one transaction. Fails
+    /// with [`MetaError::BlobBeingDeleted`] unless the blob's record is live.
     async fn link_blob(
         &self,
         repo: &RepoName,
         digest: &Digest,
         size: u64,
-        finished_upload: Option<&str>,
+        arrival: BlobArrival<'_>,
+        by: &Actor,
     ) -> Result<(), MetaError>;
     /// Restarts a blob's grace period (a client just confirmed it exists).
     async fn touch_blob(&self, digest: &Digest) -> Result<(), MetaError>;
@@ -287,7 +302,12 @@ pub trait MetaStore: Send + Sync + 'static {
     /// The blob's size if any repository may see it (mount without `from`).
     async fn any_linked_blob_size(&self, digest: &Digest) -> Result<Option<u64>, MetaError>;
     /// Removes `repo`'s link to a blob; true if there was one.
-    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetaError>;
+    async fn unlink_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        by: &Actor,
+    ) -> Result<bool, MetaError>;
     /// Stores a manifest (and points `tag` at it) after checking, in the same transaction,
     /// that every edge's target is present in `repo`.
     async fn put_manifest(
@@ -295,6 +315,7 @@ pub trait MetaStore: Send + Sync + 'static {
         repo: &RepoName,
         manifest: NewManifest,
         tag: Option<&Tag>,
+        by: &Actor,
     ) -> Result<(), MetaError>;
     /// A manifest by tag or digest.
     async fn get_manifest(
@@ -303,9 +324,14 @@ pub trait MetaStore: Send + Sync + 'static {
         reference: &Reference,
     ) -> Result<Option<StoredManifest>, MetaError>;
     /// Deletes a manifest and every tag pointing at it; true if it existed.
-    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetaError>;
+    async fn delete_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        by: &Actor,
+    ) -> Result<bool, MetaError>;
     /// Deletes one tag, leaving the manifest; true if it existed.
-    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool, MetaError>;
+    async fn delete_tag(&self, repo: &RepoName, tag: &Tag, by: &Actor) -> Result<bool, MetaError>;
     /// Tags in lexical order, or `None` if the repository is unknown.
     async fn list_tags(
         &self,

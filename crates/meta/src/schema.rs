@@ -137,6 +137,37 @@ CREATE TABLE settings (
     value TEXT NOT NULL
 ) {compact};
 "#,
+    // 5: the event log (`events`), which the audit log becomes a view of; its sequence
+    // counter; and how far each consumer got.
+    r#"
+CREATE TABLE events (
+    seq {int} PRIMARY KEY,
+    at {int} NOT NULL,
+    actor TEXT NOT NULL,
+    actor_kind TEXT NOT NULL,
+    address TEXT NOT NULL,
+    action TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    result TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    change TEXT
+);
+INSERT INTO events (seq, at, actor, actor_kind, address, action, resource, result, detail)
+    SELECT id, at, actor, actor_kind, address, action, resource, result, detail FROM audit;
+DROP TABLE audit;
+CREATE INDEX events_by_actor ON events (actor, seq);
+CREATE INDEX events_by_action ON events (action, seq);
+CREATE INDEX events_by_time ON events (at);
+CREATE TABLE event_counter (
+    id {int} PRIMARY KEY,
+    last_seq {int} NOT NULL
+);
+INSERT INTO event_counter (id, last_seq) SELECT 1, COALESCE(MAX(seq), 0) FROM events;
+CREATE TABLE event_cursors (
+    name TEXT PRIMARY KEY,
+    position {int} NOT NULL
+) {compact};
+"#,
 ];
 
 /// Where PostgreSQL databases made before the schema was shared stand in [`MIGRATIONS`]:

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_meta::{
-    AccountStore, AuditFilter, Database, GcSelection, MetaError, MetaStore, NewAuditEvent,
-    NewManifest, Page,
+    AccountStore, Actor, AuditFilter, BlobArrival, Change, Database, EventLog, GcSelection,
+    MetaError, MetaStore, NewAuditEvent, NewManifest, Page, TagChange,
 };
 use berth_oci::{Digest, EdgeKind, ManifestEdge, Reference, RepoName, Tag};
 
@@ -109,10 +109,22 @@ fn manifest(d: &Digest, edges: Vec<ManifestEdge>, subject: Option<Digest>) -> Ne
     }
 }
 
+fn alice() -> Actor {
+    Actor {
+        name: "alice".into(),
+        kind: "user".into(),
+        address: "127.0.0.1".into(),
+    }
+}
+
+const UPLOADED: BlobArrival<'static> = BlobArrival::Uploaded { session: None };
+
 /// Reserves and links a blob, as a finished upload does.
 async fn push_blob(db: &Database, repo: &RepoName, d: &Digest, size: u64) {
     db.reserve_blob(d).await.unwrap();
-    db.link_blob(repo, d, size, None).await.unwrap();
+    db.link_blob(repo, d, size, UPLOADED, &alice())
+        .await
+        .unwrap();
 }
 
 const NO_GC_CUTOFF: i64 = 0;
@@ -129,7 +141,7 @@ async fn blobs_are_visible_only_where_linked() {
         let a = digest('a');
         assert!(
             matches!(
-                db.link_blob(&app, &a, 3, None).await,
+                db.link_blob(&app, &a, 3, UPLOADED, &alice()).await,
                 Err(MetaError::BlobBeingDeleted)
             ),
             "a link needs a reservation first"
@@ -143,8 +155,8 @@ async fn blobs_are_visible_only_where_linked() {
         db.touch_blob(&a).await.unwrap();
         let touched = db.linked_blob(&app, &a).await.unwrap().unwrap();
         assert!(touched.last_used_ms >= linked.last_used_ms);
-        assert!(db.unlink_blob(&app, &a).await.unwrap());
-        assert!(!db.unlink_blob(&app, &a).await.unwrap());
+        assert!(db.unlink_blob(&app, &a, &alice()).await.unwrap());
+        assert!(!db.unlink_blob(&app, &a, &alice()).await.unwrap());
         assert!(db.linked_blob(&app, &a).await.unwrap().is_none());
         assert!(db.any_linked_blob_size(&a).await.unwrap().is_none());
         db.ping().await.unwrap();
@@ -163,8 +175,7 @@ async fn manifests_require_their_references_and_keep_their_bytes() {
             .put_manifest(
                 &app,
                 manifest(&d, vec![layer(&a), layer(&a)], None),
-                Some(&v1),
-            )
+                Some(&v1), &alice())
             .await
             .unwrap_err();
         assert!(
@@ -173,14 +184,14 @@ async fn manifests_require_their_references_and_keep_their_bytes() {
         );
         push_blob(&db, &other, &a, 2).await;
         assert!(
-            db.put_manifest(&app, manifest(&d, vec![layer(&a)], None), Some(&v1))
+            db.put_manifest(&app, manifest(&d, vec![layer(&a)], None), Some(&v1), &alice())
                 .await
                 .is_err(),
             "a blob of another repository does not count"
         );
-        db.link_blob(&app, &a, 2, None).await.unwrap();
+        db.link_blob(&app, &a, 2, UPLOADED, &alice()).await.unwrap();
         let pushed = manifest(&d, vec![layer(&a)], None);
-        db.put_manifest(&app, pushed.clone(), Some(&v1))
+        db.put_manifest(&app, pushed.clone(), Some(&v1), &alice())
             .await
             .unwrap();
         let got = db
@@ -203,13 +214,13 @@ async fn manifests_require_their_references_and_keep_their_bytes() {
 
         // An index needs its children in the same repository.
         let index = manifest(&idx, vec![child(&d)], None);
-        assert!(db.put_manifest(&other, index.clone(), None).await.is_err());
-        db.put_manifest(&app, index, Some(&tag("multi")))
+        assert!(db.put_manifest(&other, index.clone(), None, &alice()).await.is_err());
+        db.put_manifest(&app, index, Some(&tag("multi")), &alice())
             .await
             .unwrap();
 
         // Referrers, filtered by artifact type.
-        db.put_manifest(&app, manifest(&e, vec![], Some(d.clone())), None)
+        db.put_manifest(&app, manifest(&e, vec![], Some(d.clone())), None, &alice())
             .await
             .unwrap();
         let refs = db.referrers(&app, &d, None).await.unwrap();
@@ -232,7 +243,7 @@ async fn manifests_require_their_references_and_keep_their_bytes() {
         assert!(db.referrers(&app, &a, None).await.unwrap().is_empty());
 
         // A tag moves; deleting it leaves the manifest; deleting the manifest its tags.
-        db.put_manifest(&app, manifest(&e, vec![], Some(d.clone())), Some(&v1))
+        db.put_manifest(&app, manifest(&e, vec![], Some(d.clone())), Some(&v1), &alice())
             .await
             .unwrap();
         let moved = db
@@ -241,20 +252,20 @@ async fn manifests_require_their_references_and_keep_their_bytes() {
             .unwrap()
             .unwrap();
         assert_eq!(moved.digest, e);
-        assert!(db.delete_tag(&app, &v1).await.unwrap());
-        assert!(!db.delete_tag(&app, &v1).await.unwrap());
+        assert!(db.delete_tag(&app, &v1, &alice()).await.unwrap());
+        assert!(!db.delete_tag(&app, &v1, &alice()).await.unwrap());
         assert!(db
             .get_manifest(&app, &Reference::Digest(e.clone()))
             .await
             .unwrap()
             .is_some());
-        assert!(db.delete_manifest(&app, &idx).await.unwrap());
+        assert!(db.delete_manifest(&app, &idx, &alice()).await.unwrap());
         assert!(db
             .get_manifest(&app, &Reference::Tag(tag("multi")))
             .await
             .unwrap()
             .is_none());
-        assert!(!db.delete_manifest(&app, &idx).await.unwrap());
+        assert!(!db.delete_manifest(&app, &idx, &alice()).await.unwrap());
     })
     .await;
 }
@@ -268,9 +279,14 @@ async fn tags_and_the_catalog_page_in_byte_order() {
         for name in names {
             let r = RepoName::parse(&name.to_lowercase()).unwrap();
             push_blob(&db, &r, &a, 1).await;
-            db.put_manifest(&r, manifest(&digest('d'), vec![layer(&a)], None), None)
-                .await
-                .unwrap();
+            db.put_manifest(
+                &r,
+                manifest(&digest('d'), vec![layer(&a)], None),
+                None,
+                &alice(),
+            )
+            .await
+            .unwrap();
         }
         let app = repo("team/app");
         for t in ["b", "B", "a", "a-1", "1", "Z"] {
@@ -278,6 +294,7 @@ async fn tags_and_the_catalog_page_in_byte_order() {
                 &app,
                 manifest(&digest('d'), vec![layer(&a)], None),
                 Some(&tag(t)),
+                &alice(),
             )
             .await
             .unwrap();
@@ -365,9 +382,17 @@ async fn upload_sessions_are_known_at_once_and_to_every_later_handle() {
         assert_eq!(other.upload_repo("s1").await.unwrap(), None);
         // A session finished by a link is forgotten too.
         db.reserve_blob(&digest('a')).await.unwrap();
-        db.link_blob(&app, &digest('a'), 3, Some("s2"))
-            .await
-            .unwrap();
+        db.link_blob(
+            &app,
+            &digest('a'),
+            3,
+            BlobArrival::Uploaded {
+                session: Some("s2"),
+            },
+            &alice(),
+        )
+        .await
+        .unwrap();
         assert_eq!(db.upload_repo("s2").await.unwrap(), None);
         assert_eq!(other.upload_repo("s2").await.unwrap(), None);
     })
@@ -419,6 +444,7 @@ async fn garbage_collection_marks_what_nothing_reaches() {
             &app,
             manifest(&tagged, vec![layer(&kept), layer(&shared)], None),
             Some(&tag("v1")),
+            &alice(),
         )
         .await
         .unwrap();
@@ -426,23 +452,30 @@ async fn garbage_collection_marks_what_nothing_reaches() {
             &app,
             manifest(&untagged, vec![layer(&orphan), layer(&shared)], None),
             None,
+            &alice(),
         )
         .await
         .unwrap();
         // A tagged index keeps its child; a referrer of a reached manifest is reached.
-        db.put_manifest(&app, manifest(&child_m, vec![], None), None)
+        db.put_manifest(&app, manifest(&child_m, vec![], None), None, &alice())
             .await
             .unwrap();
         db.put_manifest(
             &app,
             manifest(&idx, vec![child(&child_m)], None),
             Some(&tag("multi")),
+            &alice(),
         )
         .await
         .unwrap();
-        db.put_manifest(&app, manifest(&sig, vec![], Some(tagged.clone())), None)
-            .await
-            .unwrap();
+        db.put_manifest(
+            &app,
+            manifest(&sig, vec![], Some(tagged.clone())),
+            None,
+            &alice(),
+        )
+        .await
+        .unwrap();
 
         let selection = GcSelection {
             untagged_pushed_before_ms: Some(far_future()),
@@ -491,7 +524,7 @@ async fn garbage_collection_marks_what_nothing_reaches() {
             Err(MetaError::BlobBeingDeleted)
         ));
         assert!(matches!(
-            db.link_blob(&app, &orphan, 10, None).await,
+            db.link_blob(&app, &orphan, 10, UPLOADED, &alice()).await,
             Err(MetaError::BlobBeingDeleted)
         ));
         let mut live = db.live_blobs().await.unwrap();
@@ -558,11 +591,12 @@ async fn marking_under_concurrent_pushes_never_strands_a_manifest() {
                         let m = numbered_digest(100_000 + w * 1000 + i);
                         let pushed = async {
                             db.reserve_blob(&blob).await?;
-                            db.link_blob(&r, &blob, 5, None).await?;
+                            db.link_blob(&r, &blob, 5, UPLOADED, &alice()).await?;
                             db.put_manifest(
                                 &r,
                                 manifest(&m, vec![layer(&blob)], None),
                                 Some(&tag(&format!("t{i}"))),
+                                &alice(),
                             )
                             .await
                         };
@@ -837,7 +871,7 @@ async fn projects_members_and_robots() {
             db.delete_project("team").await,
             Err(MetaError::NotEmpty(_))
         ));
-        db.unlink_blob(&app, &digest('b')).await.unwrap();
+        db.unlink_blob(&app, &digest('b'), &alice()).await.unwrap();
         assert!(db.delete_project("team").await.unwrap());
         assert!(!db.delete_project("team").await.unwrap());
         assert!(db.robot("team", "ci").await.unwrap().is_none());
@@ -950,6 +984,296 @@ async fn the_audit_log_filters_and_pages_newest_first() {
             ..everything.clone()
         };
         assert_eq!(list(before).await, [200, 100]);
+    })
+    .await;
+}
+
+fn changes(events: &[berth_meta::Event]) -> Vec<Change> {
+    events.iter().map(|e| e.change.clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_committed_change_is_one_event_and_a_refused_one_none() {
+    on_each_engine(|place| async move {
+        let db = place.open().await;
+        let (app, other) = (repo("team/app"), repo("team/other"));
+        let (a, m1, m2) = (digest('a'), digest('1'), digest('2'));
+        let start = db.last_event().await.unwrap();
+        push_blob(&db, &app, &a, 7).await;
+        db.link_blob(&other, &a, 7, BlobArrival::Mounted, &alice())
+            .await
+            .unwrap();
+        // Refused: a missing reference, an unknown tag, an absent link. No events.
+        let missing = manifest(&m1, vec![layer(&digest('f'))], None);
+        assert!(db
+            .put_manifest(&app, missing, Some(&tag("v1")), &alice())
+            .await
+            .is_err());
+        assert!(!db.delete_tag(&app, &tag("nope"), &alice()).await.unwrap());
+        assert!(!db.unlink_blob(&app, &digest('e'), &alice()).await.unwrap());
+        for (m, subject) in [(&m1, None), (&m2, None), (&m2, None)] {
+            db.put_manifest(
+                &app,
+                manifest(m, vec![layer(&a)], subject),
+                Some(&tag("v1")),
+                &alice(),
+            )
+            .await
+            .unwrap();
+        }
+        db.put_manifest(
+            &app,
+            manifest(&m1, vec![layer(&a)], None),
+            Some(&tag("old")),
+            &alice(),
+        )
+        .await
+        .unwrap();
+        assert!(db.delete_tag(&app, &tag("v1"), &alice()).await.unwrap());
+        assert!(db.delete_manifest(&app, &m1, &alice()).await.unwrap());
+        assert!(db.unlink_blob(&other, &a, &alice()).await.unwrap());
+
+        let events = db.events_after(start, 100).await.unwrap();
+        assert!(
+            events.windows(2).all(|w| w[1].seq == w[0].seq + 1),
+            "gapless: {events:?}"
+        );
+        assert_eq!(events[0].seq, start + 1);
+        assert_eq!(db.last_event().await.unwrap(), events.last().unwrap().seq);
+        assert!(events.iter().all(|e| e.actor == alice()));
+        let pushed = |m: &Digest, t: &str, how: TagChange| Change::ManifestPushed {
+            repository: "team/app".into(),
+            digest: m.to_string(),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            size: manifest(m, vec![], None).raw.len() as u64,
+            subject: None,
+            tag: Some((t.into(), how)),
+        };
+        assert_eq!(
+            changes(&events),
+            [
+                Change::BlobUploaded {
+                    repository: "team/app".into(),
+                    digest: a.to_string(),
+                    size: 7
+                },
+                Change::BlobMounted {
+                    repository: "team/other".into(),
+                    digest: a.to_string(),
+                    size: 7
+                },
+                pushed(&m1, "v1", TagChange::Created),
+                pushed(
+                    &m2,
+                    "v1",
+                    TagChange::Moved {
+                        from: m1.to_string()
+                    }
+                ),
+                pushed(&m2, "v1", TagChange::Unchanged),
+                pushed(&m1, "old", TagChange::Created),
+                Change::TagDeleted {
+                    repository: "team/app".into(),
+                    tag: "v1".into(),
+                    digest: m2.to_string()
+                },
+                Change::ManifestDeleted {
+                    repository: "team/app".into(),
+                    digest: m1.to_string(),
+                    tags: vec!["old".into()]
+                },
+                Change::BlobDeleted {
+                    repository: "team/other".into(),
+                    digest: a.to_string()
+                },
+            ]
+        );
+        // Paging through the log.
+        let second = db.events_after(events[1].seq, 2).await.unwrap();
+        assert_eq!(second, events[2..4]);
+
+        // The audit log shows the same changes in its words, with attempts beside them.
+        db.append_audit(vec![audit_event(1, "bob", "pull", "team/app:v1", "denied")])
+            .await
+            .unwrap();
+        let pushes = db
+            .audit(AuditFilter {
+                action: Some("push".into()),
+                limit: 10,
+                ..AuditFilter::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(pushes.len(), 4);
+        assert_eq!(pushes[0].event.resource, "team/app:old");
+        assert_eq!(
+            (
+                pushes[0].event.actor.as_str(),
+                pushes[0].event.result.as_str()
+            ),
+            ("alice", "success")
+        );
+        assert_eq!(
+            db.events_after(start, 100).await.unwrap().len(),
+            events.len(),
+            "attempts are not changes"
+        );
+
+        // A collection is an event; a dry run is not.
+        let selection = GcSelection {
+            untagged_pushed_before_ms: Some(far_future()),
+            blobs_unused_before_ms: far_future(),
+            dry_run: true,
+        };
+        let before = db.last_event().await.unwrap();
+        db.mark_garbage(selection).await.unwrap();
+        assert_eq!(db.last_event().await.unwrap(), before);
+        db.mark_garbage(GcSelection {
+            dry_run: false,
+            ..selection
+        })
+        .await
+        .unwrap();
+        let gc = db.events_after(before, 10).await.unwrap();
+        assert_eq!(gc.len(), 1);
+        assert!(
+            matches!(gc[0].change, Change::GarbageCollected { manifests: 1, .. }),
+            "{gc:?}"
+        );
+        assert_eq!(gc[0].actor, Actor::system("gc"));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_cursor_has_one_holder_and_only_moves_forward() {
+    on_each_engine(|place| async move {
+        let node_a = place.open().await;
+        let node_b = place.open().await;
+        assert_eq!(
+            node_a.claim_cursor("webhooks", "a", 60_000).await.unwrap(),
+            Some(0)
+        );
+        assert_eq!(
+            node_b.claim_cursor("webhooks", "b", 60_000).await.unwrap(),
+            None
+        );
+        assert_eq!(
+            node_b
+                .claim_cursor("replication", "b", 60_000)
+                .await
+                .unwrap(),
+            Some(0)
+        );
+        assert!(node_a.advance_cursor("webhooks", "a", 3).await.unwrap());
+        assert!(
+            !node_b.advance_cursor("webhooks", "b", 9).await.unwrap(),
+            "not the holder"
+        );
+        assert!(
+            !node_a.advance_cursor("webhooks", "a", 1).await.unwrap(),
+            "never back"
+        );
+        assert_eq!(
+            node_a.claim_cursor("webhooks", "a", 1).await.unwrap(),
+            Some(3),
+            "renewed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(
+            !node_a.advance_cursor("webhooks", "a", 4).await.unwrap(),
+            "expired"
+        );
+        assert_eq!(
+            node_b.claim_cursor("webhooks", "b", 60_000).await.unwrap(),
+            Some(3),
+            "taken over where it stood"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_prunes_old_events_no_consumer_still_needs() {
+    on_each_engine(|place| async move {
+        let db = place.open().await;
+        db.append_audit(vec![
+            audit_event(100, "a", "login", "a", "success"),
+            audit_event(200, "a", "login", "a", "success"),
+        ])
+        .await
+        .unwrap();
+        push_blob(&db, &repo("team/app"), &digest('a'), 1).await;
+        let last = db.last_event().await.unwrap();
+        assert_eq!(db.claim_cursor("slow", "n", 60_000).await.unwrap(), Some(0));
+        assert_eq!(
+            db.prune_events(1_000).await.unwrap(),
+            0,
+            "the slow consumer has read nothing"
+        );
+        assert!(db.advance_cursor("slow", "n", last - 2).await.unwrap());
+        assert_eq!(
+            db.prune_events(1_000).await.unwrap(),
+            1,
+            "only what the consumer passed"
+        );
+        assert!(db.advance_cursor("slow", "n", last).await.unwrap());
+        assert_eq!(
+            db.prune_events(1_000).await.unwrap(),
+            1,
+            "the recent push stays"
+        );
+        let left = db
+            .audit(AuditFilter {
+                limit: 10,
+                ..AuditFilter::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].event.action, "blob.upload");
+    })
+    .await;
+}
+
+/// Appenders on two nodes race while a reader follows the log: whatever it has seen is
+/// always a gapless prefix, so a consumer that remembers "up to N" never skips an event
+/// that commits later with a smaller number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_following_concurrent_appenders_never_skips_one() {
+    on_each_engine(|place| async move {
+        let nodes = [Arc::new(place.open().await), Arc::new(place.open().await)];
+        let start = nodes[0].last_event().await.unwrap();
+        let writers: Vec<_> = (0..4)
+            .map(|w| {
+                let db = nodes[w % 2].clone();
+                tokio::spawn(async move {
+                    for i in 0..20 {
+                        push_blob(
+                            &db,
+                            &repo(&format!("p/w{w}")),
+                            &numbered_digest(w * 100 + i),
+                            1,
+                        )
+                        .await;
+                    }
+                })
+            })
+            .collect();
+        let reader = nodes[1].clone();
+        let mut seen = start;
+        let total = start + 80;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while seen < total && std::time::Instant::now() < deadline {
+            for event in reader.events_after(seen, 7).await.unwrap() {
+                assert_eq!(event.seq, seen + 1, "a gap after {seen}");
+                seen = event.seq;
+            }
+        }
+        for w in writers {
+            w.await.unwrap();
+        }
+        assert_eq!(seen, total);
     })
     .await;
 }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use berth_meta::{MetaError, StoredManifest};
+use berth_meta::{Actor, BlobArrival, MetaError, StoredManifest};
 use berth_oci::{Digest, Reference, RepoName};
 use berth_storage::{ByteRange, ByteStream, UploadId};
 use bytes::Bytes;
@@ -243,10 +243,11 @@ impl Registry {
         id: &str,
         digest: &Digest,
         final_chunk: Option<(Option<u64>, ByteStream)>,
+        by: &Actor,
     ) -> Result<u64, RegistryError> {
         let id = self.own_upload(repo, id).await?;
         let size = self.publish_upload(&id, final_chunk, digest).await?;
-        self.link_published_blob(repo, digest, size, Some(&id))
+        self.link_published_blob(repo, digest, size, Some(&id), by)
             .await?;
         Ok(size)
     }
@@ -288,6 +289,7 @@ impl Registry {
         repo: &RepoName,
         digest: &Digest,
         body: ByteStream,
+        by: &Actor,
     ) -> Result<u64, RegistryError> {
         let id = UploadId::new_random();
         self.blobs.start_upload(&id).await?;
@@ -296,7 +298,8 @@ impl Registry {
             .await;
         match result {
             Ok(size) => {
-                self.link_published_blob(repo, digest, size, None).await?;
+                self.link_published_blob(repo, digest, size, None, by)
+                    .await?;
                 Ok(size)
             }
             Err(e) => {
@@ -338,12 +341,12 @@ impl Registry {
         digest: &Digest,
         size: u64,
         upload: Option<&UploadId>,
+        by: &Actor,
     ) -> Result<(), RegistryError> {
-        match self
-            .meta
-            .link_blob(repo, digest, size, upload.map(UploadId::as_str))
-            .await
-        {
+        let arrival = BlobArrival::Uploaded {
+            session: upload.map(UploadId::as_str),
+        };
+        match self.meta.link_blob(repo, digest, size, arrival, by).await {
             Ok(()) => Ok(()),
             Err(MetaError::BlobBeingDeleted) => Err(RegistryError::BlobBusy {
                 digest: digest.clone(),
@@ -359,6 +362,7 @@ impl Registry {
         repo: &RepoName,
         digest: &Digest,
         from: Option<&RepoName>,
+        by: &Actor,
     ) -> Result<MountOutcome, RegistryError> {
         let visible = match from {
             Some(source) => self.meta.linked_blob(source, digest).await?.map(|b| b.size),
@@ -370,7 +374,11 @@ impl Registry {
         let Some(size) = self.blobs.stat(digest).await? else {
             return Ok(MountOutcome::NotMountable);
         };
-        match self.meta.link_blob(repo, digest, size, None).await {
+        match self
+            .meta
+            .link_blob(repo, digest, size, BlobArrival::Mounted, by)
+            .await
+        {
             Ok(()) => Ok(MountOutcome::Mounted),
             // Being collected: the client uploads it instead.
             Err(MetaError::BlobBeingDeleted) => Ok(MountOutcome::NotMountable),
@@ -380,8 +388,13 @@ impl Registry {
 
     /// Removes the blob from `repo`'s view. The bytes stay until garbage collection finds
     /// them unreferenced everywhere.
-    pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<(), RegistryError> {
-        if self.meta.unlink_blob(repo, digest).await? {
+    pub async fn delete_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        by: &Actor,
+    ) -> Result<(), RegistryError> {
+        if self.meta.unlink_blob(repo, digest, by).await? {
             Ok(())
         } else {
             Err(RegistryError::BlobUnknown {

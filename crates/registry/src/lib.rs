@@ -14,6 +14,7 @@ use std::sync::Arc;
 use berth_meta::MetaStore;
 use berth_storage::BlobStore;
 
+pub use berth_meta::Actor;
 pub use blobs::{BlobBytes, BlobRead, MountOutcome, RangeRequest};
 pub use check::{CheckOptions, CheckReport};
 pub use error::RegistryError;

@@ -1,6 +1,6 @@
 //! Manifest pushes and pulls, tags, the catalog and referrers.
 
-use berth_meta::{NewManifest, Page, Referrer, StoredManifest};
+use berth_meta::{Actor, NewManifest, Page, Referrer, StoredManifest};
 use berth_oci::{media_type, Digest, ParsedManifest, Reference, RepoName};
 use serde_json::{json, Value};
 
@@ -55,6 +55,7 @@ impl Registry {
         reference: &Reference,
         content_type: Option<&str>,
         raw: Vec<u8>,
+        by: &Actor,
     ) -> Result<ManifestPushed, RegistryError> {
         let limit = self.limits.max_manifest_bytes;
         if raw.len() > limit {
@@ -90,7 +91,7 @@ impl Registry {
             edges: parsed.edges,
             raw,
         };
-        self.meta.put_manifest(repo, record, tag).await?;
+        self.meta.put_manifest(repo, record, tag, by).await?;
         Ok(ManifestPushed {
             digest,
             subject: parsed.subject,
@@ -116,10 +117,11 @@ impl Registry {
         &self,
         repo: &RepoName,
         reference: &Reference,
+        by: &Actor,
     ) -> Result<(), RegistryError> {
         let existed = match reference {
-            Reference::Digest(d) => self.meta.delete_manifest(repo, d).await?,
-            Reference::Tag(t) => self.meta.delete_tag(repo, t).await?,
+            Reference::Digest(d) => self.meta.delete_manifest(repo, d, by).await?,
+            Reference::Tag(t) => self.meta.delete_tag(repo, t, by).await?,
         };
         if existed {
             Ok(())

@@ -242,8 +242,10 @@ pub(crate) async fn admit(
 }
 
 impl Admitted {
-    /// Records the audited operation with its outcome: the answer's status and, on
-    /// success, the digest it named.
+    /// Records an audited operation that changed nothing: a failed one (with the
+    /// answer's status), or a pull (with the digest it named). A successful push or
+    /// delete is in the log already: the domain recorded its event in the transaction
+    /// that made the change.
     pub(crate) async fn finish(
         self,
         access: &AccessControl,
@@ -253,10 +255,10 @@ impl Admitted {
         let Some((action, resource)) = self.audit else {
             return;
         };
-        let (outcome, detail) = if status.is_success() {
-            (Outcome::Success, digest.unwrap_or_default())
-        } else {
-            (Outcome::Failed, status.as_u16().to_string())
+        let (outcome, detail) = match (status.is_success(), action) {
+            (true, "pull") => (Outcome::Success, digest.unwrap_or_default()),
+            (true, _) => return,
+            (false, _) => (Outcome::Failed, status.as_u16().to_string()),
         };
         access
             .record(&self.caller, action, &resource, outcome, &detail)

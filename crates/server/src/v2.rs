@@ -104,15 +104,17 @@ async fn handle(
             get_manifest(app, name, reference, method == Method::HEAD).await
         }
         (V2Route::Manifest { name, reference }, Method::PUT) => {
-            put_manifest(app, name, reference, &headers, body).await
+            put_manifest(app, caller, name, reference, &headers, body).await
         }
         (V2Route::Manifest { name, reference }, Method::DELETE) => {
-            delete_manifest(app, name, reference).await
+            delete_manifest(app, caller, name, reference).await
         }
         (V2Route::Blob { name, digest }, Method::GET | Method::HEAD) => {
             get_blob(app, peer, name, digest, &headers, method == Method::HEAD).await
         }
-        (V2Route::Blob { name, digest }, Method::DELETE) => delete_blob(app, name, digest).await,
+        (V2Route::Blob { name, digest }, Method::DELETE) => {
+            delete_blob(app, caller, name, digest).await
+        }
         (V2Route::UploadStart { name }, Method::POST) => {
             start_upload(app, caller, name, &params, body).await
         }
@@ -121,7 +123,7 @@ async fn handle(
             patch_upload(app, name, id, &headers, body).await
         }
         (V2Route::Upload { name, id }, Method::PUT) => {
-            finish_upload(app, name, id, &params, &headers, body).await
+            finish_upload(app, caller, name, id, &params, &headers, body).await
         }
         (V2Route::Upload { name, id }, Method::DELETE) => cancel_upload(app, name, id).await,
         (V2Route::Referrers { name, digest }, Method::GET) => {
@@ -307,6 +309,7 @@ async fn get_manifest(
 
 async fn put_manifest(
     app: &App,
+    caller: &Caller,
     name: &str,
     reference: &str,
     headers: &HeaderMap,
@@ -319,7 +322,7 @@ async fn put_manifest(
     let content_type = header_str(headers, header::CONTENT_TYPE);
     let pushed = app
         .registry
-        .put_manifest(&name, &reference, content_type, raw)
+        .put_manifest(&name, &reference, content_type, raw, &caller.as_actor())
         .await?;
     let mut out = vec![
         (
@@ -388,10 +391,17 @@ async fn discard(stream: &mut axum::body::BodyDataStream) {
     }
 }
 
-async fn delete_manifest(app: &App, name: &str, reference: &str) -> Result<Response, OciError> {
+async fn delete_manifest(
+    app: &App,
+    caller: &Caller,
+    name: &str,
+    reference: &str,
+) -> Result<Response, OciError> {
     let name = repo(name)?;
     let reference = Reference::parse(reference)?;
-    app.registry.delete_manifest(&name, &reference).await?;
+    app.registry
+        .delete_manifest(&name, &reference, &caller.as_actor())
+        .await?;
     Ok(response(
         StatusCode::ACCEPTED,
         vec![("content-length", "0".to_owned())],
@@ -482,10 +492,17 @@ async fn get_blob(
     Ok(response(status, out, body))
 }
 
-async fn delete_blob(app: &App, name: &str, digest_text: &str) -> Result<Response, OciError> {
+async fn delete_blob(
+    app: &App,
+    caller: &Caller,
+    name: &str,
+    digest_text: &str,
+) -> Result<Response, OciError> {
     let name = repo(name)?;
     let digest = digest(digest_text)?;
-    app.registry.delete_blob(&name, &digest).await?;
+    app.registry
+        .delete_blob(&name, &digest, &caller.as_actor())
+        .await?;
     Ok(response(
         StatusCode::ACCEPTED,
         vec![("content-length", "0".to_owned())],
@@ -515,7 +532,7 @@ async fn start_upload(
                 };
                 if app.access.authorize(caller, need).await.is_ok() {
                     app.registry
-                        .mount_blob(&name, &mount, Some(&source))
+                        .mount_blob(&name, &mount, Some(&source), &caller.as_actor())
                         .await?
                 } else {
                     MountOutcome::NotMountable
@@ -524,7 +541,9 @@ async fn start_upload(
             // Without `from` any repository could lend the blob: only when nobody's
             // access is checked, or for administrators, who may read everything.
             None if !app.access.enabled() || caller.principal.is_admin() => {
-                app.registry.mount_blob(&name, &mount, None).await?
+                app.registry
+                    .mount_blob(&name, &mount, None, &caller.as_actor())
+                    .await?
             }
             None => MountOutcome::NotMountable,
         };
@@ -533,7 +552,9 @@ async fn start_upload(
         }
     } else if let Some(d) = params.get("digest") {
         let d = digest(d)?;
-        app.registry.push_blob(&name, &d, body_stream(body)).await?;
+        app.registry
+            .push_blob(&name, &d, body_stream(body), &caller.as_actor())
+            .await?;
         return Ok(blob_created(&name, &d));
     }
     let id = app.registry.start_upload(&name).await?;
@@ -603,6 +624,7 @@ async fn patch_upload(
 
 async fn finish_upload(
     app: &App,
+    caller: &Caller,
     name: &str,
     id: &str,
     params: &Params,
@@ -626,7 +648,7 @@ async fn finish_upload(
         Some((content_range(headers)?, body_stream(body)))
     };
     app.registry
-        .finish_upload(&name, id, &d, final_chunk)
+        .finish_upload(&name, id, &d, final_chunk, &caller.as_actor())
         .await?;
     Ok(blob_created(&name, &d))
 }

@@ -1,0 +1,340 @@
+//! The event log: one append-only record of what happened in the registry, written in the
+//! same transaction as the change it reports (an outbox). A consumer that reads "every
+//! event after N" never sees an event of a change that rolled back and never misses one
+//! of a change that committed, across crashes and across nodes sharing PostgreSQL:
+//!
+//! - sequence numbers come from one counter row, incremented by the appending
+//!   transaction. Two transactions that append cannot interleave there (SQLite has one
+//!   writer; on PostgreSQL the second waits for the first's row lock and, SERIALIZABLE,
+//!   runs again after it), so numbers are handed out in commit order: once a reader sees
+//!   event N, every event before N has committed or never will exist;
+//! - the audit log is a view of this log: audited attempts that changed nothing (a
+//!   refusal, a login, a pull) are events without a [`Change`].
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{args, owned, Durability, Row, Tx};
+use crate::{now, Database, MetaError};
+
+/// Who made a change, as the audit log names them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    /// A user name, `robot$…`, `anonymous`, or the job (for `system`).
+    pub name: String,
+    /// `user`, `robot`, `anonymous`, `token` (an external issuer's) or `system`.
+    pub kind: String,
+    /// The client's address; empty for the registry's own jobs.
+    pub address: String,
+}
+
+impl Actor {
+    /// Work the registry does on its own (garbage collection, maintenance).
+    pub fn system(job: &str) -> Self {
+        Actor {
+            name: job.to_owned(),
+            kind: "system".to_owned(),
+            address: String::new(),
+        }
+    }
+}
+
+/// What a pushed manifest did to its tag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "was", rename_all = "snake_case")]
+pub enum TagChange {
+    /// The tag is new.
+    Created,
+    /// The tag pointed at another manifest.
+    Moved {
+        /// The manifest it pointed at.
+        from: String,
+    },
+    /// The tag already pointed at this manifest.
+    Unchanged,
+}
+
+/// A change to the registry's content, as consumers (webhooks, replication) need it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Change {
+    /// A manifest was stored, by tag or by digest.
+    ManifestPushed {
+        /// Its repository.
+        repository: String,
+        /// Its digest.
+        digest: String,
+        /// Its media type.
+        media_type: String,
+        /// Its size in bytes.
+        size: u64,
+        /// The manifest it refers to, if it is a referrer (a signature, an SBOM).
+        subject: Option<String>,
+        /// The tag it was pushed by, and what that did.
+        tag: Option<(String, TagChange)>,
+    },
+    /// A manifest was deleted, with every tag that pointed at it.
+    ManifestDeleted {
+        /// Its repository.
+        repository: String,
+        /// Its digest.
+        digest: String,
+        /// The tags that went with it.
+        tags: Vec<String>,
+    },
+    /// A tag was deleted; the manifest stays.
+    TagDeleted {
+        /// Its repository.
+        repository: String,
+        /// The tag.
+        tag: String,
+        /// The manifest it pointed at.
+        digest: String,
+    },
+    /// An upload completed: the blob is now in the repository.
+    BlobUploaded {
+        /// Its repository.
+        repository: String,
+        /// Its digest.
+        digest: String,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// A blob another repository holds was mounted into this one.
+    BlobMounted {
+        /// The repository it was mounted into.
+        repository: String,
+        /// Its digest.
+        digest: String,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// A blob was removed from a repository's view (its bytes stay until collected).
+    BlobDeleted {
+        /// Its repository.
+        repository: String,
+        /// Its digest.
+        digest: String,
+    },
+    /// A garbage collection pass removed manifests and marked blobs for deletion.
+    GarbageCollected {
+        /// Untagged manifests removed.
+        manifests: u64,
+        /// Blobs marked for deletion.
+        blobs: u64,
+        /// Their total size in bytes.
+        bytes: u64,
+    },
+}
+
+impl Change {
+    /// The audit log's action, resource and detail for this change: the words the audit
+    /// trail has always used for the same operations.
+    fn audit_words(&self) -> (&'static str, String, String) {
+        match self {
+            Change::ManifestPushed {
+                repository,
+                digest,
+                tag,
+                ..
+            } => match tag {
+                Some((tag, _)) => ("push", format!("{repository}:{tag}"), digest.clone()),
+                None => ("push", format!("{repository}@{digest}"), digest.clone()),
+            },
+            Change::ManifestDeleted {
+                repository, digest, ..
+            }
+            | Change::BlobDeleted { repository, digest } => {
+                ("delete", format!("{repository}@{digest}"), String::new())
+            }
+            Change::TagDeleted {
+                repository,
+                tag,
+                digest,
+            } => ("delete", format!("{repository}:{tag}"), digest.clone()),
+            Change::BlobUploaded {
+                repository,
+                digest,
+                size,
+            } => (
+                "blob.upload",
+                format!("{repository}@{digest}"),
+                size.to_string(),
+            ),
+            Change::BlobMounted {
+                repository,
+                digest,
+                size,
+            } => (
+                "blob.mount",
+                format!("{repository}@{digest}"),
+                size.to_string(),
+            ),
+            Change::GarbageCollected {
+                manifests,
+                blobs,
+                bytes,
+            } => (
+                "gc",
+                String::new(),
+                format!("{manifests} manifests, {blobs} blobs, {bytes} bytes"),
+            ),
+        }
+    }
+}
+
+/// One committed change, as a consumer reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Its place in the log: strictly increasing in commit order.
+    pub seq: i64,
+    /// When it was recorded, ms since the epoch.
+    pub at_ms: i64,
+    /// Who made it.
+    pub actor: Actor,
+    /// What changed.
+    pub change: Change,
+}
+
+/// Appends `changes`, made by `actor`, inside the transaction that makes them.
+pub(crate) fn record(tx: &mut dyn Tx, actor: &Actor, changes: &[Change]) -> Result<(), MetaError> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let at = now();
+    let first = reserve_sequence(tx, changes.len())?;
+    for (seq, change) in (first..).zip(changes) {
+        let (action, resource, detail) = change.audit_words();
+        let json = serde_json::to_string(change).map_err(|e| MetaError::Backend(e.to_string()))?;
+        tx.execute(
+            "INSERT INTO events (seq, at, actor, actor_kind, address, action, resource, result, detail, change)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'success', ?8, ?9)",
+            args![seq, at, &actor.name, &actor.kind, &actor.address, action, &resource, &detail, &json],
+        )?;
+    }
+    Ok(())
+}
+
+/// Takes `n` sequence numbers; returns the first. The counter row serialises appending
+/// transactions (see the module's documentation).
+pub(crate) fn reserve_sequence(tx: &mut dyn Tx, n: usize) -> Result<i64, MetaError> {
+    let n = n as i64;
+    let last = tx
+        .query_one(
+            "UPDATE event_counter SET last_seq = last_seq + ?1 WHERE id = 1 RETURNING last_seq",
+            args![n],
+        )?
+        .int(0)?;
+    Ok(last - n + 1)
+}
+
+fn event_row(mut r: Row) -> Result<Event, MetaError> {
+    let json = r.text(5)?;
+    Ok(Event {
+        seq: r.int(0)?,
+        at_ms: r.int(1)?,
+        actor: Actor {
+            name: r.text(2)?,
+            kind: r.text(3)?,
+            address: r.text(4)?,
+        },
+        change: serde_json::from_str(&json).map_err(|e| MetaError::Corrupt(e.to_string()))?,
+    })
+}
+
+/// Reading the log and remembering how far each consumer got.
+#[async_trait]
+pub trait EventLog: Send + Sync + 'static {
+    /// Committed changes after `after`, oldest first, at most `limit`.
+    async fn events_after(&self, after: i64, limit: usize) -> Result<Vec<Event>, MetaError>;
+    /// The highest sequence number handed out so far.
+    async fn last_event(&self) -> Result<i64, MetaError>;
+    /// Takes (or renews) the named consumer's cursor for `holder` for `ttl_ms`, and
+    /// returns the position it was last advanced to (0 for a new consumer); `None` while
+    /// another holder has it. Nodes sharing a store run each consumer once.
+    async fn claim_cursor(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl_ms: i64,
+    ) -> Result<Option<i64>, MetaError>;
+    /// Records that the consumer delivered everything up to `position`; false (and
+    /// nothing changed) unless `holder` still holds the cursor. Never moves it back.
+    async fn advance_cursor(
+        &self,
+        name: &str,
+        holder: &str,
+        position: i64,
+    ) -> Result<bool, MetaError>;
+    /// Deletes events recorded before `cutoff_ms` that every consumer has passed: the
+    /// audit log's retention. Returns how many went.
+    async fn prune_events(&self, cutoff_ms: i64) -> Result<u64, MetaError>;
+}
+
+/// A consumer's cursor is held through a lease of this name.
+fn cursor_lease(name: &str) -> String {
+    format!("event-consumer:{name}")
+}
+
+#[async_trait]
+impl EventLog for Database {
+    async fn events_after(&self, after: i64, limit: usize) -> Result<Vec<Event>, MetaError> {
+        let sql = "SELECT seq, at, actor, actor_kind, address, change FROM events
+                   WHERE seq > ?1 AND change IS NOT NULL ORDER BY seq LIMIT ?2";
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read_rows(sql, owned![after, limit], event_row).await
+    }
+
+    async fn last_event(&self) -> Result<i64, MetaError> {
+        let sql = "SELECT last_seq FROM event_counter WHERE id = 1";
+        Ok(self
+            .read_row(sql, vec![], |mut r| r.int(0))
+            .await?
+            .unwrap_or(0))
+    }
+
+    async fn claim_cursor(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl_ms: i64,
+    ) -> Result<Option<i64>, MetaError> {
+        let (name, lease, holder) = (name.to_owned(), cursor_lease(name), holder.to_owned());
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                if !crate::images::take_lease(tx, &lease, &holder, ttl_ms)? {
+                    return Ok(None);
+                }
+                tx.execute(
+                    "INSERT INTO event_cursors (name, position) VALUES (?1, 0) ON CONFLICT (name) DO NOTHING",
+                    args![&name],
+                )?;
+                let position = tx
+                    .query_one("SELECT position FROM event_cursors WHERE name = ?1", args![&name])?
+                    .int(0)?;
+                Ok(Some(position))
+            })
+            .await
+    }
+
+    async fn advance_cursor(
+        &self,
+        name: &str,
+        holder: &str,
+        position: i64,
+    ) -> Result<bool, MetaError> {
+        let sql = "UPDATE event_cursors SET position = ?3
+                   WHERE name = ?1 AND position <= ?3 AND EXISTS
+                     (SELECT 1 FROM leases WHERE name = ?4 AND holder = ?2 AND expires_at >= ?5)";
+        let args = owned![name, holder, position, cursor_lease(name).as_str(), now()];
+        Ok(self.write_statement(Durability::Synced, sql, args).await? > 0)
+    }
+
+    async fn prune_events(&self, cutoff_ms: i64) -> Result<u64, MetaError> {
+        let sql = "DELETE FROM events WHERE at < ?1
+                   AND seq <= COALESCE((SELECT MIN(position) FROM event_cursors),
+                                       (SELECT last_seq FROM event_counter WHERE id = 1))";
+        self.write_statement(Durability::Synced, sql, owned![cutoff_ms])
+            .await
+    }
+}
