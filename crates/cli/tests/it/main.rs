@@ -11,6 +11,7 @@ mod common;
 mod crash;
 mod downloads;
 mod errors;
+mod events;
 mod gc;
 mod gc_stress;
 mod manifests;
