@@ -181,6 +181,16 @@ struct FileConfig {
     meta: FileMeta,
     #[serde(default)]
     storage: FileStorage,
+    #[serde(default)]
+    audit: FileAudit,
+}
+
+/// The `[audit]` table of the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAudit {
+    /// Days events are kept; 0 keeps them forever.
+    retention_days: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -237,7 +247,7 @@ impl Settings {
                 .or(file_config.limits.max_manifest_bytes)
                 .unwrap_or(berth_registry::Limits::default().max_manifest_bytes),
             sendfile: file_config.sendfile.unwrap_or(false),
-            gc: gc_settings(&file_config.gc),
+            gc: gc_settings(&file_config.gc, &file_config.audit),
             auth,
             storage,
             meta: match overrides.postgres_url.or(file_config.meta.postgres_url) {
@@ -289,7 +299,7 @@ fn auth_config(file: &FileAuth, mode: Option<&str>) -> anyhow::Result<AuthConfig
     })
 }
 
-fn gc_settings(file: &FileGc) -> GcSettings {
+fn gc_settings(file: &FileGc, audit: &FileAudit) -> GcSettings {
     let defaults = GcOptions::default();
     let secs = |v: Option<u64>, d: Duration| v.map(Duration::from_secs).unwrap_or(d);
     GcSettings {
@@ -303,6 +313,11 @@ fn gc_settings(file: &FileGc) -> GcSettings {
             untagged_min_age: secs(file.untagged_min_age_secs, defaults.untagged_min_age),
             blob_grace: secs(file.blob_grace_secs, defaults.blob_grace),
             upload_max_age: secs(file.upload_max_age_secs, defaults.upload_max_age),
+            event_retention: match audit.retention_days {
+                Some(0) => None,
+                Some(days) => Some(Duration::from_secs(days.saturating_mul(24 * 3600))),
+                None => defaults.event_retention,
+            },
         },
     }
 }
@@ -310,6 +325,31 @@ fn gc_settings(file: &FileGc) -> GcSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_retention_defaults_to_90_days_and_0_keeps_forever() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("berth.toml");
+        let retention = |toml: &str| {
+            std::fs::write(&path, toml).unwrap();
+            Settings::load(Some(&path), Overrides::default())
+                .unwrap()
+                .gc
+                .options
+                .event_retention
+        };
+        assert_eq!(retention(""), Some(Duration::from_secs(90 * 86400)));
+        assert_eq!(
+            retention("[audit]\nretention_days = 7\n"),
+            Some(Duration::from_secs(7 * 86400))
+        );
+        assert_eq!(retention("[audit]\nretention_days = 0\n"), None);
+        std::fs::write(&path, "[audit]\nretention = 7\n").unwrap();
+        assert!(
+            Settings::load(Some(&path), Overrides::default()).is_err(),
+            "unknown keys are refused"
+        );
+    }
 
     #[test]
     fn layers_defaults_file_and_overrides() {

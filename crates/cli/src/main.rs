@@ -322,6 +322,10 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
         if let Some(interval) = settings.gc.interval {
             tokio::spawn(scheduled_gc(registry.clone(), settings.gc.options.clone(), interval));
         }
+        tokio::spawn(maintenance(
+            registry.clone(),
+            settings.gc.options.event_retention,
+        ));
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("binding {}", settings.listen))?;
@@ -335,6 +339,28 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
         tracing::info!("berth stopped");
         Ok(())
     })
+}
+
+/// How often `serve` prunes events past their retention, collections or not.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Prunes events past their retention every hour, for as long as the server runs (a
+/// collection prunes too, but collections need not be scheduled). Pruning is idempotent,
+/// so nodes sharing a store need no lease for it.
+async fn maintenance(registry: Registry, retention: Option<Duration>) {
+    if retention.is_none() {
+        return;
+    }
+    let mut ticker = tokio::time::interval(MAINTENANCE_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        match registry.prune_events(retention).await {
+            Ok(0) => {}
+            Ok(pruned) => tracing::info!(pruned, "events past their retention pruned"),
+            Err(e) => tracing::warn!(error = %e, "pruning events failed"),
+        }
+    }
 }
 
 /// Collects garbage every `interval`, online, for as long as the server runs.

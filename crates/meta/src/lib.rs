@@ -273,9 +273,10 @@ fn list(digests: &[Digest]) -> String {
         .join(", ")
 }
 
-/// The metadata operations the registry needs. Every method is one transaction.
+/// The metadata operations the registry needs. Every method is one transaction; every
+/// change records its events (the [`EventLog`]) in the same transaction.
 #[async_trait]
-pub trait MetaStore: Send + Sync + 'static {
+pub trait MetaStore: EventLog + Send + Sync + 'static {
     /// Announces that bytes for `digest` are about to be published: creates or refreshes the
     /// blob's record so garbage collection spares it. Fails with
     /// [`MetaError::BlobBeingDeleted`] while a collection is deleting the same digest.

@@ -33,6 +33,9 @@ pub struct GcOptions {
     pub blob_grace: Duration,
     /// Upload sessions whose bytes have not changed for this long are abandoned.
     pub upload_max_age: Duration,
+    /// Events (the audit log) older than this are pruned, once every consumer has read
+    /// them; `None` keeps them forever.
+    pub event_retention: Option<Duration>,
 }
 
 impl Default for GcOptions {
@@ -43,9 +46,13 @@ impl Default for GcOptions {
             untagged_min_age: Duration::from_secs(24 * 3600),
             blob_grace: Duration::from_secs(3600),
             upload_max_age: Duration::from_secs(24 * 3600),
+            event_retention: Some(DEFAULT_EVENT_RETENTION),
         }
     }
 }
+
+/// How long events (the audit log) are kept by default: 90 days.
+const DEFAULT_EVENT_RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
 
 /// What a collection did (or, dry, would do).
 #[derive(Debug, Clone, Default, Serialize)]
@@ -60,6 +67,8 @@ pub struct GcReport {
     pub bytes_freed: u64,
     /// Upload sessions purged.
     pub uploads_purged: u64,
+    /// Events pruned for their age (the audit log's retention).
+    pub events_pruned: u64,
     /// Wall time of the collection, in milliseconds.
     pub duration_ms: u64,
     /// Of which marking (the metadata transaction), in milliseconds.
@@ -137,6 +146,9 @@ impl Registry {
         }
         report.sweep_ms = started.elapsed().as_millis() as u64 - mark_ms;
         report.uploads_purged = self.purge_uploads(options).await?;
+        if !options.dry_run {
+            report.events_pruned = self.prune_events(options.event_retention).await?;
+        }
         report.duration_ms = started.elapsed().as_millis() as u64;
         tracing::info!(
             dry_run = report.dry_run,
@@ -148,6 +160,15 @@ impl Registry {
             "garbage collection finished"
         );
         Ok(report)
+    }
+
+    /// Deletes the events older than `retention` that every consumer has read: the
+    /// audit log's retention, run with every collection and by `serve`'s maintenance.
+    pub async fn prune_events(&self, retention: Option<Duration>) -> Result<u64, RegistryError> {
+        let Some(retention) = retention else {
+            return Ok(0);
+        };
+        Ok(self.meta.prune_events(now_ms() - millis(retention)).await?)
     }
 
     /// Drops upload sessions whose bytes have not changed for `upload_max_age`, and those
