@@ -631,7 +631,7 @@ impl AccountStore for Database {
 
     async fn append_audit(&self, events: Vec<NewAuditEvent>) -> Result<(), MetaError> {
         self.engine
-            .write(Durability::Synced, move |tx| {
+            .write_recorded(move |tx| {
                 let first = crate::events::reserve_sequence(tx, events.len())?;
                 for (seq, e) in (first..).zip(&events) {
                     tx.execute(

@@ -13,7 +13,7 @@ use std::borrow::Cow;
 
 use berth_oci::Digest;
 
-use crate::postgres::PostgresEngine;
+use crate::postgres::{PostgresEngine, Turn};
 use crate::sqlite::SqliteEngine;
 use crate::MetaError;
 
@@ -330,7 +330,20 @@ impl Engine {
     {
         match self {
             Engine::Sqlite(e) => e.write(durability, write).await,
-            Engine::Postgres(e) => e.write(durability, write).await,
+            Engine::Postgres(e) => e.write(durability, Turn::Any, write).await,
+        }
+    }
+
+    /// A durable [`Engine::write`] that appends to the event log. Appenders take turns
+    /// (SQLite's one writer does by construction), so events are numbered in commit order.
+    pub(crate) async fn write_recorded<T, F>(&self, write: F) -> Result<T, MetaError>
+    where
+        T: Send + 'static,
+        F: FnMut(&mut dyn Tx) -> Result<T, MetaError> + Send + 'static,
+    {
+        match self {
+            Engine::Sqlite(e) => e.write(Durability::Synced, write).await,
+            Engine::Postgres(e) => e.write(Durability::Synced, Turn::EventLog, write).await,
         }
     }
 

@@ -169,7 +169,7 @@ impl MetaStore for Database {
         let size = i64::try_from(size).map_err(|_| MetaError::Backend("blob too large".into()))?;
         let linked = self
             .engine
-            .write(Durability::Synced, move |tx| {
+            .write_recorded(move |tx| {
                 let t = now();
                 let live = tx.execute(
                     "UPDATE blobs SET size = ?2, last_used_at = ?3 WHERE digest = ?1 AND state = 'live'",
@@ -238,7 +238,7 @@ impl MetaStore for Database {
         };
         let (repo, digest, by) = (repo.to_string(), digest.to_string(), by.clone());
         self.engine
-            .write(Durability::Synced, move |tx| {
+            .write_recorded(move |tx| {
                 let sql = "DELETE FROM repo_blobs WHERE repo = ?1 AND digest = ?2";
                 let unlinked = tx.execute(sql, args![&repo, &digest])? > 0;
                 if unlinked {
@@ -260,7 +260,7 @@ impl MetaStore for Database {
         let tag = tag.map(|t| t.as_str().to_owned());
         let by = by.clone();
         self.engine
-            .write(Durability::Synced, move |tx| {
+            .write_recorded(move |tx| {
                 let missing = missing_references(tx, &repo, &manifest)?;
                 if !missing.is_empty() {
                     return Err(MetaError::MissingReferences { missing });
@@ -344,7 +344,7 @@ impl MetaStore for Database {
     ) -> Result<bool, MetaError> {
         let (repo, digest, by) = (repo.to_string(), digest.to_string(), by.clone());
         self.engine
-            .write(Durability::Synced, move |tx| {
+            .write_recorded(move |tx| {
                 let tags = tx.query_map(
                     "SELECT tag FROM tags WHERE repo = ?1 AND digest = ?2 ORDER BY tag",
                     args![&repo, &digest],
@@ -367,7 +367,7 @@ impl MetaStore for Database {
     async fn delete_tag(&self, repo: &RepoName, tag: &Tag, by: &Actor) -> Result<bool, MetaError> {
         let (repo, tag, by) = (repo.to_string(), tag.to_string(), by.clone());
         self.engine
-            .write(Durability::Synced, move |tx| {
+            .write_recorded(move |tx| {
                 let deleted = tx.query_opt(
                     "DELETE FROM tags WHERE repo = ?1 AND tag = ?2 RETURNING digest",
                     args![&repo, &tag],
@@ -510,7 +510,7 @@ impl MetaStore for Database {
 
     async fn mark_garbage(&self, selection: GcSelection) -> Result<GcMarked, MetaError> {
         self.engine
-            .write(Durability::Synced, move |tx| crate::gc::mark(tx, selection))
+            .write_recorded(move |tx| crate::gc::mark(tx, selection))
             .await
     }
 

@@ -21,6 +21,21 @@ use crate::engine::{Cell, Dialect, Durability, Row, Tx, Value};
 use crate::schema::{expand, postgres_legacy_version, MIGRATIONS};
 use crate::MetaError;
 
+/// Whether a write must take the event log's turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Turn {
+    /// Any time: a conflict with a concurrent write is retried.
+    Any,
+    /// After every other appender to the event log. Appenders number their events from
+    /// one counter row; under SERIALIZABLE, two that overlap would fail each other again
+    /// and again, so they take turns instead (across nodes, through an advisory lock).
+    EventLog,
+}
+
+/// The advisory lock that orders appenders to the event log.
+const EVENT_LOG_TURN_TAKE: &str = "SELECT pg_advisory_lock(7392020)";
+const EVENT_LOG_TURN_GIVE: &str = "SELECT pg_advisory_unlock(7392020)";
+
 /// Connections per node.
 const POOL_SIZE: usize = 16;
 /// How long a request waits for a connection before answering that the store is down.
@@ -202,6 +217,7 @@ impl PostgresEngine {
     pub(crate) async fn write<T, F>(
         &self,
         durability: Durability,
+        turn: Turn,
         mut write: F,
     ) -> Result<T, MetaError>
     where
@@ -213,7 +229,11 @@ impl PostgresEngine {
         tokio::task::spawn_blocking(move || {
             for attempt in 1..=MAX_ATTEMPTS {
                 let mut tx = PostgresTx::new(&client, &runtime);
-                match tx.attempt(durability, &mut write) {
+                let outcome = match turn {
+                    Turn::Any => tx.attempt(durability, &mut write),
+                    Turn::EventLog => tx.in_turn(|tx| tx.attempt(durability, &mut write)),
+                };
+                match outcome {
                     Err(e) if !tx.conflicted => return Err(e),
                     Err(_) => std::thread::sleep(retry_pause(attempt)),
                     Ok(value) => return Ok(value),
@@ -234,7 +254,7 @@ impl PostgresEngine {
         let pool = self.pool.clone();
         tokio::spawn(async move {
             let engine = PostgresEngine { pool };
-            if let Err(e) = engine.write(Durability::Visible, write).await {
+            if let Err(e) = engine.write(Durability::Visible, Turn::Any, write).await {
                 tracing::warn!(error = %e, "a queued metadata write failed");
             }
         });
@@ -282,6 +302,19 @@ impl<'a> PostgresTx<'a> {
             let _ = self.runtime.block_on(self.client.batch_execute("ROLLBACK"));
         }
         outcome
+    }
+
+    /// Runs `attempt` holding the event log's turn: a session lock taken before the
+    /// transaction begins, so its snapshot already follows the previous appender's
+    /// commit, and released after it ended (or with the connection, if that breaks).
+    fn in_turn<T>(
+        &mut self,
+        attempt: impl FnOnce(&mut Self) -> Result<T, MetaError>,
+    ) -> Result<T, MetaError> {
+        self.batch(EVENT_LOG_TURN_TAKE)?;
+        let outcome = attempt(self);
+        let released = self.batch(EVENT_LOG_TURN_GIVE);
+        outcome.and_then(|value| released.map(|()| value))
     }
 
     fn fault(&mut self, e: tokio_postgres::Error) -> MetaError {
