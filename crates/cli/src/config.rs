@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use berth_auth::{AuthMode, AuthSettings};
-use berth_registry::GcOptions;
+use berth_registry::{GcOptions, Limits};
+use berth_server::node::{BlobConfig, MetaConfig, NodeConfig};
 use serde::Deserialize;
 
 /// The settings `berth serve` runs with.
@@ -21,18 +22,36 @@ pub(crate) struct Settings {
     /// Blob downloads go out with `sendfile` (see `App::with_sendfile`).
     pub(crate) sendfile: bool,
     pub(crate) meta: MetaConfig,
-    pub(crate) storage: StorageConfig,
+    pub(crate) storage: BlobConfig,
     pub(crate) gc: GcSettings,
     pub(crate) auth: AuthConfig,
 }
 
-/// Where blob bytes live.
-#[derive(Debug, Clone)]
-pub(crate) enum StorageConfig {
-    /// `blobs/` and `uploads/` in the data directory.
-    Filesystem,
-    /// An S3-compatible bucket.
-    S3(berth_storage::S3Config),
+impl Settings {
+    /// What a node is opened from (reading the external issuer's key, if one is named).
+    pub(crate) fn node(&self) -> anyhow::Result<NodeConfig> {
+        let issuer_key = match &self.auth.issuer_public_key {
+            Some(path) if self.auth.settings.mode == AuthMode::ExternalToken => {
+                let pem = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                Some(berth_auth::verifying_key_from_pem(&pem)?)
+            }
+            _ => None,
+        };
+        Ok(NodeConfig {
+            data_dir: self.data_dir.clone(),
+            blobs: self.storage.clone(),
+            meta: self.meta.clone(),
+            limits: Limits {
+                max_manifest_bytes: self.max_manifest_bytes,
+            },
+            auth: self.auth.settings.clone(),
+            signing_key_file: self.auth.signing_key.clone(),
+            issuer_key,
+            gc: self.gc.options.clone(),
+            sendfile: self.sendfile,
+        })
+    }
 }
 
 /// The `[storage]` table.
@@ -58,18 +77,18 @@ struct FileS3 {
     redirect_ttl_secs: Option<u64>,
 }
 
-fn storage_config(file: &FileStorage) -> anyhow::Result<StorageConfig> {
+fn storage_config(file: &FileStorage) -> anyhow::Result<BlobConfig> {
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     let backend = env("BERTH_STORAGE").or(file.backend.clone());
     match backend.as_deref().unwrap_or("filesystem") {
-        "filesystem" => Ok(StorageConfig::Filesystem),
+        "filesystem" => Ok(BlobConfig::Filesystem),
         "s3" => {
             let s3 = file.s3.as_ref();
             let get = |key: Option<&String>, var: &str| env(var).or(key.cloned());
             let bucket = get(s3.and_then(|s| s.bucket.as_ref()), "BERTH_S3_BUCKET")
                 .context("storage s3: bucket (or BERTH_S3_BUCKET) is required")?;
             let endpoint = get(s3.and_then(|s| s.endpoint.as_ref()), "BERTH_S3_ENDPOINT");
-            Ok(StorageConfig::S3(berth_storage::S3Config {
+            Ok(BlobConfig::S3(berth_storage::S3Config {
                 path_style: s3.and_then(|s| s.path_style).unwrap_or(endpoint.is_some()),
                 endpoint,
                 region: get(s3.and_then(|s| s.region.as_ref()), "BERTH_S3_REGION")
@@ -96,15 +115,6 @@ fn storage_config(file: &FileStorage) -> anyhow::Result<StorageConfig> {
         }
         other => anyhow::bail!("storage backend {other:?}: expected filesystem or s3"),
     }
-}
-
-/// Where metadata lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum MetaConfig {
-    /// `meta.db` in the data directory.
-    Sqlite,
-    /// A PostgreSQL database shared by every node.
-    Postgres { url: String, schema: Option<String> },
 }
 
 /// The `[meta]` table of the config file.
@@ -407,7 +417,7 @@ mod tests {
         .unwrap();
         let s = Settings::load(Some(&path), Overrides::default()).unwrap();
         assert!(matches!(s.meta, MetaConfig::Postgres { ref url, .. } if url == "host=/run/pg"));
-        let StorageConfig::S3(s3) = &s.storage else {
+        let BlobConfig::S3(s3) = &s.storage else {
             panic!("s3 expected");
         };
         assert!(s3.path_style, "path style by default with an endpoint");

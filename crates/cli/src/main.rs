@@ -4,19 +4,16 @@ mod accounts;
 mod config;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use berth_auth::{AccessControl, AuthMode, TokenSigner};
-use berth_meta::{AccountStore, Database, MetaStore};
-use berth_registry::{CheckOptions, Limits, Registry, RegistryError};
-use berth_server::App;
-use berth_storage::{BlobStore, FsBlobStore, S3BlobStore};
+use berth_auth::AuthMode;
+use berth_registry::{CheckOptions, Registry, RegistryError};
+use berth_server::node::Node;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{MetaConfig, Overrides, Settings, StorageConfig};
+use crate::config::{Overrides, Settings};
 
 #[derive(Parser)]
 #[command(
@@ -133,14 +130,14 @@ fn main() -> anyhow::Result<()> {
         }
         Command::User { data, command } => {
             let settings = load(data, Overrides::default())?;
-            run_offline(&settings, |stores| {
-                accounts::user_command(stores.access, command)
+            run_offline(&settings, |node| {
+                accounts::user_command(node.access, command)
             })
         }
         Command::Audit { data, filter } => {
             let settings = load(data, Overrides::default())?;
-            run_offline(&settings, |stores| {
-                accounts::audit_command(stores.access, filter)
+            run_offline(&settings, |node| {
+                accounts::audit_command(node.access, filter)
             })
         }
         Command::Gc {
@@ -164,16 +161,16 @@ fn main() -> anyhow::Result<()> {
             if let Some(s) = upload_max_age_secs {
                 options.upload_max_age = Duration::from_secs(s);
             }
-            run_offline(&settings, |stores| async move {
-                let report = stores.registry.collect_garbage(&options).await?;
+            run_offline(&settings, |node| async move {
+                let report = node.registry.collect_garbage(&options).await?;
                 println!("{}", serde_json::to_string_pretty(&report)?);
                 Ok(())
             })
         }
         Command::Check { data, repair } => {
             let settings = load(data, Overrides::default())?;
-            let clean = run_offline(&settings, |stores| async move {
-                let report = stores.registry.check(CheckOptions { repair }).await?;
+            let clean = run_offline(&settings, |node| async move {
+                let report = node.registry.check(CheckOptions { repair }).await?;
                 println!("{}", serde_json::to_string_pretty(&report)?);
                 Ok(report.is_clean())
             })?;
@@ -203,107 +200,18 @@ fn load(data: DataArgs, overrides: Overrides) -> anyhow::Result<Settings> {
     Ok(settings)
 }
 
-/// The services wired to the stores of the data directory.
-struct Stores {
-    registry: Registry,
-    access: AccessControl,
-}
-
-/// Opens the stores of the data directory and wires the registry and access services.
-/// Must run inside the runtime (the access service starts its audit writer).
-async fn open_stores(settings: &Settings) -> anyhow::Result<Stores> {
-    std::fs::create_dir_all(&settings.data_dir)
-        .with_context(|| format!("creating data directory {}", settings.data_dir.display()))?;
-    let blobs: Arc<dyn BlobStore> = match &settings.storage {
-        StorageConfig::Filesystem => {
-            Arc::new(FsBlobStore::open(&settings.data_dir).context("opening blob storage")?)
-        }
-        StorageConfig::S3(config) => {
-            Arc::new(S3BlobStore::new(config.clone()).context("configuring S3 storage")?)
-        }
-    };
-    let (meta, accounts): (Arc<dyn MetaStore>, Arc<dyn AccountStore>) = match &settings.meta {
-        MetaConfig::Sqlite => {
-            let path = settings.data_dir.join("meta.db");
-            let meta = Arc::new(Database::open_sqlite(&path).context("opening metadata")?);
-            (meta.clone(), meta)
-        }
-        MetaConfig::Postgres { url, schema } => {
-            let meta = Database::connect_postgres(url, schema.as_deref())
-                .await
-                .context("connecting to PostgreSQL")?;
-            let meta = Arc::new(meta);
-            (meta.clone(), meta)
-        }
-    };
-    let registry = Registry::new(
-        blobs,
-        meta,
-        Limits {
-            max_manifest_bytes: settings.max_manifest_bytes,
-        },
-    );
-    let auth = &settings.auth;
-    let signer = match auth.settings.mode {
-        AuthMode::Builtin => Some(match &auth.signing_key {
-            Some(path) => signing_key(path)?,
-            None => {
-                // Kept in the metadata store: every node signs and checks with the same key.
-                let candidate = TokenSigner::generate()?.to_pem()?;
-                let pem = accounts
-                    .setting_or_insert("token_signing_key", &candidate)
-                    .await
-                    .context("reading the token signing key")?;
-                TokenSigner::from_pem(&pem)?
-            }
-        }),
-        AuthMode::Disabled | AuthMode::ExternalToken => None,
-    };
-    let issuer_key = match &auth.issuer_public_key {
-        Some(path) if auth.settings.mode == AuthMode::ExternalToken => {
-            let pem = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            Some(berth_auth::verifying_key_from_pem(&pem)?)
-        }
-        _ => None,
-    };
-    let access = AccessControl::for_mode(auth.settings.clone(), accounts, signer, issuer_key)?;
-    Ok(Stores { registry, access })
-}
-
-/// Loads the token signing key, creating it (readable by the owner only) on first start.
-fn signing_key(path: &std::path::Path) -> anyhow::Result<TokenSigner> {
-    match std::fs::read_to_string(path) {
-        Ok(pem) => Ok(TokenSigner::from_pem(&pem)?),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let signer = TokenSigner::generate()?;
-            let mut options = std::fs::OpenOptions::new();
-            options.write(true).create_new(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            let mut file = options
-                .open(path)
-                .with_context(|| format!("creating {}", path.display()))?;
-            std::io::Write::write_all(&mut file, signer.to_pem()?.as_bytes())?;
-            file.sync_all()?;
-            tracing::info!(path = %path.display(), "created the token signing key");
-            Ok(signer)
-        }
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
-}
-
 /// Runs a maintenance task on the data directory without serving it.
 fn run_offline<T, F, Fut>(settings: &Settings, task: F) -> anyhow::Result<T>
 where
-    F: FnOnce(Stores) -> Fut,
+    F: FnOnce(Node) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let stores = runtime.block_on(open_stores(settings))?;
-    runtime.block_on(task(stores))
+    let config = settings.node()?;
+    let node = runtime.block_on(Node::open(&config))?;
+    runtime.block_on(task(node))
 }
 
 fn serve(settings: Settings) -> anyhow::Result<()> {
@@ -311,7 +219,11 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let Stores { registry, access } = open_stores(&settings).await?;
+        let Node {
+            registry,
+            access,
+            app,
+        } = Node::open(&settings.node()?).await?;
         if access.settings().mode == AuthMode::Builtin {
             let password = std::env::var("BERTH_ADMIN_PASSWORD").ok().filter(|p| !p.is_empty());
             if let Some(generated) = access.bootstrap_admin(password).await? {
@@ -332,8 +244,6 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, data_dir = %settings.data_dir.display(), "berth listening on http://{addr}");
         tracing::info!(auth = ?access.settings().mode, "access control");
-        let app = App::new(registry, access.clone(), settings.gc.options.clone())
-            .with_sendfile(settings.sendfile);
         berth_server::serve(listener, app, shutdown_signal()).await?;
         access.flush_audit().await;
         tracing::info!("berth stopped");

@@ -7,6 +7,7 @@
 mod admin;
 mod auth;
 pub mod error;
+pub mod node;
 mod route;
 mod token;
 mod v2;

@@ -9,11 +9,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use berth_auth::{AccessControl, AuthMode, AuthSettings, TokenSigner};
-use berth_meta::{AccountStore, Database, MetaStore};
-use berth_registry::{GcOptions, Limits, Registry};
-use berth_server::App;
-use berth_storage::{BlobStore, FsBlobStore, S3BlobStore, S3Config};
+use berth_auth::{AuthMode, AuthSettings};
+use berth_meta::MetaError;
+use berth_registry::{GcOptions, Limits};
+use berth_server::node::{BlobConfig, MetaConfig, Node, NodeConfig, NodeError};
+use berth_storage::S3Config;
 
 /// A registry served in this process on `127.0.0.1:0`, with its own runtime and a temporary
 /// data directory. Stops on drop.
@@ -121,52 +121,56 @@ impl Default for Options {
     }
 }
 
-/// Opens the blob store of the given backend.
-fn open_blobs(
+/// Where a test node keeps blob bytes: S3 (the shared Garage server, or the one given)
+/// when asked for and available, else its data directory.
+fn blob_config(
     backend: BlobBackend,
+    given: Option<S3Config>,
     prefix: Option<String>,
     redirect: Option<Duration>,
-    root: &Path,
-) -> Arc<dyn BlobStore> {
+) -> BlobConfig {
+    if let Some(config) = given {
+        return BlobConfig::S3(config);
+    }
     if backend == BlobBackend::S3 {
         if let Some(garage) = shared_garage() {
-            let config = S3Config {
+            return BlobConfig::S3(S3Config {
                 redirect,
                 ..garage.s3_config(&prefix.unwrap_or_else(unique_schema))
-            };
-            return Arc::new(S3BlobStore::new(config).expect("S3 blob store"));
+            });
         }
     }
-    Arc::new(FsBlobStore::open(root).expect("blob store"))
+    BlobConfig::Filesystem
 }
 
-/// Opens a fresh metadata store of the given backend.
-async fn open_meta(
-    backend: MetaBackend,
-    url: Option<String>,
-    schema: Option<String>,
-    root: &Path,
-) -> (Arc<dyn MetaStore>, Arc<dyn AccountStore>) {
+/// Where a test node keeps metadata: a PostgreSQL schema (of the shared cluster, or of
+/// the server given) when asked for and available, else SQLite.
+fn meta_config(backend: MetaBackend, url: Option<String>, schema: Option<String>) -> MetaConfig {
     if backend == MetaBackend::Postgres {
         if let Some(url) = url.or_else(|| shared_cluster().map(|c| c.url().to_owned())) {
             let schema = schema.unwrap_or_else(|| format!("t_{}", uuid_like()));
-            let mut last = None;
-            for _ in 0..100 {
-                match Database::connect_postgres(&url, Some(&schema)).await {
-                    Ok(meta) => {
-                        let meta = Arc::new(meta);
-                        return (meta.clone(), meta);
-                    }
-                    // The server may still be starting.
-                    Err(e) => last = Some(e),
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            panic!("connecting to the test cluster: {last:?}");
+            return MetaConfig::Postgres {
+                url,
+                schema: Some(schema),
+            };
         }
     }
-    let meta = Arc::new(Database::open_sqlite(&root.join("meta.db")).expect("meta store"));
-    (meta.clone(), meta)
+    MetaConfig::Sqlite
+}
+
+/// Opens a node, retrying while a PostgreSQL server that was just started (or restarted)
+/// refuses connections.
+async fn open_node(config: &NodeConfig) -> Node {
+    let mut last = None;
+    for _ in 0..100 {
+        match Node::open(config).await {
+            Ok(node) => return node,
+            Err(e @ NodeError::Meta(MetaError::Unavailable(_))) => last = Some(e),
+            Err(e) => panic!("opening the test node: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("connecting to the test cluster: {last:?}");
 }
 
 /// A fresh schema name (or S3 key prefix) for a group of test nodes sharing one store.
@@ -255,19 +259,19 @@ impl TestRegistry {
             .build()
             .expect("runtime");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let root = data_dir.path().to_owned();
+        let config = NodeConfig {
+            data_dir: data_dir.path().to_owned(),
+            blobs: blob_config(blob_backend, s3_config, s3_prefix, s3_redirect),
+            meta: meta_config(backend, postgres_url, postgres_schema),
+            limits,
+            auth,
+            signing_key_file: None,
+            issuer_key,
+            gc,
+            sendfile,
+        };
         let addr = runtime.block_on(async move {
-            let blobs = match (blob_backend, s3_config) {
-                (BlobBackend::S3, Some(config)) => {
-                    Arc::new(S3BlobStore::new(config).expect("S3 blob store")) as Arc<dyn BlobStore>
-                }
-                _ => open_blobs(blob_backend, s3_prefix, s3_redirect, &root),
-            };
-            let (meta, accounts) = open_meta(backend, postgres_url, postgres_schema, &root).await;
-            let registry = Registry::new(blobs, meta, limits);
-            let signer = TokenSigner::generate().expect("signing key");
-            let access = AccessControl::for_mode(auth, accounts, Some(signer), issuer_key)
-                .expect("access control");
+            let Node { access, app, .. } = open_node(&config).await;
             if access.settings().mode == AuthMode::Builtin {
                 access
                     .bootstrap_admin(Some(ADMIN_PASSWORD.to_owned()))
@@ -283,13 +287,7 @@ impl TestRegistry {
                 let stop = async move {
                     let _ = rx.await;
                 };
-                if let Err(e) = berth_server::serve(
-                    listener,
-                    App::new(registry, access, gc).with_sendfile(sendfile),
-                    stop,
-                )
-                .await
-                {
+                if let Err(e) = berth_server::serve(listener, app, stop).await {
                     eprintln!("test registry stopped with {e}");
                 }
             });

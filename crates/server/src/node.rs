@@ -1,0 +1,171 @@
+//! Opening a node: settings → stores → services → the router's state. `berth serve`, the
+//! maintenance commands and the test kit all open nodes here, so the tests run the wiring
+//! users run (the token signing key included).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use berth_auth::{AccessControl, AuthError, AuthMode, AuthSettings, IssuerKey, TokenSigner};
+use berth_meta::{Database, MetaError};
+use berth_registry::{GcOptions, Limits, Registry};
+use berth_storage::{BlobStore, FsBlobStore, S3BlobStore, S3Config, StorageError};
+
+use crate::App;
+
+/// Where blob bytes live.
+#[derive(Debug, Clone)]
+pub enum BlobConfig {
+    /// `blobs/` and `uploads/` in the data directory.
+    Filesystem,
+    /// An S3-compatible bucket, shared by every node.
+    S3(S3Config),
+}
+
+/// Where metadata lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaConfig {
+    /// `meta.db` in the data directory.
+    Sqlite,
+    /// A PostgreSQL database shared by every node.
+    Postgres {
+        /// Connection URL or key=value string.
+        url: String,
+        /// A schema of its own (created if missing).
+        schema: Option<String>,
+    },
+}
+
+/// Everything a node is opened from.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Blobs (with the file system backend) and `meta.db` (with SQLite) live here.
+    pub data_dir: PathBuf,
+    /// The blob store.
+    pub blobs: BlobConfig,
+    /// The metadata store.
+    pub meta: MetaConfig,
+    /// Input limits.
+    pub limits: Limits,
+    /// Access control.
+    pub auth: AuthSettings,
+    /// Builtin mode's token signing key as a file (created on first start); `None` keeps
+    /// it in the metadata store, created by the first node and shared by all.
+    pub signing_key_file: Option<PathBuf>,
+    /// Token mode's issuer key.
+    pub issuer_key: Option<IssuerKey>,
+    /// What collections keep (and how long events are kept).
+    pub gc: GcOptions,
+    /// Blob downloads go out with `sendfile` (see [`App::with_sendfile`]).
+    pub sendfile: bool,
+}
+
+/// Why a node could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The data directory or a key file could not be created or read.
+    #[error("{path}: {source}")]
+    File {
+        /// The file or directory.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// The blob store could not be opened.
+    #[error("blob storage: {0}")]
+    Storage(#[from] StorageError),
+    /// The metadata store could not be opened (or migrated).
+    #[error("metadata: {0}")]
+    Meta(#[from] MetaError),
+    /// Access control could not be set up (a bad key, a bad mode).
+    #[error("access control: {0}")]
+    Auth(#[from] AuthError),
+}
+
+fn file_error(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
+    move |source| NodeError::File {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A node's services, wired to its stores.
+pub struct Node {
+    /// The registry's domain service.
+    pub registry: Registry,
+    /// Who may do what.
+    pub access: AccessControl,
+    /// The router's state.
+    pub app: App,
+}
+
+impl Node {
+    /// Opens the stores `config` names and wires the services. Must run inside the
+    /// runtime (access control starts its audit writer).
+    pub async fn open(config: &NodeConfig) -> Result<Node, NodeError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(file_error(&config.data_dir))?;
+        let blobs: Arc<dyn BlobStore> = match &config.blobs {
+            BlobConfig::Filesystem => {
+                Arc::new(FsBlobStore::open(&config.data_dir).map_err(file_error(&config.data_dir))?)
+            }
+            BlobConfig::S3(s3) => Arc::new(S3BlobStore::new(s3.clone())?),
+        };
+        let meta = Arc::new(match &config.meta {
+            MetaConfig::Sqlite => Database::open_sqlite(&config.data_dir.join("meta.db"))?,
+            MetaConfig::Postgres { url, schema } => {
+                Database::connect_postgres(url, schema.as_deref()).await?
+            }
+        });
+        let registry = Registry::new(blobs, meta.clone(), config.limits.clone());
+        let signer = match config.auth.mode {
+            AuthMode::Builtin => Some(match &config.signing_key_file {
+                Some(path) => signing_key_file(path)?,
+                None => {
+                    // Kept in the metadata store: every node signs and checks with one key.
+                    let candidate = TokenSigner::generate()?.to_pem()?;
+                    let pem = berth_meta::AccountStore::setting_or_insert(
+                        meta.as_ref(),
+                        "token_signing_key",
+                        &candidate,
+                    )
+                    .await?;
+                    TokenSigner::from_pem(&pem)?
+                }
+            }),
+            AuthMode::Disabled | AuthMode::ExternalToken => None,
+        };
+        let issuer_key = match config.auth.mode {
+            AuthMode::ExternalToken => config.issuer_key.clone(),
+            AuthMode::Builtin | AuthMode::Disabled => None,
+        };
+        let access = AccessControl::for_mode(config.auth.clone(), meta, signer, issuer_key)?;
+        let app = App::new(registry.clone(), access.clone(), config.gc.clone())
+            .with_sendfile(config.sendfile);
+        Ok(Node {
+            registry,
+            access,
+            app,
+        })
+    }
+}
+
+/// Loads the token signing key, creating it (readable by the owner only) on first start.
+fn signing_key_file(path: &Path) -> Result<TokenSigner, NodeError> {
+    match std::fs::read_to_string(path) {
+        Ok(pem) => Ok(TokenSigner::from_pem(&pem)?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let signer = TokenSigner::generate()?;
+            let pem = signer.to_pem()?;
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let written = options.open(path).and_then(|mut file| {
+                std::io::Write::write_all(&mut file, pem.as_bytes())?;
+                file.sync_all()
+            });
+            written.map_err(file_error(path))?;
+            tracing::info!(path = %path.display(), "created the token signing key");
+            Ok(signer)
+        }
+        Err(e) => Err(file_error(path)(e)),
+    }
+}
