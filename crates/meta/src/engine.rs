@@ -283,6 +283,20 @@ impl Dialect {
     }
 }
 
+/// A read: statements on one connection, run once.
+pub(crate) trait ReadFn<T>:
+    FnOnce(&mut dyn Tx) -> Result<T, MetaError> + Send + 'static
+{
+}
+impl<T, F: FnOnce(&mut dyn Tx) -> Result<T, MetaError> + Send + 'static> ReadFn<T> for F {}
+
+/// A write: one transaction's statements, run again if the engine retries it.
+pub(crate) trait WriteFn<T>:
+    FnMut(&mut dyn Tx) -> Result<T, MetaError> + Send + 'static
+{
+}
+impl<T, F: FnMut(&mut dyn Tx) -> Result<T, MetaError> + Send + 'static> WriteFn<T> for F {}
+
 /// Whether a write must reach the disk before its caller is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Durability {
@@ -309,11 +323,10 @@ pub(crate) enum Engine {
 impl Engine {
     /// Runs `read` on a connection outside any write. Reads of several statements are not
     /// one snapshot on PostgreSQL: callers never need them to be.
-    pub(crate) async fn read<T, F>(&self, read: F) -> Result<T, MetaError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut dyn Tx) -> Result<T, MetaError> + Send + 'static,
-    {
+    pub(crate) async fn read<T: Send + 'static>(
+        &self,
+        read: impl ReadFn<T>,
+    ) -> Result<T, MetaError> {
         match self {
             Engine::Sqlite(e) => e.read(read).await,
             Engine::Postgres(e) => e.read(read).await,
@@ -323,11 +336,11 @@ impl Engine {
     /// Runs `write` as one atomic transaction: all of its changes commit, or (when it
     /// fails) none. It may run more than once (PostgreSQL retries it after a serialization
     /// conflict), so it must not act outside the transaction.
-    pub(crate) async fn write<T, F>(&self, durability: Durability, write: F) -> Result<T, MetaError>
-    where
-        T: Send + 'static,
-        F: FnMut(&mut dyn Tx) -> Result<T, MetaError> + Send + 'static,
-    {
+    pub(crate) async fn write<T: Send + 'static>(
+        &self,
+        durability: Durability,
+        write: impl WriteFn<T>,
+    ) -> Result<T, MetaError> {
         match self {
             Engine::Sqlite(e) => e.write(durability, write).await,
             Engine::Postgres(e) => e.write(durability, Turn::Any, write).await,
@@ -336,11 +349,10 @@ impl Engine {
 
     /// A durable [`Engine::write`] that appends to the event log. Appenders take turns
     /// (SQLite's one writer does by construction), so events are numbered in commit order.
-    pub(crate) async fn write_recorded<T, F>(&self, write: F) -> Result<T, MetaError>
-    where
-        T: Send + 'static,
-        F: FnMut(&mut dyn Tx) -> Result<T, MetaError> + Send + 'static,
-    {
+    pub(crate) async fn write_recorded<T: Send + 'static>(
+        &self,
+        write: impl WriteFn<T>,
+    ) -> Result<T, MetaError> {
         match self {
             Engine::Sqlite(e) => e.write(Durability::Synced, write).await,
             Engine::Postgres(e) => e.write(Durability::Synced, Turn::EventLog, write).await,
@@ -350,10 +362,7 @@ impl Engine {
     /// Queues `write` without waiting for it, for records nobody on this node reads back
     /// before they commit (an upload session's owner, known in memory meanwhile). A
     /// failure is logged.
-    pub(crate) fn write_unawaited<F>(&self, write: F)
-    where
-        F: FnMut(&mut dyn Tx) -> Result<(), MetaError> + Send + 'static,
-    {
+    pub(crate) fn write_unawaited(&self, write: impl WriteFn<()>) {
         match self {
             Engine::Sqlite(e) => e.submit(write),
             Engine::Postgres(e) => e.submit(write),

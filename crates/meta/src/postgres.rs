@@ -17,7 +17,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{IsNull, ToSql, Type};
 use tokio_postgres::{NoTls, Statement};
 
-use crate::engine::{Cell, Dialect, Durability, Row, Tx, Value};
+use crate::engine::{Cell, Dialect, Durability, ReadFn, Row, Tx, Value, WriteFn};
 use crate::schema::{expand, postgres_legacy_version, MIGRATIONS};
 use crate::MetaError;
 
@@ -202,11 +202,10 @@ impl PostgresEngine {
         tx.commit().await.map_err(pg)
     }
 
-    pub(crate) async fn read<T, F>(&self, read: F) -> Result<T, MetaError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut dyn Tx) -> Result<T, MetaError> + Send + 'static,
-    {
+    pub(crate) async fn read<T: Send + 'static>(
+        &self,
+        read: impl ReadFn<T>,
+    ) -> Result<T, MetaError> {
         let client = self.pool.get().await.map_err(pool_error)?;
         let runtime = Handle::current();
         tokio::task::spawn_blocking(move || read(&mut PostgresTx::new(&client, &runtime)))
@@ -214,16 +213,12 @@ impl PostgresEngine {
             .map_err(|e| MetaError::Backend(e.to_string()))?
     }
 
-    pub(crate) async fn write<T, F>(
+    pub(crate) async fn write<T: Send + 'static>(
         &self,
         durability: Durability,
         turn: Turn,
-        mut write: F,
-    ) -> Result<T, MetaError>
-    where
-        T: Send + 'static,
-        F: FnMut(&mut dyn Tx) -> Result<T, MetaError> + Send + 'static,
-    {
+        mut write: impl WriteFn<T>,
+    ) -> Result<T, MetaError> {
         let client = self.pool.get().await.map_err(pool_error)?;
         let runtime = Handle::current();
         tokio::task::spawn_blocking(move || {
@@ -247,10 +242,7 @@ impl PostgresEngine {
         .map_err(|e| MetaError::Backend(e.to_string()))?
     }
 
-    pub(crate) fn submit<F>(&self, write: F)
-    where
-        F: FnMut(&mut dyn Tx) -> Result<(), MetaError> + Send + 'static,
-    {
+    pub(crate) fn submit(&self, write: impl WriteFn<()>) {
         let pool = self.pool.clone();
         tokio::spawn(async move {
             let engine = PostgresEngine { pool };

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
 
-use crate::engine::{Cell, Dialect, Durability, Row, Tx, Value};
+use crate::engine::{Cell, Dialect, Durability, ReadFn, Row, Tx, Value, WriteFn};
 use crate::schema::{expand, MIGRATIONS};
 use crate::MetaError;
 
@@ -88,11 +88,10 @@ impl SqliteEngine {
         })
     }
 
-    pub(crate) async fn read<T, F>(&self, read: F) -> Result<T, MetaError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut dyn Tx) -> Result<T, MetaError> + Send + 'static,
-    {
+    pub(crate) async fn read<T: Send + 'static>(
+        &self,
+        read: impl ReadFn<T>,
+    ) -> Result<T, MetaError> {
         // Reads are indexed lookups on pages the connection has cached: a few microseconds,
         // cheaper to run right here than to hand to a blocking thread and back (measured:
         // the hand-off halved HEAD and manifest GET rates). Only when every reader is busy
@@ -115,24 +114,17 @@ impl SqliteEngine {
         .map_err(|e| MetaError::Backend(e.to_string()))?
     }
 
-    pub(crate) async fn write<T, F>(
+    pub(crate) async fn write<T: Send + 'static>(
         &self,
         durability: Durability,
-        mut write: F,
-    ) -> Result<T, MetaError>
-    where
-        T: Send + 'static,
-        F: FnMut(&mut dyn Tx) -> Result<T, MetaError> + Send + 'static,
-    {
+        mut write: impl WriteFn<T>,
+    ) -> Result<T, MetaError> {
         self.writer
             .write(durability, move |conn| write(&mut SqliteTx(conn)))
             .await
     }
 
-    pub(crate) fn submit<F>(&self, mut write: F)
-    where
-        F: FnMut(&mut dyn Tx) -> Result<(), MetaError> + Send + 'static,
-    {
+    pub(crate) fn submit(&self, mut write: impl WriteFn<()>) {
         self.writer.submit(move |conn| write(&mut SqliteTx(conn)));
     }
 }
