@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use berth_meta::AccountStore;
+use berth_meta::{AccountStore, ProjectOrigin};
 use berth_oci::RepoName;
 use sha2::{Digest as _, Sha256};
 
@@ -633,20 +633,19 @@ impl AccessControl {
             Principal::User { id, .. } => Some((*id, Role::ProjectAdmin.as_str())),
             _ => None,
         };
-        match self.inner.store.create_project(project, false, owner).await {
-            Ok(_) => {
-                self.inner
-                    .audit
-                    .record_now(audit::event(
-                        caller,
-                        "project.create",
-                        project,
-                        Outcome::Success,
-                        "created by push",
-                    ))
-                    .await;
-                Ok(())
-            }
+        let created = self
+            .inner
+            .store
+            .create_project(
+                project,
+                false,
+                owner,
+                ProjectOrigin::FirstPush,
+                &caller.as_actor(),
+            )
+            .await;
+        match created {
+            Ok(_) => Ok(()),
             // Created by a concurrent push: fine.
             Err(berth_meta::MetaError::Conflict(_)) => Ok(()),
             Err(e) => Err(e.into()),
@@ -833,7 +832,7 @@ fn token_subject(principal: &Principal) -> TokenSubject {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use berth_meta::Database;
+    use berth_meta::{Actor, Database};
 
     async fn service(dir: &std::path::Path) -> (AccessControl, Arc<Database>) {
         let store = Arc::new(Database::open_sqlite(&dir.join("meta.db")).unwrap());
@@ -851,11 +850,27 @@ mod tests {
     async fn expired_robots_can_neither_log_in_nor_use_their_tokens() {
         let dir = tempfile::tempdir().unwrap();
         let (access, store) = service(dir.path()).await;
-        store.create_project("p", false, None).await.unwrap();
+        store
+            .create_project(
+                "p",
+                false,
+                None,
+                ProjectOrigin::Requested,
+                &Actor::system("test"),
+            )
+            .await
+            .unwrap();
         let hash = hash_password("robot-secret").unwrap();
         let soon = now_ms() + 1_000;
         store
-            .create_robot("p", "ci", &hash, &["pull".into()], Some(soon))
+            .create_robot(
+                "p",
+                "ci",
+                &hash,
+                &["pull".into()],
+                Some(soon),
+                &Actor::system("test"),
+            )
             .await
             .unwrap();
         let login = || Credentials::Password {
@@ -873,9 +888,19 @@ mod tests {
         let bearer = || Credentials::Bearer(issued.token.clone());
         assert!(access.authenticate(bearer(), "127.0.0.1").await.is_ok());
         // Expire it (the clock passes the robot's expiry).
-        store.delete_robot("p", "ci").await.unwrap();
         store
-            .create_robot("p", "ci", &hash, &["pull".into()], Some(now_ms() - 1))
+            .delete_robot("p", "ci", &Actor::system("test"))
+            .await
+            .unwrap();
+        store
+            .create_robot(
+                "p",
+                "ci",
+                &hash,
+                &["pull".into()],
+                Some(now_ms() - 1),
+                &Actor::system("test"),
+            )
             .await
             .unwrap();
         assert!(matches!(

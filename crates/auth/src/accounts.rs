@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use berth_meta::{AuditFilter, AuditRecord, MemberRecord, ProjectRecord, RobotRecord, UserRecord};
+use berth_meta::{
+    AuditFilter, AuditRecord, MemberRecord, ProjectOrigin, ProjectRecord, RobotRecord, UserRecord,
+};
 use berth_oci::RepoName;
 
 use crate::access::{AccessControl, Need};
@@ -136,19 +138,6 @@ impl AccessControl {
         Ok(())
     }
 
-    async fn done(&self, caller: &Caller, action: &str, resource: &str, detail: &str) {
-        self.inner
-            .audit
-            .record_now(audit::event(
-                caller,
-                action,
-                resource,
-                Outcome::Success,
-                detail,
-            ))
-            .await;
-    }
-
     /// On first start (no users at all), creates `admin` with the given password or a
     /// generated one, which is returned so it can be shown once.
     pub async fn bootstrap_admin(
@@ -164,15 +153,14 @@ impl AccessControl {
         };
         self.inner
             .store
-            .create_user("admin", &hash_password(&password)?, true)
+            .create_user(
+                "admin",
+                &hash_password(&password)?,
+                true,
+                "first administrator",
+                &Self::local_admin().as_actor(),
+            )
             .await?;
-        self.done(
-            &Self::local_admin(),
-            "user.create",
-            "admin",
-            "first administrator",
-        )
-        .await;
         Ok(generated.then_some(password))
     }
 
@@ -195,15 +183,14 @@ impl AccessControl {
         let user = self
             .inner
             .store
-            .create_user(&new.name, &hash_password(&password)?, new.admin)
+            .create_user(
+                &new.name,
+                &hash_password(&password)?,
+                new.admin,
+                "",
+                &caller.as_actor(),
+            )
             .await?;
-        self.done(
-            caller,
-            "user.create",
-            &user.name,
-            if user.admin { "admin" } else { "" },
-        )
-        .await;
         Ok((user, generated.then_some(password)))
     }
 
@@ -250,18 +237,9 @@ impl AccessControl {
         let user = self
             .inner
             .store
-            .update_user(name, hash.as_deref(), admin)
+            .update_user(name, hash.as_deref(), admin, &caller.as_actor())
             .await?
             .ok_or_else(|| AuthError::NotFound(format!("user {name}")))?;
-        let mut changed = Vec::new();
-        if password.is_some() {
-            changed.push("password");
-        }
-        if let Some(a) = admin {
-            changed.push(if a { "admin=true" } else { "admin=false" });
-        }
-        self.done(caller, "user.update", name, &changed.join(" "))
-            .await;
         Ok(user)
     }
 
@@ -269,10 +247,14 @@ impl AccessControl {
     pub async fn delete_user(&self, caller: &Caller, name: &str) -> Result<(), AuthError> {
         self.permit(caller, Need::System, "user.delete", name)
             .await?;
-        if !self.inner.store.delete_user(name).await? {
+        if !self
+            .inner
+            .store
+            .delete_user(name, &caller.as_actor())
+            .await?
+        {
             return Err(AuthError::NotFound(format!("user {name}")));
         }
-        self.done(caller, "user.delete", name, "").await;
         Ok(())
     }
 
@@ -291,14 +273,16 @@ impl AccessControl {
                 Ok(()) => match self
                     .inner
                     .store
-                    .create_user(&entry.user, &entry.bcrypt_hash, false)
+                    .create_user(
+                        &entry.user,
+                        &entry.bcrypt_hash,
+                        false,
+                        "imported from htpasswd",
+                        &caller.as_actor(),
+                    )
                     .await
                 {
-                    Ok(_) => {
-                        self.done(caller, "user.create", &entry.user, "imported from htpasswd")
-                            .await;
-                        ImportOutcome::Created
-                    }
+                    Ok(_) => ImportOutcome::Created,
                     Err(berth_meta::MetaError::Conflict(_)) => ImportOutcome::Exists,
                     Err(e) => return Err(e.into()),
                 },
@@ -329,14 +313,17 @@ impl AccessControl {
             Principal::User { id, .. } if *id > 0 => Some((*id, Role::ProjectAdmin.as_str())),
             _ => None,
         };
-        let project = self.inner.store.create_project(name, public, owner).await?;
-        self.done(
-            caller,
-            "project.create",
-            name,
-            if public { "public" } else { "private" },
-        )
-        .await;
+        let project = self
+            .inner
+            .store
+            .create_project(
+                name,
+                public,
+                owner,
+                ProjectOrigin::Requested,
+                &caller.as_actor(),
+            )
+            .await?;
         Ok(project)
     }
 
@@ -388,16 +375,14 @@ impl AccessControl {
             name,
         )
         .await?;
-        if !self.inner.store.set_project_public(name, public).await? {
+        if !self
+            .inner
+            .store
+            .set_project_public(name, public, &caller.as_actor())
+            .await?
+        {
             return Err(AuthError::NotFound(format!("project {name}")));
         }
-        self.done(
-            caller,
-            "project.update",
-            name,
-            if public { "public" } else { "private" },
-        )
-        .await;
         self.inner
             .store
             .project(name)
@@ -417,10 +402,14 @@ impl AccessControl {
             name,
         )
         .await?;
-        if !self.inner.store.delete_project(name).await? {
+        if !self
+            .inner
+            .store
+            .delete_project(name, &caller.as_actor())
+            .await?
+        {
             return Err(AuthError::NotFound(format!("project {name}")));
         }
-        self.done(caller, "project.delete", name, "").await;
         Ok(())
     }
 
@@ -470,16 +459,8 @@ impl AccessControl {
         let added = self
             .inner
             .store
-            .set_member(project, user, role.as_str())
+            .set_member(project, user, role.as_str(), &caller.as_actor())
             .await?;
-        let action = if added { "member.add" } else { "member.update" };
-        self.done(
-            caller,
-            action,
-            project,
-            &format!("{user} as {}", role.as_str()),
-        )
-        .await;
         Ok(added)
     }
 
@@ -500,12 +481,16 @@ impl AccessControl {
             project,
         )
         .await?;
-        if !self.inner.store.remove_member(project, user).await? {
+        if !self
+            .inner
+            .store
+            .remove_member(project, user, &caller.as_actor())
+            .await?
+        {
             return Err(AuthError::NotFound(format!(
                 "member {user} of project {project}"
             )));
         }
-        self.done(caller, "member.remove", project, user).await;
         Ok(())
     }
 
@@ -544,15 +529,9 @@ impl AccessControl {
                 &hash_password(&secret)?,
                 &new.permissions,
                 expires_ms,
+                &caller.as_actor(),
             )
             .await?;
-        self.done(
-            caller,
-            "robot.create",
-            project,
-            &format!("{} [{}]", robot_login(&robot), new.permissions.join(",")),
-        )
-        .await;
         Ok((robot, secret))
     }
 
@@ -592,18 +571,16 @@ impl AccessControl {
             project,
         )
         .await?;
-        if !self.inner.store.delete_robot(project, name).await? {
+        if !self
+            .inner
+            .store
+            .delete_robot(project, name, &caller.as_actor())
+            .await?
+        {
             return Err(AuthError::NotFound(format!(
                 "robot {name} of project {project}"
             )));
         }
-        self.done(
-            caller,
-            "robot.delete",
-            project,
-            &format!("{ROBOT_PREFIX}{project}+{name}"),
-        )
-        .await;
         Ok(())
     }
 

@@ -4,7 +4,8 @@
 
 use async_trait::async_trait;
 
-use crate::engine::{args, owned, Durability, Row, Tx};
+use crate::engine::{args, owned, Durability, Row, Tx, Value};
+use crate::events::{record, Actor, Change};
 use crate::{now, Database, MetaError};
 
 /// A person who logs in with a name and password.
@@ -126,17 +127,30 @@ pub struct AuditFilter {
     pub limit: usize,
 }
 
-/// Storage of accounts, projects and the audit log. Every method is one transaction.
+/// How a project came to be, for its event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProjectOrigin {
+    /// Created through the API or the command line.
+    Requested,
+    /// Created by the first push into it.
+    FirstPush,
+}
+
+/// Storage of accounts, projects and the audit log. Every method is one transaction;
+/// every change records its event in it.
 #[async_trait]
 pub trait AccountStore: Send + Sync + 'static {
     /// How many users exist: zero means the first start, when an admin is created.
     async fn count_users(&self) -> Result<u64, MetaError>;
-    /// Creates a user; [`MetaError::Conflict`] if the name is taken.
+    /// Creates a user; [`MetaError::Conflict`] if the name is taken. `note` says how it
+    /// came to be, for its event.
     async fn create_user(
         &self,
         name: &str,
         password_hash: &str,
         admin: bool,
+        note: &str,
+        by: &Actor,
     ) -> Result<UserRecord, MetaError>;
     /// A user by name.
     async fn user(&self, name: &str) -> Result<Option<UserRecord>, MetaError>;
@@ -149,12 +163,13 @@ pub trait AccountStore: Send + Sync + 'static {
         name: &str,
         password_hash: Option<&str>,
         admin: Option<bool>,
+        by: &Actor,
     ) -> Result<Option<UserRecord>, MetaError>;
     /// Replaces a legacy password hash by a new one for the same password, keeping the
     /// generation (tokens stay valid).
     async fn rehash_password(&self, user_id: i64, password_hash: &str) -> Result<(), MetaError>;
     /// Removes a user and its memberships; true if it existed.
-    async fn delete_user(&self, name: &str) -> Result<bool, MetaError>;
+    async fn delete_user(&self, name: &str, by: &Actor) -> Result<bool, MetaError>;
 
     /// Creates a project, with `owner` (a user id) as its first project admin;
     /// [`MetaError::Conflict`] if it exists.
@@ -163,6 +178,8 @@ pub trait AccountStore: Send + Sync + 'static {
         name: &str,
         public: bool,
         owner: Option<(i64, &str)>,
+        origin: ProjectOrigin,
+        by: &Actor,
     ) -> Result<ProjectRecord, MetaError>;
     /// A project by name.
     async fn project(&self, name: &str) -> Result<Option<ProjectRecord>, MetaError>;
@@ -179,10 +196,15 @@ pub trait AccountStore: Send + Sync + 'static {
     /// without a project record: repositories pushed while access control was off.
     async fn project_in_use(&self, name: &str) -> Result<bool, MetaError>;
     /// Makes a project public or private; false if there is no such project.
-    async fn set_project_public(&self, name: &str, public: bool) -> Result<bool, MetaError>;
+    async fn set_project_public(
+        &self,
+        name: &str,
+        public: bool,
+        by: &Actor,
+    ) -> Result<bool, MetaError>;
     /// Removes an empty project with its members and robots; [`MetaError::NotEmpty`] while
     /// repositories exist in it; false if there was no such project.
-    async fn delete_project(&self, name: &str) -> Result<bool, MetaError>;
+    async fn delete_project(&self, name: &str, by: &Actor) -> Result<bool, MetaError>;
 
     /// Members of a project, by user name.
     async fn members(&self, project: &str) -> Result<Vec<MemberRecord>, MetaError>;
@@ -192,9 +214,16 @@ pub trait AccountStore: Send + Sync + 'static {
     async fn member_projects(&self, user_id: i64) -> Result<Vec<(String, String)>, MetaError>;
     /// Adds a member or changes its role; [`MetaError::NotFound`] if the user or project
     /// does not exist. True if the member was added rather than changed.
-    async fn set_member(&self, project: &str, user: &str, role: &str) -> Result<bool, MetaError>;
+    async fn set_member(
+        &self,
+        project: &str,
+        user: &str,
+        role: &str,
+        by: &Actor,
+    ) -> Result<bool, MetaError>;
     /// Removes a member; true if it was one.
-    async fn remove_member(&self, project: &str, user: &str) -> Result<bool, MetaError>;
+    async fn remove_member(&self, project: &str, user: &str, by: &Actor)
+        -> Result<bool, MetaError>;
 
     /// Creates a robot account; [`MetaError::Conflict`] if the name is taken in the
     /// project, [`MetaError::NotFound`] if the project does not exist.
@@ -205,13 +234,14 @@ pub trait AccountStore: Send + Sync + 'static {
         secret_hash: &str,
         permissions: &[String],
         expires_ms: Option<i64>,
+        by: &Actor,
     ) -> Result<RobotRecord, MetaError>;
     /// A robot by project and name.
     async fn robot(&self, project: &str, name: &str) -> Result<Option<RobotRecord>, MetaError>;
     /// A project's robots, by name.
     async fn robots(&self, project: &str) -> Result<Vec<RobotRecord>, MetaError>;
     /// Removes a robot; true if it existed.
-    async fn delete_robot(&self, project: &str, name: &str) -> Result<bool, MetaError>;
+    async fn delete_robot(&self, project: &str, name: &str, by: &Actor) -> Result<bool, MetaError>;
 
     /// The stored value of a registry-wide setting, storing `candidate` first if there is
     /// none (the first node to start wins; every node then agrees). The token signing key
@@ -314,8 +344,27 @@ fn project_exists(tx: &mut dyn Tx, name: &str) -> Result<bool, MetaError> {
     tx.exists("SELECT 1 FROM projects WHERE name = ?1", args![name])
 }
 
-fn changed(n: u64) -> bool {
-    n > 0
+impl Database {
+    /// One statement that is a change of its own: recorded if it changed a row; true if
+    /// it did.
+    async fn change_statement(
+        &self,
+        sql: &'static str,
+        args: Vec<Value<'static>>,
+        change: Change,
+        by: &Actor,
+    ) -> Result<bool, MetaError> {
+        let by = by.clone();
+        self.engine
+            .write_recorded(move |tx| {
+                let changed = tx.execute(sql, &args)? > 0;
+                if changed {
+                    record(tx, &by, std::slice::from_ref(&change))?;
+                }
+                Ok(changed)
+            })
+            .await
+    }
 }
 
 #[async_trait]
@@ -330,10 +379,17 @@ impl AccountStore for Database {
         name: &str,
         password_hash: &str,
         admin: bool,
+        note: &str,
+        by: &Actor,
     ) -> Result<UserRecord, MetaError> {
-        let (name, hash) = (name.to_owned(), password_hash.to_owned());
+        let change = Change::UserCreated {
+            name: name.to_owned(),
+            admin,
+            note: note.to_owned(),
+        };
+        let (name, hash, by) = (name.to_owned(), password_hash.to_owned(), by.clone());
         self.engine
-            .write(Durability::Synced, move |tx| {
+            .write_recorded(move |tx| {
                 let row = tx
                     .query_one(
                         concat!(
@@ -343,6 +399,7 @@ impl AccountStore for Database {
                         args![&name, &hash, admin, now()],
                     )
                     .map_err(clash(format!("user {name} exists")))?;
+                record(tx, &by, std::slice::from_ref(&change))?;
                 user_row(row)
             })
             .await
@@ -363,11 +420,17 @@ impl AccountStore for Database {
         name: &str,
         password_hash: Option<&str>,
         admin: Option<bool>,
+        by: &Actor,
     ) -> Result<Option<UserRecord>, MetaError> {
-        let name = name.to_owned();
+        let change = Change::UserChanged {
+            name: name.to_owned(),
+            password: password_hash.is_some(),
+            admin,
+        };
+        let (name, by) = (name.to_owned(), by.clone());
         let hash = password_hash.map(str::to_owned);
         self.engine
-            .write(Durability::Synced, move |tx| {
+            .write_recorded(move |tx| {
                 if let Some(hash) = &hash {
                     tx.execute(
                         "UPDATE users SET password_hash = ?2, generation = generation + 1 WHERE name = ?1",
@@ -378,7 +441,11 @@ impl AccountStore for Database {
                     tx.execute("UPDATE users SET admin = ?2 WHERE name = ?1", args![&name, admin])?;
                 }
                 let sql = concat!("SELECT ", user_columns!(), " FROM users WHERE name = ?1");
-                tx.query_opt(sql, args![&name])?.map(user_row).transpose()
+                let Some(row) = tx.query_opt(sql, args![&name])? else {
+                    return Ok(None);
+                };
+                record(tx, &by, std::slice::from_ref(&change))?;
+                user_row(row).map(Some)
             })
             .await
     }
@@ -390,11 +457,12 @@ impl AccountStore for Database {
             .map(drop)
     }
 
-    async fn delete_user(&self, name: &str) -> Result<bool, MetaError> {
+    async fn delete_user(&self, name: &str, by: &Actor) -> Result<bool, MetaError> {
         let sql = "DELETE FROM users WHERE name = ?1";
-        self.write_statement(Durability::Synced, sql, owned![name])
-            .await
-            .map(changed)
+        let change = Change::UserDeleted {
+            name: name.to_owned(),
+        };
+        self.change_statement(sql, owned![name], change, by).await
     }
 
     async fn create_project(
@@ -402,11 +470,18 @@ impl AccountStore for Database {
         name: &str,
         public: bool,
         owner: Option<(i64, &str)>,
+        origin: ProjectOrigin,
+        by: &Actor,
     ) -> Result<ProjectRecord, MetaError> {
-        let name = name.to_owned();
+        let change = Change::ProjectCreated {
+            name: name.to_owned(),
+            public,
+            by_push: origin == ProjectOrigin::FirstPush,
+        };
+        let (name, by) = (name.to_owned(), by.clone());
         let owner = owner.map(|(id, role)| (id, role.to_owned()));
         self.engine
-            .write(Durability::Synced, move |tx| {
+            .write_recorded(move |tx| {
                 let t = now();
                 tx.execute(
                     "INSERT INTO projects (name, public, created_at) VALUES (?1, ?2, ?3)",
@@ -419,6 +494,7 @@ impl AccountStore for Database {
                         args![&name, *user_id, role],
                     )?;
                 }
+                record(tx, &by, std::slice::from_ref(&change))?;
                 Ok(ProjectRecord {
                     name: name.clone(),
                     public,
@@ -478,23 +554,38 @@ impl AccountStore for Database {
         Ok(held.await? == Some(true))
     }
 
-    async fn set_project_public(&self, name: &str, public: bool) -> Result<bool, MetaError> {
+    async fn set_project_public(
+        &self,
+        name: &str,
+        public: bool,
+        by: &Actor,
+    ) -> Result<bool, MetaError> {
         let sql = "UPDATE projects SET public = ?2 WHERE name = ?1";
-        self.write_statement(Durability::Synced, sql, owned![name, public])
+        let change = Change::ProjectChanged {
+            name: name.to_owned(),
+            public,
+        };
+        self.change_statement(sql, owned![name, public], change, by)
             .await
-            .map(changed)
     }
 
-    async fn delete_project(&self, name: &str) -> Result<bool, MetaError> {
-        let name = name.to_owned();
+    async fn delete_project(&self, name: &str, by: &Actor) -> Result<bool, MetaError> {
+        let change = Change::ProjectDeleted {
+            name: name.to_owned(),
+        };
+        let (name, by) = (name.to_owned(), by.clone());
         self.engine
-            .write(Durability::Synced, move |tx| {
+            .write_recorded(move |tx| {
                 if tx.query_one(HOLDS_REPOSITORIES, args![&name])?.bool(0)? {
                     return Err(MetaError::NotEmpty(format!(
                         "project {name} still holds repositories"
                     )));
                 }
-                Ok(tx.execute("DELETE FROM projects WHERE name = ?1", args![&name])? > 0)
+                if tx.execute("DELETE FROM projects WHERE name = ?1", args![&name])? == 0 {
+                    return Ok(false);
+                }
+                record(tx, &by, std::slice::from_ref(&change))?;
+                Ok(true)
             })
             .await
     }
@@ -523,10 +614,17 @@ impl AccountStore for Database {
             .await
     }
 
-    async fn set_member(&self, project: &str, user: &str, role: &str) -> Result<bool, MetaError> {
+    async fn set_member(
+        &self,
+        project: &str,
+        user: &str,
+        role: &str,
+        by: &Actor,
+    ) -> Result<bool, MetaError> {
         let (project, user, role) = (project.to_owned(), user.to_owned(), role.to_owned());
+        let by = by.clone();
         self.engine
-            .write(Durability::Synced, move |tx| {
+            .write_recorded(move |tx| {
                 if !project_exists(tx, &project)? {
                     return Err(MetaError::NotFound(format!("project {project}")));
                 }
@@ -540,24 +638,38 @@ impl AccountStore for Database {
                     "UPDATE members SET role = ?3 WHERE project = ?1 AND user_id = ?2",
                     args![&project, id, &role],
                 )?;
-                if updated > 0 {
-                    return Ok(false);
+                if updated == 0 {
+                    tx.execute(
+                        "INSERT INTO members (project, user_id, role) VALUES (?1, ?2, ?3)",
+                        args![&project, id, &role],
+                    )?;
                 }
-                tx.execute(
-                    "INSERT INTO members (project, user_id, role) VALUES (?1, ?2, ?3)",
-                    args![&project, id, &role],
-                )?;
-                Ok(true)
+                let change = Change::MemberSet {
+                    project: project.clone(),
+                    user: user.clone(),
+                    role: role.clone(),
+                    added: updated == 0,
+                };
+                record(tx, &by, &[change])?;
+                Ok(updated == 0)
             })
             .await
     }
 
-    async fn remove_member(&self, project: &str, user: &str) -> Result<bool, MetaError> {
+    async fn remove_member(
+        &self,
+        project: &str,
+        user: &str,
+        by: &Actor,
+    ) -> Result<bool, MetaError> {
         let sql = "DELETE FROM members WHERE project = ?1
                    AND user_id = (SELECT id FROM users WHERE name = ?2)";
-        self.write_statement(Durability::Synced, sql, owned![project, user])
+        let change = Change::MemberRemoved {
+            project: project.to_owned(),
+            user: user.to_owned(),
+        };
+        self.change_statement(sql, owned![project, user], change, by)
             .await
-            .map(changed)
     }
 
     async fn create_robot(
@@ -567,11 +679,17 @@ impl AccountStore for Database {
         secret_hash: &str,
         permissions: &[String],
         expires_ms: Option<i64>,
+        by: &Actor,
     ) -> Result<RobotRecord, MetaError> {
+        let change = Change::RobotCreated {
+            project: project.to_owned(),
+            name: name.to_owned(),
+            permissions: permissions.to_vec(),
+        };
         let (project, name, hash) = (project.to_owned(), name.to_owned(), secret_hash.to_owned());
-        let permissions = permissions.join(",");
+        let (permissions, by) = (permissions.join(","), by.clone());
         self.engine
-            .write(Durability::Synced, move |tx| {
+            .write_recorded(move |tx| {
                 if !project_exists(tx, &project)? {
                     return Err(MetaError::NotFound(format!("project {project}")));
                 }
@@ -585,6 +703,7 @@ impl AccountStore for Database {
                         args![&project, &name, &hash, &permissions, expires_ms, now()],
                     )
                     .map_err(clash(format!("robot {name} exists in project {project}")))?;
+                record(tx, &by, std::slice::from_ref(&change))?;
                 robot_row(row)
             })
             .await
@@ -608,11 +727,14 @@ impl AccountStore for Database {
         self.read_rows(sql, owned![project], robot_row).await
     }
 
-    async fn delete_robot(&self, project: &str, name: &str) -> Result<bool, MetaError> {
+    async fn delete_robot(&self, project: &str, name: &str, by: &Actor) -> Result<bool, MetaError> {
         let sql = "DELETE FROM robots WHERE project = ?1 AND name = ?2";
-        self.write_statement(Durability::Synced, sql, owned![project, name])
+        let change = Change::RobotDeleted {
+            project: project.to_owned(),
+            name: name.to_owned(),
+        };
+        self.change_statement(sql, owned![project, name], change, by)
             .await
-            .map(changed)
     }
 
     async fn setting_or_insert(&self, name: &str, candidate: &str) -> Result<String, MetaError> {

@@ -116,6 +116,85 @@ pub enum Change {
         /// Its digest.
         digest: String,
     },
+    /// A user account was created.
+    UserCreated {
+        /// Its login name.
+        name: String,
+        /// Whether it is a system administrator.
+        admin: bool,
+        /// How it came to be, for the audit log ("first administrator", "imported from
+        /// htpasswd"); empty when created by an administrator.
+        note: String,
+    },
+    /// A user's password or administrator flag changed.
+    UserChanged {
+        /// Its login name.
+        name: String,
+        /// The password changed (its tokens are revoked).
+        password: bool,
+        /// The administrator flag, if it was set.
+        admin: Option<bool>,
+    },
+    /// A user account was removed, with its memberships.
+    UserDeleted {
+        /// Its login name.
+        name: String,
+    },
+    /// A project was created.
+    ProjectCreated {
+        /// Its name.
+        name: String,
+        /// Whether anyone may pull from it.
+        public: bool,
+        /// Created by the first push into it, rather than explicitly.
+        by_push: bool,
+    },
+    /// A project was made public or private.
+    ProjectChanged {
+        /// Its name.
+        name: String,
+        /// Whether anyone may pull from it now.
+        public: bool,
+    },
+    /// An empty project was removed, with its members and robots.
+    ProjectDeleted {
+        /// Its name.
+        name: String,
+    },
+    /// A user was given a role in a project (added, or their role changed).
+    MemberSet {
+        /// The project.
+        project: String,
+        /// The user.
+        user: String,
+        /// The role.
+        role: String,
+        /// Newly added rather than changed.
+        added: bool,
+    },
+    /// A user was removed from a project.
+    MemberRemoved {
+        /// The project.
+        project: String,
+        /// The user.
+        user: String,
+    },
+    /// A robot account was created.
+    RobotCreated {
+        /// Its project.
+        project: String,
+        /// Its short name (it logs in as `robot$<project>+<name>`).
+        name: String,
+        /// What it may do.
+        permissions: Vec<String>,
+    },
+    /// A robot account was removed.
+    RobotDeleted {
+        /// Its project.
+        project: String,
+        /// Its short name.
+        name: String,
+    },
     /// A garbage collection pass removed manifests and marked blobs for deletion.
     GarbageCollected {
         /// Untagged manifests removed.
@@ -169,6 +248,77 @@ impl Change {
                 "blob.mount",
                 format!("{repository}@{digest}"),
                 size.to_string(),
+            ),
+            Change::UserCreated { name, admin, note } => {
+                let detail = match (note.is_empty(), admin) {
+                    (false, _) => note.clone(),
+                    (true, true) => "admin".to_owned(),
+                    (true, false) => String::new(),
+                };
+                ("user.create", name.clone(), detail)
+            }
+            Change::UserChanged {
+                name,
+                password,
+                admin,
+            } => {
+                let mut changed = Vec::new();
+                if *password {
+                    changed.push("password");
+                }
+                if let Some(a) = admin {
+                    changed.push(if *a { "admin=true" } else { "admin=false" });
+                }
+                ("user.update", name.clone(), changed.join(" "))
+            }
+            Change::UserDeleted { name } => ("user.delete", name.clone(), String::new()),
+            Change::ProjectCreated {
+                name,
+                public,
+                by_push,
+            } => {
+                let detail = match (by_push, public) {
+                    (true, _) => "created by push",
+                    (false, true) => "public",
+                    (false, false) => "private",
+                };
+                ("project.create", name.clone(), detail.to_owned())
+            }
+            Change::ProjectChanged { name, public } => {
+                let detail = if *public { "public" } else { "private" };
+                ("project.update", name.clone(), detail.to_owned())
+            }
+            Change::ProjectDeleted { name } => ("project.delete", name.clone(), String::new()),
+            Change::MemberSet {
+                project,
+                user,
+                role,
+                added,
+            } => (
+                if *added {
+                    "member.add"
+                } else {
+                    "member.update"
+                },
+                project.clone(),
+                format!("{user} as {role}"),
+            ),
+            Change::MemberRemoved { project, user } => {
+                ("member.remove", project.clone(), user.clone())
+            }
+            Change::RobotCreated {
+                project,
+                name,
+                permissions,
+            } => (
+                "robot.create",
+                project.clone(),
+                format!("robot${project}+{name} [{}]", permissions.join(",")),
+            ),
+            Change::RobotDeleted { project, name } => (
+                "robot.delete",
+                project.clone(),
+                format!("robot${project}+{name}"),
             ),
             Change::GarbageCollected {
                 manifests,

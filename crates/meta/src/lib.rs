@@ -25,7 +25,7 @@ use berth_oci::{Digest, ManifestEdge, Reference, RepoName, Tag};
 
 pub use accounts::{
     AccountStore, AuditFilter, AuditRecord, MemberRecord, NewAuditEvent, ProjectAccess,
-    ProjectRecord, RobotRecord, UserRecord,
+    ProjectOrigin, ProjectRecord, RobotRecord, UserRecord,
 };
 pub use events::{Actor, Change, Event, EventLog, TagChange};
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use berth_meta::{
     AccountStore, Actor, AuditFilter, BlobArrival, Change, Database, EventLog, GcSelection,
-    MetaError, MetaStore, NewAuditEvent, NewManifest, Page, TagChange,
+    MetaError, MetaStore, NewAuditEvent, NewManifest, Page, ProjectOrigin, TagChange,
 };
 use berth_oci::{Digest, EdgeKind, ManifestEdge, Reference, RepoName, Tag};
 
@@ -109,7 +109,7 @@ fn manifest(d: &Digest, edges: Vec<ManifestEdge>, subject: Option<Digest>) -> Ne
     }
 }
 
-fn alice() -> Actor {
+fn actor() -> Actor {
     Actor {
         name: "alice".into(),
         kind: "user".into(),
@@ -122,7 +122,7 @@ const UPLOADED: BlobArrival<'static> = BlobArrival::Uploaded { session: None };
 /// Reserves and links a blob, as a finished upload does.
 async fn push_blob(db: &Database, repo: &RepoName, d: &Digest, size: u64) {
     db.reserve_blob(d).await.unwrap();
-    db.link_blob(repo, d, size, UPLOADED, &alice())
+    db.link_blob(repo, d, size, UPLOADED, &actor())
         .await
         .unwrap();
 }
@@ -141,7 +141,7 @@ async fn blobs_are_visible_only_where_linked() {
         let a = digest('a');
         assert!(
             matches!(
-                db.link_blob(&app, &a, 3, UPLOADED, &alice()).await,
+                db.link_blob(&app, &a, 3, UPLOADED, &actor()).await,
                 Err(MetaError::BlobBeingDeleted)
             ),
             "a link needs a reservation first"
@@ -155,8 +155,8 @@ async fn blobs_are_visible_only_where_linked() {
         db.touch_blob(&a).await.unwrap();
         let touched = db.linked_blob(&app, &a).await.unwrap().unwrap();
         assert!(touched.last_used_ms >= linked.last_used_ms);
-        assert!(db.unlink_blob(&app, &a, &alice()).await.unwrap());
-        assert!(!db.unlink_blob(&app, &a, &alice()).await.unwrap());
+        assert!(db.unlink_blob(&app, &a, &actor()).await.unwrap());
+        assert!(!db.unlink_blob(&app, &a, &actor()).await.unwrap());
         assert!(db.linked_blob(&app, &a).await.unwrap().is_none());
         assert!(db.any_linked_blob_size(&a).await.unwrap().is_none());
         db.ping().await.unwrap();
@@ -175,7 +175,7 @@ async fn manifests_require_their_references_and_keep_their_bytes() {
             .put_manifest(
                 &app,
                 manifest(&d, vec![layer(&a), layer(&a)], None),
-                Some(&v1), &alice())
+                Some(&v1), &actor())
             .await
             .unwrap_err();
         assert!(
@@ -184,14 +184,14 @@ async fn manifests_require_their_references_and_keep_their_bytes() {
         );
         push_blob(&db, &other, &a, 2).await;
         assert!(
-            db.put_manifest(&app, manifest(&d, vec![layer(&a)], None), Some(&v1), &alice())
+            db.put_manifest(&app, manifest(&d, vec![layer(&a)], None), Some(&v1), &actor())
                 .await
                 .is_err(),
             "a blob of another repository does not count"
         );
-        db.link_blob(&app, &a, 2, UPLOADED, &alice()).await.unwrap();
+        db.link_blob(&app, &a, 2, UPLOADED, &actor()).await.unwrap();
         let pushed = manifest(&d, vec![layer(&a)], None);
-        db.put_manifest(&app, pushed.clone(), Some(&v1), &alice())
+        db.put_manifest(&app, pushed.clone(), Some(&v1), &actor())
             .await
             .unwrap();
         let got = db
@@ -214,13 +214,13 @@ async fn manifests_require_their_references_and_keep_their_bytes() {
 
         // An index needs its children in the same repository.
         let index = manifest(&idx, vec![child(&d)], None);
-        assert!(db.put_manifest(&other, index.clone(), None, &alice()).await.is_err());
-        db.put_manifest(&app, index, Some(&tag("multi")), &alice())
+        assert!(db.put_manifest(&other, index.clone(), None, &actor()).await.is_err());
+        db.put_manifest(&app, index, Some(&tag("multi")), &actor())
             .await
             .unwrap();
 
         // Referrers, filtered by artifact type.
-        db.put_manifest(&app, manifest(&e, vec![], Some(d.clone())), None, &alice())
+        db.put_manifest(&app, manifest(&e, vec![], Some(d.clone())), None, &actor())
             .await
             .unwrap();
         let refs = db.referrers(&app, &d, None).await.unwrap();
@@ -243,7 +243,7 @@ async fn manifests_require_their_references_and_keep_their_bytes() {
         assert!(db.referrers(&app, &a, None).await.unwrap().is_empty());
 
         // A tag moves; deleting it leaves the manifest; deleting the manifest its tags.
-        db.put_manifest(&app, manifest(&e, vec![], Some(d.clone())), Some(&v1), &alice())
+        db.put_manifest(&app, manifest(&e, vec![], Some(d.clone())), Some(&v1), &actor())
             .await
             .unwrap();
         let moved = db
@@ -252,20 +252,20 @@ async fn manifests_require_their_references_and_keep_their_bytes() {
             .unwrap()
             .unwrap();
         assert_eq!(moved.digest, e);
-        assert!(db.delete_tag(&app, &v1, &alice()).await.unwrap());
-        assert!(!db.delete_tag(&app, &v1, &alice()).await.unwrap());
+        assert!(db.delete_tag(&app, &v1, &actor()).await.unwrap());
+        assert!(!db.delete_tag(&app, &v1, &actor()).await.unwrap());
         assert!(db
             .get_manifest(&app, &Reference::Digest(e.clone()))
             .await
             .unwrap()
             .is_some());
-        assert!(db.delete_manifest(&app, &idx, &alice()).await.unwrap());
+        assert!(db.delete_manifest(&app, &idx, &actor()).await.unwrap());
         assert!(db
             .get_manifest(&app, &Reference::Tag(tag("multi")))
             .await
             .unwrap()
             .is_none());
-        assert!(!db.delete_manifest(&app, &idx, &alice()).await.unwrap());
+        assert!(!db.delete_manifest(&app, &idx, &actor()).await.unwrap());
     })
     .await;
 }
@@ -283,7 +283,7 @@ async fn tags_and_the_catalog_page_in_byte_order() {
                 &r,
                 manifest(&digest('d'), vec![layer(&a)], None),
                 None,
-                &alice(),
+                &actor(),
             )
             .await
             .unwrap();
@@ -294,7 +294,7 @@ async fn tags_and_the_catalog_page_in_byte_order() {
                 &app,
                 manifest(&digest('d'), vec![layer(&a)], None),
                 Some(&tag(t)),
-                &alice(),
+                &actor(),
             )
             .await
             .unwrap();
@@ -389,7 +389,7 @@ async fn upload_sessions_are_known_at_once_and_to_every_later_handle() {
             BlobArrival::Uploaded {
                 session: Some("s2"),
             },
-            &alice(),
+            &actor(),
         )
         .await
         .unwrap();
@@ -444,7 +444,7 @@ async fn garbage_collection_marks_what_nothing_reaches() {
             &app,
             manifest(&tagged, vec![layer(&kept), layer(&shared)], None),
             Some(&tag("v1")),
-            &alice(),
+            &actor(),
         )
         .await
         .unwrap();
@@ -452,19 +452,19 @@ async fn garbage_collection_marks_what_nothing_reaches() {
             &app,
             manifest(&untagged, vec![layer(&orphan), layer(&shared)], None),
             None,
-            &alice(),
+            &actor(),
         )
         .await
         .unwrap();
         // A tagged index keeps its child; a referrer of a reached manifest is reached.
-        db.put_manifest(&app, manifest(&child_m, vec![], None), None, &alice())
+        db.put_manifest(&app, manifest(&child_m, vec![], None), None, &actor())
             .await
             .unwrap();
         db.put_manifest(
             &app,
             manifest(&idx, vec![child(&child_m)], None),
             Some(&tag("multi")),
-            &alice(),
+            &actor(),
         )
         .await
         .unwrap();
@@ -472,7 +472,7 @@ async fn garbage_collection_marks_what_nothing_reaches() {
             &app,
             manifest(&sig, vec![], Some(tagged.clone())),
             None,
-            &alice(),
+            &actor(),
         )
         .await
         .unwrap();
@@ -524,7 +524,7 @@ async fn garbage_collection_marks_what_nothing_reaches() {
             Err(MetaError::BlobBeingDeleted)
         ));
         assert!(matches!(
-            db.link_blob(&app, &orphan, 10, UPLOADED, &alice()).await,
+            db.link_blob(&app, &orphan, 10, UPLOADED, &actor()).await,
             Err(MetaError::BlobBeingDeleted)
         ));
         let mut live = db.live_blobs().await.unwrap();
@@ -591,12 +591,12 @@ async fn marking_under_concurrent_pushes_never_strands_a_manifest() {
                         let m = numbered_digest(100_000 + w * 1000 + i);
                         let pushed = async {
                             db.reserve_blob(&blob).await?;
-                            db.link_blob(&r, &blob, 5, UPLOADED, &alice()).await?;
+                            db.link_blob(&r, &blob, 5, UPLOADED, &actor()).await?;
                             db.put_manifest(
                                 &r,
                                 manifest(&m, vec![layer(&blob)], None),
                                 Some(&tag(&format!("t{i}"))),
-                                &alice(),
+                                &actor(),
                             )
                             .await
                         };
@@ -663,17 +663,25 @@ async fn users_are_named_once_and_versioned_by_password() {
     on_each_engine(|place| async move {
         let db = place.open().await;
         assert_eq!(db.count_users().await.unwrap(), 0);
-        let alice = db.create_user("alice", "hash-1", false).await.unwrap();
+        let alice = db
+            .create_user("alice", "hash-1", false, "", &actor())
+            .await
+            .unwrap();
         assert_eq!(
             (alice.name.as_str(), alice.admin, alice.generation),
             ("alice", false, 0)
         );
-        let err = db.create_user("alice", "other", true).await.unwrap_err();
+        let err = db
+            .create_user("alice", "other", true, "", &actor())
+            .await
+            .unwrap_err();
         assert!(
             matches!(err, MetaError::Conflict(ref m) if m.contains("alice")),
             "{err:?}"
         );
-        db.create_user("bob", "hash-b", true).await.unwrap();
+        db.create_user("bob", "hash-b", true, "", &actor())
+            .await
+            .unwrap();
         assert_eq!(db.count_users().await.unwrap(), 2);
         let names: Vec<String> = db
             .users()
@@ -685,7 +693,7 @@ async fn users_are_named_once_and_versioned_by_password() {
         assert_eq!(names, ["alice", "bob"]);
 
         let changed = db
-            .update_user("alice", Some("hash-2"), Some(true))
+            .update_user("alice", Some("hash-2"), Some(true), &actor())
             .await
             .unwrap()
             .unwrap();
@@ -698,13 +706,13 @@ async fn users_are_named_once_and_versioned_by_password() {
             ("hash-2", true, 1)
         );
         let demoted = db
-            .update_user("alice", None, Some(false))
+            .update_user("alice", None, Some(false), &actor())
             .await
             .unwrap()
             .unwrap();
         assert_eq!((demoted.admin, demoted.generation), (false, 1));
         assert!(db
-            .update_user("nobody", Some("x"), None)
+            .update_user("nobody", Some("x"), None, &actor())
             .await
             .unwrap()
             .is_none());
@@ -715,21 +723,30 @@ async fn users_are_named_once_and_versioned_by_password() {
             ("hash-3", 1)
         );
 
-        db.create_project("team", false, Some((alice.id, "admin")))
-            .await
-            .unwrap();
+        db.create_project(
+            "team",
+            false,
+            Some((alice.id, "admin")),
+            ProjectOrigin::Requested,
+            &actor(),
+        )
+        .await
+        .unwrap();
         assert_eq!(
             db.member_projects(alice.id).await.unwrap(),
             [("team".to_owned(), "admin".to_owned())]
         );
-        assert!(db.delete_user("alice").await.unwrap());
-        assert!(!db.delete_user("alice").await.unwrap());
+        assert!(db.delete_user("alice", &actor()).await.unwrap());
+        assert!(!db.delete_user("alice", &actor()).await.unwrap());
         assert!(db.user("alice").await.unwrap().is_none());
         assert!(
             db.members("team").await.unwrap().is_empty(),
             "memberships go with the user"
         );
-        let again = db.create_user("alice", "hash-4", false).await.unwrap();
+        let again = db
+            .create_user("alice", "hash-4", false, "", &actor())
+            .await
+            .unwrap();
         assert_ne!(again.id, alice.id, "a new account is a new id");
     })
     .await;
@@ -739,18 +756,33 @@ async fn users_are_named_once_and_versioned_by_password() {
 async fn projects_members_and_robots() {
     on_each_engine(|place| async move {
         let db = place.open().await;
-        let owner = db.create_user("owner", "h", false).await.unwrap();
-        let dev = db.create_user("dev", "h", false).await.unwrap();
+        let owner = db
+            .create_user("owner", "h", false, "", &actor())
+            .await
+            .unwrap();
+        let dev = db
+            .create_user("dev", "h", false, "", &actor())
+            .await
+            .unwrap();
         let team = db
-            .create_project("team", false, Some((owner.id, "admin")))
+            .create_project(
+                "team",
+                false,
+                Some((owner.id, "admin")),
+                ProjectOrigin::Requested,
+                &actor(),
+            )
             .await
             .unwrap();
         assert!(!team.public);
         assert!(matches!(
-            db.create_project("team", true, None).await,
+            db.create_project("team", true, None, ProjectOrigin::Requested, &actor())
+                .await,
             Err(MetaError::Conflict(_))
         ));
-        db.create_project("open", true, None).await.unwrap();
+        db.create_project("open", true, None, ProjectOrigin::Requested, &actor())
+            .await
+            .unwrap();
         let names: Vec<String> = db
             .projects()
             .await
@@ -760,14 +792,19 @@ async fn projects_members_and_robots() {
             .collect();
         assert_eq!(names, ["open", "team"]);
         assert!(db.project("open").await.unwrap().unwrap().public);
-        assert!(db.set_project_public("team", true).await.unwrap());
+        assert!(db.set_project_public("team", true, &actor()).await.unwrap());
         assert!(db.project("team").await.unwrap().unwrap().public);
-        assert!(!db.set_project_public("nope", true).await.unwrap());
+        assert!(!db.set_project_public("nope", true, &actor()).await.unwrap());
 
         // Members.
-        assert!(db.set_member("team", "dev", "developer").await.unwrap());
+        assert!(db
+            .set_member("team", "dev", "developer", &actor())
+            .await
+            .unwrap());
         assert!(
-            !db.set_member("team", "dev", "maintainer").await.unwrap(),
+            !db.set_member("team", "dev", "maintainer", &actor())
+                .await
+                .unwrap(),
             "changed, not added"
         );
         assert_eq!(
@@ -775,11 +812,11 @@ async fn projects_members_and_robots() {
             Some("maintainer")
         );
         assert!(matches!(
-            db.set_member("nope", "dev", "guest").await,
+            db.set_member("nope", "dev", "guest", &actor()).await,
             Err(MetaError::NotFound(_))
         ));
         assert!(matches!(
-            db.set_member("team", "ghost", "guest").await,
+            db.set_member("team", "ghost", "guest", &actor()).await,
             Err(MetaError::NotFound(_))
         ));
         let members: Vec<(String, String)> = db
@@ -820,14 +857,14 @@ async fn projects_members_and_robots() {
             "a prefix is not a project"
         );
 
-        assert!(db.remove_member("team", "dev").await.unwrap());
-        assert!(!db.remove_member("team", "dev").await.unwrap());
+        assert!(db.remove_member("team", "dev", &actor()).await.unwrap());
+        assert!(!db.remove_member("team", "dev", &actor()).await.unwrap());
         assert!(db.member_role("team", dev.id).await.unwrap().is_none());
 
         // Robots.
         let perms = vec!["pull".to_owned(), "push".to_owned()];
         let robot = db
-            .create_robot("team", "ci", "secret-hash", &perms, Some(42))
+            .create_robot("team", "ci", "secret-hash", &perms, Some(42), &actor())
             .await
             .unwrap();
         assert_eq!(
@@ -835,14 +872,16 @@ async fn projects_members_and_robots() {
             (perms.clone(), Some(42))
         );
         assert!(matches!(
-            db.create_robot("team", "ci", "x", &perms, None).await,
+            db.create_robot("team", "ci", "x", &perms, None, &actor())
+                .await,
             Err(MetaError::Conflict(_))
         ));
         assert!(matches!(
-            db.create_robot("nope", "ci", "x", &[], None).await,
+            db.create_robot("nope", "ci", "x", &[], None, &actor())
+                .await,
             Err(MetaError::NotFound(_))
         ));
-        db.create_robot("team", "bot", "x", &[], None)
+        db.create_robot("team", "bot", "x", &[], None, &actor())
             .await
             .unwrap();
         assert_eq!(db.robot("team", "ci").await.unwrap(), Some(robot));
@@ -861,19 +900,19 @@ async fn projects_members_and_robots() {
             .unwrap()
             .permissions
             .is_empty());
-        assert!(db.delete_robot("team", "bot").await.unwrap());
-        assert!(!db.delete_robot("team", "bot").await.unwrap());
+        assert!(db.delete_robot("team", "bot", &actor()).await.unwrap());
+        assert!(!db.delete_robot("team", "bot", &actor()).await.unwrap());
 
         // A project holding repositories cannot go; an empty one takes its robots along.
         let app = repo("team/app");
         push_blob(&db, &app, &digest('b'), 1).await;
         assert!(matches!(
-            db.delete_project("team").await,
+            db.delete_project("team", &actor()).await,
             Err(MetaError::NotEmpty(_))
         ));
-        db.unlink_blob(&app, &digest('b'), &alice()).await.unwrap();
-        assert!(db.delete_project("team").await.unwrap());
-        assert!(!db.delete_project("team").await.unwrap());
+        db.unlink_blob(&app, &digest('b'), &actor()).await.unwrap();
+        assert!(db.delete_project("team", &actor()).await.unwrap());
+        assert!(!db.delete_project("team", &actor()).await.unwrap());
         assert!(db.robot("team", "ci").await.unwrap().is_none());
         assert!(db.member_projects(owner.id).await.unwrap().is_empty());
     })
@@ -1000,23 +1039,23 @@ async fn every_committed_change_is_one_event_and_a_refused_one_none() {
         let (a, m1, m2) = (digest('a'), digest('1'), digest('2'));
         let start = db.last_event().await.unwrap();
         push_blob(&db, &app, &a, 7).await;
-        db.link_blob(&other, &a, 7, BlobArrival::Mounted, &alice())
+        db.link_blob(&other, &a, 7, BlobArrival::Mounted, &actor())
             .await
             .unwrap();
         // Refused: a missing reference, an unknown tag, an absent link. No events.
         let missing = manifest(&m1, vec![layer(&digest('f'))], None);
         assert!(db
-            .put_manifest(&app, missing, Some(&tag("v1")), &alice())
+            .put_manifest(&app, missing, Some(&tag("v1")), &actor())
             .await
             .is_err());
-        assert!(!db.delete_tag(&app, &tag("nope"), &alice()).await.unwrap());
-        assert!(!db.unlink_blob(&app, &digest('e'), &alice()).await.unwrap());
+        assert!(!db.delete_tag(&app, &tag("nope"), &actor()).await.unwrap());
+        assert!(!db.unlink_blob(&app, &digest('e'), &actor()).await.unwrap());
         for (m, subject) in [(&m1, None), (&m2, None), (&m2, None)] {
             db.put_manifest(
                 &app,
                 manifest(m, vec![layer(&a)], subject),
                 Some(&tag("v1")),
-                &alice(),
+                &actor(),
             )
             .await
             .unwrap();
@@ -1025,13 +1064,13 @@ async fn every_committed_change_is_one_event_and_a_refused_one_none() {
             &app,
             manifest(&m1, vec![layer(&a)], None),
             Some(&tag("old")),
-            &alice(),
+            &actor(),
         )
         .await
         .unwrap();
-        assert!(db.delete_tag(&app, &tag("v1"), &alice()).await.unwrap());
-        assert!(db.delete_manifest(&app, &m1, &alice()).await.unwrap());
-        assert!(db.unlink_blob(&other, &a, &alice()).await.unwrap());
+        assert!(db.delete_tag(&app, &tag("v1"), &actor()).await.unwrap());
+        assert!(db.delete_manifest(&app, &m1, &actor()).await.unwrap());
+        assert!(db.unlink_blob(&other, &a, &actor()).await.unwrap());
 
         let events = db.events_after(start, 100).await.unwrap();
         assert!(
@@ -1040,7 +1079,7 @@ async fn every_committed_change_is_one_event_and_a_refused_one_none() {
         );
         assert_eq!(events[0].seq, start + 1);
         assert_eq!(db.last_event().await.unwrap(), events.last().unwrap().seq);
-        assert!(events.iter().all(|e| e.actor == alice()));
+        assert!(events.iter().all(|e| e.actor == actor()));
         let pushed = |m: &Digest, t: &str, how: TagChange| Change::ManifestPushed {
             repository: "team/app".into(),
             digest: m.to_string(),
@@ -1274,6 +1313,74 @@ async fn a_reader_following_concurrent_appenders_never_skips_one() {
             w.await.unwrap();
         }
         assert_eq!(seen, total);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn account_changes_are_events_in_the_audit_log_words() {
+    on_each_engine(|place| async move {
+        let db = place.open().await;
+        let start = db.last_event().await.unwrap();
+        let by = actor();
+        db.create_user("dev", "h", false, "", &by).await.unwrap();
+        assert!(db.create_user("dev", "h", false, "", &by).await.is_err());
+        db.update_user("dev", Some("h2"), Some(true), &by).await.unwrap();
+        assert!(db.update_user("ghost", Some("h"), None, &by).await.unwrap().is_none());
+        db.create_project("team", false, None, ProjectOrigin::Requested, &by)
+            .await
+            .unwrap();
+        db.create_project("pushed", false, None, ProjectOrigin::FirstPush, &by)
+            .await
+            .unwrap();
+        db.set_project_public("team", true, &by).await.unwrap();
+        db.set_member("team", "dev", "developer", &by).await.unwrap();
+        db.set_member("team", "dev", "guest", &by).await.unwrap();
+        db.remove_member("team", "dev", &by).await.unwrap();
+        assert!(!db.remove_member("team", "dev", &by).await.unwrap());
+        db.create_robot("team", "ci", "h", &["pull".to_owned()], None, &by)
+            .await
+            .unwrap();
+        db.delete_robot("team", "ci", &by).await.unwrap();
+        db.delete_project("team", &by).await.unwrap();
+        db.delete_user("dev", &by).await.unwrap();
+        assert!(!db.delete_user("dev", &by).await.unwrap());
+
+        let events = db.events_after(start, 100).await.unwrap();
+        assert_eq!(events.len(), 12, "{events:#?}");
+        assert!(matches!(events[0].change, Change::UserCreated { ref name, admin: false, .. } if name == "dev"));
+        assert!(matches!(events[1].change, Change::UserChanged { password: true, admin: Some(true), .. }));
+        assert!(matches!(events[3].change, Change::ProjectCreated { by_push: true, .. }));
+        assert!(matches!(events[5].change, Change::MemberSet { added: true, .. }));
+        assert!(matches!(events[6].change, Change::MemberSet { added: false, .. }));
+        assert!(matches!(events[11].change, Change::UserDeleted { .. }));
+        let audit = db
+            .audit(AuditFilter { limit: 12, ..AuditFilter::default() })
+            .await
+            .unwrap();
+        let words: Vec<(String, String, String)> = audit
+            .into_iter()
+            .rev()
+            .map(|r| (r.event.action, r.event.resource, r.event.detail))
+            .collect();
+        let w = |a: &str, r: &str, d: &str| (a.to_owned(), r.to_owned(), d.to_owned());
+        assert_eq!(
+            words,
+            [
+                w("user.create", "dev", ""),
+                w("user.update", "dev", "password admin=true"),
+                w("project.create", "team", "private"),
+                w("project.create", "pushed", "created by push"),
+                w("project.update", "team", "public"),
+                w("member.add", "team", "dev as developer"),
+                w("member.update", "team", "dev as guest"),
+                w("member.remove", "team", "dev"),
+                w("robot.create", "team", "robot$team+ci [pull]"),
+                w("robot.delete", "team", "robot$team+ci"),
+                w("project.delete", "team", ""),
+                w("user.delete", "dev", ""),
+            ]
+        );
     })
     .await;
 }
