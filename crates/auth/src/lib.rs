@@ -25,6 +25,10 @@ use berth_meta::MetaError;
 pub use access::{AccessControl, Credentials, IssuedToken, Need};
 pub use accounts::{robot_login, ImportOutcome, NewRobot, NewUser, ROBOT_PREFIX};
 pub use audit::Outcome;
+/// The account records whose meaning this crate owns (the metadata store keeps them).
+pub use berth_meta::{
+    AuditFilter, AuditRecord, MemberRecord, ProjectRecord, RobotRecord, UserRecord,
+};
 pub use limiter::LoginLimiter;
 pub use policy::{Caller, Permission, Permissions, Principal, Proof, Role};
 pub use scope::Scope;

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use berth_auth::time::rfc3339;
+use berth_auth::AuditFilter;
 use berth_auth::{AccessControl, ImportOutcome, NewUser};
-use berth_meta::AuditFilter;
 use clap::{Args, Subcommand};
 
 /// The user subcommands.

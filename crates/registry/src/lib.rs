@@ -14,7 +14,8 @@ use std::sync::Arc;
 use berth_meta::MetaStore;
 use berth_storage::BlobStore;
 
-pub use berth_meta::Actor;
+/// Who made a change, and a page of a listing: domain words the store shares.
+pub use berth_meta::{Actor, Page};
 pub use blobs::{BlobBytes, BlobRead, MountOutcome, RangeRequest};
 pub use check::{CheckOptions, CheckReport};
 pub use error::RegistryError;

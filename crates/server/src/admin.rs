@@ -12,7 +12,7 @@ use axum::http::{Extensions, StatusCode};
 use axum::response::{IntoResponse, Response};
 use berth_auth::time::rfc3339;
 use berth_auth::{robot_login, ImportOutcome, Need, NewRobot, NewUser};
-use berth_meta::{AuditFilter, AuditRecord, ProjectRecord, RobotRecord, UserRecord};
+use berth_auth::{AuditFilter, AuditRecord, ProjectRecord, RobotRecord, UserRecord};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -476,7 +476,7 @@ pub(crate) async fn search(
         .map(project_json)
         .collect();
     let visible = app.access.visible_projects(&caller).await?;
-    let all = berth_meta::Page {
+    let all = berth_registry::Page {
         limit: None,
         after: None,
     };

@@ -10,8 +10,8 @@ use axum::response::{IntoResponse, Response};
 
 use axum::extract::ConnectInfo;
 use berth_auth::{Caller, Need, Permission};
-use berth_meta::Page;
 use berth_oci::{media_type, Digest, Reference, RepoName};
+use berth_registry::Page;
 use berth_registry::{BlobBytes, MountOutcome, RangeRequest};
 use berth_storage::{ByteStream, UploadId};
 use futures_util::{StreamExt, TryStreamExt};
