@@ -304,9 +304,13 @@ impl<'a> PostgresTx<'a> {
         attempt: impl FnOnce(&mut Self) -> Result<T, MetaError>,
     ) -> Result<T, MetaError> {
         self.batch(EVENT_LOG_TURN_TAKE)?;
-        let outcome = attempt(self);
-        let released = self.batch(EVENT_LOG_TURN_GIVE);
-        outcome.and_then(|value| released.map(|()| value))
+        // Given back however the attempt ends, a panic included: a pooled connection
+        // that kept the lock would stop every other appender.
+        let _turn = HeldTurn {
+            client: self.client,
+            runtime: self.runtime,
+        };
+        attempt(self)
     }
 
     fn fault(&mut self, e: tokio_postgres::Error) -> MetaError {
@@ -314,6 +318,24 @@ impl<'a> PostgresTx<'a> {
             self.conflicted = true;
         }
         pg(e)
+    }
+}
+
+/// The event log's turn, held by a connection until dropped.
+struct HeldTurn<'a> {
+    client: &'a Object,
+    runtime: &'a Handle,
+}
+
+impl Drop for HeldTurn<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self
+            .runtime
+            .block_on(self.client.batch_execute(EVENT_LOG_TURN_GIVE))
+        {
+            // The connection is broken, and the lock went with its session.
+            tracing::warn!(error = %e, "giving back the event log's turn");
+        }
     }
 }
 
