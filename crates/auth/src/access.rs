@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use berth_meta::{AccountStore, ProjectOrigin};
+use berth_meta::AccountStore;
 use berth_oci::RepoName;
 use sha2::{Digest as _, Sha256};
 
@@ -39,6 +39,25 @@ pub enum Credentials {
     Bearer(String),
     /// The token endpoint's `grant_type=refresh_token`.
     Refresh(String),
+}
+
+/// What a go-ahead implies beyond itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[must_use = "a grant may name a project to create"]
+pub struct Grant {
+    /// The caller pushes into a project that does not exist yet and may create it: the
+    /// registry creates it before the push (`create_projects_on_push`).
+    pub project_to_create: Option<ProjectToCreate>,
+}
+
+/// A project a push creates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectToCreate {
+    /// Its name.
+    pub name: String,
+    /// The pushing user (by id) and the role it gets there (project admin); `None` for
+    /// robots and external tokens.
+    pub owner: Option<(i64, &'static str)>,
 }
 
 /// What an operation needs.
@@ -556,13 +575,15 @@ impl AccessControl {
         Ok((rights, facts.exists))
     }
 
-    /// The one authorization decision. `Ok` means go ahead; the errors say how to answer:
-    /// [`AuthError::Unauthenticated`] (log in), [`AuthError::InsufficientScope`] (fetch a
-    /// token for this), [`AuthError::Denied`] (not allowed). A push into a project that
-    /// does not exist yet creates it, with the pusher as its project admin.
-    pub async fn authorize(&self, caller: &Caller, need: Need<'_>) -> Result<(), AuthError> {
+    /// The one authorization decision. `Ok` means go ahead, with what else the go-ahead
+    /// implies (a [`Grant`]); the errors say how to answer: [`AuthError::Unauthenticated`]
+    /// (log in), [`AuthError::InsufficientScope`] (fetch a token for this),
+    /// [`AuthError::Denied`] (not allowed). Deciding changes nothing: a push into a project
+    /// that does not exist yet is granted with the project to create, and creating it is
+    /// the registry's.
+    pub async fn authorize(&self, caller: &Caller, need: Need<'_>) -> Result<Grant, AuthError> {
         if !self.enabled() {
-            return Ok(());
+            return Ok(Grant::default());
         }
         let anonymous = caller.proof == Proof::None || caller.principal == Principal::Anonymous;
         match need {
@@ -570,9 +591,9 @@ impl AccessControl {
                 if caller.proof == Proof::None {
                     return Err(AuthError::Unauthenticated);
                 }
-                Ok(())
+                Ok(Grant::default())
             }
-            Need::Catalog => Ok(()),
+            Need::Catalog => Ok(Grant::default()),
             Need::Repository { name, permission } => {
                 let project = project_of(name.as_str());
                 let (rights, exists) = self.rights(&caller.principal, project).await?;
@@ -581,10 +602,18 @@ impl AccessControl {
                     None => rights,
                 };
                 if granted.allows(permission) {
-                    if !exists && permission == Permission::Write {
-                        self.create_project_on_push(caller, project).await?;
-                    }
-                    return Ok(());
+                    let creates = !exists && permission == Permission::Write;
+                    return Ok(Grant {
+                        project_to_create: creates.then(|| ProjectToCreate {
+                            name: project.to_owned(),
+                            owner: match &caller.principal {
+                                Principal::User { id, .. } => {
+                                    Some((*id, Role::ProjectAdmin.as_str()))
+                                }
+                                _ => None,
+                            },
+                        }),
+                    });
                 }
                 let what = format!(
                     "{} on {name}",
@@ -604,7 +633,7 @@ impl AccessControl {
                 }
                 let (rights, _) = self.rights(&caller.principal, name).await?;
                 if caller.proof == Proof::Password && rights.allows(permission) {
-                    Ok(())
+                    Ok(Grant::default())
                 } else {
                     Err(AuthError::Denied(format!(
                         "{permission:?} on project {name}"
@@ -616,39 +645,11 @@ impl AccessControl {
                     return Err(AuthError::Unauthenticated);
                 }
                 if caller.proof == Proof::Password && caller.principal.is_admin() {
-                    Ok(())
+                    Ok(Grant::default())
                 } else {
                     Err(AuthError::Denied("system administrators only".into()))
                 }
             }
-        }
-    }
-
-    async fn create_project_on_push(
-        &self,
-        caller: &Caller,
-        project: &str,
-    ) -> Result<(), AuthError> {
-        let owner = match &caller.principal {
-            Principal::User { id, .. } => Some((*id, Role::ProjectAdmin.as_str())),
-            _ => None,
-        };
-        let created = self
-            .inner
-            .store
-            .create_project(
-                project,
-                false,
-                owner,
-                ProjectOrigin::FirstPush,
-                &caller.as_actor(),
-            )
-            .await;
-        match created {
-            Ok(_) => Ok(()),
-            // Created by a concurrent push: fine.
-            Err(berth_meta::MetaError::Conflict(_)) => Ok(()),
-            Err(e) => Err(e.into()),
         }
     }
 
@@ -832,7 +833,7 @@ fn token_subject(principal: &Principal) -> TokenSubject {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use berth_meta::{Actor, Database};
+    use berth_meta::{Actor, Database, MetaStore, ProjectOrigin};
 
     async fn service(dir: &std::path::Path) -> (AccessControl, Arc<Database>) {
         let store = Arc::new(Database::open_sqlite(&dir.join("meta.db")).unwrap());

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use berth_meta::MetaError;
 
-pub use access::{AccessControl, Credentials, IssuedToken, Need};
+pub use access::{AccessControl, Credentials, Grant, IssuedToken, Need, ProjectToCreate};
 pub use accounts::{robot_login, ImportOutcome, NewRobot, NewUser, ROBOT_PREFIX};
 pub use audit::Outcome;
 /// The account records whose meaning this crate owns (the metadata store keeps them).

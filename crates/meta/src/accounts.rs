@@ -6,7 +6,7 @@ use async_trait::async_trait;
 
 use crate::engine::{args, owned, Durability, Row, Tx, Value};
 use crate::events::{record, Actor, Change};
-use crate::{now, Database, MetaError};
+use crate::{now, Database, MetaError, MetaStore};
 
 /// A person who logs in with a name and password.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,7 +139,7 @@ pub enum ProjectOrigin {
 /// Storage of accounts, projects and the audit log. Every method is one transaction;
 /// every change records its event in it.
 #[async_trait]
-pub trait AccountStore: Send + Sync + 'static {
+pub trait AccountStore: MetaStore {
     /// How many users exist: zero means the first start, when an admin is created.
     async fn count_users(&self) -> Result<u64, MetaError>;
     /// Creates a user; [`MetaError::Conflict`] if the name is taken. `note` says how it
@@ -171,20 +171,6 @@ pub trait AccountStore: Send + Sync + 'static {
     /// Removes a user and its memberships; true if it existed.
     async fn delete_user(&self, name: &str, by: &Actor) -> Result<bool, MetaError>;
 
-    /// Creates a project, with `owner` (a user id) as its first project admin;
-    /// [`MetaError::Conflict`] if it exists.
-    async fn create_project(
-        &self,
-        name: &str,
-        public: bool,
-        owner: Option<(i64, &str)>,
-        origin: ProjectOrigin,
-        by: &Actor,
-    ) -> Result<ProjectRecord, MetaError>;
-    /// A project by name.
-    async fn project(&self, name: &str) -> Result<Option<ProjectRecord>, MetaError>;
-    /// Every project, by name.
-    async fn projects(&self) -> Result<Vec<ProjectRecord>, MetaError>;
     /// The project's record, `user_id`'s role in it and, when there is no record, whether
     /// repositories live under the name: one round trip per authorization.
     async fn project_access(
@@ -281,7 +267,7 @@ fn user_row(mut r: Row) -> Result<UserRecord, MetaError> {
     })
 }
 
-fn project_row(mut r: Row) -> Result<ProjectRecord, MetaError> {
+pub(crate) fn project_row(mut r: Row) -> Result<ProjectRecord, MetaError> {
     Ok(ProjectRecord {
         name: r.text(0)?,
         public: r.bool(1)?,
@@ -323,7 +309,7 @@ fn audit_row(mut r: Row) -> Result<AuditRecord, MetaError> {
 }
 
 /// Names what clashed when a statement met a uniqueness violation.
-fn clash(what: String) -> impl FnOnce(MetaError) -> MetaError {
+pub(crate) fn clash(what: String) -> impl FnOnce(MetaError) -> MetaError {
     move |e| match e {
         MetaError::Conflict(_) => MetaError::Conflict(what),
         other => other,
@@ -463,55 +449,6 @@ impl AccountStore for Database {
             name: name.to_owned(),
         };
         self.change_statement(sql, owned![name], change, by).await
-    }
-
-    async fn create_project(
-        &self,
-        name: &str,
-        public: bool,
-        owner: Option<(i64, &str)>,
-        origin: ProjectOrigin,
-        by: &Actor,
-    ) -> Result<ProjectRecord, MetaError> {
-        let change = Change::ProjectCreated {
-            name: name.to_owned(),
-            public,
-            by_push: origin == ProjectOrigin::FirstPush,
-        };
-        let (name, by) = (name.to_owned(), by.clone());
-        let owner = owner.map(|(id, role)| (id, role.to_owned()));
-        self.engine
-            .write_recorded(move |tx| {
-                let t = now();
-                tx.execute(
-                    "INSERT INTO projects (name, public, created_at) VALUES (?1, ?2, ?3)",
-                    args![&name, public, t],
-                )
-                .map_err(clash(format!("project {name} exists")))?;
-                if let Some((user_id, role)) = &owner {
-                    tx.execute(
-                        "INSERT INTO members (project, user_id, role) VALUES (?1, ?2, ?3)",
-                        args![&name, *user_id, role],
-                    )?;
-                }
-                record(tx, &by, std::slice::from_ref(&change))?;
-                Ok(ProjectRecord {
-                    name: name.clone(),
-                    public,
-                    created_ms: t,
-                })
-            })
-            .await
-    }
-
-    async fn project(&self, name: &str) -> Result<Option<ProjectRecord>, MetaError> {
-        let sql = "SELECT name, public, created_at FROM projects WHERE name = ?1";
-        self.read_row(sql, owned![name], project_row).await
-    }
-
-    async fn projects(&self) -> Result<Vec<ProjectRecord>, MetaError> {
-        let sql = "SELECT name, public, created_at FROM projects ORDER BY name";
-        self.read_rows(sql, vec![], project_row).await
     }
 
     async fn project_access(

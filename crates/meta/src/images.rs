@@ -4,11 +4,12 @@
 use async_trait::async_trait;
 use berth_oci::{Digest, EdgeKind, Reference, RepoName, Tag};
 
+use crate::accounts::{clash, project_row};
 use crate::engine::{args, owned, Durability, Row, Tx};
-use crate::events::{self, Actor, Change, TagChange};
+use crate::events::{self, record, Actor, Change, TagChange};
 use crate::{
     now, BlobArrival, DanglingEdge, Database, GcMarked, GcSelection, LinkedBlob, MetaError,
-    MetaStore, NewManifest, Page, Referrer, StoredManifest,
+    MetaStore, NewManifest, Page, ProjectOrigin, ProjectRecord, Referrer, StoredManifest,
 };
 
 /// Takes (or renews) a lease for `holder` if nobody else holds it unexpired.
@@ -572,6 +573,55 @@ impl MetaStore for Database {
         self.write_statement(Durability::Synced, sql, owned![name, holder])
             .await
             .map(drop)
+    }
+
+    async fn create_project(
+        &self,
+        name: &str,
+        public: bool,
+        owner: Option<(i64, &str)>,
+        origin: ProjectOrigin,
+        by: &Actor,
+    ) -> Result<ProjectRecord, MetaError> {
+        let change = Change::ProjectCreated {
+            name: name.to_owned(),
+            public,
+            by_push: origin == ProjectOrigin::FirstPush,
+        };
+        let (name, by) = (name.to_owned(), by.clone());
+        let owner = owner.map(|(id, role)| (id, role.to_owned()));
+        self.engine
+            .write_recorded(move |tx| {
+                let t = now();
+                tx.execute(
+                    "INSERT INTO projects (name, public, created_at) VALUES (?1, ?2, ?3)",
+                    args![&name, public, t],
+                )
+                .map_err(clash(format!("project {name} exists")))?;
+                if let Some((user_id, role)) = &owner {
+                    tx.execute(
+                        "INSERT INTO members (project, user_id, role) VALUES (?1, ?2, ?3)",
+                        args![&name, *user_id, role],
+                    )?;
+                }
+                record(tx, &by, std::slice::from_ref(&change))?;
+                Ok(ProjectRecord {
+                    name: name.clone(),
+                    public,
+                    created_ms: t,
+                })
+            })
+            .await
+    }
+
+    async fn project(&self, name: &str) -> Result<Option<ProjectRecord>, MetaError> {
+        let sql = "SELECT name, public, created_at FROM projects WHERE name = ?1";
+        self.read_row(sql, owned![name], project_row).await
+    }
+
+    async fn projects(&self) -> Result<Vec<ProjectRecord>, MetaError> {
+        let sql = "SELECT name, public, created_at FROM projects ORDER BY name";
+        self.read_rows(sql, vec![], project_row).await
     }
 
     async fn ping(&self) -> Result<(), MetaError> {

@@ -384,6 +384,21 @@ pub trait MetaStore: EventLog + Send + Sync + 'static {
     async fn try_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, MetaError>;
     /// Gives a lease back early (only if `holder` holds it).
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), MetaError>;
+    /// Creates a project (the first path segment of repository names, the unit of
+    /// permissions and, next, of policies), with `owner` (a user id) as its first project admin;
+    /// [`MetaError::Conflict`] if it exists.
+    async fn create_project(
+        &self,
+        name: &str,
+        public: bool,
+        owner: Option<(i64, &str)>,
+        origin: ProjectOrigin,
+        by: &Actor,
+    ) -> Result<ProjectRecord, MetaError>;
+    /// A project by name.
+    async fn project(&self, name: &str) -> Result<Option<ProjectRecord>, MetaError>;
+    /// Every project, by name.
+    async fn projects(&self) -> Result<Vec<ProjectRecord>, MetaError>;
     /// A cheap round trip, for health checks.
     async fn ping(&self) -> Result<(), MetaError>;
 }

@@ -11,11 +11,11 @@ mod manifests;
 
 use std::sync::Arc;
 
-use berth_meta::MetaStore;
+use berth_meta::{MetaError, MetaStore, ProjectOrigin};
 use berth_storage::BlobStore;
 
-/// Who made a change, and a page of a listing: domain words the store shares.
-pub use berth_meta::{Actor, Page};
+/// Who made a change, a page of a listing, a project: domain words the store shares.
+pub use berth_meta::{Actor, Page, ProjectRecord as Project};
 pub use blobs::{BlobBytes, BlobRead, MountOutcome, RangeRequest};
 pub use check::{CheckOptions, CheckReport};
 pub use error::RegistryError;
@@ -82,6 +82,30 @@ impl Registry {
     /// The limits in force, for the edge to enforce them before buffering.
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// Creates the project a push goes into, as access control granted it (with the
+    /// pusher as its first member, in the given role). A project created meanwhile by a
+    /// concurrent push is fine.
+    pub async fn create_project_for_push(
+        &self,
+        name: &str,
+        owner: Option<(i64, &str)>,
+        by: &Actor,
+    ) -> Result<(), RegistryError> {
+        let created = self
+            .meta
+            .create_project(name, false, owner, ProjectOrigin::FirstPush, by)
+            .await;
+        match created {
+            Ok(_) | Err(MetaError::Conflict(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A project by name: what policies hang on.
+    pub async fn project(&self, name: &str) -> Result<Option<Project>, RegistryError> {
+        Ok(self.meta.project(name).await?)
     }
 
     /// Each store's readiness, checked independently: `(blobs, metadata)`.

@@ -12,7 +12,10 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use berth_auth::{AccessControl, AuthError, Caller, Credentials, Need, Outcome, Permission, Scope};
+use berth_auth::{
+    AccessControl, AuthError, Caller, Credentials, Need, Outcome, Permission, ProjectToCreate,
+    Scope,
+};
 use berth_oci::{Reference, RepoName};
 
 use crate::error::OciError;
@@ -191,6 +194,9 @@ pub(crate) struct Admitted {
     /// The caller, for handlers that look further (catalog, mount).
     pub(crate) caller: Caller,
     audit: Option<(&'static str, String)>,
+    /// The project this push goes into does not exist yet and the caller may create it:
+    /// the dispatcher has the registry create it before the handler runs.
+    pub(crate) project_to_create: Option<ProjectToCreate>,
 }
 
 /// Authenticates and authorizes one `/v2` request, before its handler runs. The route
@@ -215,6 +221,7 @@ pub(crate) async fn admit(
         return Ok(Admitted {
             caller: Caller::anonymous(&address),
             audit,
+            project_to_create: None,
         });
     }
     let address = peer.ip().to_string();
@@ -226,19 +233,27 @@ pub(crate) async fn admit(
     let pulls = access.settings().audit_pulls;
     let audit = route.and_then(|r| audited(r, method, name.as_ref(), pulls));
     let need = route.and_then(|r| v2_need(r, method, name.as_ref()));
+    let mut project_to_create = None;
     if let Some(need) = &need {
-        if let Err(e) = access.authorize(&caller, *need).await {
-            // Refusals are always recorded, pulls included.
-            let refused = route.and_then(|r| audited(r, method, name.as_ref(), true));
-            if let (Some((action, resource)), AuthError::Denied(why)) = (&refused, &e) {
-                access
-                    .record(&caller, action, resource, Outcome::Denied, why)
-                    .await;
+        match access.authorize(&caller, *need).await {
+            Ok(grant) => project_to_create = grant.project_to_create,
+            Err(e) => {
+                // Refusals are always recorded, pulls included.
+                let refused = route.and_then(|r| audited(r, method, name.as_ref(), true));
+                if let (Some((action, resource)), AuthError::Denied(why)) = (&refused, &e) {
+                    access
+                        .record(&caller, action, resource, Outcome::Denied, why)
+                        .await;
+                }
+                return Err(refusal(access, headers, e, Login::Token(Some(need))));
             }
-            return Err(refusal(access, headers, e, Login::Token(Some(need))));
         }
     }
-    Ok(Admitted { caller, audit })
+    Ok(Admitted {
+        caller,
+        audit,
+        project_to_create,
+    })
 }
 
 impl Admitted {

@@ -44,6 +44,16 @@ pub(crate) async fn dispatch(
             Ok(admitted) => admitted,
             Err(refused) => return refused,
         };
+    if let Some(project) = &admitted.project_to_create {
+        let by = admitted.caller.as_actor();
+        let created = app
+            .registry
+            .create_project_for_push(&project.name, project.owner, &by)
+            .await;
+        if let Err(e) = created {
+            return OciError::from(e).into_response();
+        }
+    }
     let request = Incoming {
         peer: &peer,
         method,
