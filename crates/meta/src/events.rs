@@ -417,11 +417,14 @@ pub trait EventLog: Send + Sync + 'static {
         position: i64,
     ) -> Result<bool, MetaError>;
     /// Deletes events recorded before `cutoff_ms` that every consumer has passed: the
-    /// audit log's retention. Returns how many went.
+    /// audit log's retention. A consumer that has not held its cursor since the cutoff
+    /// (one that was removed, or stopped for longer than the retention) no longer holds
+    /// the log back, so the log cannot grow without bound. Returns how many went.
     async fn prune_events(&self, cutoff_ms: i64) -> Result<u64, MetaError>;
 }
 
-/// A consumer's cursor is held through a lease of this name.
+/// A consumer's cursor is held through a lease of this name (the prefix is spelled again
+/// in `prune_events`' statement).
 fn cursor_lease(name: &str) -> String {
     format!("event-consumer:{name}")
 }
@@ -482,8 +485,11 @@ impl EventLog for Database {
 
     async fn prune_events(&self, cutoff_ms: i64) -> Result<u64, MetaError> {
         let sql = "DELETE FROM events WHERE at < ?1
-                   AND seq <= COALESCE((SELECT MIN(position) FROM event_cursors),
-                                       (SELECT last_seq FROM event_counter WHERE id = 1))";
+                   AND seq <= COALESCE(
+                       (SELECT MIN(c.position) FROM event_cursors c
+                        JOIN leases l ON l.name = 'event-consumer:' || c.name
+                        WHERE l.expires_at >= ?1),
+                       (SELECT last_seq FROM event_counter WHERE id = 1))";
         self.write_statement(Durability::Synced, sql, owned![cutoff_ms])
             .await
     }

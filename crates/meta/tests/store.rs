@@ -129,6 +129,13 @@ async fn push_blob(db: &Database, repo: &RepoName, d: &Digest, size: u64) {
 
 const NO_GC_CUTOFF: i64 = 0;
 
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
 fn far_future() -> i64 {
     i64::MAX / 2
 }
@@ -1262,15 +1269,29 @@ async fn retention_prunes_old_events_no_consumer_still_needs() {
             1,
             "the recent push stays"
         );
-        let left = db
-            .audit(AuditFilter {
+        // A consumer gone for longer than the retention holds nothing back.
+        assert_eq!(db.claim_cursor("gone", "n", 1).await.unwrap(), Some(0));
+        db.append_audit(vec![audit_event(300, "a", "login", "a", "success")])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(
+            db.prune_events(now_ms()).await.unwrap(),
+            1,
+            "the gone consumer holds nothing back, the slow one what it has not read"
+        );
+        db.release_lease("event-consumer:slow", "n").await.unwrap();
+        assert_eq!(db.prune_events(now_ms()).await.unwrap(), 1);
+        assert_eq!(
+            db.audit(AuditFilter {
                 limit: 10,
                 ..AuditFilter::default()
             })
             .await
-            .unwrap();
-        assert_eq!(left.len(), 1);
-        assert_eq!(left[0].event.action, "blob.upload");
+            .unwrap()
+            .len(),
+            0
+        );
     })
     .await;
 }
