@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use berth_meta::{AccountStore, NewAuditEvent};
+use berth_meta::{AccountStore, Change, NewAuditEvent};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::policy::Caller;
@@ -55,6 +55,7 @@ pub fn event(
         resource: resource.to_owned(),
         result: outcome.as_str().to_owned(),
         detail: detail.to_owned(),
+        change: None,
     }
 }
 
@@ -69,6 +70,15 @@ pub fn login_event(name: &str, address: &str, outcome: Outcome, detail: &str) ->
         resource: name.to_owned(),
         result: outcome.as_str().to_owned(),
         detail: detail.to_owned(),
+        change: Some(match outcome {
+            Outcome::Success => Change::LoginSucceeded {
+                name: name.to_owned(),
+            },
+            Outcome::Denied | Outcome::Failed => Change::LoginFailed {
+                name: name.to_owned(),
+                reason: detail.to_owned(),
+            },
+        }),
     }
 }
 

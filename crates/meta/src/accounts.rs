@@ -95,6 +95,10 @@ pub struct NewAuditEvent {
     pub result: String,
     /// Anything else worth keeping (a digest, a status, a reason).
     pub detail: String,
+    /// The typed event consumers of the event log read (a login); `None` for records
+    /// only the audit log shows (refusals, failed requests, pulls). Changes to stored
+    /// state are not recorded this way: the store records them with the change.
+    pub change: Option<Change>,
 }
 
 /// A recorded audit event.
@@ -304,6 +308,11 @@ fn audit_row(mut r: Row) -> Result<AuditRecord, MetaError> {
             resource: r.text(6)?,
             result: r.text(7)?,
             detail: r.text(8)?,
+            change: r
+                .opt_text(9)?
+                .map(|json| serde_json::from_str(&json))
+                .transpose()
+                .map_err(|e| MetaError::Corrupt(e.to_string()))?,
         },
     })
 }
@@ -693,10 +702,16 @@ impl AccountStore for Database {
             .write_recorded(move |tx| {
                 let first = crate::events::reserve_sequence(tx, events.len())?;
                 for (seq, e) in (first..).zip(&events) {
+                    let change = e
+                        .change
+                        .as_ref()
+                        .map(serde_json::to_string)
+                        .transpose()
+                        .map_err(|e| MetaError::Backend(e.to_string()))?;
                     tx.execute(
-                        "INSERT INTO events (seq, at, actor, actor_kind, address, action, resource, result, detail)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                        args![seq, e.at_ms, &e.actor, &e.actor_kind, &e.address, &e.action, &e.resource, &e.result, &e.detail],
+                        "INSERT INTO events (seq, at, actor, actor_kind, address, action, resource, result, detail, change)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                        args![seq, e.at_ms, &e.actor, &e.actor_kind, &e.address, &e.action, &e.resource, &e.result, &e.detail, change.as_deref()],
                     )?;
                 }
                 Ok(())
@@ -706,7 +721,7 @@ impl AccountStore for Database {
 
     async fn audit(&self, filter: AuditFilter) -> Result<Vec<AuditRecord>, MetaError> {
         let sql =
-            "SELECT seq, at, actor, actor_kind, address, action, resource, result, detail FROM events
+            "SELECT seq, at, actor, actor_kind, address, action, resource, result, detail, change FROM events
                    WHERE (CAST(?1 AS TEXT) IS NULL OR actor = ?1)
                      AND (CAST(?2 AS TEXT) IS NULL OR action = ?2)
                      AND (CAST(?3 AS TEXT) IS NULL OR substr(resource, 1, length(?3)) = ?3)

@@ -116,6 +116,19 @@ pub enum Change {
         /// Its digest.
         digest: String,
     },
+    /// Someone logged in (with a password or robot secret, through Basic or the token
+    /// endpoint).
+    LoginSucceeded {
+        /// The name logged in as.
+        name: String,
+    },
+    /// A login was refused.
+    LoginFailed {
+        /// The name claimed.
+        name: String,
+        /// Why (wrong credentials, expired robot, rate limited).
+        reason: String,
+    },
     /// A user account was created.
     UserCreated {
         /// Its login name.
@@ -249,6 +262,8 @@ impl Change {
                 format!("{repository}@{digest}"),
                 size.to_string(),
             ),
+            Change::LoginSucceeded { name } => ("login", name.clone(), String::new()),
+            Change::LoginFailed { name, reason } => ("login", name.clone(), reason.clone()),
             Change::UserCreated { name, admin, note } => {
                 let detail = match (note.is_empty(), admin) {
                     (false, _) => note.clone(),

@@ -957,6 +957,7 @@ fn audit_event(
         resource: resource.into(),
         result: result.into(),
         detail: "\u{1b}[31m".into(),
+        change: None,
     }
 }
 
@@ -1402,6 +1403,39 @@ async fn account_changes_are_events_in_the_audit_log_words() {
                 w("user.delete", "dev", ""),
             ]
         );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_are_typed_events_beside_the_changes() {
+    on_each_engine(|place| async move {
+        let db = place.open().await;
+        let start = db.last_event().await.unwrap();
+        let mut login = audit_event(1, "dev", "login", "dev", "failed");
+        login.change = Some(Change::LoginFailed {
+            name: "dev".into(),
+            reason: "bad password".into(),
+        });
+        db.append_audit(vec![
+            audit_event(2, "dev", "pull", "team/app:v1", "denied"),
+            login.clone(),
+        ])
+        .await
+        .unwrap();
+        let events = db.events_after(start, 10).await.unwrap();
+        assert_eq!(events.len(), 1, "the refused pull is the audit log's only");
+        assert_eq!(events[0].change, login.change.clone().unwrap());
+        assert_eq!(events[0].seq, start + 2);
+        let audit = db
+            .audit(AuditFilter {
+                action: Some("login".into()),
+                limit: 10,
+                ..AuditFilter::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(audit[0].event, login);
     })
     .await;
 }
