@@ -109,6 +109,20 @@ impl AccessControl {
         }
     }
 
+    /// Account administration, every operation authorized first.
+    pub fn accounts(&self) -> Accounts<'_> {
+        Accounts { access: self }
+    }
+}
+
+/// Account administration: users, projects, members, robots and the audit log. Every
+/// operation asks [`AccessControl::authorize`] first (and a refusal is audited); every
+/// change is recorded by the metadata store with the change.
+pub struct Accounts<'a> {
+    access: &'a AccessControl,
+}
+
+impl Accounts<'_> {
     /// Authorizes, auditing a refusal.
     async fn permit(
         &self,
@@ -117,12 +131,13 @@ impl AccessControl {
         action: &str,
         resource: &str,
     ) -> Result<(), AuthError> {
-        if let Err(e) = self.authorize(caller, need).await {
+        if let Err(e) = self.access.authorize(caller, need).await {
             if matches!(
                 e,
                 AuthError::Denied(_) | AuthError::Unauthenticated | AuthError::InsufficientScope(_)
             ) {
-                self.inner
+                self.access
+                    .inner
                     .audit
                     .record_now(audit::event(
                         caller,
@@ -144,21 +159,22 @@ impl AccessControl {
         &self,
         password: Option<String>,
     ) -> Result<Option<String>, AuthError> {
-        if self.inner.store.count_users().await? > 0 {
+        if self.access.inner.store.count_users().await? > 0 {
             return Ok(None);
         }
         let (password, generated) = match password {
             Some(p) => (p, false),
             None => (random_secret()?, true),
         };
-        self.inner
+        self.access
+            .inner
             .store
             .create_user(
                 "admin",
                 &hash_password(&password)?,
                 true,
                 "first administrator",
-                &Self::local_admin().as_actor(),
+                &AccessControl::local_admin().as_actor(),
             )
             .await?;
         Ok(generated.then_some(password))
@@ -181,6 +197,7 @@ impl AccessControl {
             None => (random_secret()?, true),
         };
         let user = self
+            .access
             .inner
             .store
             .create_user(
@@ -197,7 +214,7 @@ impl AccessControl {
     /// Every user.
     pub async fn users(&self, caller: &Caller) -> Result<Vec<UserRecord>, AuthError> {
         self.permit(caller, Need::System, "user.list", "").await?;
-        Ok(self.inner.store.users().await?)
+        Ok(self.access.inner.store.users().await?)
     }
 
     /// One user: administrators see anyone, users themselves.
@@ -205,7 +222,8 @@ impl AccessControl {
         if !is_self(caller, name) {
             self.permit(caller, Need::System, "user.get", name).await?;
         }
-        self.inner
+        self.access
+            .inner
             .store
             .user(name)
             .await?
@@ -235,6 +253,7 @@ impl AccessControl {
             None => None,
         };
         let user = self
+            .access
             .inner
             .store
             .update_user(name, hash.as_deref(), admin, &caller.as_actor())
@@ -248,6 +267,7 @@ impl AccessControl {
         self.permit(caller, Need::System, "user.delete", name)
             .await?;
         if !self
+            .access
             .inner
             .store
             .delete_user(name, &caller.as_actor())
@@ -271,6 +291,7 @@ impl AccessControl {
             let outcome = match check_user_name(&entry.user) {
                 Err(e) => ImportOutcome::Invalid(e.to_string()),
                 Ok(()) => match self
+                    .access
                     .inner
                     .store
                     .create_user(
@@ -302,7 +323,7 @@ impl AccessControl {
     ) -> Result<ProjectRecord, AuthError> {
         check_component("project", name)?;
         let allowed = caller.principal.is_admin()
-            || (self.inner.settings.create_projects_on_push
+            || (self.access.inner.settings.create_projects_on_push
                 && matches!(caller.principal, Principal::User { .. })
                 && caller.proof == Proof::Password);
         if !allowed {
@@ -314,6 +335,7 @@ impl AccessControl {
             _ => None,
         };
         let project = self
+            .access
             .inner
             .store
             .create_project(
@@ -329,8 +351,8 @@ impl AccessControl {
 
     /// The projects the caller can see.
     pub async fn projects(&self, caller: &Caller) -> Result<Vec<ProjectRecord>, AuthError> {
-        let all = self.inner.store.projects().await?;
-        Ok(match self.visible_projects(caller).await? {
+        let all = self.access.inner.store.projects().await?;
+        Ok(match self.access.visible_projects(caller).await? {
             None => all,
             Some(visible) => all
                 .into_iter()
@@ -351,7 +373,8 @@ impl AccessControl {
             name,
         )
         .await?;
-        self.inner
+        self.access
+            .inner
             .store
             .project(name)
             .await?
@@ -376,6 +399,7 @@ impl AccessControl {
         )
         .await?;
         if !self
+            .access
             .inner
             .store
             .set_project_public(name, public, &caller.as_actor())
@@ -383,7 +407,8 @@ impl AccessControl {
         {
             return Err(AuthError::NotFound(format!("project {name}")));
         }
-        self.inner
+        self.access
+            .inner
             .store
             .project(name)
             .await?
@@ -403,6 +428,7 @@ impl AccessControl {
         )
         .await?;
         if !self
+            .access
             .inner
             .store
             .delete_project(name, &caller.as_actor())
@@ -430,7 +456,7 @@ impl AccessControl {
         )
         .await?;
         self.existing_project(project).await?;
-        Ok(self.inner.store.members(project).await?)
+        Ok(self.access.inner.store.members(project).await?)
     }
 
     /// Adds a member or changes its role (project admins); true if added.
@@ -457,6 +483,7 @@ impl AccessControl {
             ))
         })?;
         let added = self
+            .access
             .inner
             .store
             .set_member(project, user, role.as_str(), &caller.as_actor())
@@ -482,6 +509,7 @@ impl AccessControl {
         )
         .await?;
         if !self
+            .access
             .inner
             .store
             .remove_member(project, user, &caller.as_actor())
@@ -521,6 +549,7 @@ impl AccessControl {
         let secret = random_secret()?;
         let expires_ms = new.expires_in.map(|d| now_ms() + d.as_millis() as i64);
         let robot = self
+            .access
             .inner
             .store
             .create_robot(
@@ -551,7 +580,7 @@ impl AccessControl {
             project,
         )
         .await?;
-        Ok(self.inner.store.robots(project).await?)
+        Ok(self.access.inner.store.robots(project).await?)
     }
 
     /// Removes a robot (project admins); its tokens stop working at once.
@@ -572,6 +601,7 @@ impl AccessControl {
         )
         .await?;
         if !self
+            .access
             .inner
             .store
             .delete_robot(project, name, &caller.as_actor())
@@ -591,11 +621,12 @@ impl AccessControl {
         filter: AuditFilter,
     ) -> Result<Vec<AuditRecord>, AuthError> {
         self.permit(caller, Need::System, "audit.list", "").await?;
-        Ok(self.inner.store.audit(filter).await?)
+        Ok(self.access.inner.store.audit(filter).await?)
     }
 
     async fn existing_project(&self, name: &str) -> Result<ProjectRecord, AuthError> {
-        self.inner
+        self.access
+            .inner
             .store
             .project(name)
             .await?

@@ -12,27 +12,31 @@ mod access;
 mod accounts;
 pub mod audit;
 mod limiter;
+mod logins;
 pub mod password;
 pub mod policy;
 pub mod scope;
 pub mod time;
 pub mod token;
+mod tokens;
 
 use std::time::Duration;
 
 use berth_meta::MetaError;
 
 pub use access::{AccessControl, Credentials, Grant, IssuedToken, Need, ProjectToCreate};
-pub use accounts::{robot_login, ImportOutcome, NewRobot, NewUser, ROBOT_PREFIX};
+pub use accounts::{robot_login, Accounts, ImportOutcome, NewRobot, NewUser, ROBOT_PREFIX};
 pub use audit::Outcome;
 /// The account records whose meaning this crate owns (the metadata store keeps them).
 pub use berth_meta::{
     AuditFilter, AuditRecord, MemberRecord, ProjectRecord, RobotRecord, UserRecord,
 };
 pub use limiter::LoginLimiter;
+pub use logins::Logins;
 pub use policy::{Caller, Permission, Permissions, Principal, Proof, Role};
 pub use scope::Scope;
 pub use token::{verifying_key_from_pem, IssuerKey, TokenError, TokenSigner, TokenVerifier};
+pub use tokens::Tokens;
 
 /// How the registry authenticates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

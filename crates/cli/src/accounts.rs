@@ -98,6 +98,7 @@ pub(crate) async fn user_command(
                 None
             };
             let (user, generated) = access
+                .accounts()
                 .create_user(
                     &me,
                     NewUser {
@@ -122,6 +123,7 @@ pub(crate) async fn user_command(
                 (berth_auth::password::random_secret()?, true)
             };
             access
+                .accounts()
                 .update_user(&me, &name, Some(password.clone()), None)
                 .await?;
             if show {
@@ -131,19 +133,19 @@ pub(crate) async fn user_command(
             }
         }
         UserCommand::List => {
-            for user in access.users(&me).await? {
+            for user in access.accounts().users(&me).await? {
                 let role = if user.admin { "admin" } else { "user" };
                 println!("{}\t{role}\t{}", user.name, rfc3339(user.created_ms));
             }
         }
         UserCommand::Delete { name } => {
-            access.delete_user(&me, &name).await?;
+            access.accounts().delete_user(&me, &name).await?;
             println!("deleted user {name}");
         }
         UserCommand::ImportHtpasswd { file } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
-            for (name, outcome) in access.import_htpasswd(&me, &text).await? {
+            for (name, outcome) in access.accounts().import_htpasswd(&me, &text).await? {
                 match outcome {
                     ImportOutcome::Created => println!("{name}\timported"),
                     ImportOutcome::Exists => println!("{name}\tskipped: exists"),
@@ -166,6 +168,7 @@ pub(crate) async fn audit_command(access: AccessControl, args: AuditArgs) -> any
         ..AuditFilter::default()
     };
     for record in access
+        .accounts()
         .audit_log(&AccessControl::local_admin(), filter)
         .await?
     {

@@ -226,7 +226,7 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
         } = Node::open(&settings.node()?).await?;
         if access.settings().mode == AuthMode::Builtin {
             let password = std::env::var("BERTH_ADMIN_PASSWORD").ok().filter(|p| !p.is_empty());
-            if let Some(generated) = access.bootstrap_admin(password).await? {
+            if let Some(generated) = access.accounts().bootstrap_admin(password).await? {
                 // Shown once, on the terminal of whoever started the first run.
                 eprintln!("\nberth: created user \"admin\" with password {generated}\n       (change it with `berth user passwd admin`)\n");
             }

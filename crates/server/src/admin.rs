@@ -150,7 +150,11 @@ pub(crate) async fn create_user(
         password: req.password,
         admin: req.admin,
     };
-    let (user, generated) = app.access.create_user(&caller_of(&extensions), new).await?;
+    let (user, generated) = app
+        .access
+        .accounts()
+        .create_user(&caller_of(&extensions), new)
+        .await?;
     let mut value = user_json(&user);
     if let Some(password) = generated {
         value["password"] = password.into();
@@ -163,7 +167,7 @@ pub(crate) async fn list_users(
     State(app): State<App>,
     extensions: Extensions,
 ) -> Result<Response, OciError> {
-    let users = app.access.users(&caller_of(&extensions)).await?;
+    let users = app.access.accounts().users(&caller_of(&extensions)).await?;
     Ok(reply(
         StatusCode::OK,
         json!({ "users": users.iter().map(user_json).collect::<Vec<_>>() }),
@@ -176,7 +180,11 @@ pub(crate) async fn get_user(
     extensions: Extensions,
     Path(name): Path<String>,
 ) -> Result<Response, OciError> {
-    let user = app.access.user(&caller_of(&extensions), &name).await?;
+    let user = app
+        .access
+        .accounts()
+        .user(&caller_of(&extensions), &name)
+        .await?;
     Ok(reply(StatusCode::OK, user_json(&user)))
 }
 
@@ -197,6 +205,7 @@ pub(crate) async fn update_user(
     let req: UpdateUser = body(&bytes)?;
     let user = app
         .access
+        .accounts()
         .update_user(&caller_of(&extensions), &name, req.password, req.admin)
         .await?;
     Ok(reply(StatusCode::OK, user_json(&user)))
@@ -209,6 +218,7 @@ pub(crate) async fn delete_user(
     Path(name): Path<String>,
 ) -> Result<Response, OciError> {
     app.access
+        .accounts()
         .delete_user(&caller_of(&extensions), &name)
         .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -223,6 +233,7 @@ pub(crate) async fn import_users(
     let text = std::str::from_utf8(&bytes).map_err(|_| bad_request("htpasswd files are text"))?;
     let outcomes = app
         .access
+        .accounts()
         .import_htpasswd(&caller_of(&extensions), text)
         .await?;
     let results: Vec<Value> = outcomes
@@ -255,6 +266,7 @@ pub(crate) async fn create_project(
     let req: CreateProject = body(&bytes)?;
     let project = app
         .access
+        .accounts()
         .create_project(&caller_of(&extensions), &req.name, req.public)
         .await?;
     Ok(reply(StatusCode::CREATED, project_json(&project)))
@@ -265,7 +277,11 @@ pub(crate) async fn list_projects(
     State(app): State<App>,
     extensions: Extensions,
 ) -> Result<Response, OciError> {
-    let projects = app.access.projects(&caller_of(&extensions)).await?;
+    let projects = app
+        .access
+        .accounts()
+        .projects(&caller_of(&extensions))
+        .await?;
     Ok(reply(
         StatusCode::OK,
         json!({ "projects": projects.iter().map(project_json).collect::<Vec<_>>() }),
@@ -278,7 +294,11 @@ pub(crate) async fn get_project(
     extensions: Extensions,
     Path(name): Path<String>,
 ) -> Result<Response, OciError> {
-    let project = app.access.project(&caller_of(&extensions), &name).await?;
+    let project = app
+        .access
+        .accounts()
+        .project(&caller_of(&extensions), &name)
+        .await?;
     Ok(reply(StatusCode::OK, project_json(&project)))
 }
 
@@ -298,6 +318,7 @@ pub(crate) async fn update_project(
     let req: UpdateProject = body(&bytes)?;
     let project = app
         .access
+        .accounts()
         .set_project_public(&caller_of(&extensions), &name, req.public)
         .await?;
     Ok(reply(StatusCode::OK, project_json(&project)))
@@ -310,6 +331,7 @@ pub(crate) async fn delete_project(
     Path(name): Path<String>,
 ) -> Result<Response, OciError> {
     app.access
+        .accounts()
         .delete_project(&caller_of(&extensions), &name)
         .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -321,7 +343,11 @@ pub(crate) async fn list_members(
     extensions: Extensions,
     Path(name): Path<String>,
 ) -> Result<Response, OciError> {
-    let members = app.access.members(&caller_of(&extensions), &name).await?;
+    let members = app
+        .access
+        .accounts()
+        .members(&caller_of(&extensions), &name)
+        .await?;
     let members: Vec<Value> = members
         .iter()
         .map(|m| json!({ "user": m.user, "role": m.role }))
@@ -346,6 +372,7 @@ pub(crate) async fn add_member(
     let req: AddMember = body(&bytes)?;
     let added = app
         .access
+        .accounts()
         .set_member(&caller_of(&extensions), &name, &req.user, &req.role)
         .await?;
     let status = if added {
@@ -371,6 +398,7 @@ pub(crate) async fn set_member(
 ) -> Result<Response, OciError> {
     let req: SetRole = body(&bytes)?;
     app.access
+        .accounts()
         .set_member(&caller_of(&extensions), &name, &user, &req.role)
         .await?;
     Ok(reply(
@@ -386,6 +414,7 @@ pub(crate) async fn remove_member(
     Path((name, user)): Path<(String, String)>,
 ) -> Result<Response, OciError> {
     app.access
+        .accounts()
         .remove_member(&caller_of(&extensions), &name, &user)
         .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -419,6 +448,7 @@ pub(crate) async fn create_robot(
     };
     let (robot, secret) = app
         .access
+        .accounts()
         .create_robot(&caller_of(&extensions), &name, new)
         .await?;
     let mut value = robot_json(&robot);
@@ -432,7 +462,11 @@ pub(crate) async fn list_robots(
     extensions: Extensions,
     Path(name): Path<String>,
 ) -> Result<Response, OciError> {
-    let robots = app.access.robots(&caller_of(&extensions), &name).await?;
+    let robots = app
+        .access
+        .accounts()
+        .robots(&caller_of(&extensions), &name)
+        .await?;
     Ok(reply(
         StatusCode::OK,
         json!({ "robots": robots.iter().map(robot_json).collect::<Vec<_>>() }),
@@ -446,6 +480,7 @@ pub(crate) async fn delete_robot(
     Path((name, robot)): Path<(String, String)>,
 ) -> Result<Response, OciError> {
     app.access
+        .accounts()
         .delete_robot(&caller_of(&extensions), &name, &robot)
         .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -469,6 +504,7 @@ pub(crate) async fn search(
         .ok_or_else(|| bad_request("q: the text to search for is required"))?;
     let projects: Vec<Value> = app
         .access
+        .accounts()
         .projects(&caller)
         .await?
         .iter()
@@ -520,6 +556,7 @@ pub(crate) async fn audit(
     };
     let events = app
         .access
+        .accounts()
         .audit_log(&caller_of(&extensions), filter)
         .await?;
     let next = (events.len() == limit)

@@ -226,6 +226,7 @@ pub(crate) async fn admit(
     }
     let address = peer.ip().to_string();
     let caller = access
+        .logins()
         .authenticate(credentials(headers), &address)
         .await
         .map_err(|e| refusal(access, headers, e, Login::Token(None)))?;
@@ -295,6 +296,7 @@ pub(crate) async fn api_guard(
     let address = client_address(&request);
     let caller = match app
         .access
+        .logins()
         .authenticate(credentials(request.headers()), &address)
         .await
     {

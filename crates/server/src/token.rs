@@ -122,6 +122,7 @@ async fn issue(app: &App, request: Request) -> Result<Response, Response> {
         }
     }
     let caller = access
+        .logins()
         .authenticate(credentials, &address)
         .await
         .map_err(|e| refusal(access, &headers, e, Login::Basic))?;
@@ -133,7 +134,8 @@ async fn issue(app: &App, request: Request) -> Result<Response, Response> {
     let offline = get(&pairs, "offline_token") == Some("true")
         || get(&pairs, "access_type") == Some("offline");
     let issued = access
-        .issue_token(&caller, &scopes, offline)
+        .tokens()
+        .issue(&caller, &scopes, offline)
         .await
         .map_err(|e: AuthError| OciError::from(e).into_response())?;
     let mut body = json!({

@@ -274,6 +274,7 @@ impl TestRegistry {
             let Node { access, app, .. } = open_node(&config).await;
             if access.settings().mode == AuthMode::Builtin {
                 access
+                    .accounts()
                     .bootstrap_admin(Some(ADMIN_PASSWORD.to_owned()))
                     .await
                     .expect("first admin");

@@ -1,0 +1,290 @@
+//! Bearer tokens as a service: issued by the token endpoint for what a caller may do,
+//! and what a presented one proves. (`token` is their format: claims, signing, checking.)
+
+use std::time::Duration;
+
+use berth_oci::RepoName;
+
+use crate::access::*;
+use crate::audit::{self, Outcome};
+use crate::policy::{
+    project_of, robot_permissions, Caller, Permission, Permissions, Principal, Proof,
+};
+use crate::scope::Scope;
+use crate::time::now_ms;
+use crate::token::{Claims, ResourceAccess, TokenError, TokenSubject};
+use crate::{AuthError, AuthMode, ROBOT_PREFIX};
+
+/// Tokens in the Docker token format: issued for what a caller may do, and verified
+/// (signature, audience, expiry, and the account's current password generation).
+pub struct Tokens<'a> {
+    pub(crate) access: &'a AccessControl,
+}
+
+impl Tokens<'_> {
+    /// Checks a bearer (or, with `refresh`, a refresh) token presented by `address`.
+    pub(crate) async fn check_token(
+        &self,
+        token: &str,
+        address: &str,
+        refresh: bool,
+    ) -> Result<Caller, AuthError> {
+        let result = self.verify_token(token, refresh).await;
+        match result {
+            Ok((principal, access)) => Ok(Caller {
+                principal,
+                proof: if refresh {
+                    Proof::Password
+                } else {
+                    Proof::Token(access)
+                },
+                address: address.to_owned(),
+            }),
+            Err(e) => {
+                let caller = Caller::anonymous(address);
+                self.access
+                    .inner
+                    .audit
+                    .record(audit::event(
+                        &caller,
+                        "token",
+                        "",
+                        Outcome::Failed,
+                        &e.to_string(),
+                    ))
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn verify_token(
+        &self,
+        token: &str,
+        refresh: bool,
+    ) -> Result<(Principal, Vec<ResourceAccess>), AuthError> {
+        let Some(verifier) = &self.access.inner.verifier else {
+            return Err(AuthError::Unauthenticated);
+        };
+        let now = now_secs();
+        let cached = self
+            .access
+            .inner
+            .tokens
+            .lock()
+            .ok()
+            .and_then(|c| c.get(token).cloned());
+        let claims = match cached {
+            Some(c) if now < c.exp => c,
+            Some(_) => return Err(TokenError::Expired.into()),
+            None => {
+                let c = verifier.verify(token, now)?;
+                if let Ok(mut cache) = self.access.inner.tokens.lock() {
+                    if cache.len() >= CACHE_LIMIT {
+                        cache.clear();
+                    }
+                    cache.insert(token.to_owned(), c.clone());
+                }
+                c
+            }
+        };
+        if claims.typ.as_deref() == Some("refresh") && !refresh
+            || claims.typ.as_deref() != Some("refresh") && refresh
+        {
+            return Err(TokenError::WrongKind.into());
+        }
+        let principal = if self.access.inner.settings.mode == AuthMode::ExternalToken {
+            Principal::External {
+                subject: claims.sub.clone(),
+            }
+        } else {
+            self.token_principal(&claims).await?
+        };
+        Ok((principal, claims.access))
+    }
+
+    /// The live account behind a token berth issued: refused if it was removed, or (for
+    /// users) changed its password since.
+    async fn token_principal(&self, claims: &Claims) -> Result<Principal, AuthError> {
+        let revoked = || AuthError::BadToken(TokenError::Revoked);
+        let Some(subject) = &claims.berth else {
+            return Err(revoked());
+        };
+        match subject.kind.as_str() {
+            "anonymous" => Ok(Principal::Anonymous),
+            "user" => {
+                let user = self
+                    .access
+                    .inner
+                    .store
+                    .user(&claims.sub)
+                    .await?
+                    .ok_or_else(revoked)?;
+                if user.id != subject.id || user.generation != subject.generation {
+                    return Err(revoked());
+                }
+                Ok(Principal::User {
+                    id: user.id,
+                    name: user.name,
+                    admin: user.admin,
+                })
+            }
+            "robot" => {
+                let (project, name) = claims
+                    .sub
+                    .strip_prefix(ROBOT_PREFIX)
+                    .and_then(|r| r.split_once('+'))
+                    .ok_or_else(revoked)?;
+                let robot = self
+                    .access
+                    .inner
+                    .store
+                    .robot(project, name)
+                    .await?
+                    .ok_or_else(revoked)?;
+                if robot.id != subject.id || robot.expires_ms.is_some_and(|e| e <= now_ms()) {
+                    return Err(revoked());
+                }
+                Ok(Principal::Robot {
+                    id: robot.id,
+                    name: claims.sub.clone(),
+                    project: robot.project,
+                    permissions: robot_permissions(&robot.permissions).unwrap_or(Permissions::NONE),
+                })
+            }
+            _ => Err(revoked()),
+        }
+    }
+
+    /// The token endpoint: a token granting what the caller asked for and may do. Never
+    /// an error for scopes the caller may not use: those are simply not granted (the
+    /// registry then answers the request with 401/403), as the Docker token spec says.
+    pub async fn issue(
+        &self,
+        caller: &Caller,
+        scopes: &[Scope],
+        offline: bool,
+    ) -> Result<IssuedToken, AuthError> {
+        let Some(signer) = &self.access.inner.signer else {
+            return Err(AuthError::Unavailable(
+                "this registry does not issue tokens".into(),
+            ));
+        };
+        let mut granted: Vec<ResourceAccess> = Vec::new();
+        for scope in scopes {
+            let actions = match scope.kind.as_str() {
+                "repository" => {
+                    let Ok(name) = RepoName::parse(&scope.name) else {
+                        continue;
+                    };
+                    let (rights, _) = self
+                        .access
+                        .rights(&caller.principal, project_of(name.as_str()))
+                        .await?;
+                    scope
+                        .actions
+                        .iter()
+                        .flat_map(|a| {
+                            if a == "*" {
+                                vec!["pull".to_owned(), "push".to_owned(), "delete".to_owned()]
+                            } else {
+                                vec![a.clone()]
+                            }
+                        })
+                        .filter(|a| {
+                            Permission::from_token_action(a).is_some_and(|p| rights.allows(p))
+                        })
+                        .collect::<Vec<_>>()
+                }
+                "registry"
+                    if scope.name == "catalog" && caller.principal != Principal::Anonymous =>
+                {
+                    vec!["*".to_owned()]
+                }
+                _ => Vec::new(),
+            };
+            if actions.is_empty() {
+                continue;
+            }
+            match granted
+                .iter_mut()
+                .find(|g| g.kind == scope.kind && g.name == scope.name)
+            {
+                Some(entry) => {
+                    for a in actions {
+                        if !entry.actions.contains(&a) {
+                            entry.actions.push(a);
+                        }
+                    }
+                }
+                None => granted.push(ResourceAccess {
+                    kind: scope.kind.clone(),
+                    name: scope.name.clone(),
+                    actions,
+                }),
+            }
+        }
+        let issued_at_ms = now_ms();
+        let now = issued_at_ms / 1000;
+        let settings = &self.access.inner.settings;
+        let mut subject = token_subject(&caller.principal);
+        if let Principal::User { name, .. } = &caller.principal {
+            if let Some(user) = self.access.inner.store.user(name).await? {
+                subject.generation = user.generation;
+            }
+        }
+        let claims = |ttl: Duration,
+                      access: Vec<ResourceAccess>,
+                      typ: Option<&str>|
+         -> Result<Claims, AuthError> {
+            Ok(Claims {
+                iss: settings.issuer.clone(),
+                sub: match caller.principal {
+                    Principal::Anonymous => String::new(),
+                    _ => caller.principal.actor().to_owned(),
+                },
+                aud: vec![settings.service.clone()],
+                exp: now + ttl.as_secs() as i64,
+                nbf: now,
+                iat: now,
+                jti: crate::password::random_secret()?,
+                access,
+                berth: Some(subject.clone()),
+                typ: typ.map(str::to_owned),
+            })
+        };
+        let token = signer.sign(&claims(settings.token_ttl, granted.clone(), None)?)?;
+        let refresh_token = if offline && caller.principal != Principal::Anonymous {
+            Some(signer.sign(&claims(settings.refresh_ttl, Vec::new(), Some("refresh"))?)?)
+        } else {
+            None
+        };
+        Ok(IssuedToken {
+            token,
+            expires_in: settings.token_ttl.as_secs(),
+            issued_at_ms,
+            refresh_token,
+            granted,
+        })
+    }
+}
+
+fn token_subject(principal: &Principal) -> TokenSubject {
+    match principal {
+        Principal::User { id, .. } => TokenSubject {
+            kind: "user".into(),
+            id: *id,
+            generation: 0,
+        },
+        Principal::Robot { id, .. } => TokenSubject {
+            kind: "robot".into(),
+            id: *id,
+            generation: 0,
+        },
+        Principal::Anonymous | Principal::External { .. } => TokenSubject {
+            kind: "anonymous".into(),
+            id: 0,
+            generation: 0,
+        },
+    }
+}
