@@ -59,8 +59,17 @@ pub fn event(
     }
 }
 
-/// A login attempt's event: the actor is the name claimed, not (yet) proven.
+/// The most of a claimed login name an event keeps: the name is whatever the client sent.
+const MAX_CLAIMED_NAME: usize = 256;
+
+/// A login attempt's event: the actor is the name claimed, not (yet) proven (and cut to
+/// [`MAX_CLAIMED_NAME`] bytes).
 pub fn login_event(name: &str, address: &str, outcome: Outcome, detail: &str) -> NewAuditEvent {
+    let mut end = name.len().min(MAX_CLAIMED_NAME);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    let name = &name[..end];
     NewAuditEvent {
         at_ms: now_ms(),
         actor: name.to_owned(),

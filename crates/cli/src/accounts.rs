@@ -157,6 +157,20 @@ pub(crate) async fn user_command(
     Ok(())
 }
 
+/// `text` safe for a terminal: control characters (escape sequences, tabs, newlines, C1
+/// controls) are shown as `\u{…}` escapes, since names and details come from clients.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// Prints the audit log.
 pub(crate) async fn audit_command(access: AccessControl, args: AuditArgs) -> anyhow::Result<()> {
     let filter = AuditFilter {
@@ -184,14 +198,27 @@ pub(crate) async fn audit_command(access: AccessControl, args: AuditArgs) -> any
             println!(
                 "{}\t{}\t{}\t{}\t{}\t{}\t{}",
                 rfc3339(e.at_ms),
-                e.actor,
-                e.address,
-                e.action,
-                e.resource,
-                e.result,
-                e.detail
+                printable(&e.actor),
+                printable(&e.address),
+                printable(&e.action),
+                printable(&e.resource),
+                printable(&e.result),
+                printable(&e.detail)
             );
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn audit_fields_cannot_drive_the_terminal() {
+        assert_eq!(printable("team/app:v1"), "team/app:v1");
+        assert_eq!(printable("\u{1b}]0;owned\u{7}"), "\\u{1b}]0;owned\\u{7}");
+        assert_eq!(printable("a\tb\nc\u{9b}"), "a\\u{9}b\\u{a}c\\u{9b}");
+        assert_eq!(printable("résumé"), "résumé");
+    }
 }

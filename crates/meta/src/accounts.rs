@@ -5,7 +5,7 @@
 use async_trait::async_trait;
 
 use crate::engine::{args, owned, Durability, Row, Tx, Value};
-use crate::events::{record, Actor, Change};
+use crate::events::{bounded, record, Actor, Change};
 use crate::{now, Database, MetaError, MetaStore};
 
 /// A person who logs in with a name and password.
@@ -711,7 +711,18 @@ impl AccountStore for Database {
                     tx.execute(
                         "INSERT INTO events (seq, at, actor, actor_kind, address, action, resource, result, detail, change)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                        args![seq, e.at_ms, &e.actor, &e.actor_kind, &e.address, &e.action, &e.resource, &e.result, &e.detail, change.as_deref()],
+                        args![
+                            seq,
+                            e.at_ms,
+                            bounded(&e.actor),
+                            bounded(&e.actor_kind),
+                            bounded(&e.address),
+                            bounded(&e.action),
+                            bounded(&e.resource),
+                            bounded(&e.result),
+                            bounded(&e.detail),
+                            change.as_deref()
+                        ],
                     )?;
                 }
                 Ok(())

@@ -374,10 +374,37 @@ pub(crate) fn record(tx: &mut dyn Tx, actor: &Actor, changes: &[Change]) -> Resu
         tx.execute(
             "INSERT INTO events (seq, at, actor, actor_kind, address, action, resource, result, detail, change)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'success', ?8, ?9)",
-            args![seq, at, &actor.name, &actor.kind, &actor.address, action, &resource, &detail, &json],
+            args![
+                seq,
+                at,
+                bounded(&actor.name),
+                bounded(&actor.kind),
+                bounded(&actor.address),
+                action,
+                bounded(&resource),
+                bounded(&detail),
+                &json
+            ],
         )?;
     }
     Ok(())
+}
+
+/// The most of one text field the log keeps, in bytes: names, resources and details come
+/// from clients (a login name claimed in a failed attempt is whatever the client sent),
+/// and the log must not be a way to fill the disk.
+pub(crate) const MAX_FIELD: usize = 1024;
+
+/// `text`, cut to [`MAX_FIELD`] bytes at a character boundary, with `…` if it was cut.
+pub(crate) fn bounded(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= MAX_FIELD {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut end = MAX_FIELD - '…'.len_utf8();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}…", &text[..end]))
 }
 
 /// Takes `n` sequence numbers; returns the first. The counter row serialises appending

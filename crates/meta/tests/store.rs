@@ -1439,3 +1439,40 @@ async fn logins_are_typed_events_beside_the_changes() {
     })
     .await;
 }
+
+/// Names and details come from clients (a failed login records the name it claimed): the
+/// log keeps a bounded part of each, so it is no way to fill the disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_keeps_a_bounded_part_of_each_client_string() {
+    on_each_engine(|place| async move {
+        let db = place.open().await;
+        let huge = "é".repeat(50_000);
+        db.append_audit(vec![audit_event(1, &huge, "login", &huge, "failed")])
+            .await
+            .unwrap();
+        let by = Actor {
+            name: huge.clone(),
+            kind: "user".into(),
+            address: "127.0.0.1".into(),
+        };
+        push_blob(&db, &repo("team/app"), &digest('a'), 1).await;
+        db.unlink_blob(&repo("team/app"), &digest('a'), &by)
+            .await
+            .unwrap();
+        let records = db
+            .audit(AuditFilter {
+                limit: 10,
+                ..AuditFilter::default()
+            })
+            .await
+            .unwrap();
+        for record in &records {
+            for field in [&record.event.actor, &record.event.resource] {
+                assert!(field.len() <= 1024, "{}", field.len());
+            }
+        }
+        assert!(records[0].event.actor.ends_with('…'));
+        assert!(records[2].event.resource.ends_with('…'));
+    })
+    .await;
+}
