@@ -41,6 +41,18 @@ impl Place {
     }
 }
 
+/// `engine_test!(name, |place| { … })`: a test whose body runs on a fresh store of each
+/// engine (`place.open().await` opens a handle on it).
+macro_rules! engine_test {
+    ($(#[$doc:meta])* $name:ident, |$place:ident| $body:block) => {
+        $(#[$doc])*
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            on_each_engine(|$place| async move { $body }).await;
+        }
+    };
+}
+
 /// Runs `test` on a fresh store of each engine.
 async fn on_each_engine<F, Fut>(test: F)
 where
@@ -140,40 +152,36 @@ fn far_future() -> i64 {
     i64::MAX / 2
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn blobs_are_visible_only_where_linked() {
-    on_each_engine(|place| async move {
-        let db = place.open().await;
-        let (app, other) = (repo("team/app"), repo("team/other"));
-        let a = digest('a');
-        assert!(
-            matches!(
-                db.link_blob(&app, &a, 3, UPLOADED, &actor()).await,
-                Err(MetaError::BlobBeingDeleted)
-            ),
-            "a link needs a reservation first"
-        );
-        assert!(db.any_linked_blob_size(&a).await.unwrap().is_none());
-        push_blob(&db, &app, &a, 3).await;
-        let linked = db.linked_blob(&app, &a).await.unwrap().unwrap();
-        assert_eq!(linked.size, 3);
-        assert!(db.linked_blob(&other, &a).await.unwrap().is_none());
-        assert_eq!(db.any_linked_blob_size(&a).await.unwrap(), Some(3));
-        db.touch_blob(&a).await.unwrap();
-        let touched = db.linked_blob(&app, &a).await.unwrap().unwrap();
-        assert!(touched.last_used_ms >= linked.last_used_ms);
-        assert!(db.unlink_blob(&app, &a, &actor()).await.unwrap());
-        assert!(!db.unlink_blob(&app, &a, &actor()).await.unwrap());
-        assert!(db.linked_blob(&app, &a).await.unwrap().is_none());
-        assert!(db.any_linked_blob_size(&a).await.unwrap().is_none());
-        db.ping().await.unwrap();
-    })
-    .await;
-}
+engine_test!(blobs_are_visible_only_where_linked, |place| {
+    let db = place.open().await;
+    let (app, other) = (repo("team/app"), repo("team/other"));
+    let a = digest('a');
+    assert!(
+        matches!(
+            db.link_blob(&app, &a, 3, UPLOADED, &actor()).await,
+            Err(MetaError::BlobBeingDeleted)
+        ),
+        "a link needs a reservation first"
+    );
+    assert!(db.any_linked_blob_size(&a).await.unwrap().is_none());
+    push_blob(&db, &app, &a, 3).await;
+    let linked = db.linked_blob(&app, &a).await.unwrap().unwrap();
+    assert_eq!(linked.size, 3);
+    assert!(db.linked_blob(&other, &a).await.unwrap().is_none());
+    assert_eq!(db.any_linked_blob_size(&a).await.unwrap(), Some(3));
+    db.touch_blob(&a).await.unwrap();
+    let touched = db.linked_blob(&app, &a).await.unwrap().unwrap();
+    assert!(touched.last_used_ms >= linked.last_used_ms);
+    assert!(db.unlink_blob(&app, &a, &actor()).await.unwrap());
+    assert!(!db.unlink_blob(&app, &a, &actor()).await.unwrap());
+    assert!(db.linked_blob(&app, &a).await.unwrap().is_none());
+    assert!(db.any_linked_blob_size(&a).await.unwrap().is_none());
+    db.ping().await.unwrap();
+});
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn manifests_require_their_references_and_keep_their_bytes() {
-    on_each_engine(|place| async move {
+engine_test!(
+    manifests_require_their_references_and_keep_their_bytes,
+    |place| {
         let db = place.open().await;
         let (app, other) = (repo("team/app"), repo("team/other"));
         let (a, d, e, idx) = (digest('a'), digest('d'), digest('e'), digest('f'));
@@ -182,7 +190,9 @@ async fn manifests_require_their_references_and_keep_their_bytes() {
             .put_manifest(
                 &app,
                 manifest(&d, vec![layer(&a), layer(&a)], None),
-                Some(&v1), &actor())
+                Some(&v1),
+                &actor(),
+            )
             .await
             .unwrap_err();
         assert!(
@@ -191,9 +201,14 @@ async fn manifests_require_their_references_and_keep_their_bytes() {
         );
         push_blob(&db, &other, &a, 2).await;
         assert!(
-            db.put_manifest(&app, manifest(&d, vec![layer(&a)], None), Some(&v1), &actor())
-                .await
-                .is_err(),
+            db.put_manifest(
+                &app,
+                manifest(&d, vec![layer(&a)], None),
+                Some(&v1),
+                &actor()
+            )
+            .await
+            .is_err(),
             "a blob of another repository does not count"
         );
         db.link_blob(&app, &a, 2, UPLOADED, &actor()).await.unwrap();
@@ -221,7 +236,10 @@ async fn manifests_require_their_references_and_keep_their_bytes() {
 
         // An index needs its children in the same repository.
         let index = manifest(&idx, vec![child(&d)], None);
-        assert!(db.put_manifest(&other, index.clone(), None, &actor()).await.is_err());
+        assert!(db
+            .put_manifest(&other, index.clone(), None, &actor())
+            .await
+            .is_err());
         db.put_manifest(&app, index, Some(&tag("multi")), &actor())
             .await
             .unwrap();
@@ -250,9 +268,14 @@ async fn manifests_require_their_references_and_keep_their_bytes() {
         assert!(db.referrers(&app, &a, None).await.unwrap().is_empty());
 
         // A tag moves; deleting it leaves the manifest; deleting the manifest its tags.
-        db.put_manifest(&app, manifest(&e, vec![], Some(d.clone())), Some(&v1), &actor())
-            .await
-            .unwrap();
+        db.put_manifest(
+            &app,
+            manifest(&e, vec![], Some(d.clone())),
+            Some(&v1),
+            &actor(),
+        )
+        .await
+        .unwrap();
         let moved = db
             .get_manifest(&app, &Reference::Tag(v1.clone()))
             .await
@@ -273,96 +296,91 @@ async fn manifests_require_their_references_and_keep_their_bytes() {
             .unwrap()
             .is_none());
         assert!(!db.delete_manifest(&app, &idx, &actor()).await.unwrap());
-    })
-    .await;
-}
+    }
+);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tags_and_the_catalog_page_in_byte_order() {
-    on_each_engine(|place| async move {
-        let db = place.open().await;
-        let a = digest('a');
-        let names = ["team/app", "team/app/sub", "other/x", "Z/upper", "team-b/y"];
-        for name in names {
-            let r = RepoName::parse(&name.to_lowercase()).unwrap();
-            push_blob(&db, &r, &a, 1).await;
-            db.put_manifest(
-                &r,
-                manifest(&digest('d'), vec![layer(&a)], None),
-                None,
-                &actor(),
-            )
-            .await
-            .unwrap();
-        }
-        let app = repo("team/app");
-        for t in ["b", "B", "a", "a-1", "1", "Z"] {
-            db.put_manifest(
-                &app,
-                manifest(&digest('d'), vec![layer(&a)], None),
-                Some(&tag(t)),
-                &actor(),
-            )
-            .await
-            .unwrap();
-        }
-        let tags = db.list_tags(&app, all()).await.unwrap().unwrap();
-        assert_eq!(tags, ["1", "B", "Z", "a", "a-1", "b"]);
-        let page = db
-            .list_tags(
-                &app,
-                Page {
-                    limit: Some(2),
-                    after: Some("Z"),
-                },
-            )
+engine_test!(tags_and_the_catalog_page_in_byte_order, |place| {
+    let db = place.open().await;
+    let a = digest('a');
+    let names = ["team/app", "team/app/sub", "other/x", "Z/upper", "team-b/y"];
+    for name in names {
+        let r = RepoName::parse(&name.to_lowercase()).unwrap();
+        push_blob(&db, &r, &a, 1).await;
+        db.put_manifest(
+            &r,
+            manifest(&digest('d'), vec![layer(&a)], None),
+            None,
+            &actor(),
+        )
+        .await
+        .unwrap();
+    }
+    let app = repo("team/app");
+    for t in ["b", "B", "a", "a-1", "1", "Z"] {
+        db.put_manifest(
+            &app,
+            manifest(&digest('d'), vec![layer(&a)], None),
+            Some(&tag(t)),
+            &actor(),
+        )
+        .await
+        .unwrap();
+    }
+    let tags = db.list_tags(&app, all()).await.unwrap().unwrap();
+    assert_eq!(tags, ["1", "B", "Z", "a", "a-1", "b"]);
+    let page = db
+        .list_tags(
+            &app,
+            Page {
+                limit: Some(2),
+                after: Some("Z"),
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(page, ["a", "a-1"]);
+    assert!(db
+        .list_tags(&repo("nobody/here"), all())
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(
+        db.list_tags(&repo("other/x"), all())
             .await
             .unwrap()
-            .unwrap();
-        assert_eq!(page, ["a", "a-1"]);
-        assert!(db
-            .list_tags(&repo("nobody/here"), all())
-            .await
-            .unwrap()
-            .is_none());
-        assert_eq!(
-            db.list_tags(&repo("other/x"), all())
-                .await
-                .unwrap()
-                .unwrap(),
-            Vec::<String>::new(),
-            "a repository without tags lists none"
-        );
+            .unwrap(),
+        Vec::<String>::new(),
+        "a repository without tags lists none"
+    );
 
-        let catalog = db.catalog(all(), None).await.unwrap();
-        assert_eq!(
-            catalog,
-            ["other/x", "team-b/y", "team/app", "team/app/sub", "z/upper"]
-        );
-        let page = db
-            .catalog(
-                Page {
-                    limit: Some(2),
-                    after: Some("team-b/y"),
-                },
-                None,
-            )
-            .await
-            .unwrap();
-        assert_eq!(page, ["team/app", "team/app/sub"]);
-        let within = ["team".to_owned(), "z".to_owned(), "x\"y".to_owned()];
-        assert_eq!(
-            db.catalog(all(), Some(&within)).await.unwrap(),
-            ["team/app", "team/app/sub", "z/upper"]
-        );
-        assert!(db.catalog(all(), Some(&[])).await.unwrap().is_empty());
-    })
-    .await;
-}
+    let catalog = db.catalog(all(), None).await.unwrap();
+    assert_eq!(
+        catalog,
+        ["other/x", "team-b/y", "team/app", "team/app/sub", "z/upper"]
+    );
+    let page = db
+        .catalog(
+            Page {
+                limit: Some(2),
+                after: Some("team-b/y"),
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(page, ["team/app", "team/app/sub"]);
+    let within = ["team".to_owned(), "z".to_owned(), "x\"y".to_owned()];
+    assert_eq!(
+        db.catalog(all(), Some(&within)).await.unwrap(),
+        ["team/app", "team/app/sub", "z/upper"]
+    );
+    assert!(db.catalog(all(), Some(&[])).await.unwrap().is_empty());
+});
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upload_sessions_are_known_at_once_and_to_every_later_handle() {
-    on_each_engine(|place| async move {
+engine_test!(
+    upload_sessions_are_known_at_once_and_to_every_later_handle,
+    |place| {
         let db = place.open().await;
         let app = repo("team/app");
         db.record_upload("s1", &app).await.unwrap();
@@ -402,190 +420,181 @@ async fn upload_sessions_are_known_at_once_and_to_every_later_handle() {
         .unwrap();
         assert_eq!(db.upload_repo("s2").await.unwrap(), None);
         assert_eq!(other.upload_repo("s2").await.unwrap(), None);
-    })
-    .await;
-}
+    }
+);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leases_are_exclusive_until_released_or_expired() {
-    on_each_engine(|place| async move {
-        let db = place.open().await;
-        let node_b = place.open().await;
-        assert!(db.try_lease("gc", "a", 60_000).await.unwrap());
-        assert!(db.try_lease("gc", "a", 60_000).await.unwrap(), "renewal");
-        assert!(!node_b.try_lease("gc", "b", 60_000).await.unwrap());
-        assert!(node_b.try_lease("other", "b", 60_000).await.unwrap());
-        node_b.release_lease("gc", "b").await.unwrap();
-        assert!(
-            !node_b.try_lease("gc", "b", 60_000).await.unwrap(),
-            "only the holder releases"
-        );
-        db.release_lease("gc", "a").await.unwrap();
-        assert!(node_b.try_lease("gc", "b", 1).await.unwrap());
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        assert!(
-            db.try_lease("gc", "a", 60_000).await.unwrap(),
-            "expired: taken over"
-        );
-    })
-    .await;
-}
+engine_test!(leases_are_exclusive_until_released_or_expired, |place| {
+    let db = place.open().await;
+    let node_b = place.open().await;
+    assert!(db.try_lease("gc", "a", 60_000).await.unwrap());
+    assert!(db.try_lease("gc", "a", 60_000).await.unwrap(), "renewal");
+    assert!(!node_b.try_lease("gc", "b", 60_000).await.unwrap());
+    assert!(node_b.try_lease("other", "b", 60_000).await.unwrap());
+    node_b.release_lease("gc", "b").await.unwrap();
+    assert!(
+        !node_b.try_lease("gc", "b", 60_000).await.unwrap(),
+        "only the holder releases"
+    );
+    db.release_lease("gc", "a").await.unwrap();
+    assert!(node_b.try_lease("gc", "b", 1).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert!(
+        db.try_lease("gc", "a", 60_000).await.unwrap(),
+        "expired: taken over"
+    );
+});
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn garbage_collection_marks_what_nothing_reaches() {
-    on_each_engine(|place| async move {
-        let db = place.open().await;
-        let app = repo("team/app");
-        let (kept, shared, orphan, lonely) = (digest('1'), digest('2'), digest('3'), digest('4'));
-        for d in [&kept, &shared, &orphan, &lonely] {
-            push_blob(&db, &app, d, 10).await;
-        }
-        let (tagged, untagged, idx, sig, child_m) = (
-            digest('a'),
-            digest('b'),
-            digest('c'),
-            digest('e'),
-            digest('f'),
-        );
-        db.put_manifest(
-            &app,
-            manifest(&tagged, vec![layer(&kept), layer(&shared)], None),
-            Some(&tag("v1")),
-            &actor(),
-        )
+engine_test!(garbage_collection_marks_what_nothing_reaches, |place| {
+    let db = place.open().await;
+    let app = repo("team/app");
+    let (kept, shared, orphan, lonely) = (digest('1'), digest('2'), digest('3'), digest('4'));
+    for d in [&kept, &shared, &orphan, &lonely] {
+        push_blob(&db, &app, d, 10).await;
+    }
+    let (tagged, untagged, idx, sig, child_m) = (
+        digest('a'),
+        digest('b'),
+        digest('c'),
+        digest('e'),
+        digest('f'),
+    );
+    db.put_manifest(
+        &app,
+        manifest(&tagged, vec![layer(&kept), layer(&shared)], None),
+        Some(&tag("v1")),
+        &actor(),
+    )
+    .await
+    .unwrap();
+    db.put_manifest(
+        &app,
+        manifest(&untagged, vec![layer(&orphan), layer(&shared)], None),
+        None,
+        &actor(),
+    )
+    .await
+    .unwrap();
+    // A tagged index keeps its child; a referrer of a reached manifest is reached.
+    db.put_manifest(&app, manifest(&child_m, vec![], None), None, &actor())
         .await
         .unwrap();
-        db.put_manifest(
-            &app,
-            manifest(&untagged, vec![layer(&orphan), layer(&shared)], None),
-            None,
-            &actor(),
-        )
-        .await
-        .unwrap();
-        // A tagged index keeps its child; a referrer of a reached manifest is reached.
-        db.put_manifest(&app, manifest(&child_m, vec![], None), None, &actor())
-            .await
-            .unwrap();
-        db.put_manifest(
-            &app,
-            manifest(&idx, vec![child(&child_m)], None),
-            Some(&tag("multi")),
-            &actor(),
-        )
-        .await
-        .unwrap();
-        db.put_manifest(
-            &app,
-            manifest(&sig, vec![], Some(tagged.clone())),
-            None,
-            &actor(),
-        )
-        .await
-        .unwrap();
+    db.put_manifest(
+        &app,
+        manifest(&idx, vec![child(&child_m)], None),
+        Some(&tag("multi")),
+        &actor(),
+    )
+    .await
+    .unwrap();
+    db.put_manifest(
+        &app,
+        manifest(&sig, vec![], Some(tagged.clone())),
+        None,
+        &actor(),
+    )
+    .await
+    .unwrap();
 
-        let selection = GcSelection {
-            untagged_pushed_before_ms: Some(far_future()),
-            blobs_unused_before_ms: far_future(),
-            dry_run: true,
-        };
-        let dry = db.mark_garbage(selection).await.unwrap();
-        assert_eq!(dry.manifests, [("team/app".to_owned(), untagged.clone())]);
-        let mut expected = vec![(orphan.clone(), 10), (lonely.clone(), 10)];
-        expected.sort_by(|x, y| x.0.as_str().cmp(y.0.as_str()));
-        assert_eq!(dry.blobs, expected);
-        assert!(
-            db.blobs_being_deleted().await.unwrap().is_empty(),
-            "a dry run changes nothing"
-        );
+    let selection = GcSelection {
+        untagged_pushed_before_ms: Some(far_future()),
+        blobs_unused_before_ms: far_future(),
+        dry_run: true,
+    };
+    let dry = db.mark_garbage(selection).await.unwrap();
+    assert_eq!(dry.manifests, [("team/app".to_owned(), untagged.clone())]);
+    let mut expected = vec![(orphan.clone(), 10), (lonely.clone(), 10)];
+    expected.sort_by(|x, y| x.0.as_str().cmp(y.0.as_str()));
+    assert_eq!(dry.blobs, expected);
+    assert!(
+        db.blobs_being_deleted().await.unwrap().is_empty(),
+        "a dry run changes nothing"
+    );
+    assert!(db
+        .get_manifest(&app, &Reference::Digest(untagged.clone()))
+        .await
+        .unwrap()
+        .is_some());
+
+    let marked = db
+        .mark_garbage(GcSelection {
+            dry_run: false,
+            ..selection
+        })
+        .await
+        .unwrap();
+    assert_eq!((marked.manifests, marked.blobs), (dry.manifests, dry.blobs));
+    for d in [&tagged, &idx, &sig, &child_m] {
         assert!(db
-            .get_manifest(&app, &Reference::Digest(untagged.clone()))
+            .get_manifest(&app, &Reference::Digest(d.clone()))
             .await
             .unwrap()
             .is_some());
+    }
+    assert!(db
+        .get_manifest(&app, &Reference::Digest(untagged))
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(db.blobs_being_deleted().await.unwrap(), expected);
+    assert!(db.linked_blob(&app, &orphan).await.unwrap().is_none());
+    assert!(matches!(
+        db.reserve_blob(&orphan).await,
+        Err(MetaError::BlobBeingDeleted)
+    ));
+    assert!(matches!(
+        db.link_blob(&app, &orphan, 10, UPLOADED, &actor()).await,
+        Err(MetaError::BlobBeingDeleted)
+    ));
+    let mut live = db.live_blobs().await.unwrap();
+    live.sort_by(|x, y| x.0.as_str().cmp(y.0.as_str()));
+    assert_eq!(live, [(kept.clone(), 10), (shared.clone(), 10)]);
 
-        let marked = db
-            .mark_garbage(GcSelection {
-                dry_run: false,
-                ..selection
-            })
-            .await
-            .unwrap();
-        assert_eq!((marked.manifests, marked.blobs), (dry.manifests, dry.blobs));
-        for d in [&tagged, &idx, &sig, &child_m] {
-            assert!(db
-                .get_manifest(&app, &Reference::Digest(d.clone()))
-                .await
-                .unwrap()
-                .is_some());
-        }
-        assert!(db
-            .get_manifest(&app, &Reference::Digest(untagged))
-            .await
-            .unwrap()
-            .is_none());
-        assert_eq!(db.blobs_being_deleted().await.unwrap(), expected);
-        assert!(db.linked_blob(&app, &orphan).await.unwrap().is_none());
-        assert!(matches!(
-            db.reserve_blob(&orphan).await,
-            Err(MetaError::BlobBeingDeleted)
-        ));
-        assert!(matches!(
-            db.link_blob(&app, &orphan, 10, UPLOADED, &actor()).await,
-            Err(MetaError::BlobBeingDeleted)
-        ));
-        let mut live = db.live_blobs().await.unwrap();
-        live.sort_by(|x, y| x.0.as_str().cmp(y.0.as_str()));
-        assert_eq!(live, [(kept.clone(), 10), (shared.clone(), 10)]);
+    db.forget_deleted_blobs(&[orphan.clone(), lonely.clone(), kept.clone()])
+        .await
+        .unwrap();
+    assert!(db.blobs_being_deleted().await.unwrap().is_empty());
+    assert_eq!(
+        db.live_blobs().await.unwrap().len(),
+        2,
+        "live blobs are not forgotten"
+    );
+    // After the sweep the digest may be pushed again.
+    push_blob(&db, &app, &orphan, 10).await;
 
-        db.forget_deleted_blobs(&[orphan.clone(), lonely.clone(), kept.clone()])
-            .await
-            .unwrap();
-        assert!(db.blobs_being_deleted().await.unwrap().is_empty());
-        assert_eq!(
-            db.live_blobs().await.unwrap().len(),
-            2,
-            "live blobs are not forgotten"
-        );
-        // After the sweep the digest may be pushed again.
-        push_blob(&db, &app, &orphan, 10).await;
+    // A pass that keeps manifests and spares recently used blobs.
+    let spared = db
+        .mark_garbage(GcSelection {
+            untagged_pushed_before_ms: None,
+            blobs_unused_before_ms: NO_GC_CUTOFF,
+            dry_run: false,
+        })
+        .await
+        .unwrap();
+    assert!(spared.manifests.is_empty() && spared.blobs.is_empty());
 
-        // A pass that keeps manifests and spares recently used blobs.
-        let spared = db
-            .mark_garbage(GcSelection {
-                untagged_pushed_before_ms: None,
-                blobs_unused_before_ms: NO_GC_CUTOFF,
-                dry_run: false,
-            })
-            .await
-            .unwrap();
-        assert!(spared.manifests.is_empty() && spared.blobs.is_empty());
+    // The scrub's view: a dropped blob leaves its manifests' edges dangling.
+    assert!(db.dangling_edges().await.unwrap().is_empty());
+    db.drop_blob(&kept).await.unwrap();
+    let dangling = db.dangling_edges().await.unwrap();
+    assert_eq!(dangling.len(), 1);
+    assert_eq!(
+        (
+            dangling[0].manifest.as_str(),
+            dangling[0].target.as_str(),
+            dangling[0].kind.as_str()
+        ),
+        (tagged.as_str(), kept.as_str(), "layer")
+    );
+    assert!(db.linked_blob(&app, &kept).await.unwrap().is_none());
+});
 
-        // The scrub's view: a dropped blob leaves its manifests' edges dangling.
-        assert!(db.dangling_edges().await.unwrap().is_empty());
-        db.drop_blob(&kept).await.unwrap();
-        let dangling = db.dangling_edges().await.unwrap();
-        assert_eq!(dangling.len(), 1);
-        assert_eq!(
-            (
-                dangling[0].manifest.as_str(),
-                dangling[0].target.as_str(),
-                dangling[0].kind.as_str()
-            ),
-            (tagged.as_str(), kept.as_str(), "layer")
-        );
-        assert!(db.linked_blob(&app, &kept).await.unwrap().is_none());
-    })
-    .await;
-}
-
-/// Pushes race a collector that would delete every unreferenced blob at once. Whatever
-/// interleaving happens, a manifest the store accepted never loses a blob: either the
-/// link commits first and the mark sees the blob in use, or the mark commits first and
-/// the push is refused.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn marking_under_concurrent_pushes_never_strands_a_manifest() {
-    on_each_engine(|place| async move {
+engine_test!(
+    /// Pushes race a collector that would delete every unreferenced blob at once. Whatever
+    /// interleaving happens, a manifest the store accepted never loses a blob: either the
+    /// link commits first and the mark sees the blob in use, or the mark commits first and
+    /// the push is refused.
+    marking_under_concurrent_pushes_never_strands_a_manifest,
+    |place| {
         let db = Arc::new(place.open().await);
         let writers: Vec<_> = (0..4)
             .map(|w| {
@@ -661,285 +670,271 @@ async fn marking_under_concurrent_pushes_never_strands_a_manifest() {
             accepted.len(),
             "every accepted manifest's blob, and nothing else, is live"
         );
-    })
-    .await;
-}
+});
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn users_are_named_once_and_versioned_by_password() {
-    on_each_engine(|place| async move {
-        let db = place.open().await;
-        assert_eq!(db.count_users().await.unwrap(), 0);
-        let alice = db
-            .create_user("alice", "hash-1", false, "", &actor())
-            .await
-            .unwrap();
-        assert_eq!(
-            (alice.name.as_str(), alice.admin, alice.generation),
-            ("alice", false, 0)
-        );
-        let err = db
-            .create_user("alice", "other", true, "", &actor())
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(err, MetaError::Conflict(ref m) if m.contains("alice")),
-            "{err:?}"
-        );
-        db.create_user("bob", "hash-b", true, "", &actor())
-            .await
-            .unwrap();
-        assert_eq!(db.count_users().await.unwrap(), 2);
-        let names: Vec<String> = db
-            .users()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|u| u.name)
-            .collect();
-        assert_eq!(names, ["alice", "bob"]);
+engine_test!(users_are_named_once_and_versioned_by_password, |place| {
+    let db = place.open().await;
+    assert_eq!(db.count_users().await.unwrap(), 0);
+    let alice = db
+        .create_user("alice", "hash-1", false, "", &actor())
+        .await
+        .unwrap();
+    assert_eq!(
+        (alice.name.as_str(), alice.admin, alice.generation),
+        ("alice", false, 0)
+    );
+    let err = db
+        .create_user("alice", "other", true, "", &actor())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, MetaError::Conflict(ref m) if m.contains("alice")),
+        "{err:?}"
+    );
+    db.create_user("bob", "hash-b", true, "", &actor())
+        .await
+        .unwrap();
+    assert_eq!(db.count_users().await.unwrap(), 2);
+    let names: Vec<String> = db
+        .users()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| u.name)
+        .collect();
+    assert_eq!(names, ["alice", "bob"]);
 
-        let changed = db
-            .update_user("alice", Some("hash-2"), Some(true), &actor())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            (
-                changed.password_hash.as_str(),
-                changed.admin,
-                changed.generation
-            ),
-            ("hash-2", true, 1)
-        );
-        let demoted = db
-            .update_user("alice", None, Some(false), &actor())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!((demoted.admin, demoted.generation), (false, 1));
-        assert!(db
-            .update_user("nobody", Some("x"), None, &actor())
-            .await
-            .unwrap()
-            .is_none());
-        db.rehash_password(alice.id, "hash-3").await.unwrap();
-        let rehashed = db.user("alice").await.unwrap().unwrap();
-        assert_eq!(
-            (rehashed.password_hash.as_str(), rehashed.generation),
-            ("hash-3", 1)
-        );
+    let changed = db
+        .update_user("alice", Some("hash-2"), Some(true), &actor())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            changed.password_hash.as_str(),
+            changed.admin,
+            changed.generation
+        ),
+        ("hash-2", true, 1)
+    );
+    let demoted = db
+        .update_user("alice", None, Some(false), &actor())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((demoted.admin, demoted.generation), (false, 1));
+    assert!(db
+        .update_user("nobody", Some("x"), None, &actor())
+        .await
+        .unwrap()
+        .is_none());
+    db.rehash_password(alice.id, "hash-3").await.unwrap();
+    let rehashed = db.user("alice").await.unwrap().unwrap();
+    assert_eq!(
+        (rehashed.password_hash.as_str(), rehashed.generation),
+        ("hash-3", 1)
+    );
 
-        db.create_project(
+    db.create_project(
+        "team",
+        false,
+        Some((alice.id, "admin")),
+        ProjectOrigin::Requested,
+        &actor(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        db.member_projects(alice.id).await.unwrap(),
+        [("team".to_owned(), "admin".to_owned())]
+    );
+    assert!(db.delete_user("alice", &actor()).await.unwrap());
+    assert!(!db.delete_user("alice", &actor()).await.unwrap());
+    assert!(db.user("alice").await.unwrap().is_none());
+    assert!(
+        db.members("team").await.unwrap().is_empty(),
+        "memberships go with the user"
+    );
+    let again = db
+        .create_user("alice", "hash-4", false, "", &actor())
+        .await
+        .unwrap();
+    assert_ne!(again.id, alice.id, "a new account is a new id");
+});
+
+engine_test!(projects_members_and_robots, |place| {
+    let db = place.open().await;
+    let owner = db
+        .create_user("owner", "h", false, "", &actor())
+        .await
+        .unwrap();
+    let dev = db
+        .create_user("dev", "h", false, "", &actor())
+        .await
+        .unwrap();
+    let team = db
+        .create_project(
             "team",
             false,
-            Some((alice.id, "admin")),
+            Some((owner.id, "admin")),
             ProjectOrigin::Requested,
             &actor(),
         )
         .await
         .unwrap();
-        assert_eq!(
-            db.member_projects(alice.id).await.unwrap(),
-            [("team".to_owned(), "admin".to_owned())]
-        );
-        assert!(db.delete_user("alice", &actor()).await.unwrap());
-        assert!(!db.delete_user("alice", &actor()).await.unwrap());
-        assert!(db.user("alice").await.unwrap().is_none());
-        assert!(
-            db.members("team").await.unwrap().is_empty(),
-            "memberships go with the user"
-        );
-        let again = db
-            .create_user("alice", "hash-4", false, "", &actor())
-            .await
-            .unwrap();
-        assert_ne!(again.id, alice.id, "a new account is a new id");
-    })
-    .await;
-}
+    assert!(!team.public);
+    assert!(matches!(
+        db.create_project("team", true, None, ProjectOrigin::Requested, &actor())
+            .await,
+        Err(MetaError::Conflict(_))
+    ));
+    db.create_project("open", true, None, ProjectOrigin::Requested, &actor())
+        .await
+        .unwrap();
+    let names: Vec<String> = db
+        .projects()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(names, ["open", "team"]);
+    assert!(db.project("open").await.unwrap().unwrap().public);
+    assert!(db.set_project_public("team", true, &actor()).await.unwrap());
+    assert!(db.project("team").await.unwrap().unwrap().public);
+    assert!(!db.set_project_public("nope", true, &actor()).await.unwrap());
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn projects_members_and_robots() {
-    on_each_engine(|place| async move {
-        let db = place.open().await;
-        let owner = db
-            .create_user("owner", "h", false, "", &actor())
+    // Members.
+    assert!(db
+        .set_member("team", "dev", "developer", &actor())
+        .await
+        .unwrap());
+    assert!(
+        !db.set_member("team", "dev", "maintainer", &actor())
             .await
-            .unwrap();
-        let dev = db
-            .create_user("dev", "h", false, "", &actor())
-            .await
-            .unwrap();
-        let team = db
-            .create_project(
-                "team",
-                false,
-                Some((owner.id, "admin")),
-                ProjectOrigin::Requested,
-                &actor(),
-            )
-            .await
-            .unwrap();
-        assert!(!team.public);
-        assert!(matches!(
-            db.create_project("team", true, None, ProjectOrigin::Requested, &actor())
-                .await,
-            Err(MetaError::Conflict(_))
-        ));
-        db.create_project("open", true, None, ProjectOrigin::Requested, &actor())
-            .await
-            .unwrap();
-        let names: Vec<String> = db
-            .projects()
+            .unwrap(),
+        "changed, not added"
+    );
+    assert_eq!(
+        db.member_role("team", dev.id).await.unwrap().as_deref(),
+        Some("maintainer")
+    );
+    assert!(matches!(
+        db.set_member("nope", "dev", "guest", &actor()).await,
+        Err(MetaError::NotFound(_))
+    ));
+    assert!(matches!(
+        db.set_member("team", "ghost", "guest", &actor()).await,
+        Err(MetaError::NotFound(_))
+    ));
+    let members: Vec<(String, String)> = db
+        .members("team")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.user, m.role))
+        .collect();
+    assert_eq!(
+        members,
+        [
+            ("dev".into(), "maintainer".into()),
+            ("owner".into(), "admin".into())
+        ]
+    );
+
+    // What one authorization reads.
+    let access = db.project_access("team", Some(dev.id)).await.unwrap();
+    assert_eq!(access.project.as_ref().map(|p| p.public), Some(true));
+    assert_eq!(access.role.as_deref(), Some("maintainer"));
+    assert!(!access.unrecorded_repositories);
+    let anonymous = db.project_access("team", None).await.unwrap();
+    assert!(anonymous.role.is_none() && anonymous.project.is_some());
+    let unrecorded = db.project_access("legacy", Some(dev.id)).await.unwrap();
+    assert!(unrecorded.project.is_none() && !unrecorded.unrecorded_repositories);
+    assert!(!db.project_in_use("legacy").await.unwrap());
+    push_blob(&db, &repo("legacy/app"), &digest('a'), 1).await;
+    assert!(
+        db.project_access("legacy", None)
             .await
             .unwrap()
-            .into_iter()
-            .map(|p| p.name)
-            .collect();
-        assert_eq!(names, ["open", "team"]);
-        assert!(db.project("open").await.unwrap().unwrap().public);
-        assert!(db.set_project_public("team", true, &actor()).await.unwrap());
-        assert!(db.project("team").await.unwrap().unwrap().public);
-        assert!(!db.set_project_public("nope", true, &actor()).await.unwrap());
+            .unrecorded_repositories
+    );
+    assert!(db.project_in_use("legacy").await.unwrap());
+    assert!(
+        !db.project_in_use("leg").await.unwrap(),
+        "a prefix is not a project"
+    );
 
-        // Members.
-        assert!(db
-            .set_member("team", "dev", "developer", &actor())
-            .await
-            .unwrap());
-        assert!(
-            !db.set_member("team", "dev", "maintainer", &actor())
-                .await
-                .unwrap(),
-            "changed, not added"
-        );
-        assert_eq!(
-            db.member_role("team", dev.id).await.unwrap().as_deref(),
-            Some("maintainer")
-        );
-        assert!(matches!(
-            db.set_member("nope", "dev", "guest", &actor()).await,
-            Err(MetaError::NotFound(_))
-        ));
-        assert!(matches!(
-            db.set_member("team", "ghost", "guest", &actor()).await,
-            Err(MetaError::NotFound(_))
-        ));
-        let members: Vec<(String, String)> = db
-            .members("team")
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|m| (m.user, m.role))
-            .collect();
-        assert_eq!(
-            members,
-            [
-                ("dev".into(), "maintainer".into()),
-                ("owner".into(), "admin".into())
-            ]
-        );
+    assert!(db.remove_member("team", "dev", &actor()).await.unwrap());
+    assert!(!db.remove_member("team", "dev", &actor()).await.unwrap());
+    assert!(db.member_role("team", dev.id).await.unwrap().is_none());
 
-        // What one authorization reads.
-        let access = db.project_access("team", Some(dev.id)).await.unwrap();
-        assert_eq!(access.project.as_ref().map(|p| p.public), Some(true));
-        assert_eq!(access.role.as_deref(), Some("maintainer"));
-        assert!(!access.unrecorded_repositories);
-        let anonymous = db.project_access("team", None).await.unwrap();
-        assert!(anonymous.role.is_none() && anonymous.project.is_some());
-        let unrecorded = db.project_access("legacy", Some(dev.id)).await.unwrap();
-        assert!(unrecorded.project.is_none() && !unrecorded.unrecorded_repositories);
-        assert!(!db.project_in_use("legacy").await.unwrap());
-        push_blob(&db, &repo("legacy/app"), &digest('a'), 1).await;
-        assert!(
-            db.project_access("legacy", None)
-                .await
-                .unwrap()
-                .unrecorded_repositories
-        );
-        assert!(db.project_in_use("legacy").await.unwrap());
-        assert!(
-            !db.project_in_use("leg").await.unwrap(),
-            "a prefix is not a project"
-        );
+    // Robots.
+    let perms = vec!["pull".to_owned(), "push".to_owned()];
+    let robot = db
+        .create_robot("team", "ci", "secret-hash", &perms, Some(42), &actor())
+        .await
+        .unwrap();
+    assert_eq!(
+        (robot.permissions.clone(), robot.expires_ms),
+        (perms.clone(), Some(42))
+    );
+    assert!(matches!(
+        db.create_robot("team", "ci", "x", &perms, None, &actor())
+            .await,
+        Err(MetaError::Conflict(_))
+    ));
+    assert!(matches!(
+        db.create_robot("nope", "ci", "x", &[], None, &actor())
+            .await,
+        Err(MetaError::NotFound(_))
+    ));
+    db.create_robot("team", "bot", "x", &[], None, &actor())
+        .await
+        .unwrap();
+    assert_eq!(db.robot("team", "ci").await.unwrap(), Some(robot));
+    let robots: Vec<String> = db
+        .robots("team")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    assert_eq!(robots, ["bot", "ci"]);
+    assert!(db
+        .robot("team", "bot")
+        .await
+        .unwrap()
+        .unwrap()
+        .permissions
+        .is_empty());
+    assert!(db.delete_robot("team", "bot", &actor()).await.unwrap());
+    assert!(!db.delete_robot("team", "bot", &actor()).await.unwrap());
 
-        assert!(db.remove_member("team", "dev", &actor()).await.unwrap());
-        assert!(!db.remove_member("team", "dev", &actor()).await.unwrap());
-        assert!(db.member_role("team", dev.id).await.unwrap().is_none());
+    // A project holding repositories cannot go; an empty one takes its robots along.
+    let app = repo("team/app");
+    push_blob(&db, &app, &digest('b'), 1).await;
+    assert!(matches!(
+        db.delete_project("team", &actor()).await,
+        Err(MetaError::NotEmpty(_))
+    ));
+    db.unlink_blob(&app, &digest('b'), &actor()).await.unwrap();
+    assert!(db.delete_project("team", &actor()).await.unwrap());
+    assert!(!db.delete_project("team", &actor()).await.unwrap());
+    assert!(db.robot("team", "ci").await.unwrap().is_none());
+    assert!(db.member_projects(owner.id).await.unwrap().is_empty());
+});
 
-        // Robots.
-        let perms = vec!["pull".to_owned(), "push".to_owned()];
-        let robot = db
-            .create_robot("team", "ci", "secret-hash", &perms, Some(42), &actor())
-            .await
-            .unwrap();
-        assert_eq!(
-            (robot.permissions.clone(), robot.expires_ms),
-            (perms.clone(), Some(42))
-        );
-        assert!(matches!(
-            db.create_robot("team", "ci", "x", &perms, None, &actor())
-                .await,
-            Err(MetaError::Conflict(_))
-        ));
-        assert!(matches!(
-            db.create_robot("nope", "ci", "x", &[], None, &actor())
-                .await,
-            Err(MetaError::NotFound(_))
-        ));
-        db.create_robot("team", "bot", "x", &[], None, &actor())
-            .await
-            .unwrap();
-        assert_eq!(db.robot("team", "ci").await.unwrap(), Some(robot));
-        let robots: Vec<String> = db
-            .robots("team")
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|r| r.name)
-            .collect();
-        assert_eq!(robots, ["bot", "ci"]);
-        assert!(db
-            .robot("team", "bot")
-            .await
-            .unwrap()
-            .unwrap()
-            .permissions
-            .is_empty());
-        assert!(db.delete_robot("team", "bot", &actor()).await.unwrap());
-        assert!(!db.delete_robot("team", "bot", &actor()).await.unwrap());
-
-        // A project holding repositories cannot go; an empty one takes its robots along.
-        let app = repo("team/app");
-        push_blob(&db, &app, &digest('b'), 1).await;
-        assert!(matches!(
-            db.delete_project("team", &actor()).await,
-            Err(MetaError::NotEmpty(_))
-        ));
-        db.unlink_blob(&app, &digest('b'), &actor()).await.unwrap();
-        assert!(db.delete_project("team", &actor()).await.unwrap());
-        assert!(!db.delete_project("team", &actor()).await.unwrap());
-        assert!(db.robot("team", "ci").await.unwrap().is_none());
-        assert!(db.member_projects(owner.id).await.unwrap().is_empty());
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn settings_keep_the_first_value() {
-    on_each_engine(|place| async move {
-        let db = place.open().await;
-        let node_b = place.open().await;
-        assert_eq!(db.setting_or_insert("key", "first").await.unwrap(), "first");
-        assert_eq!(
-            node_b.setting_or_insert("key", "second").await.unwrap(),
-            "first"
-        );
-        assert_eq!(node_b.setting_or_insert("other", "x").await.unwrap(), "x");
-    })
-    .await;
-}
+engine_test!(settings_keep_the_first_value, |place| {
+    let db = place.open().await;
+    let node_b = place.open().await;
+    assert_eq!(db.setting_or_insert("key", "first").await.unwrap(), "first");
+    assert_eq!(
+        node_b.setting_or_insert("key", "second").await.unwrap(),
+        "first"
+    );
+    assert_eq!(node_b.setting_or_insert("other", "x").await.unwrap(), "x");
+});
 
 fn audit_event(
     at_ms: i64,
@@ -961,87 +956,83 @@ fn audit_event(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_audit_log_filters_and_pages_newest_first() {
-    on_each_engine(|place| async move {
-        let db = place.open().await;
-        db.append_audit(vec![
-            audit_event(100, "alice", "push", "team/app:v1", "success"),
-            audit_event(200, "bob", "pull", "team/app:v1", "success"),
-            audit_event(300, "alice", "delete", "other/x@sha256:1", "denied"),
-            audit_event(400, "alice", "push", "team/lib:v2", "failed"),
-        ])
-        .await
-        .unwrap();
-        let list = |filter: AuditFilter| {
-            let db = &db;
-            async move {
-                db.audit(filter)
-                    .await
-                    .unwrap()
-                    .into_iter()
-                    .map(|r| r.event.at_ms)
-                    .collect::<Vec<_>>()
-            }
-        };
-        let everything = AuditFilter {
-            limit: 10,
-            ..AuditFilter::default()
-        };
-        assert_eq!(list(everything.clone()).await, [400, 300, 200, 100]);
-        let all = db.audit(everything.clone()).await.unwrap();
-        assert_eq!(
-            all[0].event,
-            audit_event(400, "alice", "push", "team/lib:v2", "failed")
-        );
-        assert!(all.windows(2).all(|w| w[0].id > w[1].id));
-        let filtered = |f: fn(&mut AuditFilter)| {
-            let mut filter = everything.clone();
-            f(&mut filter);
-            filter
-        };
-        assert_eq!(
-            list(filtered(|f| f.actor = Some("alice".into()))).await,
-            [400, 300, 100]
-        );
-        assert_eq!(
-            list(filtered(|f| f.action = Some("push".into()))).await,
-            [400, 100]
-        );
-        assert_eq!(
-            list(filtered(|f| f.resource_prefix = Some("team/".into()))).await,
-            [400, 200, 100]
-        );
-        assert_eq!(
-            list(filtered(|f| f.resource_prefix = Some("%".into()))).await,
-            Vec::<i64>::new()
-        );
-        assert_eq!(
-            list(filtered(|f| f.result = Some("denied".into()))).await,
-            [300]
-        );
-        assert_eq!(
-            list(filtered(|f| f.since_ms = Some(200))).await,
-            [400, 300, 200]
-        );
-        assert_eq!(list(filtered(|f| f.until_ms = Some(200))).await, [100]);
-        assert_eq!(list(filtered(|f| f.limit = 2)).await, [400, 300]);
-        let before = AuditFilter {
-            before_id: Some(all[1].id),
-            ..everything.clone()
-        };
-        assert_eq!(list(before).await, [200, 100]);
-    })
-    .await;
-}
+engine_test!(the_audit_log_filters_and_pages_newest_first, |place| {
+    let db = place.open().await;
+    db.append_audit(vec![
+        audit_event(100, "alice", "push", "team/app:v1", "success"),
+        audit_event(200, "bob", "pull", "team/app:v1", "success"),
+        audit_event(300, "alice", "delete", "other/x@sha256:1", "denied"),
+        audit_event(400, "alice", "push", "team/lib:v2", "failed"),
+    ])
+    .await
+    .unwrap();
+    let list = |filter: AuditFilter| {
+        let db = &db;
+        async move {
+            db.audit(filter)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| r.event.at_ms)
+                .collect::<Vec<_>>()
+        }
+    };
+    let everything = AuditFilter {
+        limit: 10,
+        ..AuditFilter::default()
+    };
+    assert_eq!(list(everything.clone()).await, [400, 300, 200, 100]);
+    let all = db.audit(everything.clone()).await.unwrap();
+    assert_eq!(
+        all[0].event,
+        audit_event(400, "alice", "push", "team/lib:v2", "failed")
+    );
+    assert!(all.windows(2).all(|w| w[0].id > w[1].id));
+    let filtered = |f: fn(&mut AuditFilter)| {
+        let mut filter = everything.clone();
+        f(&mut filter);
+        filter
+    };
+    assert_eq!(
+        list(filtered(|f| f.actor = Some("alice".into()))).await,
+        [400, 300, 100]
+    );
+    assert_eq!(
+        list(filtered(|f| f.action = Some("push".into()))).await,
+        [400, 100]
+    );
+    assert_eq!(
+        list(filtered(|f| f.resource_prefix = Some("team/".into()))).await,
+        [400, 200, 100]
+    );
+    assert_eq!(
+        list(filtered(|f| f.resource_prefix = Some("%".into()))).await,
+        Vec::<i64>::new()
+    );
+    assert_eq!(
+        list(filtered(|f| f.result = Some("denied".into()))).await,
+        [300]
+    );
+    assert_eq!(
+        list(filtered(|f| f.since_ms = Some(200))).await,
+        [400, 300, 200]
+    );
+    assert_eq!(list(filtered(|f| f.until_ms = Some(200))).await, [100]);
+    assert_eq!(list(filtered(|f| f.limit = 2)).await, [400, 300]);
+    let before = AuditFilter {
+        before_id: Some(all[1].id),
+        ..everything.clone()
+    };
+    assert_eq!(list(before).await, [200, 100]);
+});
 
 fn changes(events: &[berth_meta::Event]) -> Vec<Change> {
     events.iter().map(|e| e.change.clone()).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_committed_change_is_one_event_and_a_refused_one_none() {
-    on_each_engine(|place| async move {
+engine_test!(
+    every_committed_change_is_one_event_and_a_refused_one_none,
+    |place| {
         let db = place.open().await;
         let (app, other) = (repo("team/app"), repo("team/other"));
         let (a, m1, m2) = (digest('a'), digest('1'), digest('2'));
@@ -1188,13 +1179,12 @@ async fn every_committed_change_is_one_event_and_a_refused_one_none() {
             "{gc:?}"
         );
         assert_eq!(gc[0].actor, Actor::system("gc"));
-    })
-    .await;
-}
+    }
+);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_consumer_cursor_has_one_holder_and_only_moves_forward() {
-    on_each_engine(|place| async move {
+engine_test!(
+    a_consumer_cursor_has_one_holder_and_only_moves_forward,
+    |place| {
         let node_a = place.open().await;
         let node_b = place.open().await;
         assert_eq!(
@@ -1236,13 +1226,12 @@ async fn a_consumer_cursor_has_one_holder_and_only_moves_forward() {
             Some(3),
             "taken over where it stood"
         );
-    })
-    .await;
-}
+    }
+);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retention_prunes_old_events_no_consumer_still_needs() {
-    on_each_engine(|place| async move {
+engine_test!(
+    retention_prunes_old_events_no_consumer_still_needs,
+    |place| {
         let db = place.open().await;
         db.append_audit(vec![
             audit_event(100, "a", "login", "a", "success"),
@@ -1293,16 +1282,15 @@ async fn retention_prunes_old_events_no_consumer_still_needs() {
             .len(),
             0
         );
-    })
-    .await;
-}
+    }
+);
 
-/// Appenders on two nodes race while a reader follows the log: whatever it has seen is
-/// always a gapless prefix, so a consumer that remembers "up to N" never skips an event
-/// that commits later with a smaller number.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reader_following_concurrent_appenders_never_skips_one() {
-    on_each_engine(|place| async move {
+engine_test!(
+    /// Appenders on two nodes race while a reader follows the log: whatever it has seen is
+    /// always a gapless prefix, so a consumer that remembers "up to N" never skips an event
+    /// that commits later with a smaller number.
+    a_reader_following_concurrent_appenders_never_skips_one,
+    |place| {
         let nodes = [Arc::new(place.open().await), Arc::new(place.open().await)];
         let start = nodes[0].last_event().await.unwrap();
         let writers: Vec<_> = (0..4)
@@ -1335,116 +1323,135 @@ async fn a_reader_following_concurrent_appenders_never_skips_one() {
             w.await.unwrap();
         }
         assert_eq!(seen, total);
-    })
-    .await;
-}
+});
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn account_changes_are_events_in_the_audit_log_words() {
-    on_each_engine(|place| async move {
-        let db = place.open().await;
-        let start = db.last_event().await.unwrap();
-        let by = actor();
-        db.create_user("dev", "h", false, "", &by).await.unwrap();
-        assert!(db.create_user("dev", "h", false, "", &by).await.is_err());
-        db.update_user("dev", Some("h2"), Some(true), &by).await.unwrap();
-        assert!(db.update_user("ghost", Some("h"), None, &by).await.unwrap().is_none());
-        db.create_project("team", false, None, ProjectOrigin::Requested, &by)
-            .await
-            .unwrap();
-        db.create_project("pushed", false, None, ProjectOrigin::FirstPush, &by)
-            .await
-            .unwrap();
-        db.set_project_public("team", true, &by).await.unwrap();
-        db.set_member("team", "dev", "developer", &by).await.unwrap();
-        db.set_member("team", "dev", "guest", &by).await.unwrap();
-        db.remove_member("team", "dev", &by).await.unwrap();
-        assert!(!db.remove_member("team", "dev", &by).await.unwrap());
-        db.create_robot("team", "ci", "h", &["pull".to_owned()], None, &by)
-            .await
-            .unwrap();
-        db.delete_robot("team", "ci", &by).await.unwrap();
-        db.delete_project("team", &by).await.unwrap();
-        db.delete_user("dev", &by).await.unwrap();
-        assert!(!db.delete_user("dev", &by).await.unwrap());
-
-        let events = db.events_after(start, 100).await.unwrap();
-        assert_eq!(events.len(), 12, "{events:#?}");
-        assert!(matches!(events[0].change, Change::UserCreated { ref name, admin: false, .. } if name == "dev"));
-        assert!(matches!(events[1].change, Change::UserChanged { password: true, admin: Some(true), .. }));
-        assert!(matches!(events[3].change, Change::ProjectCreated { by_push: true, .. }));
-        assert!(matches!(events[5].change, Change::MemberSet { added: true, .. }));
-        assert!(matches!(events[6].change, Change::MemberSet { added: false, .. }));
-        assert!(matches!(events[11].change, Change::UserDeleted { .. }));
-        let audit = db
-            .audit(AuditFilter { limit: 12, ..AuditFilter::default() })
-            .await
-            .unwrap();
-        let words: Vec<(String, String, String)> = audit
-            .into_iter()
-            .rev()
-            .map(|r| (r.event.action, r.event.resource, r.event.detail))
-            .collect();
-        let w = |a: &str, r: &str, d: &str| (a.to_owned(), r.to_owned(), d.to_owned());
-        assert_eq!(
-            words,
-            [
-                w("user.create", "dev", ""),
-                w("user.update", "dev", "password admin=true"),
-                w("project.create", "team", "private"),
-                w("project.create", "pushed", "created by push"),
-                w("project.update", "team", "public"),
-                w("member.add", "team", "dev as developer"),
-                w("member.update", "team", "dev as guest"),
-                w("member.remove", "team", "dev"),
-                w("robot.create", "team", "robot$team+ci [pull]"),
-                w("robot.delete", "team", "robot$team+ci"),
-                w("project.delete", "team", ""),
-                w("user.delete", "dev", ""),
-            ]
-        );
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn logins_are_typed_events_beside_the_changes() {
-    on_each_engine(|place| async move {
-        let db = place.open().await;
-        let start = db.last_event().await.unwrap();
-        let mut login = audit_event(1, "dev", "login", "dev", "failed");
-        login.change = Some(Change::LoginFailed {
-            name: "dev".into(),
-            reason: "bad password".into(),
-        });
-        db.append_audit(vec![
-            audit_event(2, "dev", "pull", "team/app:v1", "denied"),
-            login.clone(),
-        ])
+engine_test!(account_changes_are_events_in_the_audit_log_words, |place| {
+    let db = place.open().await;
+    let start = db.last_event().await.unwrap();
+    let by = actor();
+    db.create_user("dev", "h", false, "", &by).await.unwrap();
+    assert!(db.create_user("dev", "h", false, "", &by).await.is_err());
+    db.update_user("dev", Some("h2"), Some(true), &by)
         .await
         .unwrap();
-        let events = db.events_after(start, 10).await.unwrap();
-        assert_eq!(events.len(), 1, "the refused pull is the audit log's only");
-        assert_eq!(events[0].change, login.change.clone().unwrap());
-        assert_eq!(events[0].seq, start + 2);
-        let audit = db
-            .audit(AuditFilter {
-                action: Some("login".into()),
-                limit: 10,
-                ..AuditFilter::default()
-            })
-            .await
-            .unwrap();
-        assert_eq!(audit[0].event, login);
-    })
-    .await;
-}
+    assert!(db
+        .update_user("ghost", Some("h"), None, &by)
+        .await
+        .unwrap()
+        .is_none());
+    db.create_project("team", false, None, ProjectOrigin::Requested, &by)
+        .await
+        .unwrap();
+    db.create_project("pushed", false, None, ProjectOrigin::FirstPush, &by)
+        .await
+        .unwrap();
+    db.set_project_public("team", true, &by).await.unwrap();
+    db.set_member("team", "dev", "developer", &by)
+        .await
+        .unwrap();
+    db.set_member("team", "dev", "guest", &by).await.unwrap();
+    db.remove_member("team", "dev", &by).await.unwrap();
+    assert!(!db.remove_member("team", "dev", &by).await.unwrap());
+    db.create_robot("team", "ci", "h", &["pull".to_owned()], None, &by)
+        .await
+        .unwrap();
+    db.delete_robot("team", "ci", &by).await.unwrap();
+    db.delete_project("team", &by).await.unwrap();
+    db.delete_user("dev", &by).await.unwrap();
+    assert!(!db.delete_user("dev", &by).await.unwrap());
 
-/// Names and details come from clients (a failed login records the name it claimed): the
-/// log keeps a bounded part of each, so it is no way to fill the disk.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_log_keeps_a_bounded_part_of_each_client_string() {
-    on_each_engine(|place| async move {
+    let events = db.events_after(start, 100).await.unwrap();
+    assert_eq!(events.len(), 12, "{events:#?}");
+    assert!(
+        matches!(events[0].change, Change::UserCreated { ref name, admin: false, .. } if name == "dev")
+    );
+    assert!(matches!(
+        events[1].change,
+        Change::UserChanged {
+            password: true,
+            admin: Some(true),
+            ..
+        }
+    ));
+    assert!(matches!(
+        events[3].change,
+        Change::ProjectCreated { by_push: true, .. }
+    ));
+    assert!(matches!(
+        events[5].change,
+        Change::MemberSet { added: true, .. }
+    ));
+    assert!(matches!(
+        events[6].change,
+        Change::MemberSet { added: false, .. }
+    ));
+    assert!(matches!(events[11].change, Change::UserDeleted { .. }));
+    let audit = db
+        .audit(AuditFilter {
+            limit: 12,
+            ..AuditFilter::default()
+        })
+        .await
+        .unwrap();
+    let words: Vec<(String, String, String)> = audit
+        .into_iter()
+        .rev()
+        .map(|r| (r.event.action, r.event.resource, r.event.detail))
+        .collect();
+    let w = |a: &str, r: &str, d: &str| (a.to_owned(), r.to_owned(), d.to_owned());
+    assert_eq!(
+        words,
+        [
+            w("user.create", "dev", ""),
+            w("user.update", "dev", "password admin=true"),
+            w("project.create", "team", "private"),
+            w("project.create", "pushed", "created by push"),
+            w("project.update", "team", "public"),
+            w("member.add", "team", "dev as developer"),
+            w("member.update", "team", "dev as guest"),
+            w("member.remove", "team", "dev"),
+            w("robot.create", "team", "robot$team+ci [pull]"),
+            w("robot.delete", "team", "robot$team+ci"),
+            w("project.delete", "team", ""),
+            w("user.delete", "dev", ""),
+        ]
+    );
+});
+
+engine_test!(logins_are_typed_events_beside_the_changes, |place| {
+    let db = place.open().await;
+    let start = db.last_event().await.unwrap();
+    let mut login = audit_event(1, "dev", "login", "dev", "failed");
+    login.change = Some(Change::LoginFailed {
+        name: "dev".into(),
+        reason: "bad password".into(),
+    });
+    db.append_audit(vec![
+        audit_event(2, "dev", "pull", "team/app:v1", "denied"),
+        login.clone(),
+    ])
+    .await
+    .unwrap();
+    let events = db.events_after(start, 10).await.unwrap();
+    assert_eq!(events.len(), 1, "the refused pull is the audit log's only");
+    assert_eq!(events[0].change, login.change.clone().unwrap());
+    assert_eq!(events[0].seq, start + 2);
+    let audit = db
+        .audit(AuditFilter {
+            action: Some("login".into()),
+            limit: 10,
+            ..AuditFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(audit[0].event, login);
+});
+
+engine_test!(
+    /// Names and details come from clients (a failed login records the name it claimed): the
+    /// log keeps a bounded part of each, so it is no way to fill the disk.
+    the_log_keeps_a_bounded_part_of_each_client_string,
+    |place| {
         let db = place.open().await;
         let huge = "é".repeat(50_000);
         db.append_audit(vec![audit_event(1, &huge, "login", &huge, "failed")])
@@ -1473,6 +1480,4 @@ async fn the_log_keeps_a_bounded_part_of_each_client_string() {
         }
         assert!(records[0].event.actor.ends_with('…'));
         assert!(records[2].event.resource.ends_with('…'));
-    })
-    .await;
-}
+});
