@@ -1338,3 +1338,40 @@ fn the_token_endpoint_refuses_malformed_requests() {
         json!([])
     );
 }
+
+/// A failed login records the name it claimed, which is whatever the client sent: the
+/// audit log keeps a bounded part of it, and serves it escaped, never as raw control
+/// characters.
+#[test]
+fn a_hostile_login_name_is_kept_bounded_and_served_escaped() {
+    let reg = crate::start_with_auth(settings());
+    let name = format!("\u{1b}]0;owned\u{7}{}", "a".repeat(20_000));
+    let r = http()
+        .get(format!("{}/v2/", reg.url()))
+        .basic_auth(&name, Some("wrong"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let mut raw = String::new();
+    let recorded = wait_until(Duration::from_secs(10), || {
+        let r = Who::admin()
+            .request(
+                &http(),
+                Method::GET,
+                &format!("{}/api/v1/audit?action=login&result=failed", reg.url()),
+            )
+            .send()
+            .unwrap();
+        raw = r.text().unwrap();
+        raw.contains("owned")
+    });
+    assert!(recorded, "the failed login is in the audit log: {raw}");
+    assert!(
+        !raw.contains('\u{1b}') && !raw.contains('\u{7}'),
+        "no raw control characters"
+    );
+    let body: Value = serde_json::from_str(&raw).unwrap();
+    let actor = body["events"][0]["actor"].as_str().unwrap();
+    assert!(actor.starts_with("\u{1b}]0;owned\u{7}aaa"), "{actor:?}");
+    assert!(actor.len() <= 256, "{}", actor.len());
+}
