@@ -149,21 +149,24 @@ impl MetaStore for Database {
         arrival: BlobArrival<'_>,
         by: &Actor,
     ) -> Result<(), MetaError> {
-        let session = match arrival {
-            BlobArrival::Uploaded { session } => session.map(str::to_owned),
-            BlobArrival::Mounted => None,
-        };
-        let change = match arrival {
-            BlobArrival::Uploaded { .. } => Change::BlobUploaded {
-                repository: repo.to_string(),
-                digest: digest.to_string(),
-                size,
-            },
-            BlobArrival::Mounted => Change::BlobMounted {
-                repository: repo.to_string(),
-                digest: digest.to_string(),
-                size,
-            },
+        let (repository, digest_text) = (repo.to_string(), digest.to_string());
+        let (session, change) = match arrival {
+            BlobArrival::Uploaded { session } => (
+                session.map(str::to_owned),
+                Change::BlobUploaded {
+                    repository,
+                    digest: digest_text,
+                    size,
+                },
+            ),
+            BlobArrival::Mounted => (
+                None,
+                Change::BlobMounted {
+                    repository,
+                    digest: digest_text,
+                    size,
+                },
+            ),
         };
         let finished = session.clone();
         let (repo, digest, by) = (repo.to_string(), digest.to_string(), by.clone());

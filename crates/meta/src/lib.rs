@@ -86,7 +86,7 @@ impl Database {
             .await
     }
 
-    /// The first row of one read statement, mapped.
+    /// The first row of one read statement (which returns at most one), mapped.
     async fn read_row<T, F>(
         &self,
         sql: &'static str,
@@ -95,11 +95,9 @@ impl Database {
     ) -> Result<Option<T>, MetaError>
     where
         T: Send + 'static,
-        F: FnOnce(Row) -> Result<T, MetaError> + Send + 'static,
+        F: FnMut(Row) -> Result<T, MetaError> + Send + 'static,
     {
-        self.engine
-            .read(move |tx| tx.query_opt(sql, &args)?.map(map).transpose())
-            .await
+        Ok(self.read_rows(sql, args, map).await?.into_iter().next())
     }
 
     fn over(engine: Engine) -> Self {
