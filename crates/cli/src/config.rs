@@ -10,6 +10,8 @@ use anyhow::Context;
 use berth_auth::{AuthMode, AuthSettings};
 use berth_registry::{GcOptions, Limits};
 use berth_server::node::{BlobConfig, MetaConfig, NodeConfig};
+use berth_server::tls::TlsFiles;
+use berth_server::ConnectionLimits;
 use serde::Deserialize;
 
 /// The settings `berth serve` runs with.
@@ -25,6 +27,32 @@ pub(crate) struct Settings {
     pub(crate) storage: BlobConfig,
     pub(crate) gc: GcSettings,
     pub(crate) auth: AuthConfig,
+    /// HTTPS: the certificate files; plain HTTP without.
+    pub(crate) tls: Option<TlsFiles>,
+    /// Connection timeouts and cap; the cap derived from the descriptor limit unless set.
+    pub(crate) connections: ConnectionSettings,
+}
+
+/// The `[limits]` connection settings, before the descriptor limit is known.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ConnectionSettings {
+    pub(crate) header_timeout: Option<Duration>,
+    pub(crate) body_stall_timeout: Option<Duration>,
+    pub(crate) max_connections: Option<usize>,
+}
+
+impl ConnectionSettings {
+    /// The limits for a process allowed `fd_limit` descriptors.
+    pub(crate) fn limits(&self, fd_limit: u64) -> ConnectionLimits {
+        let derived = ConnectionLimits::for_fd_limit(fd_limit);
+        ConnectionLimits {
+            header_timeout: self.header_timeout.unwrap_or(derived.header_timeout),
+            body_stall_timeout: self
+                .body_stall_timeout
+                .unwrap_or(derived.body_stall_timeout),
+            max_connections: self.max_connections.unwrap_or(derived.max_connections),
+        }
+    }
 }
 
 impl Settings {
@@ -193,6 +221,17 @@ struct FileConfig {
     storage: FileStorage,
     #[serde(default)]
     audit: FileAudit,
+    #[serde(default)]
+    tls: FileTls,
+}
+
+/// The `[tls]` table of the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    client_ca_file: Option<PathBuf>,
 }
 
 /// The `[audit]` table of the config file.
@@ -207,6 +246,9 @@ struct FileAudit {
 #[serde(deny_unknown_fields)]
 struct FileLimits {
     max_manifest_bytes: Option<usize>,
+    header_timeout_secs: Option<u64>,
+    body_stall_timeout_secs: Option<u64>,
+    max_connections: Option<usize>,
 }
 
 /// Values given on the command line or in the environment (clap reads both).
@@ -218,6 +260,9 @@ pub(crate) struct Overrides {
     pub(crate) max_manifest_bytes: Option<usize>,
     pub(crate) auth_mode: Option<String>,
     pub(crate) postgres_url: Option<String>,
+    pub(crate) tls_cert_file: Option<PathBuf>,
+    pub(crate) tls_key_file: Option<PathBuf>,
+    pub(crate) tls_client_ca_file: Option<PathBuf>,
 }
 
 impl Settings {
@@ -245,7 +290,28 @@ impl Settings {
             .unwrap_or_else(|| PathBuf::from("./berth-data"));
         let auth = auth_config(&file_config.auth, overrides.auth_mode.as_deref())?;
         let storage = storage_config(&file_config.storage)?;
+        let tls = tls_files(
+            overrides.tls_cert_file.or(file_config.tls.cert_file),
+            overrides.tls_key_file.or(file_config.tls.key_file),
+            overrides
+                .tls_client_ca_file
+                .or(file_config.tls.client_ca_file),
+        )?;
+        let limits = &file_config.limits;
+        let connections = ConnectionSettings {
+            header_timeout: limits.header_timeout_secs.map(Duration::from_secs),
+            body_stall_timeout: limits.body_stall_timeout_secs.map(Duration::from_secs),
+            max_connections: limits.max_connections,
+        };
+        if connections.header_timeout == Some(Duration::ZERO)
+            || connections.body_stall_timeout == Some(Duration::ZERO)
+            || connections.max_connections == Some(0)
+        {
+            anyhow::bail!("limits: timeouts and max_connections must be above 0");
+        }
         Ok(Settings {
+            tls,
+            connections,
             listen,
             data_dir,
             log_level: overrides
@@ -268,6 +334,25 @@ impl Settings {
                 None => MetaConfig::Sqlite,
             },
         })
+    }
+}
+
+/// TLS needs both a certificate and its key; a client CA alone means nothing.
+fn tls_files(
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    client_ca_file: Option<PathBuf>,
+) -> anyhow::Result<Option<TlsFiles>> {
+    match (cert_file, key_file) {
+        (Some(cert_file), Some(key_file)) => Ok(Some(TlsFiles {
+            cert_file,
+            key_file,
+            client_ca_file,
+        })),
+        (None, None) if client_ca_file.is_none() => Ok(None),
+        _ => anyhow::bail!(
+            "TLS needs both tls.cert_file and tls.key_file (a client CA needs both too)"
+        ),
     }
 }
 
@@ -359,6 +444,38 @@ mod tests {
             Settings::load(Some(&path), Overrides::default()).is_err(),
             "unknown keys are refused"
         );
+    }
+
+    #[test]
+    fn tls_needs_a_certificate_and_its_key_and_limits_must_be_positive() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("berth.toml");
+        std::fs::write(&path, "[tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n[limits]\nheader_timeout_secs = 5\nmax_connections = 100\n").unwrap();
+        let s = Settings::load(Some(&path), Overrides::default()).unwrap();
+        let tls = s.tls.unwrap();
+        assert_eq!(tls.cert_file, PathBuf::from("c.pem"));
+        assert_eq!(tls.client_ca_file, None);
+        let limits = s.connections.limits(20_000);
+        assert_eq!(limits.header_timeout, Duration::from_secs(5));
+        assert_eq!(limits.max_connections, 100);
+        assert_eq!(limits.body_stall_timeout, Duration::from_secs(60));
+        let flagged = Settings::load(
+            Some(&path),
+            Overrides {
+                tls_key_file: Some("other.pem".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(flagged.tls.unwrap().key_file, PathBuf::from("other.pem"));
+        std::fs::write(&path, "[tls]\ncert_file = \"c.pem\"\n").unwrap();
+        assert!(Settings::load(Some(&path), Overrides::default()).is_err());
+        std::fs::write(&path, "[limits]\nbody_stall_timeout_secs = 0\n").unwrap();
+        assert!(Settings::load(Some(&path), Overrides::default()).is_err());
+        assert!(Settings::load(None, Overrides::default())
+            .unwrap()
+            .tls
+            .is_none());
     }
 
     #[test]

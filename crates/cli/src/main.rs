@@ -4,12 +4,15 @@ mod accounts;
 mod config;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use berth_auth::AuthMode;
 use berth_registry::{CheckOptions, Registry, RegistryError};
 use berth_server::node::Node;
+use berth_server::tls::Tls;
+use berth_server::ServeOptions;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
@@ -61,6 +64,16 @@ enum Command {
         /// [default: builtin].
         #[arg(long, env = "BERTH_AUTH_MODE")]
         auth: Option<String>,
+        /// Serve HTTPS with this PEM certificate chain (with --tls-key-file). Reloaded on
+        /// SIGHUP and when the file changes.
+        #[arg(long, env = "BERTH_TLS_CERT_FILE")]
+        tls_cert_file: Option<PathBuf>,
+        /// The PEM private key of the certificate (PKCS#8, RSA or ECDSA).
+        #[arg(long, env = "BERTH_TLS_KEY_FILE")]
+        tls_key_file: Option<PathBuf>,
+        /// Require client certificates issued by these PEM authorities (mutual TLS).
+        #[arg(long, env = "BERTH_TLS_CLIENT_CA_FILE")]
+        tls_client_ca_file: Option<PathBuf>,
     },
     /// Manage users (works beside a running registry).
     User {
@@ -116,6 +129,9 @@ fn main() -> anyhow::Result<()> {
             listen,
             max_manifest_bytes,
             auth,
+            tls_cert_file,
+            tls_key_file,
+            tls_client_ca_file,
         } => {
             let settings = load(
                 data,
@@ -123,6 +139,9 @@ fn main() -> anyhow::Result<()> {
                     listen,
                     max_manifest_bytes,
                     auth_mode: auth,
+                    tls_cert_file,
+                    tls_key_file,
+                    tls_client_ca_file,
                     ..Overrides::default()
                 },
             )?;
@@ -238,13 +257,32 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
             registry.clone(),
             settings.gc.options.event_retention,
         ));
-        let listener = tokio::net::TcpListener::bind(settings.listen)
-            .await
-            .with_context(|| format!("binding {}", settings.listen))?;
+        let tls = match &settings.tls {
+            Some(files) => {
+                let tls = Tls::load(files.clone())
+                    .with_context(|| format!("loading the TLS certificate {}", files.cert_file.display()))?;
+                tokio::spawn(tls.clone().watch_files(TLS_POLL_INTERVAL));
+                tokio::spawn(reload_on_hangup(tls.clone()));
+                Some(tls)
+            }
+            None => None,
+        };
+        let fd_limit = berth_server::raise_fd_limit();
+        let limits = settings.connections.limits(fd_limit);
+        let listener = bind(settings.listen).with_context(|| format!("binding {}", settings.listen))?;
         let addr = listener.local_addr()?;
-        tracing::info!(%addr, data_dir = %settings.data_dir.display(), "berth listening on http://{addr}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!(%addr, data_dir = %settings.data_dir.display(), "berth listening on {scheme}://{addr}");
         tracing::info!(auth = ?access.settings().mode, "access control");
-        berth_server::serve(listener, app, shutdown_signal()).await?;
+        tracing::info!(
+            fd_limit,
+            max_connections = limits.max_connections,
+            header_timeout_secs = limits.header_timeout.as_secs(),
+            body_stall_timeout_secs = limits.body_stall_timeout.as_secs(),
+            "connection limits"
+        );
+        let options = ServeOptions { limits, tls };
+        berth_server::serve(listener, app, options, shutdown_signal()).await?;
         access.flush_audit().await;
         tracing::info!("berth stopped");
         Ok(())
@@ -290,6 +328,42 @@ async fn scheduled_gc(registry: Registry, options: berth_registry::GcOptions, in
                 tracing::info!("scheduled garbage collection skipped: another node is collecting");
             }
             Err(e) => tracing::error!(error = %e, "scheduled garbage collection failed"),
+        }
+    }
+}
+
+/// Connections the kernel completes and queues before they are accepted. A burst of new
+/// connections larger than the queue has its handshakes dropped and retried a second
+/// later, so it is as long as the kernel allows (`net.core.somaxconn` caps it).
+const LISTEN_BACKLOG: u32 = 8192;
+
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// How often the TLS files are checked for a renewal.
+const TLS_POLL_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Reloads the TLS certificate on every SIGHUP, the signal renewal hooks send.
+async fn reload_on_hangup(tls: Arc<Tls>) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        let tls = tls.clone();
+        match tokio::task::spawn_blocking(move || tls.reload()).await {
+            Ok(Ok(())) => tracing::info!("TLS certificate reloaded (SIGHUP)"),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "TLS reload on SIGHUP failed; keeping the certificate in use")
+            }
+            Err(e) => tracing::error!(error = %e, "TLS reload task failed"),
         }
     }
 }

@@ -99,10 +99,13 @@ fn route_name<'a>(route: &V2Route<'a>) -> Option<&'a str> {
     }
 }
 
-/// The `WWW-Authenticate` value for a refused `/v2` request.
+/// The `WWW-Authenticate` value for a refused `/v2` request. Without a configured realm
+/// the token endpoint is this server's, named by the `Host` the client used, which is
+/// checked first: it is copied into a header the client will follow.
 fn challenge(
     access: &AccessControl,
     headers: &HeaderMap,
+    secure: bool,
     scope: Option<&Scope>,
     error: Option<&str>,
 ) -> String {
@@ -111,8 +114,10 @@ fn challenge(
         let host = headers
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
+            .filter(|h| is_host(h))
             .unwrap_or("localhost");
-        format!("http://{host}/token")
+        let scheme = if secure { "https" } else { "http" };
+        format!("{scheme}://{host}/token")
     });
     let mut value = format!("Bearer realm=\"{realm}\",service=\"{}\"", settings.service);
     if let Some(scope) = scope {
@@ -122,6 +127,27 @@ fn challenge(
         value.push_str(&format!(",error=\"{error}\""));
     }
     value
+}
+
+/// Whether a `Host` header value is a host name or IP literal with an optional port, and
+/// nothing that could end a quoted string or smuggle a path.
+fn is_host(value: &str) -> bool {
+    let (host, port) = match value.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(':') && !port.contains(']') => (host, Some(port)),
+        _ => (value, None),
+    };
+    let port_ok =
+        port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
+    let host_ok = if let Some(literal) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        literal.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        !host.is_empty()
+            && host.len() <= 253
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+    };
+    port_ok && host_ok
 }
 
 fn scope_for(need: &Need<'_>) -> Option<Scope> {
@@ -150,8 +176,14 @@ fn scope_for(need: &Need<'_>) -> Option<Scope> {
 /// How a refused caller is told to log in.
 #[derive(Clone, Copy)]
 pub(crate) enum Login<'a> {
-    /// Docker's token flow (`/v2`): a Bearer challenge naming the scope needed, if known.
-    Token(Option<&'a Need<'a>>),
+    /// Docker's token flow (`/v2`): a Bearer challenge naming the scope needed, if known,
+    /// pointing at an `https://` realm when the server is `secure`.
+    Token {
+        /// What the request needed, for the challenge's scope.
+        need: Option<&'a Need<'a>>,
+        /// Served over TLS.
+        secure: bool,
+    },
     /// HTTP Basic (the admin API, the token endpoint).
     Basic,
 }
@@ -174,11 +206,12 @@ pub(crate) fn refusal(
     }
     let value = match login {
         Login::Basic => basic_challenge(access),
-        Login::Token(need) => {
+        Login::Token { need, secure } => {
             let scope = need.and_then(scope_for);
             challenge(
                 access,
                 headers,
+                secure,
                 scope.as_ref(),
                 insufficient.then_some("insufficient_scope"),
             )
@@ -202,12 +235,14 @@ pub(crate) struct Admitted {
 /// Authenticates and authorizes one `/v2` request, before its handler runs. The route
 /// and method name the need (pull, push, delete); refusals are answered here.
 pub(crate) async fn admit(
-    access: &AccessControl,
+    app: &App,
     route: Option<&V2Route<'_>>,
     method: &Method,
     headers: &HeaderMap,
     peer: SocketAddr,
 ) -> Result<Admitted, Response> {
+    let access = &app.access;
+    let secure = app.secure;
     if !access.enabled() {
         // Open registry: nothing to check; reads are not audited without identities (nor
         // is their address worth formatting).
@@ -229,7 +264,7 @@ pub(crate) async fn admit(
         .logins()
         .authenticate(credentials(headers), &address)
         .await
-        .map_err(|e| refusal(access, headers, e, Login::Token(None)))?;
+        .map_err(|e| refusal(access, headers, e, Login::Token { need: None, secure }))?;
     let name = route.and_then(parse_name);
     let pulls = access.settings().audit_pulls;
     let audit = route.and_then(|r| audited(r, method, name.as_ref(), pulls));
@@ -246,7 +281,15 @@ pub(crate) async fn admit(
                         .record(&caller, action, resource, Outcome::Denied, why)
                         .await;
                 }
-                return Err(refusal(access, headers, e, Login::Token(Some(need))));
+                return Err(refusal(
+                    access,
+                    headers,
+                    e,
+                    Login::Token {
+                        need: Some(need),
+                        secure,
+                    },
+                ));
             }
         }
     }

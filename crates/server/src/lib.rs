@@ -6,14 +6,17 @@
 
 mod admin;
 mod auth;
+mod connections;
 pub mod error;
 pub mod node;
 mod route;
+pub mod tls;
 mod token;
 mod v2;
 mod zero_copy;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{Request, State};
@@ -26,6 +29,9 @@ use berth_auth::AccessControl;
 use berth_registry::{GcOptions, Registry};
 use tokio::net::TcpListener;
 
+pub use connections::{fd_limit, raise_fd_limit, ConnectionLimits};
+use tls::Tls;
+
 /// What every handler shares.
 #[derive(Clone)]
 pub struct App {
@@ -33,6 +39,8 @@ pub struct App {
     access: AccessControl,
     gc: GcOptions,
     sendfile: bool,
+    /// Served over TLS: challenges point clients at an `https://` token realm.
+    secure: bool,
 }
 
 impl App {
@@ -44,6 +52,7 @@ impl App {
             access,
             gc,
             sendfile: false,
+            secure: false,
         }
     }
 
@@ -117,17 +126,35 @@ pub fn router(app: App) -> Router {
         .layer(middleware::from_fn(access_log))
 }
 
+/// How the server meets the network: connection limits, and TLS if it terminates it.
+#[derive(Clone, Default)]
+pub struct ServeOptions {
+    /// Timeouts and the connection cap.
+    pub limits: ConnectionLimits,
+    /// The certificate to serve HTTPS with; plain HTTP without.
+    pub tls: Option<Arc<Tls>>,
+}
+
 /// Serves on an already bound listener until `shutdown` resolves, then lets in-flight
 /// requests (uploads included) finish. Taking a listener lets tests bind port 0 first.
 pub async fn serve(
     listener: TcpListener,
-    app: App,
+    mut app: App,
+    options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let service = router(app).into_make_service_with_connect_info::<zero_copy::Peer>();
-    axum::serve(zero_copy::ZeroCopyListener(listener), service)
-        .with_graceful_shutdown(shutdown)
-        .await
+    if options.tls.is_some() {
+        // The bytes must pass through rustls to be encrypted: no zero-copy path exists.
+        app.sendfile = false;
+        app.secure = true;
+    }
+    let http1_only = app.sendfile;
+    let listening = connections::Listening {
+        limits: options.limits,
+        tls: options.tls,
+        http1_only,
+    };
+    connections::accept_loop(listener, router(app), listening, shutdown).await
 }
 
 /// Liveness: the process serves requests. Deliberately independent of the backends (see

@@ -39,11 +39,10 @@ pub(crate) async fn dispatch(
     body: Body,
 ) -> Response {
     let route = V2Route::parse(uri.path());
-    let admitted =
-        match auth::admit(&app.access, route.as_ref(), &method, &headers, peer.addr).await {
-            Ok(admitted) => admitted,
-            Err(refused) => return refused,
-        };
+    let admitted = match auth::admit(&app, route.as_ref(), &method, &headers, peer.addr).await {
+        Ok(admitted) => admitted,
+        Err(refused) => return refused,
+    };
     if let Some(project) = &admitted.project_to_create {
         let by = admitted.caller.as_actor();
         let created = app

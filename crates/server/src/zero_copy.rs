@@ -27,39 +27,16 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
-use axum::extract::connect_info::Connected;
-use axum::serve::{IncomingStream, Listener};
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// Bytes posted at once: large enough that the hand-over costs nothing next to the copy,
 /// small enough that a slice read from disk first stays a short blocking read.
 const SLICE: u64 = 4 * 1024 * 1024;
 /// The placeholder bytes hyper is given (never sent; a static costs no memory until read).
 static PLACEHOLDER: [u8; SLICE as usize] = [0; SLICE as usize];
-
-/// Accepts TCP connections wrapped for zero-copy sending.
-pub(crate) struct ZeroCopyListener(pub(crate) TcpListener);
-
-impl Listener for ZeroCopyListener {
-    type Io = ZeroCopyStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let (stream, addr) = Listener::accept(&mut self.0).await;
-        let stream = ZeroCopyStream {
-            inner: stream,
-            shared: Arc::default(),
-        };
-        (stream, addr)
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        Listener::local_addr(&self.0)
-    }
-}
 
 /// What handlers know of the connection: the client's address, and the way to send files
 /// on it.
@@ -71,6 +48,14 @@ pub(crate) struct Peer {
 }
 
 impl Peer {
+    /// The peer at `addr`, whose files go out on `stream`.
+    pub(crate) fn new(addr: SocketAddr, stream: &ZeroCopyStream) -> Self {
+        Peer {
+            addr,
+            sender: stream.shared.clone(),
+        }
+    }
+
     /// A response body sending `len` bytes of `file` from `start` on this connection.
     pub(crate) fn file_body(&self, file: File, start: u64, len: u64) -> FileBody {
         FileBody {
@@ -79,15 +64,6 @@ impl Peer {
             next: start,
             left: len,
             phase: Phase::Next,
-        }
-    }
-}
-
-impl Connected<IncomingStream<'_, ZeroCopyListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, ZeroCopyListener>) -> Self {
-        Peer {
-            addr: *stream.remote_addr(),
-            sender: stream.io().shared.clone(),
         }
     }
 }
@@ -135,6 +111,14 @@ pub(crate) struct ZeroCopyStream {
 }
 
 impl ZeroCopyStream {
+    /// Wraps an accepted socket.
+    pub(crate) fn new(inner: TcpStream) -> Self {
+        ZeroCopyStream {
+            inner,
+            shared: Arc::default(),
+        }
+    }
+
     /// Sends the posted slice, if any. `Ready(Ok)` once nothing is left to send.
     fn send_posted(&self, state: &mut State, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {

@@ -288,7 +288,10 @@ impl TestRegistry {
                 let stop = async move {
                     let _ = rx.await;
                 };
-                if let Err(e) = berth_server::serve(listener, app, stop).await {
+                if let Err(e) =
+                    berth_server::serve(listener, app, berth_server::ServeOptions::default(), stop)
+                        .await
+                {
                     eprintln!("test registry stopped with {e}");
                 }
             });
@@ -365,7 +368,11 @@ impl BerthProcess {
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if !sent {
-                    if let Some(rest) = line.split("listening on http://").nth(1) {
+                    if let Some(rest) = line
+                        .split("listening on http://")
+                        .nth(1)
+                        .or_else(|| line.split("listening on https://").nth(1))
+                    {
                         let addr = rest.split_whitespace().next().unwrap_or("").to_owned();
                         let _ = tx.send(addr);
                         sent = true;

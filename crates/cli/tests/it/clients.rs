@@ -245,21 +245,21 @@ fn oras_python_sdk_pushes_pulls_and_attaches_a_referrer() {
 }
 
 /// A private containerd and, on top of it, a private dockerd, each stopped by PID on drop.
-struct Daemons {
+pub(crate) struct Daemons {
     dir: tempfile::TempDir,
     children: Vec<Child>,
 }
 
 impl Daemons {
-    fn containerd_socket(&self) -> PathBuf {
+    pub(crate) fn containerd_socket(&self) -> PathBuf {
         self.dir.path().join("containerd.sock")
     }
 
-    fn docker_host(&self) -> String {
+    pub(crate) fn docker_host(&self) -> String {
         format!("unix://{}", self.dir.path().join("docker.sock").display())
     }
 
-    fn start(containerd: &Path, dockerd: Option<&Path>) -> Self {
+    pub(crate) fn start(containerd: &Path, dockerd: Option<&Path>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("bd")
             .tempdir_in("/tmp")

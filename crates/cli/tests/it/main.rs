@@ -8,6 +8,7 @@ mod cli_accounts;
 mod clients;
 mod clients_auth;
 mod common;
+mod connections;
 mod crash;
 mod downloads;
 mod errors;
@@ -17,6 +18,7 @@ mod gc_stress;
 mod manifests;
 mod memory;
 mod openapi;
+mod tls;
 mod uploads;
 
 pub(crate) use common::*;
