@@ -10,6 +10,7 @@
 //! | `{bytes}` | `BLOB` | `BYTEA` |
 //! | `{serial}` | `INTEGER PRIMARY KEY AUTOINCREMENT` | `BIGSERIAL PRIMARY KEY` |
 //! | `{compact}` | `WITHOUT ROWID` | (nothing) |
+//! | `{config_media_type_of_raw}` | `json_extract` of `raw` | `->>` of `raw` as `jsonb` |
 //!
 //! A database records how many migrations it has applied (SQLite's `user_version`,
 //! PostgreSQL's `berth_migrations`); opening applies the rest, in order, each in the
@@ -168,6 +169,12 @@ CREATE TABLE event_cursors (
     position {int} NOT NULL
 ) {compact};
 "#,
+    // 6: a referrer without `artifactType` is listed under its config's media type in
+    // every case (image configs and the empty config were left out before).
+    r#"
+UPDATE manifests SET artifact_type = {config_media_type_of_raw}
+    WHERE artifact_type IS NULL AND subject IS NOT NULL;
+"#,
 ];
 
 /// Where PostgreSQL databases made before the schema was shared stand in [`MIGRATIONS`]:
@@ -191,6 +198,10 @@ pub(crate) fn expand(migration: &str, dialect: Dialect) -> String {
             ("{bytes}", "BLOB"),
             ("{serial}", "INTEGER PRIMARY KEY AUTOINCREMENT"),
             ("{compact}", "WITHOUT ROWID"),
+            (
+                "{config_media_type_of_raw}",
+                "json_extract(CAST(raw AS TEXT), '$.config.mediaType')",
+            ),
         ],
         Dialect::Postgres => &[
             ("{key}", "TEXT COLLATE \"C\""),
@@ -199,6 +210,10 @@ pub(crate) fn expand(migration: &str, dialect: Dialect) -> String {
             ("{bytes}", "BYTEA"),
             ("{serial}", "BIGSERIAL PRIMARY KEY"),
             ("{compact}", ""),
+            (
+                "{config_media_type_of_raw}",
+                "(convert_from(raw, 'UTF8')::jsonb -> 'config' ->> 'mediaType')",
+            ),
         ],
     };
     words

@@ -1,7 +1,8 @@
 //! Stores made by the versions before the schema was shared (each engine with its own
 //! migration list, audit records in `audit`) open, migrate and keep what they held.
 
-use berth_meta::{AccountStore, Actor, AuditFilter, Database, EventLog};
+use berth_meta::{AccountStore, Actor, AuditFilter, Database, EventLog, MetaStore};
+use berth_oci::{Digest, RepoName};
 
 /// The SQLite schema as those versions made it (`PRAGMA user_version` 4).
 const SQLITE_BEFORE: &[&str] = &[
@@ -257,6 +258,41 @@ async fn check_carried_over(db: &Database) {
         .await
         .unwrap();
     assert_eq!(audit[0].event.action, "user.create");
+    // A referrer without artifactType is now found under its image config's type.
+    let repo = RepoName::parse("p/app").unwrap();
+    let subject = Digest::parse(&format!("sha256:{}", "a".repeat(64))).unwrap();
+    let found = db
+        .referrers(
+            &repo,
+            &subject,
+            Some("application/vnd.oci.image.config.v1+json"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(
+        found[0].digest.as_str(),
+        format!("sha256:{}", "b".repeat(64))
+    );
+}
+
+/// A referrer pushed before: an image config, no artifactType, so none stored. `bytes`
+/// turns a string literal into the engine's byte type.
+fn old_referrer(bytes: impl Fn(&str) -> String) -> String {
+    let raw = format!(
+        r#"{{"schemaVersion":2,"config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{c}","size":2}},"layers":[],"subject":{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{a}","size":2}}}}"#,
+        c = "c".repeat(64),
+        a = "a".repeat(64)
+    );
+    format!(
+        "INSERT INTO repositories (name, created_at) VALUES ('p/app', 1);
+         INSERT INTO manifests (repo, digest, media_type, artifact_type, subject, annotations, size, raw, pushed_at)
+         VALUES ('p/app', 'sha256:{b}', 'application/vnd.oci.image.manifest.v1+json', NULL, 'sha256:{a}', NULL, {len}, {raw}, 1);",
+        b = "b".repeat(64),
+        a = "a".repeat(64),
+        len = raw.len(),
+        raw = bytes(&raw),
+    )
 }
 
 const OLD_ROWS: &str = "
@@ -276,6 +312,8 @@ fn a_sqlite_store_of_the_earlier_layout_is_migrated() {
         conn.pragma_update(None, "user_version", SQLITE_BEFORE.len())
             .unwrap();
         conn.execute_batch(OLD_ROWS).unwrap();
+        conn.execute_batch(&old_referrer(|s| format!("CAST('{s}' AS BLOB)")))
+            .unwrap();
     }
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
@@ -317,6 +355,10 @@ fn a_postgres_store_of_the_earlier_layout_is_migrated() {
             .await
             .unwrap();
         client.batch_execute(OLD_ROWS).await.unwrap();
+        client
+            .batch_execute(&old_referrer(|s| format!("convert_to('{s}', 'UTF8')")))
+            .await
+            .unwrap();
         client
             .batch_execute("SELECT setval('audit_id_seq', 7)")
             .await

@@ -86,8 +86,8 @@ pub struct ParsedManifest {
     pub edges: Vec<ManifestEdge>,
     /// The manifest this one refers to (signatures, SBOMs): the referrers API's key.
     pub subject: Option<Digest>,
-    /// `artifactType`, or for image manifests the config media type when that is not the
-    /// plain image config: what the referrers API reports and filters on.
+    /// `artifactType`, or for image manifests the config media type (whatever it is, as the
+    /// spec says): what the referrers API reports and filters on.
     pub artifact_type: Option<String>,
     /// Annotations, reported by the referrers API.
     pub annotations: Option<BTreeMap<String, String>>,
@@ -189,9 +189,23 @@ impl ParsedManifest {
                 .ok_or_else(|| invalid("layers are missing".into()))?;
             for layer in layers {
                 let digest = descriptor_digest(layer)?;
-                let foreign = layer.media_type == mt::DOCKER_FOREIGN_LAYER
-                    || layer.urls.as_ref().is_some_and(|u| !u.is_empty());
-                if !foreign {
+                // Only a non-distributable layer may live elsewhere, and only on the web:
+                // any other layer must be in the registry, `urls` or not.
+                let foreign = mt::is_non_distributable(&layer.media_type);
+                if foreign {
+                    let urls = layer.urls.as_deref().unwrap_or_default();
+                    if urls.is_empty() {
+                        return Err(invalid(format!(
+                            "non-distributable layer {digest} has no urls"
+                        )));
+                    }
+                    if let Some(bad) = urls.iter().find(|u| !is_web_url(u)) {
+                        return Err(invalid(format!(
+                            "layer {digest}: url {:?} is not http(s)",
+                            bad.chars().take(100).collect::<String>()
+                        )));
+                    }
+                } else {
                     edges.push(ManifestEdge {
                         digest,
                         kind: EdgeKind::Layer,
@@ -206,15 +220,7 @@ impl ParsedManifest {
             .artifact_type
             .clone()
             .or_else(|| match (&kind, &wire.config) {
-                (ManifestKind::Image, Some(c))
-                    if c.media_type != mt::OCI_CONFIG
-                        && c.media_type != mt::OCI_EMPTY
-                        && !c
-                            .media_type
-                            .starts_with("application/vnd.docker.container.image") =>
-                {
-                    Some(c.media_type.clone())
-                }
+                (ManifestKind::Image, Some(c)) => Some(c.media_type.clone()),
                 _ => None,
             });
         Ok(ParsedManifest {
@@ -242,6 +248,24 @@ fn descriptor_digest(d: &Descriptor) -> Result<Digest, ParseError> {
     Digest::parse(&d.digest).map_err(|e| ParseError::Manifest {
         reason: format!("descriptor: {e}"),
     })
+}
+
+/// An absolute `http://` or `https://` URL with a host and no fragment, as Distribution
+/// accepts for foreign layers (`file:`, `ftp:` and the like would point clients anywhere).
+fn is_web_url(url: &str) -> bool {
+    let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
+    let rest = if lower.starts_with("https://") {
+        &url[8..]
+    } else if lower.starts_with("http://") {
+        &url[7..]
+    } else {
+        return false;
+    };
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    !host.is_empty()
+        && !url.contains('#')
+        && url.len() <= 2048
+        && url.bytes().all(|b| b.is_ascii_graphic())
 }
 
 fn schema1() -> ParseError {
@@ -293,7 +317,54 @@ mod tests {
         let m = ParsedManifest::parse(raw.as_bytes(), None).unwrap();
         assert_eq!(m.media_type, mt::OCI_MANIFEST);
         assert_eq!(m.edges.len(), 1);
-        assert_eq!(m.artifact_type, None);
+        assert_eq!(
+            m.artifact_type.as_deref(),
+            Some(mt::OCI_CONFIG),
+            "the config's type in every case"
+        );
+    }
+
+    #[test]
+    fn only_non_distributable_layers_may_live_elsewhere_and_only_on_the_web() {
+        let manifest = |layer_type: &str, urls: &str| {
+            format!(
+                r#"{{"schemaVersion":2,"config":{{"mediaType":"{}","digest":"{}","size":2}},
+                "layers":[{{"mediaType":"{layer_type}","digest":"{}","size":5{urls}}}]}}"#,
+                mt::OCI_CONFIG,
+                d('a'),
+                d('b')
+            )
+        };
+        let parse = |raw: String| ParsedManifest::parse(raw.as_bytes(), None);
+        // A plain layer with urls must still be in the registry.
+        let m = parse(manifest(
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+            r#","urls":["https://x/y"]"#,
+        ))
+        .unwrap();
+        assert_eq!(m.edges.len(), 2);
+        let nondist = "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip";
+        assert_eq!(
+            parse(manifest(nondist, r#","urls":["http://mirror.example/l"]"#))
+                .unwrap()
+                .edges
+                .len(),
+            1
+        );
+        for bad in [
+            r#","urls":["file:///etc/shadow"]"#,
+            r#","urls":["ftp://x/y"]"#,
+            r#","urls":["https://"]"#,
+            r#","urls":["https://x/y#frag"]"#,
+            r#","urls":[]"#,
+            "",
+        ] {
+            assert!(parse(manifest(nondist, bad)).is_err(), "{bad}");
+            assert!(
+                parse(manifest(mt::DOCKER_FOREIGN_LAYER, bad)).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -20,6 +20,14 @@ pub const DOCKER_SCHEMA1_SIGNED: &str = "application/vnd.docker.distribution.man
 /// Docker foreign layers: their bytes live elsewhere (`urls`), the registry never has them.
 pub const DOCKER_FOREIGN_LAYER: &str = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
 
+/// True for layers whose bytes live at their `urls` and never in a registry (Docker's
+/// foreign layers, OCI's deprecated non-distributable ones): the only layers a manifest
+/// may reference without the registry holding them.
+pub fn is_non_distributable(media_type: &str) -> bool {
+    media_type == DOCKER_FOREIGN_LAYER
+        || media_type.starts_with("application/vnd.oci.image.layer.nondistributable.v1.tar")
+}
+
 /// True for the manifest media types that a registry stores and serves as manifests.
 pub fn is_manifest(media_type: &str) -> bool {
     matches!(

@@ -204,18 +204,24 @@ fn blob_created(name: &RepoName, digest: &Digest) -> Response {
     response(StatusCode::CREATED, headers, Body::empty())
 }
 
-/// Parses `n` and `last` and asks for one entry more than `n`, to know whether a `Link`
-/// to a next page is due.
+/// The largest page served, whatever `n` asks for: a page is built in memory.
+const MAX_PAGE: usize = 10_000;
+
+/// Parses `n` and `last`. `n` above [`MAX_PAGE`] (up to any number of digits) is clamped
+/// to it, and the `Link` header leads on to the rest.
 fn page_params(params: &Params) -> Result<(Option<usize>, Option<&str>), OciError> {
     let n = match params.get("n") {
         None => None,
-        Some(n) => Some(n.parse::<usize>().map_err(|_| {
-            OciError::new(
+        Some(n) if !n.is_empty() && n.len() <= 1000 && n.bytes().all(|b| b.is_ascii_digit()) => {
+            Some(n.parse::<usize>().unwrap_or(MAX_PAGE).min(MAX_PAGE))
+        }
+        Some(_) => {
+            return Err(OciError::new(
                 StatusCode::BAD_REQUEST,
                 Code::Unsupported,
                 "n must be a non-negative integer",
-            )
-        })?),
+            ))
+        }
     };
     Ok((n, params.get("last").map(String::as_str)))
 }
@@ -292,6 +298,18 @@ async fn tags(app: &App, name: &str, params: &Params) -> Result<Response, OciErr
     ))
 }
 
+/// A reference to look up: one that is neither a tag nor a digest names no manifest, and
+/// the spec's answer to that is `404 MANIFEST_UNKNOWN`, not a parse error.
+fn existing_reference(reference: &str) -> Result<Reference, OciError> {
+    Reference::parse(reference).map_err(|_| {
+        OciError::new(
+            StatusCode::NOT_FOUND,
+            Code::ManifestUnknown,
+            "manifest unknown: the reference is neither a tag nor a digest",
+        )
+    })
+}
+
 async fn get_manifest(
     app: &App,
     name: &str,
@@ -299,7 +317,7 @@ async fn get_manifest(
     head: bool,
 ) -> Result<Response, OciError> {
     let name = repo(name)?;
-    let reference = Reference::parse(reference)?;
+    let reference = existing_reference(reference)?;
     let m = app.registry.get_manifest(&name, &reference).await?;
     let headers = vec![
         ("content-type", m.media_type),
@@ -407,7 +425,7 @@ async fn delete_manifest(
     reference: &str,
 ) -> Result<Response, OciError> {
     let name = repo(name)?;
-    let reference = Reference::parse(reference)?;
+    let reference = existing_reference(reference)?;
     app.registry
         .delete_manifest(&name, &reference, &caller.as_actor())
         .await?;

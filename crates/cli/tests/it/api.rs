@@ -317,6 +317,16 @@ fn tag_listing_paginates_with_link_headers() {
         .unwrap();
     let page: Value = r.json().unwrap();
     assert_eq!(page["tags"], json!([]));
+    // A huge n (once wrapped to an empty page) is clamped: every tag, in one page.
+    for huge in ["18446744073709551615", "99999999999999999999999999"] {
+        let r = http()
+            .get(format!("{base}/v2/team/app/tags/list?n={huge}"))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let page: Value = r.json().unwrap();
+        assert_eq!(page["tags"].as_array().unwrap().len(), 25, "n={huge}");
+    }
     let r = http()
         .get(format!("{base}/v2/team/app/tags/list?n=x"))
         .send()
@@ -441,6 +451,42 @@ fn referrers_list_artifacts_attached_through_subject() {
     let index: Value = r.json().unwrap();
     assert_eq!(index["manifests"].as_array().unwrap().len(), 1);
     assert_eq!(index["manifests"][0]["digest"], sha256(&bom));
+
+    // No artifactType, an image config: listed and found under the config's media type.
+    let config = push_blob(
+        &base,
+        "team/app",
+        b"{\"architecture\":\"amd64\",\"os\":\"linux\"}",
+    );
+    let plain = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 37},
+        "layers": [],
+        "subject": {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": subject, "size": subject_bytes.len()},
+    }))
+    .unwrap();
+    let r = put_manifest(
+        &base,
+        "team/app",
+        &sha256(&plain),
+        "application/vnd.oci.image.manifest.v1+json",
+        &plain,
+    );
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let r = http()
+        .get(format!(
+            "{base}/v2/team/app/referrers/{subject}?artifactType=application/vnd.oci.image.config.v1%2Bjson"
+        ))
+        .send()
+        .unwrap();
+    let index: Value = r.json().unwrap();
+    assert_eq!(index["manifests"].as_array().unwrap().len(), 1, "{index}");
+    assert_eq!(index["manifests"][0]["digest"], sha256(&plain));
+    assert_eq!(
+        index["manifests"][0]["artifactType"],
+        "application/vnd.oci.image.config.v1+json"
+    );
 
     let unknown = sha256(b"no such subject");
     let r = http()

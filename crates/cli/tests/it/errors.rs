@@ -56,11 +56,27 @@ fn invalid_names_tags_and_digests() {
             .unwrap();
         assert_oci_error(r, StatusCode::BAD_REQUEST, "DIGEST_INVALID");
     }
-    let r = http()
-        .get(format!("{base}/v2/team/app/manifests/sha256:abc"))
-        .send()
-        .unwrap();
-    assert_oci_error(r, StatusCode::BAD_REQUEST, "DIGEST_INVALID");
+    // A reference that is neither a tag nor a digest names no manifest: 404, as the
+    // spec has it, for reads and deletes alike.
+    for reference in ["sha256:abc", ".bad-tag", "a%20b"] {
+        for method in [
+            reqwest::Method::GET,
+            reqwest::Method::HEAD,
+            reqwest::Method::DELETE,
+        ] {
+            let r = http()
+                .request(
+                    method.clone(),
+                    format!("{base}/v2/team/app/manifests/{reference}"),
+                )
+                .send()
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::NOT_FOUND, "{method} {reference}");
+            if method != reqwest::Method::HEAD {
+                assert_oci_error(r, StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
+            }
+        }
+    }
     let r = http()
         .put(format!("{base}/v2/team/app/manifests/.bad-tag"))
         .body("{}")
