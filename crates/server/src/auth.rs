@@ -14,7 +14,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use berth_auth::{
     AccessControl, AuthError, Caller, Credentials, Need, Outcome, Permission, ProjectToCreate,
-    Scope,
+    Proof, Scope,
 };
 use berth_oci::{Reference, RepoName};
 
@@ -346,6 +346,25 @@ pub(crate) async fn api_guard(
         Ok(caller) => caller,
         Err(e) => return refusal(&app.access, request.headers(), e, Login::Basic),
     };
+    if app.access.enabled() && caller.proof == Proof::None && has_body(request.headers()) {
+        // Every admin operation that takes a body needs a login: refuse before reading
+        // a byte of it (the connection layer closes the connection, the body unread).
+        return refusal(
+            &app.access,
+            request.headers(),
+            AuthError::Unauthenticated,
+            Login::Basic,
+        );
+    }
+    let limit = crate::admin_body_limit(request.uri().path());
+    if declared_length(request.headers()).is_some_and(|length| length > limit as u64) {
+        return OciError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            crate::error::Code::BadRequest,
+            format!("this operation takes at most {limit} bytes"),
+        )
+        .into_response();
+    }
     request.extensions_mut().insert(caller);
     let mut response = next.run(request).await;
     if response.status() == StatusCode::UNAUTHORIZED {
@@ -357,6 +376,22 @@ pub(crate) async fn api_guard(
         }
     }
     response
+}
+
+/// The body length a request declares, if it does.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Whether a request announces a body (a length above zero, or chunks).
+fn has_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
 }
 
 /// The audit action and resource of a `/v2` request, for the operations the audit log

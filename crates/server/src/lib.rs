@@ -19,7 +19,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -67,6 +67,21 @@ impl App {
     }
 }
 
+/// The largest admin request body: every admin operation takes a small JSON document.
+const ADMIN_BODY_LIMIT: usize = 64 * 1024;
+/// The largest user import: an htpasswd file of some ten thousand users.
+const IMPORT_BODY_LIMIT: usize = 4 * 1024 * 1024;
+
+/// The body limit of an admin operation, also checked against the declared length before
+/// the handler runs.
+pub(crate) fn admin_body_limit(path: &str) -> usize {
+    if path == "/api/v1/users/import" {
+        IMPORT_BODY_LIMIT
+    } else {
+        ADMIN_BODY_LIMIT
+    }
+}
+
 /// The full HTTP surface of the registry.
 pub fn router(app: App) -> Router {
     // `/v2` requests are admitted inside `v2::dispatch` (no middleware on the hot path);
@@ -77,7 +92,10 @@ pub fn router(app: App) -> Router {
             "/api/v1/users",
             get(admin::list_users).post(admin::create_user),
         )
-        .route("/api/v1/users/import", post(admin::import_users))
+        .route(
+            "/api/v1/users/import",
+            post(admin::import_users).layer(DefaultBodyLimit::max(IMPORT_BODY_LIMIT)),
+        )
         .route(
             "/api/v1/users/{name}",
             get(admin::get_user)
@@ -112,6 +130,7 @@ pub fn router(app: App) -> Router {
         )
         .route("/api/v1/audit", get(admin::audit))
         .route("/api/v1/search", get(admin::search))
+        .layer(DefaultBodyLimit::max(ADMIN_BODY_LIMIT))
         .route_layer(middleware::from_fn_with_state(app.clone(), auth::api_guard));
     Router::new()
         .route("/v2", any(v2::dispatch))

@@ -15,6 +15,7 @@ mod errors;
 mod events;
 mod gc;
 mod gc_stress;
+mod hostile;
 mod manifests;
 mod memory;
 mod openapi;

@@ -1,0 +1,101 @@
+//! What an attacker on the network tries against the default settings (builtin auth),
+//! and what the server must do instead of what it once did.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use berth_auth::AuthSettings;
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+use crate::auth::{api, Who};
+
+/// Sends a request head announcing `length` body bytes and no body; returns what the
+/// server answers within five seconds.
+fn head_only(addr: &str, request_line: &str, auth: Option<&str>, length: usize) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    let auth = auth
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "{request_line} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    )
+    .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+        if answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&answer).to_lowercase()
+}
+
+#[test]
+fn the_admin_api_refuses_strangers_before_reading_their_bodies() {
+    let reg = crate::start_with_auth(AuthSettings::default());
+    let addr = reg.host();
+    // 300 anonymous requests declaring 2 MB each, bodies never sent: each is refused at
+    // once (it once waited for, and buffered, the whole body first).
+    let answers: Vec<String> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..30)
+            .map(|_| {
+                let addr = addr.clone();
+                s.spawn(move || {
+                    (0..10)
+                        .map(|_| head_only(&addr, "POST /api/v1/users", None, 2_000_000))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    assert_eq!(answers.len(), 300);
+    for answer in &answers {
+        assert!(answer.starts_with("http/1.1 401"), "{answer}");
+        assert!(answer.contains("connection: close"), "{answer}");
+        assert!(answer.contains("www-authenticate: basic"), "{answer}");
+    }
+    // Wrong credentials are refused the same way.
+    let wrong = format!("Basic {}", base64_of("admin:wrong"));
+    let answer = head_only(&addr, "PUT /api/v1/users/admin", Some(&wrong), 2_000_000);
+    assert!(answer.starts_with("http/1.1 401"), "{answer}");
+
+    // A signed-in user's body is bounded by what the endpoint takes.
+    let (s, _) = api(
+        &reg,
+        &Who::admin(),
+        Method::POST,
+        "/users",
+        Some(json!({"name": "mallory", "password": "mallory-password"})),
+    );
+    assert_eq!(s, StatusCode::CREATED);
+    let mallory = format!("Basic {}", base64_of("mallory:mallory-password"));
+    let answer = head_only(&addr, "POST /api/v1/projects", Some(&mallory), 1_000_000);
+    assert!(answer.starts_with("http/1.1 413"), "{answer}");
+    let (s, _) = api(
+        &reg,
+        &Who::user("mallory", "mallory-password"),
+        Method::POST,
+        "/projects",
+        Some(json!({"name": "fine", "description": "x".repeat(1000)})),
+    );
+    assert_ne!(s, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+fn base64_of(text: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
