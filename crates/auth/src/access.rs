@@ -124,6 +124,31 @@ pub(crate) struct Inner {
     pub(crate) passwords: Mutex<HashMap<[u8; 32], (Proven, Instant)>>,
     pub(crate) tokens: Mutex<HashMap<String, Claims>>,
     pub(crate) audit: AuditLog,
+    pub(crate) hashing: crate::password::HashPool,
+}
+
+impl AccessControl {
+    /// Hashes a new password or secret on the hashing pool.
+    pub(crate) async fn hash(&self, secret: &str) -> Result<String, AuthError> {
+        let secret = secret.to_owned();
+        self.inner
+            .hashing
+            .run(move || crate::password::hash_password(&secret))
+            .await?
+    }
+
+    /// Checks a password against a stored hash on the hashing pool.
+    pub(crate) async fn verify(
+        &self,
+        stored: &str,
+        candidate: &str,
+    ) -> Result<crate::password::PasswordCheck, AuthError> {
+        let (stored, candidate) = (stored.to_owned(), candidate.to_owned());
+        self.inner
+            .hashing
+            .run(move || crate::password::verify_password(&stored, &candidate))
+            .await
+    }
 }
 
 pub(crate) fn now_secs() -> i64 {
@@ -146,6 +171,7 @@ impl AccessControl {
         Ok(AccessControl {
             inner: Arc::new(Inner {
                 audit: AuditLog::start(store.clone()),
+                hashing: crate::password::HashPool::for_this_machine(),
                 settings,
                 store,
                 signer,

@@ -11,7 +11,7 @@ use berth_oci::RepoName;
 
 use crate::access::{AccessControl, Need};
 use crate::audit::{self, Outcome};
-use crate::password::{hash_password, parse_htpasswd, random_secret};
+use crate::password::{parse_htpasswd, random_secret};
 use crate::policy::{robot_permissions, Caller, Permission, Principal, Proof, Role};
 use crate::time::now_ms;
 use crate::AuthError;
@@ -171,7 +171,7 @@ impl Accounts<'_> {
             .store
             .create_user(
                 "admin",
-                &hash_password(&password)?,
+                &self.access.hash(&password).await?,
                 true,
                 "first administrator",
                 &AccessControl::local_admin().as_actor(),
@@ -202,7 +202,7 @@ impl Accounts<'_> {
             .store
             .create_user(
                 &new.name,
-                &hash_password(&password)?,
+                &self.access.hash(&password).await?,
                 new.admin,
                 "",
                 &caller.as_actor(),
@@ -248,7 +248,7 @@ impl Accounts<'_> {
         let hash = match &password {
             Some(p) => {
                 check_password(p)?;
-                Some(hash_password(p)?)
+                Some(self.access.hash(p).await?)
             }
             None => None,
         };
@@ -555,7 +555,7 @@ impl Accounts<'_> {
             .create_robot(
                 project,
                 &new.name,
-                &hash_password(&secret)?,
+                &self.access.hash(&secret).await?,
                 &new.permissions,
                 expires_ms,
                 &caller.as_actor(),

@@ -6,7 +6,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::access::*;
 use crate::audit::{self, Outcome};
-use crate::password::{hash_password, verify_password, PasswordCheck};
+use crate::password::PasswordCheck;
 use crate::policy::{robot_permissions, Caller, Permissions, Principal, Proof};
 use crate::time::now_ms;
 use crate::{AuthError, AuthMode, ROBOT_PREFIX};
@@ -56,25 +56,24 @@ impl Logins<'_> {
         if self.access.inner.settings.mode != AuthMode::Builtin {
             return Err(AuthError::Unauthenticated);
         }
-        let locked = self
-            .access
-            .inner
-            .limiter
-            .lock()
-            .ok()
-            .map(|mut l| l.check(user, address, Instant::now()));
-        if let Some(Err(wait)) = locked {
+        let now = Instant::now();
+        let locked = self.access.inner.limiter.lock().ok().map(|mut l| {
+            l.check(user, address, now)
+                .map_err(|wait| (wait, l.count_refusal(address, now)))
+        });
+        if let Some(Err((wait, report))) = locked {
             let retry_after_secs = wait.as_secs().max(1);
-            self.access
-                .inner
-                .audit
-                .record(audit::login_event(
-                    user,
-                    address,
-                    Outcome::Denied,
-                    "rate limited",
-                ))
-                .await;
+            if let Some(refusals) = report {
+                let detail = match refusals {
+                    1 => "rate limited".to_owned(),
+                    n => format!("rate limited: {n} attempts refused in the last minute"),
+                };
+                self.access
+                    .inner
+                    .audit
+                    .record(audit::login_event(user, address, Outcome::Denied, &detail))
+                    .await;
+            }
             return Err(AuthError::RateLimited { retry_after_secs });
         }
         let cache_key = self.password_cache_key(user, password);
@@ -100,7 +99,7 @@ impl Logins<'_> {
                         .await;
                 }
                 if let Ok(mut l) = self.access.inner.limiter.lock() {
-                    l.record_success(user);
+                    l.record_success(user, address);
                 }
                 principal
             }
@@ -174,7 +173,10 @@ impl Logins<'_> {
             }
             let proven = match cached {
                 Some(Proven::Robot { id }) if id == record.id => true,
-                _ => verify_password(&record.secret_hash, password) != PasswordCheck::Invalid,
+                _ => {
+                    self.access.verify(&record.secret_hash, password).await?
+                        != PasswordCheck::Invalid
+                }
             };
             if !proven {
                 return Ok(None);
@@ -190,7 +192,7 @@ impl Logins<'_> {
         }
         let Some(record) = self.access.inner.store.user(user).await? else {
             // Spend the same time as a real check, so absent names are not revealed by timing.
-            let _ = hash_password(password);
+            self.access.hash(password).await?;
             return Ok(None);
         };
         let proven = match cached {
@@ -199,11 +201,11 @@ impl Logins<'_> {
             {
                 true
             }
-            _ => match verify_password(&record.password_hash, password) {
+            _ => match self.access.verify(&record.password_hash, password).await? {
                 PasswordCheck::Invalid => false,
                 PasswordCheck::Valid => true,
                 PasswordCheck::ValidNeedsRehash => {
-                    if let Ok(hash) = hash_password(password) {
+                    if let Ok(hash) = self.access.hash(password).await {
                         self.access
                             .inner
                             .store

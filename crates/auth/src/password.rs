@@ -19,6 +19,71 @@ pub enum PasswordCheck {
     ValidNeedsRehash,
 }
 
+/// Where password hashing runs: Argon2id costs tens of milliseconds of CPU and about 19 MiB
+/// per hash by design, so it never runs on the async workers (a flood of wrong passwords
+/// would stall every other request) but on the blocking pool, at most `permits` at once,
+/// leaving the other cores to the registry. Past `max_waiting` queued checks, new ones
+/// are refused at once (rate limited) instead of queueing without bound.
+pub(crate) struct HashPool {
+    permits: tokio::sync::Semaphore,
+    waiting: std::sync::atomic::AtomicUsize,
+    max_waiting: usize,
+}
+
+impl HashPool {
+    /// A pool using half the cores (at least one).
+    pub(crate) fn for_this_machine() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        HashPool::new((cores / 2).max(1), 64)
+    }
+
+    pub(crate) fn new(permits: usize, max_waiting: usize) -> Self {
+        HashPool {
+            permits: tokio::sync::Semaphore::new(permits),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+            max_waiting,
+        }
+    }
+
+    /// Runs `work` (a hash or a check) on the blocking pool when a permit is free.
+    pub(crate) async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, AuthError> {
+        use std::sync::atomic::Ordering;
+        let queued = self.waiting.fetch_add(1, Ordering::Relaxed);
+        let _left = scopeguard(|| {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+        });
+        if queued >= self.max_waiting {
+            return Err(AuthError::RateLimited {
+                retry_after_secs: 1,
+            });
+        }
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|e| AuthError::Crypto(e.to_string()))?;
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|e| AuthError::Crypto(e.to_string()))
+    }
+}
+
+/// Runs `f` when dropped.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
+
 /// Hashes a password (or robot secret) with Argon2id and a random salt, as a PHC string.
 pub fn hash_password(password: &str) -> Result<String, AuthError> {
     let mut salt = [0u8; 16];
