@@ -102,7 +102,12 @@ impl Node {
     /// Opens the stores `config` names and wires the services. Must run inside the
     /// runtime (access control starts its audit writer).
     pub async fn open(config: &NodeConfig) -> Result<Node, NodeError> {
+        // The data holds the token signing key and password hashes (in `meta.db`) and the
+        // blobs of private projects: everything this process creates is its owner's only.
+        rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
         std::fs::create_dir_all(&config.data_dir).map_err(file_error(&config.data_dir))?;
+        warn_if_readable_by_others(&config.data_dir);
+        warn_if_readable_by_others(&config.data_dir.join("meta.db"));
         let blobs: Arc<dyn BlobStore> = match &config.blobs {
             BlobConfig::Filesystem => {
                 Arc::new(FsBlobStore::open(&config.data_dir).map_err(file_error(&config.data_dir))?)
@@ -145,6 +150,24 @@ impl Node {
             access,
             app,
         })
+    }
+}
+
+/// Says so when a data directory or database made before (or by hand) lets other local
+/// users in: any of them could read the signing key and forge an administrator's token.
+fn warn_if_readable_by_others(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        let wanted = if meta.is_dir() { "700" } else { "600" };
+        tracing::warn!(
+            path = %path.display(),
+            mode = format!("{mode:o}"),
+            "readable by other local users, who could read the token signing key: chmod {wanted} it"
+        );
     }
 }
 

@@ -99,3 +99,43 @@ fn base64_of(text: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(text)
 }
+
+#[test]
+fn the_data_is_its_owners_only_and_a_wider_directory_is_reported() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_berth"));
+    let berth = berth_testkit::BerthProcess::spawn(binary, &data);
+    crate::push_image(&berth.url(), "private/app", "v1", &[b"secret layer"]);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(&data.join("meta.db")), 0o600);
+    let mut stack = vec![data.join("blobs")];
+    let mut files = 0;
+    while let Some(d) = stack.pop() {
+        assert_eq!(mode(&d) & 0o077, 0, "{}", d.display());
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files += 1;
+                assert_eq!(mode(&path) & 0o077, 0, "{}", path.display());
+            }
+        }
+    }
+    assert!(files >= 2, "blobs were written");
+    drop(berth);
+
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let berth = berth_testkit::BerthProcess::spawn(binary, &data);
+    assert!(
+        berth_testkit::wait_until(Duration::from_secs(5), || berth
+            .log()
+            .iter()
+            .any(|l| l.contains("readable by other local users") && l.contains("chmod 700"))),
+        "{:?}",
+        berth.log()
+    );
+}
