@@ -209,6 +209,8 @@ impl TokenSigner {
             URL_SAFE_NO_PAD.encode(claims)
         );
         let signature: Signature = self.key.sign(signing_input.as_bytes());
+        // Low-s form: the only one verifiers accept (see `IssuerKey::verify`).
+        let signature = signature.normalize_s().unwrap_or(signature);
         Ok(format!(
             "{signing_input}.{}",
             URL_SAFE_NO_PAD.encode(signature.to_bytes())
@@ -238,6 +240,11 @@ impl IssuerKey {
             IssuerKey::Es256(key) => {
                 let signature =
                     Signature::from_slice(signature).map_err(|_| TokenError::BadSignature)?;
+                // (r, n - s) verifies as well as (r, s): accepting both would give one
+                // token two spellings. Only the low-s form, which berth signs, is valid.
+                if signature.normalize_s().is_some() {
+                    return Err(TokenError::BadSignature);
+                }
                 key.verify(message, &signature)
                     .map_err(|_| TokenError::BadSignature)
             }
@@ -374,6 +381,28 @@ mod tests {
         let stranger = TokenSigner::generate().unwrap();
         let other = TokenVerifier::new(stranger.verifying_key(), "berth", "registry");
         assert_eq!(other.verify(&token, 1001), Err(TokenError::BadSignature));
+    }
+
+    #[test]
+    fn signs_low_s_and_refuses_the_high_s_twin_of_a_valid_signature() {
+        let signer = TokenSigner::generate().unwrap();
+        let verifier = TokenVerifier::new(signer.verifying_key(), "berth", "registry");
+        for i in 0..16 {
+            let token = signer.sign(&claims(1000 + i)).unwrap();
+            assert!(verifier.verify(&token, 1001 + i).is_ok());
+            let (input, signature) = token.rsplit_once('.').unwrap();
+            let signature =
+                Signature::from_slice(&URL_SAFE_NO_PAD.decode(signature).unwrap()).unwrap();
+            assert!(signature.normalize_s().is_none(), "berth signs low-s");
+            // The twin: s replaced by n - s.
+            let (r, s) = signature.split_scalars();
+            let twin = Signature::from_scalars(r, -*s).unwrap();
+            let forged = format!("{input}.{}", URL_SAFE_NO_PAD.encode(twin.to_bytes()));
+            assert_eq!(
+                verifier.verify(&forged, 1001 + i),
+                Err(TokenError::BadSignature)
+            );
+        }
     }
 
     #[test]
