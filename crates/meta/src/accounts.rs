@@ -385,6 +385,17 @@ impl AccountStore for Database {
         let (name, hash, by) = (name.to_owned(), password_hash.to_owned(), by.clone());
         self.engine
             .write_recorded(move |tx| {
+                // Names differing only in case are one name to the people who read them
+                // (and to the audit log): the second is refused, in the same transaction.
+                let folded = tx.query(
+                    "SELECT name FROM users WHERE lower(name) = lower(?1)",
+                    args![&name],
+                )?;
+                if !folded.is_empty() {
+                    return Err(MetaError::Conflict(format!(
+                        "user {name} exists (user names are unique regardless of case)"
+                    )));
+                }
                 let row = tx
                     .query_one(
                         concat!(

@@ -63,6 +63,9 @@ pub struct Registry {
     node_id: Arc<str>,
 }
 
+/// The longest project name, however the project is made.
+pub const MAX_PROJECT_NAME: usize = 64;
+
 impl Registry {
     /// Wires the service to its stores.
     pub fn new(blobs: Arc<dyn BlobStore>, meta: Arc<dyn MetaStore>, limits: Limits) -> Self {
@@ -93,6 +96,13 @@ impl Registry {
         owner: Option<(i64, &str)>,
         by: &Actor,
     ) -> Result<(), RegistryError> {
+        if name.len() > MAX_PROJECT_NAME {
+            // The rule projects made through the API follow, for projects made by a push.
+            return Err(RegistryError::Invalid(berth_oci::ParseError::Name {
+                input: name.chars().take(MAX_PROJECT_NAME).collect::<String>() + "…",
+                reason: "a project name (the first path component) has at most 64 characters",
+            }));
+        }
         let created = self
             .meta
             .create_project(name, false, owner, ProjectOrigin::FirstPush, by)

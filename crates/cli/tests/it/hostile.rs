@@ -139,3 +139,44 @@ fn the_data_is_its_owners_only_and_a_wider_directory_is_reported() {
         berth.log()
     );
 }
+
+#[test]
+fn names_that_differ_only_in_case_cannot_coexist_and_pushed_projects_keep_the_length_rule() {
+    let reg = crate::start_with_auth(AuthSettings::default());
+    let admin = Who::admin();
+    let create = |name: &str| {
+        api(
+            &reg,
+            &admin,
+            Method::POST,
+            "/users",
+            Some(json!({"name": name, "password": "a-long-password"})),
+        )
+        .0
+    };
+    assert_eq!(create("alice"), StatusCode::CREATED);
+    assert_eq!(create("Alice"), StatusCode::CONFLICT);
+    assert_eq!(create("ALICE"), StatusCode::CONFLICT);
+
+    // A push may create its project, but not one with a name the API would refuse.
+    let long = "p".repeat(65);
+    let r = admin
+        .request(
+            &crate::http(),
+            Method::POST,
+            &format!("{}/v2/{long}/app/blobs/uploads/", reg.url()),
+        )
+        .send()
+        .unwrap();
+    crate::assert_oci_error(r, StatusCode::BAD_REQUEST, "NAME_INVALID");
+    let fine = "p".repeat(64);
+    let r = admin
+        .request(
+            &crate::http(),
+            Method::POST,
+            &format!("{}/v2/{fine}/app/blobs/uploads/", reg.url()),
+        )
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+}
