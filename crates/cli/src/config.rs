@@ -21,6 +21,8 @@ pub(crate) struct Settings {
     pub(crate) data_dir: PathBuf,
     pub(crate) log_level: String,
     pub(crate) max_manifest_bytes: usize,
+    /// Upload sessions one caller may hold open on this node.
+    pub(crate) max_open_uploads: usize,
     /// Blob downloads go out with `sendfile` (see `App::with_sendfile`).
     pub(crate) sendfile: bool,
     pub(crate) meta: MetaConfig,
@@ -72,6 +74,7 @@ impl Settings {
             meta: self.meta.clone(),
             limits: Limits {
                 max_manifest_bytes: self.max_manifest_bytes,
+                max_open_uploads: self.max_open_uploads,
             },
             auth: self.auth.settings.clone(),
             signing_key_file: self.auth.signing_key.clone(),
@@ -246,6 +249,7 @@ struct FileAudit {
 #[serde(deny_unknown_fields)]
 struct FileLimits {
     max_manifest_bytes: Option<usize>,
+    max_open_uploads: Option<usize>,
     header_timeout_secs: Option<u64>,
     body_stall_timeout_secs: Option<u64>,
     max_connections: Option<usize>,
@@ -322,6 +326,11 @@ impl Settings {
                 .max_manifest_bytes
                 .or(file_config.limits.max_manifest_bytes)
                 .unwrap_or(berth_registry::Limits::default().max_manifest_bytes),
+            max_open_uploads: file_config
+                .limits
+                .max_open_uploads
+                .filter(|n| *n > 0)
+                .unwrap_or(berth_registry::Limits::default().max_open_uploads),
             sendfile: file_config.sendfile.unwrap_or(false),
             gc: gc_settings(&file_config.gc, &file_config.audit),
             auth,

@@ -253,10 +253,7 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
         if let Some(interval) = settings.gc.interval {
             tokio::spawn(scheduled_gc(registry.clone(), settings.gc.options.clone(), interval));
         }
-        tokio::spawn(maintenance(
-            registry.clone(),
-            settings.gc.options.event_retention,
-        ));
+        tokio::spawn(maintenance(registry.clone(), settings.gc.options.clone()));
         let tls = match &settings.tls {
             Some(files) => {
                 let tls = Tls::load(files.clone())
@@ -289,21 +286,24 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
     })
 }
 
-/// How often `serve` prunes events past their retention, collections or not.
+/// How often `serve` purges abandoned uploads and prunes old events, collections or not.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(3600);
 
-/// Prunes events past their retention every hour, for as long as the server runs (a
-/// collection prunes too, but collections need not be scheduled). Pruning is idempotent,
-/// so nodes sharing a store need no lease for it.
-async fn maintenance(registry: Registry, retention: Option<Duration>) {
-    if retention.is_none() {
-        return;
-    }
+/// Every hour, for as long as the server runs: purges upload sessions abandoned for
+/// longer than `gc.upload_max_age` and prunes events past their retention. A collection
+/// does both too, but collections need not be scheduled, and abandoned sessions must not
+/// pile up meanwhile. Both are idempotent, so nodes sharing a store need no lease.
+async fn maintenance(registry: Registry, options: berth_registry::GcOptions) {
     let mut ticker = tokio::time::interval(MAINTENANCE_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        match registry.prune_events(retention).await {
+        match registry.purge_uploads(&options).await {
+            Ok(0) => {}
+            Ok(purged) => tracing::info!(purged, "abandoned upload sessions purged"),
+            Err(e) => tracing::warn!(error = %e, "purging abandoned uploads failed"),
+        }
+        match registry.prune_events(options.event_retention).await {
             Ok(0) => {}
             Ok(pruned) => tracing::info!(pruned, "events past their retention pruned"),
             Err(e) => tracing::warn!(error = %e, "pruning events failed"),

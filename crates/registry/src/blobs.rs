@@ -180,10 +180,19 @@ impl Registry {
             .await?)
     }
 
-    /// Opens an upload session in `repo`. The staging area and the session record are
-    /// created at once; if one fails, the other is left to the upload purge.
-    pub async fn start_upload(&self, repo: &RepoName) -> Result<UploadId, RegistryError> {
+    /// Opens an upload session in `repo` for `by`, within its cap of open sessions. The
+    /// staging area and the session record are created at once; if one fails, the other
+    /// is left to the upload purge.
+    pub async fn start_upload(
+        &self,
+        repo: &RepoName,
+        by: &Actor,
+    ) -> Result<UploadId, RegistryError> {
         let id = UploadId::new_random();
+        let max = self.limits.max_open_uploads;
+        if !self.uploads.take(by, id.as_str(), max) {
+            return Err(RegistryError::TooManyUploads { max });
+        }
         let (staged, recorded) = tokio::join!(
             self.blobs.start_upload(&id),
             self.meta.record_upload(id.as_str(), repo)
@@ -247,6 +256,7 @@ impl Registry {
     ) -> Result<u64, RegistryError> {
         let id = self.own_upload(repo, id).await?;
         let size = self.publish_upload(&id, final_chunk, digest).await?;
+        self.uploads.release(id.as_str());
         self.link_published_blob(repo, digest, size, Some(&id), by)
             .await?;
         Ok(size)
@@ -280,6 +290,7 @@ impl Registry {
             Err(e) => return Err(e.into()),
         }
         self.meta.forget_upload(id.as_str()).await?;
+        self.uploads.release(id.as_str());
         Ok(())
     }
 

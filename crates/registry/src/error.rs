@@ -71,6 +71,13 @@ pub enum RegistryError {
         /// The blob's size, for `Content-Range: bytes */size`.
         size: u64,
     },
+    /// The caller already holds as many open upload sessions as it may: finish or cancel
+    /// some (abandoned ones are purged after a day).
+    #[error("too many open upload sessions (at most {max}): finish or cancel some first")]
+    TooManyUploads {
+        /// The cap.
+        max: usize,
+    },
     /// Garbage collection is deleting this digest's bytes right now; retry shortly.
     #[error("blob {digest} is being garbage-collected; retry the upload")]
     BlobBusy {

@@ -172,8 +172,10 @@ impl Registry {
     }
 
     /// Drops upload sessions whose bytes have not changed for `upload_max_age`, and those
-    /// opened that long ago with no bytes at all (nothing staged, only their record).
-    async fn purge_uploads(&self, options: &GcOptions) -> Result<u64, RegistryError> {
+    /// opened that long ago with no bytes at all (nothing staged, only their record). Part
+    /// of every collection, and run on its own by `serve`'s maintenance, so that
+    /// abandoned sessions go even where no collection is scheduled.
+    pub async fn purge_uploads(&self, options: &GcOptions) -> Result<u64, RegistryError> {
         let cutoff = SystemTime::now() - options.upload_max_age;
         let sessions = self.blobs.list_uploads().await?;
         let mut stale: Vec<UploadId> = sessions
@@ -202,6 +204,7 @@ impl Registry {
                     Err(e) => return Err(e.into()),
                 }
                 self.meta.forget_upload(id.as_str()).await?;
+                self.uploads.release(id.as_str());
             }
         }
         Ok(stale.len() as u64)

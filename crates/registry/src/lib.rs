@@ -8,6 +8,7 @@ mod check;
 mod error;
 mod gc;
 mod manifests;
+mod quota;
 
 use std::sync::Arc;
 
@@ -44,12 +45,16 @@ fn new_node_id() -> String {
 pub struct Limits {
     /// Largest manifest accepted, in bytes; manifests are held in memory to be parsed.
     pub max_manifest_bytes: usize,
+    /// Upload sessions one caller may hold open at once on this node: enough for many
+    /// parallel pushes (a client opens a few per image), far from what fills a disk.
+    pub max_open_uploads: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_manifest_bytes: 4 * 1024 * 1024,
+            max_open_uploads: 1000,
         }
     }
 }
@@ -61,6 +66,7 @@ pub struct Registry {
     meta: Arc<dyn MetaStore>,
     limits: Limits,
     node_id: Arc<str>,
+    uploads: Arc<quota::UploadQuota>,
 }
 
 /// The longest project name, however the project is made.
@@ -74,6 +80,7 @@ impl Registry {
             meta,
             limits,
             node_id: new_node_id().into(),
+            uploads: Arc::default(),
         }
     }
 

@@ -192,6 +192,7 @@ impl From<RegistryError> for OciError {
             }
             E::BodyInterrupted(_) => (StatusCode::BAD_REQUEST, Code::BlobUploadInvalid),
             E::JobRunning { .. } => (StatusCode::CONFLICT, Code::Conflict),
+            E::TooManyUploads { .. } => (StatusCode::TOO_MANY_REQUESTS, Code::TooManyRequests),
             E::BlobBusy { .. } => {
                 return OciError::new(
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -584,7 +584,7 @@ async fn start_upload(
             .await?;
         return Ok(blob_created(&name, &d));
     }
-    let id = app.registry.start_upload(&name).await?;
+    let id = app.registry.start_upload(&name, &caller.as_actor()).await?;
     Ok(upload_accepted(StatusCode::ACCEPTED, &name, &id, 0))
 }
 

@@ -169,6 +169,7 @@ fn oversized_manifest_is_refused_with_413() {
     let reg = crate::start_with(
         Limits {
             max_manifest_bytes: 1024,
+            ..Limits::default()
         },
         Default::default(),
     );

@@ -180,3 +180,97 @@ fn names_that_differ_only_in_case_cannot_coexist_and_pushed_projects_keep_the_le
         .unwrap();
     assert_eq!(r.status(), StatusCode::ACCEPTED);
 }
+
+#[test]
+fn open_upload_sessions_are_capped_per_caller() {
+    let reg = crate::start_opts(berth_testkit::Options {
+        auth: AuthSettings::default(),
+        limits: berth_registry::Limits {
+            max_open_uploads: 5,
+            ..berth_registry::Limits::default()
+        },
+        ..berth_testkit::Options::default()
+    });
+    let admin = Who::admin();
+    for name in ["mallory", "alice"] {
+        let (s, _) = api(
+            &reg,
+            &admin,
+            Method::POST,
+            "/users",
+            Some(json!({"name": name, "password": format!("{name}-password")})),
+        );
+        assert_eq!(s, StatusCode::CREATED);
+    }
+    let open = |who: &Who, project: &str| {
+        who.request(
+            &crate::http(),
+            Method::POST,
+            &format!("{}/v2/{project}/app/blobs/uploads/", reg.url()),
+        )
+        .send()
+        .unwrap()
+    };
+    let mallory = Who::user("mallory", "mallory-password");
+    let mut locations = Vec::new();
+    for _ in 0..5 {
+        let r = open(&mallory, "mallory");
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+        locations.push(crate::header(&r, "location"));
+    }
+    crate::assert_oci_error(
+        open(&mallory, "mallory"),
+        StatusCode::TOO_MANY_REQUESTS,
+        "TOOMANYREQUESTS",
+    );
+    // Others are not affected, and a cancelled session gives its place back.
+    let alice = Who::user("alice", "alice-password");
+    assert_eq!(open(&alice, "alice").status(), StatusCode::ACCEPTED);
+    let r = mallory
+        .request(
+            &crate::http(),
+            Method::DELETE,
+            &format!("{}{}", reg.url(), locations[0]),
+        )
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    assert_eq!(open(&mallory, "mallory").status(), StatusCode::ACCEPTED);
+}
+
+#[test]
+fn serve_purges_abandoned_upload_sessions_without_a_collection_schedule() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("berth.toml");
+    std::fs::write(&config, "[gc]\nupload_max_age_secs = 1\n").unwrap();
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_berth"));
+    let args = ["--auth", "none", "--config", config.to_str().unwrap()];
+    let berth = berth_testkit::BerthProcess::spawn_with(binary, &data, &args, &[]);
+    let r = crate::http()
+        .post(format!("{}/v2/abandoned/app/blobs/uploads/", berth.url()))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let location = crate::header(&r, "location");
+    let r = crate::http()
+        .patch(format!("{}{location}", berth.url()))
+        .header("content-type", "application/octet-stream")
+        .body(vec![1u8; 1000])
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    berth.kill();
+    std::thread::sleep(Duration::from_secs(2));
+    // No [gc] interval: the maintenance that runs at start (and hourly) purges it.
+    let berth = berth_testkit::BerthProcess::spawn_with(binary, &data, &args, &[]);
+    assert!(berth_testkit::wait_until(Duration::from_secs(10), || berth
+        .log()
+        .iter()
+        .any(|l| l.contains("abandoned upload sessions purged"))));
+    let r = crate::http()
+        .get(format!("{}{location}", berth.url()))
+        .send()
+        .unwrap();
+    crate::assert_oci_error(r, StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN");
+}
