@@ -254,6 +254,7 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
             tokio::spawn(scheduled_gc(registry.clone(), settings.gc.options.clone(), interval));
         }
         tokio::spawn(maintenance(registry.clone(), settings.gc.options.clone()));
+        tokio::spawn(abandoned_sweeps(registry.clone()));
         let tls = match &settings.tls {
             Some(files) => {
                 let tls = Tls::load(files.clone())
@@ -307,6 +308,30 @@ async fn maintenance(registry: Registry, options: berth_registry::GcOptions) {
             Ok(0) => {}
             Ok(pruned) => tracing::info!(pruned, "events past their retention pruned"),
             Err(e) => tracing::warn!(error = %e, "pruning events failed"),
+        }
+    }
+}
+
+/// How often `serve` looks for a collection that died half-way through its sweep.
+const ABANDONED_SWEEP_CHECK: Duration = Duration::from_secs(60);
+
+/// Finishes the sweep of any collection that stopped without finishing (its lease
+/// expired): its blobs would otherwise stay blocked until a next collection, which with no
+/// schedule never comes. One small read a minute when there is nothing to do.
+async fn abandoned_sweeps(registry: Registry) {
+    let mut ticker = tokio::time::interval(ABANDONED_SWEEP_CHECK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        match registry.finish_abandoned_sweep().await {
+            Ok(None) => {}
+            Ok(Some(swept)) => {
+                tracing::info!(
+                    swept,
+                    "finished the sweep of a collection that stopped half-way"
+                )
+            }
+            Err(e) => tracing::warn!(error = %e, "finishing an abandoned sweep failed"),
         }
     }
 }

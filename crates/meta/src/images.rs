@@ -8,8 +8,9 @@ use crate::accounts::{clash, project_row};
 use crate::engine::{args, owned, Durability, Row, Tx};
 use crate::events::{self, record, Actor, Change, TagChange};
 use crate::{
-    now, BlobArrival, DanglingEdge, Database, GcMarked, GcSelection, LinkedBlob, MetaError,
-    MetaStore, NewManifest, Page, ProjectOrigin, ProjectRecord, Referrer, StoredManifest,
+    now, BlobArrival, DanglingEdge, Database, GcMarked, GcSelection, LeaseState, LinkedBlob,
+    MetaError, MetaStore, NewManifest, Page, ProjectOrigin, ProjectRecord, Referrer,
+    StoredManifest,
 };
 
 /// Takes (or renews) a lease for `holder` if nobody else holds it unexpired.
@@ -576,6 +577,16 @@ impl MetaStore for Database {
         self.write_statement(Durability::Synced, sql, owned![name, holder])
             .await
             .map(drop)
+    }
+
+    async fn lease_state(&self, name: &str) -> Result<LeaseState, MetaError> {
+        let sql = "SELECT expires_at FROM leases WHERE name = ?1";
+        let expires = self.read_row(sql, owned![name], |mut r| r.int(0)).await?;
+        Ok(match expires {
+            None => LeaseState::Free,
+            Some(at) if at < now() => LeaseState::Expired,
+            Some(_) => LeaseState::Held,
+        })
     }
 
     async fn create_project(

@@ -164,6 +164,17 @@ pub struct LinkedBlob {
     pub last_used_ms: i64,
 }
 
+/// What a lease's row says now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseState {
+    /// Nobody holds it.
+    Free,
+    /// A holder holds it, until it expires.
+    Held,
+    /// Its holder let it expire without giving it back: its work was left unfinished.
+    Expired,
+}
+
 /// What garbage collection should select in one pass.
 #[derive(Debug, Clone, Copy)]
 pub struct GcSelection {
@@ -382,6 +393,9 @@ pub trait MetaStore: EventLog + Send + Sync + 'static {
     async fn try_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, MetaError>;
     /// Gives a lease back early (only if `holder` holds it).
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), MetaError>;
+    /// Whether the named lease is free, held, or was left to expire by a holder that
+    /// stopped (a crash, a kill, a failure it did not clean up after).
+    async fn lease_state(&self, name: &str) -> Result<LeaseState, MetaError>;
     /// Creates a project (the first path segment of repository names, the unit of
     /// permissions and, next, of policies), with `owner` (a user id) as its first project admin;
     /// [`MetaError::Conflict`] if it exists.

@@ -11,8 +11,8 @@ use crate::{now_ms, Registry, RegistryError};
 
 /// A blob confirmed by HEAD is touched at most this often (ms), to keep HEAD a read.
 const TOUCH_AFTER_MS: i64 = 60_000;
-/// How long a push waits for a collection to finish deleting the same digest.
-const RESERVE_PATIENCE: Duration = Duration::from_secs(10);
+/// How long a push waits for a live collection to finish deleting the same digest.
+const RESERVE_PATIENCE: Duration = Duration::from_secs(5);
 
 /// A `Range` request in the forms the edge parsed (`bytes=a-b`, `bytes=a-`, `bytes=-n`),
 /// resolved against the blob's size here.
@@ -324,12 +324,23 @@ impl Registry {
 
     /// Announces the publication of `digest` to the metadata store before the bytes are
     /// renamed into place (the first step of the protocol in ARCHITECTURE.md). While a
-    /// collection is deleting the same digest, waits for it to finish.
+    /// live collection is deleting the same digest, waits (a bounded time) for it to
+    /// finish; if the collection that marked it is gone, finishes that digest's deletion
+    /// itself, at once.
     async fn reserve_blob(&self, digest: &Digest) -> Result<(), RegistryError> {
         let deadline = std::time::Instant::now() + RESERVE_PATIENCE;
+        let mut checked_collector = false;
         loop {
             match self.meta.reserve_blob(digest).await {
                 Ok(()) => return Ok(()),
+                Err(MetaError::BlobBeingDeleted) if !checked_collector => {
+                    checked_collector = true;
+                    if !self.collection_running().await? {
+                        let one = std::slice::from_ref(digest);
+                        self.blobs.delete_many(one).await?;
+                        self.meta.forget_deleted_blobs(one).await?;
+                    }
+                }
                 Err(MetaError::BlobBeingDeleted) if std::time::Instant::now() < deadline => {
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 }

@@ -13,7 +13,8 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use berth_meta::GcSelection;
+use berth_meta::{GcSelection, LeaseState};
+use berth_oci::Digest;
 use berth_storage::UploadId;
 use serde::Serialize;
 
@@ -83,10 +84,14 @@ fn millis(d: Duration) -> i64 {
 
 /// The lease a collection holds, so that nodes sharing a store take turns.
 const GC_LEASE: &str = "gc";
-/// How long a collection's lease lasts. The lease saves work rather than guarding safety:
-/// two collections at once are still correct (marking is transactional, deleting twice is
-/// harmless), so a collection outliving its lease only costs duplicate effort.
-const GC_LEASE_MS: i64 = 15 * 60 * 1000;
+/// How long a collection's lease lasts unless renewed. The lease saves work rather than
+/// guarding safety: two collections at once are still correct (marking is transactional,
+/// deleting twice is harmless). It is short and renewed while the collection runs, so
+/// that a collector that dies (killed, out of memory, a lost node) is noticed within
+/// minutes and its sweep finished by a serving node ([`Registry::finish_abandoned_sweep`]).
+const GC_LEASE_MS: i64 = 2 * 60 * 1000;
+/// How often a running collection renews its lease.
+const GC_LEASE_RENEWAL: Duration = Duration::from_secs(30);
 
 impl Registry {
     /// Runs one garbage collection, unless another node (or `berth gc`) is running one:
@@ -102,11 +107,72 @@ impl Registry {
                 job: "garbage collection".into(),
             });
         }
+        let renewing = {
+            let (meta, holder) = (self.meta.clone(), holder.to_owned());
+            tokio::spawn(async move {
+                let mut ticker = tokio::time::interval(GC_LEASE_RENEWAL);
+                ticker.tick().await;
+                loop {
+                    ticker.tick().await;
+                    if let Err(e) = meta.try_lease(GC_LEASE, &holder, GC_LEASE_MS).await {
+                        tracing::warn!(error = %e, "renewing the collection lease");
+                    }
+                }
+            })
+        };
         let result = self.collect_garbage_now(options).await;
-        if let Err(e) = self.meta.release_lease(GC_LEASE, holder).await {
-            tracing::warn!(error = %e, "releasing the collection lease; it expires by itself");
+        renewing.abort();
+        match &result {
+            Ok(_) => {
+                if let Err(e) = self.meta.release_lease(GC_LEASE, holder).await {
+                    tracing::warn!(error = %e, "releasing the collection lease; it expires by itself");
+                }
+            }
+            // Left to expire: blobs may be marked and not yet swept, and an expired lease
+            // is how a serving node learns that a sweep needs finishing.
+            Err(e) => {
+                tracing::warn!(error = %e, "collection failed; its sweep is finished once its lease expires")
+            }
         }
         result
+    }
+
+    /// Finishes the sweep of a collection that stopped half-way: if the collection lease
+    /// expired without being given back, takes it, deletes the bytes of every blob still
+    /// marked as being deleted and forgets them. `serve` calls it every minute, so blobs
+    /// never stay blocked waiting for a collection nobody scheduled. Returns how many were
+    /// swept, `None` if nothing was abandoned.
+    pub async fn finish_abandoned_sweep(&self) -> Result<Option<usize>, RegistryError> {
+        if self.meta.lease_state(GC_LEASE).await? != LeaseState::Expired {
+            return Ok(None);
+        }
+        let holder = self.node_id();
+        if !self.meta.try_lease(GC_LEASE, holder, GC_LEASE_MS).await? {
+            return Ok(None);
+        }
+        let swept = self.sweep_marked().await;
+        if swept.is_ok() {
+            if let Err(e) = self.meta.release_lease(GC_LEASE, holder).await {
+                tracing::warn!(error = %e, "releasing the collection lease; it expires by itself");
+            }
+        }
+        swept.map(|(digests, _)| Some(digests.len()))
+    }
+
+    /// Deletes the bytes of every blob marked as being deleted, then forgets them.
+    async fn sweep_marked(&self) -> Result<(Vec<Digest>, u64), RegistryError> {
+        let doomed = self.meta.blobs_being_deleted().await?;
+        // Bytes first, records after: a crash in between leaves records still marked,
+        // which the next pass finishes.
+        let digests: Vec<_> = doomed.iter().map(|(d, _)| d.clone()).collect();
+        self.blobs.delete_many(&digests).await?;
+        self.meta.forget_deleted_blobs(&digests).await?;
+        Ok((digests, doomed.iter().map(|(_, size)| size).sum()))
+    }
+
+    /// Whether a collection is alive now (its lease held and not expired).
+    pub(crate) async fn collection_running(&self) -> Result<bool, RegistryError> {
+        Ok(self.meta.lease_state(GC_LEASE).await? == LeaseState::Held)
     }
 
     async fn collect_garbage_now(&self, options: &GcOptions) -> Result<GcReport, RegistryError> {
@@ -135,13 +201,8 @@ impl Registry {
             report.blobs_removed = marked.blobs.iter().map(|(d, _)| d.to_string()).collect();
             report.bytes_freed = marked.blobs.iter().map(|(_, size)| size).sum();
         } else {
-            let doomed = self.meta.blobs_being_deleted().await?;
-            // Bytes first, records after: a crash in between leaves records still marked,
-            // which the next pass finishes.
-            let digests: Vec<_> = doomed.iter().map(|(d, _)| d.clone()).collect();
-            self.blobs.delete_many(&digests).await?;
-            self.meta.forget_deleted_blobs(&digests).await?;
-            report.bytes_freed = doomed.iter().map(|(_, size)| size).sum();
+            let (digests, bytes) = self.sweep_marked().await?;
+            report.bytes_freed = bytes;
             report.blobs_removed = digests.iter().map(|d| d.to_string()).collect();
         }
         report.sweep_ms = started.elapsed().as_millis() as u64 - mark_ms;

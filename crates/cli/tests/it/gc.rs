@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use berth_registry::{GcOptions, Limits};
-use berth_testkit::{BerthProcess, TestRegistry};
+use berth_testkit::{wait_until, BerthProcess, TestRegistry};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -363,4 +363,73 @@ fn gc_and_check_commands_work_beside_a_running_registry() {
     let (code, out) = berth(&["check"]);
     assert_eq!(code, Some(0), "{out}");
     server.kill();
+}
+
+/// Marks blobs as a collection killed mid-sweep leaves them; `lease_expired`: whether its
+/// lease row was left behind (expired) or is gone.
+fn leave_half_swept(data: &std::path::Path, digests: &[&str], lease_expired: bool) {
+    let db = rusqlite::Connection::open(data.join("meta.db")).unwrap();
+    for digest in digests {
+        let changed = db
+            .execute(
+                "UPDATE blobs SET state = 'deleting' WHERE digest = ?1",
+                [digest],
+            )
+            .unwrap();
+        assert_eq!(changed, 1, "{digest}");
+    }
+    db.execute("DELETE FROM leases WHERE name = 'gc'", [])
+        .unwrap();
+    if lease_expired {
+        db.execute(
+            "INSERT INTO leases (name, holder, expires_at) VALUES ('gc', 'killed-collector', 1)",
+            [],
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn a_sweep_killed_half_way_is_finished_by_serve_and_never_blocks_pushes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_berth"));
+    let (one, two) = (b"layer one".to_vec(), b"layer two".to_vec());
+    let server = BerthProcess::spawn(binary, &data);
+    let d1 = crate::push_blob(&server.url(), "team/app", &one);
+    let d2 = crate::push_blob(&server.url(), "team/app", &two);
+    server.kill();
+
+    // The killed collection's lease expired: serve takes the sweep over at start.
+    leave_half_swept(&data, &[&d1, &d2], true);
+    let server = BerthProcess::spawn(binary, &data);
+    assert!(
+        wait_until(Duration::from_secs(10), || server
+            .log()
+            .iter()
+            .any(|l| l.contains("finished the sweep") && l.contains("swept=2"))),
+        "{:?}",
+        server.log()
+    );
+    assert_eq!(
+        blob_status(&server.url(), "team/app", &d1),
+        StatusCode::NOT_FOUND
+    );
+    let started = std::time::Instant::now();
+    crate::push_blob(&server.url(), "team/app", &one);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    server.kill();
+
+    // No lease left at all (a collection that failed and gave it back, or an older
+    // version): the push finishes that digest's deletion itself, without waiting.
+    leave_half_swept(&data, &[&d1], false);
+    let server = BerthProcess::spawn(binary, &data);
+    let started = std::time::Instant::now();
+    crate::push_blob(&server.url(), "team/app", &one);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(blob_status(&server.url(), "team/app", &d1), StatusCode::OK);
 }
