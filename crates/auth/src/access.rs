@@ -328,8 +328,13 @@ impl AccessControl {
                     "{} on {name}",
                     permission.token_action().unwrap_or("access")
                 );
-                if anonymous {
+                if caller.proof == Proof::None {
                     Err(AuthError::Unauthenticated)
+                } else if anonymous {
+                    // An anonymous token: the client has been through the token flow
+                    // already, and another 401 would only send it round again. Denied
+                    // tells it (and docker's user: "may require 'docker login'") to log in.
+                    Err(AuthError::Denied(format!("{what}: log in first")))
                 } else if rights.allows(permission) {
                     Err(AuthError::InsufficientScope(what))
                 } else {

@@ -192,7 +192,11 @@ fn basic_challenge(access: &AccessControl) -> String {
     format!("Basic realm=\"{}\"", access.settings().service)
 }
 
-/// Answers a refused request: 401 with a challenge the client can follow, 403, or 429.
+/// Answers a refused request: 401 with a challenge the client can follow; 403 with a
+/// challenge naming the scope when a valid token lacks it (RFC 6750 §3.1: clients that
+/// keep their token on a 401, such as the ORAS SDK, fetch a new one on a 403); 403
+/// `DENIED` when the caller may not (with the challenge too on `/v2`, so that such a
+/// client, having tried a fresh token, gives up at once instead of retrying); 429.
 pub(crate) fn refusal(
     access: &AccessControl,
     headers: &HeaderMap,
@@ -200,8 +204,13 @@ pub(crate) fn refusal(
     login: Login<'_>,
 ) -> Response {
     let insufficient = matches!(e, AuthError::InsufficientScope(_));
+    let denied = matches!(e, AuthError::Denied(_));
     let error = OciError::from(e);
-    if error.status() != StatusCode::UNAUTHORIZED {
+    let challenged = match login {
+        Login::Basic => error.status() == StatusCode::UNAUTHORIZED,
+        Login::Token { .. } => error.status() == StatusCode::UNAUTHORIZED || insufficient || denied,
+    };
+    if !challenged {
         return error.into_response();
     }
     let value = match login {

@@ -214,9 +214,12 @@ impl From<AuthError> for OciError {
     fn from(e: AuthError) -> Self {
         use AuthError as E;
         let (status, code) = match &e {
-            E::Unauthenticated | E::BadCredentials | E::BadToken(_) | E::InsufficientScope(_) => {
+            E::Unauthenticated | E::BadCredentials | E::BadToken(_) => {
                 (StatusCode::UNAUTHORIZED, Code::Unauthorized)
             }
+            // RFC 6750 §3.1: a valid token without the scope is forbidden, and the
+            // challenge (added by the edge) names the scope to ask for.
+            E::InsufficientScope(_) => (StatusCode::FORBIDDEN, Code::Denied),
             E::RateLimited { retry_after_secs } => {
                 let retry = retry_after_secs.to_string();
                 return OciError::new(

@@ -602,6 +602,27 @@ fn assert_unauthorized(r: Response, why: &str) {
     assert_eq!(body["errors"][0]["code"], "UNAUTHORIZED", "{why}");
 }
 
+/// A valid token without the scope: 403 (RFC 6750 §3.1) with a challenge naming the scope
+/// to ask for, so that clients fetch a new token.
+fn assert_insufficient_scope(r: Response, why: &str) {
+    assert_eq!(r.status(), StatusCode::FORBIDDEN, "{why}");
+    let challenge = header(&r, "www-authenticate");
+    assert!(
+        challenge.starts_with("Bearer realm=\"http"),
+        "{why}: {challenge}"
+    );
+    assert!(
+        challenge.contains("error=\"insufficient_scope\""),
+        "{why}: {challenge}"
+    );
+    assert!(
+        challenge.contains("scope=\"repository:"),
+        "{why}: {challenge}"
+    );
+    let body: Value = r.json().unwrap();
+    assert_eq!(body["errors"][0]["code"], "DENIED", "{why}");
+}
+
 #[test]
 fn builtin_tokens_grant_what_was_asked_and_allowed_and_die_with_their_user() {
     let reg = crate::start_with_auth(settings());
@@ -680,15 +701,14 @@ fn builtin_tokens_grant_what_was_asked_and_allowed_and_die_with_their_user() {
         S::OK
     );
 
-    // Wrong scope: the token is for team/app, not team/other (bob could get one: 401
+    // Wrong scope: the token is for team/app, not team/other (bob could get one: 403
     // with insufficient_scope so the client asks again) ...
     let r = with_token(
         M::GET,
         &format!("{}/v2/team/other/tags/list", reg.url()),
         &token,
     );
-    assert!(header(&r, "www-authenticate").contains("error=\"insufficient_scope\""));
-    assert_unauthorized(r, "token for another repository");
+    assert_insufficient_scope(r, "token for another repository");
     // ... and a token without push cannot push even though bob may.
     let pull_only = fetch_token(&reg, &bob, &["repository:team/app:pull"], false)["token"]
         .as_str()
@@ -699,7 +719,7 @@ fn builtin_tokens_grant_what_was_asked_and_allowed_and_die_with_their_user() {
         &format!("{}/v2/team/app/blobs/uploads/", reg.url()),
         &pull_only,
     );
-    assert_unauthorized(r, "pull token used to push");
+    assert_insufficient_scope(r, "pull token used to push");
     // What bob may never do is 403, whatever token he holds.
     let r = with_token(
         M::DELETE,
@@ -947,11 +967,11 @@ fn external_issuer_tokens_are_checked_strictly() {
         assert_unauthorized(with_token(Method::DELETE, &blob_url, &token), why);
     }
     // Wrong scope: a valid token without delete cannot delete, nor reach another repository.
-    assert_unauthorized(
+    assert_insufficient_scope(
         with_token(Method::DELETE, &blob_url, &good),
         "token without delete",
     );
-    assert_unauthorized(
+    assert_insufficient_scope(
         with_token(
             Method::GET,
             &format!("{}/v2/corp/other/tags/list", reg.url()),

@@ -210,16 +210,29 @@ fn podman_pushes_and_pulls_a_buildah_image() {
 
 #[test]
 fn oras_python_sdk_pushes_pulls_and_attaches_a_referrer() {
-    // The venv that `.ci/install-test-clients` creates, unless told otherwise.
+    let Some(python) = oras_python() else {
+        return;
+    };
+    let reg = crate::start();
+    let dir = tempfile::tempdir().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/oras_artifacts.py");
+    let out = run(Command::new(&python)
+        .arg(script)
+        .arg(reg.host())
+        .arg(dir.path()));
+    assert!(out.contains("found the referrer"), "{out}");
+}
+
+/// A Python with the ORAS SDK: the venv `.ci/install-test-clients` creates, unless
+/// `BERTH_TEST_PYTHON` names another. `None` (skip) locally without it; under CI a
+/// missing SDK fails the test.
+pub(crate) fn oras_python() -> Option<PathBuf> {
     let default_venv =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/clients-venv/bin/python");
     let python = match std::env::var_os("BERTH_TEST_PYTHON") {
         Some(p) => PathBuf::from(p),
         None if default_venv.exists() => default_venv,
-        None => {
-            let Some(p) = tool("python3") else { return };
-            p
-        }
+        None => tool("python3")?,
     };
     let has_oras = Command::new(&python)
         .args(["-c", "import oras.client"])
@@ -232,16 +245,9 @@ fn oras_python_sdk_pushes_pulls_and_attaches_a_referrer() {
             "the ORAS SDK is required under CI (set BERTH_TEST_PYTHON)"
         );
         eprintln!("skipping: the ORAS Python SDK is not installed");
-        return;
+        return None;
     }
-    let reg = crate::start();
-    let dir = tempfile::tempdir().unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/oras_artifacts.py");
-    let out = run(Command::new(&python)
-        .arg(script)
-        .arg(reg.host())
-        .arg(dir.path()));
-    assert!(out.contains("found the referrer"), "{out}");
+    Some(python)
 }
 
 /// A private containerd and, on top of it, a private dockerd, each stopped by PID on drop.
@@ -483,6 +489,11 @@ fn docker_and_ctr_push_and_pull() {
         !out.status.success(),
         "an anonymous pull of a private project fails"
     );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("docker login") || said.contains("authentication required"),
+        "docker tells the user to log in, not a bare `unauthorized`: {said}"
+    );
     // A robot account of the project logs in with docker and pulls.
     let (s, robot) = api(
         &secured,
@@ -503,6 +514,28 @@ fn docker_and_ctr_push_and_pull() {
         Some(robot["secret"].as_str().unwrap()),
     );
     docker_as(&["pull", &private], None);
+    // The pull-only robot's push is refused at once with a reason (not retried for a
+    // minute behind a bare `unauthorized`).
+    let started = std::time::Instant::now();
+    let mut refused = Command::new("docker");
+    refused.arg("--config").arg(config.path()).args([
+        "-H",
+        &daemons.docker_host(),
+        "push",
+        &private,
+    ]);
+    let out = refused.output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a pull-only robot cannot push");
+    assert!(
+        said.contains("denied"),
+        "docker says the push was denied: {said}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "refused without a minute of retries: {:?} {said}",
+        started.elapsed()
+    );
     // ctr with Basic credentials through the token flow.
     let copy = format!("{secured_host}/dockeruser/ctr:v1");
     ctr_cmd(&["images", "tag", &image, &copy]);

@@ -91,7 +91,8 @@ fn skopeo_and_podman_log_in_as_users_and_robots() {
         "a private image is not readable anonymously"
     );
     assert!(
-        String::from_utf8_lossy(&anonymous.stderr).contains("unauthorized"),
+        String::from_utf8_lossy(&anonymous.stderr).contains("denied")
+            && String::from_utf8_lossy(&anonymous.stderr).contains("log in"),
         "{}",
         String::from_utf8_lossy(&anonymous.stderr)
     );
@@ -195,4 +196,37 @@ fn skopeo_and_podman_log_in_as_users_and_robots() {
         .args(["logout", "--authfile"])
         .arg(&user_auth)
         .arg(&host));
+}
+
+#[test]
+fn the_oras_sdk_with_its_default_token_backend_pushes_after_login() {
+    let Some(python) = crate::clients::oras_python() else {
+        return;
+    };
+    let reg = crate::start_with_auth(AuthSettings::default());
+    let admin = Who::admin();
+    expect_api(
+        &reg,
+        &admin,
+        Method::POST,
+        "/users",
+        Some(json!({"name": "olive", "password": "olive-password"})),
+        StatusCode::CREATED,
+    );
+    expect_api(
+        &reg,
+        &admin,
+        Method::POST,
+        "/projects",
+        Some(json!({"name": "private"})),
+        StatusCode::CREATED,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/oras_login.py");
+    let out = run(Command::new(&python)
+        .arg(script)
+        .args([reg.host().as_str(), "olive", "olive-password"])
+        .arg(dir.path()));
+    assert!(out.contains("pushed and pulled after login"), "{out}");
+    assert!(out.contains("refused where it may not push"), "{out}");
 }
