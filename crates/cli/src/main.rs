@@ -183,6 +183,13 @@ fn main() -> anyhow::Result<()> {
             run_offline(&settings, |node| async move {
                 let report = node.registry.collect_garbage(&options).await?;
                 println!("{}", serde_json::to_string_pretty(&report)?);
+                if report.blobs_removed.is_empty() && !options.blob_grace.is_zero() {
+                    // The usual surprise: a delete, a collection at once, nothing freed.
+                    eprintln!(
+                        "berth: no blob removed. Unreferenced blobs used within the grace period ({} s, gc.blob_grace_secs or --blob-grace-secs) are kept, so a collection right after a delete frees their space only once it has passed.",
+                        options.blob_grace.as_secs()
+                    );
+                }
                 Ok(())
             })
         }
@@ -219,12 +226,23 @@ fn load(data: DataArgs, overrides: Overrides) -> anyhow::Result<Settings> {
     Ok(settings)
 }
 
-/// Runs a maintenance task on the data directory without serving it.
+/// Runs a maintenance task on the data directory without serving it. The directory must
+/// exist: a command run from the wrong place would otherwise make a new, empty one the
+/// running server never sees. Which directory is used is said on stderr.
 fn run_offline<T, F, Fut>(settings: &Settings, task: F) -> anyhow::Result<T>
 where
     F: FnOnce(Node) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
+    let shown =
+        std::path::absolute(&settings.data_dir).unwrap_or_else(|_| settings.data_dir.clone());
+    if !settings.data_dir.is_dir() {
+        anyhow::bail!(
+            "data directory {} does not exist: point --data-dir (or BERTH_DATA_DIR, or data_dir in the config file) at the one `berth serve` uses",
+            shown.display()
+        );
+    }
+    eprintln!("berth: data directory {}", shown.display());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -55,6 +55,19 @@ fn first_start_creates_an_admin_and_user_commands_work_beside_the_server() {
     );
 
     let d = data.path();
+    // Pointed at a directory that does not exist (run from elsewhere), a user command
+    // refuses, naming it, instead of making an empty one the server never sees.
+    let elsewhere = d.join("not-here");
+    let out = berth(&elsewhere, &["user", "add", "lost"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("does not exist") && said.contains("not-here"),
+        "{said}"
+    );
+    assert!(!elsewhere.exists());
     run_with_stdin(
         &mut berth(d, &["user", "add", "ops", "--password-stdin"]),
         "ops-password\n",

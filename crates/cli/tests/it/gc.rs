@@ -308,6 +308,21 @@ fn gc_and_check_commands_work_beside_a_running_registry() {
             String::from_utf8_lossy(&out.stdout).into_owned(),
         )
     };
+    // Right after the delete, with the default grace period: nothing freed, and the
+    // command says why.
+    let out = Command::new(binary)
+        .args(["gc", "--data-dir"])
+        .arg(data_dir.path())
+        .env("BERTH_LOG_LEVEL", "warn")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("grace period (3600 s"), "{said}");
+    assert!(
+        said.contains(&data_dir.path().display().to_string()),
+        "names its data directory: {said}"
+    );
+
     let (code, out) = berth(&["gc", "--dry-run", "--blob-grace-secs", "0"]);
     assert_eq!(code, Some(0));
     let report: Value = serde_json::from_str(&out).unwrap();
