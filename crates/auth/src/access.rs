@@ -471,7 +471,7 @@ mod tests {
         let scope = Scope::parse("repository:p/app:pull,push").unwrap();
         let issued = access
             .tokens()
-            .issue(&caller, &[scope], false)
+            .issue(&caller, &[scope], None)
             .await
             .unwrap();
         assert_eq!(

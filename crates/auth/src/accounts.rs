@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use berth_meta::{
-    AuditFilter, AuditRecord, MemberRecord, ProjectOrigin, ProjectRecord, RobotRecord, UserRecord,
+    AuditFilter, AuditRecord, MemberRecord, ProjectOrigin, ProjectRecord, RefreshTokenRecord,
+    RobotRecord, UserRecord,
 };
 use berth_oci::RepoName;
 
@@ -228,6 +229,44 @@ impl Accounts<'_> {
             .user(name)
             .await?
             .ok_or_else(|| AuthError::NotFound(format!("user {name}")))
+    }
+
+    /// The live refresh tokens (logins that keep a token, as `docker login` does) of a
+    /// user or robot: the user itself, or an administrator.
+    pub async fn refresh_tokens(
+        &self,
+        caller: &Caller,
+        name: &str,
+    ) -> Result<Vec<RefreshTokenRecord>, AuthError> {
+        if !is_self(caller, name) {
+            self.permit(caller, Need::System, "token.list", name)
+                .await?;
+        }
+        Ok(self.access.inner.store.refresh_tokens(name).await?)
+    }
+
+    /// Revokes one refresh token: every client holding it must log in again. The user
+    /// itself, or an administrator.
+    pub async fn revoke_refresh_token(
+        &self,
+        caller: &Caller,
+        name: &str,
+        id: &str,
+    ) -> Result<(), AuthError> {
+        if !is_self(caller, name) {
+            self.permit(caller, Need::System, "token.revoke", name)
+                .await?;
+        }
+        let revoked = self
+            .access
+            .inner
+            .store
+            .revoke_refresh_token(name, id, &caller.as_actor())
+            .await?;
+        if !revoked {
+            return Err(AuthError::NotFound(format!("token {id} of {name}")));
+        }
+        Ok(())
     }
 
     /// Changes a password (administrators, or the user itself) or the admin flag

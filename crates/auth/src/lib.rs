@@ -29,7 +29,8 @@ pub use accounts::{robot_login, Accounts, ImportOutcome, NewRobot, NewUser, ROBO
 pub use audit::Outcome;
 /// The account records whose meaning this crate owns (the metadata store keeps them).
 pub use berth_meta::{
-    AuditFilter, AuditRecord, MemberRecord, ProjectRecord, RobotRecord, UserRecord,
+    AuditFilter, AuditRecord, MemberRecord, ProjectRecord, RefreshTokenRecord, RobotRecord,
+    UserRecord,
 };
 pub use limiter::LoginLimiter;
 pub use logins::Logins;

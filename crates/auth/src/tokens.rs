@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use berth_meta::RefreshTokenRecord;
 use berth_oci::RepoName;
 
 use crate::access::*;
@@ -100,6 +101,19 @@ impl Tokens<'_> {
         } else {
             self.token_principal(&claims).await?
         };
+        if refresh {
+            // A refresh token is good only while its record lives: revoked (or issued
+            // before records were kept) means refused.
+            let recorded = self
+                .access
+                .inner
+                .store
+                .use_refresh_token(&claims.jti)
+                .await?;
+            if recorded.is_none_or(|r| r.subject != claims.sub) {
+                return Err(AuthError::BadToken(TokenError::Revoked));
+            }
+        }
         Ok((principal, claims.access))
     }
 
@@ -159,11 +173,16 @@ impl Tokens<'_> {
     /// The token endpoint: a token granting what the caller asked for and may do. Never
     /// an error for scopes the caller may not use: those are simply not granted (the
     /// registry then answers the request with 401/403), as the Docker token spec says.
+    ///
+    /// With `offline_for` (a login asking for offline access: `docker login`), a refresh
+    /// token for that client is issued too and recorded, so that it can be listed and
+    /// revoked. A refresh grant never asks for one: a login holds one refresh token for
+    /// its lifetime, instead of every refresh minting another.
     pub async fn issue(
         &self,
         caller: &Caller,
         scopes: &[Scope],
-        offline: bool,
+        offline_for: Option<&str>,
     ) -> Result<IssuedToken, AuthError> {
         let Some(signer) = &self.access.inner.signer else {
             return Err(AuthError::Unavailable(
@@ -254,10 +273,30 @@ impl Tokens<'_> {
             })
         };
         let token = signer.sign(&claims(settings.token_ttl, granted.clone(), None)?)?;
-        let refresh_token = if offline && caller.principal != Principal::Anonymous {
-            Some(signer.sign(&claims(settings.refresh_ttl, Vec::new(), Some("refresh"))?)?)
-        } else {
-            None
+        let refresh_token = match offline_for {
+            Some(client) if caller.principal != Principal::Anonymous => {
+                let refresh = claims(settings.refresh_ttl, Vec::new(), Some("refresh"))?;
+                let record = RefreshTokenRecord {
+                    id: refresh.jti.clone(),
+                    subject: caller.principal.actor().to_owned(),
+                    subject_kind: subject.kind.clone(),
+                    subject_id: subject.id,
+                    client: printable(client, 64),
+                    address: printable(&caller.address, 64),
+                    created_ms: issued_at_ms,
+                    expires_ms: issued_at_ms
+                        .saturating_add(settings.refresh_ttl.as_millis() as i64),
+                    last_used_ms: issued_at_ms,
+                };
+                let token = signer.sign(&refresh)?;
+                self.access
+                    .inner
+                    .store
+                    .record_refresh_token(&record)
+                    .await?;
+                Some(token)
+            }
+            _ => None,
         };
         Ok(IssuedToken {
             token,
@@ -267,6 +306,12 @@ impl Tokens<'_> {
             granted,
         })
     }
+}
+
+/// At most `max` characters of `text`, control characters dropped: client-chosen text
+/// kept in the store and shown to administrators.
+fn printable(text: &str, max: usize) -> String {
+    text.chars().filter(|c| !c.is_control()).take(max).collect()
 }
 
 fn token_subject(principal: &Principal) -> TokenSubject {

@@ -46,6 +46,30 @@ pub struct MemberRecord {
     pub role: String,
 }
 
+/// A refresh token: what `docker login` keeps instead of the password (its identity
+/// token), one per login, valid until it expires or is revoked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefreshTokenRecord {
+    /// The token's `jti`: how it is listed and revoked (the token itself is never stored).
+    pub id: String,
+    /// The user or robot name.
+    pub subject: String,
+    /// `user` or `robot`.
+    pub subject_kind: String,
+    /// The account's id when issued (a recreated account of the same name is another).
+    pub subject_id: i64,
+    /// The `client_id` the client gave, if any (bounded).
+    pub client: String,
+    /// The address it was issued to.
+    pub address: String,
+    /// When it was issued (ms since the epoch).
+    pub created_ms: i64,
+    /// When it expires.
+    pub expires_ms: i64,
+    /// When it was last used to get an access token (to the minute).
+    pub last_used_ms: i64,
+}
+
 /// A project's robot account: a machine credential with chosen permissions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RobotRecord {
@@ -233,6 +257,20 @@ pub trait AccountStore: MetaStore {
     /// Removes a robot; true if it existed.
     async fn delete_robot(&self, project: &str, name: &str, by: &Actor) -> Result<bool, MetaError>;
 
+    /// Records a refresh token at its issue (its id is the token's `jti`).
+    async fn record_refresh_token(&self, token: &RefreshTokenRecord) -> Result<(), MetaError>;
+    /// A live (recorded, unexpired) refresh token by id, its last use noted.
+    async fn use_refresh_token(&self, id: &str) -> Result<Option<RefreshTokenRecord>, MetaError>;
+    /// The live refresh tokens of a user or robot, newest first.
+    async fn refresh_tokens(&self, subject: &str) -> Result<Vec<RefreshTokenRecord>, MetaError>;
+    /// Revokes one of `subject`'s refresh tokens; true if it existed.
+    async fn revoke_refresh_token(
+        &self,
+        subject: &str,
+        id: &str,
+        by: &Actor,
+    ) -> Result<bool, MetaError>;
+
     /// The stored value of a registry-wide setting, storing `candidate` first if there is
     /// none (the first node to start wins; every node then agrees). The token signing key
     /// lives here, so that every node verifies every node's tokens.
@@ -251,6 +289,30 @@ macro_rules! user_columns {
     () => {
         "id, name, password_hash, admin, generation, created_at"
     };
+}
+
+/// Live refresh tokens kept per user or robot; older ones are dropped at the next login.
+const MAX_REFRESH_TOKENS: i64 = 100;
+
+/// The columns [`refresh_token_row`] reads.
+macro_rules! refresh_token_columns {
+    () => {
+        "id, subject, subject_kind, subject_id, client, address, created_at, expires_at, last_used_at"
+    };
+}
+
+fn refresh_token_row(mut r: Row) -> Result<RefreshTokenRecord, MetaError> {
+    Ok(RefreshTokenRecord {
+        id: r.text(0)?,
+        subject: r.text(1)?,
+        subject_kind: r.text(2)?,
+        subject_id: r.int(3)?,
+        client: r.text(4)?,
+        address: r.text(5)?,
+        created_ms: r.int(6)?,
+        expires_ms: r.int(7)?,
+        last_used_ms: r.int(8)?,
+    })
 }
 
 /// The columns [`robot_row`] reads.
@@ -673,6 +735,72 @@ impl AccountStore for Database {
             " FROM robots WHERE project = ?1 AND name = ?2"
         );
         self.read_row(sql, owned![project, name], robot_row).await
+    }
+
+    async fn record_refresh_token(&self, t: &RefreshTokenRecord) -> Result<(), MetaError> {
+        let t = t.clone();
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                tx.execute(
+                    "INSERT INTO refresh_tokens (id, subject, subject_kind, subject_id, client, address, created_at, expires_at, last_used_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?7)",
+                    args![&t.id, &t.subject, &t.subject_kind, t.subject_id, &t.client, &t.address, t.created_ms, t.expires_ms],
+                )?;
+                // Expired tokens go, and past the newest hundred the oldest: logins cannot
+                // grow the table without bound.
+                tx.execute(
+                    "DELETE FROM refresh_tokens WHERE subject = ?1 AND (expires_at <= ?2 OR id IN
+                        (SELECT id FROM refresh_tokens WHERE subject = ?1 ORDER BY created_at DESC, id LIMIT 100000 OFFSET ?3))",
+                    args![&t.subject, t.created_ms, MAX_REFRESH_TOKENS],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn use_refresh_token(&self, id: &str) -> Result<Option<RefreshTokenRecord>, MetaError> {
+        let sql = concat!(
+            "SELECT ",
+            refresh_token_columns!(),
+            " FROM refresh_tokens WHERE id = ?1 AND expires_at > ?2"
+        );
+        let found = self
+            .read_row(sql, owned![id, now()], refresh_token_row)
+            .await?;
+        if let Some(token) = &found {
+            // Noted to the minute: a refresh per pull must not become a write per pull.
+            if now() - token.last_used_ms >= 60_000 {
+                let sql = "UPDATE refresh_tokens SET last_used_at = ?2 WHERE id = ?1";
+                self.write_statement(Durability::Visible, sql, owned![id, now()])
+                    .await?;
+            }
+        }
+        Ok(found)
+    }
+
+    async fn refresh_tokens(&self, subject: &str) -> Result<Vec<RefreshTokenRecord>, MetaError> {
+        let sql = concat!(
+            "SELECT ",
+            refresh_token_columns!(),
+            " FROM refresh_tokens WHERE subject = ?1 AND expires_at > ?2 ORDER BY created_at DESC, id"
+        );
+        self.read_rows(sql, owned![subject, now()], refresh_token_row)
+            .await
+    }
+
+    async fn revoke_refresh_token(
+        &self,
+        subject: &str,
+        id: &str,
+        by: &Actor,
+    ) -> Result<bool, MetaError> {
+        let sql = "DELETE FROM refresh_tokens WHERE subject = ?1 AND id = ?2";
+        let change = Change::RefreshTokenRevoked {
+            subject: subject.to_owned(),
+            id: id.to_owned(),
+        };
+        self.change_statement(sql, owned![subject, id], change, by)
+            .await
     }
 
     async fn robots(&self, project: &str) -> Result<Vec<RobotRecord>, MetaError> {

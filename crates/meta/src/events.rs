@@ -201,6 +201,13 @@ pub enum Change {
         /// What it may do.
         permissions: Vec<String>,
     },
+    /// A refresh token (a login's long-lived credential) was revoked.
+    RefreshTokenRevoked {
+        /// Whose it was.
+        subject: String,
+        /// Its id.
+        id: String,
+    },
     /// A robot account was removed.
     RobotDeleted {
         /// Its project.
@@ -330,6 +337,9 @@ impl Change {
                 project.clone(),
                 format!("robot${project}+{name} [{}]", permissions.join(",")),
             ),
+            Change::RefreshTokenRevoked { subject, id } => {
+                ("token.revoke", subject.clone(), id.clone())
+            }
             Change::RobotDeleted { project, name } => (
                 "robot.delete",
                 project.clone(),

@@ -25,7 +25,7 @@ use berth_oci::{Digest, ManifestEdge, Reference, RepoName, Tag};
 
 pub use accounts::{
     AccountStore, AuditFilter, AuditRecord, MemberRecord, NewAuditEvent, ProjectAccess,
-    ProjectOrigin, ProjectRecord, RobotRecord, UserRecord,
+    ProjectOrigin, ProjectRecord, RefreshTokenRecord, RobotRecord, UserRecord,
 };
 pub use events::{Actor, Change, Event, EventLog, TagChange};
 

@@ -175,6 +175,21 @@ CREATE TABLE event_cursors (
 UPDATE manifests SET artifact_type = {config_media_type_of_raw}
     WHERE artifact_type IS NULL AND subject IS NOT NULL;
 "#,
+    // 7: refresh tokens (docker's identity tokens), one per login, listable and revocable.
+    r#"
+CREATE TABLE refresh_tokens (
+    id {key} PRIMARY KEY,
+    subject {key} NOT NULL,
+    subject_kind TEXT NOT NULL,
+    subject_id {int} NOT NULL,
+    client TEXT NOT NULL,
+    address TEXT NOT NULL,
+    created_at {int} NOT NULL,
+    expires_at {int} NOT NULL,
+    last_used_at {int} NOT NULL
+) {compact};
+CREATE INDEX refresh_tokens_by_subject ON refresh_tokens (subject, created_at);
+"#,
 ];
 
 /// Where PostgreSQL databases made before the schema was shared stand in [`MIGRATIONS`]:

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use berth_meta::{
     AccountStore, Actor, AuditFilter, BlobArrival, Change, Database, EventLog, GcSelection,
-    MetaError, MetaStore, NewAuditEvent, NewManifest, Page, ProjectOrigin, TagChange,
+    MetaError, MetaStore, NewAuditEvent, NewManifest, Page, ProjectOrigin, RefreshTokenRecord,
+    TagChange,
 };
 use berth_oci::{Digest, EdgeKind, ManifestEdge, Reference, RepoName, Tag};
 
@@ -1481,3 +1482,58 @@ engine_test!(
         assert!(records[0].event.actor.ends_with('…'));
         assert!(records[2].event.resource.ends_with('…'));
 });
+
+engine_test!(
+    /// A user's refresh tokens: recorded at login, found while live, listed newest first,
+    /// revoked one by one (with an event), and never more than a hundred kept.
+    refresh_tokens_are_kept_per_login_and_revoked_one_by_one,
+    |place| {
+        let db = place.open().await;
+        let token = |id: &str, created_ms: i64, expires_ms: i64| RefreshTokenRecord {
+            id: id.to_owned(),
+            subject: "rita".to_owned(),
+            subject_kind: "user".to_owned(),
+            subject_id: 7,
+            client: "docker".to_owned(),
+            address: "10.0.0.1".to_owned(),
+            created_ms,
+            expires_ms,
+            last_used_ms: created_ms,
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        db.record_refresh_token(&token("old", now - 10, now + 60_000))
+            .await
+            .unwrap();
+        db.record_refresh_token(&token("new", now, now + 60_000))
+            .await
+            .unwrap();
+        db.record_refresh_token(&token("dead", now - 5, now - 1))
+            .await
+            .unwrap();
+        assert!(db.use_refresh_token("dead").await.unwrap().is_none(), "expired");
+        assert_eq!(db.use_refresh_token("old").await.unwrap().unwrap().subject, "rita");
+        let listed: Vec<String> = db
+            .refresh_tokens("rita")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(listed, ["new", "old"]);
+        assert!(db.revoke_refresh_token("rita", "old", &actor()).await.unwrap());
+        assert!(!db.revoke_refresh_token("rita", "old", &actor()).await.unwrap());
+        assert!(!db.revoke_refresh_token("someone", "new", &actor()).await.unwrap());
+        assert!(db.use_refresh_token("old").await.unwrap().is_none());
+        for i in 0..105 {
+            db.record_refresh_token(&token(&format!("t{i:03}"), now + 1 + i, now + 60_000))
+                .await
+                .unwrap();
+        }
+        let kept = db.refresh_tokens("rita").await.unwrap();
+        assert_eq!(kept.len(), 100, "the newest hundred");
+        assert_eq!(kept[0].id, "t104");
+    }
+);

@@ -486,6 +486,46 @@ pub(crate) async fn delete_robot(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// `GET /api/v1/users/{name}/tokens`: the user's (or robot's) live refresh tokens.
+pub(crate) async fn list_tokens(
+    State(app): State<App>,
+    extensions: Extensions,
+    Path(name): Path<String>,
+) -> Result<Response, OciError> {
+    let tokens = app
+        .access
+        .accounts()
+        .refresh_tokens(&caller_of(&extensions), &name)
+        .await?;
+    let tokens: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            json!({
+                "id": t.id,
+                "client": t.client,
+                "address": t.address,
+                "created_at": rfc3339(t.created_ms),
+                "expires_at": rfc3339(t.expires_ms),
+                "last_used_at": rfc3339(t.last_used_ms),
+            })
+        })
+        .collect();
+    Ok(reply(StatusCode::OK, json!({ "tokens": tokens })))
+}
+
+/// `DELETE /api/v1/users/{name}/tokens/{id}`: revokes one refresh token.
+pub(crate) async fn revoke_token(
+    State(app): State<App>,
+    extensions: Extensions,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<Response, OciError> {
+    app.access
+        .accounts()
+        .revoke_refresh_token(&caller_of(&extensions), &name, &id)
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 /// Search hits per kind at most.
 const MAX_SEARCH_HITS: usize = 100;
 

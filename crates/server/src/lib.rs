@@ -102,6 +102,11 @@ pub fn router(app: App) -> Router {
                 .put(admin::update_user)
                 .delete(admin::delete_user),
         )
+        .route("/api/v1/users/{name}/tokens", get(admin::list_tokens))
+        .route(
+            "/api/v1/users/{name}/tokens/{id}",
+            delete(admin::revoke_token),
+        )
         .route(
             "/api/v1/projects",
             get(admin::list_projects).post(admin::create_project),

@@ -121,6 +121,7 @@ async fn issue(app: &App, request: Request) -> Result<Response, Response> {
             return Err(bad_request(format!("unknown service {service:?}")).into_response());
         }
     }
+    let refresh_grant = matches!(credentials, Credentials::Refresh(_));
     let caller = access
         .logins()
         .authenticate(credentials, &address)
@@ -133,9 +134,12 @@ async fn issue(app: &App, request: Request) -> Result<Response, Response> {
         .collect();
     let offline = get(&pairs, "offline_token") == Some("true")
         || get(&pairs, "access_type") == Some("offline");
+    // A login that asks keeps one refresh token; refreshing with it never makes another.
+    let client = get(&pairs, "client_id").unwrap_or("");
+    let offline_for = (offline && !refresh_grant).then_some(client);
     let issued = access
         .tokens()
-        .issue(&caller, &scopes, offline)
+        .issue(&caller, &scopes, offline_for)
         .await
         .map_err(|e: AuthError| OciError::from(e).into_response())?;
     let mut body = json!({

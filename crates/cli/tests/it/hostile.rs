@@ -274,3 +274,115 @@ fn serve_purges_abandoned_upload_sessions_without_a_collection_schedule() {
         .unwrap();
     crate::assert_oci_error(r, StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN");
 }
+
+#[test]
+fn a_login_keeps_one_refresh_token_that_its_owner_or_an_admin_can_list_and_revoke() {
+    let reg = crate::start_with_auth(AuthSettings::default());
+    let admin = Who::admin();
+    let (s, _) = api(
+        &reg,
+        &admin,
+        Method::POST,
+        "/users",
+        Some(json!({"name": "rita", "password": "rita-password"})),
+    );
+    assert_eq!(s, StatusCode::CREATED);
+    let rita = Who::user("rita", "rita-password");
+    let login = |who: &Who| -> serde_json::Value {
+        who.request(
+            &crate::http(),
+            Method::GET,
+            &format!(
+                "{}/token?service=berth&offline_token=true&client_id=docker",
+                reg.url()
+            ),
+        )
+        .send()
+        .unwrap()
+        .json()
+        .unwrap()
+    };
+    let first = login(&rita)["refresh_token"].as_str().unwrap().to_owned();
+    let second = login(&rita)["refresh_token"].as_str().unwrap().to_owned();
+    let refresh = |token: &str| {
+        crate::http()
+            .post(format!("{}/token", reg.url()))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!(
+                "grant_type=refresh_token&service=berth&client_id=docker&access_type=offline&refresh_token={token}"
+            ))
+            .send()
+            .unwrap()
+    };
+    // Refreshing gives access tokens, never another long-lived refresh token.
+    for _ in 0..3 {
+        let r = refresh(&first);
+        assert_eq!(r.status(), StatusCode::OK);
+        let body: serde_json::Value = r.json().unwrap();
+        assert!(body["access_token"].is_string());
+        assert!(body.get("refresh_token").is_none(), "{body}");
+    }
+    let (s, listed) = api(&reg, &rita, Method::GET, "/users/rita/tokens", None);
+    assert_eq!(s, StatusCode::OK);
+    let tokens = listed["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), 2, "one per login: {listed}");
+    assert!(tokens.iter().all(|t| t["client"] == "docker"));
+    // Rita revokes her first login's token: it stops working at once, the other does not.
+    let claims = |token: &str| -> serde_json::Value {
+        use base64::Engine;
+        let payload = token.split('.').nth(1).unwrap();
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let first_id = claims(&first)["jti"].as_str().unwrap().to_owned();
+    let (s, _) = api(
+        &reg,
+        &rita,
+        Method::DELETE,
+        &format!("/users/rita/tokens/{first_id}"),
+        None,
+    );
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(refresh(&first).status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(refresh(&second).status(), StatusCode::OK);
+    // An administrator revokes the other; the revocation is audited.
+    let second_id = claims(&second)["jti"].as_str().unwrap().to_owned();
+    let (s, _) = api(
+        &reg,
+        &admin,
+        Method::DELETE,
+        &format!("/users/rita/tokens/{second_id}"),
+        None,
+    );
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(refresh(&second).status(), StatusCode::UNAUTHORIZED);
+    let (_, audit) = api(
+        &reg,
+        &admin,
+        Method::GET,
+        "/audit?action=token.revoke",
+        None,
+    );
+    assert_eq!(audit["events"].as_array().unwrap().len(), 2, "{audit}");
+    // Nobody else may list or revoke them.
+    let (s, _) = api(
+        &reg,
+        &admin,
+        Method::POST,
+        "/users",
+        Some(json!({"name": "mallory", "password": "mallory-password"})),
+    );
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, _) = api(
+        &reg,
+        &Who::user("mallory", "mallory-password"),
+        Method::GET,
+        "/users/rita/tokens",
+        None,
+    );
+    assert_eq!(s, StatusCode::FORBIDDEN);
+}

@@ -114,6 +114,31 @@ fn every_documented_operation_answers_as_documented() {
     let zoe = Who::user("zoe", "zoe-password");
     use Method as M;
     use StatusCode as S;
+    // A login that keeps a refresh token, as `docker login` does, to list and revoke.
+    let login = admin
+        .request(
+            &http(),
+            M::GET,
+            &format!(
+                "{}/token?service=berth&offline_token=true&client_id=docker",
+                reg.url()
+            ),
+        )
+        .send()
+        .unwrap();
+    assert_eq!(login.status(), S::OK);
+    let listed: Value = admin
+        .request(
+            &http(),
+            M::GET,
+            &format!("{}/api/v1/users/admin/tokens", reg.url()),
+        )
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let token_id = listed["tokens"][0]["id"].as_str().unwrap().to_owned();
+    let token_path = format!("/api/v1/users/admin/tokens/{token_id}");
     let calls = vec![
         call(M::GET, "/api/v1/openapi.json", "/api/v1/openapi.json", &anonymous, None, S::OK),
         call(M::POST, "/api/v1/users", "/api/v1/users", &admin, Some(json!({"name": "zoe", "password": "zoe-password"})), S::CREATED),
@@ -162,6 +187,13 @@ fn every_documented_operation_answers_as_documented() {
         call(M::GET, "/api/v1/projects/{name}/robots", "/api/v1/projects/zoes/robots", &zoe, None, S::OK),
         call(M::DELETE, "/api/v1/projects/{name}/robots/{robot}", "/api/v1/projects/zoes/robots/ci", &zoe, None, S::NO_CONTENT),
         call(M::DELETE, "/api/v1/projects/{name}/robots/{robot}", "/api/v1/projects/zoes/robots/ci", &zoe, None, S::NOT_FOUND),
+        call(M::GET, "/api/v1/users/{name}/tokens", "/api/v1/users/admin/tokens", &admin, None, S::OK),
+        call(M::GET, "/api/v1/users/{name}/tokens", "/api/v1/users/admin/tokens", &zoe, None, S::FORBIDDEN),
+        call(M::GET, "/api/v1/users/{name}/tokens", "/api/v1/users/zoe/tokens", &zoe, None, S::OK),
+        call(M::DELETE, "/api/v1/users/{name}/tokens/{id}", &token_path, &zoe, None, S::FORBIDDEN),
+        call(M::DELETE, "/api/v1/users/{name}/tokens/{id}", &token_path, &admin, None, S::NO_CONTENT),
+        call(M::DELETE, "/api/v1/users/{name}/tokens/{id}", &token_path, &admin, None, S::NOT_FOUND),
+        call(M::DELETE, "/api/v1/users/{name}/tokens/{id}", &token_path, &anonymous, None, S::UNAUTHORIZED),
         call(M::GET, "/api/v1/audit", "/api/v1/audit?limit=5&action=user.create", &admin, None, S::OK),
         call(M::GET, "/api/v1/audit", "/api/v1/audit?limit=x", &admin, None, S::BAD_REQUEST),
         call(M::GET, "/api/v1/audit", "/api/v1/audit", &zoe, None, S::FORBIDDEN),
