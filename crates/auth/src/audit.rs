@@ -3,7 +3,9 @@
 //! logins) do not wait for the write; administrative changes wait until their event is
 //! written before the call that made them returns.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Duration;
 
 use berth_meta::{AccountStore, Change, NewAuditEvent};
 use tokio::sync::{mpsc, oneshot};
@@ -15,6 +17,8 @@ use crate::time::now_ms;
 const QUEUE: usize = 8192;
 /// Events written in one transaction at most.
 const BATCH: usize = 512;
+/// Unwritten events kept at most while the store refuses them (some tens of megabytes).
+const MAX_PENDING: usize = 100_000;
 
 /// Outcome of an audited operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,18 +106,50 @@ pub(crate) struct AuditLog {
 type Queued = (Option<NewAuditEvent>, Option<oneshot::Sender<()>>);
 
 impl AuditLog {
-    /// Starts the writer task on the current runtime.
+    /// Starts the writer task on the current runtime. Events that cannot be written (the
+    /// store is down, the disk is full) are kept and written again, oldest first, once
+    /// the store takes them; only past [`MAX_PENDING`] unwritten events are the oldest
+    /// dropped (and counted in the log), so memory stays bounded.
     pub(crate) fn start(store: Arc<dyn AccountStore>) -> Self {
         let (queue, mut events) = mpsc::channel::<Queued>(QUEUE);
         tokio::spawn(async move {
             let mut batch: Vec<Queued> = Vec::with_capacity(BATCH);
-            while events.recv_many(&mut batch, BATCH).await > 0 {
+            let mut pending: VecDeque<NewAuditEvent> = VecDeque::new();
+            let mut retry = Duration::from_millis(250);
+            loop {
+                let received = if pending.is_empty() {
+                    events.recv_many(&mut batch, BATCH).await
+                } else {
+                    // Unwritten events: try again after a pause, or sooner with new ones.
+                    match tokio::time::timeout(retry, events.recv_many(&mut batch, BATCH)).await {
+                        Ok(n) => n,
+                        Err(_) => usize::MAX,
+                    }
+                };
+                if received == 0 {
+                    break;
+                }
                 let (records, waiting): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
-                let records: Vec<NewAuditEvent> = records.into_iter().flatten().collect();
+                pending.extend(records.into_iter().flatten());
+                let overflow = pending.len().saturating_sub(MAX_PENDING);
+                if overflow > 0 {
+                    pending.drain(..overflow);
+                    tracing::error!(
+                        dropped = overflow,
+                        "audit events dropped: the store has refused them for too long"
+                    );
+                }
                 // A batch of flushes only has nothing to write.
-                if !records.is_empty() {
-                    if let Err(e) = store.append_audit(records).await {
-                        tracing::error!(error = %e, "writing the audit log failed");
+                if !pending.is_empty() {
+                    let records: Arc<[NewAuditEvent]> = pending.drain(..).collect();
+                    match store.append_audit(records.clone()).await {
+                        Ok(()) => retry = Duration::from_millis(250),
+                        Err(e) => {
+                            // Copied back only when it failed: the usual path moves them.
+                            pending.extend(records.iter().cloned());
+                            tracing::error!(error = %e, kept = pending.len(), "writing the audit log failed; the events are kept and written again");
+                            retry = (retry * 2).min(Duration::from_secs(5));
+                        }
                     }
                 }
                 for done in waiting.into_iter().flatten() {

@@ -2,6 +2,8 @@
 //! audit log of what they did. Records only; what a role allows is decided by the
 //! `berth-auth` crate, which is the only reader of these fields' meaning.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 
 use crate::engine::{args, owned, Durability, Row, Tx, Value};
@@ -278,7 +280,9 @@ pub trait AccountStore: MetaStore {
 
     /// Appends events to the audit log, in order: attempts that changed nothing (a
     /// refusal, a login, a pull), recorded in the event log without a change.
-    async fn append_audit(&self, events: Vec<NewAuditEvent>) -> Result<(), MetaError>;
+    /// The events are shared, not consumed: a writer that fails (a full disk) keeps them
+    /// and tries again.
+    async fn append_audit(&self, events: Arc<[NewAuditEvent]>) -> Result<(), MetaError>;
     /// Audit events matching the filter, newest first: every event of the log, changes
     /// included.
     async fn audit(&self, filter: AuditFilter) -> Result<Vec<AuditRecord>, MetaError>;
@@ -836,11 +840,11 @@ impl AccountStore for Database {
             .await
     }
 
-    async fn append_audit(&self, events: Vec<NewAuditEvent>) -> Result<(), MetaError> {
+    async fn append_audit(&self, events: Arc<[NewAuditEvent]>) -> Result<(), MetaError> {
         self.engine
             .write_recorded(move |tx| {
                 let first = crate::events::reserve_sequence(tx, events.len())?;
-                for (seq, e) in (first..).zip(&events) {
+                for (seq, e) in (first..).zip(events.iter()) {
                     let change = e
                         .change
                         .as_ref()

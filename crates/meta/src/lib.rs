@@ -258,6 +258,9 @@ pub enum MetaError {
     /// operation did not happen and may be retried later.
     #[error("metadata backend unavailable: {0}")]
     Unavailable(String),
+    /// The backend's disk is full: nothing was written.
+    #[error("metadata storage is full: {0}")]
+    Full(String),
     /// The backend failed.
     #[error("metadata backend: {0}")]
     Backend(String),

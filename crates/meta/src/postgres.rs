@@ -52,6 +52,10 @@ fn pg(e: tokio_postgres::Error) -> MetaError {
         Some(db) if db.code().code().starts_with("57P") || db.code().code().starts_with("08") => {
             MetaError::Unavailable(format!("postgres: {}", db.message()))
         }
+        // Class 53: insufficient resources (disk full, out of memory).
+        Some(db) if *db.code() == SqlState::DISK_FULL => {
+            MetaError::Full(format!("postgres: {}", db.message()))
+        }
         Some(db) => MetaError::Backend(format!("postgres: {}", db.message())),
         // No server answer at all: the connection broke or could not be made.
         None if e.is_closed() || e.code().is_none() => {

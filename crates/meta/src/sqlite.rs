@@ -30,6 +30,9 @@ pub(crate) fn backend(e: rusqlite::Error) -> MetaError {
         {
             MetaError::Conflict(String::new())
         }
+        rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::DiskFull => {
+            MetaError::Full(e.to_string())
+        }
         _ => MetaError::Backend(e.to_string()),
     }
 }

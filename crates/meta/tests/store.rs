@@ -959,12 +959,12 @@ fn audit_event(
 
 engine_test!(the_audit_log_filters_and_pages_newest_first, |place| {
     let db = place.open().await;
-    db.append_audit(vec![
+    db.append_audit(Arc::from(vec![
         audit_event(100, "alice", "push", "team/app:v1", "success"),
         audit_event(200, "bob", "pull", "team/app:v1", "success"),
         audit_event(300, "alice", "delete", "other/x@sha256:1", "denied"),
         audit_event(400, "alice", "push", "team/lib:v2", "failed"),
-    ])
+    ]))
     .await
     .unwrap();
     let list = |filter: AuditFilter| {
@@ -1132,9 +1132,15 @@ engine_test!(
         assert_eq!(second, events[2..4]);
 
         // The audit log shows the same changes in its words, with attempts beside them.
-        db.append_audit(vec![audit_event(1, "bob", "pull", "team/app:v1", "denied")])
-            .await
-            .unwrap();
+        db.append_audit(Arc::from(vec![audit_event(
+            1,
+            "bob",
+            "pull",
+            "team/app:v1",
+            "denied",
+        )]))
+        .await
+        .unwrap();
         let pushes = db
             .audit(AuditFilter {
                 action: Some("push".into()),
@@ -1234,10 +1240,10 @@ engine_test!(
     retention_prunes_old_events_no_consumer_still_needs,
     |place| {
         let db = place.open().await;
-        db.append_audit(vec![
+        db.append_audit(Arc::from(vec![
             audit_event(100, "a", "login", "a", "success"),
             audit_event(200, "a", "login", "a", "success"),
-        ])
+        ]))
         .await
         .unwrap();
         push_blob(&db, &repo("team/app"), &digest('a'), 1).await;
@@ -1262,9 +1268,11 @@ engine_test!(
         );
         // A consumer gone for longer than the retention holds nothing back.
         assert_eq!(db.claim_cursor("gone", "n", 1).await.unwrap(), Some(0));
-        db.append_audit(vec![audit_event(300, "a", "login", "a", "success")])
-            .await
-            .unwrap();
+        db.append_audit(Arc::from(vec![audit_event(
+            300, "a", "login", "a", "success",
+        )]))
+        .await
+        .unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
         assert_eq!(
             db.prune_events(now_ms()).await.unwrap(),
@@ -1427,10 +1435,10 @@ engine_test!(logins_are_typed_events_beside_the_changes, |place| {
         name: "dev".into(),
         reason: "bad password".into(),
     });
-    db.append_audit(vec![
+    db.append_audit(Arc::from(vec![
         audit_event(2, "dev", "pull", "team/app:v1", "denied"),
         login.clone(),
-    ])
+    ]))
     .await
     .unwrap();
     let events = db.events_after(start, 10).await.unwrap();
@@ -1455,7 +1463,7 @@ engine_test!(
     |place| {
         let db = place.open().await;
         let huge = "é".repeat(50_000);
-        db.append_audit(vec![audit_event(1, &huge, "login", &huge, "failed")])
+        db.append_audit(Arc::from(vec![audit_event(1, &huge, "login", &huge, "failed")]))
             .await
             .unwrap();
         let by = Actor {

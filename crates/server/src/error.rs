@@ -122,6 +122,18 @@ impl OciError {
         .with_header(header::RETRY_AFTER, RETRY_AFTER_SECS.to_string())
     }
 
+    /// A full disk: logged, answered `507 Insufficient Storage` saying so. Nothing was
+    /// kept of what the request wrote; retrying helps only once space is freed.
+    pub fn storage_full(cause: &dyn std::error::Error) -> Self {
+        tracing::error!(error = %cause, "storage full");
+        OciError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            Code::Unknown,
+            "the registry's storage is full: nothing was stored; retry once an operator has freed space",
+        )
+        .with_header(header::RETRY_AFTER, "60".to_owned())
+    }
+
     /// Adds a header to the response (`Range`, `Content-Range`).
     pub fn with_header(mut self, name: HeaderName, value: String) -> Self {
         if let Ok(v) = HeaderValue::from_str(&value) {
@@ -204,6 +216,8 @@ impl From<RegistryError> for OciError {
             E::Meta(MetaError::Unavailable(_)) | E::Storage(StorageError::Unavailable(_)) => {
                 return OciError::unavailable(&e)
             }
+            E::Meta(MetaError::Full(_)) => return OciError::storage_full(&e),
+            E::Storage(s) if s.is_full() => return OciError::storage_full(&e),
             E::Storage(_) | E::Meta(_) => return OciError::internal(&e),
         };
         OciError::new(status, code, e.to_string())
@@ -235,6 +249,7 @@ impl From<AuthError> for OciError {
             E::Conflict(_) => (StatusCode::CONFLICT, Code::Conflict),
             E::Unavailable(_) => (StatusCode::NOT_FOUND, Code::Unsupported),
             E::Meta(MetaError::Unavailable(_)) => return OciError::unavailable(&e),
+            E::Meta(MetaError::Full(_)) => return OciError::storage_full(&e),
             E::Crypto(_) | E::Meta(_) => return OciError::internal(&e),
         };
         OciError::new(status, code, e.to_string())

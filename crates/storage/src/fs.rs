@@ -497,6 +497,16 @@ fn publish_staged(
     (written, result)
 }
 
+/// Free space below which the store reports itself not ready: a push needs room for its
+/// layers, and the metadata database beside them for its journal.
+const MIN_FREE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Bytes an unprivileged process may still write on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    let stats = rustix::fs::statvfs(dir)?;
+    Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
+}
+
 #[async_trait]
 impl BlobStore for FsBlobStore {
     async fn ready(&self) -> Result<(), StorageError> {
@@ -508,6 +518,16 @@ impl BlobStore for FsBlobStore {
                     "{dir} is not a directory"
                 ))));
             }
+        }
+        let root = self.root.clone();
+        let free = tokio::task::spawn_blocking(move || free_bytes(&root))
+            .await
+            .map_err(|e| StorageError::Io(std::io::Error::other(e)))??;
+        if free < MIN_FREE_BYTES {
+            return Err(StorageError::Full(format!(
+                "{free} bytes free under {}: pushes fail until space is freed",
+                self.root.display()
+            )));
         }
         Ok(())
     }

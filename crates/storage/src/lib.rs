@@ -132,6 +132,29 @@ pub enum StorageError {
     /// and the operation may be retried later.
     #[error("blob storage unavailable: {0}")]
     Unavailable(String),
+    /// The file system is (nearly) full: what was being written was not kept.
+    #[error("blob storage is full: {0}")]
+    Full(String),
+}
+
+impl StorageError {
+    /// Whether the failure is a full disk (or an exhausted quota): the client can do
+    /// nothing but retry later, and the operator must free space.
+    pub fn is_full(&self) -> bool {
+        match self {
+            StorageError::Full(_) => true,
+            StorageError::Io(e) => is_full(e),
+            _ => false,
+        }
+    }
+}
+
+/// Whether an I/O error says the disk is full or the quota spent.
+pub fn is_full(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
 }
 
 /// An upload whose bytes matched their digest and are on their way to disk, not yet

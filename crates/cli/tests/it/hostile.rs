@@ -386,3 +386,160 @@ fn a_login_keeps_one_refresh_token_that_its_owner_or_an_admin_can_list_and_revok
     );
     assert_eq!(s, StatusCode::FORBIDDEN);
 }
+
+/// A small tmpfs mounted for one test, unmounted when it ends, however.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    /// `None` where this process may not mount (not root, no tmpfs): the test skips.
+    fn mount(at: &std::path::Path, mib: u64) -> Option<SmallDisk> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(at)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("skipping: cannot mount a tmpfs here");
+            return None;
+        }
+        Some(SmallDisk(at.to_owned()))
+    }
+
+    fn free(&self) -> u64 {
+        let out = std::process::Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(&self.0)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_is_said_plainly_reported_by_readyz_and_loses_no_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(disk) = SmallDisk::mount(&dir.path().join("small"), 96) else {
+        return;
+    };
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_berth"));
+    let berth = berth_testkit::BerthProcess::spawn(binary, &disk.0.join("data"));
+    let url = berth.url();
+    let (_, manifest) = crate::push_image(&url, "team/app", "v1", &[b"a small layer"]);
+    let ready = crate::http().get(format!("{url}/readyz")).send().unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+
+    // Fill the disk but for half a mebibyte.
+    let filler = disk.0.join("filler");
+    let leave = 512 * 1024;
+    let fill = disk.free().saturating_sub(leave);
+    std::fs::write(&filler, vec![0u8; fill as usize]).unwrap();
+    let ready = crate::http().get(format!("{url}/readyz")).send().unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let said = ready.text().unwrap();
+    assert!(said.contains("full"), "{said}");
+
+    // A push that does not fit: a clear answer, not `500 UNKNOWN`.
+    let big = vec![3u8; 4 * 1024 * 1024];
+    let digest = crate::sha256(&big);
+    let r = crate::http()
+        .post(format!("{url}/v2/team/app/blobs/uploads/?digest={digest}"))
+        .header("content-type", "application/octet-stream")
+        .body(big.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::INSUFFICIENT_STORAGE);
+    let said = r.text().unwrap();
+    assert!(said.contains("storage is full"), "{said}");
+    // Tag deletes while full (the metadata store too may be out of room): whatever they
+    // answer, their events are not lost.
+    for i in 0..5 {
+        let tag = format!("t{i}");
+        let r = crate::put_manifest(
+            &url,
+            "team/app",
+            &tag,
+            "application/vnd.oci.image.manifest.v1+json",
+            &manifest,
+        );
+        assert!(
+            r.status() == StatusCode::CREATED || r.status() == StatusCode::INSUFFICIENT_STORAGE,
+            "{}: {:?}",
+            r.status(),
+            berth
+                .log()
+                .iter()
+                .filter(|l| l.contains("error"))
+                .collect::<Vec<_>>()
+        );
+    }
+    let filler2 = disk.0.join("filler2");
+    let _ = std::fs::write(&filler2, vec![0u8; disk.free() as usize]);
+    let mut answered = Vec::new();
+    for i in 0..5 {
+        let r = crate::http()
+            .delete(format!("{url}/v2/team/app/manifests/t{i}"))
+            .send()
+            .unwrap();
+        answered.push(r.status());
+    }
+    // Space comes back: the events recorded meanwhile are written, none dropped.
+    std::fs::remove_file(&filler).unwrap();
+    let _ = std::fs::remove_file(&filler2);
+    assert!(
+        answered
+            .iter()
+            .all(|s| s.is_success() || *s == StatusCode::INSUFFICIENT_STORAGE),
+        "{answered:?}"
+    );
+    assert!(
+        berth_testkit::wait_until(Duration::from_secs(20), || {
+            let audit: serde_json::Value = crate::http()
+                .get(format!("{url}/api/v1/audit?limit=100"))
+                .send()
+                .unwrap()
+                .json()
+                .unwrap();
+            let events = audit["events"].as_array().cloned().unwrap_or_default();
+            // Every delete is there: a success (its change) or a failure (its refusal).
+            let deletes = events
+                .iter()
+                .filter(|e| e["action"].as_str().is_some_and(|a| a.contains("delete")))
+                .count();
+            deletes >= answered.len()
+        }),
+        "every delete is in the audit log: {answered:?} {:#?}",
+        berth
+            .log()
+            .iter()
+            .filter(|l| l.contains("ERROR") || l.contains("WARN"))
+            .collect::<Vec<_>>()
+    );
+    let ready = crate::http().get(format!("{url}/readyz")).send().unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+    // And the push now goes through.
+    let r = crate::http()
+        .post(format!("{url}/v2/team/app/blobs/uploads/?digest={digest}"))
+        .header("content-type", "application/octet-stream")
+        .body(big)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    drop(berth);
+}

@@ -32,7 +32,7 @@ trait Job: Send {
     /// Runs the write inside the shared transaction.
     fn run(&mut self, conn: &Connection);
     /// Answers the caller once the shared transaction ended.
-    fn finish(self: Box<Self>, commit: Result<(), String>);
+    fn finish(self: Box<Self>, commit: Result<(), CommitError>);
 }
 
 struct TypedJob<T, F> {
@@ -71,13 +71,38 @@ where
         });
     }
 
-    fn finish(self: Box<Self>, commit: Result<(), String>) {
+    fn finish(self: Box<Self>, commit: Result<(), CommitError>) {
         let answer = match (commit, self.outcome) {
             (Ok(()), Some(outcome)) => outcome,
             (Ok(()), None) => Err(MetaError::Backend("write was not run".into())),
-            (Err(e), _) => Err(MetaError::Backend(format!("commit failed: {e}"))),
+            (Err(e), _) if e.full => Err(MetaError::Full(format!("commit failed: {}", e.message))),
+            (Err(e), _) => Err(MetaError::Backend(format!("commit failed: {}", e.message))),
         };
         let _ = self.reply.send(answer);
+    }
+}
+
+/// Why a batch did not commit (or flush), told to each of its writes; a full disk is
+/// told apart, so that clients hear that the storage is full.
+#[derive(Debug, Clone)]
+pub(super) struct CommitError {
+    message: String,
+    full: bool,
+}
+
+impl CommitError {
+    fn sqlite(e: &rusqlite::Error) -> Self {
+        CommitError {
+            message: e.to_string(),
+            full: matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull),
+        }
+    }
+
+    fn other(message: &str) -> Self {
+        CommitError {
+            message: message.to_owned(),
+            full: false,
+        }
     }
 }
 
@@ -184,11 +209,11 @@ fn run_writer(
                     Ok(()) => Ok(()),
                     Err(e) => {
                         let _ = conn.execute_batch("ROLLBACK");
-                        Err(e.to_string())
+                        Err(CommitError::sqlite(&e))
                     }
                 }
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(CommitError::sqlite(&e)),
         };
         let (durable, visible): (Vec<_>, Vec<_>) = batch.into_iter().partition(|j| j.durable());
         for job in visible {
@@ -205,7 +230,7 @@ fn run_writer(
         }
         if let Err(mpsc::SendError(durable)) = flushes.send(durable) {
             for job in durable {
-                job.finish(Err("metadata flush thread stopped".into()));
+                job.finish(Err(CommitError::other("metadata flush thread stopped")));
             }
         }
     }
@@ -220,8 +245,13 @@ fn run_flusher(wal: &Path, queue: &mpsc::Receiver<Vec<Box<dyn Job>>>) {
         while let Ok(more) = queue.try_recv() {
             waiting.extend(more);
         }
-        let flushed = sync_log(wal, &mut log)
-            .map_err(|e| format!("flushing the metadata write-ahead log: {e}"));
+        let flushed = sync_log(wal, &mut log).map_err(|e| CommitError {
+            full: matches!(
+                e.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ),
+            message: format!("flushing the metadata write-ahead log: {e}"),
+        });
         for job in waiting {
             job.finish(flushed.clone());
         }
