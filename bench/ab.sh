@@ -29,25 +29,7 @@ ONLY=${ONLY:-manifest head many tags catalog push pull}
 WORK=$(mktemp -d "${TMPDIR_BASE:-/tmp}/berth-ab.XXXXXX")
 OUT=${OUT:-$WORK/results.jsonl}
 STATUS=0
-ROOT=$PWD
-cleanup() {
-  stop_started
-  git -C "$ROOT" worktree remove --force "$WORK/a" >/dev/null 2>&1
-  git -C "$ROOT" worktree remove --force "$WORK/b" >/dev/null 2>&1
-  [ "${KEEP:-0}" = 1 ] && log "kept $WORK" || rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-base_rev=$(git rev-parse --short "$BASE") || exit 1
-b_rev=$(git rev-parse --short "$B") || exit 1
-for side in a b; do
-  rev=$base_rev
-  [ "$side" = b ] && rev=$b_rev
-  git worktree add --detach --quiet "$WORK/$side" "$rev" || exit 1
-  # One target directory: the dependencies are built once for both.
-  (cd "$WORK/$side" && CARGO_TARGET_DIR="$ROOT/target/ab" cargo build --release --quiet -p berth) || exit 1
-  cp target/ab/release/berth "$WORK/berth-$side"
-done
+two_revisions
 
 start_berth() { # binary port name
   port_free "$2" || { echo "port $2 is busy" >&2; exit 1; }

@@ -15,24 +15,7 @@ SECS=${SECS:-15}
 A_PORT=${A_PORT:-5230}
 B_PORT=${B_PORT:-5231}
 WORK=$(mktemp -d "${TMPDIR_BASE:-/tmp}/berth-flood.XXXXXX")
-ROOT=$PWD
-cleanup() {
-  stop_started
-  git -C "$ROOT" worktree remove --force "$WORK/a" >/dev/null 2>&1
-  git -C "$ROOT" worktree remove --force "$WORK/b" >/dev/null 2>&1
-  [ "${KEEP:-0}" = 1 ] && log "kept $WORK" || rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-base_rev=$(git rev-parse --short "$BASE") || exit 1
-b_rev=$(git rev-parse --short "$B") || exit 1
-for side in a b; do
-  rev=$base_rev
-  [ "$side" = b ] && rev=$b_rev
-  git worktree add --detach --quiet "$WORK/$side" "$rev" || exit 1
-  (cd "$WORK/$side" && CARGO_TARGET_DIR="$ROOT/target/ab" cargo build --release --quiet -p berth) || exit 1
-  cp target/ab/release/berth "$WORK/berth-$side"
-done
+two_revisions
 
 PW=flood-admin-password
 prepare() { # binary port name

@@ -1,23 +1,11 @@
 //! Property tests of the parsers an attacker reaches before any credential is checked:
 //! scopes and tokens. Whatever the text, no panic; a valid scope prints back as it came;
-//! no token but a signed one is ever accepted. 10,000 cases each (`PROPTEST_CASES`
-//! overrides).
+//! no token but a signed one is ever accepted. 10,000 cases each.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use berth_auth::{Scope, TokenSigner, TokenVerifier};
 use proptest::prelude::*;
-
-fn config() -> ProptestConfig {
-    ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(10_000),
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
 
 fn scope_text() -> impl Strategy<Value = String> {
     prop_oneof![
@@ -28,7 +16,7 @@ fn scope_text() -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(ProptestConfig::with_cases(10_000))]
 
     #[test]
     fn scopes_never_panic_and_round_trip(text in scope_text()) {

@@ -1,20 +1,9 @@
 //! Property tests of every parser clients feed: whatever the bytes, no panic; what is
 //! accepted prints back as it came (round trip); what the grammar allows is accepted.
-//! 10,000 cases each (`PROPTEST_CASES` overrides), beside the table tests in the modules.
+//! 10,000 cases each, beside the table tests in the modules.
 
 use berth_oci::{media_type as mt, Digest, ParsedManifest, Reference, RepoName, Tag};
 use proptest::prelude::*;
-
-fn config() -> ProptestConfig {
-    ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(10_000),
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
 
 /// Text near the grammars: their alphabet plus the characters that break them.
 fn near_text() -> impl Strategy<Value = String> {
@@ -44,7 +33,7 @@ fn valid_name() -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(ProptestConfig::with_cases(10_000))]
 
     #[test]
     fn digests_never_panic_and_round_trip(input in near_text()) {

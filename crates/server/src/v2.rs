@@ -748,17 +748,6 @@ mod tests {
         use super::*;
         use proptest::prelude::*;
 
-        fn config() -> ProptestConfig {
-            ProptestConfig {
-                cases: std::env::var("PROPTEST_CASES")
-                    .ok()
-                    .and_then(|c| c.parse().ok())
-                    .unwrap_or(10_000),
-                failure_persistence: None,
-                ..ProptestConfig::default()
-            }
-        }
-
         fn range_text() -> impl Strategy<Value = String> {
             prop_oneof![
                 any::<String>(),
@@ -778,7 +767,7 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(config())]
+            #![proptest_config(ProptestConfig::with_cases(10_000))]
 
             #[test]
             fn ranges_never_panic_and_read_back(text in range_text()) {

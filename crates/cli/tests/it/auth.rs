@@ -69,6 +69,32 @@ pub(crate) fn api_at(
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
+/// Creates a user as the administrator.
+pub(crate) fn add_user(reg: &TestRegistry, name: &str, password: &str) {
+    let body = json!({"name": name, "password": password});
+    expect_api(
+        reg,
+        &Who::admin(),
+        Method::POST,
+        "/users",
+        Some(body),
+        StatusCode::CREATED,
+    );
+}
+
+/// Creates a project as the administrator.
+pub(crate) fn add_project(reg: &TestRegistry, name: &str, public: bool) {
+    let body = json!({"name": name, "public": public});
+    expect_api(
+        reg,
+        &Who::admin(),
+        Method::POST,
+        "/projects",
+        Some(body),
+        StatusCode::CREATED,
+    );
+}
+
 pub(crate) fn expect_api(
     reg: &TestRegistry,
     who: &Who,
@@ -491,14 +517,7 @@ fn cross_project_mount_needs_pull_on_the_source() {
     let admin = Who::admin();
     use Method as M;
     use StatusCode as S;
-    expect_api(
-        &reg,
-        &admin,
-        M::POST,
-        "/users",
-        Some(json!({"name": "mallory", "password": "mallory-password"})),
-        S::CREATED,
-    );
+    add_user(&reg, "mallory", "mallory-password");
     let mallory = Who::user("mallory", "mallory-password");
     let secret = b"a private layer".to_vec();
     assert_eq!(
@@ -629,30 +648,9 @@ fn builtin_tokens_grant_what_was_asked_and_allowed_and_die_with_their_user() {
     let admin = Who::admin();
     use Method as M;
     use StatusCode as S;
-    expect_api(
-        &reg,
-        &admin,
-        M::POST,
-        "/users",
-        Some(json!({"name": "bob", "password": "bob-password"})),
-        S::CREATED,
-    );
-    expect_api(
-        &reg,
-        &admin,
-        M::POST,
-        "/projects",
-        Some(json!({"name": "team"})),
-        S::CREATED,
-    );
-    expect_api(
-        &reg,
-        &admin,
-        M::POST,
-        "/projects",
-        Some(json!({"name": "closed"})),
-        S::CREATED,
-    );
+    add_user(&reg, "bob", "bob-password");
+    add_project(&reg, "team", false);
+    add_project(&reg, "closed", false);
     expect_api(
         &reg,
         &admin,
@@ -857,7 +855,7 @@ fn builtin_tokens_grant_what_was_asked_and_allowed_and_die_with_their_user() {
 }
 
 /// The claims of a JWT, without checking it.
-fn jwt_claims(token: &str) -> Value {
+pub(crate) fn jwt_claims(token: &str) -> Value {
     use base64::Engine;
     let payload = token.split('.').nth(1).unwrap();
     serde_json::from_slice(
@@ -1021,22 +1019,8 @@ fn audit_log_records_a_scripted_sequence_in_order() {
     let admin = Who::admin();
     use Method as M;
     use StatusCode as S;
-    expect_api(
-        &reg,
-        &admin,
-        M::POST,
-        "/users",
-        Some(json!({"name": "carol", "password": "carol-password"})),
-        S::CREATED,
-    );
-    expect_api(
-        &reg,
-        &admin,
-        M::POST,
-        "/projects",
-        Some(json!({"name": "audited"})),
-        S::CREATED,
-    );
+    add_user(&reg, "carol", "carol-password");
+    add_project(&reg, "audited", false);
     expect_api(
         &reg,
         &admin,
@@ -1280,14 +1264,7 @@ fn pull_auditing_can_be_switched_off_but_refusals_are_always_recorded() {
     let admin = Who::admin();
     use Method as M;
     use StatusCode as S;
-    expect_api(
-        &reg,
-        &admin,
-        M::POST,
-        "/users",
-        Some(json!({"name": "fay", "password": "fay-password"})),
-        S::CREATED,
-    );
+    add_user(&reg, "fay", "fay-password");
     push_image_as(&reg, &admin, "quiet/app", "v1", b"quiet layer");
     let url = format!("{}/v2/quiet/app/manifests/v1", reg.url());
     assert_eq!(

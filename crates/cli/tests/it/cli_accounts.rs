@@ -335,9 +335,13 @@ fn token_mode_trusts_an_external_rs256_issuer_configured_by_file() {
         .unwrap();
     assert_eq!(
         r.status(),
-        StatusCode::UNAUTHORIZED,
-        "no delete in the token"
+        StatusCode::FORBIDDEN,
+        "no delete in the token: 403 with a challenge to fetch one that has it"
     );
+    assert!(r.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .contains("error=\"insufficient_scope\""));
     // No token endpoint of its own, and no passwords.
     let r = http()
         .get(format!("{}/token?service=berth", server.url()))

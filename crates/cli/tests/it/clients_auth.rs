@@ -204,23 +204,8 @@ fn the_oras_sdk_with_its_default_token_backend_pushes_after_login() {
         return;
     };
     let reg = crate::start_with_auth(AuthSettings::default());
-    let admin = Who::admin();
-    expect_api(
-        &reg,
-        &admin,
-        Method::POST,
-        "/users",
-        Some(json!({"name": "olive", "password": "olive-password"})),
-        StatusCode::CREATED,
-    );
-    expect_api(
-        &reg,
-        &admin,
-        Method::POST,
-        "/projects",
-        Some(json!({"name": "private"})),
-        StatusCode::CREATED,
-    );
+    crate::auth::add_user(&reg, "olive", "olive-password");
+    crate::auth::add_project(&reg, "private", false);
     let dir = tempfile::tempdir().unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/oras_login.py");
     let out = run(Command::new(&python)

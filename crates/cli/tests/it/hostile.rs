@@ -74,14 +74,7 @@ fn the_admin_api_refuses_strangers_before_reading_their_bodies() {
     assert!(answer.starts_with("http/1.1 401"), "{answer}");
 
     // A signed-in user's body is bounded by what the endpoint takes.
-    let (s, _) = api(
-        &reg,
-        &Who::admin(),
-        Method::POST,
-        "/users",
-        Some(json!({"name": "mallory", "password": "mallory-password"})),
-    );
-    assert_eq!(s, StatusCode::CREATED);
+    crate::auth::add_user(&reg, "mallory", "mallory-password");
     let mallory = format!("Basic {}", base64_of("mallory:mallory-password"));
     let answer = head_only(&addr, "POST /api/v1/projects", Some(&mallory), 1_000_000);
     assert!(answer.starts_with("http/1.1 413"), "{answer}");
@@ -279,14 +272,7 @@ fn serve_purges_abandoned_upload_sessions_without_a_collection_schedule() {
 fn a_login_keeps_one_refresh_token_that_its_owner_or_an_admin_can_list_and_revoke() {
     let reg = crate::start_with_auth(AuthSettings::default());
     let admin = Who::admin();
-    let (s, _) = api(
-        &reg,
-        &admin,
-        Method::POST,
-        "/users",
-        Some(json!({"name": "rita", "password": "rita-password"})),
-    );
-    assert_eq!(s, StatusCode::CREATED);
+    crate::auth::add_user(&reg, "rita", "rita-password");
     let rita = Who::user("rita", "rita-password");
     let login = |who: &Who| -> serde_json::Value {
         who.request(
@@ -328,16 +314,7 @@ fn a_login_keeps_one_refresh_token_that_its_owner_or_an_admin_can_list_and_revok
     assert_eq!(tokens.len(), 2, "one per login: {listed}");
     assert!(tokens.iter().all(|t| t["client"] == "docker"));
     // Rita revokes her first login's token: it stops working at once, the other does not.
-    let claims = |token: &str| -> serde_json::Value {
-        use base64::Engine;
-        let payload = token.split('.').nth(1).unwrap();
-        serde_json::from_slice(
-            &base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(payload)
-                .unwrap(),
-        )
-        .unwrap()
-    };
+    let claims = crate::auth::jwt_claims;
     let first_id = claims(&first)["jti"].as_str().unwrap().to_owned();
     let (s, _) = api(
         &reg,
@@ -369,14 +346,7 @@ fn a_login_keeps_one_refresh_token_that_its_owner_or_an_admin_can_list_and_revok
     );
     assert_eq!(audit["events"].as_array().unwrap().len(), 2, "{audit}");
     // Nobody else may list or revoke them.
-    let (s, _) = api(
-        &reg,
-        &admin,
-        Method::POST,
-        "/users",
-        Some(json!({"name": "mallory", "password": "mallory-password"})),
-    );
-    assert_eq!(s, StatusCode::CREATED);
+    crate::auth::add_user(&reg, "mallory", "mallory-password");
     let (s, _) = api(
         &reg,
         &Who::user("mallory", "mallory-password"),

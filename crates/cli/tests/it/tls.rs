@@ -119,6 +119,18 @@ fn serve_tls(
     BerthProcess::spawn_with(Path::new(env!("CARGO_BIN_EXE_berth")), data, &all, env)
 }
 
+/// A test CA and `berth serve` over HTTPS with a certificate it issued (a `key_type` key),
+/// builtin auth and the administrator password `admin-password`. Bind the three in this
+/// order: the server stops before its directory goes.
+fn secured(key_type: &str) -> (tempfile::TempDir, TestCa, BerthProcess) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path(), "ca");
+    let (cert, key) = ca.issue("server", key_type);
+    let admin = [("BERTH_ADMIN_PASSWORD", "admin-password")];
+    let berth = serve_tls(&dir.path().join("data"), &cert, &key, &[], &admin);
+    (dir, ca, berth)
+}
+
 fn curl(args: &[&str]) -> std::process::Output {
     Command::new("curl")
         .args(["-sS", "--max-time", "10"])
@@ -143,17 +155,7 @@ fn curl_gets_https_with_http2_and_the_token_realm_is_https() {
     if tool("curl").is_none() || tool("openssl").is_none() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new(dir.path(), "ca");
-    let (cert, key) = ca.issue("server", "rsa:2048");
-    let data = dir.path().join("data");
-    let berth = serve_tls(
-        &data,
-        &cert,
-        &key,
-        &[],
-        &[("BERTH_ADMIN_PASSWORD", "admin-password")],
-    );
+    let (_dir, ca, berth) = secured("rsa:2048");
     let https = berth.url().replace("http://", "https://");
     let ca_arg = ca.cert().display().to_string();
 
@@ -377,17 +379,7 @@ fn skopeo_docker_and_ctr_push_and_pull_verifying_the_test_ca() {
     ) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new(dir.path(), "ca");
-    let (cert, key) = ca.issue("server", "ec");
-    let data = dir.path().join("data");
-    let berth = serve_tls(
-        &data,
-        &cert,
-        &key,
-        &[],
-        &[("BERTH_ADMIN_PASSWORD", "admin-password")],
-    );
+    let (dir, ca, berth) = secured("ec");
     let host = berth.url().trim_start_matches("http://").to_owned();
     let creds = "admin:admin-password";
 
