@@ -513,3 +513,42 @@ fn a_full_disk_is_said_plainly_reported_by_readyz_and_loses_no_event() {
     assert_eq!(r.status(), StatusCode::CREATED);
     drop(berth);
 }
+
+#[test]
+fn a_forged_host_header_never_reaches_the_challenge() {
+    let reg = crate::start_with_auth(AuthSettings::default());
+    let addr = reg.host();
+    let challenge_for = |host: &str| {
+        let mut stream = TcpStream::connect(&addr).unwrap();
+        write!(
+            stream,
+            "GET /v2/ HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer
+            .lines()
+            .find(|l| l.to_ascii_lowercase().starts_with("www-authenticate:"))
+            .unwrap_or("")
+            .to_owned()
+    };
+    let honest = challenge_for("registry.example.test:5000");
+    assert!(
+        honest.contains("realm=\"http://registry.example.test:5000/token\""),
+        "{honest}"
+    );
+    for forged in [
+        "evil.test/x\",error=\"x",
+        "a b",
+        "evil.test/phish?",
+        "[::1",
+        "host:99999999",
+    ] {
+        let challenge = challenge_for(forged);
+        assert!(
+            challenge.contains("realm=\"http://localhost/token\""),
+            "{forged:?} gave {challenge}"
+        );
+    }
+}

@@ -389,7 +389,9 @@ fn two_berth_processes_share_s3_and_postgres_and_each_others_tokens() {
         r.text().unwrap_or_default()
     );
 
-    // Maintenance commands work on the shared stores beside the running nodes.
+    // Maintenance commands work on the shared stores beside the running nodes (their
+    // own data directory holds nothing, unless the blobs fell back to the file system).
+    std::fs::create_dir_all(dir.path().join("maintenance")).unwrap();
     for command in ["gc", "check"] {
         let out = std::process::Command::new(binary)
             .args([command, "--config", config.to_str().unwrap(), "--data-dir"])
