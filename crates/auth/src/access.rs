@@ -125,9 +125,28 @@ pub(crate) struct Inner {
     pub(crate) tokens: Mutex<HashMap<String, Claims>>,
     pub(crate) audit: AuditLog,
     pub(crate) hashing: crate::password::HashPool,
+    pub(crate) counters: AuthCounters,
+}
+
+/// What logins and the token endpoint did since the node started, for the metrics.
+#[derive(Debug, Default)]
+pub struct AuthCounters {
+    /// Passwords and robot secrets accepted (cached proofs not counted again).
+    pub logins_succeeded: std::sync::atomic::AtomicU64,
+    /// Wrong names, passwords or secrets.
+    pub logins_failed: std::sync::atomic::AtomicU64,
+    /// Attempts refused by the lockout before any check.
+    pub logins_locked_out: std::sync::atomic::AtomicU64,
+    /// Tokens issued by the token endpoint.
+    pub tokens_issued: std::sync::atomic::AtomicU64,
 }
 
 impl AccessControl {
+    /// Login and token counts since the node started.
+    pub fn counters(&self) -> &AuthCounters {
+        &self.inner.counters
+    }
+
     /// Hashes a new password or secret on the hashing pool.
     pub(crate) async fn hash(&self, secret: &str) -> Result<String, AuthError> {
         let secret = secret.to_owned();
@@ -172,6 +191,7 @@ impl AccessControl {
             inner: Arc::new(Inner {
                 audit: AuditLog::start(store.clone()),
                 hashing: crate::password::HashPool::for_this_machine(),
+                counters: AuthCounters::default(),
                 settings,
                 store,
                 signer,

@@ -24,7 +24,9 @@ use std::time::Duration;
 
 use berth_meta::MetaError;
 
-pub use access::{AccessControl, Credentials, Grant, IssuedToken, Need, ProjectToCreate};
+pub use access::{
+    AccessControl, AuthCounters, Credentials, Grant, IssuedToken, Need, ProjectToCreate,
+};
 pub use accounts::{robot_login, Accounts, ImportOutcome, NewRobot, NewUser, ROBOT_PREFIX};
 pub use audit::Outcome;
 /// The account records whose meaning this crate owns (the metadata store keeps them).

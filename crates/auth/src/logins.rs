@@ -62,6 +62,10 @@ impl Logins<'_> {
                 .map_err(|wait| (wait, l.count_refusal(address, now)))
         });
         if let Some(Err((wait, report))) = locked {
+            let counters = &self.access.inner.counters;
+            counters
+                .logins_locked_out
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let retry_after_secs = wait.as_secs().max(1);
             if let Some(refusals) = report {
                 let detail = match refusals {
@@ -81,6 +85,10 @@ impl Logins<'_> {
         let principal = match self.resolve_password(user, password, cached).await? {
             Some((principal, proven)) => {
                 if cached.is_none() {
+                    let counters = &self.access.inner.counters;
+                    counters
+                        .logins_succeeded
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     self.remember_password(cache_key, proven);
                     self.access
                         .inner
@@ -104,6 +112,10 @@ impl Logins<'_> {
                 principal
             }
             None => {
+                let counters = &self.access.inner.counters;
+                counters
+                    .logins_failed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if let Ok(mut l) = self.access.inner.limiter.lock() {
                     l.record_failure(user, address, Instant::now());
                 }

@@ -298,6 +298,10 @@ impl Tokens<'_> {
             }
             _ => None,
         };
+        let counters = &self.access.inner.counters;
+        counters
+            .tokens_issued
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(IssuedToken {
             token,
             expires_in: settings.token_ttl.as_secs(),

@@ -11,7 +11,7 @@ use berth_auth::{AuthMode, AuthSettings};
 use berth_registry::{GcOptions, Limits};
 use berth_server::node::{BlobConfig, MetaConfig, NodeConfig};
 use berth_server::tls::TlsFiles;
-use berth_server::ConnectionLimits;
+use berth_server::{ConnectionLimits, MetricsAccess};
 use serde::Deserialize;
 
 /// The settings `berth serve` runs with.
@@ -33,6 +33,9 @@ pub(crate) struct Settings {
     pub(crate) tls: Option<TlsFiles>,
     /// Connection timeouts and cap; the cap derived from the descriptor limit unless set.
     pub(crate) connections: ConnectionSettings,
+    /// `/metrics`: who may read it on the main listener, and a listener of its own.
+    pub(crate) metrics_access: MetricsAccess,
+    pub(crate) metrics_listen: Option<SocketAddr>,
 }
 
 /// The `[limits]` connection settings, before the descriptor limit is known.
@@ -81,6 +84,7 @@ impl Settings {
             issuer_key,
             gc: self.gc.options.clone(),
             sendfile: self.sendfile,
+            metrics_access: self.metrics_access,
         })
     }
 }
@@ -226,6 +230,18 @@ struct FileConfig {
     audit: FileAudit,
     #[serde(default)]
     tls: FileTls,
+    #[serde(default)]
+    metrics: FileMetrics,
+}
+
+/// The `[metrics]` table of the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMetrics {
+    /// A listener serving only `/metrics`, open (meant for a private address).
+    listen: Option<String>,
+    /// `admin` (default) or `open`: who may read `/metrics` on the main listener.
+    access: Option<String>,
 }
 
 /// The `[tls]` table of the config file.
@@ -313,9 +329,23 @@ impl Settings {
         {
             anyhow::bail!("limits: timeouts and max_connections must be above 0");
         }
+        let metrics_access = match file_config.metrics.access.as_deref() {
+            None | Some("admin") => MetricsAccess::Administrators,
+            Some("open") => MetricsAccess::Open,
+            Some(other) => anyhow::bail!("metrics.access {other:?}: expected admin or open"),
+        };
+        let metrics_listen = match &file_config.metrics.listen {
+            Some(addr) => Some(
+                addr.parse()
+                    .with_context(|| format!("metrics.listen {addr:?} is not HOST:PORT"))?,
+            ),
+            None => None,
+        };
         Ok(Settings {
             tls,
             connections,
+            metrics_access,
+            metrics_listen,
             listen,
             data_dir,
             log_level: overrides

@@ -297,6 +297,17 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
             body_stall_timeout_secs = limits.body_stall_timeout.as_secs(),
             "connection limits"
         );
+        if let Some(metrics_addr) = settings.metrics_listen {
+            let metrics_listener = bind(metrics_addr)
+                .with_context(|| format!("binding the metrics listener {metrics_addr}"))?;
+            tracing::info!(addr = %metrics_listener.local_addr()?, "metrics on http://{}/metrics", metrics_listener.local_addr()?);
+            let metrics_app = app.clone();
+            tokio::spawn(async move {
+                if let Err(e) = berth_server::serve_metrics(metrics_listener, metrics_app, std::future::pending()).await {
+                    tracing::error!(error = %e, "the metrics listener stopped");
+                }
+            });
+        }
         let options = ServeOptions { limits, tls };
         berth_server::serve(listener, app, options, shutdown_signal()).await?;
         access.flush_audit().await;

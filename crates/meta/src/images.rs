@@ -9,7 +9,7 @@ use crate::engine::{args, owned, Durability, Row, Tx};
 use crate::events::{self, record, Actor, Change, TagChange};
 use crate::{
     now, BlobArrival, DanglingEdge, Database, GcMarked, GcSelection, LeaseState, LinkedBlob,
-    MetaError, MetaStore, NewManifest, Page, ProjectOrigin, ProjectRecord, Referrer,
+    MetaError, MetaStore, NewManifest, Page, ProjectOrigin, ProjectRecord, Referrer, StoreCounts,
     StoredManifest,
 };
 
@@ -577,6 +577,23 @@ impl MetaStore for Database {
         self.write_statement(Durability::Synced, sql, owned![name, holder])
             .await
             .map(drop)
+    }
+
+    async fn statistics(&self) -> Result<StoreCounts, MetaError> {
+        let sql = "SELECT (SELECT count(*) FROM repositories), (SELECT count(*) FROM manifests),
+                          (SELECT count(*) FROM blobs WHERE state = 'live'),
+                          (SELECT CAST(COALESCE(sum(size), 0) AS BIGINT) FROM blobs WHERE state = 'live')";
+        let counts = self
+            .read_row(sql, vec![], |mut r| {
+                Ok(StoreCounts {
+                    repositories: r.size(0)?,
+                    manifests: r.size(1)?,
+                    blobs: r.size(2)?,
+                    blob_bytes: r.size(3)?,
+                })
+            })
+            .await?;
+        Ok(counts.unwrap_or_default())
     }
 
     async fn lease_state(&self, name: &str) -> Result<LeaseState, MetaError> {

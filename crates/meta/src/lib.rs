@@ -164,6 +164,19 @@ pub struct LinkedBlob {
     pub last_used_ms: i64,
 }
 
+/// How much the store holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreCounts {
+    /// Repositories with at least a blob or a manifest.
+    pub repositories: u64,
+    /// Manifests, over every repository.
+    pub manifests: u64,
+    /// Distinct live blobs (each stored once, however many repositories link it).
+    pub blobs: u64,
+    /// Their bytes.
+    pub blob_bytes: u64,
+}
+
 /// What a lease's row says now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaseState {
@@ -396,6 +409,9 @@ pub trait MetaStore: EventLog + Send + Sync + 'static {
     async fn try_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, MetaError>;
     /// Gives a lease back early (only if `holder` holds it).
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), MetaError>;
+    /// How much is stored: repositories, manifests, live blobs and their bytes (for the
+    /// metrics; each a count over a table, so callers cache it).
+    async fn statistics(&self) -> Result<StoreCounts, MetaError>;
     /// Whether the named lease is free, held, or was left to expire by a holder that
     /// stopped (a crash, a kill, a failure it did not clean up after).
     async fn lease_state(&self, name: &str) -> Result<LeaseState, MetaError>;

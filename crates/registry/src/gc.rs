@@ -11,6 +11,7 @@
 //! digest before publishing bytes and links it after, both refused while the digest is
 //! marked, and marking re-checks references and last use in the same transaction.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use berth_meta::{GcSelection, LeaseState};
@@ -48,6 +49,68 @@ impl Default for GcOptions {
             blob_grace: Duration::from_secs(3600),
             upload_max_age: Duration::from_secs(24 * 3600),
             event_retention: Some(DEFAULT_EVENT_RETENTION),
+        }
+    }
+}
+
+/// What collections on this node did since it started, for the metrics.
+#[derive(Debug, Default)]
+pub(crate) struct GcTotals {
+    runs: AtomicU64,
+    failures: AtomicU64,
+    last_success_unix: AtomicU64,
+    last_duration_ms: AtomicU64,
+    bytes_freed: AtomicU64,
+    blobs_removed: AtomicU64,
+}
+
+/// A copy of [`GcTotals`] to report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GcCounters {
+    /// Collections run (dry runs excluded).
+    pub runs: u64,
+    /// Of which failed.
+    pub failures: u64,
+    /// When the last one succeeded (Unix seconds; 0: never).
+    pub last_success_unix: u64,
+    /// How long the last one took, in milliseconds.
+    pub last_duration_ms: u64,
+    /// Bytes freed by all of them.
+    pub bytes_freed: u64,
+    /// Blobs removed by all of them.
+    pub blobs_removed: u64,
+}
+
+impl GcTotals {
+    fn record(&self, result: &Result<GcReport, RegistryError>, took: Duration) {
+        self.runs.fetch_add(1, Ordering::Relaxed);
+        self.last_duration_ms
+            .store(took.as_millis() as u64, Ordering::Relaxed);
+        match result {
+            Ok(report) => {
+                let now = SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                self.last_success_unix.store(now, Ordering::Relaxed);
+                self.bytes_freed
+                    .fetch_add(report.bytes_freed, Ordering::Relaxed);
+                self.blobs_removed
+                    .fetch_add(report.blobs_removed.len() as u64, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> GcCounters {
+        GcCounters {
+            runs: self.runs.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
+            last_success_unix: self.last_success_unix.load(Ordering::Relaxed),
+            last_duration_ms: self.last_duration_ms.load(Ordering::Relaxed),
+            bytes_freed: self.bytes_freed.load(Ordering::Relaxed),
+            blobs_removed: self.blobs_removed.load(Ordering::Relaxed),
         }
     }
 }
@@ -120,8 +183,10 @@ impl Registry {
                 }
             })
         };
+        let started = Instant::now();
         let result = self.collect_garbage_now(options).await;
         renewing.abort();
+        self.gc_totals.record(&result, started.elapsed());
         match &result {
             Ok(_) => {
                 if let Err(e) = self.meta.release_lease(GC_LEASE, holder).await {

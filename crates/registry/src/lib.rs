@@ -16,11 +16,11 @@ use berth_meta::{MetaError, MetaStore, ProjectOrigin};
 use berth_storage::BlobStore;
 
 /// Who made a change, a page of a listing, a project: domain words the store shares.
-pub use berth_meta::{Actor, Page, ProjectRecord as Project};
+pub use berth_meta::{Actor, Page, ProjectRecord as Project, StoreCounts};
 pub use blobs::{BlobBytes, BlobRead, MountOutcome, RangeRequest};
 pub use check::{CheckOptions, CheckReport};
 pub use error::RegistryError;
-pub use gc::{GcOptions, GcReport};
+pub use gc::{GcCounters, GcOptions, GcReport};
 pub use manifests::{ManifestPushed, ReferrersIndex};
 
 /// Milliseconds since the Unix epoch: the clock of the metadata store's timestamps.
@@ -67,6 +67,7 @@ pub struct Registry {
     limits: Limits,
     node_id: Arc<str>,
     uploads: Arc<quota::UploadQuota>,
+    gc_totals: Arc<gc::GcTotals>,
 }
 
 /// The longest project name, however the project is made.
@@ -81,6 +82,7 @@ impl Registry {
             limits,
             node_id: new_node_id().into(),
             uploads: Arc::default(),
+            gc_totals: Arc::default(),
         }
     }
 
@@ -118,6 +120,21 @@ impl Registry {
             Ok(_) | Err(MetaError::Conflict(_)) => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// How much is stored (a count per table: callers cache it).
+    pub async fn store_counts(&self) -> Result<StoreCounts, RegistryError> {
+        Ok(self.meta.statistics().await?)
+    }
+
+    /// Upload sessions open on this node.
+    pub fn open_upload_sessions(&self) -> usize {
+        self.uploads.open()
+    }
+
+    /// What this node's collections did since it started.
+    pub fn gc_counters(&self) -> GcCounters {
+        self.gc_totals.snapshot()
     }
 
     /// A project by name: what policies hang on.

@@ -35,6 +35,15 @@ impl UploadQuota {
         true
     }
 
+    /// Sessions open on this node, over every caller.
+    pub(crate) fn open(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .caller_of
+            .len()
+    }
+
     /// Gives back session `id`'s place (finished, cancelled or purged).
     pub(crate) fn release(&self, id: &str) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());

@@ -8,6 +8,7 @@ mod admin;
 mod auth;
 mod connections;
 pub mod error;
+mod metrics;
 pub mod node;
 mod route;
 pub mod tls;
@@ -41,6 +42,20 @@ pub struct App {
     sendfile: bool,
     /// Served over TLS: challenges point clients at an `https://` token realm.
     secure: bool,
+    metrics: Arc<metrics::Metrics>,
+    /// Who may read `/metrics` on the main listener.
+    metrics_access: MetricsAccess,
+}
+
+/// Who may read `GET /metrics` on the main listener (a separate metrics listener, when
+/// configured, is always open: it is meant for a private address).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MetricsAccess {
+    /// Anyone.
+    Open,
+    /// System administrators (always open with `--auth none`).
+    #[default]
+    Administrators,
 }
 
 impl App {
@@ -53,7 +68,15 @@ impl App {
             gc,
             sendfile: false,
             secure: false,
+            metrics: Arc::default(),
+            metrics_access: MetricsAccess::default(),
         }
+    }
+
+    /// Who may read `/metrics` on the main listener.
+    pub fn with_metrics_access(mut self, access: MetricsAccess) -> Self {
+        self.metrics_access = access;
+        self
     }
 
     /// Sends blob files with `sendfile(2)` instead of copying them out through a read-ahead
@@ -142,12 +165,13 @@ pub fn router(app: App) -> Router {
         .route("/v2/", any(v2::dispatch))
         .route("/v2/{*path}", any(v2::dispatch))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_endpoint))
         .route("/readyz", get(readyz))
         .route("/token", get(token::token).post(token::token))
         .route("/api/v1/openapi.json", get(admin::openapi))
         .merge(admin)
-        .with_state(app)
-        .layer(middleware::from_fn(access_log))
+        .with_state(app.clone())
+        .layer(middleware::from_fn_with_state(app, access_log))
 }
 
 /// How the server meets the network: connection limits, and TLS if it terminates it.
@@ -218,7 +242,7 @@ async fn readyz(State(app): State<App>) -> Response {
 }
 
 /// One structured log line per request, and the API version header on every response.
-async fn access_log(request: Request, next: Next) -> Response {
+async fn access_log(State(app): State<App>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
@@ -235,15 +259,197 @@ async fn access_log(request: Request, next: Next) -> Response {
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let took = started.elapsed();
+    let status = response.status().as_u16();
+    app.metrics.observe(
+        metrics::Route::of(&path),
+        &method,
+        status,
+        took,
+        bytes_in.unwrap_or(0),
+        bytes_out.unwrap_or(0),
+    );
     tracing::info!(
         target: "berth::access",
         %method,
         path,
-        status = response.status().as_u16(),
+        status,
         bytes_in,
         bytes_out,
-        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        duration_ms = took.as_secs_f64() * 1000.0,
         "request"
     );
     response
+}
+
+/// `GET /metrics`: Prometheus text format. Open, or for administrators (HTTP Basic),
+/// as configured; always open without access control.
+async fn metrics_endpoint(State(app): State<App>, request: Request) -> Response {
+    if app.metrics_access == MetricsAccess::Administrators && app.access.enabled() {
+        let address = auth::client_address(&request);
+        let caller = app
+            .access
+            .logins()
+            .authenticate(auth::credentials(request.headers()), &address)
+            .await;
+        let allowed = match caller {
+            Ok(caller) => {
+                app.access
+                    .authorize(&caller, berth_auth::Need::System)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = allowed {
+            return auth::refusal(&app.access, request.headers(), e, auth::Login::Basic);
+        }
+    }
+    render_metrics(&app).await
+}
+
+/// Every metric family: HTTP, process, what is stored, uploads, collections, logins.
+async fn render_metrics(app: &App) -> Response {
+    use metrics::sample;
+    let mut out = String::with_capacity(16 * 1024);
+    app.metrics.render_http(&mut out);
+    let registry = app.registry.clone();
+    let stored = app
+        .metrics
+        .store_statistics(|| async move { registry.store_counts().await.ok() })
+        .await;
+    if let Some(s) = stored {
+        sample(
+            &mut out,
+            "berth_repositories",
+            "gauge",
+            "Repositories holding a blob or a manifest.",
+            s.repositories,
+        );
+        sample(
+            &mut out,
+            "berth_manifests",
+            "gauge",
+            "Manifests over every repository.",
+            s.manifests,
+        );
+        sample(
+            &mut out,
+            "berth_blobs",
+            "gauge",
+            "Distinct blobs stored (each once).",
+            s.blobs,
+        );
+        sample(
+            &mut out,
+            "berth_blob_bytes",
+            "gauge",
+            "Bytes of the distinct blobs stored.",
+            s.blob_bytes,
+        );
+    }
+    sample(
+        &mut out,
+        "berth_uploads_in_progress",
+        "gauge",
+        "Upload sessions open on this node.",
+        app.registry.open_upload_sessions(),
+    );
+    let gc = app.registry.gc_counters();
+    sample(
+        &mut out,
+        "berth_gc_runs_total",
+        "counter",
+        "Garbage collections run by this node.",
+        gc.runs,
+    );
+    sample(
+        &mut out,
+        "berth_gc_failures_total",
+        "counter",
+        "Of which failed.",
+        gc.failures,
+    );
+    sample(
+        &mut out,
+        "berth_gc_last_success_timestamp_seconds",
+        "gauge",
+        "When this node's last collection succeeded (0: never).",
+        gc.last_success_unix,
+    );
+    sample(
+        &mut out,
+        "berth_gc_last_duration_seconds",
+        "gauge",
+        "How long this node's last collection took.",
+        gc.last_duration_ms as f64 / 1000.0,
+    );
+    sample(
+        &mut out,
+        "berth_gc_freed_bytes_total",
+        "counter",
+        "Bytes freed by this node's collections.",
+        gc.bytes_freed,
+    );
+    sample(
+        &mut out,
+        "berth_gc_removed_blobs_total",
+        "counter",
+        "Blobs removed by this node's collections.",
+        gc.blobs_removed,
+    );
+    let auth = app.access.counters();
+    let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+    metrics::family(
+        &mut out,
+        "berth_logins_total",
+        "counter",
+        "Password and secret logins, by result.",
+    );
+    for (result, n) in [
+        ("success", load(&auth.logins_succeeded)),
+        ("failure", load(&auth.logins_failed)),
+        ("locked_out", load(&auth.logins_locked_out)),
+    ] {
+        out.push_str(&format!("berth_logins_total{{result=\"{result}\"}} {n}\n"));
+    }
+    sample(
+        &mut out,
+        "berth_tokens_issued_total",
+        "counter",
+        "Tokens issued by the token endpoint.",
+        load(&auth.tokens_issued),
+    );
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
+}
+
+/// The metrics alone, open, for a listener of their own (`[metrics] listen`).
+pub fn metrics_router(app: App) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(|State(app): State<App>| async move { render_metrics(&app).await }),
+        )
+        .with_state(app)
+}
+
+/// Serves [`metrics_router`] on its own listener, with the same connection limits.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    app: App,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listening = connections::Listening {
+        limits: ConnectionLimits::default(),
+        tls: None,
+        http1_only: true,
+    };
+    connections::accept_loop(listener, metrics_router(app), listening, shutdown).await
 }

@@ -57,6 +57,8 @@ pub struct NodeConfig {
     pub gc: GcOptions,
     /// Blob downloads go out with `sendfile` (see [`App::with_sendfile`]).
     pub sendfile: bool,
+    /// Who may read `/metrics` on the main listener.
+    pub metrics_access: crate::MetricsAccess,
 }
 
 /// Why a node could not be opened.
@@ -144,7 +146,8 @@ impl Node {
         };
         let access = AccessControl::for_mode(config.auth.clone(), meta, signer, issuer_key)?;
         let app = App::new(registry.clone(), access.clone(), config.gc.clone())
-            .with_sendfile(config.sendfile);
+            .with_sendfile(config.sendfile)
+            .with_metrics_access(config.metrics_access);
         Ok(Node {
             registry,
             access,

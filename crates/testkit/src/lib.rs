@@ -269,6 +269,7 @@ impl TestRegistry {
             issuer_key,
             gc,
             sendfile,
+            metrics_access: berth_server::MetricsAccess::default(),
         };
         let addr = runtime.block_on(async move {
             let Node { access, app, .. } = open_node(&config).await;

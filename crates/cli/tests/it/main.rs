@@ -18,6 +18,7 @@ mod gc_stress;
 mod hostile;
 mod manifests;
 mod memory;
+mod metrics;
 mod openapi;
 mod tls;
 mod uploads;
