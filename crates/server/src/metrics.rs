@@ -111,31 +111,64 @@ struct Histogram {
     sum_micros: AtomicU64,
 }
 
-/// Per-route request counts, durations and bytes.
+/// Per-route request counts, durations and bytes, in one shard per worker thread (up to
+/// [`SHARDS`]): the hot path increments its own thread's counters, so two cores serving
+/// the same route never bounce a cache line between them; a scrape sums the shards.
 pub(crate) struct Metrics {
+    shards: Vec<Shard>,
+    store: Mutex<Option<(Instant, StoreStatistics)>>,
+    started: SystemTime,
+}
+
+/// Shards of counters: more than the worker threads of any machine berth runs on well.
+const SHARDS: usize = 16;
+
+/// One thread's counters, aligned so that neighbours do not share a cache line.
+#[repr(align(128))]
+struct Shard {
     /// `[route][method][status class 1..=5]`.
     requests: Vec<AtomicU64>,
     durations: Vec<Histogram>,
     bytes_in: Vec<AtomicU64>,
     bytes_out: Vec<AtomicU64>,
-    store: Mutex<Option<(Instant, StoreStatistics)>>,
-    started: SystemTime,
 }
 
-impl Default for Metrics {
+impl Default for Shard {
     fn default() -> Self {
         let routes = ROUTES.len();
-        Metrics {
+        Shard {
             requests: (0..routes * METHODS.len() * 5)
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             durations: (0..routes).map(|_| Histogram::default()).collect(),
             bytes_in: (0..routes).map(|_| AtomicU64::new(0)).collect(),
             bytes_out: (0..routes).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
             store: Mutex::new(None),
             started: SystemTime::now(),
         }
     }
+}
+
+/// This thread's shard number, handed out in turn on first use.
+fn shard_index() -> usize {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    thread_local! {
+        static INDEX: usize = (NEXT.fetch_add(1, Ordering::Relaxed) as usize) % SHARDS;
+    }
+    INDEX.with(|i| *i)
+}
+
+/// The sum of one counter over every shard.
+fn total(shards: &[Shard], pick: impl Fn(&Shard) -> &AtomicU64) -> u64 {
+    shards.iter().map(|s| pick(s).load(Ordering::Relaxed)).sum()
 }
 
 impl Metrics {
@@ -149,11 +182,12 @@ impl Metrics {
         bytes_in: u64,
         bytes_out: u64,
     ) {
+        let shard = &self.shards[shard_index()];
         let r = route.index();
         let class = usize::from((status / 100).clamp(1, 5)) - 1;
         let slot = (r * METHODS.len() + method_index(method)) * 5 + class;
-        self.requests[slot].fetch_add(1, Ordering::Relaxed);
-        let h = &self.durations[r];
+        shard.requests[slot].fetch_add(1, Ordering::Relaxed);
+        let h = &shard.durations[r];
         let seconds = took.as_secs_f64();
         if let Some(b) = BUCKETS.iter().position(|bound| seconds <= *bound) {
             h.buckets[b].fetch_add(1, Ordering::Relaxed);
@@ -162,10 +196,10 @@ impl Metrics {
         h.sum_micros
             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
         if bytes_in > 0 {
-            self.bytes_in[r].fetch_add(bytes_in, Ordering::Relaxed);
+            shard.bytes_in[r].fetch_add(bytes_in, Ordering::Relaxed);
         }
         if bytes_out > 0 {
-            self.bytes_out[r].fetch_add(bytes_out, Ordering::Relaxed);
+            shard.bytes_out[r].fetch_add(bytes_out, Ordering::Relaxed);
         }
     }
 
@@ -199,7 +233,7 @@ impl Metrics {
             for (m, method) in METHODS.iter().enumerate() {
                 for class in 0..5 {
                     let slot = (route.index() * METHODS.len() + m) * 5 + class;
-                    let n = self.requests[slot].load(Ordering::Relaxed);
+                    let n = total(&self.shards, |s| &s.requests[slot]);
                     if n > 0 {
                         let _ = writeln!(
                             out,
@@ -217,21 +251,21 @@ impl Metrics {
             "Time from the request head to the response head, by route template.",
         );
         for (route, template) in ROUTES {
-            let h = &self.durations[route.index()];
-            let count = h.count.load(Ordering::Relaxed);
+            let r = route.index();
+            let count = total(&self.shards, |s| &s.durations[r].count);
             if count == 0 {
                 continue;
             }
             let mut cumulative = 0;
-            for (bound, bucket) in BUCKETS.iter().zip(&h.buckets) {
-                cumulative += bucket.load(Ordering::Relaxed);
+            for (b, bound) in BUCKETS.iter().enumerate() {
+                cumulative += total(&self.shards, |s| &s.durations[r].buckets[b]);
                 let _ = writeln!(
                     out,
                     "berth_http_request_duration_seconds_bucket{{route=\"{template}\",le=\"{bound}\"}} {cumulative}"
                 );
             }
             let _ = writeln!(out, "berth_http_request_duration_seconds_bucket{{route=\"{template}\",le=\"+Inf\"}} {count}");
-            let sum = h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+            let sum = total(&self.shards, |s| &s.durations[r].sum_micros) as f64 / 1e6;
             let _ = writeln!(
                 out,
                 "berth_http_request_duration_seconds_sum{{route=\"{template}\"}} {sum}"
@@ -241,21 +275,28 @@ impl Metrics {
                 "berth_http_request_duration_seconds_count{{route=\"{template}\"}} {count}"
             );
         }
-        for (name, help, values) in [
+        for (name, help, inbound) in [
             (
                 "berth_http_request_bytes_total",
                 "Request body bytes declared by Content-Length, by route template.",
-                &self.bytes_in,
+                true,
             ),
             (
                 "berth_http_response_bytes_total",
                 "Response body bytes declared by Content-Length, by route template.",
-                &self.bytes_out,
+                false,
             ),
         ] {
             family(out, name, "counter", help);
             for (route, template) in ROUTES {
-                let n = values[route.index()].load(Ordering::Relaxed);
+                let r = route.index();
+                let n = total(&self.shards, |s| {
+                    if inbound {
+                        &s.bytes_in[r]
+                    } else {
+                        &s.bytes_out[r]
+                    }
+                });
                 if n > 0 {
                     let _ = writeln!(out, "{name}{{route=\"{template}\"}} {n}");
                 }
