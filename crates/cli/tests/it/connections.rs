@@ -302,3 +302,64 @@ fn twenty_thousand_silent_connections_do_not_stop_pulls_or_health_checks() {
     assert!(pulls >= 20);
     assert!(berth.log().iter().all(|l| !l.contains("panicked")));
 }
+
+#[test]
+fn out_of_descriptors_the_server_backs_off_makes_room_and_keeps_answering() {
+    if berth_testkit::tool("prlimit").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Few descriptors and a connection cap above them: accept itself runs out (EMFILE).
+    let wrapper = dir.path().join("berth-with-few-descriptors");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec prlimit --nofile=96:96 {} \"$@\"\n",
+            env!("CARGO_BIN_EXE_berth")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let config = dir.path().join("berth.toml");
+    std::fs::write(&config, "[limits]\nmax_connections = 10000\n").unwrap();
+    let berth = BerthProcess::spawn_with(
+        &wrapper,
+        &dir.path().join("data"),
+        &["--auth", "none", "--config", config.to_str().unwrap()],
+        &[],
+    );
+    let addr = addr_of(&berth);
+    let idle: Vec<TcpStream> = (0..150)
+        .filter_map(|_| TcpStream::connect(addr).ok())
+        .collect();
+    assert!(idle.len() > 96, "more connections than descriptors");
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let r = client
+        .get(format!("{}/healthz", berth.url()))
+        .send()
+        .expect("answered despite the full descriptor table");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        berth
+            .log()
+            .iter()
+            .any(|l| l.contains("out of file descriptors")),
+        "{:?}",
+        berth.log()
+    );
+    drop(idle);
+}
