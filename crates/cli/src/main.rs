@@ -41,6 +41,9 @@ struct DataArgs {
     /// Log filter, e.g. `info` or `warn,berth::access=info` [default: info].
     #[arg(long, env = "BERTH_LOG_LEVEL", global = true)]
     log_level: Option<String>,
+    /// `text` (default) or `json`: one JSON object per line, for log shippers.
+    #[arg(long, env = "BERTH_LOG_FORMAT", global = true)]
+    log_format: Option<String>,
     /// Keep metadata in this PostgreSQL database (shared by every node) instead of
     /// `meta.db` in the data directory.
     #[arg(long, env = "BERTH_POSTGRES_URL", global = true)]
@@ -218,11 +221,21 @@ fn load(data: DataArgs, overrides: Overrides) -> anyhow::Result<Settings> {
             ..overrides
         },
     )?;
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&settings.log_level).context("invalid log level")?)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let filter = EnvFilter::try_new(&settings.log_level).context("invalid log level")?;
+    match data.log_format.as_deref() {
+        None | Some("text") => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        Some("json") => tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+        Some(other) => anyhow::bail!("log format {other:?}: expected text or json"),
+    }
     Ok(settings)
 }
 

@@ -374,8 +374,13 @@ pub(crate) async fn api_guard(
         )
         .into_response();
     }
+    let identity = (caller.principal != berth_auth::Principal::Anonymous)
+        .then(|| crate::Identity(caller.principal.actor().to_owned()));
     request.extensions_mut().insert(caller);
     let mut response = next.run(request).await;
+    if let Some(identity) = identity {
+        response.extensions_mut().insert(identity);
+    }
     if response.status() == StatusCode::UNAUTHORIZED {
         // Admin operations refuse anonymous callers through `?`: tell them how to log in.
         if let Ok(value) = axum::http::HeaderValue::from_str(&basic_challenge(&app.access)) {

@@ -251,9 +251,13 @@ async fn access_log(State(app): State<App>, request: Request, next: Next) -> Res
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let request_id = request_id(request.headers());
     let mut response = next.run(request).await;
     let (name, value) = v2::API_VERSION;
     response.headers_mut().insert(name, value);
+    if let Ok(value) = header::HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
     let bytes_out = response
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -269,6 +273,10 @@ async fn access_log(State(app): State<App>, request: Request, next: Next) -> Res
         bytes_in.unwrap_or(0),
         bytes_out.unwrap_or(0),
     );
+    let identity = response
+        .extensions()
+        .get::<Identity>()
+        .map(|Identity(who)| who.as_str());
     tracing::info!(
         target: "berth::access",
         %method,
@@ -277,10 +285,49 @@ async fn access_log(State(app): State<App>, request: Request, next: Next) -> Res
         bytes_in,
         bytes_out,
         duration_ms = took.as_secs_f64() * 1000.0,
+        request_id,
+        identity,
         "request"
     );
     response
 }
+
+/// The header a request id travels in, both ways.
+const REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
+
+/// The id under which a request is logged: the client's `X-Request-Id` if it is a sane
+/// one (at most 64 letters, digits, `.`, `_` or `-`, so that it is safe in a log line),
+/// otherwise one made here. Returned in the response either way.
+fn request_id(headers: &header::HeaderMap) -> String {
+    if let Some(given) = headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()) {
+        if !given.is_empty()
+            && given.len() <= 64
+            && given
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        {
+            return given.to_owned();
+        }
+    }
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let prefix = PREFIX.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        format!(
+            "{:x}",
+            (nanos as u64) ^ u64::from(std::process::id()).rotate_left(32)
+        )
+    });
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{prefix}-{n:x}")
+}
+
+/// Who made the request, once authenticated: set on the response by the handlers that
+/// know, read by the access log.
+#[derive(Clone)]
+pub(crate) struct Identity(pub(crate) String);
 
 /// `GET /metrics`: Prometheus text format. Open, or for administrators (HTTP Basic),
 /// as configured; always open without access control.

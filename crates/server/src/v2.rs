@@ -60,7 +60,11 @@ pub(crate) async fn dispatch(
         headers,
         body,
     };
-    let response = handle(&app, &admitted.caller, route, request).await;
+    let mut response = handle(&app, &admitted.caller, route, request).await;
+    if admitted.caller.principal != berth_auth::Principal::Anonymous {
+        let who = admitted.caller.principal.actor().to_owned();
+        response.extensions_mut().insert(crate::Identity(who));
+    }
     let digest = response
         .headers()
         .get(DOCKER_CONTENT_DIGEST)

@@ -374,7 +374,13 @@ impl BerthProcess {
                         .nth(1)
                         .or_else(|| line.split("listening on https://").nth(1))
                     {
-                        let addr = rest.split_whitespace().next().unwrap_or("").to_owned();
+                        // Up to the end of the address, in text or JSON log lines.
+                        let addr: String = rest
+                            .chars()
+                            .take_while(|c| {
+                                c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']')
+                            })
+                            .collect();
                         let _ = tx.send(addr);
                         sent = true;
                     }

@@ -213,3 +213,58 @@ fn the_shipped_dashboard_and_alerts_name_only_exported_metrics() {
     let unknown: Vec<_> = used.difference(&exported).collect();
     assert!(unknown.is_empty(), "named but not exported: {unknown:?}");
 }
+
+#[test]
+fn json_access_logs_carry_the_request_id_and_who_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let berth = BerthProcess::spawn_with(
+        Path::new(env!("CARGO_BIN_EXE_berth")),
+        &dir.path().join("data"),
+        &["--log-format", "json"],
+        &[("BERTH_ADMIN_PASSWORD", "admin-password")],
+    );
+    let admin = Who::user("admin", "admin-password");
+    let r = admin
+        .request(&http(), Method::GET, &format!("{}/v2/", berth.url()))
+        .header("x-request-id", "build-42.step_7")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        r.headers()["x-request-id"],
+        "build-42.step_7",
+        "a sane id is kept"
+    );
+    // An id that could forge a log line is replaced by one of the server's.
+    let r = http()
+        .get(format!("{}/healthz", berth.url()))
+        .header("x-request-id", "x\",\"identity\":\"admin")
+        .send()
+        .unwrap();
+    let given = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert!(!given.is_empty() && !given.contains('"'), "{given}");
+    let mut line = serde_json::Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            line = berth
+                .log()
+                .iter()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| v["request_id"] == "build-42.step_7")
+                .unwrap_or_default();
+            !line.is_null()
+        }),
+        "{:?}",
+        berth.log()
+    );
+    assert_eq!(line["identity"], "admin");
+    assert_eq!(line["path"], "/v2/");
+    assert_eq!(line["status"], 200);
+    assert!(
+        berth
+            .log()
+            .iter()
+            .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
+        "every line is JSON"
+    );
+}
