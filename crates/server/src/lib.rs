@@ -255,9 +255,10 @@ async fn access_log(State(app): State<App>, request: Request, next: Next) -> Res
     let mut response = next.run(request).await;
     let (name, value) = v2::API_VERSION;
     response.headers_mut().insert(name, value);
-    if let Ok(value) = header::HeaderValue::from_str(&request_id) {
-        response.headers_mut().insert(REQUEST_ID, value);
-    }
+    response
+        .headers_mut()
+        .insert(REQUEST_ID, request_id.clone());
+    let request_id = request_id.to_str().unwrap_or("");
     let bytes_out = response
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -297,16 +298,18 @@ const REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-reques
 
 /// The id under which a request is logged: the client's `X-Request-Id` if it is a sane
 /// one (at most 64 letters, digits, `.`, `_` or `-`, so that it is safe in a log line),
-/// otherwise one made here. Returned in the response either way.
-fn request_id(headers: &header::HeaderMap) -> String {
-    if let Some(given) = headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()) {
-        if !given.is_empty()
-            && given.len() <= 64
-            && given
-                .bytes()
+/// otherwise one made here (one allocation: it is made for every request). Returned in the
+/// response either way.
+fn request_id(headers: &header::HeaderMap) -> header::HeaderValue {
+    if let Some(given) = headers.get(REQUEST_ID) {
+        let bytes = given.as_bytes();
+        if !bytes.is_empty()
+            && bytes.len() <= 64
+            && bytes
+                .iter()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
         {
-            return given.to_owned();
+            return given.clone();
         }
     }
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -321,7 +324,12 @@ fn request_id(headers: &header::HeaderMap) -> String {
         )
     });
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!("{prefix}-{n:x}")
+    let mut id = bytes::BytesMut::with_capacity(prefix.len() + 17);
+    id.extend_from_slice(prefix.as_bytes());
+    id.extend_from_slice(b"-");
+    let _ = std::fmt::Write::write_fmt(&mut id, format_args!("{n:x}"));
+    header::HeaderValue::from_maybe_shared(id.freeze())
+        .unwrap_or_else(|_| header::HeaderValue::from_static("-"))
 }
 
 /// Who made the request, once authenticated: set on the response by the handlers that
