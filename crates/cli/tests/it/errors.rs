@@ -216,3 +216,47 @@ fn raw_request(host: &str, method: &str, path: &str) -> (u16, String) {
     let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
     (status, body)
 }
+
+#[test]
+fn only_non_distributable_layers_may_point_elsewhere_and_only_to_the_web() {
+    let reg = crate::start();
+    let base = reg.url();
+    let config = push_blob(&base, "team/app", b"{}");
+    let absent = sha256(b"bytes that live elsewhere");
+    let manifest = |layer_type: &str, urls: serde_json::Value| {
+        serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 2},
+            "layers": [{"mediaType": layer_type, "digest": absent, "size": 25, "urls": urls}],
+        }))
+        .unwrap()
+    };
+    let put = |body: Vec<u8>| {
+        put_manifest(
+            &base,
+            "team/app",
+            "v1",
+            "application/vnd.oci.image.manifest.v1+json",
+            &body,
+        )
+    };
+    let foreign = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
+    // A `file:` URL, or a plain layer type, no longer skips the presence check.
+    assert_oci_error(
+        put(manifest(foreign, json!(["file:///etc/shadow"]))),
+        StatusCode::BAD_REQUEST,
+        "MANIFEST_INVALID",
+    );
+    assert_oci_error(
+        put(manifest(
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+            json!(["https://mirror.example/l"]),
+        )),
+        StatusCode::BAD_REQUEST,
+        "MANIFEST_BLOB_UNKNOWN",
+    );
+    // A foreign layer on the web is what `urls` is for.
+    let r = put(manifest(foreign, json!(["https://mirror.example/l"])));
+    assert_eq!(r.status(), StatusCode::CREATED);
+}

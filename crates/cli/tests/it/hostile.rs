@@ -552,3 +552,52 @@ fn a_forged_host_header_never_reaches_the_challenge() {
         );
     }
 }
+
+#[test]
+fn the_high_s_twin_of_a_valid_token_is_refused() {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let reg = crate::start_with_auth(AuthSettings::default());
+    let issued: serde_json::Value = Who::admin()
+        .request(
+            &crate::http(),
+            Method::GET,
+            &format!("{}/token?service=berth", reg.url()),
+        )
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let token = issued["token"].as_str().unwrap();
+    let (input, signature) = token.rsplit_once('.').unwrap();
+    let signature = b64.decode(signature).unwrap();
+    // s' = n - s, with n the order of P-256: the same signature, spelled differently.
+    const N: [u8; 32] = [
+        0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xbc, 0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63,
+        0x25, 0x51,
+    ];
+    let s = &signature[32..];
+    let mut twin_s = [0u8; 32];
+    let mut borrow = 0i16;
+    for i in (0..32).rev() {
+        let mut d = i16::from(N[i]) - i16::from(s[i]) - borrow;
+        borrow = i16::from(d < 0);
+        if d < 0 {
+            d += 256;
+        }
+        twin_s[i] = d as u8;
+    }
+    let twin = [&signature[..32], &twin_s[..]].concat();
+    let forged = format!("{input}.{}", b64.encode(twin));
+    let with = |t: &str| {
+        crate::http()
+            .get(format!("{}/v2/", reg.url()))
+            .bearer_auth(t)
+            .send()
+            .unwrap()
+            .status()
+    };
+    assert_eq!(with(token), StatusCode::OK);
+    assert_eq!(with(&forged), StatusCode::UNAUTHORIZED);
+}
