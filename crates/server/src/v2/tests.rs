@@ -1,4 +1,5 @@
 //! The request parsers of the `/v2` handlers: table tests and property tests.
+
 use super::*;
 
 #[test]
