@@ -215,6 +215,27 @@ pub enum Change {
         /// Its short name.
         name: String,
     },
+    /// A webhook policy was created.
+    WebhookCreated {
+        /// Its project; `None` for a system-wide policy.
+        project: Option<String>,
+        /// Its name.
+        name: String,
+    },
+    /// A webhook policy was changed (its target, events, format, secret or switch).
+    WebhookChanged {
+        /// Its project; `None` for a system-wide policy.
+        project: Option<String>,
+        /// Its name.
+        name: String,
+    },
+    /// A webhook policy was removed, with its delivery log.
+    WebhookDeleted {
+        /// Its project; `None` for a system-wide policy.
+        project: Option<String>,
+        /// Its name.
+        name: String,
+    },
     /// A garbage collection pass removed manifests and marked blobs for deletion.
     GarbageCollected {
         /// Untagged manifests removed.
@@ -345,6 +366,21 @@ impl Change {
                 project.clone(),
                 format!("robot${project}+{name}"),
             ),
+            Change::WebhookCreated { project, name } => (
+                "webhook.create",
+                webhook_resource(project, name),
+                String::new(),
+            ),
+            Change::WebhookChanged { project, name } => (
+                "webhook.update",
+                webhook_resource(project, name),
+                String::new(),
+            ),
+            Change::WebhookDeleted { project, name } => (
+                "webhook.delete",
+                webhook_resource(project, name),
+                String::new(),
+            ),
             Change::GarbageCollected {
                 manifests,
                 blobs,
@@ -356,6 +392,11 @@ impl Change {
             ),
         }
     }
+}
+
+/// How the audit log names a webhook policy: `<project>/<name>`, or `system/<name>`.
+fn webhook_resource(project: &Option<String>, name: &str) -> String {
+    format!("{}/{name}", project.as_deref().unwrap_or("system"))
 }
 
 /// One committed change, as a consumer reads it.
@@ -431,14 +472,20 @@ pub(crate) fn reserve_sequence(tx: &mut dyn Tx, n: usize) -> Result<i64, MetaErr
 }
 
 fn event_row(mut r: Row) -> Result<Event, MetaError> {
-    let json = r.text(5)?;
+    event_row_at(&mut r, 0)
+}
+
+/// An event from the six columns `seq, at, actor, actor_kind, address, change` starting
+/// at column `first` (a join puts other columns before them).
+pub(crate) fn event_row_at(r: &mut Row, first: usize) -> Result<Event, MetaError> {
+    let json = r.text(first + 5)?;
     Ok(Event {
-        seq: r.int(0)?,
-        at_ms: r.int(1)?,
+        seq: r.int(first)?,
+        at_ms: r.int(first + 1)?,
         actor: Actor {
-            name: r.text(2)?,
-            kind: r.text(3)?,
-            address: r.text(4)?,
+            name: r.text(first + 2)?,
+            kind: r.text(first + 3)?,
+            address: r.text(first + 4)?,
         },
         change: serde_json::from_str(&json).map_err(|e| MetaError::Corrupt(e.to_string()))?,
     })
@@ -473,11 +520,13 @@ pub trait EventLog: Send + Sync + 'static {
     /// (one that was removed, or stopped for longer than the retention) no longer holds
     /// the log back, so the log cannot grow without bound. Returns how many went.
     async fn prune_events(&self, cutoff_ms: i64) -> Result<u64, MetaError>;
+    /// Every consumer's name and position, for the lag the metrics report.
+    async fn cursors(&self) -> Result<Vec<(String, i64)>, MetaError>;
 }
 
 /// A consumer's cursor is held through a lease of this name (the prefix is spelled again
 /// in `prune_events`' statement).
-fn cursor_lease(name: &str) -> String {
+pub(crate) fn cursor_lease(name: &str) -> String {
     format!("event-consumer:{name}")
 }
 
@@ -543,6 +592,12 @@ impl EventLog for Database {
                         WHERE l.expires_at >= ?1),
                        (SELECT last_seq FROM event_counter WHERE id = 1))";
         self.write_statement(Durability::Synced, sql, owned![cutoff_ms])
+            .await
+    }
+
+    async fn cursors(&self) -> Result<Vec<(String, i64)>, MetaError> {
+        let sql = "SELECT name, position FROM event_cursors ORDER BY name";
+        self.read_rows(sql, vec![], |mut r| Ok((r.text(0)?, r.int(1)?)))
             .await
     }
 }

@@ -15,6 +15,7 @@ mod images;
 mod postgres;
 mod schema;
 mod sqlite;
+mod webhooks;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -28,6 +29,10 @@ pub use accounts::{
     ProjectOrigin, ProjectRecord, RefreshTokenRecord, RobotRecord, UserRecord,
 };
 pub use events::{Actor, Change, Event, EventLog, TagChange};
+pub use webhooks::{
+    DeliveryBacklog, DeliveryOutcome, DeliveryRecord, DeliveryState, NewWebhook, WebhookPatch,
+    WebhookRecord, WebhookStore, MAX_WEBHOOKS_PER_SCOPE,
+};
 
 use engine::{Durability, Engine, Row, Value};
 

@@ -190,6 +190,37 @@ CREATE TABLE refresh_tokens (
 ) {compact};
 CREATE INDEX refresh_tokens_by_subject ON refresh_tokens (subject, created_at);
 "#,
+    // 8: webhook policies (system-wide when `project` is NULL) and their deliveries: one
+    // row per (policy, event), so enqueuing twice is harmless and the log is per policy.
+    r#"
+CREATE TABLE webhooks (
+    id {serial},
+    project {key} REFERENCES projects (name) ON DELETE CASCADE,
+    name {key} NOT NULL,
+    url TEXT NOT NULL,
+    events TEXT NOT NULL,
+    format TEXT NOT NULL,
+    secret TEXT NOT NULL,
+    enabled {bool} NOT NULL,
+    created_at {int} NOT NULL
+);
+CREATE UNIQUE INDEX webhooks_by_name ON webhooks (COALESCE(project, ''), name);
+CREATE TABLE webhook_deliveries (
+    policy_id {int} NOT NULL REFERENCES webhooks (id) ON DELETE CASCADE,
+    seq {int} NOT NULL,
+    state TEXT NOT NULL,
+    attempts {int} NOT NULL,
+    created_at {int} NOT NULL,
+    next_attempt_at {int} NOT NULL,
+    last_attempt_at {int},
+    last_status {int},
+    last_error TEXT NOT NULL,
+    latency_ms {int},
+    PRIMARY KEY (policy_id, seq)
+);
+CREATE INDEX webhook_deliveries_pending ON webhook_deliveries (policy_id, seq) WHERE state = 'pending';
+CREATE INDEX webhook_deliveries_by_time ON webhook_deliveries (created_at);
+"#,
 ];
 
 /// Where PostgreSQL databases made before the schema was shared stand in [`MIGRATIONS`]:

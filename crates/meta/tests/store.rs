@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_meta::{
-    AccountStore, Actor, AuditFilter, BlobArrival, Change, Database, EventLog, GcSelection,
-    MetaError, MetaStore, NewAuditEvent, NewManifest, Page, ProjectOrigin, RefreshTokenRecord,
-    TagChange,
+    AccountStore, Actor, AuditFilter, BlobArrival, Change, Database, DeliveryOutcome,
+    DeliveryState, EventLog, GcSelection, MetaError, MetaStore, NewAuditEvent, NewManifest,
+    NewWebhook, Page, ProjectOrigin, RefreshTokenRecord, TagChange, WebhookPatch, WebhookStore,
+    MAX_WEBHOOKS_PER_SCOPE,
 };
 use berth_oci::{Digest, EdgeKind, ManifestEdge, Reference, RepoName, Tag};
 
@@ -1543,5 +1544,178 @@ engine_test!(
         let kept = db.refresh_tokens("rita").await.unwrap();
         assert_eq!(kept.len(), 100, "the newest hundred");
         assert_eq!(kept[0].id, "t104");
+    }
+);
+
+fn new_webhook(project: Option<&str>, name: &str) -> NewWebhook {
+    NewWebhook {
+        project: project.map(str::to_owned),
+        name: name.to_owned(),
+        url: "http://127.0.0.1:9/hook".to_owned(),
+        events: vec!["push".to_owned(), "delete".to_owned()],
+        format: "cloudevents".to_owned(),
+        secret: "s3cret".to_owned(),
+        enabled: true,
+    }
+}
+
+engine_test!(
+    webhook_policies_are_scoped_unique_bounded_and_go_with_their_project,
+    |place| {
+        let db = place.open().await;
+        assert!(matches!(
+            db.create_webhook(&new_webhook(Some("team"), "ci"), &actor())
+                .await,
+            Err(MetaError::NotFound(_))
+        ));
+        db.create_project("team", false, None, ProjectOrigin::Requested, &actor())
+            .await
+            .unwrap();
+        let created = db
+            .create_webhook(&new_webhook(Some("team"), "ci"), &actor())
+            .await
+            .unwrap();
+        assert_eq!(created.events, vec!["push", "delete"]);
+        assert!(created.enabled);
+        // The same name in another scope is another policy.
+        db.create_webhook(&new_webhook(None, "ci"), &actor())
+            .await
+            .unwrap();
+        assert!(matches!(
+            db.create_webhook(&new_webhook(None, "ci"), &actor()).await,
+            Err(MetaError::Conflict(_))
+        ));
+        for i in 1..MAX_WEBHOOKS_PER_SCOPE {
+            db.create_webhook(&new_webhook(None, &format!("h{i}")), &actor())
+                .await
+                .unwrap();
+        }
+        assert!(matches!(
+            db.create_webhook(&new_webhook(None, "one-too-many"), &actor())
+                .await,
+            Err(MetaError::Conflict(_))
+        ));
+        let patch = WebhookPatch {
+            enabled: Some(false),
+            events: Some(vec!["delete".to_owned()]),
+            ..WebhookPatch::default()
+        };
+        let changed = db
+            .update_webhook(Some("team"), "ci", &patch, &actor())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!changed.enabled);
+        assert_eq!(changed.events, vec!["delete"]);
+        assert_eq!(changed.url, created.url);
+        assert_eq!(db.webhooks(Some("team")).await.unwrap().len(), 1);
+        assert_eq!(
+            db.webhooks(None).await.unwrap().len() as i64,
+            MAX_WEBHOOKS_PER_SCOPE
+        );
+        db.delete_project("team", &actor()).await.unwrap();
+        assert!(db.webhook(Some("team"), "ci").await.unwrap().is_none());
+        assert!(db.delete_webhook(None, "ci", &actor()).await.unwrap());
+        assert!(!db.delete_webhook(None, "ci", &actor()).await.unwrap());
+    }
+);
+
+engine_test!(
+    deliveries_are_enqueued_once_with_the_cursor_and_worked_in_event_order,
+    |place| {
+        let db = place.open().await;
+        let hook = db
+            .create_webhook(&new_webhook(None, "all"), &actor())
+            .await
+            .unwrap();
+        push_blob(&db, &repo("team/app"), &digest('a'), 1).await;
+        push_blob(&db, &repo("team/app"), &digest('b'), 2).await;
+        let events = db.events_after(0, 100).await.unwrap();
+        let seqs: Vec<i64> = events
+            .iter()
+            .filter(|e| matches!(e.change, Change::BlobUploaded { .. }))
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs.len(), 2);
+        let last = *seqs.last().unwrap();
+        assert_eq!(
+            db.claim_cursor("webhooks", "n1", 60_000).await.unwrap(),
+            Some(0)
+        );
+        let pairs: Vec<(i64, i64)> = seqs.iter().rev().map(|s| (hook.id, *s)).collect();
+        assert!(
+            !db.enqueue_deliveries("webhooks", "n2", last, pairs.clone())
+                .await
+                .unwrap(),
+            "only the holder enqueues"
+        );
+        assert!(db
+            .enqueue_deliveries("webhooks", "n1", last, pairs.clone())
+            .await
+            .unwrap());
+        // Again (a consumer that crashed before it knew): nothing doubles.
+        assert!(db
+            .enqueue_deliveries("webhooks", "n1", last, pairs)
+            .await
+            .unwrap());
+        let pending = db.pending_deliveries(hook.id, 10).await.unwrap();
+        assert_eq!(
+            pending.iter().map(|(d, _)| d.seq).collect::<Vec<_>>(),
+            seqs,
+            "oldest first"
+        );
+        assert!(pending
+            .iter()
+            .all(|(d, e)| d.state == DeliveryState::Pending
+                && e.as_ref().map(|e| e.seq) == Some(d.seq)));
+        let backlog = db.delivery_backlog().await.unwrap();
+        assert_eq!(backlog.len(), 1);
+        assert_eq!(backlog[0].pending, 2);
+
+        let outcome = |seq, state, attempts| DeliveryOutcome {
+            policy_id: hook.id,
+            seq,
+            state,
+            attempts,
+            next_attempt_ms: now_ms() + 1000,
+            attempted_ms: now_ms(),
+            status: Some(500),
+            error: "HTTP 500".to_owned(),
+            latency_ms: 3,
+        };
+        db.record_deliveries(vec![
+            outcome(seqs[0], DeliveryState::Delivered, 1),
+            outcome(seqs[1], DeliveryState::Failed, 7),
+        ])
+        .await
+        .unwrap();
+        assert!(db.pending_deliveries(hook.id, 10).await.unwrap().is_empty());
+        let log = db.deliveries(hook.id, None, 10).await.unwrap();
+        assert_eq!(log.len(), 2);
+        assert_eq!(log[0].seq, seqs[1], "newest first");
+        assert_eq!(log[0].state, DeliveryState::Failed);
+        assert_eq!(log[0].attempts, 7);
+        assert_eq!(log[0].last_status, Some(500));
+        assert_eq!(
+            db.deliveries(hook.id, Some(seqs[1]), 10)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+
+        assert!(db.redeliver(hook.id, seqs[1]).await.unwrap());
+        let again = db.pending_deliveries(hook.id, 10).await.unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].0.attempts, 0);
+        assert!(!db.redeliver(hook.id, 999_999).await.unwrap());
+
+        assert_eq!(
+            db.prune_deliveries(now_ms() + 1).await.unwrap(),
+            1,
+            "the pending one stays"
+        );
+        let cursors = db.cursors().await.unwrap();
+        assert_eq!(cursors, vec![("webhooks".to_owned(), last)]);
     }
 );

@@ -363,7 +363,10 @@ mod tests {
             );
         }
         let long = format!("https://example.com/{}", "a".repeat(MAX_URL_LEN));
-        assert!(matches!(policy.check_url(&long), Err(OutboundError::BadUrl(_))));
+        assert!(matches!(
+            policy.check_url(&long),
+            Err(OutboundError::BadUrl(_))
+        ));
     }
 
     #[tokio::test]
