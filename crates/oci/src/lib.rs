@@ -7,6 +7,7 @@ mod digest;
 mod manifest;
 pub mod media_type;
 mod name;
+pub mod time;
 
 pub use digest::{Algorithm, Digest, DigestHasher};
 pub use manifest::{Descriptor, EdgeKind, ManifestEdge, ManifestKind, ParsedManifest};
