@@ -8,10 +8,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use berth_auth::{AuthMode, AuthSettings};
+use berth_outbound::OutboundPolicy;
 use berth_registry::{GcOptions, Limits};
 use berth_server::node::{BlobConfig, MetaConfig, NodeConfig};
 use berth_server::tls::TlsFiles;
 use berth_server::{ConnectionLimits, MetricsAccess};
+use berth_webhooks::WebhookSettings;
 use serde::Deserialize;
 
 /// The settings `berth serve` runs with.
@@ -36,6 +38,8 @@ pub(crate) struct Settings {
     /// `/metrics`: who may read it on the main listener, and a listener of its own.
     pub(crate) metrics_access: MetricsAccess,
     pub(crate) metrics_listen: Option<SocketAddr>,
+    /// Webhook delivery, with the `[outbound]` guard its targets pass.
+    pub(crate) webhooks: WebhookSettings,
 }
 
 /// The `[limits]` connection settings, before the descriptor limit is known.
@@ -85,6 +89,7 @@ impl Settings {
             gc: self.gc.options.clone(),
             sendfile: self.sendfile,
             metrics_access: self.metrics_access,
+            webhooks: self.webhooks.clone(),
         })
     }
 }
@@ -232,6 +237,65 @@ struct FileConfig {
     tls: FileTls,
     #[serde(default)]
     metrics: FileMetrics,
+    #[serde(default)]
+    outbound: FileOutbound,
+    #[serde(default)]
+    webhooks: FileWebhooks,
+}
+
+/// The `[outbound]` table: connections to addresses users supply (webhook targets).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileOutbound {
+    /// Loopback, link-local or private ranges outbound connections may reach.
+    allow_cidrs: Option<Vec<String>>,
+}
+
+/// The `[webhooks]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileWebhooks {
+    retry_for_secs: Option<u64>,
+    max_backoff_secs: Option<u64>,
+    timeout_secs: Option<u64>,
+    delivery_log_days: Option<u64>,
+    /// The registry's address as clients use it, for URLs in payloads.
+    public_host: Option<String>,
+}
+
+/// The webhook settings from the file, with `BERTH_OUTBOUND_ALLOW_CIDRS` (comma-separated)
+/// over `[outbound] allow_cidrs`.
+fn webhook_settings(
+    file: &FileWebhooks,
+    outbound: &FileOutbound,
+) -> anyhow::Result<WebhookSettings> {
+    let defaults = WebhookSettings::default();
+    let allow: Vec<String> = match std::env::var("BERTH_OUTBOUND_ALLOW_CIDRS") {
+        Ok(list) if !list.trim().is_empty() => list
+            .split(',')
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        _ => outbound.allow_cidrs.clone().unwrap_or_default(),
+    };
+    let outbound = OutboundPolicy::allowing(&allow).context("outbound")?;
+    let secs = |v: Option<u64>, d: Duration| v.map(Duration::from_secs).unwrap_or(d);
+    let settings = WebhookSettings {
+        retry_for: secs(file.retry_for_secs, defaults.retry_for),
+        max_backoff: secs(file.max_backoff_secs, defaults.max_backoff),
+        timeout: secs(file.timeout_secs, defaults.timeout),
+        log_retention: file
+            .delivery_log_days
+            .map(|d| Duration::from_secs(d * 86_400))
+            .unwrap_or(defaults.log_retention),
+        outbound,
+        public_host: file.public_host.clone().unwrap_or_default(),
+    };
+    if settings.timeout.is_zero() {
+        anyhow::bail!("webhooks.timeout_secs must be above 0");
+    }
+    Ok(settings)
 }
 
 /// The `[metrics]` table of the config file.
@@ -341,7 +405,9 @@ impl Settings {
             ),
             None => None,
         };
+        let webhooks = webhook_settings(&file_config.webhooks, &file_config.outbound)?;
         Ok(Settings {
+            webhooks,
             tls,
             connections,
             metrics_access,

@@ -272,6 +272,7 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
         let Node {
             registry,
             access,
+            webhooks,
             app,
         } = Node::open(&settings.node()?).await?;
         if access.settings().mode == AuthMode::Builtin {
@@ -286,6 +287,7 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
         }
         tokio::spawn(maintenance(registry.clone(), settings.gc.options.clone()));
         tokio::spawn(abandoned_sweeps(registry.clone()));
+        tokio::spawn(berth_webhooks::run_sender(webhooks));
         let tls = match &settings.tls {
             Some(files) => {
                 let tls = Tls::load(files.clone())

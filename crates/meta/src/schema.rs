@@ -202,7 +202,8 @@ CREATE TABLE webhooks (
     format TEXT NOT NULL,
     secret TEXT NOT NULL,
     enabled {bool} NOT NULL,
-    created_at {int} NOT NULL
+    created_at {int} NOT NULL,
+    created_seq {int} NOT NULL
 );
 CREATE UNIQUE INDEX webhooks_by_name ON webhooks (COALESCE(project, ''), name);
 CREATE TABLE webhook_deliveries (

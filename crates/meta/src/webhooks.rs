@@ -35,6 +35,8 @@ pub struct WebhookRecord {
     pub enabled: bool,
     /// When it was created, ms since the epoch.
     pub created_ms: i64,
+    /// The event that recorded its creation: it is sent the events after this one.
+    pub created_seq: i64,
 }
 
 /// A policy to create: everything but the id and the creation time.
@@ -237,7 +239,7 @@ pub trait WebhookStore: Send + Sync + 'static {
 
 macro_rules! webhook_columns {
     () => {
-        "id, project, name, url, events, format, secret, enabled, created_at"
+        "id, project, name, url, events, format, secret, enabled, created_at, created_seq"
     };
 }
 
@@ -259,6 +261,7 @@ fn webhook_row(mut r: Row) -> Result<WebhookRecord, MetaError> {
         secret: r.text(6)?,
         enabled: r.bool(7)?,
         created_ms: r.int(8)?,
+        created_seq: r.int(9)?,
     })
 }
 
@@ -336,11 +339,14 @@ impl WebhookStore for Database {
                         new.project.as_deref().unwrap_or("the system scope")
                     )));
                 }
+                // Recorded first, so the policy can name the event of its creation.
+                record(tx, &by, std::slice::from_ref(&change))?;
                 let row = tx
                     .query_one(
                         concat!(
-                            "INSERT INTO webhooks (project, name, url, events, format, secret, enabled, created_at)
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING ",
+                            "INSERT INTO webhooks (project, name, url, events, format, secret, enabled, created_at, created_seq)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8,
+                                     (SELECT last_seq FROM event_counter WHERE id = 1)) RETURNING ",
                             webhook_columns!()
                         ),
                         args![
@@ -355,7 +361,6 @@ impl WebhookStore for Database {
                         ],
                     )
                     .map_err(clash(format!("a webhook named {} exists already", new.name)))?;
-                record(tx, &by, std::slice::from_ref(&change))?;
                 webhook_row(row)
             })
             .await

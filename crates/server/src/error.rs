@@ -8,6 +8,7 @@ use berth_meta::MetaError;
 use berth_oci::ParseError;
 use berth_registry::RegistryError;
 use berth_storage::StorageError;
+use berth_webhooks::WebhookError;
 use serde_json::json;
 
 /// The error codes of the distribution spec (plus `UNKNOWN` for server faults, as
@@ -251,6 +252,21 @@ impl From<AuthError> for OciError {
             E::Meta(MetaError::Unavailable(_)) => return OciError::unavailable(&e),
             E::Meta(MetaError::Full(_)) => return OciError::storage_full(&e),
             E::Crypto(_) | E::Meta(_) => return OciError::internal(&e),
+        };
+        OciError::new(status, code, e.to_string())
+    }
+}
+
+impl From<WebhookError> for OciError {
+    fn from(e: WebhookError) -> Self {
+        use WebhookError as E;
+        let (status, code) = match &e {
+            E::Invalid(_) | E::Outbound(_) => (StatusCode::BAD_REQUEST, Code::BadRequest),
+            E::Meta(MetaError::NotFound(_)) => (StatusCode::NOT_FOUND, Code::NotFound),
+            E::Meta(MetaError::Conflict(_)) => (StatusCode::CONFLICT, Code::Conflict),
+            E::Meta(MetaError::Unavailable(_)) => return OciError::unavailable(&e),
+            E::Meta(MetaError::Full(_)) => return OciError::storage_full(&e),
+            E::Meta(_) => return OciError::internal(&e),
         };
         OciError::new(status, code, e.to_string())
     }

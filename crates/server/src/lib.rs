@@ -14,6 +14,7 @@ mod route;
 pub mod tls;
 mod token;
 mod v2;
+mod webhooks;
 mod zero_copy;
 
 use std::future::Future;
@@ -28,6 +29,7 @@ use axum::routing::{any, delete, get, post, put};
 use axum::Router;
 use berth_auth::AccessControl;
 use berth_registry::{GcOptions, Registry};
+use berth_webhooks::Webhooks;
 use tokio::net::TcpListener;
 
 pub use connections::{fd_limit, raise_fd_limit, ConnectionLimits};
@@ -45,6 +47,7 @@ pub struct App {
     metrics: Arc<metrics::Metrics>,
     /// Who may read `/metrics` on the main listener.
     metrics_access: MetricsAccess,
+    webhooks: Webhooks,
 }
 
 /// Who may read `GET /metrics` on the main listener (a separate metrics listener, when
@@ -61,10 +64,16 @@ pub enum MetricsAccess {
 impl App {
     /// Wraps the domain services for the handlers; `gc` holds the configured collection
     /// settings the admin endpoint starts from.
-    pub fn new(registry: Registry, access: AccessControl, gc: GcOptions) -> Self {
+    pub fn new(
+        registry: Registry,
+        access: AccessControl,
+        webhooks: Webhooks,
+        gc: GcOptions,
+    ) -> Self {
         App {
             registry,
             access,
+            webhooks,
             gc,
             sendfile: false,
             secure: false,
@@ -155,6 +164,42 @@ pub fn router(app: App) -> Router {
         .route(
             "/api/v1/projects/{name}/robots/{robot}",
             delete(admin::delete_robot),
+        )
+        .route(
+            "/api/v1/webhooks",
+            get(webhooks::list_system).post(webhooks::create_system),
+        )
+        .route(
+            "/api/v1/webhooks/{hook}",
+            get(webhooks::get_system)
+                .put(webhooks::change_system)
+                .delete(webhooks::delete_system),
+        )
+        .route(
+            "/api/v1/webhooks/{hook}/deliveries",
+            get(webhooks::deliveries_system),
+        )
+        .route(
+            "/api/v1/webhooks/{hook}/deliveries/{event}/redeliver",
+            post(webhooks::redeliver_system),
+        )
+        .route(
+            "/api/v1/projects/{name}/webhooks",
+            get(webhooks::list_project).post(webhooks::create_project),
+        )
+        .route(
+            "/api/v1/projects/{name}/webhooks/{hook}",
+            get(webhooks::get_project)
+                .put(webhooks::change_project)
+                .delete(webhooks::delete_project),
+        )
+        .route(
+            "/api/v1/projects/{name}/webhooks/{hook}/deliveries",
+            get(webhooks::deliveries_project),
+        )
+        .route(
+            "/api/v1/projects/{name}/webhooks/{hook}/deliveries/{event}/redeliver",
+            post(webhooks::redeliver_project),
         )
         .route("/api/v1/audit", get(admin::audit))
         .route("/api/v1/search", get(admin::search))
@@ -452,6 +497,7 @@ async fn render_metrics(app: &App) -> Response {
         "Blobs removed by this node's collections.",
         gc.blobs_removed,
     );
+    metrics::render_webhooks(&mut out, &app.webhooks).await;
     let auth = app.access.counters();
     let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
     metrics::family(

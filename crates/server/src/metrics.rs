@@ -387,6 +387,106 @@ fn render_process(out: &mut String, started: SystemTime) {
     );
 }
 
+/// Webhook delivery and how far each event-log consumer lags: the senders' counters are
+/// this node's; the backlog is counted by whichever node delivers (0 elsewhere).
+pub(crate) async fn render_webhooks(out: &mut String, webhooks: &berth_webhooks::Webhooks) {
+    let c = webhooks.counters();
+    family(
+        out,
+        "berth_webhook_deliveries_total",
+        "counter",
+        "Webhook deliveries finished by this node, by outcome (failed: given up after the retry horizon).",
+    );
+    let _ = writeln!(
+        out,
+        "berth_webhook_deliveries_total{{outcome=\"delivered\"}} {}",
+        c.delivered()
+    );
+    let _ = writeln!(
+        out,
+        "berth_webhook_deliveries_total{{outcome=\"failed\"}} {}",
+        c.failed()
+    );
+    sample(
+        out,
+        "berth_webhook_attempt_failures_total",
+        "counter",
+        "Delivery attempts that got no 2xx (every retry counts).",
+        c.attempt_failures(),
+    );
+    sample(
+        out,
+        "berth_webhook_pending",
+        "gauge",
+        "Deliveries waiting to be sent (counted by the node that delivers).",
+        c.pending(),
+    );
+    let oldest = c.oldest_pending_ms();
+    let age = if oldest > 0 {
+        (berth_auth::time::now_ms() - oldest).max(0) as f64 / 1000.0
+    } else {
+        0.0
+    };
+    sample(
+        out,
+        "berth_webhook_oldest_pending_age_seconds",
+        "gauge",
+        "How long the oldest waiting delivery has waited.",
+        age,
+    );
+    sample(
+        out,
+        "berth_webhook_sender_leading",
+        "gauge",
+        "1 if this node runs the webhook deliveries.",
+        u8::from(c.leading()),
+    );
+    family(
+        out,
+        "berth_webhook_delivery_latency_seconds",
+        "histogram",
+        "From the change's commit to the receiver's 2xx.",
+    );
+    let (buckets, sum_ms) = c.latency();
+    let mut cumulative = 0;
+    for (bound, n) in berth_webhooks::LATENCY_BUCKETS_MS.iter().zip(buckets) {
+        cumulative += n;
+        let _ = writeln!(
+            out,
+            "berth_webhook_delivery_latency_seconds_bucket{{le=\"{}\"}} {cumulative}",
+            *bound as f64 / 1000.0
+        );
+    }
+    let _ = writeln!(
+        out,
+        "berth_webhook_delivery_latency_seconds_bucket{{le=\"+Inf\"}} {cumulative}"
+    );
+    let _ = writeln!(
+        out,
+        "berth_webhook_delivery_latency_seconds_sum {}",
+        sum_ms as f64 / 1000.0
+    );
+    let _ = writeln!(
+        out,
+        "berth_webhook_delivery_latency_seconds_count {cumulative}"
+    );
+    if let Ok(lags) = webhooks.consumer_lag().await {
+        family(
+            out,
+            "berth_event_consumer_lag_events",
+            "gauge",
+            "Events recorded that a consumer of the event log has not read yet.",
+        );
+        for (consumer, lag) in lags {
+            // Consumer names are the registry's own (webhooks, replication), never a client's.
+            let _ = writeln!(
+                out,
+                "berth_event_consumer_lag_events{{consumer=\"{consumer}\"}} {lag}"
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,7 @@ use berth_auth::{AccessControl, AuthError, AuthMode, AuthSettings, IssuerKey, To
 use berth_meta::{Database, MetaError};
 use berth_registry::{GcOptions, Limits, Registry};
 use berth_storage::{BlobStore, FsBlobStore, S3BlobStore, S3Config, StorageError};
+use berth_webhooks::{WebhookSettings, Webhooks};
 
 use crate::App;
 
@@ -59,6 +60,8 @@ pub struct NodeConfig {
     pub sendfile: bool,
     /// Who may read `/metrics` on the main listener.
     pub metrics_access: crate::MetricsAccess,
+    /// How webhooks are delivered (and which ranges their targets may be in).
+    pub webhooks: WebhookSettings,
 }
 
 /// Why a node could not be opened.
@@ -96,6 +99,8 @@ pub struct Node {
     pub registry: Registry,
     /// Who may do what.
     pub access: AccessControl,
+    /// Webhook administration; `berth_webhooks::run_sender` delivers.
+    pub webhooks: Webhooks,
     /// The router's state.
     pub app: App,
 }
@@ -144,13 +149,20 @@ impl Node {
             AuthMode::ExternalToken => config.issuer_key.clone(),
             AuthMode::Builtin | AuthMode::Disabled => None,
         };
+        let webhooks = Webhooks::new(meta.clone(), config.webhooks.clone());
         let access = AccessControl::for_mode(config.auth.clone(), meta, signer, issuer_key)?;
-        let app = App::new(registry.clone(), access.clone(), config.gc.clone())
-            .with_sendfile(config.sendfile)
-            .with_metrics_access(config.metrics_access);
+        let app = App::new(
+            registry.clone(),
+            access.clone(),
+            webhooks.clone(),
+            config.gc.clone(),
+        )
+        .with_sendfile(config.sendfile)
+        .with_metrics_access(config.metrics_access);
         Ok(Node {
             registry,
             access,
+            webhooks,
             app,
         })
     }

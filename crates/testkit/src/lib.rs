@@ -42,10 +42,12 @@ impl DataDir {
 mod garage;
 mod postgres;
 mod proxy;
+mod receiver;
 
 pub use garage::{shared_garage, GarageServer};
 pub use postgres::{shared_cluster, PostgresCluster};
 pub use proxy::CuttableProxy;
+pub use receiver::{ReceivedRequest, ReceiverMode, WebhookReceiver};
 
 /// Where a test registry keeps blob bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +98,9 @@ pub struct Options {
     pub s3_config: Option<S3Config>,
     /// Send blob files with `sendfile` (`App::with_sendfile`).
     pub sendfile: bool,
+    /// Deliver webhooks with these settings (the sender runs only if given; the API
+    /// works either way, with default settings).
+    pub webhooks: Option<berth_webhooks::WebhookSettings>,
 }
 
 impl Default for Options {
@@ -117,6 +122,7 @@ impl Default for Options {
             s3_redirect: None,
             s3_config: None,
             sendfile: false,
+            webhooks: None,
         }
     }
 }
@@ -248,6 +254,7 @@ impl TestRegistry {
             s3_redirect,
             s3_config,
             sendfile,
+            webhooks,
         } = options;
         let data_dir = match data_dir {
             Some(path) => DataDir::Shared(path),
@@ -270,9 +277,18 @@ impl TestRegistry {
             gc,
             sendfile,
             metrics_access: berth_server::MetricsAccess::default(),
+            webhooks: webhooks.clone().unwrap_or_default(),
         };
         let addr = runtime.block_on(async move {
-            let Node { access, app, .. } = open_node(&config).await;
+            let Node {
+                access,
+                app,
+                webhooks: webhook_admin,
+                ..
+            } = open_node(&config).await;
+            if webhooks.is_some() {
+                tokio::spawn(berth_webhooks::run_sender(webhook_admin));
+            }
             if access.settings().mode == AuthMode::Builtin {
                 access
                     .accounts()

@@ -20,12 +20,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_meta::{
-    Actor, Database, DeliveryRecord, MetaError, NewWebhook, WebhookPatch, WebhookRecord,
+    Actor, Database, DeliveryRecord, EventLog, MetaError, NewWebhook, WebhookPatch, WebhookRecord,
     WebhookStore,
 };
 use berth_outbound::{OutboundError, OutboundPolicy};
 
-pub use payload::{event_id, render, Notice, Origin, DISTRIBUTION_MEDIA_TYPE, EVENT_TYPES, FORMATS};
+pub use payload::{
+    event_id, render, Notice, Origin, DISTRIBUTION_MEDIA_TYPE, EVENT_TYPES, FORMATS,
+};
 pub use sender::{run_sender, WebhookCounters, LATENCY_BUCKETS_MS};
 pub use signature::{sign, ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 
@@ -100,6 +102,7 @@ const MAX_SECRET: usize = 256;
 pub struct Webhooks {
     store: Arc<Database>,
     settings: Arc<WebhookSettings>,
+    counters: Arc<WebhookCounters>,
 }
 
 impl Webhooks {
@@ -108,7 +111,23 @@ impl Webhooks {
         Webhooks {
             store,
             settings: Arc::new(settings),
+            counters: Arc::default(),
         }
+    }
+
+    /// What this node's senders did, for the metrics.
+    pub fn counters(&self) -> &WebhookCounters {
+        &self.counters
+    }
+
+    /// How many events each event-log consumer has yet to read, by consumer name.
+    pub async fn consumer_lag(&self) -> Result<Vec<(String, i64)>, WebhookError> {
+        let last = self.store.last_event().await?;
+        let cursors = self.store.cursors().await?;
+        Ok(cursors
+            .into_iter()
+            .map(|(name, position)| (name, (last - position).max(0)))
+            .collect())
     }
 
     /// The delivery settings.

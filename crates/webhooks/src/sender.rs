@@ -34,6 +34,8 @@ const FOLLOW_EVERY: Duration = Duration::from_secs(3);
 const POLL_EVERY: Duration = Duration::from_millis(50);
 /// How often the leader re-reads the policies.
 const POLICIES_EVERY: Duration = Duration::from_secs(1);
+/// How often the leader forgets old finished deliveries.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Events read per step.
 const EVENTS_PER_STEP: usize = 500;
 /// Pending deliveries a sender reads per step.
@@ -104,7 +106,8 @@ impl WebhookCounters {
 
 /// Runs the consumer and senders for as long as the process runs. Every node may call
 /// it; one at a time leads.
-pub async fn run_sender(webhooks: Webhooks, counters: Arc<WebhookCounters>) {
+pub async fn run_sender(webhooks: Webhooks) {
+    let counters = webhooks.counters.clone();
     let db = webhooks.store.clone();
     let candidate = crate::payload::event_id(&format!("{}", random()), 0);
     let instance_id = loop {
@@ -177,9 +180,14 @@ async fn lead(context: &Arc<Context>, holder: &str, mut position: i64) {
     let mut policies: Vec<WebhookRecord> = Vec::new();
     let mut renewed = Instant::now();
     let mut synced: Option<Instant> = None;
+    let mut pruned = Instant::now();
     loop {
         if renewed.elapsed() >= RENEW_EVERY {
-            match context.db.claim_cursor(CONSUMER, holder, LEASE_TTL_MS).await {
+            match context
+                .db
+                .claim_cursor(CONSUMER, holder, LEASE_TTL_MS)
+                .await
+            {
                 Ok(Some(_)) => renewed = Instant::now(),
                 Ok(None) => break,
                 Err(e) => {
@@ -189,6 +197,17 @@ async fn lead(context: &Arc<Context>, holder: &str, mut position: i64) {
                     }
                 }
             }
+        }
+        if pruned.elapsed() >= PRUNE_EVERY {
+            let retention = context.webhooks.settings.log_retention.as_millis() as i64;
+            match context.db.prune_deliveries(now_ms() - retention).await {
+                Ok(n) if n > 0 => {
+                    tracing::info!(deliveries = n, "webhooks: pruned the delivery log")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "webhooks: pruning the delivery log"),
+            }
+            pruned = Instant::now();
         }
         if synced.is_none_or(|at| at.elapsed() >= POLICIES_EVERY) {
             match context.db.all_webhooks().await {
@@ -210,9 +229,21 @@ async fn lead(context: &Arc<Context>, holder: &str, mut position: i64) {
             }
         };
         let Some(last) = events.last().map(|e| e.seq) else {
-            tokio::time::sleep(POLL_EVERY).await;
+            // With no policy to feed, nobody waits for the next event.
+            let quiet = if policies.iter().any(|p| p.enabled) {
+                POLL_EVERY
+            } else {
+                POLICIES_EVERY
+            };
+            tokio::time::sleep(quiet).await;
             continue;
         };
+        // The policies as they are now: one created a moment ago is matched against the
+        // events after its creation, however late this node learns of it.
+        if let Ok(all) = context.db.all_webhooks().await {
+            policies = all;
+            sync_senders(context, &policies, &mut senders);
+        }
         let deliveries = match_policies(&events, &policies, &context.origin.instance_id);
         match context
             .db
@@ -257,7 +288,8 @@ fn match_policies(
                 .project
                 .as_deref()
                 .is_none_or(|project| project == notice.project());
-            if in_scope && policy.events.iter().any(|e| e == notice.kind) {
+            let after_creation = event.seq > policy.created_seq;
+            if in_scope && after_creation && policy.events.iter().any(|e| e == notice.kind) {
                 pairs.push((policy.id, event.seq));
             }
         }
@@ -308,7 +340,11 @@ fn sync_senders(
 async fn count_backlog(context: &Context) {
     if let Ok(backlog) = context.db.delivery_backlog().await {
         let pending = backlog.iter().map(|b| b.pending).sum();
-        let oldest = backlog.iter().filter_map(|b| b.oldest_ms).min().unwrap_or(0);
+        let oldest = backlog
+            .iter()
+            .filter_map(|b| b.oldest_ms)
+            .min()
+            .unwrap_or(0);
         context.counters.pending.store(pending, Ordering::Relaxed);
         context
             .counters
@@ -475,7 +511,10 @@ async fn post(
     if status.is_success() {
         Ok(status.as_u16())
     } else {
-        Err((Some(status.as_u16()), format!("the receiver answered {status}")))
+        Err((
+            Some(status.as_u16()),
+            format!("the receiver answered {status}"),
+        ))
     }
 }
 

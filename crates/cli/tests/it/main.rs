@@ -22,6 +22,7 @@ mod metrics;
 mod openapi;
 mod tls;
 mod uploads;
+mod webhooks;
 
 pub(crate) use common::*;
 
