@@ -247,9 +247,11 @@ fn special_v4(ip: Ipv4Addr) -> Option<&'static str> {
         Some("shared (carrier-grade NAT)")
     } else if ip.is_multicast() {
         Some("multicast")
-    } else if a >= 240 || (a == 198 && (b == 18 || b == 19)) || ip.is_documentation() {
-        Some("reserved")
-    } else if a == 192 && b == 0 && ip.octets()[2] == 0 {
+    } else if a >= 240
+        || (a == 198 && (b == 18 || b == 19))
+        || (a == 192 && b == 0 && ip.octets()[2] == 0)
+        || ip.is_documentation()
+    {
         Some("reserved")
     } else {
         None

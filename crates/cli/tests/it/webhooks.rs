@@ -714,6 +714,9 @@ impl Writers {
         let unknown = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let counter = Arc::new(AtomicUsize::new(0));
+        // Each run's manifests differ from every other run's, so their digests do too.
+        static RUNS: AtomicUsize = AtomicUsize::new(0);
+        let run = RUNS.fetch_add(1, Ordering::Relaxed);
         let threads = (0..writers)
             .map(|w| {
                 let (urls, acknowledged, refused, unknown, stop, counter) = (
@@ -730,8 +733,11 @@ impl Writers {
                         .timeout(Duration::from_secs(10))
                         .build()
                         .unwrap();
+                    // Bounded: a run that cannot push fails the test instead of hanging it.
+                    let deadline = Instant::now() + Duration::from_secs(600);
                     while !stop.load(Ordering::Relaxed)
                         && acknowledged.lock().unwrap().len() < target
+                        && Instant::now() < deadline
                     {
                         let n = counter.fetch_add(1, Ordering::Relaxed);
                         let bad = n % 97 == 96;
@@ -745,7 +751,8 @@ impl Writers {
                             &[(&layer.0, layer.1)],
                         ))
                         .unwrap();
-                        manifest["annotations"] = json!({"n": n.to_string()});
+                        manifest["annotations"] =
+                            json!({"n": n.to_string(), "run": run.to_string()});
                         let body = serde_json::to_vec(&manifest).unwrap();
                         let digest = sha256(&body);
                         let urls_now = urls.lock().unwrap().clone();
@@ -936,6 +943,8 @@ fn every_acknowledged_push_arrives_once_per_policy_through_flapping_and_kills() 
     }
     let (acknowledged, refused, unknown) = writers.finish();
     let push_secs = started.elapsed().as_secs_f64();
+    // Deliveries go on behind the pushes: the receiver keeps flapping a while longer.
+    std::thread::sleep(Duration::from_secs(5));
     flapping.store(false, Ordering::Relaxed);
     flapper.join().unwrap();
     let drained = Instant::now();
@@ -957,7 +966,7 @@ fn every_acknowledged_push_arrives_once_per_policy_through_flapping_and_kills() 
         push_secs,
     };
     let mut report = format!(
-        "webhooks durability (SQLite, 1 node, 3 SIGKILLs, receiver flapping every 0.7 s): {} pushes acknowledged in {:.1} s ({:.0}/s), {} refused, {} unanswered by a killed node; all delivered {:.1} s after the last push",
+        "webhooks durability (SQLite, 1 node, 3 SIGKILLs, receiver flapping every 0.7 s until 5 s after the last push): {} pushes acknowledged in {:.1} s ({:.0}/s), {} refused, {} unanswered by a killed node; all delivered {:.1} s after the flapping stopped",
         figures.acknowledged, figures.push_secs, figures.acknowledged as f64 / figures.push_secs, figures.refused, figures.unknown, drain_secs
     );
     for path in ["/a", "/b"] {
@@ -1063,8 +1072,10 @@ fn two_postgres_nodes_deliver_each_event_once_and_take_over_from_each_other() {
     println!("webhooks on PostgreSQL, two nodes: {} pushes to both, {events} events delivered, {duplicates} duplicates", acknowledged.len());
 
     // Whichever node delivers is killed; the other takes over within the lease.
-    let leader_log_a = a.log().iter().any(|l| l.contains("this node delivers"));
-    let (survivor, killed) = if leader_log_a { (b, a) } else { (a, b) };
+    let leads = |node: &BerthProcess| node.log().iter().any(|l| l.contains("this node delivers"));
+    assert!(leads(&a) != leads(&b), "exactly one node delivers");
+    let (survivor, killed) = if leads(&a) { (b, a) } else { (a, b) };
+    let takeover = Instant::now();
     killed.kill();
     *urls.lock().unwrap() = vec![survivor.url()];
     let writers = Writers::start(
@@ -1082,6 +1093,11 @@ fn two_postgres_nodes_deliver_each_event_once_and_take_over_from_each_other() {
         }),
         "the surviving node did not take over"
     );
+    assert!(leads(&survivor));
     check_exactly_once(&receiver, "/a", &after, &refused);
+    println!(
+        "  the delivering node was killed; the other delivered again after {:.1} s",
+        takeover.elapsed().as_secs_f64()
+    );
     drop(survivor);
 }
