@@ -38,6 +38,8 @@ pub(crate) struct Settings {
     /// `/metrics`: who may read it on the main listener, and a listener of its own.
     pub(crate) metrics_access: MetricsAccess,
     pub(crate) metrics_listen: Option<SocketAddr>,
+    /// `/metrics` also carries Docker Distribution's names.
+    pub(crate) distribution_metrics: bool,
     /// Webhook delivery, with the `[outbound]` guard its targets pass.
     pub(crate) webhooks: WebhookSettings,
 }
@@ -90,6 +92,7 @@ impl Settings {
             sendfile: self.sendfile,
             metrics_access: self.metrics_access,
             webhooks: self.webhooks.clone(),
+            distribution_metrics: self.distribution_metrics,
         })
     }
 }
@@ -306,6 +309,8 @@ struct FileMetrics {
     listen: Option<String>,
     /// `admin` (default) or `open`: who may read `/metrics` on the main listener.
     access: Option<String>,
+    /// Also export Docker Distribution's metric names.
+    distribution_compatible: Option<bool>,
 }
 
 /// The `[tls]` table of the config file.
@@ -407,6 +412,7 @@ impl Settings {
         };
         let webhooks = webhook_settings(&file_config.webhooks, &file_config.outbound)?;
         Ok(Settings {
+            distribution_metrics: file_config.metrics.distribution_compatible.unwrap_or(false),
             webhooks,
             tls,
             connections,

@@ -318,24 +318,78 @@ pub(crate) enum Durability {
     Visible,
 }
 
-/// A database engine: where statements run and how writes commit.
-pub(crate) enum Engine {
+/// A database engine: where statements run and how writes commit, and who is told how
+/// long each operation took.
+pub(crate) struct Engine {
+    kind: Kind,
+    observer: std::sync::OnceLock<Observer>,
+}
+
+/// The engines.
+pub(crate) enum Kind {
     /// One SQLite file, one writer thread with group commit, a few readers.
     Sqlite(SqliteEngine),
     /// A PostgreSQL pool shared by every node.
     Postgres(PostgresEngine),
 }
 
+/// Told of every operation: its kind (`read` or `write`), how long it took, and whether it
+/// succeeded. The metadata store measures; whoever exports metrics aggregates.
+pub type Observer = std::sync::Arc<dyn Fn(&'static str, std::time::Duration, bool) + Send + Sync>;
+
 impl Engine {
+    pub(crate) fn new(kind: Kind) -> Self {
+        Engine {
+            kind,
+            observer: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Sets who is told how operations went (once; later calls are ignored).
+    pub(crate) fn observe(&self, observer: Observer) {
+        let _ = self.observer.set(observer);
+    }
+
+    /// The engine's name, as metrics label it.
+    pub(crate) fn backend(&self) -> &'static str {
+        match self.kind {
+            Kind::Sqlite(_) => "sqlite",
+            Kind::Postgres(_) => "postgres",
+        }
+    }
+
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        work: impl std::future::Future<Output = Result<T, MetaError>>,
+    ) -> Result<T, MetaError> {
+        let Some(observer) = self.observer.get() else {
+            return work.await;
+        };
+        let started = std::time::Instant::now();
+        let result = work.await;
+        // A refusal the caller expects (a name taken, a record missing) is an answer, not
+        // a failure of the store.
+        let failed = matches!(
+            result,
+            Err(MetaError::Unavailable(_)
+                | MetaError::Full(_)
+                | MetaError::Backend(_)
+                | MetaError::Corrupt(_))
+        );
+        observer(op, started.elapsed(), !failed);
+        result
+    }
+
     /// Runs `read` on a connection outside any write. Reads of several statements are not
     /// one snapshot on PostgreSQL: callers never need them to be.
     pub(crate) async fn read<T: Send + 'static>(
         &self,
         read: impl ReadFn<T>,
     ) -> Result<T, MetaError> {
-        match self {
-            Engine::Sqlite(e) => e.read(read).await,
-            Engine::Postgres(e) => e.read(read).await,
+        match &self.kind {
+            Kind::Sqlite(e) => self.timed("read", e.read(read)).await,
+            Kind::Postgres(e) => self.timed("read", e.read(read)).await,
         }
     }
 
@@ -347,9 +401,12 @@ impl Engine {
         durability: Durability,
         write: impl WriteFn<T>,
     ) -> Result<T, MetaError> {
-        match self {
-            Engine::Sqlite(e) => e.write(durability, write).await,
-            Engine::Postgres(e) => e.write(durability, Turn::Any, write).await,
+        match &self.kind {
+            Kind::Sqlite(e) => self.timed("write", e.write(durability, write)).await,
+            Kind::Postgres(e) => {
+                self.timed("write", e.write(durability, Turn::Any, write))
+                    .await
+            }
         }
     }
 
@@ -359,9 +416,15 @@ impl Engine {
         &self,
         write: impl WriteFn<T>,
     ) -> Result<T, MetaError> {
-        match self {
-            Engine::Sqlite(e) => e.write(Durability::Synced, write).await,
-            Engine::Postgres(e) => e.write(Durability::Synced, Turn::EventLog, write).await,
+        match &self.kind {
+            Kind::Sqlite(e) => {
+                self.timed("write", e.write(Durability::Synced, write))
+                    .await
+            }
+            Kind::Postgres(e) => {
+                self.timed("write", e.write(Durability::Synced, Turn::EventLog, write))
+                    .await
+            }
         }
     }
 
@@ -369,15 +432,15 @@ impl Engine {
     /// before they commit (an upload session's owner, known in memory meanwhile). A
     /// failure is logged.
     pub(crate) fn write_unawaited(&self, write: impl WriteFn<()>) {
-        match self {
-            Engine::Sqlite(e) => e.submit(write),
-            Engine::Postgres(e) => e.submit(write),
+        match &self.kind {
+            Kind::Sqlite(e) => e.submit(write),
+            Kind::Postgres(e) => e.submit(write),
         }
     }
 
     /// Whether this engine's store is used by one node only: then the node may keep what
     /// it alone serves (open upload sessions) in memory.
     pub(crate) fn node_local(&self) -> bool {
-        matches!(self, Engine::Sqlite(_))
+        matches!(self.kind, Kind::Sqlite(_))
     }
 }

@@ -34,7 +34,8 @@ pub use webhooks::{
     WebhookRecord, WebhookStore, MAX_WEBHOOKS_PER_SCOPE,
 };
 
-use engine::{Durability, Engine, Row, Value};
+pub use engine::Observer;
+use engine::{Durability, Engine, Kind, Row, Value};
 
 /// The metadata store: every query and rule of [`MetaStore`] and [`AccountStore`], over
 /// the engine it was opened on.
@@ -51,7 +52,7 @@ pub struct Database {
 impl Database {
     /// Opens (creating and migrating if needed) the SQLite database at `path`.
     pub fn open_sqlite(path: &Path) -> Result<Self, MetaError> {
-        let engine = Engine::Sqlite(sqlite::SqliteEngine::open(path)?);
+        let engine = Engine::new(Kind::Sqlite(sqlite::SqliteEngine::open(path)?));
         Ok(Self::over(engine))
     }
 
@@ -59,7 +60,9 @@ impl Database {
     /// key=value string), using `schema` if given (created if missing), and applies
     /// migrations.
     pub async fn connect_postgres(url: &str, schema: Option<&str>) -> Result<Self, MetaError> {
-        let engine = Engine::Postgres(postgres::PostgresEngine::connect(url, schema).await?);
+        let engine = Engine::new(Kind::Postgres(
+            postgres::PostgresEngine::connect(url, schema).await?,
+        ));
         Ok(Self::over(engine))
     }
 
@@ -103,6 +106,17 @@ impl Database {
         F: FnMut(Row) -> Result<T, MetaError> + Send + 'static,
     {
         Ok(self.read_rows(sql, args, map).await?.into_iter().next())
+    }
+
+    /// Tells `observer` how long each read and write took and whether the store failed
+    /// it, from now on (set once; metrics aggregate it).
+    pub fn observe(&self, observer: Observer) {
+        self.engine.observe(observer);
+    }
+
+    /// `sqlite` or `postgres`, as metrics label the backend.
+    pub fn backend(&self) -> &'static str {
+        self.engine.backend()
     }
 
     fn over(engine: Engine) -> Self {

@@ -11,6 +11,7 @@ pub mod error;
 mod metrics;
 pub mod node;
 mod route;
+mod timings;
 pub mod tls;
 mod token;
 mod v2;
@@ -33,6 +34,7 @@ use berth_webhooks::Webhooks;
 use tokio::net::TcpListener;
 
 pub use connections::{fd_limit, raise_fd_limit, ConnectionLimits};
+pub use timings::BackendTimings;
 use tls::Tls;
 
 /// What every handler shares.
@@ -48,6 +50,10 @@ pub struct App {
     /// Who may read `/metrics` on the main listener.
     metrics_access: MetricsAccess,
     webhooks: Webhooks,
+    /// How long the backends take, when the node measures them.
+    timings: Option<Arc<BackendTimings>>,
+    /// Also export Docker Distribution's metric names.
+    distribution_metrics: bool,
 }
 
 /// Who may read `GET /metrics` on the main listener (a separate metrics listener, when
@@ -79,7 +85,22 @@ impl App {
             secure: false,
             metrics: Arc::default(),
             metrics_access: MetricsAccess::default(),
+            timings: None,
+            distribution_metrics: false,
         }
+    }
+
+    /// Exports the backends' timings (what the node's stores report to).
+    pub fn with_backend_timings(mut self, timings: Arc<BackendTimings>) -> Self {
+        self.timings = Some(timings);
+        self
+    }
+
+    /// Also exports Docker Distribution's metric names (`registry_http_*`,
+    /// `registry_storage_action_seconds`), so dashboards made for it keep working.
+    pub fn with_distribution_metrics(mut self, on: bool) -> Self {
+        self.distribution_metrics = on;
+        self
     }
 
     /// Who may read `/metrics` on the main listener.
@@ -498,6 +519,12 @@ async fn render_metrics(app: &App) -> Response {
         gc.blobs_removed,
     );
     metrics::render_webhooks(&mut out, &app.webhooks).await;
+    if let Some(timings) = &app.timings {
+        timings.render(&mut out, app.distribution_metrics);
+    }
+    if app.distribution_metrics {
+        app.metrics.render_distribution(&mut out);
+    }
     let auth = app.access.counters();
     let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
     metrics::family(

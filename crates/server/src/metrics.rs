@@ -22,7 +22,7 @@ use crate::route::V2Route;
 const STORE_STATS_TTL: Duration = Duration::from_secs(60);
 
 /// Request duration histogram bounds, in seconds.
-const BUCKETS: [f64; 12] = [
+pub(crate) const BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0,
 ];
 
@@ -89,6 +89,21 @@ impl Route {
     fn index(self) -> usize {
         self as usize
     }
+
+    /// Docker Distribution's name for the route, for its metric names.
+    fn distribution_handler(self) -> Option<&'static str> {
+        match self {
+            Route::Base => Some("base"),
+            Route::Catalog => Some("catalog"),
+            Route::Tags => Some("tags"),
+            Route::Manifest => Some("manifest"),
+            Route::Blob => Some("blob"),
+            Route::UploadStart => Some("blob-upload"),
+            Route::Upload => Some("blob-upload-chunk"),
+            Route::Referrers => Some("referrers"),
+            Route::Token | Route::Api | Route::Health | Route::Metrics | Route::Other => None,
+        }
+    }
 }
 
 fn method_index(method: &Method) -> usize {
@@ -103,12 +118,54 @@ fn method_index(method: &Method) -> usize {
     }
 }
 
-/// Durations of one route's requests.
+/// Durations of one route's requests (or one backend action's).
 #[derive(Default)]
-struct Histogram {
+pub(crate) struct Histogram {
     buckets: [AtomicU64; BUCKETS.len()],
     count: AtomicU64,
     sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    /// Counts one duration.
+    pub(crate) fn observe(&self, took: Duration) {
+        let seconds = took.as_secs_f64();
+        if let Some(b) = BUCKETS.iter().position(|bound| seconds <= *bound) {
+            self.buckets[b].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Adds `other`'s counts to this one's.
+    fn add(&self, other: &Histogram) {
+        for (mine, theirs) in self.buckets.iter().zip(&other.buckets) {
+            mine.fetch_add(theirs.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        self.count
+            .fetch_add(other.count.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(other.sum_micros.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    /// Writes the histogram's samples as `name` with `labels` (`a="b",c="d"`); nothing if
+    /// it counted nothing.
+    pub(crate) fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let count = self.count.load(Ordering::Relaxed);
+        if count == 0 {
+            return;
+        }
+        let mut cumulative = 0;
+        for (b, bound) in BUCKETS.iter().enumerate() {
+            cumulative += self.buckets[b].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+    }
 }
 
 /// Per-route request counts, durations and bytes, in one shard per worker thread (up to
@@ -303,6 +360,59 @@ impl Metrics {
             }
         }
         render_process(out, self.started);
+    }
+}
+
+impl Metrics {
+    /// The HTTP families under Docker Distribution's names, so its dashboards keep
+    /// working: `handler` is Distribution's route name, `code` the status class (`2xx`,
+    /// which `code=~"5.."` still matches), and the duration histogram is per handler only.
+    pub(crate) fn render_distribution(&self, out: &mut String) {
+        family(
+            out,
+            "registry_http_requests_total",
+            "counter",
+            "HTTP requests, under Docker Distribution's name.",
+        );
+        for (route, _) in ROUTES {
+            let Some(handler) = route.distribution_handler() else {
+                continue;
+            };
+            for (m, method) in METHODS.iter().enumerate() {
+                for class in 0..5 {
+                    let slot = (route.index() * METHODS.len() + m) * 5 + class;
+                    let n = total(&self.shards, |s| &s.requests[slot]);
+                    if n > 0 {
+                        let _ = writeln!(
+                            out,
+                            "registry_http_requests_total{{handler=\"{handler}\",code=\"{}xx\",method=\"{}\"}} {n}",
+                            class + 1,
+                            method.to_ascii_lowercase()
+                        );
+                    }
+                }
+            }
+        }
+        family(
+            out,
+            "registry_http_request_duration_seconds",
+            "histogram",
+            "HTTP request durations, under Docker Distribution's name.",
+        );
+        for (route, _) in ROUTES {
+            let Some(handler) = route.distribution_handler() else {
+                continue;
+            };
+            let merged = Histogram::default();
+            for shard in &self.shards {
+                merged.add(&shard.durations[route.index()]);
+            }
+            merged.render(
+                out,
+                "registry_http_request_duration_seconds",
+                &format!("handler=\"{handler}\""),
+            );
+        }
     }
 }
 

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use berth_auth::{AccessControl, AuthError, AuthMode, AuthSettings, IssuerKey, TokenSigner};
 use berth_meta::{Database, MetaError};
 use berth_registry::{GcOptions, Limits, Registry};
-use berth_storage::{BlobStore, FsBlobStore, S3BlobStore, S3Config, StorageError};
+use berth_storage::{BlobStore, FsBlobStore, S3BlobStore, S3Config, StorageError, TimedBlobStore};
 use berth_webhooks::{WebhookSettings, Webhooks};
 
-use crate::App;
+use crate::{App, BackendTimings};
 
 /// Where blob bytes live.
 #[derive(Debug, Clone)]
@@ -62,6 +62,8 @@ pub struct NodeConfig {
     pub metrics_access: crate::MetricsAccess,
     /// How webhooks are delivered (and which ranges their targets may be in).
     pub webhooks: WebhookSettings,
+    /// `/metrics` also carries Docker Distribution's names.
+    pub distribution_metrics: bool,
 }
 
 /// Why a node could not be opened.
@@ -121,12 +123,20 @@ impl Node {
             }
             BlobConfig::S3(s3) => Arc::new(S3BlobStore::new(s3.clone())?),
         };
+        let driver = match &config.blobs {
+            BlobConfig::Filesystem => "filesystem",
+            BlobConfig::S3(_) => "s3",
+        };
         let meta = Arc::new(match &config.meta {
             MetaConfig::Sqlite => Database::open_sqlite(&config.data_dir.join("meta.db"))?,
             MetaConfig::Postgres { url, schema } => {
                 Database::connect_postgres(url, schema.as_deref()).await?
             }
         });
+        let timings = BackendTimings::new(meta.backend(), driver);
+        meta.observe(timings.meta_observer());
+        let blobs: Arc<dyn BlobStore> =
+            Arc::new(TimedBlobStore::new(blobs, timings.storage_observer()));
         let registry = Registry::new(blobs, meta.clone(), config.limits.clone());
         let signer = match config.auth.mode {
             AuthMode::Builtin => Some(match &config.signing_key_file {
@@ -158,7 +168,9 @@ impl Node {
             config.gc.clone(),
         )
         .with_sendfile(config.sendfile)
-        .with_metrics_access(config.metrics_access);
+        .with_metrics_access(config.metrics_access)
+        .with_backend_timings(timings)
+        .with_distribution_metrics(config.distribution_metrics);
         Ok(Node {
             registry,
             access,

@@ -9,6 +9,7 @@ mod reading;
 mod resumable;
 mod s3;
 mod staging;
+pub mod timed;
 
 use std::fmt;
 use std::future::Future;
@@ -34,6 +35,7 @@ pub struct LocalBlob {
 }
 pub use resumable::ResumableSha256;
 pub use s3::{S3BlobStore, S3Config};
+pub use timed::TimedBlobStore;
 
 /// A stream of body bytes, in or out. Blobs are never held whole in memory.
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, io::Error>> + Send>>;

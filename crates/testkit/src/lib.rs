@@ -278,6 +278,7 @@ impl TestRegistry {
             sendfile,
             metrics_access: berth_server::MetricsAccess::default(),
             webhooks: webhooks.clone().unwrap_or_default(),
+            distribution_metrics: true,
         };
         let addr = runtime.block_on(async move {
             let Node {

@@ -83,6 +83,29 @@ fn an_open_registry_counts_requests_by_template_and_what_it_stores() {
     );
     assert!(value(&text, "berth_blob_bytes").unwrap() > 0.0);
     assert_eq!(value(&text, "berth_uploads_in_progress"), Some(0.0));
+    // The backends' timings: every pull read the metadata store, the push wrote it and
+    // the blob store.
+    assert!(
+        text.contains(
+            "berth_metadata_operation_duration_seconds_count{backend=\"sqlite\",op=\"read\"}"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("berth_metadata_errors_total{backend=\"sqlite\",op=\"write\"} 0"));
+    assert!(text.contains(
+        "berth_storage_action_duration_seconds_count{driver=\"filesystem\",action=\"seal\"}"
+    ));
+    // Docker Distribution's names (the test kit turns them on).
+    assert!(
+        text.contains(
+            "registry_http_requests_total{handler=\"manifest\",code=\"2xx\",method=\"get\"} 3"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("registry_http_request_duration_seconds_count{handler=\"manifest\"} 5"));
+    assert!(text.contains(
+        "registry_storage_action_seconds_bucket{driver=\"filesystem\",action=\"seal\",le=\"+Inf\"}"
+    ));
     assert!(value(&text, "process_resident_memory_bytes").unwrap() > 1e6);
     assert!(value(&text, "process_open_fds").unwrap() > 0.0);
     // A collection shows up.
