@@ -13,6 +13,7 @@ use berth_registry::{GcOptions, Limits};
 use berth_server::node::{BlobConfig, MetaConfig, NodeConfig};
 use berth_server::tls::TlsFiles;
 use berth_server::{ConnectionLimits, MetricsAccess};
+use berth_telemetry::TracingSettings;
 use berth_webhooks::WebhookSettings;
 use serde::Deserialize;
 
@@ -40,6 +41,8 @@ pub(crate) struct Settings {
     pub(crate) metrics_listen: Option<SocketAddr>,
     /// `/metrics` also carries Docker Distribution's names.
     pub(crate) distribution_metrics: bool,
+    /// Traces, when an OTLP endpoint is configured.
+    pub(crate) tracing: Option<TracingSettings>,
     /// Webhook delivery, with the `[outbound]` guard its targets pass.
     pub(crate) webhooks: WebhookSettings,
 }
@@ -93,6 +96,7 @@ impl Settings {
             metrics_access: self.metrics_access,
             webhooks: self.webhooks.clone(),
             distribution_metrics: self.distribution_metrics,
+            tracing: self.tracing.clone(),
         })
     }
 }
@@ -243,6 +247,8 @@ struct FileConfig {
     #[serde(default)]
     outbound: FileOutbound,
     #[serde(default)]
+    tracing: FileTracing,
+    #[serde(default)]
     webhooks: FileWebhooks,
 }
 
@@ -252,6 +258,50 @@ struct FileConfig {
 struct FileOutbound {
     /// Loopback, link-local or private ranges outbound connections may reach.
     allow_cidrs: Option<Vec<String>>,
+}
+
+/// The `[tracing]` table: OpenTelemetry traces over OTLP/HTTP, off without an endpoint.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTracing {
+    /// The collector's OTLP/HTTP base URL (`http://collector:4318`).
+    otlp_endpoint: Option<String>,
+    /// The share of new traces recorded, 0.0 to 1.0 (default 1.0).
+    sample_ratio: Option<f64>,
+    /// `service.name` (default `berth`).
+    service_name: Option<String>,
+    /// This node's name in spans (default: the host name).
+    node: Option<String>,
+}
+
+/// The tracing settings, with `BERTH_OTLP_ENDPOINT` over the file's endpoint.
+fn tracing_settings(file: &FileTracing) -> anyhow::Result<Option<TracingSettings>> {
+    let endpoint = std::env::var("BERTH_OTLP_ENDPOINT")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .or(file.otlp_endpoint.clone());
+    let Some(endpoint) = endpoint else {
+        return Ok(None);
+    };
+    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+        anyhow::bail!("tracing.otlp_endpoint {endpoint:?}: expected an http:// or https:// URL");
+    }
+    let sample_ratio = file.sample_ratio.unwrap_or(1.0);
+    if !(0.0..=1.0).contains(&sample_ratio) {
+        anyhow::bail!("tracing.sample_ratio {sample_ratio}: expected 0.0 to 1.0");
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    Ok(Some(TracingSettings {
+        otlp_endpoint: endpoint,
+        sample_ratio,
+        service_name: file
+            .service_name
+            .clone()
+            .unwrap_or_else(|| "berth".to_owned()),
+        node: file.node.clone().unwrap_or(host),
+    }))
 }
 
 /// The `[webhooks]` table.
@@ -412,6 +462,7 @@ impl Settings {
         };
         let webhooks = webhook_settings(&file_config.webhooks, &file_config.outbound)?;
         Ok(Settings {
+            tracing: tracing_settings(&file_config.tracing)?,
             distribution_metrics: file_config.metrics.distribution_compatible.unwrap_or(false),
             webhooks,
             tls,

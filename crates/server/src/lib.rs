@@ -33,6 +33,7 @@ use berth_registry::{GcOptions, Registry};
 use berth_webhooks::Webhooks;
 use tokio::net::TcpListener;
 
+use berth_telemetry::Tracer;
 pub use connections::{fd_limit, raise_fd_limit, ConnectionLimits};
 pub use timings::BackendTimings;
 use tls::Tls;
@@ -54,6 +55,8 @@ pub struct App {
     timings: Option<Arc<BackendTimings>>,
     /// Also export Docker Distribution's metric names.
     distribution_metrics: bool,
+    /// Records traces, when an OTLP endpoint is configured.
+    tracer: Option<Tracer>,
 }
 
 /// Who may read `GET /metrics` on the main listener (a separate metrics listener, when
@@ -87,7 +90,15 @@ impl App {
             metrics_access: MetricsAccess::default(),
             timings: None,
             distribution_metrics: false,
+            tracer: None,
         }
+    }
+
+    /// Records a span per request (with the stores' operations as children) and exports
+    /// them through `tracer`.
+    pub fn with_tracer(mut self, tracer: Option<Tracer>) -> Self {
+        self.tracer = tracer;
+        self
     }
 
     /// Exports the backends' timings (what the node's stores report to).
@@ -318,7 +329,18 @@ async fn access_log(State(app): State<App>, request: Request, next: Next) -> Res
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let request_id = request_id(request.headers());
-    let mut response = next.run(request).await;
+    let route = metrics::Route::of(&path);
+    let span = app.tracer.as_ref().and_then(|tracer| {
+        let parent = request
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok());
+        tracer.start(parent, &format!("{method} {}", route.template()))
+    });
+    let mut response = match (&app.tracer, &span) {
+        (Some(tracer), Some(span)) => tracer.in_span(span, next.run(request)).await,
+        _ => next.run(request).await,
+    };
     let (name, value) = v2::API_VERSION;
     response.headers_mut().insert(name, value);
     response
@@ -332,8 +354,12 @@ async fn access_log(State(app): State<App>, request: Request, next: Next) -> Res
         .and_then(|v| v.parse::<u64>().ok());
     let took = started.elapsed();
     let status = response.status().as_u16();
+    if let (Some(tracer), Some(mut span)) = (&app.tracer, span) {
+        describe_span(&mut span, &method, route, &path, &response, request_id);
+        tracer.finish(span);
+    }
     app.metrics.observe(
-        metrics::Route::of(&path),
+        route,
         &method,
         status,
         took,
@@ -357,6 +383,53 @@ async fn access_log(State(app): State<App>, request: Request, next: Next) -> Res
         "request"
     );
     response
+}
+
+/// What a request's span carries besides its name: the method, route, status, and for
+/// the registry API the repository and the digest concerned.
+fn describe_span(
+    span: &mut berth_telemetry::Span,
+    method: &axum::http::Method,
+    route: metrics::Route,
+    path: &str,
+    response: &Response,
+    request_id: &str,
+) {
+    use berth_telemetry::Value;
+    let status = response.status().as_u16();
+    span.set("http.request.method", Value::Text(method.to_string()));
+    span.set("http.route", Value::Text(route.template().to_owned()));
+    span.set("http.response.status_code", Value::Int(i64::from(status)));
+    span.set("berth.request_id", Value::Text(request_id.to_owned()));
+    if let Some(parsed) = route::V2Route::parse(path) {
+        let (name, digest) = match parsed {
+            route::V2Route::Tags { name }
+            | route::V2Route::UploadStart { name }
+            | route::V2Route::Upload { name, .. } => (Some(name), None),
+            route::V2Route::Manifest { name, reference } => {
+                (Some(name), reference.contains(':').then_some(reference))
+            }
+            route::V2Route::Blob { name, digest } | route::V2Route::Referrers { name, digest } => {
+                (Some(name), Some(digest))
+            }
+            route::V2Route::Base | route::V2Route::Catalog => (None, None),
+        };
+        // Bounded: a path is a client's string.
+        let bound = |text: &str| text.chars().take(256).collect::<String>();
+        if let Some(name) = name {
+            span.set("berth.repository", Value::Text(bound(name)));
+        }
+        let answered = response
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok());
+        if let Some(digest) = answered.or(digest) {
+            span.set("berth.digest", Value::Text(bound(digest)));
+        }
+    }
+    if status >= 500 {
+        span.set_error();
+    }
 }
 
 /// The header a request id travels in, both ways.
@@ -524,6 +597,23 @@ async fn render_metrics(app: &App) -> Response {
     }
     if app.distribution_metrics {
         app.metrics.render_distribution(&mut out);
+    }
+    if let Some(tracer) = &app.tracer {
+        let exported = tracer.counters();
+        sample(
+            &mut out,
+            "berth_trace_spans_exported_total",
+            "counter",
+            "Spans the OTLP collector accepted.",
+            exported.exported(),
+        );
+        sample(
+            &mut out,
+            "berth_trace_spans_dropped_total",
+            "counter",
+            "Spans dropped: the export queue was full or the collector refused them.",
+            exported.dropped(),
+        );
     }
     let auth = app.access.counters();
     let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);

@@ -90,6 +90,11 @@ impl Route {
         self as usize
     }
 
+    /// The route's template, as labels and span names show it.
+    pub(crate) fn template(self) -> &'static str {
+        ROUTES[self.index()].1
+    }
+
     /// Docker Distribution's name for the route, for its metric names.
     fn distribution_handler(self) -> Option<&'static str> {
         match self {

@@ -64,6 +64,8 @@ pub struct NodeConfig {
     pub webhooks: WebhookSettings,
     /// `/metrics` also carries Docker Distribution's names.
     pub distribution_metrics: bool,
+    /// Traces, when an OTLP endpoint is configured.
+    pub tracing: Option<berth_telemetry::TracingSettings>,
 }
 
 /// Why a node could not be opened.
@@ -170,7 +172,13 @@ impl Node {
         .with_sendfile(config.sendfile)
         .with_metrics_access(config.metrics_access)
         .with_backend_timings(timings)
-        .with_distribution_metrics(config.distribution_metrics);
+        .with_distribution_metrics(config.distribution_metrics)
+        .with_tracer(
+            config
+                .tracing
+                .clone()
+                .map(berth_telemetry::Tracer::start_exporting),
+        );
         Ok(Node {
             registry,
             access,

@@ -1,6 +1,7 @@
 //! How long the backends take: every metadata read and write and every blob store action,
 //! reported by the stores (`berth_meta::Database::observe`, `berth_storage::TimedBlobStore`)
-//! and kept here as histograms with error counts. Labels are the backend's name and the
+//! and kept here as histograms with error counts, and as child spans of the request's
+//! trace when it is recorded. Labels are the backend's name and the
 //! operation, both from fixed lists.
 
 use std::fmt::Write as _;
@@ -58,6 +59,7 @@ impl BackendTimings {
             if let Some(i) = META_OPS.iter().position(|o| *o == op) {
                 timings.meta[i].observe(took, ok);
             }
+            berth_telemetry::record_child("metadata", op, timings.meta_backend, took, ok);
         })
     }
 
@@ -68,6 +70,7 @@ impl BackendTimings {
             if let Some(i) = ACTIONS.iter().position(|a| *a == action) {
                 timings.storage[i].observe(took, ok);
             }
+            berth_telemetry::record_child("storage", action, timings.storage_driver, took, ok);
         })
     }
 

@@ -279,6 +279,7 @@ impl TestRegistry {
             metrics_access: berth_server::MetricsAccess::default(),
             webhooks: webhooks.clone().unwrap_or_default(),
             distribution_metrics: true,
+            tracing: None,
         };
         let addr = runtime.block_on(async move {
             let Node {

@@ -21,6 +21,7 @@ mod memory;
 mod metrics;
 mod openapi;
 mod tls;
+mod traces;
 mod uploads;
 mod webhooks;
 
