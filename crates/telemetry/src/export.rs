@@ -114,7 +114,7 @@ async fn run(
                 }
             }
         }
-        let spans: Vec<SpanRecord> = batch.drain(..).collect();
+        let spans = std::mem::take(&mut batch);
         let n = spans.len() as u64;
         let body = json!({
             "resourceSpans": [{
