@@ -144,7 +144,7 @@ impl Histogram {
     }
 
     /// Adds `other`'s counts to this one's.
-    fn add(&self, other: &Histogram) {
+    pub(crate) fn add(&self, other: &Histogram) {
         for (mine, theirs) in self.buckets.iter().zip(&other.buckets) {
             mine.fetch_add(theirs.load(Ordering::Relaxed), Ordering::Relaxed);
         }
@@ -183,7 +183,7 @@ pub(crate) struct Metrics {
 }
 
 /// Shards of counters: more than the worker threads of any machine berth runs on well.
-const SHARDS: usize = 16;
+pub(crate) const SHARDS: usize = 16;
 
 /// One thread's counters, aligned so that neighbours do not share a cache line.
 #[repr(align(128))]
@@ -220,7 +220,7 @@ impl Default for Metrics {
 }
 
 /// This thread's shard number, handed out in turn on first use.
-fn shard_index() -> usize {
+pub(crate) fn shard_index() -> usize {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     thread_local! {
         static INDEX: usize = (NEXT.fetch_add(1, Ordering::Relaxed) as usize) % SHARDS;
