@@ -10,4 +10,4 @@ export BERTH_WEBHOOK_PUSHES=${BERTH_WEBHOOK_PUSHES:-10000}
 cargo test --release --locked -p berth --test it -- --nocapture --test-threads=1 \
   webhooks::every_acknowledged_push_arrives_once_per_policy_through_flapping_and_kills \
   webhooks::two_postgres_nodes_deliver_each_event_once_and_take_over_from_each_other \
-  2>&1 | grep -E '^(webhooks |  |test webhooks|test result)'
+  2>&1 | grep -E '^(webhooks |  (policy|healthy|the delivering)|test webhooks|test result)'
