@@ -75,6 +75,39 @@ fn is_not_found(e: &object_store::Error) -> bool {
     matches!(e, object_store::Error::NotFound { .. })
 }
 
+/// object_store's HTTP client, with the W3C `traceparent` of the request being served
+/// added to every call, so an S3 server that traces joins berth's trace.
+#[derive(Debug)]
+struct TracingConnector;
+
+impl object_store::client::HttpConnector for TracingConnector {
+    fn connect(
+        &self,
+        options: &ClientOptions,
+    ) -> object_store::Result<object_store::client::HttpClient> {
+        let inner = object_store::client::ReqwestConnector::default().connect(options)?;
+        Ok(object_store::client::HttpClient::new(TracingService(inner)))
+    }
+}
+
+#[derive(Debug)]
+struct TracingService(object_store::client::HttpClient);
+
+#[async_trait::async_trait]
+impl object_store::client::HttpService for TracingService {
+    async fn call(
+        &self,
+        mut request: object_store::client::HttpRequest,
+    ) -> Result<object_store::client::HttpResponse, object_store::client::HttpError> {
+        if let Some(traceparent) = berth_telemetry::current_traceparent() {
+            if let Ok(value) = http::HeaderValue::from_str(&traceparent) {
+                request.headers_mut().insert("traceparent", value);
+            }
+        }
+        self.0.execute(request).await
+    }
+}
+
 impl S3BlobStore {
     /// Connects lazily (the first request reaches the server).
     pub fn new(config: S3Config) -> Result<Self, StorageError> {
@@ -100,6 +133,7 @@ impl S3BlobStore {
         if let Some(endpoint) = &config.endpoint {
             builder = builder.with_endpoint(endpoint);
         }
+        builder = builder.with_http_connector(TracingConnector);
         let store = builder.build().map_err(|e| {
             StorageError::Io(std::io::Error::other(format!("S3 configuration: {e}")))
         })?;

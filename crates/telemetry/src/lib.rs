@@ -199,6 +199,21 @@ pub fn record_child(
     });
 }
 
+/// The `traceparent` for a request made on behalf of the task's current span (to the
+/// object store), if a recorded span is current.
+pub fn current_traceparent() -> Option<String> {
+    PARENT
+        .try_with(|(trace_id, span_id)| {
+            TraceContext {
+                trace_id: *trace_id,
+                span_id: *span_id,
+                sampled: true,
+            }
+            .header()
+        })
+        .ok()
+}
+
 /// Starts spans, decides which traces are recorded, and hands finished spans to the
 /// exporter.
 #[derive(Clone)]
