@@ -2,6 +2,7 @@
 
 mod accounts;
 mod config;
+mod remote;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -78,6 +79,16 @@ enum Command {
         #[arg(long, env = "BERTH_TLS_CLIENT_CA_FILE")]
         tls_client_ca_file: Option<PathBuf>,
     },
+    /// Copy an image between registries: every platform of an index, digests unchanged,
+    /// blobs streamed through (skipped when already there, mounted within one registry).
+    Copy {
+        /// The source, `host[:port]/repo[:tag|@digest]`.
+        source: String,
+        /// The destination, `host[:port]/repo[:tag]`.
+        destination: String,
+        #[command(flatten)]
+        remote: remote::RemoteArgs,
+    },
     /// Manage users (works beside a running registry).
     User {
         #[command(flatten)]
@@ -150,6 +161,11 @@ fn main() -> anyhow::Result<()> {
             )?;
             serve(settings)
         }
+        Command::Copy {
+            source,
+            destination,
+            remote: args,
+        } => remote::copy(&source, &destination, args),
         Command::User { data, command } => {
             let settings = load(data, Overrides::default())?;
             run_offline(&settings, |node| {

@@ -9,6 +9,7 @@ mod clients;
 mod clients_auth;
 mod common;
 mod connections;
+mod copy;
 mod crash;
 mod downloads;
 mod errors;

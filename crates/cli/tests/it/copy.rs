@@ -1,0 +1,139 @@
+//! `berth copy` between two real registries: a multi-platform index keeps every digest,
+//! the destination authenticates with the token flow, a second copy moves no blob, a copy
+//! within one registry mounts, and failures say what went wrong.
+
+use std::process::Command;
+
+use berth_testkit::ADMIN_PASSWORD;
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::*;
+
+fn berth(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(args)
+        .output()
+        .expect("run berth");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Pushes two single-platform images and an index over them; returns the index's digest
+/// and the children's.
+fn push_index(base: &str, repo: &str, tag: &str) -> (String, Vec<String>) {
+    let mut children = Vec::new();
+    let mut descriptors = Vec::new();
+    for arch in ["amd64", "arm64"] {
+        let (digest, bytes) = push_image(
+            base,
+            repo,
+            &format!("{tag}-{arch}"),
+            &[arch.as_bytes(), b"shared layer"],
+        );
+        descriptors.push(json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": digest,
+            "size": bytes.len(),
+            "platform": {"os": "linux", "architecture": arch},
+        }));
+        children.push(digest);
+    }
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": descriptors,
+    }))
+    .unwrap();
+    let r = put_manifest(
+        base,
+        repo,
+        tag,
+        "application/vnd.oci.image.index.v1+json",
+        &index,
+    );
+    assert_eq!(r.status(), StatusCode::CREATED);
+    (sha256(&index), children)
+}
+
+#[test]
+fn an_index_is_copied_with_every_digest_to_a_registry_that_wants_tokens() {
+    let source = start();
+    let destination = start_with_auth(berth_auth::AuthSettings::default());
+    let (index, children) = push_index(&source.url(), "team/app", "multi");
+    let from = format!("{}/team/app:multi", source.host());
+    let to = format!("{}/copied/app:multi", destination.host());
+    let creds = format!("admin:{ADMIN_PASSWORD}");
+
+    let (ok, out) = berth(&["copy", &from, &to, "--dest-creds", &creds]);
+    assert!(ok, "{out}");
+    assert!(out.contains(&index), "{out}");
+    assert!(out.contains("3 manifests, 5 blobs copied"), "{out}");
+
+    let get = |reference: &str| {
+        http()
+            .get(format!(
+                "{}/v2/copied/app/manifests/{reference}",
+                destination.url()
+            ))
+            .basic_auth("admin", Some(ADMIN_PASSWORD))
+            .header("accept", berth_client::MANIFEST_TYPES)
+            .send()
+            .unwrap()
+    };
+    let r = get("multi");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "docker-content-digest"), index, "the same bytes");
+    for child in &children {
+        assert_eq!(get(child).status(), StatusCode::OK, "{child}");
+    }
+
+    // Again: everything is there already.
+    let (ok, out) = berth(&["copy", &from, &to, "--dest-creds", &creds]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("0 blobs copied") && out.contains("5 already there"),
+        "{out}"
+    );
+
+    // Within one registry: mounted, not uploaded.
+    let inside = format!("{}/other/app:multi", source.host());
+    let (ok, out) = berth(&["copy", &from, &inside]);
+    assert!(ok, "{out}");
+    assert!(out.contains("5 mounted"), "{out}");
+}
+
+#[test]
+fn failures_say_what_went_wrong() {
+    let source = start();
+    let destination = start_with_auth(berth_auth::AuthSettings::default());
+    push_image(&source.url(), "team/app", "v1", &[b"layer"]);
+    let from = format!("{}/team/app:v1", source.host());
+    let to = format!("{}/copied/app:v1", destination.host());
+
+    let (ok, out) = berth(&["copy", &from, &to, "--dest-creds", "admin:wrong-password"]);
+    assert!(!ok);
+    assert!(out.contains("unauthorized"), "{out}");
+    let (ok, out) = berth(&["copy", &from, &to]);
+    assert!(!ok);
+    assert!(
+        out.contains("unauthorized") || out.contains("denied"),
+        "{out}"
+    );
+    let (ok, out) = berth(&["copy", &format!("{}/team/app:nope", source.host()), &to]);
+    assert!(!ok);
+    assert!(
+        out.contains("not found") && out.contains("MANIFEST_UNKNOWN"),
+        "{out}"
+    );
+    let (ok, out) = berth(&["copy", "127.0.0.1:1/team/app:v1", &to]);
+    assert!(!ok);
+    assert!(out.contains("unreachable"), "{out}");
+    let (ok, out) = berth(&["copy", "../../etc/passwd", &to]);
+    assert!(!ok);
+    assert!(out.contains("bad image reference"), "{out}");
+}

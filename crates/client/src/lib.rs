@@ -1,0 +1,478 @@
+//! One client for OCI Distribution registries. Everything berth says to another registry
+//! goes through [`RegistryClient`]: the CLI's `copy` now, the pull-through cache and
+//! replication next. It authenticates as the registry's challenge asks (Basic, or the
+//! Docker token flow with tokens cached per scope), streams blobs through without holding
+//! them, verifies every digest and size it reads, and retries what is safe to retry.
+//!
+//! The HTTP client is the caller's: the CLI builds an ordinary one, while the registry's
+//! own outbound jobs build theirs with `berth_outbound`'s guard.
+
+mod auth;
+mod copy;
+mod reference;
+mod verify;
+
+use std::time::Duration;
+
+use berth_oci::Digest;
+use bytes::Bytes;
+use futures_util::Stream;
+use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE};
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+
+pub use auth::Credentials;
+pub use copy::{copy_image, CopyReport};
+pub use reference::ImageRef;
+pub use verify::VerifiedStream;
+
+use auth::{Challenge, TokenCache};
+
+/// Why a registry operation failed, in the words a person needs.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The reference cannot be parsed.
+    #[error("bad image reference {0}")]
+    BadReference(String),
+    /// The registry could not be reached.
+    #[error("registry unreachable: {0}")]
+    Unreachable(String),
+    /// The registry wants credentials (none were given, or they were refused).
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    /// The credentials were accepted but do not allow this.
+    #[error("denied: {0}")]
+    Denied(String),
+    /// The repository, manifest or blob does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The bytes read do not match their digest or size.
+    #[error("{what}: expected {expected}, got {actual}")]
+    Mismatch {
+        /// What was read.
+        what: String,
+        /// What the reference promised.
+        expected: String,
+        /// What arrived.
+        actual: String,
+    },
+    /// The registry answered something else.
+    #[error("the registry answered {status}: {message}")]
+    Registry {
+        /// The HTTP status.
+        status: u16,
+        /// The registry's own message.
+        message: String,
+    },
+    /// The registry broke the protocol (a missing header, an unreadable answer).
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    pub(crate) fn unreachable(e: reqwest::Error) -> ClientError {
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        ClientError::Unreachable(text)
+    }
+
+    /// The error for a non-success status, with the registry's own message (the first
+    /// of an OCI error body, or the body's start).
+    pub(crate) fn from_status(status: u16, body: &str, what: &str) -> ClientError {
+        let oci: Option<String> = serde_json::from_str::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| {
+                let e = &v["errors"][0];
+                Some(format!(
+                    "{} ({})",
+                    e["message"].as_str()?,
+                    e["code"].as_str().unwrap_or("")
+                ))
+            });
+        let message = oci.unwrap_or_else(|| {
+            let text: String = body.chars().take(200).collect();
+            if text.trim().is_empty() {
+                what.to_owned()
+            } else {
+                format!("{what}: {}", text.trim())
+            }
+        });
+        match status {
+            401 => ClientError::Unauthorized(message),
+            403 => ClientError::Denied(message),
+            404 => ClientError::NotFound(message),
+            _ => ClientError::Registry { status, message },
+        }
+    }
+}
+
+/// A manifest as fetched: its exact bytes, media type and digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    /// The bytes, as the registry stores them.
+    pub bytes: Bytes,
+    /// Its media type (the `Content-Type` it was served with).
+    pub media_type: String,
+    /// The digest of its bytes.
+    pub digest: Digest,
+}
+
+/// Every manifest media type a client accepts.
+pub const MANIFEST_TYPES: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+
+/// The most bytes of a manifest read: no registry serves bigger ones.
+const MAX_MANIFEST: usize = 4 * 1024 * 1024;
+/// How many times a request that failed in a way worth retrying is tried.
+const ATTEMPTS: u32 = 3;
+
+/// A client for one registry.
+pub struct RegistryClient {
+    http: reqwest::Client,
+    base: String,
+    credentials: Option<Credentials>,
+    tokens: TokenCache,
+    /// The registry asked for Basic: send it up front from then on.
+    basic: std::sync::atomic::AtomicBool,
+}
+
+impl RegistryClient {
+    /// A client for `registry` (`host[:port]`) over `http`, plain HTTP if `plain_http`.
+    pub fn new(
+        http: reqwest::Client,
+        registry: &str,
+        plain_http: bool,
+        credentials: Option<Credentials>,
+    ) -> RegistryClient {
+        let scheme = if plain_http { "http" } else { "https" };
+        RegistryClient {
+            http,
+            base: format!("{scheme}://{registry}"),
+            credentials,
+            tokens: TokenCache::default(),
+            basic: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// An HTTP client for talking to registries from the command line: redirects followed
+    /// (blob downloads are often redirected to object storage; credentials are not sent
+    /// to another host), `insecure` accepting any certificate.
+    pub fn default_http(insecure: bool) -> Result<reqwest::Client, ClientError> {
+        reqwest::Client::builder()
+            .danger_accept_invalid_certs(insecure)
+            .connect_timeout(Duration::from_secs(15))
+            .read_timeout(Duration::from_secs(120))
+            .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ClientError::Protocol(format!("HTTP client: {e}")))
+    }
+
+    /// `scheme://host[:port]`.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Sends a request built by `build`, authenticating as the registry asks for `scope`
+    /// and retrying connection errors, 5xx and 429 when `retry` (the request can be sent
+    /// again: no streamed body).
+    async fn send(
+        &self,
+        scope: &str,
+        retry: bool,
+        build: impl Fn(&reqwest::Client) -> RequestBuilder,
+    ) -> Result<Response, ClientError> {
+        let mut attempt = 0;
+        let mut authenticated_once = false;
+        loop {
+            attempt += 1;
+            let mut request = build(&self.http);
+            if let Some(token) = self.tokens.get(scope) {
+                request = request.header(AUTHORIZATION, format!("Bearer {token}"));
+            } else if self.basic.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(c) = &self.credentials {
+                    request = request.header(AUTHORIZATION, c.basic());
+                }
+            }
+            let response = match request.send().await {
+                Ok(response) => response,
+                Err(e) if retry && attempt < ATTEMPTS && (e.is_connect() || e.is_timeout()) => {
+                    tokio::time::sleep(backoff(attempt, None)).await;
+                    continue;
+                }
+                Err(e) => return Err(ClientError::unreachable(e)),
+            };
+            let status = response.status();
+            if status == StatusCode::UNAUTHORIZED && !authenticated_once {
+                authenticated_once = true;
+                let challenge = response
+                    .headers()
+                    .get(WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(Challenge::parse);
+                match challenge {
+                    Some(Challenge::Basic) if self.credentials.is_some() => {
+                        self.basic.store(true, std::sync::atomic::Ordering::Relaxed);
+                        continue;
+                    }
+                    Some(Challenge::Bearer {
+                        realm,
+                        service,
+                        scope: asked,
+                    }) => {
+                        // Our scope, which may be wider than the one challenged (a push
+                        // also pulls what it mounts).
+                        let wanted = if scope.is_empty() {
+                            asked.unwrap_or_default()
+                        } else {
+                            scope.to_owned()
+                        };
+                        let token = self
+                            .tokens
+                            .fetch(
+                                &self.http,
+                                &realm,
+                                service.as_deref(),
+                                &wanted,
+                                self.credentials.as_ref(),
+                            )
+                            .await?;
+                        if wanted != scope {
+                            // Only a request without a scope of its own gets here: send
+                            // it with the token the challenge asked for.
+                            let mut request = build(&self.http);
+                            request = request.header(AUTHORIZATION, format!("Bearer {token}"));
+                            return request.send().await.map_err(ClientError::unreachable);
+                        }
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
+            let retryable = status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS;
+            if retry && retryable && attempt < ATTEMPTS {
+                let after = response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                tokio::time::sleep(backoff(attempt, after)).await;
+                continue;
+            }
+            return Ok(response);
+        }
+    }
+
+    /// Reads a failed answer into the error it stands for.
+    async fn failure(response: Response, what: &str) -> ClientError {
+        let status = response.status().as_u16();
+        let body = response.text().await.unwrap_or_default();
+        ClientError::from_status(status, &body, what)
+    }
+
+    /// Fetches a manifest by tag or digest; verifies its digest when asked by digest.
+    pub async fn manifest(
+        &self,
+        repository: &str,
+        reference: &str,
+    ) -> Result<Manifest, ClientError> {
+        let url = format!("{}/v2/{repository}/manifests/{reference}", self.base);
+        let scope = format!("repository:{repository}:pull");
+        let response = self
+            .send(&scope, true, |http| {
+                http.get(&url).header(ACCEPT, MANIFEST_TYPES)
+            })
+            .await?;
+        if !response.status().is_success() {
+            return Err(
+                Self::failure(response, &format!("manifest {repository}:{reference}")).await,
+            );
+        }
+        let media_type = header(response.headers(), CONTENT_TYPE.as_str())
+            .unwrap_or_default()
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_MANIFEST as u64)
+        {
+            return Err(ClientError::Protocol(format!(
+                "manifest {repository}:{reference} is larger than {MAX_MANIFEST} bytes"
+            )));
+        }
+        let bytes = response.bytes().await.map_err(ClientError::unreachable)?;
+        if bytes.len() > MAX_MANIFEST {
+            return Err(ClientError::Protocol(format!(
+                "manifest {repository}:{reference} is larger than {MAX_MANIFEST} bytes"
+            )));
+        }
+        let digest = Digest::sha256_of(&bytes);
+        if let Ok(asked) = Digest::parse(reference) {
+            if !asked.matches(&bytes) {
+                return Err(ClientError::Mismatch {
+                    what: format!("manifest {repository}@{reference}"),
+                    expected: asked.to_string(),
+                    actual: digest.to_string(),
+                });
+            }
+            return Ok(Manifest {
+                bytes,
+                media_type,
+                digest: asked,
+            });
+        }
+        Ok(Manifest {
+            bytes,
+            media_type,
+            digest,
+        })
+    }
+
+    /// The blob's size if the repository holds it.
+    pub async fn blob_size(
+        &self,
+        repository: &str,
+        digest: &Digest,
+    ) -> Result<Option<u64>, ClientError> {
+        let url = format!("{}/v2/{repository}/blobs/{digest}", self.base);
+        let scope = format!("repository:{repository}:pull");
+        let response = self.send(&scope, true, |http| http.head(&url)).await?;
+        match response.status() {
+            s if s.is_success() => Ok(Some(
+                header(response.headers(), "content-length")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+            )),
+            StatusCode::NOT_FOUND => Ok(None),
+            _ => Err(Self::failure(response, &format!("blob {repository}@{digest}")).await),
+        }
+    }
+
+    /// The blob's bytes as a stream that fails unless they hash to `digest` and number
+    /// `size` (when known).
+    pub async fn blob(
+        &self,
+        repository: &str,
+        digest: &Digest,
+        size: Option<u64>,
+    ) -> Result<VerifiedStream, ClientError> {
+        let url = format!("{}/v2/{repository}/blobs/{digest}", self.base);
+        let scope = format!("repository:{repository}:pull");
+        let response = self.send(&scope, true, |http| http.get(&url)).await?;
+        if !response.status().is_success() {
+            return Err(Self::failure(response, &format!("blob {repository}@{digest}")).await);
+        }
+        Ok(VerifiedStream::new(
+            Box::pin(response.bytes_stream()),
+            digest.clone(),
+            size,
+        ))
+    }
+
+    /// Links a blob another repository of this registry holds; false if the registry
+    /// would rather have it uploaded.
+    pub async fn mount(
+        &self,
+        repository: &str,
+        digest: &Digest,
+        from: &str,
+    ) -> Result<bool, ClientError> {
+        let url = format!(
+            "{}/v2/{repository}/blobs/uploads/?mount={digest}&from={from}",
+            self.base
+        );
+        let scope = format!("repository:{repository}:pull,push repository:{from}:pull");
+        let response = self.send(&scope, true, |http| http.post(&url)).await?;
+        match response.status() {
+            StatusCode::CREATED => Ok(true),
+            StatusCode::ACCEPTED => Ok(false),
+            _ => Err(Self::failure(response, &format!("mount into {repository}")).await),
+        }
+    }
+
+    /// Uploads a blob from `body` (a stream of `size` bytes hashing to `digest`) in one
+    /// streamed request.
+    pub async fn push_blob<S>(
+        &self,
+        repository: &str,
+        digest: &Digest,
+        size: u64,
+        body: S,
+    ) -> Result<(), ClientError>
+    where
+        S: Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+    {
+        let scope = format!("repository:{repository}:pull,push");
+        let start = format!("{}/v2/{repository}/blobs/uploads/", self.base);
+        let response = self.send(&scope, true, |http| http.post(&start)).await?;
+        if response.status() != StatusCode::ACCEPTED {
+            return Err(Self::failure(response, &format!("upload into {repository}")).await);
+        }
+        let location = header(response.headers(), LOCATION.as_str()).ok_or_else(|| {
+            ClientError::Protocol("an upload answered without Location".to_owned())
+        })?;
+        let mut url = url::Url::parse(&self.base)
+            .and_then(|base| base.join(&location))
+            .map_err(|e| ClientError::Protocol(format!("upload location {location:?}: {e}")))?;
+        url.query_pairs_mut().append_pair("digest", digest.as_str());
+        let body = std::sync::Mutex::new(Some(reqwest::Body::wrap_stream(body)));
+        let response = self
+            .send(&scope, false, |http| {
+                let request = http
+                    .request(Method::PUT, url.as_str())
+                    .header(CONTENT_TYPE, "application/octet-stream")
+                    .header("content-length", size.to_string());
+                match body.lock().ok().and_then(|mut b| b.take()) {
+                    Some(body) => request.body(body),
+                    None => request,
+                }
+            })
+            .await?;
+        if response.status() != StatusCode::CREATED {
+            return Err(Self::failure(response, &format!("blob {digest} into {repository}")).await);
+        }
+        Ok(())
+    }
+
+    /// Stores a manifest under `reference` (a tag or its digest); returns its digest.
+    pub async fn put_manifest(
+        &self,
+        repository: &str,
+        reference: &str,
+        manifest: &Manifest,
+    ) -> Result<Digest, ClientError> {
+        let url = format!("{}/v2/{repository}/manifests/{reference}", self.base);
+        let scope = format!("repository:{repository}:pull,push");
+        let response = self
+            .send(&scope, true, |http| {
+                http.put(&url)
+                    .header(CONTENT_TYPE, manifest.media_type.as_str())
+                    .body(manifest.bytes.clone())
+            })
+            .await?;
+        if response.status() != StatusCode::CREATED {
+            return Err(
+                Self::failure(response, &format!("manifest {repository}:{reference}")).await,
+            );
+        }
+        Ok(manifest.digest.clone())
+    }
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers.get(name)?.to_str().ok().map(str::to_owned)
+}
+
+/// The pause before attempt `attempt + 1`: what `Retry-After` asks (at most 30 s), else
+/// doubling from half a second.
+fn backoff(attempt: u32, retry_after_secs: Option<u64>) -> Duration {
+    match retry_after_secs {
+        Some(secs) => Duration::from_secs(secs.min(30)),
+        None => Duration::from_millis(500 << attempt.min(6)),
+    }
+}
