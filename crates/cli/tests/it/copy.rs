@@ -137,3 +137,95 @@ fn failures_say_what_went_wrong() {
     assert!(!ok);
     assert!(out.contains("bad image reference"), "{out}");
 }
+
+/// Docker Distribution (Debian's `docker-registry`) on a free loopback port, stopped on
+/// drop.
+struct Distribution {
+    child: std::process::Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Distribution {
+    fn start() -> Option<Distribution> {
+        let binary = berth_testkit::tool("docker-registry")?;
+        let dir = tempfile::tempdir().unwrap();
+        // A port picked by binding 0 and releasing it: Distribution cannot take a socket.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(binary)
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start docker-registry");
+        let running = Distribution {
+            child,
+            addr,
+            _dir: dir,
+        };
+        let url = format!("http://{}/v2/", running.addr);
+        let up = berth_testkit::wait_until(std::time::Duration::from_secs(10), || {
+            http()
+                .get(&url)
+                .send()
+                .is_ok_and(|r| r.status().is_success())
+        });
+        assert!(up, "docker-registry did not start");
+        Some(running)
+    }
+}
+
+impl Drop for Distribution {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn berth_to_distribution_and_back_keeps_every_digest() {
+    let Some(distribution) = Distribution::start() else {
+        return;
+    };
+    let source = start();
+    let back = start();
+    let (index, children) = push_index(&source.url(), "team/app", "multi");
+    let there = format!("{}/team/app:multi", distribution.addr);
+    let (ok, out) = berth(&["copy", &format!("{}/team/app:multi", source.host()), &there]);
+    assert!(ok, "{out}");
+    let (ok, out) = berth(&["copy", &there, &format!("{}/again/app:multi", back.host())]);
+    assert!(ok, "{out}");
+    assert!(out.contains(&index), "{out}");
+    let r = http()
+        .get(format!("{}/v2/again/app/manifests/multi", back.url()))
+        .header("accept", berth_client::MANIFEST_TYPES)
+        .send()
+        .unwrap();
+    assert_eq!(header(&r, "docker-content-digest"), index);
+    for child in children {
+        let r = http()
+            .head(format!("{}/v2/again/app/manifests/{child}", back.url()))
+            .header("accept", berth_client::MANIFEST_TYPES)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{child}");
+        // Every blob of the child is there and hashes to its digest.
+        let problems = pull_problems(&back.url(), "again/app", &child);
+        assert!(problems.is_empty(), "{child}: {problems:?}");
+    }
+}
