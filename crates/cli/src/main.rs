@@ -89,6 +89,32 @@ enum Command {
         #[command(flatten)]
         remote: remote::RemoteArgs,
     },
+    /// Log in to a registry: check the credentials, then keep them in docker's
+    /// config.json (where docker and podman find them too).
+    Login {
+        /// `host[:port]`.
+        registry: String,
+        /// The user name.
+        #[arg(long, short)]
+        username: String,
+        /// The password (prefer --password-stdin: a command line is visible to others).
+        #[arg(long, short)]
+        password: Option<String>,
+        /// Read the password from standard input.
+        #[arg(long)]
+        password_stdin: bool,
+        /// Speak plain HTTP (loopback and localhost use it by default).
+        #[arg(long)]
+        plain_http: bool,
+        /// Accept any TLS certificate.
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Forget the credentials kept for a registry.
+    Logout {
+        /// `host[:port]`.
+        registry: String,
+    },
     /// Manage users (works beside a running registry).
     User {
         #[command(flatten)]
@@ -166,6 +192,22 @@ fn main() -> anyhow::Result<()> {
             destination,
             remote: args,
         } => remote::copy(&source, &destination, args),
+        Command::Login {
+            registry,
+            username,
+            password,
+            password_stdin,
+            plain_http,
+            insecure,
+        } => remote::login(
+            &registry,
+            &username,
+            password,
+            password_stdin,
+            plain_http,
+            insecure,
+        ),
+        Command::Logout { registry } => remote::logout(&registry),
         Command::User { data, command } => {
             let settings = load(data, Overrides::default())?;
             run_offline(&settings, |node| {

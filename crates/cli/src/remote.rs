@@ -23,18 +23,72 @@ pub(crate) struct RemoteArgs {
     insecure: bool,
 }
 
-fn credentials(given: Option<&str>) -> anyhow::Result<Option<Credentials>> {
-    given
-        .map(|pair| {
+/// The credentials given on the command line, else those stored for `registry` (by
+/// `docker login`, `podman login` or `berth login`).
+fn credentials(given: Option<&str>, registry: &str) -> anyhow::Result<Option<Credentials>> {
+    match given {
+        Some(pair) => {
             let (username, password) = pair
                 .split_once(':')
                 .context("credentials must be USER:PASSWORD")?;
-            Ok(Credentials {
+            Ok(Some(Credentials {
                 username: username.to_owned(),
                 password: password.to_owned(),
-            })
-        })
-        .transpose()
+            }))
+        }
+        None => Ok(berth_client::credentials::lookup(registry)?),
+    }
+}
+
+/// `berth login REGISTRY`: checks the credentials against the registry, then keeps them
+/// in docker's `config.json`, where docker, podman and berth all find them.
+pub(crate) fn login(
+    registry: &str,
+    username: &str,
+    password: Option<String>,
+    password_stdin: bool,
+    plain_http: bool,
+    insecure: bool,
+) -> anyhow::Result<()> {
+    let password = match (password, password_stdin) {
+        (Some(p), false) => p,
+        (None, true) => {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            line.trim_end_matches(['\r', '\n']).to_owned()
+        }
+        _ => anyhow::bail!("give the password with --password-stdin (or --password)"),
+    };
+    let credentials = Credentials {
+        username: username.to_owned(),
+        password,
+    };
+    let image = ImageRef::parse(&format!("{registry}/probe"))?;
+    let plain = plain_http || image.plain_http_by_default();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let http = RegistryClient::default_http(insecure)?;
+        let client = RegistryClient::new(http, &image.registry, plain, Some(credentials.clone()));
+        client
+            .ping()
+            .await
+            .with_context(|| format!("logging in to {registry}"))
+    })?;
+    let path = berth_client::credentials::store(&image.registry, &credentials)?;
+    println!("Login Succeeded (credentials kept in {})", path.display());
+    Ok(())
+}
+
+/// `berth logout REGISTRY`.
+pub(crate) fn logout(registry: &str) -> anyhow::Result<()> {
+    if berth_client::credentials::remove(registry)? {
+        println!("Removed login credentials for {registry}");
+    } else {
+        println!("Not logged in to {registry}");
+    }
+    Ok(())
 }
 
 /// `berth copy SRC DST`.
@@ -52,7 +106,7 @@ pub(crate) fn copy(source: &str, destination: &str, args: RemoteArgs) -> anyhow:
                 http.clone(),
                 &image.registry,
                 plain,
-                credentials(creds)?,
+                credentials(creds, &image.registry)?,
             ))
         };
         let from = client(&source, args.src_creds.as_deref())?;

@@ -9,6 +9,7 @@
 
 mod auth;
 mod copy;
+pub mod credentials;
 mod reference;
 mod verify;
 
@@ -270,6 +271,17 @@ impl RegistryClient {
         let status = response.status().as_u16();
         let body = response.text().await.unwrap_or_default();
         ClientError::from_status(status, &body, what)
+    }
+
+    /// Checks that the registry speaks the API and accepts the credentials (`GET /v2/`).
+    pub async fn ping(&self) -> Result<(), ClientError> {
+        let url = format!("{}/v2/", self.base);
+        let response = self.send("", true, |http| http.get(&url)).await?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(Self::failure(response, &format!("{}/v2/", self.base)).await)
+        }
     }
 
     /// Fetches a manifest by tag or digest; verifies its digest when asked by digest.

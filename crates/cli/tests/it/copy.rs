@@ -11,16 +11,7 @@ use serde_json::json;
 use crate::*;
 
 fn berth(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
-        .args(args)
-        .output()
-        .expect("run berth");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    berth_env(args, &[], None)
 }
 
 /// Pushes two single-platform images and an index over them; returns the index's digest
@@ -228,4 +219,144 @@ fn berth_to_distribution_and_back_keeps_every_digest() {
         let problems = pull_problems(&back.url(), "again/app", &child);
         assert!(problems.is_empty(), "{child}: {problems:?}");
     }
+}
+
+/// Runs `berth` with extra environment and, if given, standard input.
+fn berth_env(args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> (bool, String) {
+    use std::io::Write;
+    // Hermetic: no credentials of whoever runs the tests (docker or podman logins) are
+    // found, only those a test puts there.
+    let home = tempfile::tempdir().unwrap();
+    let home_path = home.path().to_str().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(args)
+        .env("HOME", home_path)
+        .env("DOCKER_CONFIG", home.path().join(".docker"))
+        .env("XDG_RUNTIME_DIR", home_path)
+        .env_remove("REGISTRY_AUTH_FILE")
+        .env_remove("BERTH_SRC_CREDS")
+        .env_remove("BERTH_DEST_CREDS")
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run berth");
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).unwrap();
+    }
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn login_keeps_credentials_where_copy_and_docker_find_them() {
+    use std::os::unix::fs::PermissionsExt;
+    let source = start();
+    let destination = start_with_auth(berth_auth::AuthSettings::default());
+    push_image(&source.url(), "team/app", "v1", &[b"layer"]);
+    let config_dir = tempfile::tempdir().unwrap();
+    let env = [("DOCKER_CONFIG", config_dir.path().to_str().unwrap())];
+    let host = destination.host();
+    let from = format!("{}/team/app:v1", source.host());
+    let to = format!("{host}/copied/app:v1");
+
+    let (ok, out) = berth_env(
+        &["login", &host, "-u", "admin", "--password-stdin"],
+        &env,
+        Some("wrong\n"),
+    );
+    assert!(!ok && out.contains("unauthorized"), "{out}");
+    assert!(
+        !config_dir.path().join("config.json").exists(),
+        "nothing kept for a refused login"
+    );
+
+    let (ok, out) = berth_env(
+        &["login", &host, "-u", "admin", "--password-stdin"],
+        &env,
+        Some(&format!("{ADMIN_PASSWORD}\n")),
+    );
+    assert!(ok, "{out}");
+    let file = config_dir.path().join("config.json");
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    use base64::Engine as _;
+    let expected =
+        base64::engine::general_purpose::STANDARD.encode(format!("admin:{ADMIN_PASSWORD}"));
+    assert_eq!(
+        config["auths"][&host]["auth"],
+        expected.as_str(),
+        "docker's own format"
+    );
+
+    let (ok, out) = berth_env(&["copy", &from, &to], &env, None);
+    assert!(ok, "{out}");
+
+    let (ok, out) = berth_env(&["logout", &host], &env, None);
+    assert!(ok && out.contains("Removed"), "{out}");
+    let (ok, out) = berth_env(
+        &["copy", &from, &format!("{host}/copied/app:v2")],
+        &env,
+        None,
+    );
+    assert!(
+        !ok && (out.contains("unauthorized") || out.contains("denied")),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_credential_helper_is_asked() {
+    use std::os::unix::fs::PermissionsExt;
+    let source = start();
+    let destination = start_with_auth(berth_auth::AuthSettings::default());
+    push_image(&source.url(), "team/app", "v1", &[b"layer"]);
+    let dir = tempfile::tempdir().unwrap();
+    let host = destination.host();
+    // A helper that knows one registry, as docker-credential-pass or -secretservice would.
+    let helper = dir.path().join("docker-credential-berthtest");
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\nread server\n[ \"$server\" = \"{host}\" ] || {{ echo 'credentials not found' >&2; exit 1; }}\necho '{{\"ServerURL\":\"{host}\",\"Username\":\"admin\",\"Secret\":\"{ADMIN_PASSWORD}\"}}'\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        serde_json::json!({"credHelpers": {host.clone(): "berthtest"}}).to_string(),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        dir.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let env = [
+        ("DOCKER_CONFIG", dir.path().to_str().unwrap()),
+        ("PATH", path.as_str()),
+    ];
+    let (ok, out) = berth_env(
+        &[
+            "copy",
+            &format!("{}/team/app:v1", source.host()),
+            &format!("{host}/helped/app:v1"),
+        ],
+        &env,
+        None,
+    );
+    assert!(ok, "{out}");
 }
