@@ -360,3 +360,59 @@ fn a_credential_helper_is_asked() {
     );
     assert!(ok, "{out}");
 }
+
+#[test]
+fn a_podman_login_is_enough() {
+    let Some(podman) = berth_testkit::tool("podman") else {
+        return;
+    };
+    let source = start();
+    let destination = start_with_auth(berth_auth::AuthSettings::default());
+    push_image(&source.url(), "team/app", "v1", &[b"layer"]);
+    let dir = tempfile::tempdir().unwrap();
+    let auth_file = dir.path().join("auth.json");
+    let host = destination.host();
+    use std::io::Write;
+    let mut login = Command::new(podman)
+        .arg("--root")
+        .arg(dir.path().join("root"))
+        .arg("--runroot")
+        .arg(dir.path().join("run"))
+        .args([
+            "--storage-driver",
+            "vfs",
+            "login",
+            "--tls-verify=false",
+            "--authfile",
+        ])
+        .arg(&auth_file)
+        .args(["-u", "admin", "--password-stdin", &host])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    login
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(ADMIN_PASSWORD.as_bytes())
+        .unwrap();
+    let out = login.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let env = [("REGISTRY_AUTH_FILE", auth_file.to_str().unwrap())];
+    let (ok, out) = berth_env(
+        &[
+            "copy",
+            &format!("{}/team/app:v1", source.host()),
+            &format!("{host}/podman/app:v1"),
+        ],
+        &env,
+        None,
+    );
+    assert!(ok, "{out}");
+}
