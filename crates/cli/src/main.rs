@@ -79,12 +79,13 @@ enum Command {
         #[arg(long, env = "BERTH_TLS_CLIENT_CA_FILE")]
         tls_client_ca_file: Option<PathBuf>,
     },
-    /// Copy an image between registries: every platform of an index, digests unchanged,
-    /// blobs streamed through (skipped when already there, mounted within one registry).
+    /// Copy an image between registries and OCI layouts: every platform of an index,
+    /// digests unchanged, blobs streamed through (skipped when already there, mounted
+    /// within one registry).
     Copy {
-        /// The source, `host[:port]/repo[:tag|@digest]`.
+        /// The source: `host[:port]/repo[:tag|@digest]`, or an OCI layout `oci:PATH[:TAG]`.
         source: String,
-        /// The destination, `host[:port]/repo[:tag]`.
+        /// The destination: `host[:port]/repo[:tag]`, or `oci:PATH[:TAG]` (created if missing).
         destination: String,
         #[command(flatten)]
         remote: remote::RemoteArgs,

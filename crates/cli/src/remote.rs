@@ -3,7 +3,7 @@
 //! through `berth_client`.
 
 use anyhow::Context;
-use berth_client::{copy_image, Credentials, ImageRef, RegistryClient};
+use berth_client::{Credentials, Endpoint, ImageRef, OciLayout, RegistryClient};
 use clap::Args;
 
 /// How to reach the registries of a command.
@@ -91,10 +91,53 @@ pub(crate) fn logout(registry: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where `berth copy` reads or writes: a registry reference, or `oci:PATH[:TAG]`.
+enum Place {
+    Registry(ImageRef),
+    Layout {
+        path: std::path::PathBuf,
+        tag: Option<String>,
+    },
+}
+
+impl Place {
+    fn parse(text: &str) -> anyhow::Result<Place> {
+        let Some(rest) = text.strip_prefix("oci:") else {
+            return Ok(Place::Registry(ImageRef::parse(text)?));
+        };
+        // The tag follows the last ':' unless that ':' is part of the path.
+        let (path, tag) = match rest.rsplit_once(':') {
+            Some((path, tag)) if !tag.contains('/') && !tag.is_empty() => {
+                berth_oci::Tag::parse(tag).with_context(|| format!("{text}: bad tag"))?;
+                (path, Some(tag.to_owned()))
+            }
+            _ => (rest, None),
+        };
+        anyhow::ensure!(!path.is_empty(), "{text}: no layout path");
+        Ok(Place::Layout {
+            path: path.into(),
+            tag,
+        })
+    }
+}
+
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Place::Registry(image) => write!(f, "{image}"),
+            Place::Layout {
+                path,
+                tag: Some(tag),
+            } => write!(f, "oci:{}:{tag}", path.display()),
+            Place::Layout { path, tag: None } => write!(f, "oci:{}", path.display()),
+        }
+    }
+}
+
 /// `berth copy SRC DST`.
 pub(crate) fn copy(source: &str, destination: &str, args: RemoteArgs) -> anyhow::Result<()> {
-    let source = ImageRef::parse(source)?;
-    let destination = ImageRef::parse(destination)?;
+    let source = Place::parse(source)?;
+    let destination = Place::parse(destination)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -109,9 +152,17 @@ pub(crate) fn copy(source: &str, destination: &str, args: RemoteArgs) -> anyhow:
                 credentials(creds, &image.registry)?,
             ))
         };
-        let from = client(&source, args.src_creds.as_deref())?;
-        let to = client(&destination, args.dest_creds.as_deref())?;
-        let report = copy_image(&from, &source, &to, &destination)
+        let (from_client, from_layout) = match &source {
+            Place::Registry(image) => (Some(client(image, args.src_creds.as_deref())?), None),
+            Place::Layout { path, .. } => (None, Some(OciLayout::open_existing(path).await?)),
+        };
+        let (to_client, to_layout) = match &destination {
+            Place::Registry(image) => (Some(client(image, args.dest_creds.as_deref())?), None),
+            Place::Layout { path, .. } => (None, Some(OciLayout::open(path).await?)),
+        };
+        let from = endpoint(&source, from_client.as_ref(), from_layout.as_ref());
+        let to = endpoint(&destination, to_client.as_ref(), to_layout.as_ref());
+        let report = berth_client::copy(&from, &to)
             .await
             .with_context(|| format!("copying {source} to {destination}"))?;
         println!(
@@ -129,4 +180,19 @@ pub(crate) fn copy(source: &str, destination: &str, args: RemoteArgs) -> anyhow:
         );
         Ok(())
     })
+}
+
+fn endpoint<'a>(
+    place: &'a Place,
+    client: Option<&'a RegistryClient>,
+    layout: Option<&'a OciLayout>,
+) -> Endpoint<'a> {
+    match (place, client, layout) {
+        (Place::Registry(image), Some(client), _) => Endpoint::Registry { client, image },
+        (Place::Layout { tag, .. }, _, Some(layout)) => Endpoint::Layout {
+            layout,
+            tag: tag.clone(),
+        },
+        _ => unreachable!("each place is opened as its kind"),
+    }
 }

@@ -9,7 +9,11 @@ use std::collections::{BTreeMap, HashSet};
 use berth_oci::{Digest, EdgeKind, ParsedManifest};
 use futures_util::{StreamExt, TryStreamExt};
 
-use crate::{ClientError, ImageRef, Manifest, RegistryClient};
+use std::pin::Pin;
+
+use bytes::Bytes;
+
+use crate::{ClientError, ImageRef, Manifest, OciLayout, RegistryClient};
 
 /// Blobs copied at the same time.
 const PARALLEL_BLOBS: usize = 4;
@@ -31,6 +35,134 @@ pub struct CopyReport {
     pub bytes: u64,
 }
 
+/// One side of a copy: a repository of a registry, or an OCI layout on disk.
+pub enum Endpoint<'a> {
+    /// An image in a registry.
+    Registry {
+        /// The client for its registry.
+        client: &'a RegistryClient,
+        /// The image.
+        image: &'a ImageRef,
+    },
+    /// An image in an OCI layout.
+    Layout {
+        /// The layout.
+        layout: &'a OciLayout,
+        /// Its tag in the layout's index (`None`: the only image, or untagged).
+        tag: Option<String>,
+    },
+}
+
+type ByteStream = Pin<Box<dyn futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send>>;
+
+impl Endpoint<'_> {
+    async fn top_manifest(&self) -> Result<Manifest, ClientError> {
+        match self {
+            Endpoint::Registry { client, image } => {
+                client
+                    .manifest(image.repository.as_str(), &image.reference())
+                    .await
+            }
+            Endpoint::Layout { layout, tag } => layout.manifest(tag.as_deref()).await,
+        }
+    }
+
+    async fn child_manifest(&self, digest: &Digest) -> Result<Manifest, ClientError> {
+        match self {
+            Endpoint::Registry { client, image } => {
+                client
+                    .manifest(image.repository.as_str(), digest.as_str())
+                    .await
+            }
+            Endpoint::Layout { layout, .. } => layout.manifest_by_digest(digest, "").await,
+        }
+    }
+
+    async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, ClientError> {
+        match self {
+            Endpoint::Registry { client, image } => {
+                client.blob_size(image.repository.as_str(), digest).await
+            }
+            Endpoint::Layout { layout, .. } => Ok(layout.blob_size(digest).await),
+        }
+    }
+
+    async fn blob(&self, digest: &Digest, size: u64) -> Result<ByteStream, ClientError> {
+        match self {
+            Endpoint::Registry { client, image } => Ok(Box::pin(
+                client
+                    .blob(image.repository.as_str(), digest, Some(size))
+                    .await?,
+            )),
+            // The receiving side verifies what it stores.
+            Endpoint::Layout { layout, .. } => layout.blob(digest).await,
+        }
+    }
+
+    async fn put_blob(
+        &self,
+        digest: &Digest,
+        size: u64,
+        body: ByteStream,
+    ) -> Result<(), ClientError> {
+        match self {
+            Endpoint::Registry { client, image } => {
+                client
+                    .push_blob(image.repository.as_str(), digest, size, body)
+                    .await
+            }
+            Endpoint::Layout { layout, .. } => layout.put_blob(digest, body).await.map(|_| ()),
+        }
+    }
+
+    /// Mounts from `source` when both are repositories of one registry.
+    async fn mount_from(
+        &self,
+        source: &Endpoint<'_>,
+        digest: &Digest,
+    ) -> Result<bool, ClientError> {
+        match (self, source) {
+            (
+                Endpoint::Registry { client, image },
+                Endpoint::Registry {
+                    client: from,
+                    image: from_image,
+                },
+            ) if client.base() == from.base() && image.repository != from_image.repository => {
+                client
+                    .mount(
+                        image.repository.as_str(),
+                        digest,
+                        from_image.repository.as_str(),
+                    )
+                    .await
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Stores a child manifest (by digest) or the top one (`top`: by the endpoint's tag).
+    async fn put_manifest(&self, manifest: &Manifest, top: bool) -> Result<(), ClientError> {
+        match self {
+            Endpoint::Registry { client, image } => {
+                let reference = match (&image.tag, top) {
+                    (Some(tag), true) => tag.clone(),
+                    _ => manifest.digest.to_string(),
+                };
+                client
+                    .put_manifest(image.repository.as_str(), &reference, manifest)
+                    .await
+                    .map(|_| ())
+            }
+            Endpoint::Layout { layout, tag } => {
+                layout
+                    .put_manifest(manifest, if top { tag.as_deref() } else { None })
+                    .await
+            }
+        }
+    }
+}
+
 /// Copies `source` (read through `from`) to `destination` (written through `to`): every
 /// platform of an index, with each digest unchanged.
 pub async fn copy_image(
@@ -39,43 +171,39 @@ pub async fn copy_image(
     to: &RegistryClient,
     destination: &ImageRef,
 ) -> Result<CopyReport, ClientError> {
-    let mut report = CopyReport::default();
-    let top = from
-        .manifest(source.repository.as_str(), &source.reference())
-        .await?;
-    let same_registry = from.base() == to.base();
-    let mut copied = HashSet::new();
-    copy_tree(
-        from,
-        source,
-        to,
-        destination,
-        &top,
-        same_registry,
-        &mut copied,
-        &mut report,
+    copy(
+        &Endpoint::Registry {
+            client: from,
+            image: source,
+        },
+        &Endpoint::Registry {
+            client: to,
+            image: destination,
+        },
     )
-    .await?;
-    let reference = match (&destination.tag, &destination.digest) {
-        (Some(tag), _) => tag.clone(),
-        (None, _) => top.digest.to_string(),
-    };
-    to.put_manifest(destination.repository.as_str(), &reference, &top)
-        .await?;
+    .await
+}
+
+/// Copies the image at `source` to `destination`, registries and layouts alike.
+pub async fn copy(
+    source: &Endpoint<'_>,
+    destination: &Endpoint<'_>,
+) -> Result<CopyReport, ClientError> {
+    let mut report = CopyReport::default();
+    let top = source.top_manifest().await?;
+    let mut copied = HashSet::new();
+    copy_tree(source, destination, &top, &mut copied, &mut report).await?;
+    destination.put_manifest(&top, true).await?;
     report.manifests += 1;
     report.digest = Some(top.digest);
     Ok(report)
 }
 
 /// Copies what `manifest` references (not the manifest itself).
-#[allow(clippy::too_many_arguments)]
 async fn copy_tree(
-    from: &RegistryClient,
-    source: &ImageRef,
-    to: &RegistryClient,
-    destination: &ImageRef,
+    source: &Endpoint<'_>,
+    destination: &Endpoint<'_>,
     manifest: &Manifest,
-    same_registry: bool,
     copied: &mut HashSet<Digest>,
     report: &mut CopyReport,
 ) -> Result<(), ClientError> {
@@ -86,26 +214,9 @@ async fn copy_tree(
     for edge in &parsed.edges {
         match edge.kind {
             EdgeKind::Child => {
-                let child = from
-                    .manifest(source.repository.as_str(), edge.digest.as_str())
-                    .await?;
-                Box::pin(copy_tree(
-                    from,
-                    source,
-                    to,
-                    destination,
-                    &child,
-                    same_registry,
-                    copied,
-                    report,
-                ))
-                .await?;
-                to.put_manifest(
-                    destination.repository.as_str(),
-                    edge.digest.as_str(),
-                    &child,
-                )
-                .await?;
+                let child = source.child_manifest(&edge.digest).await?;
+                Box::pin(copy_tree(source, destination, &child, copied, report)).await?;
+                destination.put_manifest(&child, false).await?;
                 report.manifests += 1;
             }
             EdgeKind::Config | EdgeKind::Layer => {
@@ -119,7 +230,7 @@ async fn copy_tree(
         }
     }
     let outcomes: Vec<BlobOutcome> = futures_util::stream::iter(blobs)
-        .map(|(digest, size)| copy_blob(from, source, to, destination, digest, size, same_registry))
+        .map(|(digest, size)| copy_blob(source, destination, digest, size))
         .buffer_unordered(PARALLEL_BLOBS)
         .try_collect()
         .await?;
@@ -143,37 +254,26 @@ enum BlobOutcome {
 }
 
 async fn copy_blob(
-    from: &RegistryClient,
-    source: &ImageRef,
-    to: &RegistryClient,
-    destination: &ImageRef,
+    source: &Endpoint<'_>,
+    destination: &Endpoint<'_>,
     digest: Digest,
     size: Option<u64>,
-    same_registry: bool,
 ) -> Result<BlobOutcome, ClientError> {
-    let repository = destination.repository.as_str();
-    if to.blob_size(repository, &digest).await?.is_some() {
+    if destination.blob_size(&digest).await?.is_some() {
         return Ok(BlobOutcome::Skipped);
     }
-    if same_registry
-        && source.repository != destination.repository
-        && to
-            .mount(repository, &digest, source.repository.as_str())
-            .await?
-    {
+    if destination.mount_from(source, &digest).await? {
         return Ok(BlobOutcome::Mounted);
     }
     let size = match size {
         Some(size) => size,
-        None => from
-            .blob_size(source.repository.as_str(), &digest)
+        None => source
+            .blob_size(&digest)
             .await?
             .ok_or_else(|| ClientError::NotFound(format!("blob {digest}")))?,
     };
-    let bytes = from
-        .blob(source.repository.as_str(), &digest, Some(size))
-        .await?;
-    to.push_blob(repository, &digest, size, bytes).await?;
+    let bytes = source.blob(&digest, size).await?;
+    destination.put_blob(&digest, size, bytes).await?;
     Ok(BlobOutcome::Copied(size))
 }
 

@@ -10,6 +10,7 @@
 mod auth;
 mod copy;
 pub mod credentials;
+mod layout;
 mod reference;
 mod verify;
 
@@ -22,7 +23,8 @@ use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_TYPE, LOCATION, 
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 
 pub use auth::Credentials;
-pub use copy::{copy_image, CopyReport};
+pub use copy::{copy, copy_image, CopyReport, Endpoint};
+pub use layout::OciLayout;
 pub use reference::ImageRef;
 pub use verify::VerifiedStream;
 

@@ -416,3 +416,91 @@ fn a_podman_login_is_enough() {
     );
     assert!(ok, "{out}");
 }
+
+#[test]
+fn oci_layouts_go_both_ways_and_real_tools_read_and_write_them() {
+    let source = start();
+    let back = start();
+    let (index, children) = push_index(&source.url(), "team/app", "multi");
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    let target = format!("oci:{}:v1", layout.display());
+    let (ok, out) = berth(&[
+        "copy",
+        &format!("{}/team/app:multi", source.host()),
+        &target,
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("5 blobs copied"), "{out}");
+    for child in &children {
+        let file = layout
+            .join("blobs/sha256")
+            .join(child.trim_start_matches("sha256:"));
+        assert!(file.is_file(), "{child} in the layout");
+    }
+    // A real tool reads what berth wrote.
+    if let Some(skopeo) = berth_testkit::tool("skopeo") {
+        let out = Command::new(&skopeo)
+            .args(["inspect", "--raw", &target])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(sha256(&out.stdout), index, "skopeo reads the same index");
+    }
+    // And back into a registry: the same digests.
+    let (ok, out) = berth(&["copy", &target, &format!("{}/from/layout:v1", back.host())]);
+    assert!(ok, "{out}");
+    assert!(out.contains(&index), "{out}");
+    for child in &children {
+        assert!(
+            pull_problems(&back.url(), "from/layout", child).is_empty(),
+            "{child}"
+        );
+    }
+    // A layout written by skopeo is read by berth.
+    if let Some(skopeo) = berth_testkit::tool("skopeo") {
+        let made = format!("oci:{}:s1", dir.path().join("by-skopeo").display());
+        let out = Command::new(&skopeo)
+            .args([
+                "copy",
+                "--all",
+                "--src-tls-verify=false",
+                &format!("docker://{}/team/app:multi", source.host()),
+                &made,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let raw = Command::new(&skopeo)
+            .args(["inspect", "--raw", &made])
+            .output()
+            .unwrap();
+        // skopeo may rewrite the index it stores; berth must copy whatever it holds as is.
+        let held = sha256(&raw.stdout);
+        let (ok, out) = berth(&["copy", &made, &format!("{}/from/skopeo:v1", back.host())]);
+        assert!(ok, "{out}");
+        assert!(out.contains(&held), "the layout's own index: {out}");
+        assert!(out.contains("3 manifests"), "{out}");
+    }
+    // Missing layouts and tags are named as such.
+    let (ok, out) = berth(&[
+        "copy",
+        &format!("oci:{}/nowhere:v1", dir.path().display()),
+        &format!("{}/x/y:v1", back.host()),
+    ]);
+    assert!(!ok && out.contains("no OCI image layout"), "{out}");
+    let (ok, out) = berth(&[
+        "copy",
+        &format!("oci:{}:nope", layout.display()),
+        &format!("{}/x/y:v1", back.host()),
+    ]);
+    assert!(!ok && out.contains("no image tagged nope"), "{out}");
+}
