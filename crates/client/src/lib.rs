@@ -12,6 +12,7 @@ mod copy;
 pub mod credentials;
 mod layout;
 mod reference;
+pub mod unpack;
 mod verify;
 
 use std::time::Duration;

@@ -1,0 +1,773 @@
+//! Stacking layers into a root filesystem, by the OCI image-spec's rules: each layer is a
+//! tar (plain, gzip or zstd: told by its first bytes) applied over the ones before;
+//! `.wh.<name>` deletes `<name>` of a lower layer and `.wh..wh..opq` empties its
+//! directory of what lower layers put there; hard links may point at files of lower
+//! layers.
+//!
+//! Nothing is ever written outside the root. Entry paths must be relative without `..`;
+//! directories on the way are resolved inside the root — an absolute symlink is taken
+//! as relative to the root, as it would be inside a container — and a relative symlink
+//! climbing above the root is refused; the last component is never followed (what is
+//! there is replaced); hard links must name a path inside the root. Files are created
+//! with `O_NOFOLLOW | O_EXCL` after whatever was there is removed.
+
+use std::collections::{HashSet, VecDeque};
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, OpenOptions};
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Why a layer could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum UnpackError {
+    /// An entry would write outside the root.
+    #[error("{path}: {why}, refused")]
+    Outside {
+        /// The entry's path as the layer names it.
+        path: String,
+        /// What was wrong with it.
+        why: &'static str,
+    },
+    /// The layer is not a readable tar (or its compression is broken).
+    #[error("the layer is not a readable archive: {0}")]
+    Archive(String),
+    /// The file system refused.
+    #[error("{path}: {source}")]
+    Io {
+        /// Where.
+        path: String,
+        /// What happened.
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> UnpackError + '_ {
+    move |source| UnpackError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// How to apply layers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UnpackOptions {
+    /// Keep the layer's owners (needs root). Off: everything belongs to the caller, and
+    /// device nodes are skipped (rootless).
+    pub keep_owners: bool,
+}
+
+/// What applying a layer did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LayerReport {
+    /// Entries applied.
+    pub entries: u64,
+    /// Whiteouts applied (files deleted, directories made opaque).
+    pub whiteouts: u64,
+    /// Device nodes not created (rootless).
+    pub skipped_devices: u64,
+    /// Extended attributes the file system refused.
+    pub skipped_xattrs: u64,
+}
+
+/// How many symlinks one path may pass through.
+const MAX_LINK_HOPS: usize = 40;
+const WHITEOUT: &[u8] = b".wh.";
+const OPAQUE: &[u8] = b".wh..wh..opq";
+
+/// The layer's bytes, decompressed as its first bytes say.
+fn decompress<'a, R: Read + 'a>(layer: R) -> Result<Box<dyn Read + 'a>, UnpackError> {
+    let mut reader = BufReader::with_capacity(256 * 1024, layer);
+    let head = reader
+        .fill_buf()
+        .map_err(|e| UnpackError::Archive(e.to_string()))?;
+    if head.starts_with(&[0x1f, 0x8b]) {
+        Ok(Box::new(flate2::bufread::MultiGzDecoder::new(reader)))
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        let decoder = ruzstd::decoding::StreamingDecoder::new(reader)
+            .map_err(|e| UnpackError::Archive(format!("zstd: {e}")))?;
+        Ok(Box::new(decoder))
+    } else {
+        Ok(Box::new(reader))
+    }
+}
+
+/// An entry path's components: relative, without `..` (refused) and without `.`/empty.
+fn components<'p>(raw: &'p [u8], shown: &str) -> Result<Vec<&'p OsStr>, UnpackError> {
+    if raw.starts_with(b"/") {
+        return Err(UnpackError::Outside {
+            path: shown.to_owned(),
+            why: "an absolute path",
+        });
+    }
+    let mut parts = Vec::new();
+    for part in raw.split(|b| *b == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." => {
+                return Err(UnpackError::Outside {
+                    path: shown.to_owned(),
+                    why: "a path with ..",
+                })
+            }
+            part => parts.push(OsStr::from_bytes(part)),
+        }
+    }
+    Ok(parts)
+}
+
+/// The real directory `parts` name under `root`, resolving symlinks inside the root and
+/// (with `create`) making missing directories.
+fn resolve_dir(
+    root: &Path,
+    parts: &[&OsStr],
+    create: bool,
+    shown: &str,
+) -> Result<PathBuf, UnpackError> {
+    let mut pending: VecDeque<OsString> = parts.iter().map(|p| p.to_os_string()).collect();
+    let mut at: Vec<OsString> = Vec::new();
+    let mut hops = 0;
+    while let Some(part) = pending.pop_front() {
+        if part == ".." {
+            if at.pop().is_none() {
+                return Err(UnpackError::Outside {
+                    path: shown.to_owned(),
+                    why: "a symlink on the way leads outside the root",
+                });
+            }
+            continue;
+        }
+        if part == "." || part.is_empty() {
+            continue;
+        }
+        let here: PathBuf = at
+            .iter()
+            .fold(root.to_owned(), |p, c| p.join(c))
+            .join(&part);
+        match fs::symlink_metadata(&here) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                hops += 1;
+                if hops > MAX_LINK_HOPS {
+                    return Err(UnpackError::Outside {
+                        path: shown.to_owned(),
+                        why: "too many symlinks on the way",
+                    });
+                }
+                let target = fs::read_link(&here).map_err(io(&here))?;
+                let bytes = target.as_os_str().as_bytes();
+                if bytes.starts_with(b"/") {
+                    // Inside a container this is the root's path: resolve it from there.
+                    at.clear();
+                }
+                let target_parts: Vec<OsString> = bytes
+                    .split(|b| *b == b'/')
+                    .filter(|p| !p.is_empty())
+                    .map(|p| OsStr::from_bytes(p).to_os_string())
+                    .collect();
+                for p in target_parts.into_iter().rev() {
+                    pending.push_front(p);
+                }
+            }
+            Ok(meta) if meta.is_dir() => at.push(part),
+            Ok(_) => {
+                // A file where a directory is needed: a later layer replaces it.
+                if !create {
+                    return Err(UnpackError::Io {
+                        path: shown.to_owned(),
+                        source: std::io::Error::from(std::io::ErrorKind::NotADirectory),
+                    });
+                }
+                fs::remove_file(&here).map_err(io(&here))?;
+                fs::create_dir(&here).map_err(io(&here))?;
+                at.push(part);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
+                fs::DirBuilder::new()
+                    .mode(0o755)
+                    .create(&here)
+                    .map_err(io(&here))?;
+                at.push(part);
+            }
+            Err(e) => return Err(io(&here)(e)),
+        }
+    }
+    Ok(at.iter().fold(root.to_owned(), |p, c| p.join(c)))
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+/// Removes whatever is at `path` (never following a symlink); nothing if absent.
+fn remove_any(path: &Path) -> Result<(), UnpackError> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path).map_err(io(path)),
+        Ok(_) => fs::remove_file(path).map_err(io(path)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(path)(e)),
+    }
+}
+
+/// Applies one layer over `root` (which must exist).
+pub fn apply_layer<R: Read>(
+    root: &Path,
+    layer: R,
+    options: UnpackOptions,
+) -> Result<LayerReport, UnpackError> {
+    let mut archive = tar::Archive::new(decompress(layer)?);
+    let mut report = LayerReport::default();
+    // What this layer made: an opaque whiteout empties a directory of lower layers' files
+    // only, whichever order the tar lists them in.
+    let mut made: HashSet<PathBuf> = HashSet::new();
+    let mut directory_modes: Vec<(PathBuf, u32)> = Vec::new();
+    let entries = archive
+        .entries()
+        .map_err(|e| UnpackError::Archive(e.to_string()))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| UnpackError::Archive(e.to_string()))?;
+        let raw_path = entry.path_bytes().into_owned();
+        let shown = String::from_utf8_lossy(&raw_path)
+            .chars()
+            .take(256)
+            .collect::<String>();
+        let parts = components(&raw_path, &shown)?;
+        let Some((name, parents)) = parts.split_last() else {
+            continue; // the root itself
+        };
+        let dir = resolve_dir(root, parents, true, &shown)?;
+        let name_bytes = name.as_bytes();
+        if name_bytes == OPAQUE {
+            for child in fs::read_dir(&dir).map_err(io(&dir))? {
+                let child = child.map_err(io(&dir))?.path();
+                if !made.contains(&child) {
+                    remove_any(&child)?;
+                }
+            }
+            report.whiteouts += 1;
+            continue;
+        }
+        if let Some(hidden) = name_bytes.strip_prefix(WHITEOUT) {
+            if hidden.is_empty() || hidden == b"." || hidden == b".." {
+                return Err(UnpackError::Outside {
+                    path: shown,
+                    why: "a whiteout of no name",
+                });
+            }
+            let target = dir.join(OsStr::from_bytes(hidden));
+            if !made.contains(&target) {
+                remove_any(&target)?;
+            }
+            report.whiteouts += 1;
+            continue;
+        }
+        let path = dir.join(name);
+        let header = entry.header().clone();
+        let mode = header
+            .mode()
+            .map_err(|e| UnpackError::Archive(e.to_string()))?
+            & 0o7777;
+        let kind = header.entry_type();
+        match kind {
+            tar::EntryType::Directory => {
+                match fs::symlink_metadata(&path) {
+                    Ok(meta) if meta.is_dir() => {}
+                    _ => {
+                        remove_any(&path)?;
+                        fs::DirBuilder::new()
+                            .mode(0o755)
+                            .create(&path)
+                            .map_err(io(&path))?;
+                    }
+                }
+                directory_modes.push((path.clone(), mode));
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                remove_any(&path)?;
+                let mut file = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .custom_flags(libc_nofollow())
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(io(&path))?;
+                std::io::copy(&mut entry, &mut file).map_err(io(&path))?;
+            }
+            tar::EntryType::Symlink => {
+                let target = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| {
+                        UnpackError::Archive(format!("{shown}: a symlink without a target"))
+                    })?
+                    .into_owned();
+                remove_any(&path)?;
+                std::os::unix::fs::symlink(OsStr::from_bytes(&target), &path).map_err(io(&path))?;
+            }
+            tar::EntryType::Link => {
+                let target = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| {
+                        UnpackError::Archive(format!("{shown}: a hard link without a target"))
+                    })?
+                    .into_owned();
+                // A hard link names a path of the archive, so `/x` is the root's `x`.
+                let relative: &[u8] = {
+                    let mut t = &target[..];
+                    while let Some(rest) = t.strip_prefix(b"/") {
+                        t = rest;
+                    }
+                    t
+                };
+                let target_parts = components(relative, &shown)?;
+                let Some((target_name, target_parents)) = target_parts.split_last() else {
+                    return Err(UnpackError::Outside {
+                        path: shown,
+                        why: "a hard link to the root",
+                    });
+                };
+                let target_dir = resolve_dir(root, target_parents, false, &shown)?;
+                let source = target_dir.join(target_name);
+                if fs::symlink_metadata(&source).is_ok_and(|m| m.is_dir()) {
+                    return Err(UnpackError::Outside {
+                        path: shown,
+                        why: "a hard link to a directory",
+                    });
+                }
+                if source != path {
+                    remove_any(&path)?;
+                    fs::hard_link(&source, &path).map_err(io(&path))?;
+                }
+            }
+            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
+                if !options.keep_owners && kind != tar::EntryType::Fifo {
+                    report.skipped_devices += 1;
+                    continue;
+                }
+                remove_any(&path)?;
+                let file_type = match kind {
+                    tar::EntryType::Char => rustix::fs::FileType::CharacterDevice,
+                    tar::EntryType::Block => rustix::fs::FileType::BlockDevice,
+                    _ => rustix::fs::FileType::Fifo,
+                };
+                let major = header.device_major().ok().flatten().unwrap_or(0);
+                let minor = header.device_minor().ok().flatten().unwrap_or(0);
+                rustix::fs::mknodat(
+                    rustix::fs::CWD,
+                    &path,
+                    file_type,
+                    rustix::fs::Mode::from_raw_mode(0o600),
+                    rustix::fs::makedev(major, minor),
+                )
+                .map_err(|e| io(&path)(e.into()))?;
+            }
+            // PAX and GNU headers are read by the tar reader; anything else is not a file.
+            _ => continue,
+        }
+        if let Ok(Some(extensions)) = entry.pax_extensions() {
+            for extension in extensions.flatten() {
+                if let Some(name) = extension.key_bytes().strip_prefix(b"SCHILY.xattr.") {
+                    let set = rustix::fs::lsetxattr(
+                        &path,
+                        OsStr::from_bytes(name),
+                        extension.value_bytes(),
+                        rustix::fs::XattrFlags::empty(),
+                    );
+                    if set.is_err() {
+                        report.skipped_xattrs += 1;
+                    }
+                }
+            }
+        }
+        if options.keep_owners {
+            let uid = header.uid().ok().map(|u| u as u32);
+            let gid = header.gid().ok().map(|g| g as u32);
+            std::os::unix::fs::lchown(&path, uid, gid).map_err(io(&path))?;
+        }
+        if !matches!(
+            kind,
+            tar::EntryType::Symlink | tar::EntryType::Link | tar::EntryType::Directory
+        ) {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).map_err(io(&path))?;
+        }
+        made.insert(path);
+        report.entries += 1;
+    }
+    // Directory modes last (deepest first), so a read-only directory is still filled.
+    for (path, mode) in directory_modes.into_iter().rev() {
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).map_err(io(&path))?;
+    }
+    Ok(report)
+}
+
+/// `O_NOFOLLOW`: the file just created is never reached through a symlink.
+fn libc_nofollow() -> i32 {
+    rustix::fs::OFlags::NOFOLLOW.bits() as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// One tar entry, with any path bytes (the tar writer's own checks are bypassed, so
+    /// hostile archives can be made).
+    #[derive(Debug, Clone)]
+    pub(super) enum E {
+        Dir(&'static str, u32),
+        File(&'static str, &'static [u8], u32),
+        Symlink(&'static str, &'static str),
+        Link(&'static str, &'static str),
+    }
+
+    pub(super) fn raw_entry(
+        out: &mut Vec<u8>,
+        path: &[u8],
+        kind: tar::EntryType,
+        link: &[u8],
+        body: &[u8],
+        mode: u32,
+    ) {
+        let mut header = tar::Header::new_gnu();
+        {
+            let old = header.as_old_mut();
+            old.name[..path.len().min(100)].copy_from_slice(&path[..path.len().min(100)]);
+            old.linkname[..link.len().min(100)].copy_from_slice(&link[..link.len().min(100)]);
+        }
+        header.set_entry_type(kind);
+        header.set_mode(mode);
+        header.set_size(body.len() as u64);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_cksum();
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(body);
+        let pad = (512 - body.len() % 512) % 512;
+        out.extend(std::iter::repeat_n(0u8, pad));
+    }
+
+    pub(super) fn layer(entries: &[E]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for e in entries {
+            match e {
+                E::Dir(p, mode) => raw_entry(
+                    &mut out,
+                    p.as_bytes(),
+                    tar::EntryType::Directory,
+                    b"",
+                    b"",
+                    *mode,
+                ),
+                E::File(p, body, mode) => raw_entry(
+                    &mut out,
+                    p.as_bytes(),
+                    tar::EntryType::Regular,
+                    b"",
+                    body,
+                    *mode,
+                ),
+                E::Symlink(p, t) => raw_entry(
+                    &mut out,
+                    p.as_bytes(),
+                    tar::EntryType::Symlink,
+                    t.as_bytes(),
+                    b"",
+                    0o777,
+                ),
+                E::Link(p, t) => raw_entry(
+                    &mut out,
+                    p.as_bytes(),
+                    tar::EntryType::Link,
+                    t.as_bytes(),
+                    b"",
+                    0o644,
+                ),
+            }
+        }
+        out.extend(std::iter::repeat_n(0u8, 1024));
+        out
+    }
+
+    /// A root inside a parent that also holds `outside/`, to see escapes land.
+    fn sandbox() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let parent = tempfile::tempdir().unwrap();
+        let root = parent.path().join("root");
+        let outside = parent.path().join("outside");
+        fs::create_dir(&root).unwrap();
+        fs::create_dir(&outside).unwrap();
+        (parent, root, outside)
+    }
+
+    fn apply(root: &Path, entries: &[E]) -> Result<LayerReport, UnpackError> {
+        apply_layer(root, &layer(entries)[..], UnpackOptions::default())
+    }
+
+    fn read(root: &Path, p: &str) -> Option<String> {
+        fs::read_to_string(root.join(p)).ok()
+    }
+
+    #[test]
+    fn upper_files_replace_lower_ones_and_whiteouts_delete() {
+        let (_p, root, _) = sandbox();
+        apply(
+            &root,
+            &[
+                E::Dir("etc", 0o755),
+                E::File("etc/a", b"lower", 0o644),
+                E::File("etc/b", b"b", 0o644),
+                E::Dir("var/lib/x", 0o755),
+                E::File("var/lib/x/f", b"f", 0o644),
+            ],
+        )
+        .unwrap();
+        let report = apply(
+            &root,
+            &[
+                E::File("etc/a", b"upper", 0o600),
+                E::File("etc/.wh.b", b"", 0o644),
+                E::File("var/lib/.wh.x", b"", 0o644),
+            ],
+        )
+        .unwrap();
+        assert_eq!(read(&root, "etc/a").as_deref(), Some("upper"));
+        assert_eq!(
+            fs::metadata(root.join("etc/a")).unwrap().mode() & 0o777,
+            0o600
+        );
+        assert!(!root.join("etc/b").exists());
+        assert!(!root.join("etc/.wh.b").exists(), "whiteouts are not files");
+        assert!(!root.join("var/lib/x").exists(), "a directory goes whole");
+        assert!(root.join("var/lib").is_dir());
+        assert_eq!(report.whiteouts, 2);
+    }
+
+    #[test]
+    fn an_opaque_directory_keeps_only_this_layers_files() {
+        let (_p, root, _) = sandbox();
+        apply(
+            &root,
+            &[
+                E::Dir("d", 0o755),
+                E::File("d/old", b"o", 0o644),
+                E::Dir("d/sub", 0o755),
+                E::File("d/sub/deep", b"x", 0o644),
+            ],
+        )
+        .unwrap();
+        // The marker after one new file and before another: both stay.
+        apply(
+            &root,
+            &[
+                E::File("d/new1", b"1", 0o644),
+                E::File("d/.wh..wh..opq", b"", 0o644),
+                E::File("d/new2", b"2", 0o644),
+            ],
+        )
+        .unwrap();
+        let mut names: Vec<String> = fs::read_dir(root.join("d"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec!["new1", "new2"]);
+    }
+
+    #[test]
+    fn hard_links_reach_lower_layers_and_kinds_replace_each_other() {
+        let (_p, root, _) = sandbox();
+        apply(
+            &root,
+            &[
+                E::File("bin/tool", b"elf", 0o755),
+                E::Dir("x", 0o755),
+                E::File("y", b"file", 0o644),
+            ],
+        )
+        .unwrap();
+        apply(
+            &root,
+            &[
+                E::Link("bin/alias", "bin/tool"),
+                E::File("x", b"now a file", 0o644),
+                E::Dir("y", 0o700),
+                E::File("y/inside", b"i", 0o644),
+            ],
+        )
+        .unwrap();
+        let a = fs::metadata(root.join("bin/alias")).unwrap();
+        let t = fs::metadata(root.join("bin/tool")).unwrap();
+        assert_eq!(a.ino(), t.ino(), "one inode");
+        assert_eq!(read(&root, "x").as_deref(), Some("now a file"));
+        assert_eq!(read(&root, "y/inside").as_deref(), Some("i"));
+        assert_eq!(fs::metadata(root.join("y")).unwrap().mode() & 0o777, 0o700);
+    }
+
+    #[test]
+    fn absolute_symlinks_resolve_inside_the_root() {
+        let (_p, root, outside) = sandbox();
+        // usr-merge style: /lib -> /usr/lib, then a file written through it.
+        apply(
+            &root,
+            &[
+                E::Dir("usr/lib", 0o755),
+                E::Symlink("lib", "/usr/lib"),
+                E::Symlink("escape", "/"),
+            ],
+        )
+        .unwrap();
+        apply(
+            &root,
+            &[
+                E::File("lib/libc.so", b"so", 0o644),
+                E::File("escape/etc-file", b"e", 0o644),
+            ],
+        )
+        .unwrap();
+        assert_eq!(read(&root, "usr/lib/libc.so").as_deref(), Some("so"));
+        assert_eq!(
+            read(&root, "etc-file").as_deref(),
+            Some("e"),
+            "/ is the root's /"
+        );
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_read_only_directory_is_still_filled() {
+        let (_p, root, _) = sandbox();
+        apply(&root, &[E::Dir("ro", 0o555), E::File("ro/f", b"f", 0o444)]).unwrap();
+        assert_eq!(read(&root, "ro/f").as_deref(), Some("f"));
+        assert_eq!(fs::metadata(root.join("ro")).unwrap().mode() & 0o777, 0o555);
+        fs::set_permissions(root.join("ro"), fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    #[test]
+    fn escapes_are_refused_with_a_clear_error() {
+        for (entries, words) in [
+            (vec![E::File("../evil", b"x", 0o644)], "a path with .."),
+            (vec![E::File("a/../../evil", b"x", 0o644)], "a path with .."),
+            (
+                vec![E::File("/etc/passwd", b"x", 0o644)],
+                "an absolute path",
+            ),
+            (
+                vec![E::Symlink("up", "../.."), E::File("up/evil", b"x", 0o644)],
+                "leads outside the root",
+            ),
+            (
+                vec![
+                    E::Symlink("up", "../outside"),
+                    E::File("up/evil", b"x", 0o644),
+                ],
+                "leads outside the root",
+            ),
+            (vec![E::Link("l", "../outside/x")], "a path with .."),
+            (vec![E::Link("l", "/")], "a hard link to the root"),
+            (vec![E::File(".wh..", b"", 0o644)], "a whiteout of no name"),
+        ] {
+            let (_p, root, outside) = sandbox();
+            let err = apply(&root, &entries).unwrap_err();
+            assert!(err.to_string().contains(words), "{entries:?}: {err}");
+            assert_eq!(fs::read_dir(&outside).unwrap().count(), 0, "{entries:?}");
+            assert!(!_p.path().join("evil").exists());
+        }
+    }
+
+    #[test]
+    fn gzip_and_zstd_layers_are_read() {
+        use std::io::Write;
+        let tar = layer(&[E::File("hello", b"world", 0o644)]);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&tar).unwrap();
+        let gz = gz.finish().unwrap();
+        let zst = ruzstd::encoding::compress_to_vec(
+            &tar[..],
+            ruzstd::encoding::CompressionLevel::Fastest,
+        );
+        for bytes in [gz, zst, tar.clone()] {
+            let (_p, root, _) = sandbox();
+            apply_layer(&root, &bytes[..], UnpackOptions::default()).unwrap();
+            assert_eq!(read(&root, "hello").as_deref(), Some("world"));
+        }
+        let (_p, root, _) = sandbox();
+        let err = apply_layer(
+            &root,
+            &b"\x1f\x8bnot gzip at all"[..],
+            UnpackOptions::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, UnpackError::Archive(_)), "{err}");
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn path() -> impl Strategy<Value = String> {
+            let part = prop::sample::select(vec![
+                "a",
+                "b",
+                "..",
+                ".",
+                "",
+                ".wh.a",
+                ".wh.b",
+                ".wh..wh..opq",
+                ".wh.",
+                ".wh..",
+                "outside",
+                "root",
+            ]);
+            (any::<bool>(), prop::collection::vec(part, 1..5)).prop_map(|(absolute, parts)| {
+                let joined = parts.join("/");
+                if absolute {
+                    format!("/{joined}")
+                } else {
+                    joined
+                }
+            })
+        }
+
+        fn entry() -> impl Strategy<Value = (u8, String, String)> {
+            (0u8..4, path(), path())
+        }
+
+        fn build(entries: &[(u8, String, String)]) -> Vec<u8> {
+            let mut out = Vec::new();
+            for (kind, p, target) in entries {
+                let (kind, link, body): (tar::EntryType, &[u8], &[u8]) = match kind {
+                    0 => (tar::EntryType::Regular, b"", b"payload"),
+                    1 => (tar::EntryType::Directory, b"", b""),
+                    2 => (tar::EntryType::Symlink, target.as_bytes(), b""),
+                    _ => (tar::EntryType::Link, target.as_bytes(), b""),
+                };
+                raw_entry(&mut out, p.as_bytes(), kind, link, body, 0o755);
+            }
+            out.extend(std::iter::repeat_n(0u8, 1024));
+            out
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+            /// Whatever two layers say, nothing is written beside the root and nothing
+            /// panics.
+            #[test]
+            fn arbitrary_layers_never_write_outside_the_root(
+                lower in prop::collection::vec(entry(), 0..12),
+                upper in prop::collection::vec(entry(), 0..12),
+            ) {
+                let parent = tempfile::tempdir().unwrap();
+                let root = parent.path().join("root");
+                let outside = parent.path().join("outside");
+                fs::create_dir(&root).unwrap();
+                fs::create_dir(&outside).unwrap();
+                for entries in [&lower, &upper] {
+                    let _ = apply_layer(&root, &build(entries)[..], UnpackOptions::default());
+                }
+                let beside: Vec<_> = fs::read_dir(parent.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+                prop_assert_eq!(beside.len(), 2, "{:?}", beside);
+                prop_assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+                // Leave nothing read-only behind for the temporary directory's removal.
+                let _ = std::process::Command::new("chmod").arg("-R").arg("u+rwx").arg(&root).status();
+            }
+        }
+    }
+}
