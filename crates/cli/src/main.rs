@@ -90,6 +90,28 @@ enum Command {
         #[command(flatten)]
         remote: remote::RemoteArgs,
     },
+    /// Pull one platform of an image into the local store (only what it lacks), and
+    /// optionally unpack it into a root filesystem.
+    Pull {
+        /// `host[:port]/repo[:tag|@digest]`.
+        image: String,
+        /// Unpack it into this directory.
+        #[arg(long)]
+        unpack: Option<PathBuf>,
+        #[command(flatten)]
+        args: remote::PullArgs,
+    },
+    /// Unpack an image (a registry reference, pulled through the store, or an OCI layout
+    /// `oci:PATH[:TAG]`) into a root filesystem, applying whiteouts; nothing is written
+    /// outside it.
+    Unpack {
+        /// The image.
+        source: String,
+        /// The root filesystem to make (or add to).
+        root: PathBuf,
+        #[command(flatten)]
+        args: remote::PullArgs,
+    },
     /// Log in to a registry: check the credentials, then keep them in docker's
     /// config.json (where docker and podman find them too).
     Login {
@@ -193,6 +215,12 @@ fn main() -> anyhow::Result<()> {
             destination,
             remote: args,
         } => remote::copy(&source, &destination, args),
+        Command::Pull {
+            image,
+            unpack,
+            args,
+        } => remote::pull(&image, unpack.as_deref(), args),
+        Command::Unpack { source, root, args } => remote::pull(&source, Some(&root), args),
         Command::Login {
             registry,
             username,

@@ -196,3 +196,112 @@ fn endpoint<'a>(
         _ => unreachable!("each place is opened as its kind"),
     }
 }
+
+/// The local store: an OCI layout under the user's data directory unless given.
+fn store_dir(given: Option<std::path::PathBuf>) -> anyhow::Result<std::path::PathBuf> {
+    if let Some(dir) = given {
+        return Ok(dir);
+    }
+    let data = std::env::var_os("XDG_DATA_HOME")
+        .filter(|d| !d.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|h| !h.is_empty())
+                .map(|h| std::path::PathBuf::from(h).join(".local/share"))
+        })
+        .context("no HOME or XDG_DATA_HOME for the store: give --store")?;
+    Ok(data.join("berth/store"))
+}
+
+/// What `pull` and `unpack` share.
+#[derive(Debug, Args)]
+pub(crate) struct PullArgs {
+    /// The platform of an index to take, `os/arch[/variant]` [default: this machine's].
+    #[arg(long)]
+    platform: Option<String>,
+    /// The local store (an OCI layout) [default: ~/.local/share/berth/store].
+    #[arg(long)]
+    store: Option<std::path::PathBuf>,
+    /// Keep the layers' file owners (needs root); otherwise everything is the caller's
+    /// and device nodes are skipped.
+    #[arg(long)]
+    keep_owners: bool,
+    #[command(flatten)]
+    remote: RemoteArgs,
+}
+
+/// `berth pull IMAGE [--unpack DIR]` and `berth unpack SRC DIR`: one platform of the image
+/// into the store (only missing blobs are fetched), then optionally into a root
+/// filesystem. An `oci:` source is unpacked straight from its layout.
+pub(crate) fn pull(
+    source: &str,
+    unpack_into: Option<&std::path::Path>,
+    args: PullArgs,
+) -> anyhow::Result<()> {
+    let place = Place::parse(source)?;
+    let platform = match &args.platform {
+        Some(p) => berth_client::Platform::parse(p)?,
+        None => berth_client::Platform::host(),
+    };
+    let options = berth_client::unpack::UnpackOptions {
+        keep_owners: args.keep_owners,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let (layout, image) = match &place {
+            Place::Registry(reference) => {
+                let store = OciLayout::open(&store_dir(args.store.clone())?).await?;
+                let http = RegistryClient::default_http(args.remote.insecure)?;
+                let plain = args.remote.plain_http || reference.plain_http_by_default();
+                let client = RegistryClient::new(
+                    http,
+                    &reference.registry,
+                    plain,
+                    credentials(args.remote.src_creds.as_deref(), &reference.registry)?,
+                );
+                let source = Endpoint::Registry {
+                    client: &client,
+                    image: reference,
+                };
+                let (image, report) = berth_client::pull(&source, &store, &reference.to_string(), &platform)
+                    .await
+                    .with_context(|| format!("pulling {reference}"))?;
+                println!(
+                    "{reference} ({platform}): {} ({} blobs downloaded ({} bytes), {} already in the store)",
+                    image.digest, report.blobs_copied, report.bytes, report.blobs_skipped
+                );
+                (store, image)
+            }
+            Place::Layout { path, tag } => {
+                let layout = OciLayout::open_existing(path).await?;
+                let source = Endpoint::Layout {
+                    layout: &layout,
+                    tag: tag.clone(),
+                };
+                let image = berth_client::resolve(&source, &platform).await?;
+                (layout, image)
+            }
+        };
+        if let Some(root) = unpack_into {
+            let report = berth_client::unpack(&layout, &image, root, options)
+                .await
+                .with_context(|| format!("unpacking into {}", root.display()))?;
+            println!(
+                "unpacked {} layers into {} ({} entries, {} whiteouts{})",
+                report.layers,
+                root.display(),
+                report.entries,
+                report.whiteouts,
+                if report.skipped_devices > 0 {
+                    format!(", {} device nodes skipped: not root", report.skipped_devices)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        Ok(())
+    })
+}

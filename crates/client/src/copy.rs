@@ -56,7 +56,7 @@ pub enum Endpoint<'a> {
 type ByteStream = Pin<Box<dyn futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send>>;
 
 impl Endpoint<'_> {
-    async fn top_manifest(&self) -> Result<Manifest, ClientError> {
+    pub(crate) async fn top_manifest(&self) -> Result<Manifest, ClientError> {
         match self {
             Endpoint::Registry { client, image } => {
                 client
@@ -67,7 +67,7 @@ impl Endpoint<'_> {
         }
     }
 
-    async fn child_manifest(&self, digest: &Digest) -> Result<Manifest, ClientError> {
+    pub(crate) async fn child_manifest(&self, digest: &Digest) -> Result<Manifest, ClientError> {
         match self {
             Endpoint::Registry { client, image } => {
                 client
@@ -189,13 +189,23 @@ pub async fn copy(
     source: &Endpoint<'_>,
     destination: &Endpoint<'_>,
 ) -> Result<CopyReport, ClientError> {
-    let mut report = CopyReport::default();
     let top = source.top_manifest().await?;
+    copy_manifest(source, destination, &top).await
+}
+
+/// Copies `top` (a manifest of `source`) and everything it references, and stores it as
+/// the destination's tagged manifest.
+pub(crate) async fn copy_manifest(
+    source: &Endpoint<'_>,
+    destination: &Endpoint<'_>,
+    top: &Manifest,
+) -> Result<CopyReport, ClientError> {
+    let mut report = CopyReport::default();
     let mut copied = HashSet::new();
-    copy_tree(source, destination, &top, &mut copied, &mut report).await?;
-    destination.put_manifest(&top, true).await?;
+    copy_tree(source, destination, top, &mut copied, &mut report).await?;
+    destination.put_manifest(top, true).await?;
     report.manifests += 1;
-    report.digest = Some(top.digest);
+    report.digest = Some(top.digest.clone());
     Ok(report)
 }
 

@@ -62,6 +62,11 @@ impl OciLayout {
         Ok(layout)
     }
 
+    /// Where the layout keeps a blob (whether or not it holds it).
+    pub fn blob_file(&self, digest: &Digest) -> PathBuf {
+        self.blob_path(digest)
+    }
+
     fn blob_path(&self, digest: &Digest) -> PathBuf {
         self.root
             .join("blobs")

@@ -11,6 +11,7 @@ mod auth;
 mod copy;
 pub mod credentials;
 mod layout;
+mod pull;
 mod reference;
 pub mod unpack;
 mod verify;
@@ -26,6 +27,7 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode};
 pub use auth::Credentials;
 pub use copy::{copy, copy_image, CopyReport, Endpoint};
 pub use layout::OciLayout;
+pub use pull::{pull, resolve, unpack, Platform, UnpackReport};
 pub use reference::ImageRef;
 pub use verify::VerifiedStream;
 

@@ -23,6 +23,7 @@ mod metrics;
 mod openapi;
 mod tls;
 mod traces;
+mod unpack;
 mod uploads;
 mod webhooks;
 

@@ -1,0 +1,278 @@
+//! `berth pull` into the store and `berth unpack` into a root filesystem, on an image made
+//! here with GNU tar: a second layer that changes, deletes (whiteout) and makes a
+//! directory opaque. The result is compared, path by path, with `umoci unpack` of the same
+//! image.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::*;
+
+fn run(command: &mut Command) -> String {
+    let out = command.output().expect("run");
+    assert!(
+        out.status.success(),
+        "{command:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn write(root: &Path, path: &str, body: &str) {
+    let path = root.join(path);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, body).unwrap();
+}
+
+/// A tar of `dir` made by GNU tar (gzip-compressed if asked), and its uncompressed digest.
+fn tar_of(dir: &Path, gzip: bool) -> (Vec<u8>, String) {
+    let out = Command::new("tar")
+        .args([
+            "--sort=name",
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            "-C",
+        ])
+        .arg(dir)
+        .args(["-cf", "-", "."])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let plain = out.stdout;
+    let diff_id = sha256(&plain);
+    if !gzip {
+        return (plain, diff_id);
+    }
+    use std::io::Write;
+    let mut child = Command::new("gzip")
+        .arg("-c")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(&plain).unwrap());
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    (out.stdout, diff_id)
+}
+
+/// Pushes a two-layer image: the second layer changes a file, deletes one, replaces a
+/// directory's contents (opaque), adds a hard link and a symlink.
+fn push_layered_image(base: &str, repo: &str, tag: &str) {
+    let work = tempfile::tempdir().unwrap();
+    let lower = work.path().join("lower");
+    write(&lower, "etc/config", "lower\n");
+    write(&lower, "etc/doomed", "bye\n");
+    write(&lower, "opaque/old", "old\n");
+    write(&lower, "opaque/sub/deep", "deep\n");
+    write(&lower, "usr/lib/libx.so", "lib\n");
+    std::fs::set_permissions(
+        lower.join("usr/lib/libx.so"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let upper = work.path().join("upper");
+    write(&upper, "etc/config", "upper\n");
+    write(&upper, "etc/.wh.doomed", "");
+    write(&upper, "opaque/.wh..wh..opq", "");
+    write(&upper, "opaque/new", "new\n");
+    std::fs::hard_link(upper.join("opaque/new"), upper.join("etc/new-link")).unwrap();
+    std::os::unix::fs::symlink("/usr/lib/libx.so", upper.join("etc/libx-link")).unwrap();
+    let (one, one_diff) = tar_of(&lower, false);
+    let (two, two_diff) = tar_of(&upper, true);
+    let config = serde_json::to_vec(&json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [one_diff, two_diff]},
+        "config": {},
+    }))
+    .unwrap();
+    let config_digest = push_blob(base, repo, &config);
+    let one_digest = push_blob(base, repo, &one);
+    let two_digest = push_blob(base, repo, &two);
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": [
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": one_digest, "size": one.len()},
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": two_digest, "size": two.len()},
+        ],
+    }))
+    .unwrap();
+    let r = put_manifest(
+        base,
+        repo,
+        tag,
+        "application/vnd.oci.image.manifest.v1+json",
+        &manifest,
+    );
+    assert_eq!(r.status(), StatusCode::CREATED);
+}
+
+/// Every path under `root`: its type, permission bits, size, content digest or link target.
+fn tree(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut pending = vec![root.to_owned()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            let rel = path.strip_prefix(root).unwrap().display().to_string();
+            let mode = meta.mode() & 0o7777;
+            let what = if meta.file_type().is_symlink() {
+                format!("link -> {}", std::fs::read_link(&path).unwrap().display())
+            } else if meta.is_dir() {
+                pending.push(path.clone());
+                format!("dir {mode:o}")
+            } else {
+                format!(
+                    "file {mode:o} {} {} links {}",
+                    meta.len(),
+                    sha256(&std::fs::read(&path).unwrap()),
+                    meta.nlink()
+                )
+            };
+            out.insert(rel, what);
+        }
+    }
+    out
+}
+
+fn berth(args: &[&str], home: &Path) -> String {
+    run(Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(args)
+        .env("HOME", home)
+        .env("DOCKER_CONFIG", home.join(".docker"))
+        .env("XDG_RUNTIME_DIR", home)
+        .env_remove("XDG_DATA_HOME"))
+}
+
+#[test]
+fn pull_and_unpack_stack_layers_as_umoci_does() {
+    let reg = start();
+    push_layered_image(&reg.url(), "team/fs", "v1");
+    let home = tempfile::tempdir().unwrap();
+    let store = home.path().join("store");
+    let rootfs = home.path().join("rootfs");
+    let image = format!("{}/team/fs:v1", reg.host());
+
+    let out = berth(
+        &[
+            "pull",
+            &image,
+            "--platform",
+            "linux/amd64",
+            "--store",
+            store.to_str().unwrap(),
+            "--unpack",
+            rootfs.to_str().unwrap(),
+        ],
+        home.path(),
+    );
+    assert!(out.contains("3 blobs downloaded"), "{out}");
+    assert!(out.contains("unpacked 2 layers"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("etc/config")).unwrap(),
+        "upper\n"
+    );
+    assert!(!rootfs.join("etc/doomed").exists(), "whiteout");
+    assert!(!rootfs.join("etc/.wh.doomed").exists());
+    let mut opaque: Vec<String> = std::fs::read_dir(rootfs.join("opaque"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    opaque.sort();
+    assert_eq!(opaque, vec!["new"], "opaque directory");
+    assert_eq!(
+        std::fs::metadata(rootfs.join("etc/new-link"))
+            .unwrap()
+            .ino(),
+        std::fs::metadata(rootfs.join("opaque/new")).unwrap().ino()
+    );
+    assert_eq!(
+        std::fs::read_link(rootfs.join("etc/libx-link")).unwrap(),
+        Path::new("/usr/lib/libx.so")
+    );
+
+    // Again: everything is in the store already.
+    let out = berth(
+        &[
+            "pull",
+            &image,
+            "--platform",
+            "linux/amd64",
+            "--store",
+            store.to_str().unwrap(),
+        ],
+        home.path(),
+    );
+    assert!(
+        out.contains("0 blobs downloaded") && out.contains("3 already in the store"),
+        "{out}"
+    );
+
+    // The default store is under the user's data directory.
+    let out = berth(&["pull", &image, "--platform", "linux/amd64"], home.path());
+    assert!(out.contains("3 blobs downloaded"), "{out}");
+    assert!(home
+        .path()
+        .join(".local/share/berth/store/index.json")
+        .is_file());
+
+    // The same image unpacked by umoci, from a layout berth writes.
+    let Some(umoci) = berth_testkit::tool("umoci") else {
+        return;
+    };
+    let layout = home.path().join("layout");
+    berth(
+        &["copy", &image, &format!("oci:{}:v1", layout.display())],
+        home.path(),
+    );
+    let bundle = home.path().join("bundle");
+    run(Command::new(umoci)
+        .args(["unpack", "--rootless", "--image"])
+        .arg(format!("{}:v1", layout.display()))
+        .arg(&bundle));
+    let from_layout = home.path().join("from-layout");
+    let out = berth(
+        &[
+            "unpack",
+            &format!("oci:{}:v1", layout.display()),
+            from_layout.to_str().unwrap(),
+        ],
+        home.path(),
+    );
+    assert!(out.contains("unpacked 2 layers"), "{out}");
+    let ours = tree(&from_layout);
+    let theirs = tree(&bundle.join("rootfs"));
+    assert_eq!(ours, theirs, "berth unpack and umoci unpack differ");
+    assert_eq!(ours, tree(&rootfs), "pull --unpack and unpack agree");
+}
+
+#[test]
+fn unpack_refuses_what_it_cannot_do_and_says_why() {
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["unpack", "oci:/nonexistent/layout:v1"])
+        .arg(home.path().join("root"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no OCI image layout"));
+    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["pull", "127.0.0.1:1/team/fs:v1", "--platform", "linux"])
+        .env("HOME", home.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected os/arch"));
+}

@@ -1,0 +1,177 @@
+//! Pulling one platform of an image into a local store (an OCI layout, so a layer shared
+//! by several images is stored once and a second pull downloads only what is missing),
+//! and unpacking it from there into a root filesystem.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::copy::{copy_manifest, Endpoint};
+use crate::unpack::{apply_layer, UnpackError, UnpackOptions};
+use crate::{ClientError, CopyReport, Manifest, OciLayout};
+
+/// An OS and architecture (and variant), as image indexes name platforms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Platform {
+    /// `linux`, `windows`…
+    pub os: String,
+    /// `amd64`, `arm64`…
+    pub architecture: String,
+    /// `v7`, `v8`… if it matters.
+    pub variant: Option<String>,
+}
+
+impl Platform {
+    /// Parses `os/arch[/variant]`.
+    pub fn parse(text: &str) -> Result<Platform, ClientError> {
+        let mut parts = text.split('/');
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some(os), Some(arch), variant, None) if !os.is_empty() && !arch.is_empty() => {
+                Ok(Platform {
+                    os: os.to_owned(),
+                    architecture: arch.to_owned(),
+                    variant: variant.map(str::to_owned),
+                })
+            }
+            _ => Err(ClientError::BadReference(format!(
+                "platform {text:?}: expected os/arch[/variant]"
+            ))),
+        }
+    }
+
+    /// The machine this runs on, in the words image indexes use.
+    pub fn host() -> Platform {
+        let architecture = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            "x86" => "386",
+            "powerpc64" => "ppc64le",
+            other => other,
+        };
+        Platform {
+            os: std::env::consts::OS.to_owned(),
+            architecture: architecture.to_owned(),
+            variant: None,
+        }
+    }
+
+    fn matches(&self, platform: &Value) -> bool {
+        platform["os"].as_str() == Some(self.os.as_str())
+            && platform["architecture"].as_str() == Some(self.architecture.as_str())
+            && self
+                .variant
+                .as_deref()
+                .is_none_or(|v| platform["variant"].as_str() == Some(v))
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        if let Some(variant) = &self.variant {
+            write!(f, "/{variant}")?;
+        }
+        Ok(())
+    }
+}
+
+fn is_index(manifest: &Manifest) -> bool {
+    manifest.media_type.contains("index") || manifest.media_type.contains("manifest.list")
+}
+
+/// Pulls the image at `source` — the manifest for `platform` when it is an index — into
+/// `store`, tagged `tag`; blobs the store holds are not downloaded again.
+pub async fn pull(
+    source: &Endpoint<'_>,
+    store: &OciLayout,
+    tag: &str,
+    platform: &Platform,
+) -> Result<(Manifest, CopyReport), ClientError> {
+    let image = resolve(source, platform).await?;
+    let destination = Endpoint::Layout {
+        layout: store,
+        tag: Some(tag.to_owned()),
+    };
+    let report = copy_manifest(source, &destination, &image).await?;
+    Ok((image, report))
+}
+
+/// The image manifest `source` names for `platform`: itself, or its index's entry.
+pub async fn resolve(source: &Endpoint<'_>, platform: &Platform) -> Result<Manifest, ClientError> {
+    let top = source.top_manifest().await?;
+    if is_index(&top) {
+        let index: Value = serde_json::from_slice(&top.bytes)
+            .map_err(|e| ClientError::Protocol(format!("index {}: {e}", top.digest)))?;
+        let chosen = index["manifests"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| platform.matches(&m["platform"]))
+            .and_then(|m| m["digest"].as_str())
+            .and_then(|d| berth_oci::Digest::parse(d).ok())
+            .ok_or_else(|| {
+                ClientError::NotFound(format!("no {platform} image in index {}", top.digest))
+            })?;
+        source.child_manifest(&chosen).await
+    } else {
+        Ok(top)
+    }
+}
+
+/// What unpacking did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnpackReport {
+    /// Layers applied.
+    pub layers: usize,
+    /// Entries applied over all layers.
+    pub entries: u64,
+    /// Whiteouts applied.
+    pub whiteouts: u64,
+    /// Device nodes skipped (rootless).
+    pub skipped_devices: u64,
+}
+
+/// Applies the layers of `image` (an image manifest whose blobs `store` holds) over
+/// `root`, creating it if needed.
+pub async fn unpack(
+    store: &OciLayout,
+    image: &Manifest,
+    root: &Path,
+    options: UnpackOptions,
+) -> Result<UnpackReport, ClientError> {
+    let parsed: Value = serde_json::from_slice(&image.bytes)
+        .map_err(|e| ClientError::Protocol(format!("manifest {}: {e}", image.digest)))?;
+    let layers: Vec<berth_oci::Digest> = parsed["layers"]
+        .as_array()
+        .ok_or_else(|| ClientError::Protocol(format!("manifest {} lists no layers", image.digest)))?
+        .iter()
+        .map(|l| {
+            l["digest"]
+                .as_str()
+                .and_then(|d| berth_oci::Digest::parse(d).ok())
+                .ok_or_else(|| ClientError::Protocol("a layer without a digest".to_owned()))
+        })
+        .collect::<Result<_, _>>()?;
+    std::fs::create_dir_all(root)
+        .map_err(|e| ClientError::Protocol(format!("{}: {e}", root.display())))?;
+    let mut report = UnpackReport::default();
+    for digest in layers {
+        let path = store.blob_file(&digest);
+        let root = root.to_owned();
+        let applied = tokio::task::spawn_blocking(move || -> Result<_, UnpackError> {
+            let file = std::fs::File::open(&path).map_err(|source| UnpackError::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
+            apply_layer(&root, file, options)
+        })
+        .await
+        .map_err(|e| ClientError::Protocol(format!("unpacking: {e}")))?
+        .map_err(|e| ClientError::Protocol(format!("layer {digest}: {e}")))?;
+        report.layers += 1;
+        report.entries += applied.entries;
+        report.whiteouts += applied.whiteouts;
+        report.skipped_devices += applied.skipped_devices;
+    }
+    Ok(report)
+}
