@@ -276,3 +276,102 @@ fn unpack_refuses_what_it_cannot_do_and_says_why() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected os/arch"));
 }
+
+#[test]
+fn layers_buildah_writes_unpack_as_umoci_unpacks_them() {
+    let (Some(buildah), Some(umoci)) =
+        (berth_testkit::tool("buildah"), berth_testkit::tool("umoci"))
+    else {
+        return;
+    };
+    let reg = start();
+    let dir = tempfile::tempdir().unwrap();
+    let storage = |args: &[&str]| {
+        let mut c = Command::new(&buildah);
+        c.arg("--root")
+            .arg(dir.path().join("root"))
+            .arg("--runroot")
+            .arg(dir.path().join("run"))
+            .args(["--storage-driver", "vfs"])
+            .args(args);
+        c
+    };
+    // Layer one: files and a directory; layer two deletes a file and a directory (buildah
+    // writes whiteouts for them), changes a file and adds a symlink.
+    let container = run(&mut storage(&["from", "scratch"])).trim().to_owned();
+    let mount = std::path::PathBuf::from(run(&mut storage(&["mount", &container])).trim());
+    write(&mount, "etc/keep", "keep\n");
+    write(&mount, "etc/gone", "gone\n");
+    write(&mount, "var/cache/a", "a\n");
+    write(&mount, "var/cache/b", "b\n");
+    run(&mut storage(&["umount", &container]));
+    run(&mut storage(&[
+        "commit",
+        "--quiet",
+        &container,
+        "localhost/layers:one",
+    ]));
+    run(&mut storage(&["rm", &container]));
+    let container = run(&mut storage(&["from", "localhost/layers:one"]))
+        .trim()
+        .to_owned();
+    let mount = std::path::PathBuf::from(run(&mut storage(&["mount", &container])).trim());
+    std::fs::remove_file(mount.join("etc/gone")).unwrap();
+    std::fs::remove_dir_all(mount.join("var/cache")).unwrap();
+    write(&mount, "etc/keep", "changed\n");
+    std::os::unix::fs::symlink("keep", mount.join("etc/alias")).unwrap();
+    run(&mut storage(&["umount", &container]));
+    run(&mut storage(&[
+        "commit",
+        "--quiet",
+        &container,
+        "localhost/layers:two",
+    ]));
+    let remote = format!("{}/buildah/layers:two", reg.host());
+    run(&mut storage(&[
+        "push",
+        "--tls-verify=false",
+        "localhost/layers:two",
+        &format!("docker://{remote}"),
+    ]));
+
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let rootfs = dir.path().join("rootfs");
+    let out = berth(
+        &[
+            "pull",
+            &remote,
+            "--platform",
+            "linux/amd64",
+            "--store",
+            dir.path().join("store").to_str().unwrap(),
+            "--unpack",
+            rootfs.to_str().unwrap(),
+        ],
+        &home,
+    );
+    assert!(out.contains("unpacked 2 layers"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("etc/keep")).unwrap(),
+        "changed\n"
+    );
+    assert!(!rootfs.join("etc/gone").exists());
+    assert!(!rootfs.join("var/cache").exists());
+
+    let layout = dir.path().join("layout");
+    berth(
+        &["copy", &remote, &format!("oci:{}:two", layout.display())],
+        &home,
+    );
+    let bundle = dir.path().join("bundle");
+    run(Command::new(umoci)
+        .args(["unpack", "--rootless", "--image"])
+        .arg(format!("{}:two", layout.display()))
+        .arg(&bundle));
+    assert_eq!(
+        tree(&rootfs),
+        tree(&bundle.join("rootfs")),
+        "berth and umoci differ on buildah's layers"
+    );
+}
