@@ -112,6 +112,13 @@ enum Command {
         #[command(flatten)]
         args: remote::PullArgs,
     },
+    /// Show what a reference names, as JSON: digest, media type, platforms or layers.
+    Inspect {
+        /// `host[:port]/repo[:tag|@digest]` or `oci:PATH[:TAG]`.
+        image: String,
+        #[command(flatten)]
+        remote: remote::RemoteArgs,
+    },
     /// Log in to a registry: check the credentials, then keep them in docker's
     /// config.json (where docker and podman find them too).
     Login {
@@ -221,6 +228,7 @@ fn main() -> anyhow::Result<()> {
             args,
         } => remote::pull(&image, unpack.as_deref(), args),
         Command::Unpack { source, root, args } => remote::pull(&source, Some(&root), args),
+        Command::Inspect { image, remote } => remote::inspect(&image, remote),
         Command::Login {
             registry,
             username,

@@ -305,3 +305,33 @@ pub(crate) fn pull(
         Ok(())
     })
 }
+
+/// `berth inspect IMAGE`: what a registry (or layout) holds under a reference, as JSON:
+/// the manifest's digest and media type, an index's platforms, an image's layers and
+/// config summary.
+pub(crate) fn inspect(source: &str, args: RemoteArgs) -> anyhow::Result<()> {
+    let place = Place::parse(source)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let http = RegistryClient::default_http(args.insecure)?;
+        let (client, layout) = match &place {
+            Place::Registry(image) => {
+                let plain = args.plain_http || image.plain_http_by_default();
+                let creds = credentials(args.src_creds.as_deref(), &image.registry)?;
+                (
+                    Some(RegistryClient::new(http, &image.registry, plain, creds)),
+                    None,
+                )
+            }
+            Place::Layout { path, .. } => (None, Some(OciLayout::open_existing(path).await?)),
+        };
+        let endpoint = endpoint(&place, client.as_ref(), layout.as_ref());
+        let report = berth_client::inspect(&endpoint)
+            .await
+            .with_context(|| format!("inspecting {place}"))?;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        Ok(())
+    })
+}

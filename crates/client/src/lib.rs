@@ -27,7 +27,7 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode};
 pub use auth::Credentials;
 pub use copy::{copy, copy_image, CopyReport, Endpoint};
 pub use layout::OciLayout;
-pub use pull::{pull, resolve, unpack, Platform, UnpackReport};
+pub use pull::{inspect, pull, resolve, unpack, Platform, UnpackReport};
 pub use reference::ImageRef;
 pub use verify::VerifiedStream;
 

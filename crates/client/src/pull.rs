@@ -175,3 +175,76 @@ pub async fn unpack(
     }
     Ok(report)
 }
+
+/// What `berth inspect` shows of an image: the manifest's digest, media type and size;
+/// for an index its platforms, for an image its layers and the config's platform and
+/// creation time.
+pub async fn inspect(source: &Endpoint<'_>) -> Result<Value, ClientError> {
+    let top = source.top_manifest().await?;
+    let parsed: Value = serde_json::from_slice(&top.bytes)
+        .map_err(|e| ClientError::Protocol(format!("manifest {}: {e}", top.digest)))?;
+    let mut report = serde_json::json!({
+        "digest": top.digest.to_string(),
+        "mediaType": top.media_type,
+        "size": top.bytes.len(),
+    });
+    if is_index(&top) {
+        report["manifests"] = parsed["manifests"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| {
+                serde_json::json!({
+                    "digest": m["digest"],
+                    "size": m["size"],
+                    "platform": m["platform"],
+                })
+            })
+            .collect();
+        return Ok(report);
+    }
+    let layers: Vec<Value> = parsed["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| serde_json::json!({"digest": l["digest"], "size": l["size"], "mediaType": l["mediaType"]}))
+        .collect();
+    let total: u64 = layers.iter().filter_map(|l| l["size"].as_u64()).sum();
+    report["layers"] = Value::Array(layers);
+    report["layersSize"] = total.into();
+    if let Some(config) = parsed["config"]["digest"]
+        .as_str()
+        .and_then(|d| berth_oci::Digest::parse(d).ok())
+    {
+        report["config"] = serde_json::json!({ "digest": config.to_string() });
+        let size = parsed["config"]["size"].as_u64();
+        // The config is small; read it whole (bounded) for the platform and dates.
+        if size.is_some_and(|s| s <= 1024 * 1024) {
+            if let Ok(stream) = source.blob_for_inspect(&config, size.unwrap_or(0)).await {
+                let bytes = collect(stream).await?;
+                if let Ok(value) = serde_json::from_slice::<Value>(&bytes) {
+                    for key in ["os", "architecture", "variant", "created", "author"] {
+                        if !value[key].is_null() {
+                            report["config"][key] = value[key].clone();
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
+async fn collect(
+    mut stream: std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send>,
+    >,
+) -> Result<Vec<u8>, ClientError> {
+    use futures_util::StreamExt;
+    let mut all = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ClientError::Protocol(format!("config: {e}")))?;
+        all.extend_from_slice(&chunk);
+    }
+    Ok(all)
+}

@@ -504,3 +504,23 @@ fn oci_layouts_go_both_ways_and_real_tools_read_and_write_them() {
     ]);
     assert!(!ok && out.contains("no image tagged nope"), "{out}");
 }
+
+#[test]
+fn inspect_shows_platforms_layers_and_config() {
+    let reg = start();
+    let (index, children) = push_index(&reg.url(), "team/app", "multi");
+    let (ok, out) = berth(&["inspect", &format!("{}/team/app:multi", reg.host())]);
+    assert!(ok, "{out}");
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["digest"], index.as_str());
+    assert_eq!(shown["manifests"][1]["platform"]["architecture"], "arm64");
+    let (ok, out) = berth(&[
+        "inspect",
+        &format!("{}/team/app@{}", reg.host(), children[0]),
+    ]);
+    assert!(ok, "{out}");
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["layers"].as_array().unwrap().len(), 2);
+    assert_eq!(shown["config"]["architecture"], "amd64");
+    assert_eq!(shown["config"]["os"], "linux");
+}
