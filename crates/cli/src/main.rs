@@ -87,6 +87,10 @@ enum Command {
         source: String,
         /// The destination: `host[:port]/repo[:tag]`, or `oci:PATH[:TAG]` (created if missing).
         destination: String,
+        /// Also copy the image's referrers (signatures, SBOMs), through the referrers API
+        /// or the `sha256-<hex>` tag of registries without it.
+        #[arg(long)]
+        referrers: bool,
         #[command(flatten)]
         remote: remote::RemoteArgs,
     },
@@ -220,8 +224,9 @@ fn main() -> anyhow::Result<()> {
         Command::Copy {
             source,
             destination,
+            referrers,
             remote: args,
-        } => remote::copy(&source, &destination, args),
+        } => remote::copy(&source, &destination, referrers, args),
         Command::Pull {
             image,
             unpack,

@@ -135,7 +135,12 @@ impl std::fmt::Display for Place {
 }
 
 /// `berth copy SRC DST`.
-pub(crate) fn copy(source: &str, destination: &str, args: RemoteArgs) -> anyhow::Result<()> {
+pub(crate) fn copy(
+    source: &str,
+    destination: &str,
+    referrers: bool,
+    args: RemoteArgs,
+) -> anyhow::Result<()> {
     let source = Place::parse(source)?;
     let destination = Place::parse(destination)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -162,11 +167,14 @@ pub(crate) fn copy(source: &str, destination: &str, args: RemoteArgs) -> anyhow:
         };
         let from = endpoint(&source, from_client.as_ref(), from_layout.as_ref());
         let to = endpoint(&destination, to_client.as_ref(), to_layout.as_ref());
-        let report = berth_client::copy(&from, &to)
-            .await
-            .with_context(|| format!("copying {source} to {destination}"))?;
+        let copied = if referrers {
+            berth_client::copy_with_referrers(&from, &to).await
+        } else {
+            berth_client::copy(&from, &to).await
+        };
+        let report = copied.with_context(|| format!("copying {source} to {destination}"))?;
         println!(
-            "{destination}: {} ({} manifests, {} blobs copied ({} bytes), {} already there, {} mounted)",
+            "{destination}: {} ({} manifests, {} blobs copied ({} bytes), {} already there, {} mounted, {} referrers)",
             report
                 .digest
                 .as_ref()
@@ -177,6 +185,7 @@ pub(crate) fn copy(source: &str, destination: &str, args: RemoteArgs) -> anyhow:
             report.bytes,
             report.blobs_skipped,
             report.blobs_mounted,
+            report.referrers,
         );
         Ok(())
     })

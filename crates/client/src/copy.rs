@@ -33,6 +33,8 @@ pub struct CopyReport {
     pub blobs_mounted: usize,
     /// Bytes streamed across.
     pub bytes: u64,
+    /// Referrers copied (with `copy_with_referrers`).
+    pub referrers: usize,
 }
 
 /// One side of a copy: a repository of a registry, or an OCI layout on disk.
@@ -84,6 +86,16 @@ impl Endpoint<'_> {
                 client.blob_size(image.repository.as_str(), digest).await
             }
             Endpoint::Layout { layout, .. } => Ok(layout.blob_size(digest).await),
+        }
+    }
+
+    /// The referrers of `subject` (a registry's; a layout keeps none apart).
+    async fn referrers(&self, subject: &Digest) -> Result<Vec<serde_json::Value>, ClientError> {
+        match self {
+            Endpoint::Registry { client, image } => {
+                client.referrers(image.repository.as_str(), subject).await
+            }
+            Endpoint::Layout { .. } => Ok(Vec::new()),
         }
     }
 
@@ -200,6 +212,53 @@ pub async fn copy(
 ) -> Result<CopyReport, ClientError> {
     let top = source.top_manifest().await?;
     copy_manifest(source, destination, &top).await
+}
+
+/// How deep referrers of referrers are followed (a signature of an SBOM of an image).
+const REFERRER_DEPTH: usize = 3;
+
+/// [`copy`], and then every referrer (signatures, SBOMs…) of the image and of an index's
+/// children, with their own referrers, each by digest.
+pub async fn copy_with_referrers(
+    source: &Endpoint<'_>,
+    destination: &Endpoint<'_>,
+) -> Result<CopyReport, ClientError> {
+    let top = source.top_manifest().await?;
+    let mut report = copy_manifest(source, destination, &top).await?;
+    let parsed = ParsedManifest::parse(&top.bytes, Some(&top.media_type))
+        .map_err(|e| ClientError::Protocol(format!("manifest {}: {e}", top.digest)))?;
+    let mut subjects: Vec<(Digest, usize)> = vec![(top.digest.clone(), 0)];
+    subjects.extend(
+        parsed
+            .edges
+            .iter()
+            .filter(|e| e.kind == EdgeKind::Child)
+            .map(|e| (e.digest.clone(), 0)),
+    );
+    let mut seen = HashSet::new();
+    while let Some((subject, depth)) = subjects.pop() {
+        for descriptor in source.referrers(&subject).await? {
+            let Some(digest) = descriptor["digest"]
+                .as_str()
+                .and_then(|d| Digest::parse(d).ok())
+            else {
+                continue;
+            };
+            if !seen.insert(digest.clone()) {
+                continue;
+            }
+            let referrer = source.child_manifest(&digest).await?;
+            let mut copied = HashSet::new();
+            copy_tree(source, destination, &referrer, &mut copied, &mut report).await?;
+            destination.put_manifest(&referrer, false).await?;
+            report.manifests += 1;
+            report.referrers += 1;
+            if depth + 1 < REFERRER_DEPTH {
+                subjects.push((digest, depth + 1));
+            }
+        }
+    }
+    Ok(report)
 }
 
 /// Copies `top` (a manifest of `source`) and everything it references, and stores it as

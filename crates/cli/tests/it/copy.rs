@@ -524,3 +524,92 @@ fn inspect_shows_platforms_layers_and_config() {
     assert_eq!(shown["config"]["architecture"], "amd64");
     assert_eq!(shown["config"]["os"], "linux");
 }
+
+/// Pushes an SBOM-like artifact whose subject is `subject`; returns its digest.
+fn push_referrer(base: &str, repo: &str, subject: &str, subject_size: usize) -> String {
+    let empty = push_blob(base, repo, b"{}");
+    let layer = push_blob(base, repo, b"an SBOM");
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": "application/vnd.example.sbom",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+        "layers": [{"mediaType": "text/plain", "digest": layer, "size": 7}],
+        "subject": {"mediaType": "application/vnd.oci.image.index.v1+json", "digest": subject, "size": subject_size},
+    }))
+    .unwrap();
+    let digest = sha256(&manifest);
+    let r = put_manifest(
+        base,
+        repo,
+        &digest,
+        "application/vnd.oci.image.manifest.v1+json",
+        &manifest,
+    );
+    assert_eq!(r.status(), StatusCode::CREATED);
+    digest
+}
+
+#[test]
+fn referrers_travel_through_a_registry_without_the_referrers_api() {
+    let Some(distribution) = Distribution::start() else {
+        return;
+    };
+    let source = start();
+    let back = start();
+    let (index, _) = push_index(&source.url(), "team/app", "multi");
+    let index_size = http()
+        .get(format!("{}/v2/team/app/manifests/multi", source.url()))
+        .header("accept", berth_client::MANIFEST_TYPES)
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap()
+        .len();
+    let sbom = push_referrer(&source.url(), "team/app", &index, index_size);
+    let there = format!("{}/team/app:multi", distribution.addr);
+    let (ok, out) = berth(&[
+        "copy",
+        "--referrers",
+        &format!("{}/team/app:multi", source.host()),
+        &there,
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("1 referrers"), "{out}");
+    // Distribution 2.8 has no referrers API: the tag schema's index names the SBOM.
+    let fallback = http()
+        .get(format!(
+            "http://{}/v2/team/app/manifests/sha256-{}",
+            distribution.addr,
+            index.trim_start_matches("sha256:")
+        ))
+        .header("accept", "application/vnd.oci.image.index.v1+json")
+        .send()
+        .unwrap();
+    assert_eq!(fallback.status(), StatusCode::OK);
+    assert!(fallback.text().unwrap().contains(&sbom));
+
+    let (ok, out) = berth(&[
+        "copy",
+        "--referrers",
+        &there,
+        &format!("{}/again/app:multi", back.host()),
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains(&index) && out.contains("1 referrers"), "{out}");
+    let listed: serde_json::Value = http()
+        .get(format!("{}/v2/again/app/referrers/{index}", back.url()))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(
+        listed["manifests"][0]["digest"],
+        sbom.as_str(),
+        "the same referrer, found by the API"
+    );
+    assert_eq!(
+        listed["manifests"][0]["artifactType"],
+        "application/vnd.example.sbom"
+    );
+}
