@@ -10,7 +10,11 @@ use base64::Engine as _;
 
 use crate::ClientError;
 
-/// A user name and password (or token) for one registry.
+/// The user name docker's credential stores give an identity (refresh) token under.
+pub const IDENTITY_TOKEN_USER: &str = "<token>";
+
+/// A user name and password for one registry; with the user name `<token>`, the password
+/// is an identity (refresh) token, as docker stores them.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
     /// The user name.
@@ -132,10 +136,31 @@ impl TokenCache {
                 query.append_pair("scope", one);
             }
         }
-        let mut request = http.get(url.as_str());
-        if let Some(credentials) = credentials {
-            request = request.header("authorization", credentials.basic());
-        }
+        let request = match credentials {
+            // An identity (refresh) token, as `docker login` keeps for token registries:
+            // exchanged with the OAuth2 grant rather than sent as a password.
+            Some(c) if c.username == IDENTITY_TOKEN_USER => {
+                let mut form = vec![
+                    ("grant_type", "refresh_token".to_owned()),
+                    ("refresh_token", c.password.clone()),
+                    ("client_id", "berth".to_owned()),
+                    ("scope", scope.to_owned()),
+                ];
+                if let Some(service) = service {
+                    form.push(("service", service.to_owned()));
+                }
+                let body = url::form_urlencoded::Serializer::new(String::new())
+                    .extend_pairs(form.iter().map(|(k, v)| (*k, v.as_str())))
+                    .finish();
+                let realm_only = url::Url::parse(realm)
+                    .map_err(|e| ClientError::Protocol(format!("token realm {realm:?}: {e}")))?;
+                http.post(realm_only.as_str())
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .body(body)
+            }
+            Some(c) => http.get(url.as_str()).header("authorization", c.basic()),
+            None => http.get(url.as_str()),
+        };
         let response = request.send().await.map_err(ClientError::unreachable)?;
         let status = response.status();
         if !status.is_success() {

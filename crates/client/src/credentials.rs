@@ -81,7 +81,14 @@ pub fn lookup(registry: &str) -> Result<Option<Credentials>, ClientError> {
 
 fn from_auths(config: &Value, registry: &str) -> Option<Credentials> {
     keys(registry).iter().find_map(|k| {
-        let encoded = config["auths"][k]["auth"].as_str()?;
+        let entry = &config["auths"][k];
+        if let Some(token) = entry["identitytoken"].as_str().filter(|t| !t.is_empty()) {
+            return Some(Credentials {
+                username: crate::auth::IDENTITY_TOKEN_USER.to_owned(),
+                password: token.to_owned(),
+            });
+        }
+        let encoded = entry["auth"].as_str()?;
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(encoded.trim())
             .ok()?;

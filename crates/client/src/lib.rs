@@ -24,7 +24,7 @@ use futures_util::Stream;
 use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 
-pub use auth::Credentials;
+pub use auth::{Credentials, IDENTITY_TOKEN_USER};
 pub use copy::{copy, copy_image, copy_with_referrers, CopyReport, Endpoint};
 pub use layout::OciLayout;
 pub use pull::{inspect, pull, resolve, unpack, Platform, UnpackReport};

@@ -613,3 +613,50 @@ fn referrers_travel_through_a_registry_without_the_referrers_api() {
         "application/vnd.example.sbom"
     );
 }
+
+#[test]
+fn an_identity_token_from_a_docker_login_is_exchanged_not_sent() {
+    let source = start();
+    let destination = start_with_auth(berth_auth::AuthSettings::default());
+    push_image(&source.url(), "team/app", "v1", &[b"layer"]);
+    // What `docker login` keeps for a registry whose token endpoint gives refresh tokens.
+    let token = crate::auth::fetch_token(&destination, &crate::auth::Who::admin(), &[], true);
+    let refresh = token["refresh_token"].as_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let host = destination.host();
+    std::fs::write(
+        dir.path().join("config.json"),
+        json!({"auths": {host.clone(): {"auth": "", "identitytoken": refresh}}}).to_string(),
+    )
+    .unwrap();
+    let env = [("DOCKER_CONFIG", dir.path().to_str().unwrap())];
+    let (ok, out) = berth_env(
+        &[
+            "copy",
+            &format!("{}/team/app:v1", source.host()),
+            &format!("{host}/refreshed/app:v1"),
+        ],
+        &env,
+        None,
+    );
+    assert!(ok, "{out}");
+    // A revoked one is refused, as unauthorized.
+    std::fs::write(
+        dir.path().join("config.json"),
+        json!({"auths": {host.clone(): {"identitytoken": "not-a-token"}}}).to_string(),
+    )
+    .unwrap();
+    let (ok, out) = berth_env(
+        &[
+            "copy",
+            &format!("{}/team/app:v1", source.host()),
+            &format!("{host}/refreshed/app:v2"),
+        ],
+        &env,
+        None,
+    );
+    assert!(
+        !ok && (out.contains("unauthorized") || out.contains("denied")),
+        "{out}"
+    );
+}
