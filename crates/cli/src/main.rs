@@ -116,6 +116,19 @@ enum Command {
         #[command(flatten)]
         args: remote::PullArgs,
     },
+    /// Push an image from an OCI layout (`oci:PATH[:TAG]`) to a registry: `copy` with a
+    /// local source.
+    Push {
+        /// The layout, `oci:PATH[:TAG]`.
+        source: String,
+        /// The destination, `host[:port]/repo[:tag]`.
+        image: String,
+        /// Also push the referrers stored with it.
+        #[arg(long)]
+        referrers: bool,
+        #[command(flatten)]
+        remote: remote::RemoteArgs,
+    },
     /// Show what a reference names, as JSON: digest, media type, platforms or layers.
     Inspect {
         /// `host[:port]/repo[:tag|@digest]` or `oci:PATH[:TAG]`.
@@ -234,6 +247,18 @@ fn main() -> anyhow::Result<()> {
         } => remote::pull(&image, unpack.as_deref(), args),
         Command::Unpack { source, root, args } => remote::pull(&source, Some(&root), args),
         Command::Inspect { image, remote } => remote::inspect(&image, remote),
+        Command::Push {
+            source,
+            image,
+            referrers,
+            remote: args,
+        } => {
+            anyhow::ensure!(
+                source.starts_with("oci:"),
+                "push takes an OCI layout, oci:PATH[:TAG] (between registries, use copy)"
+            );
+            remote::copy(&source, &image, referrers, args)
+        }
         Command::Login {
             registry,
             username,

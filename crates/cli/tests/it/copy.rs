@@ -660,3 +660,31 @@ fn an_identity_token_from_a_docker_login_is_exchanged_not_sent() {
         "{out}"
     );
 }
+
+#[test]
+fn push_sends_a_layout_to_a_registry() {
+    let source = start();
+    let destination = start();
+    let (index, _) = push_index(&source.url(), "team/app", "multi");
+    let dir = tempfile::tempdir().unwrap();
+    let layout = format!("oci:{}:v1", dir.path().join("layout").display());
+    let (ok, out) = berth(&[
+        "copy",
+        &format!("{}/team/app:multi", source.host()),
+        &layout,
+    ]);
+    assert!(ok, "{out}");
+    let (ok, out) = berth(&[
+        "push",
+        &layout,
+        &format!("{}/pushed/app:v1", destination.host()),
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains(&index), "{out}");
+    let (ok, out) = berth(&[
+        "push",
+        &format!("{}/team/app:multi", source.host()),
+        &format!("{}/x/y:v1", destination.host()),
+    ]);
+    assert!(!ok && out.contains("use copy"), "{out}");
+}
