@@ -124,6 +124,7 @@ fn resolve_dir(
     parts: &[&OsStr],
     create: bool,
     shown: &str,
+    unlocked: &mut Unlocked,
 ) -> Result<PathBuf, UnpackError> {
     let mut pending: VecDeque<OsString> = parts.iter().map(|p| p.to_os_string()).collect();
     let mut at: Vec<OsString> = Vec::new();
@@ -178,11 +179,15 @@ fn resolve_dir(
                         source: std::io::Error::from(std::io::ErrorKind::NotADirectory),
                     });
                 }
+                let parent = at.iter().fold(root.to_owned(), |p, c| p.join(c));
+                unlocked.open(&parent)?;
                 fs::remove_file(&here).map_err(io(&here))?;
                 fs::create_dir(&here).map_err(io(&here))?;
                 at.push(part);
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
+                let parent = at.iter().fold(root.to_owned(), |p, c| p.join(c));
+                unlocked.open(&parent)?;
                 fs::DirBuilder::new()
                     .mode(0o755)
                     .create(&here)
@@ -197,10 +202,78 @@ fn resolve_dir(
 
 use std::os::unix::fs::DirBuilderExt;
 
+/// Directories made writable for a moment: without root, a directory a lower layer made
+/// read-only (0555) cannot otherwise be filled or emptied. Each gets its mode back when
+/// the layer is done.
+pub(crate) struct Unlocked {
+    root_user: bool,
+    modes: Vec<(PathBuf, u32)>,
+}
+
+impl Unlocked {
+    fn new() -> Self {
+        Unlocked {
+            root_user: rustix::process::geteuid().is_root(),
+            modes: Vec::new(),
+        }
+    }
+
+    /// Lets the owner write into `dir` (a real directory inside the root), if it could not.
+    fn open(&mut self, dir: &Path) -> Result<(), UnpackError> {
+        if self.root_user {
+            return Ok(());
+        }
+        let meta = fs::symlink_metadata(dir).map_err(io(dir))?;
+        let mode = meta.permissions().mode() & 0o7777;
+        if meta.is_dir() && mode & 0o300 != 0o300 {
+            fs::set_permissions(dir, fs::Permissions::from_mode(mode | 0o700)).map_err(io(dir))?;
+            if !self.modes.iter().any(|(p, _)| p == dir) {
+                self.modes.push((dir.to_owned(), mode));
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the modes back, deepest first; a directory removed meanwhile is skipped.
+    fn restore(self) -> Result<(), UnpackError> {
+        for (dir, mode) in self.modes.into_iter().rev() {
+            if fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+                fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).map_err(io(&dir))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Makes every directory under `path` (not following symlinks) writable by its owner, so
+/// that a tree with read-only directories can be removed without root.
+fn unlock_tree(path: &Path) {
+    let mut pending = vec![path.to_owned()];
+    while let Some(dir) = pending.pop() {
+        let Ok(meta) = fs::symlink_metadata(&dir) else {
+            continue;
+        };
+        if !meta.is_dir() {
+            continue;
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(mode | 0o700));
+        if let Ok(entries) = fs::read_dir(&dir) {
+            pending.extend(entries.flatten().map(|e| e.path()));
+        }
+    }
+}
+
 /// Removes whatever is at `path` (never following a symlink); nothing if absent.
 fn remove_any(path: &Path) -> Result<(), UnpackError> {
     match fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path).map_err(io(path)),
+        Ok(meta) if meta.is_dir() => match fs::remove_dir_all(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                unlock_tree(path);
+                fs::remove_dir_all(path).map_err(io(path))
+            }
+            done => done.map_err(io(path)),
+        },
         Ok(_) => fs::remove_file(path).map_err(io(path)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io(path)(e)),
@@ -219,6 +292,7 @@ pub fn apply_layer<R: Read>(
     // only, whichever order the tar lists them in.
     let mut made: HashSet<PathBuf> = HashSet::new();
     let mut directory_modes: Vec<(PathBuf, u32)> = Vec::new();
+    let mut unlocked = Unlocked::new();
     let entries = archive
         .entries()
         .map_err(|e| UnpackError::Archive(e.to_string()))?;
@@ -233,7 +307,8 @@ pub fn apply_layer<R: Read>(
         let Some((name, parents)) = parts.split_last() else {
             continue; // the root itself
         };
-        let dir = resolve_dir(root, parents, true, &shown)?;
+        let dir = resolve_dir(root, parents, true, &shown, &mut unlocked)?;
+        unlocked.open(&dir)?;
         let name_bytes = name.as_bytes();
         if name_bytes == OPAQUE {
             for child in fs::read_dir(&dir).map_err(io(&dir))? {
@@ -323,7 +398,7 @@ pub fn apply_layer<R: Read>(
                         why: "a hard link to the root",
                     });
                 };
-                let target_dir = resolve_dir(root, target_parents, false, &shown)?;
+                let target_dir = resolve_dir(root, target_parents, false, &shown, &mut unlocked)?;
                 let source = target_dir.join(target_name);
                 if fs::symlink_metadata(&source).is_ok_and(|m| m.is_dir()) {
                     return Err(UnpackError::Outside {
@@ -391,6 +466,7 @@ pub fn apply_layer<R: Read>(
         report.entries += 1;
     }
     // Directory modes last (deepest first), so a read-only directory is still filled.
+    unlocked.restore()?;
     for (path, mode) in directory_modes.into_iter().rev() {
         fs::set_permissions(&path, fs::Permissions::from_mode(mode)).map_err(io(&path))?;
     }

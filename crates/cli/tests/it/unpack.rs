@@ -375,3 +375,111 @@ fn layers_buildah_writes_unpack_as_umoci_unpacks_them() {
         "berth and umoci differ on buildah's layers"
     );
 }
+
+#[test]
+fn without_root_read_only_directories_are_filled_and_emptied() {
+    let Some(setpriv) = berth_testkit::tool("setpriv") else {
+        return;
+    };
+    let uid = run(Command::new("id").arg("-u"));
+    if uid.trim() != "0" {
+        eprintln!("skipping: switching to another user needs root");
+        return;
+    }
+    let reg = start();
+    let work = tempfile::tempdir().unwrap();
+    let staging = work.path().join("staging");
+    // Layer one: read-only directories, one of them nested in another.
+    let lower = staging.join("lower");
+    write(&lower, "ro/old", "old\n");
+    write(&lower, "gone/sub/file", "f\n");
+    for dir in ["ro", "gone/sub", "gone"] {
+        std::fs::set_permissions(lower.join(dir), std::fs::Permissions::from_mode(0o555)).unwrap();
+    }
+    // Layer two: a file into the read-only directory, and the read-only tree whited out.
+    let upper = staging.join("upper");
+    write(&upper, "ro/new", "new\n");
+    write(&upper, ".wh.gone", "");
+    std::fs::set_permissions(upper.join("ro"), std::fs::Permissions::from_mode(0o555)).unwrap();
+    let (one, one_diff) = tar_of(&lower, false);
+    let (two, two_diff) = tar_of(&upper, false);
+    let base = reg.url();
+    let config = serde_json::to_vec(&json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [one_diff, two_diff]}})).unwrap();
+    let (c, l1, l2) = (
+        push_blob(&base, "ro/fs", &config),
+        push_blob(&base, "ro/fs", &one),
+        push_blob(&base, "ro/fs", &two),
+    );
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": c, "size": config.len()},
+        "layers": [
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": l1, "size": one.len()},
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": l2, "size": two.len()},
+        ],
+    }))
+    .unwrap();
+    assert_eq!(
+        put_manifest(
+            &base,
+            "ro/fs",
+            "v1",
+            "application/vnd.oci.image.manifest.v1+json",
+            &manifest
+        )
+        .status(),
+        StatusCode::CREATED
+    );
+
+    // The layout and a copy of the binary, owned by `nobody`, who then unpacks.
+    let layout = work.path().join("layout");
+    berth(
+        &[
+            "copy",
+            &format!("{}/ro/fs:v1", reg.host()),
+            &format!("oci:{}:v1", layout.display()),
+        ],
+        work.path(),
+    );
+    let binary = work.path().join("berth");
+    std::fs::copy(env!("CARGO_BIN_EXE_berth"), &binary).unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    run(Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(&layout)
+        .arg(&binary));
+    let rootfs = work.path().join("rootfs");
+    std::fs::create_dir(&rootfs).unwrap();
+    run(Command::new("chown").arg("65534:65534").arg(&rootfs));
+    let out = run(Command::new(setpriv)
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&binary)
+        .arg("unpack")
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(&rootfs)
+        .env("HOME", work.path()));
+    assert!(out.contains("unpacked 2 layers"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("ro/new")).unwrap(),
+        "new\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("ro/old")).unwrap(),
+        "old\n"
+    );
+    assert_eq!(
+        std::fs::metadata(rootfs.join("ro")).unwrap().mode() & 0o777,
+        0o555,
+        "the mode comes back"
+    );
+    assert!(
+        !rootfs.join("gone").exists(),
+        "a read-only tree is whited out"
+    );
+    assert_eq!(
+        std::fs::metadata(rootfs.join("ro/new")).unwrap().uid(),
+        65534,
+        "owned by the caller"
+    );
+}
