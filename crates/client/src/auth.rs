@@ -98,6 +98,9 @@ pub(crate) struct TokenCache {
     tokens: Mutex<HashMap<String, (String, Instant)>>,
 }
 
+/// The most of a token endpoint's answer read: tokens are a few kilobytes.
+const MAX_TOKEN_ANSWER: usize = 256 * 1024;
+
 /// How long a token is trusted when the issuer does not say (the spec's default is 60 s).
 const DEFAULT_TTL: Duration = Duration::from_secs(60);
 
@@ -164,10 +167,13 @@ impl TokenCache {
         let response = request.send().await.map_err(ClientError::unreachable)?;
         let status = response.status();
         if !status.is_success() {
-            let message = response.text().await.unwrap_or_default();
+            let message = crate::read_bounded(response, MAX_TOKEN_ANSWER, realm)
+                .await
+                .unwrap_or_default();
+            let message = String::from_utf8_lossy(&message);
             return Err(ClientError::from_status(status.as_u16(), &message, realm));
         }
-        let bytes = response.bytes().await.map_err(ClientError::unreachable)?;
+        let bytes = crate::read_bounded(response, MAX_TOKEN_ANSWER, realm).await?;
         let body: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| ClientError::Protocol(format!("token endpoint answer: {e}")))?;
         let token = body["token"]

@@ -274,8 +274,10 @@ impl RegistryClient {
     /// Reads a failed answer into the error it stands for.
     async fn failure(response: Response, what: &str) -> ClientError {
         let status = response.status().as_u16();
-        let body = response.text().await.unwrap_or_default();
-        ClientError::from_status(status, &body, what)
+        let body = read_bounded(response, MAX_ERROR_BODY, what)
+            .await
+            .unwrap_or_default();
+        ClientError::from_status(status, &String::from_utf8_lossy(&body), what)
     }
 
     /// Checks that the registry speaks the API and accepts the credentials (`GET /v2/`).
@@ -314,20 +316,8 @@ impl RegistryClient {
             .unwrap_or_default()
             .trim()
             .to_owned();
-        if response
-            .content_length()
-            .is_some_and(|n| n > MAX_MANIFEST as u64)
-        {
-            return Err(ClientError::Protocol(format!(
-                "manifest {repository}:{reference} is larger than {MAX_MANIFEST} bytes"
-            )));
-        }
-        let bytes = response.bytes().await.map_err(ClientError::unreachable)?;
-        if bytes.len() > MAX_MANIFEST {
-            return Err(ClientError::Protocol(format!(
-                "manifest {repository}:{reference} is larger than {MAX_MANIFEST} bytes"
-            )));
-        }
+        let what = format!("manifest {repository}:{reference}");
+        let bytes = read_bounded(response, MAX_MANIFEST, &what).await?;
         let digest = Digest::sha256_of(&bytes);
         if let Ok(asked) = Digest::parse(reference) {
             if !asked.matches(&bytes) {
@@ -473,9 +463,10 @@ impl RegistryClient {
             })
             .await?;
         let index: serde_json::Value = if response.status().is_success() {
-            let bytes = response.bytes().await.map_err(ClientError::unreachable)?;
+            let what = format!("referrers of {digest}");
+            let bytes = read_bounded(response, MAX_MANIFEST, &what).await?;
             serde_json::from_slice(&bytes)
-                .map_err(|e| ClientError::Protocol(format!("referrers of {digest}: {e}")))?
+                .map_err(|e| ClientError::Protocol(format!("{what}: {e}")))?
         } else if response.status() == StatusCode::NOT_FOUND {
             match self.manifest(repository, &fallback_tag(digest)).await {
                 Ok(found) => serde_json::from_slice(&found.bytes).unwrap_or_default(),
@@ -599,6 +590,33 @@ fn subject_of(bytes: &[u8]) -> Option<Digest> {
     let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
     Digest::parse(value["subject"]["digest"].as_str()?).ok()
 }
+
+/// A response body read whole, but never more than `limit` bytes: a registry (or token
+/// endpoint) on the other side of the network must not be able to fill memory.
+pub(crate) async fn read_bounded(
+    mut response: Response,
+    limit: usize,
+    what: &str,
+) -> Result<Bytes, ClientError> {
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(ClientError::Protocol(format!(
+            "{what} is larger than {limit} bytes"
+        )));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(ClientError::unreachable)? {
+        if body.len() + chunk.len() > limit {
+            return Err(ClientError::Protocol(format!(
+                "{what} is larger than {limit} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(body))
+}
+
+/// The most of an error answer read, for its message.
+const MAX_ERROR_BODY: usize = 64 * 1024;
 
 fn header(headers: &HeaderMap, name: &str) -> Option<String> {
     headers.get(name)?.to_str().ok().map(str::to_owned)
