@@ -283,6 +283,32 @@ impl Metrics {
         Some(fresh)
     }
 
+    /// Every non-zero request count: route, method, status class (1–5), count.
+    fn request_counts(&self) -> Vec<(Route, &'static str, usize, u64)> {
+        let mut counts = Vec::new();
+        for (route, _) in ROUTES {
+            for (m, method) in METHODS.iter().enumerate() {
+                for class in 0..5 {
+                    let slot = (route.index() * METHODS.len() + m) * 5 + class;
+                    let n = total(&self.shards, |s| &s.requests[slot]);
+                    if n > 0 {
+                        counts.push((route, *method, class + 1, n));
+                    }
+                }
+            }
+        }
+        counts
+    }
+
+    /// One route's durations, summed over the shards.
+    fn durations(&self, route: Route) -> Histogram {
+        let merged = Histogram::default();
+        for shard in &self.shards {
+            merged.add(&shard.durations[route.index()]);
+        }
+        merged
+    }
+
     /// The HTTP families and the process's own, in the text format.
     pub(crate) fn render_http(&self, out: &mut String) {
         family(
@@ -291,20 +317,12 @@ impl Metrics {
             "counter",
             "HTTP requests answered, by route template, method and status class.",
         );
-        for (route, template) in ROUTES {
-            for (m, method) in METHODS.iter().enumerate() {
-                for class in 0..5 {
-                    let slot = (route.index() * METHODS.len() + m) * 5 + class;
-                    let n = total(&self.shards, |s| &s.requests[slot]);
-                    if n > 0 {
-                        let _ = writeln!(
-                            out,
-                            "berth_http_requests_total{{route=\"{template}\",method=\"{method}\",code=\"{}xx\"}} {n}",
-                            class + 1
-                        );
-                    }
-                }
-            }
+        for (route, method, class, n) in self.request_counts() {
+            let template = route.template();
+            let _ = writeln!(
+                out,
+                "berth_http_requests_total{{route=\"{template}\",method=\"{method}\",code=\"{class}xx\"}} {n}"
+            );
         }
         family(
             out,
@@ -313,28 +331,10 @@ impl Metrics {
             "Time from the request head to the response head, by route template.",
         );
         for (route, template) in ROUTES {
-            let r = route.index();
-            let count = total(&self.shards, |s| &s.durations[r].count);
-            if count == 0 {
-                continue;
-            }
-            let mut cumulative = 0;
-            for (b, bound) in BUCKETS.iter().enumerate() {
-                cumulative += total(&self.shards, |s| &s.durations[r].buckets[b]);
-                let _ = writeln!(
-                    out,
-                    "berth_http_request_duration_seconds_bucket{{route=\"{template}\",le=\"{bound}\"}} {cumulative}"
-                );
-            }
-            let _ = writeln!(out, "berth_http_request_duration_seconds_bucket{{route=\"{template}\",le=\"+Inf\"}} {count}");
-            let sum = total(&self.shards, |s| &s.durations[r].sum_micros) as f64 / 1e6;
-            let _ = writeln!(
+            self.durations(route).render(
                 out,
-                "berth_http_request_duration_seconds_sum{{route=\"{template}\"}} {sum}"
-            );
-            let _ = writeln!(
-                out,
-                "berth_http_request_duration_seconds_count{{route=\"{template}\"}} {count}"
+                "berth_http_request_duration_seconds",
+                &format!("route=\"{template}\""),
             );
         }
         for (name, help, inbound) in [
@@ -379,24 +379,15 @@ impl Metrics {
             "counter",
             "HTTP requests, under Docker Distribution's name.",
         );
-        for (route, _) in ROUTES {
+        for (route, method, class, n) in self.request_counts() {
             let Some(handler) = route.distribution_handler() else {
                 continue;
             };
-            for (m, method) in METHODS.iter().enumerate() {
-                for class in 0..5 {
-                    let slot = (route.index() * METHODS.len() + m) * 5 + class;
-                    let n = total(&self.shards, |s| &s.requests[slot]);
-                    if n > 0 {
-                        let _ = writeln!(
-                            out,
-                            "registry_http_requests_total{{handler=\"{handler}\",code=\"{}xx\",method=\"{}\"}} {n}",
-                            class + 1,
-                            method.to_ascii_lowercase()
-                        );
-                    }
-                }
-            }
+            let method = method.to_ascii_lowercase();
+            let _ = writeln!(
+                out,
+                "registry_http_requests_total{{handler=\"{handler}\",code=\"{class}xx\",method=\"{method}\"}} {n}"
+            );
         }
         family(
             out,
@@ -408,11 +399,7 @@ impl Metrics {
             let Some(handler) = route.distribution_handler() else {
                 continue;
             };
-            let merged = Histogram::default();
-            for shard in &self.shards {
-                merged.add(&shard.durations[route.index()]);
-            }
-            merged.render(
+            self.durations(route).render(
                 out,
                 "registry_http_request_duration_seconds",
                 &format!("handler=\"{handler}\""),
