@@ -99,16 +99,9 @@ impl Endpoint<'_> {
         }
     }
 
-    /// A blob's bytes for reading here (verified when they come from a registry).
-    pub(crate) async fn blob_for_inspect(
-        &self,
-        digest: &Digest,
-        size: u64,
-    ) -> Result<ByteStream, ClientError> {
-        self.blob(digest, size).await
-    }
-
-    async fn blob(&self, digest: &Digest, size: u64) -> Result<ByteStream, ClientError> {
+    /// A blob's bytes (verified when they come from a registry; a layout's are
+    /// verified by whoever stores them).
+    pub(crate) async fn blob(&self, digest: &Digest, size: u64) -> Result<ByteStream, ClientError> {
         match self {
             Endpoint::Registry { client, image } => Ok(Box::pin(
                 client
@@ -182,27 +175,6 @@ impl Endpoint<'_> {
             }
         }
     }
-}
-
-/// Copies `source` (read through `from`) to `destination` (written through `to`): every
-/// platform of an index, with each digest unchanged.
-pub async fn copy_image(
-    from: &RegistryClient,
-    source: &ImageRef,
-    to: &RegistryClient,
-    destination: &ImageRef,
-) -> Result<CopyReport, ClientError> {
-    copy(
-        &Endpoint::Registry {
-            client: from,
-            image: source,
-        },
-        &Endpoint::Registry {
-            client: to,
-            image: destination,
-        },
-    )
-    .await
 }
 
 /// Copies the image at `source` to `destination`, registries and layouts alike.

@@ -171,7 +171,10 @@ impl OciLayout {
         let file = tokio::fs::File::open(&path).await.map_err(|_| {
             ClientError::NotFound(format!("{}: no blob {digest}", self.root.display()))
         })?;
-        Ok(Box::pin(tokio_util_like::file_stream(file)))
+        Ok(Box::pin(tokio_util::io::ReaderStream::with_capacity(
+            file,
+            256 * 1024,
+        )))
     }
 
     /// Writes a blob from `body`, keeping it only if it hashes to `digest`.
@@ -252,30 +255,5 @@ impl OciLayout {
             index["schemaVersion"] = json!(2);
         }
         self.write_index(&index).await
-    }
-}
-
-/// Reading a file as a stream of chunks, without another dependency.
-mod tokio_util_like {
-    use bytes::Bytes;
-    use futures_util::Stream;
-    use tokio::io::AsyncReadExt;
-
-    /// The file's bytes in 256 KiB chunks.
-    pub(super) fn file_stream(
-        file: tokio::fs::File,
-    ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send {
-        futures_util::stream::unfold(Some(file), |state| async move {
-            let mut file = state?;
-            let mut buffer = vec![0u8; 256 * 1024];
-            match file.read(&mut buffer).await {
-                Ok(0) => None,
-                Ok(n) => {
-                    buffer.truncate(n);
-                    Some((Ok(Bytes::from(buffer)), Some(file)))
-                }
-                Err(e) => Some((Err(e), None)),
-            }
-        })
     }
 }

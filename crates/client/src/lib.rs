@@ -25,7 +25,7 @@ use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_TYPE, LOCATION, 
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 
 pub use auth::{Credentials, IDENTITY_TOKEN_USER};
-pub use copy::{copy, copy_image, copy_with_referrers, CopyReport, Endpoint};
+pub use copy::{copy, copy_with_referrers, CopyReport, Endpoint};
 pub use layout::OciLayout;
 pub use pull::{inspect, pull, resolve, unpack, Platform, UnpackReport};
 pub use reference::ImageRef;

@@ -220,7 +220,7 @@ pub async fn inspect(source: &Endpoint<'_>) -> Result<Value, ClientError> {
         let size = parsed["config"]["size"].as_u64();
         // The config is small; read it whole (bounded) for the platform and dates.
         if size.is_some_and(|s| s <= 1024 * 1024) {
-            if let Ok(stream) = source.blob_for_inspect(&config, size.unwrap_or(0)).await {
+            if let Ok(stream) = source.blob(&config, size.unwrap_or(0)).await {
                 let bytes = collect(stream).await?;
                 if let Ok(value) = serde_json::from_slice::<Value>(&bytes) {
                     for key in ["os", "architecture", "variant", "created", "author"] {
