@@ -371,12 +371,9 @@ impl WebhookStore for Database {
         project: Option<&str>,
         name: &str,
     ) -> Result<Option<WebhookRecord>, MetaError> {
-        let sql = concat!(
-            "SELECT ",
-            webhook_columns!(),
-            " FROM webhooks WHERE COALESCE(project, '') = ?1 AND name = ?2"
-        );
-        self.read_row(sql, owned![scope_of(project), name], webhook_row)
+        let (project, name) = (project.map(str::to_owned), name.to_owned());
+        self.engine
+            .read(move |tx| select_webhook(tx, project.as_deref(), &name))
             .await
     }
 
