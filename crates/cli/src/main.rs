@@ -2,6 +2,7 @@
 
 mod accounts;
 mod config;
+mod progress;
 mod remote;
 
 use std::path::PathBuf;
@@ -79,18 +80,16 @@ enum Command {
         #[arg(long, env = "BERTH_TLS_CLIENT_CA_FILE")]
         tls_client_ca_file: Option<PathBuf>,
     },
-    /// Copy an image between registries and OCI layouts: every platform of an index,
-    /// digests unchanged, blobs streamed through (skipped when already there, mounted
-    /// within one registry).
+    /// Copy an image between registries and OCI layouts: one platform of an index, or
+    /// with `--all-platforms` the whole index, digests unchanged; blobs streamed through
+    /// (skipped when already there, mounted within one registry).
     Copy {
         /// The source: `host[:port]/repo[:tag|@digest]`, or an OCI layout `oci:PATH[:TAG]`.
         source: String,
         /// The destination: `host[:port]/repo[:tag]`, or `oci:PATH[:TAG]` (created if missing).
         destination: String,
-        /// Also copy the image's referrers (signatures, SBOMs), through the referrers API
-        /// or the `sha256-<hex>` tag of registries without it.
-        #[arg(long)]
-        referrers: bool,
+        #[command(flatten)]
+        what: remote::CopyArgs,
         #[command(flatten)]
         remote: remote::RemoteArgs,
     },
@@ -100,7 +99,7 @@ enum Command {
         /// `host[:port]/repo[:tag|@digest]`.
         image: String,
         /// Unpack it into this directory.
-        #[arg(long)]
+        #[arg(long, visible_alias = "output")]
         unpack: Option<PathBuf>,
         #[command(flatten)]
         args: remote::PullArgs,
@@ -117,7 +116,7 @@ enum Command {
         args: remote::PullArgs,
     },
     /// Push an image from an OCI layout (`oci:PATH[:TAG]`) to a registry: `copy` with a
-    /// local source.
+    /// local source, every platform of an index.
     Push {
         /// The layout, `oci:PATH[:TAG]`.
         source: String,
@@ -237,9 +236,9 @@ fn main() -> anyhow::Result<()> {
         Command::Copy {
             source,
             destination,
-            referrers,
+            what,
             remote: args,
-        } => remote::copy(&source, &destination, referrers, args),
+        } => remote::copy(&source, &destination, what, args),
         Command::Pull {
             image,
             unpack,
@@ -257,7 +256,12 @@ fn main() -> anyhow::Result<()> {
                 source.starts_with("oci:"),
                 "push takes an OCI layout, oci:PATH[:TAG] (between registries, use copy)"
             );
-            remote::copy(&source, &image, referrers, args)
+            remote::copy(
+                &source,
+                &image,
+                remote::CopyArgs::everything(referrers),
+                args,
+            )
         }
         Command::Login {
             registry,

@@ -1,10 +1,12 @@
-//! The client commands: talking to registries rather than serving one. `berth copy`
-//! copies an image (every platform of an index, digests unchanged) between registries
-//! through `berth_client`.
+//! The client commands: talking to registries rather than serving one, through
+//! `berth_client`: `copy` and `push` between registries and OCI layouts, `pull` into the
+//! local store, `unpack`, `inspect`, `login` and `logout`.
 
 use anyhow::Context;
 use berth_client::{Credentials, Endpoint, ImageRef, OciLayout, RegistryClient};
 use clap::Args;
+
+use crate::progress::{self, Display, Mode};
 
 /// How to reach the registries of a command.
 #[derive(Debug, Args)]
@@ -15,12 +17,69 @@ pub(crate) struct RemoteArgs {
     /// Credentials for the destination registry, `USER:PASSWORD` (env BERTH_DEST_CREDS).
     #[arg(long, env = "BERTH_DEST_CREDS", hide_env_values = true)]
     dest_creds: Option<String>,
-    /// Speak plain HTTP to every registry (loopback and localhost use it by default).
+    /// Speak plain HTTP to every registry (loopback and localhost use it by default,
+    /// unless a CA is given with `--ca-file` or kept for them in `certs.d`).
     #[arg(long)]
     plain_http: bool,
     /// Accept any TLS certificate.
     #[arg(long)]
     insecure: bool,
+    /// Trust the CA certificates in this PEM file too (besides the system's and those in
+    /// docker's and podman's `certs.d/<registry>/`). May be given more than once.
+    #[arg(long = "ca-file", value_name = "PEM")]
+    ca_files: Vec<std::path::PathBuf>,
+    /// Report progress as JSON lines on stdout (one object per event, then the result).
+    #[arg(long)]
+    json: bool,
+    /// Push blobs larger than this many MiB in chunks of this size (for proxies that
+    /// cap a request body; a failed chunk is sent again from where the registry stopped).
+    #[arg(long, value_name = "MiB", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    chunk_size: u64,
+}
+
+impl RemoteArgs {
+    /// A client for `image`'s registry with `creds` (else the stored login).
+    fn client(&self, image: &ImageRef, creds: Option<&str>) -> anyhow::Result<RegistryClient> {
+        let http = RegistryClient::http_for(&image.registry, self.insecure, &self.ca_files)?;
+        // A CA given or kept for the registry means it speaks TLS, even on loopback.
+        let tls_configured =
+            !self.ca_files.is_empty() || RegistryClient::has_ca_for(&image.registry);
+        let plain = self.plain_http || (image.plain_http_by_default() && !tls_configured);
+        Ok(RegistryClient::new(
+            http,
+            &image.registry,
+            plain,
+            credentials(creds, &image.registry)?,
+        )
+        .with_chunk_size(self.chunk_size * 1024 * 1024))
+    }
+}
+
+/// Which manifests `copy` takes.
+#[derive(Debug, Args)]
+pub(crate) struct CopyArgs {
+    /// Copy every platform of an index (the index itself, digests unchanged). Without it,
+    /// only the image for `--platform` (or this machine's) is copied.
+    #[arg(long, conflicts_with = "platform")]
+    all_platforms: bool,
+    /// The platform to take from an index, `os/arch[/variant]` [default: this machine's].
+    #[arg(long)]
+    platform: Option<String>,
+    /// Also copy the image's referrers (signatures, SBOMs), through the referrers API
+    /// or the `sha256-<hex>` tag of registries without it.
+    #[arg(long)]
+    referrers: bool,
+}
+
+impl CopyArgs {
+    /// Every platform: what `push` of a local layout does.
+    pub(crate) fn everything(referrers: bool) -> CopyArgs {
+        CopyArgs {
+            all_platforms: true,
+            platform: None,
+            referrers,
+        }
+    }
 }
 
 /// The credentials given on the command line, else those stored for `registry` (by
@@ -134,55 +193,62 @@ impl std::fmt::Display for Place {
     }
 }
 
-/// `berth copy SRC DST`.
+/// `berth copy SRC DST` (and `berth push`).
 pub(crate) fn copy(
     source: &str,
     destination: &str,
-    referrers: bool,
+    what: CopyArgs,
     args: RemoteArgs,
 ) -> anyhow::Result<()> {
     let source = Place::parse(source)?;
     let destination = Place::parse(destination)?;
+    let platform = match (&what.platform, what.all_platforms) {
+        (_, true) => None,
+        (Some(p), false) => Some(berth_client::Platform::parse(p)?),
+        (None, false) => Some(berth_client::Platform::host()),
+    };
+    let display = Display::new(Mode::choose(args.json), "copying");
+    let options = berth_client::CopyOptions {
+        platform,
+        referrers: what.referrers,
+        progress: Some(display.sink()),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let http = RegistryClient::default_http(args.insecure)?;
-        let client = |image: &ImageRef, creds: Option<&str>| -> anyhow::Result<RegistryClient> {
-            let plain = args.plain_http || image.plain_http_by_default();
-            Ok(RegistryClient::new(
-                http.clone(),
-                &image.registry,
-                plain,
-                credentials(creds, &image.registry)?,
-            ))
-        };
         let (from_client, from_layout) = match &source {
-            Place::Registry(image) => (Some(client(image, args.src_creds.as_deref())?), None),
+            Place::Registry(image) => (Some(args.client(image, args.src_creds.as_deref())?), None),
             Place::Layout { path, .. } => (None, Some(OciLayout::open_existing(path).await?)),
         };
         let (to_client, to_layout) = match &destination {
-            Place::Registry(image) => (Some(client(image, args.dest_creds.as_deref())?), None),
+            Place::Registry(image) => (Some(args.client(image, args.dest_creds.as_deref())?), None),
             Place::Layout { path, .. } => (None, Some(OciLayout::open(path).await?)),
         };
         let from = endpoint(&source, from_client.as_ref(), from_layout.as_ref());
         let to = endpoint(&destination, to_client.as_ref(), to_layout.as_ref());
-        let copied = if referrers {
-            berth_client::copy_with_referrers(&from, &to).await
-        } else {
-            berth_client::copy(&from, &to).await
-        };
+        let copied = berth_client::copy(&from, &to, &options).await;
+        display.finish();
         let report = copied.with_context(|| format!("copying {source} to {destination}"))?;
+        let digest = report
+            .digest
+            .as_ref()
+            .map(|d| d.to_string())
+            .unwrap_or_default();
+        if display.mode() == Mode::Json {
+            progress::emit_json(&serde_json::json!({
+                "event": "copied", "destination": destination.to_string(), "digest": digest,
+                "manifests": report.manifests, "blobsCopied": report.blobs_copied,
+                "bytes": report.bytes, "blobsSkipped": report.blobs_skipped,
+                "blobsMounted": report.blobs_mounted, "referrers": report.referrers,
+            }));
+            return Ok(());
+        }
         println!(
-            "{destination}: {} ({} manifests, {} blobs copied ({} bytes), {} already there, {} mounted, {} referrers)",
-            report
-                .digest
-                .as_ref()
-                .map(|d| d.to_string())
-                .unwrap_or_default(),
+            "{destination}: {digest} ({} manifests, {} blobs copied ({}), {} already there, {} mounted, {} referrers)",
             report.manifests,
             report.blobs_copied,
-            report.bytes,
+            progress::bytes(report.bytes),
             report.blobs_skipped,
             report.blobs_mounted,
             report.referrers,
@@ -256,6 +322,7 @@ pub(crate) fn pull(
     let options = berth_client::unpack::UnpackOptions {
         keep_owners: args.keep_owners,
     };
+    let display = Display::new(Mode::choose(args.remote.json), "downloading");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -263,25 +330,39 @@ pub(crate) fn pull(
         let (layout, image) = match &place {
             Place::Registry(reference) => {
                 let store = OciLayout::open(&store_dir(args.store.clone())?).await?;
-                let http = RegistryClient::default_http(args.remote.insecure)?;
-                let plain = args.remote.plain_http || reference.plain_http_by_default();
-                let client = RegistryClient::new(
-                    http,
-                    &reference.registry,
-                    plain,
-                    credentials(args.remote.src_creds.as_deref(), &reference.registry)?,
-                );
+                let client = args
+                    .remote
+                    .client(reference, args.remote.src_creds.as_deref())?;
                 let source = Endpoint::Registry {
                     client: &client,
                     image: reference,
                 };
-                let (image, report) = berth_client::pull(&source, &store, &reference.to_string(), &platform)
-                    .await
-                    .with_context(|| format!("pulling {reference}"))?;
-                println!(
-                    "{reference} ({platform}): {} ({} blobs downloaded ({} bytes), {} already in the store)",
-                    image.digest, report.blobs_copied, report.bytes, report.blobs_skipped
-                );
+                let pulled = berth_client::pull(
+                    &source,
+                    &store,
+                    &reference.to_string(),
+                    &platform,
+                    Some(display.sink()),
+                )
+                .await;
+                display.finish();
+                let (image, report) = pulled.with_context(|| format!("pulling {reference}"))?;
+                if display.mode() == Mode::Json {
+                    progress::emit_json(&serde_json::json!({
+                        "event": "pulled", "image": reference.to_string(),
+                        "platform": platform.to_string(), "digest": image.digest.to_string(),
+                        "blobsDownloaded": report.blobs_copied, "bytes": report.bytes,
+                        "blobsInStore": report.blobs_skipped,
+                    }));
+                } else {
+                    println!(
+                        "{reference} ({platform}): {} ({} blobs downloaded ({}), {} already in the store)",
+                        image.digest,
+                        report.blobs_copied,
+                        progress::bytes(report.bytes),
+                        report.blobs_skipped
+                    );
+                }
                 (store, image)
             }
             Place::Layout { path, tag } => {
@@ -298,6 +379,14 @@ pub(crate) fn pull(
             let report = berth_client::unpack(&layout, &image, root, options)
                 .await
                 .with_context(|| format!("unpacking into {}", root.display()))?;
+            if display.mode() == Mode::Json {
+                progress::emit_json(&serde_json::json!({
+                    "event": "unpacked", "root": root.display().to_string(),
+                    "layers": report.layers, "entries": report.entries,
+                    "whiteouts": report.whiteouts, "skippedDevices": report.skipped_devices,
+                }));
+                return Ok(());
+            }
             println!(
                 "unpacked {} layers into {} ({} entries, {} whiteouts{})",
                 report.layers,
@@ -324,16 +413,8 @@ pub(crate) fn inspect(source: &str, args: RemoteArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let http = RegistryClient::default_http(args.insecure)?;
         let (client, layout) = match &place {
-            Place::Registry(image) => {
-                let plain = args.plain_http || image.plain_http_by_default();
-                let creds = credentials(args.src_creds.as_deref(), &image.registry)?;
-                (
-                    Some(RegistryClient::new(http, &image.registry, plain, creds)),
-                    None,
-                )
-            }
+            Place::Registry(image) => (Some(args.client(image, args.src_creds.as_deref())?), None),
             Place::Layout { path, .. } => (None, Some(OciLayout::open_existing(path).await?)),
         };
         let endpoint = endpoint(&place, client.as_ref(), layout.as_ref());

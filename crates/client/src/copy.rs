@@ -5,14 +5,14 @@
 //! verified on the way.
 
 use std::collections::{BTreeMap, HashSet};
+use std::pin::Pin;
+use std::sync::Arc;
 
 use berth_oci::{Digest, EdgeKind, ParsedManifest};
+use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 
-use std::pin::Pin;
-
-use bytes::Bytes;
-
+use crate::pull::{choose_platform, Platform};
 use crate::{ClientError, ImageRef, Manifest, OciLayout, RegistryClient};
 
 /// Blobs copied at the same time.
@@ -35,6 +35,80 @@ pub struct CopyReport {
     pub bytes: u64,
     /// Referrers copied (with `copy_with_referrers`).
     pub referrers: usize,
+}
+
+/// How a blob got to the destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobOutcome {
+    /// The destination had it.
+    Skipped,
+    /// Linked from another repository of the same registry.
+    Mounted,
+    /// Its bytes were streamed across.
+    Copied,
+}
+
+/// What a copy or pull reports while it works, for a progress display: the order of
+/// events is the order things happen, and byte counts only grow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// A blob's bytes start to move (after the destination was found to lack it).
+    BlobStarted {
+        /// The blob.
+        digest: Digest,
+        /// Its size.
+        size: u64,
+    },
+    /// More of a blob has moved.
+    BlobBytes {
+        /// The blob.
+        digest: Digest,
+        /// Bytes moved so far.
+        done: u64,
+        /// Its size.
+        size: u64,
+    },
+    /// A blob is at the destination.
+    BlobDone {
+        /// The blob.
+        digest: Digest,
+        /// Its size.
+        size: u64,
+        /// How it got there.
+        outcome: BlobOutcome,
+    },
+    /// A manifest was stored at the destination.
+    ManifestStored {
+        /// The manifest.
+        digest: Digest,
+        /// Its media type.
+        media_type: String,
+    },
+}
+
+/// Where progress events go; called from the copying tasks, so it must be quick.
+pub type ProgressSink = Arc<dyn Fn(&Progress) + Send + Sync>;
+
+/// What to copy and who hears about it.
+#[derive(Clone, Default)]
+pub struct CopyOptions {
+    /// For an index: copy only this platform's image (stored alone, without the index).
+    /// `None` copies the index with every platform, digests unchanged.
+    pub platform: Option<Platform>,
+    /// Also copy the referrers (signatures, SBOMs…) of what is copied.
+    pub referrers: bool,
+    /// Progress events.
+    pub progress: Option<ProgressSink>,
+}
+
+impl std::fmt::Debug for CopyOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CopyOptions")
+            .field("platform", &self.platform)
+            .field("referrers", &self.referrers)
+            .field("progress", &self.progress.is_some())
+            .finish()
+    }
 }
 
 /// One side of a copy: a repository of a registry, or an OCI layout on disk.
@@ -177,154 +251,236 @@ impl Endpoint<'_> {
     }
 }
 
-/// Copies the image at `source` to `destination`, registries and layouts alike.
+/// Copies the image at `source` to `destination`, registries and layouts alike: the
+/// whole index, or one platform's image of it, with or without referrers, as `options`
+/// say.
 pub async fn copy(
     source: &Endpoint<'_>,
     destination: &Endpoint<'_>,
+    options: &CopyOptions,
 ) -> Result<CopyReport, ClientError> {
-    let top = source.top_manifest().await?;
-    copy_manifest(source, destination, &top).await
+    let mut top = source.top_manifest().await?;
+    if let Some(platform) = &options.platform {
+        top = choose_platform(source, top, platform).await?;
+    }
+    let transfer = Transfer {
+        source,
+        destination,
+        progress: options.progress.clone(),
+    };
+    let mut report = transfer.copy_manifest(&top).await?;
+    if options.referrers {
+        transfer.copy_referrers(&top, &mut report).await?;
+    }
+    Ok(report)
 }
 
 /// How deep referrers of referrers are followed (a signature of an SBOM of an image).
 const REFERRER_DEPTH: usize = 3;
 
-/// [`copy`], and then every referrer (signatures, SBOMs…) of the image and of an index's
-/// children, with their own referrers, each by digest.
-pub async fn copy_with_referrers(
-    source: &Endpoint<'_>,
-    destination: &Endpoint<'_>,
-) -> Result<CopyReport, ClientError> {
-    let top = source.top_manifest().await?;
-    let mut report = copy_manifest(source, destination, &top).await?;
-    let parsed = ParsedManifest::parse(&top.bytes, Some(&top.media_type))
-        .map_err(|e| ClientError::Protocol(format!("manifest {}: {e}", top.digest)))?;
-    let mut subjects: Vec<(Digest, usize)> = vec![(top.digest.clone(), 0)];
-    subjects.extend(
-        parsed
-            .edges
-            .iter()
-            .filter(|e| e.kind == EdgeKind::Child)
-            .map(|e| (e.digest.clone(), 0)),
-    );
-    let mut seen = HashSet::new();
-    while let Some((subject, depth)) = subjects.pop() {
-        for descriptor in source.referrers(&subject).await? {
-            let Some(digest) = descriptor["digest"]
-                .as_str()
-                .and_then(|d| Digest::parse(d).ok())
-            else {
-                continue;
-            };
-            if !seen.insert(digest.clone()) {
-                continue;
-            }
-            let referrer = source.child_manifest(&digest).await?;
-            let mut copied = HashSet::new();
-            copy_tree(source, destination, &referrer, &mut copied, &mut report).await?;
-            destination.put_manifest(&referrer, false).await?;
-            report.manifests += 1;
-            report.referrers += 1;
-            if depth + 1 < REFERRER_DEPTH {
-                subjects.push((digest, depth + 1));
-            }
+/// One copy under way: its two ends and who hears of its progress.
+pub(crate) struct Transfer<'s, 'a, 'b> {
+    pub(crate) source: &'s Endpoint<'a>,
+    pub(crate) destination: &'s Endpoint<'b>,
+    pub(crate) progress: Option<ProgressSink>,
+}
+
+impl Transfer<'_, '_, '_> {
+    fn tell(&self, event: Progress) {
+        if let Some(progress) = &self.progress {
+            progress(&event);
         }
     }
-    Ok(report)
-}
 
-/// Copies `top` (a manifest of `source`) and everything it references, and stores it as
-/// the destination's tagged manifest.
-pub(crate) async fn copy_manifest(
-    source: &Endpoint<'_>,
-    destination: &Endpoint<'_>,
-    top: &Manifest,
-) -> Result<CopyReport, ClientError> {
-    let mut report = CopyReport::default();
-    let mut copied = HashSet::new();
-    copy_tree(source, destination, top, &mut copied, &mut report).await?;
-    destination.put_manifest(top, true).await?;
-    report.manifests += 1;
-    report.digest = Some(top.digest.clone());
-    Ok(report)
-}
-
-/// Copies what `manifest` references (not the manifest itself).
-async fn copy_tree(
-    source: &Endpoint<'_>,
-    destination: &Endpoint<'_>,
-    manifest: &Manifest,
-    copied: &mut HashSet<Digest>,
-    report: &mut CopyReport,
-) -> Result<(), ClientError> {
-    let parsed = ParsedManifest::parse(&manifest.bytes, Some(&manifest.media_type))
-        .map_err(|e| ClientError::Protocol(format!("manifest {}: {e}", manifest.digest)))?;
-    let sizes = descriptor_sizes(&manifest.bytes);
-    let mut blobs = Vec::new();
-    for edge in &parsed.edges {
-        match edge.kind {
-            EdgeKind::Child => {
-                let child = source.child_manifest(&edge.digest).await?;
-                Box::pin(copy_tree(source, destination, &child, copied, report)).await?;
-                destination.put_manifest(&child, false).await?;
+    /// Copies every referrer (signatures, SBOMs…) of `top` and of an index's children,
+    /// with their own referrers, each by digest.
+    async fn copy_referrers(
+        &self,
+        top: &Manifest,
+        report: &mut CopyReport,
+    ) -> Result<(), ClientError> {
+        let parsed = ParsedManifest::parse(&top.bytes, Some(&top.media_type))
+            .map_err(|e| ClientError::Protocol(format!("manifest {}: {e}", top.digest)))?;
+        let mut subjects: Vec<(Digest, usize)> = vec![(top.digest.clone(), 0)];
+        subjects.extend(
+            parsed
+                .edges
+                .iter()
+                .filter(|e| e.kind == EdgeKind::Child)
+                .map(|e| (e.digest.clone(), 0)),
+        );
+        let mut seen = HashSet::new();
+        while let Some((subject, depth)) = subjects.pop() {
+            for descriptor in self.source.referrers(&subject).await? {
+                let Some(digest) = descriptor["digest"]
+                    .as_str()
+                    .and_then(|d| Digest::parse(d).ok())
+                else {
+                    continue;
+                };
+                if !seen.insert(digest.clone()) {
+                    continue;
+                }
+                let referrer = self.source.child_manifest(&digest).await?;
+                let mut copied = HashSet::new();
+                self.copy_tree(&referrer, &mut copied, report).await?;
+                self.store_manifest(&referrer, false).await?;
                 report.manifests += 1;
-            }
-            EdgeKind::Config | EdgeKind::Layer => {
-                if copied.insert(edge.digest.clone()) {
-                    blobs.push((
-                        edge.digest.clone(),
-                        sizes.get(edge.digest.as_str()).copied(),
-                    ));
+                report.referrers += 1;
+                if depth + 1 < REFERRER_DEPTH {
+                    subjects.push((digest, depth + 1));
                 }
             }
         }
+        Ok(())
     }
-    let outcomes: Vec<BlobOutcome> = futures_util::stream::iter(blobs)
-        .map(|(digest, size)| copy_blob(source, destination, digest, size))
-        .buffer_unordered(PARALLEL_BLOBS)
-        .try_collect()
-        .await?;
-    for outcome in outcomes {
-        match outcome {
-            BlobOutcome::Skipped => report.blobs_skipped += 1,
-            BlobOutcome::Mounted => report.blobs_mounted += 1,
-            BlobOutcome::Copied(bytes) => {
-                report.blobs_copied += 1;
-                report.bytes += bytes;
+
+    /// Copies `top` (a manifest of the source) and everything it references, and stores
+    /// it as the destination's tagged manifest.
+    pub(crate) async fn copy_manifest(&self, top: &Manifest) -> Result<CopyReport, ClientError> {
+        let mut report = CopyReport::default();
+        let mut copied = HashSet::new();
+        self.copy_tree(top, &mut copied, &mut report).await?;
+        self.store_manifest(top, true).await?;
+        report.manifests += 1;
+        report.digest = Some(top.digest.clone());
+        Ok(report)
+    }
+
+    async fn store_manifest(&self, manifest: &Manifest, top: bool) -> Result<(), ClientError> {
+        self.destination.put_manifest(manifest, top).await?;
+        self.tell(Progress::ManifestStored {
+            digest: manifest.digest.clone(),
+            media_type: manifest.media_type.clone(),
+        });
+        Ok(())
+    }
+
+    /// Copies what `manifest` references (not the manifest itself).
+    async fn copy_tree(
+        &self,
+        manifest: &Manifest,
+        copied: &mut HashSet<Digest>,
+        report: &mut CopyReport,
+    ) -> Result<(), ClientError> {
+        let parsed = ParsedManifest::parse(&manifest.bytes, Some(&manifest.media_type))
+            .map_err(|e| ClientError::Protocol(format!("manifest {}: {e}", manifest.digest)))?;
+        let sizes = descriptor_sizes(&manifest.bytes);
+        let mut blobs = Vec::new();
+        for edge in &parsed.edges {
+            match edge.kind {
+                EdgeKind::Child => {
+                    let child = self.source.child_manifest(&edge.digest).await?;
+                    Box::pin(self.copy_tree(&child, copied, report)).await?;
+                    self.store_manifest(&child, false).await?;
+                    report.manifests += 1;
+                }
+                EdgeKind::Config | EdgeKind::Layer => {
+                    if copied.insert(edge.digest.clone()) {
+                        blobs.push((
+                            edge.digest.clone(),
+                            sizes.get(edge.digest.as_str()).copied(),
+                        ));
+                    }
+                }
+            }
+        }
+        let outcomes: Vec<(BlobOutcome, u64)> = futures_util::stream::iter(blobs)
+            .map(|(digest, size)| self.copy_blob(digest, size))
+            .buffer_unordered(PARALLEL_BLOBS)
+            .try_collect()
+            .await?;
+        for (outcome, bytes) in outcomes {
+            match outcome {
+                BlobOutcome::Skipped => report.blobs_skipped += 1,
+                BlobOutcome::Mounted => report.blobs_mounted += 1,
+                BlobOutcome::Copied => {
+                    report.blobs_copied += 1;
+                    report.bytes += bytes;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts one blob at the destination; returns how, and the bytes moved.
+    async fn copy_blob(
+        &self,
+        digest: Digest,
+        size: Option<u64>,
+    ) -> Result<(BlobOutcome, u64), ClientError> {
+        let done = |outcome: BlobOutcome, size: u64| {
+            self.tell(Progress::BlobDone {
+                digest: digest.clone(),
+                size,
+                outcome,
+            });
+            Ok((outcome, size))
+        };
+        if let Some(there) = self.destination.blob_size(&digest).await? {
+            return done(BlobOutcome::Skipped, size.unwrap_or(there));
+        }
+        if self.destination.mount_from(self.source, &digest).await? {
+            return done(BlobOutcome::Mounted, size.unwrap_or(0));
+        }
+        let size = match size {
+            Some(size) => size,
+            None => self
+                .source
+                .blob_size(&digest)
+                .await?
+                .ok_or_else(|| ClientError::NotFound(format!("blob {digest}")))?,
+        };
+        self.tell(Progress::BlobStarted {
+            digest: digest.clone(),
+            size,
+        });
+        let moved = match (self.source, self.destination) {
+            // Into a layout from a registry: a download that survives being cut.
+            (Endpoint::Registry { client, image }, Endpoint::Layout { layout, .. }) => {
+                layout
+                    .download(
+                        client,
+                        image.repository.as_str(),
+                        &digest,
+                        size,
+                        &self.counter(&digest, size),
+                    )
+                    .await?
+            }
+            _ => {
+                let counter = self.counter(&digest, size);
+                let bytes = self.source.blob(&digest, size).await?.map(move |chunk| {
+                    if let Ok(chunk) = &chunk {
+                        counter(chunk.len() as u64);
+                    }
+                    chunk
+                });
+                self.destination
+                    .put_blob(&digest, size, Box::pin(bytes))
+                    .await?;
+                size
+            }
+        };
+        done(BlobOutcome::Copied, moved)
+    }
+
+    /// A callback that adds bytes moved to a blob's count and reports the new total.
+    fn counter(&self, digest: &Digest, size: u64) -> impl Fn(u64) + Send + Sync + 'static {
+        let progress = self.progress.clone();
+        let digest = digest.clone();
+        let done = std::sync::atomic::AtomicU64::new(0);
+        move |more: u64| {
+            let total = done.fetch_add(more, std::sync::atomic::Ordering::Relaxed) + more;
+            if let Some(progress) = &progress {
+                progress(&Progress::BlobBytes {
+                    digest: digest.clone(),
+                    done: total,
+                    size,
+                });
             }
         }
     }
-    Ok(())
-}
-
-enum BlobOutcome {
-    Skipped,
-    Mounted,
-    Copied(u64),
-}
-
-async fn copy_blob(
-    source: &Endpoint<'_>,
-    destination: &Endpoint<'_>,
-    digest: Digest,
-    size: Option<u64>,
-) -> Result<BlobOutcome, ClientError> {
-    if destination.blob_size(&digest).await?.is_some() {
-        return Ok(BlobOutcome::Skipped);
-    }
-    if destination.mount_from(source, &digest).await? {
-        return Ok(BlobOutcome::Mounted);
-    }
-    let size = match size {
-        Some(size) => size,
-        None => source
-            .blob_size(&digest)
-            .await?
-            .ok_or_else(|| ClientError::NotFound(format!("blob {digest}")))?,
-    };
-    let bytes = source.blob(&digest, size).await?;
-    destination.put_blob(&digest, size, bytes).await?;
-    Ok(BlobOutcome::Copied(size))
 }
 
 /// The size each descriptor of a manifest gives its digest (config, layers, children,

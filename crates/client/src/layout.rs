@@ -11,9 +11,15 @@ use berth_oci::{Digest, DigestHasher};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use serde_json::{json, Value};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use crate::{ClientError, Manifest};
+
+/// Numbers this process's blob writers apart.
+static WRITERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Attempts at a download before giving up (the partial file stays for the next pull).
+const DOWNLOAD_ATTEMPTS: u32 = 5;
 
 /// The annotation an index entry's tag lives in.
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
@@ -190,7 +196,13 @@ impl OciLayout {
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(io_error(&dir))?;
-        let temporary = dir.join(format!(".{}.partial", digest.hex()));
+        // A name of its own: a resumable download keeps `.<hex>.partial`.
+        let temporary = dir.join(format!(
+            ".{}.{}-{}.writing",
+            digest.hex(),
+            std::process::id(),
+            WRITERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
         let mut file = tokio::fs::File::create(&temporary)
             .await
             .map_err(io_error(&temporary))?;
@@ -227,6 +239,125 @@ impl OciLayout {
         Ok(size)
     }
 
+    /// Downloads a blob from a registry into the layout so that an interruption loses
+    /// nothing already written: the bytes go to `.<hex>.partial`, which stays when the
+    /// download fails or the process dies, and the next attempt (in this call, or a later
+    /// pull) asks the registry only for the rest with a `Range` request. The whole is
+    /// hashed (what was there first, then what arrives) and renamed into place only when
+    /// it matches. A lock on the partial file keeps two pulls of the same blob apart.
+    /// `moved` hears the bytes as they are written.
+    pub(crate) async fn download(
+        &self,
+        client: &crate::RegistryClient,
+        repository: &str,
+        digest: &Digest,
+        size: u64,
+        moved: &(impl Fn(u64) + Send + Sync),
+    ) -> Result<u64, ClientError> {
+        let path = self.blob_path(digest);
+        let dir = path.parent().unwrap_or(&self.root).to_owned();
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(io_error(&dir))?;
+        let partial = dir.join(format!(".{}.partial", digest.hex()));
+        let opened = partial.clone();
+        let file = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&opened)?;
+            file.lock()?;
+            Ok(file)
+        })
+        .await
+        .map_err(|e| ClientError::Protocol(format!("locking {}: {e}", partial.display())))?
+        .map_err(io_error(&partial))?;
+        // Another pull may have finished it while this one waited for the lock.
+        if let Some(there) = self.blob_size(digest).await {
+            let _ = tokio::fs::remove_file(&partial).await;
+            return Ok(there);
+        }
+        let mut file = tokio::fs::File::from_std(file);
+        let mut hasher = DigestHasher::new(digest.algorithm());
+        let mut have = hash_prefix(&mut file, &mut hasher, size)
+            .await
+            .map_err(io_error(&partial))?;
+        moved(have);
+        let mut attempt = 0;
+        while have < size {
+            attempt += 1;
+            let cut = match client.blob_from(repository, digest, have).await {
+                Ok((mut body, ranged)) => {
+                    if !ranged && have > 0 {
+                        // The registry sent everything again: start over.
+                        file.set_len(0).await.map_err(io_error(&partial))?;
+                        file.seek(std::io::SeekFrom::Start(0))
+                            .await
+                            .map_err(io_error(&partial))?;
+                        hasher = DigestHasher::new(digest.algorithm());
+                        have = 0;
+                    }
+                    let mut cut = None;
+                    while let Some(chunk) = body.next().await {
+                        let chunk = match chunk {
+                            Ok(chunk) => chunk,
+                            Err(e) => {
+                                cut = Some(ClientError::unreachable(e));
+                                break;
+                            }
+                        };
+                        if have + chunk.len() as u64 > size {
+                            drop(file);
+                            let _ = tokio::fs::remove_file(&partial).await;
+                            return Err(ClientError::Mismatch {
+                                what: format!("blob {digest}"),
+                                expected: format!("{size} bytes"),
+                                actual: "more".to_owned(),
+                            });
+                        }
+                        file.write_all(&chunk).await.map_err(io_error(&partial))?;
+                        hasher.update(&chunk);
+                        have += chunk.len() as u64;
+                        moved(chunk.len() as u64);
+                    }
+                    match cut {
+                        Some(e) => Some(e),
+                        None if have < size => Some(ClientError::Unreachable(format!(
+                            "blob {digest}: the registry stopped after {have} of {size} bytes"
+                        ))),
+                        None => None,
+                    }
+                }
+                Err(e @ ClientError::Unreachable(_)) => Some(e),
+                Err(e) => return Err(e),
+            };
+            if let Some(e) = cut {
+                file.flush().await.map_err(io_error(&partial))?;
+                if attempt >= DOWNLOAD_ATTEMPTS {
+                    return Err(e);
+                }
+                tokio::time::sleep(crate::backoff(attempt, None)).await;
+            }
+        }
+        file.sync_all().await.map_err(io_error(&partial))?;
+        drop(file);
+        let actual = hasher.finish();
+        if actual != *digest {
+            let _ = tokio::fs::remove_file(&partial).await;
+            return Err(ClientError::Mismatch {
+                what: format!("blob {digest}"),
+                expected: digest.to_string(),
+                actual: actual.to_string(),
+            });
+        }
+        tokio::fs::rename(&partial, &path)
+            .await
+            .map_err(io_error(&path))?;
+        Ok(size)
+    }
+
     /// Stores a manifest, and tags it in `index.json` if `tag` is given (replacing the
     /// entry that had that tag).
     pub async fn put_manifest(
@@ -256,4 +387,30 @@ impl OciLayout {
         }
         self.write_index(&index).await
     }
+}
+
+/// Hashes what a partial download already holds (at most `size` bytes; anything longer
+/// is cut off) and leaves the file positioned after it; returns its length.
+async fn hash_prefix(
+    file: &mut tokio::fs::File,
+    hasher: &mut DigestHasher,
+    size: u64,
+) -> std::io::Result<u64> {
+    let length = file.metadata().await?.len();
+    if length > size {
+        file.set_len(0).await?;
+        return Ok(0);
+    }
+    let mut buffer = vec![0u8; 256 * 1024];
+    let mut have = 0;
+    while have < length {
+        let n = file.read(&mut buffer).await?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+        have += n as u64;
+    }
+    file.seek(std::io::SeekFrom::Start(have)).await?;
+    Ok(have)
 }

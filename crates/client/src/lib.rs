@@ -21,11 +21,13 @@ use std::time::Duration;
 use berth_oci::Digest;
 use bytes::Bytes;
 use futures_util::Stream;
-use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE};
+use reqwest::header::{
+    HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_TYPE, LOCATION, RANGE, WWW_AUTHENTICATE,
+};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 
 pub use auth::{Credentials, IDENTITY_TOKEN_USER};
-pub use copy::{copy, copy_with_referrers, CopyReport, Endpoint};
+pub use copy::{copy, BlobOutcome, CopyOptions, CopyReport, Endpoint, Progress, ProgressSink};
 pub use layout::OciLayout;
 pub use pull::{inspect, pull, resolve, unpack, Platform, UnpackReport};
 pub use reference::ImageRef;
@@ -95,16 +97,16 @@ impl ClientError {
                 let e = &v["errors"][0];
                 Some(format!(
                     "{} ({})",
-                    e["message"].as_str()?,
-                    e["code"].as_str().unwrap_or("")
+                    printable(e["message"].as_str()?),
+                    printable(e["code"].as_str().unwrap_or(""))
                 ))
             });
         let message = oci.unwrap_or_else(|| {
-            let text: String = body.chars().take(200).collect();
-            if text.trim().is_empty() {
+            let text = printable(body.trim());
+            if text.is_empty() {
                 what.to_owned()
             } else {
-                format!("{what}: {}", text.trim())
+                format!("{what}: {text}")
             }
         });
         match status {
@@ -132,6 +134,8 @@ pub const MANIFEST_TYPES: &str = "application/vnd.oci.image.index.v1+json, appli
 
 /// The most bytes of a manifest read: no registry serves bigger ones.
 const MAX_MANIFEST: usize = 4 * 1024 * 1024;
+/// The smallest push chunk taken; some registries refuse smaller chunks but the last.
+const MIN_CHUNK_SIZE: u64 = 1024 * 1024;
 /// How many times a request that failed in a way worth retrying is tried.
 const ATTEMPTS: u32 = 3;
 
@@ -143,7 +147,13 @@ pub struct RegistryClient {
     tokens: TokenCache,
     /// The registry asked for Basic: send it up front from then on.
     basic: std::sync::atomic::AtomicBool,
+    /// Blobs larger than this are pushed in chunks of this size.
+    chunk_size: u64,
 }
+
+/// The default push chunk: big enough that the requests cost little next to the bytes,
+/// small enough to sit in memory for a retry and to pass proxies that cap a request body.
+pub const DEFAULT_CHUNK_SIZE: u64 = 32 * 1024 * 1024;
 
 impl RegistryClient {
     /// A client for `registry` (`host[:port]`) over `http`, plain HTTP if `plain_http`.
@@ -160,18 +170,59 @@ impl RegistryClient {
             credentials,
             tokens: TokenCache::default(),
             basic: std::sync::atomic::AtomicBool::new(false),
+            chunk_size: DEFAULT_CHUNK_SIZE,
         }
+    }
+
+    /// Pushes blobs larger than `bytes` in chunks of `bytes` (at least 1 MiB), for
+    /// registries behind proxies that cap a request body.
+    pub fn with_chunk_size(mut self, bytes: u64) -> RegistryClient {
+        self.chunk_size = bytes.max(MIN_CHUNK_SIZE);
+        self
     }
 
     /// An HTTP client for talking to registries from the command line: redirects followed
     /// (blob downloads are often redirected to object storage; credentials are not sent
     /// to another host), `insecure` accepting any certificate.
     pub fn default_http(insecure: bool) -> Result<reqwest::Client, ClientError> {
-        reqwest::Client::builder()
+        Self::http_for("", insecure, &[])
+    }
+
+    /// Whether docker's or podman's `certs.d` holds a CA for `registry`: then it speaks
+    /// TLS, even on loopback.
+    pub fn has_ca_for(registry: &str) -> bool {
+        !certs_d_files(registry).is_empty()
+    }
+
+    /// [`RegistryClient::default_http`] for one registry, trusting besides the system's
+    /// roots the PEM certificates in `ca_files` and those docker and podman keep for
+    /// `registry` (`certs.d/<host:port>/*.crt` under `/etc/docker`, `/etc/containers` and
+    /// the user's containers configuration), so a private CA set up for them works here.
+    pub fn http_for(
+        registry: &str,
+        insecure: bool,
+        ca_files: &[std::path::PathBuf],
+    ) -> Result<reqwest::Client, ClientError> {
+        let mut builder = reqwest::Client::builder()
             .danger_accept_invalid_certs(insecure)
             .connect_timeout(Duration::from_secs(15))
             .read_timeout(Duration::from_secs(120))
-            .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")));
+        let mut files = ca_files.to_vec();
+        if !registry.is_empty() {
+            files.extend(certs_d_files(registry));
+        }
+        for file in files {
+            let pem = std::fs::read(&file)
+                .map_err(|e| ClientError::Protocol(format!("{}: {e}", file.display())))?;
+            let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                ClientError::Protocol(format!("{}: not PEM certificates: {e}", file.display()))
+            })?;
+            for certificate in certificates {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        builder
             .build()
             .map_err(|e| ClientError::Protocol(format!("HTTP client: {e}")))
     }
@@ -381,6 +432,52 @@ impl RegistryClient {
         ))
     }
 
+    /// The blob's bytes from `offset` on, not verified (the caller hashes the whole blob),
+    /// and whether the registry honoured the range: false means it sent the whole blob.
+    pub(crate) async fn blob_from(
+        &self,
+        repository: &str,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<
+        (
+            impl Stream<Item = Result<Bytes, reqwest::Error>> + Send + Unpin,
+            bool,
+        ),
+        ClientError,
+    > {
+        let url = format!("{}/v2/{repository}/blobs/{digest}", self.base);
+        let scope = format!("repository:{repository}:pull");
+        let response = self
+            .send(&scope, true, |http| {
+                let request = http.get(&url);
+                if offset > 0 {
+                    request.header(RANGE, format!("bytes={offset}-"))
+                } else {
+                    request
+                }
+            })
+            .await?;
+        let ranged = match response.status() {
+            StatusCode::PARTIAL_CONTENT => {
+                let starts_at_offset =
+                    header(response.headers(), "content-range").and_then(|range| {
+                        let from = range.strip_prefix("bytes ")?.split('-').next()?;
+                        from.parse::<u64>().ok()
+                    }) == Some(offset);
+                if !starts_at_offset {
+                    return Err(ClientError::Protocol(format!(
+                        "blob {digest}: the registry answered a range request from {offset} with another range"
+                    )));
+                }
+                true
+            }
+            s if s.is_success() => false,
+            _ => return Err(Self::failure(response, &format!("blob {repository}@{digest}")).await),
+        };
+        Ok((Box::pin(response.bytes_stream()), ranged))
+    }
+
     /// Links a blob another repository of this registry holds; false if the registry
     /// would rather have it uploaded.
     pub async fn mount(
@@ -402,8 +499,9 @@ impl RegistryClient {
         }
     }
 
-    /// Uploads a blob from `body` (a stream of `size` bytes hashing to `digest`) in one
-    /// streamed request.
+    /// Uploads a blob from `body` (a stream of `size` bytes hashing to `digest`): in one
+    /// streamed request, or, when it is larger than the chunk size, in chunks each of
+    /// which is sent again (from where the registry says it stopped) if it fails.
     pub async fn push_blob<S>(
         &self,
         repository: &str,
@@ -420,20 +518,22 @@ impl RegistryClient {
         if response.status() != StatusCode::ACCEPTED {
             return Err(Self::failure(response, &format!("upload into {repository}")).await);
         }
-        let location = header(response.headers(), LOCATION.as_str()).ok_or_else(|| {
-            ClientError::Protocol("an upload answered without Location".to_owned())
-        })?;
-        let mut url = url::Url::parse(&self.base)
-            .and_then(|base| base.join(&location))
-            .map_err(|e| ClientError::Protocol(format!("upload location {location:?}: {e}")))?;
+        let mut url = self.upload_location(&response)?;
+        let final_body = if size > self.chunk_size {
+            url = self.push_chunks(&scope, url, body).await?;
+            None
+        } else {
+            Some(reqwest::Body::wrap_stream(body))
+        };
         url.query_pairs_mut().append_pair("digest", digest.as_str());
-        let body = std::sync::Mutex::new(Some(reqwest::Body::wrap_stream(body)));
+        let body = std::sync::Mutex::new(final_body);
+        let length = if size > self.chunk_size { 0 } else { size };
         let response = self
             .send(&scope, false, |http| {
                 let request = http
                     .request(Method::PUT, url.as_str())
                     .header(CONTENT_TYPE, "application/octet-stream")
-                    .header("content-length", size.to_string());
+                    .header("content-length", length.to_string());
                 match body.lock().ok().and_then(|mut b| b.take()) {
                     Some(body) => request.body(body),
                     None => request,
@@ -444,6 +544,118 @@ impl RegistryClient {
             return Err(Self::failure(response, &format!("blob {digest} into {repository}")).await);
         }
         Ok(())
+    }
+
+    /// The absolute URL an upload answer's `Location` names.
+    fn upload_location(&self, response: &Response) -> Result<url::Url, ClientError> {
+        let location = header(response.headers(), LOCATION.as_str()).ok_or_else(|| {
+            ClientError::Protocol("an upload answered without Location".to_owned())
+        })?;
+        url::Url::parse(&self.base)
+            .and_then(|base| base.join(&location))
+            .map_err(|e| ClientError::Protocol(format!("upload location {location:?}: {e}")))
+    }
+
+    /// Sends `body` to the upload at `url` as `PATCH` chunks of the chunk size; returns
+    /// where the upload goes on (for the closing `PUT`). Only one chunk is held in memory.
+    async fn push_chunks<S>(
+        &self,
+        scope: &str,
+        mut url: url::Url,
+        body: S,
+    ) -> Result<url::Url, ClientError>
+    where
+        S: Stream<Item = Result<Bytes, std::io::Error>> + Send,
+    {
+        use futures_util::StreamExt;
+        let chunk_size = self.chunk_size as usize;
+        let mut body = std::pin::pin!(body);
+        let mut buffer = bytes::BytesMut::with_capacity(chunk_size);
+        let mut offset = 0u64;
+        let mut ended = false;
+        while !ended || !buffer.is_empty() {
+            while !ended && buffer.len() < chunk_size {
+                match body.next().await {
+                    Some(Ok(bytes)) => buffer.extend_from_slice(&bytes),
+                    Some(Err(e)) => {
+                        return Err(ClientError::Protocol(format!("reading the blob: {e}")))
+                    }
+                    None => ended = true,
+                }
+            }
+            let take = buffer.len().min(chunk_size);
+            if take == 0 {
+                break;
+            }
+            let chunk = buffer.split_to(take).freeze();
+            url = self.push_chunk(scope, url, offset, chunk).await?;
+            offset += take as u64;
+        }
+        Ok(url)
+    }
+
+    /// Sends one chunk starting at `offset`. When the request fails, asks the upload how
+    /// far it got and sends the rest of the chunk again, up to [`ATTEMPTS`] times.
+    async fn push_chunk(
+        &self,
+        scope: &str,
+        mut url: url::Url,
+        mut offset: u64,
+        mut chunk: Bytes,
+    ) -> Result<url::Url, ClientError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let end = offset + chunk.len() as u64 - 1;
+            let sent = self
+                .send(scope, false, |http| {
+                    http.patch(url.as_str())
+                        .header(CONTENT_TYPE, "application/octet-stream")
+                        .header("content-range", format!("{offset}-{end}"))
+                        .header("content-length", chunk.len().to_string())
+                        .body(chunk.clone())
+                })
+                .await;
+            let failure = match sent {
+                Ok(response) if response.status() == StatusCode::ACCEPTED => {
+                    return self.upload_location(&response);
+                }
+                Ok(response)
+                    if response.status().is_server_error()
+                        || response.status() == StatusCode::RANGE_NOT_SATISFIABLE =>
+                {
+                    Self::failure(response, "an upload chunk").await
+                }
+                Ok(response) => return Err(Self::failure(response, "an upload chunk").await),
+                Err(e @ ClientError::Unreachable(_)) => e,
+                Err(e) => return Err(e),
+            };
+            if attempt >= ATTEMPTS {
+                return Err(failure);
+            }
+            tokio::time::sleep(backoff(attempt, None)).await;
+            // How much of the upload the registry holds: `Range: 0-<last byte>`.
+            let status = self
+                .send(scope, true, |http| http.get(url.as_str()))
+                .await?;
+            if status.status() != StatusCode::NO_CONTENT {
+                return Err(Self::failure(status, "an upload's status").await);
+            }
+            let held = header(status.headers(), RANGE.as_str())
+                .and_then(|r| r.split('-').nth(1)?.parse::<u64>().ok())
+                // "0-0" is how registries say both "nothing" and "one byte"; a chunk
+                // is never one byte, so it means nothing.
+                .map_or(0, |last| if last == 0 { 0 } else { last + 1 });
+            if held < offset || held > end + 1 {
+                return Err(failure);
+            }
+            chunk = chunk.slice((held - offset) as usize..);
+            offset = held;
+            url = self.upload_location(&status).unwrap_or(url);
+            if chunk.is_empty() {
+                return Ok(url);
+            }
+        }
     }
 
     /// The manifests that name `digest` as their subject (signatures, SBOMs…), as
@@ -615,6 +827,52 @@ pub(crate) async fn read_bounded(
     Ok(Bytes::from(body))
 }
 
+/// The CA certificates docker and podman keep for `registry` (`*.crt` files; client
+/// certificates there are `.cert`/`.key` and not read).
+fn certs_d_files(registry: &str) -> Vec<std::path::PathBuf> {
+    if registry.contains("..") || registry.contains('/') {
+        return Vec::new();
+    }
+    let mut roots = vec![
+        std::path::PathBuf::from("/etc/docker/certs.d"),
+        std::path::PathBuf::from("/etc/containers/certs.d"),
+    ];
+    if let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        roots.push(std::path::PathBuf::from(home).join(".config/containers/certs.d"));
+    }
+    let mut files = Vec::new();
+    for root in roots {
+        let Ok(entries) = std::fs::read_dir(root.join(registry)) else {
+            continue;
+        };
+        let mut found: Vec<_> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "crt"))
+            .collect();
+        found.sort();
+        files.extend(found);
+    }
+    files
+}
+
+/// A registry's words made safe for a terminal: at most 200 characters, control
+/// characters (escape sequences among them) shown escaped rather than obeyed.
+fn printable(text: &str) -> String {
+    let mut shown = String::new();
+    for (count, c) in text.chars().enumerate() {
+        if count == 200 {
+            shown.push('…');
+            break;
+        }
+        if c.is_control() {
+            shown.extend(c.escape_default());
+        } else {
+            shown.push(c);
+        }
+    }
+    shown
+}
+
 /// The most of an error answer read, for its message.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
@@ -624,7 +882,7 @@ fn header(headers: &HeaderMap, name: &str) -> Option<String> {
 
 /// The pause before attempt `attempt + 1`: what `Retry-After` asks (at most 30 s), else
 /// doubling from half a second.
-fn backoff(attempt: u32, retry_after_secs: Option<u64>) -> Duration {
+pub(crate) fn backoff(attempt: u32, retry_after_secs: Option<u64>) -> Duration {
     match retry_after_secs {
         Some(secs) => Duration::from_secs(secs.min(30)),
         None => Duration::from_millis(500 << attempt.min(6)),

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::copy::{copy_manifest, Endpoint};
+use crate::copy::{Endpoint, ProgressSink, Transfer};
 use crate::unpack::{apply_layer, UnpackError, UnpackOptions};
 use crate::{ClientError, CopyReport, Manifest, OciLayout};
 
@@ -86,19 +86,34 @@ pub async fn pull(
     store: &OciLayout,
     tag: &str,
     platform: &Platform,
+    progress: Option<ProgressSink>,
 ) -> Result<(Manifest, CopyReport), ClientError> {
     let image = resolve(source, platform).await?;
     let destination = Endpoint::Layout {
         layout: store,
         tag: Some(tag.to_owned()),
     };
-    let report = copy_manifest(source, &destination, &image).await?;
+    let transfer = Transfer {
+        source,
+        destination: &destination,
+        progress,
+    };
+    let report = transfer.copy_manifest(&image).await?;
     Ok((image, report))
 }
 
 /// The image manifest `source` names for `platform`: itself, or its index's entry.
 pub async fn resolve(source: &Endpoint<'_>, platform: &Platform) -> Result<Manifest, ClientError> {
     let top = source.top_manifest().await?;
+    choose_platform(source, top, platform).await
+}
+
+/// `top` itself if it is an image, else the image its index names for `platform`.
+pub(crate) async fn choose_platform(
+    source: &Endpoint<'_>,
+    top: Manifest,
+    platform: &Platform,
+) -> Result<Manifest, ClientError> {
     if is_index(&top) {
         let index: Value = serde_json::from_slice(&top.bytes)
             .map_err(|e| ClientError::Protocol(format!("index {}: {e}", top.digest)))?;

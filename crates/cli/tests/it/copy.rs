@@ -60,7 +60,14 @@ fn an_index_is_copied_with_every_digest_to_a_registry_that_wants_tokens() {
     let to = format!("{}/copied/app:multi", destination.host());
     let creds = format!("admin:{ADMIN_PASSWORD}");
 
-    let (ok, out) = berth(&["copy", &from, &to, "--dest-creds", &creds]);
+    let (ok, out) = berth(&[
+        "copy",
+        "--all-platforms",
+        &from,
+        &to,
+        "--dest-creds",
+        &creds,
+    ]);
     assert!(ok, "{out}");
     assert!(out.contains(&index), "{out}");
     assert!(out.contains("3 manifests, 5 blobs copied"), "{out}");
@@ -84,7 +91,14 @@ fn an_index_is_copied_with_every_digest_to_a_registry_that_wants_tokens() {
     }
 
     // Again: everything is there already.
-    let (ok, out) = berth(&["copy", &from, &to, "--dest-creds", &creds]);
+    let (ok, out) = berth(&[
+        "copy",
+        "--all-platforms",
+        &from,
+        &to,
+        "--dest-creds",
+        &creds,
+    ]);
     assert!(ok, "{out}");
     assert!(
         out.contains("0 blobs copied") && out.contains("5 already there"),
@@ -93,7 +107,7 @@ fn an_index_is_copied_with_every_digest_to_a_registry_that_wants_tokens() {
 
     // Within one registry: mounted, not uploaded.
     let inside = format!("{}/other/app:multi", source.host());
-    let (ok, out) = berth(&["copy", &from, &inside]);
+    let (ok, out) = berth(&["copy", "--all-platforms", &from, &inside]);
     assert!(ok, "{out}");
     assert!(out.contains("5 mounted"), "{out}");
 }
@@ -106,16 +120,28 @@ fn failures_say_what_went_wrong() {
     let from = format!("{}/team/app:v1", source.host());
     let to = format!("{}/copied/app:v1", destination.host());
 
-    let (ok, out) = berth(&["copy", &from, &to, "--dest-creds", "admin:wrong-password"]);
+    let (ok, out) = berth(&[
+        "copy",
+        "--all-platforms",
+        &from,
+        &to,
+        "--dest-creds",
+        "admin:wrong-password",
+    ]);
     assert!(!ok);
     assert!(out.contains("unauthorized"), "{out}");
-    let (ok, out) = berth(&["copy", &from, &to]);
+    let (ok, out) = berth(&["copy", "--all-platforms", &from, &to]);
     assert!(!ok);
     assert!(
         out.contains("unauthorized") || out.contains("denied"),
         "{out}"
     );
-    let (ok, out) = berth(&["copy", &format!("{}/team/app:nope", source.host()), &to]);
+    let (ok, out) = berth(&[
+        "copy",
+        "--all-platforms",
+        &format!("{}/team/app:nope", source.host()),
+        &to,
+    ]);
     assert!(!ok);
     assert!(
         out.contains("not found") && out.contains("MANIFEST_UNKNOWN"),
@@ -197,9 +223,19 @@ fn berth_to_distribution_and_back_keeps_every_digest() {
     let back = start();
     let (index, children) = push_index(&source.url(), "team/app", "multi");
     let there = format!("{}/team/app:multi", distribution.addr);
-    let (ok, out) = berth(&["copy", &format!("{}/team/app:multi", source.host()), &there]);
+    let (ok, out) = berth(&[
+        "copy",
+        "--all-platforms",
+        &format!("{}/team/app:multi", source.host()),
+        &there,
+    ]);
     assert!(ok, "{out}");
-    let (ok, out) = berth(&["copy", &there, &format!("{}/again/app:multi", back.host())]);
+    let (ok, out) = berth(&[
+        "copy",
+        "--all-platforms",
+        &there,
+        &format!("{}/again/app:multi", back.host()),
+    ]);
     assert!(ok, "{out}");
     assert!(out.contains(&index), "{out}");
     let r = http()
@@ -301,13 +337,18 @@ fn login_keeps_credentials_where_copy_and_docker_find_them() {
         "docker's own format"
     );
 
-    let (ok, out) = berth_env(&["copy", &from, &to], &env, None);
+    let (ok, out) = berth_env(&["copy", "--all-platforms", &from, &to], &env, None);
     assert!(ok, "{out}");
 
     let (ok, out) = berth_env(&["logout", &host], &env, None);
     assert!(ok && out.contains("Removed"), "{out}");
     let (ok, out) = berth_env(
-        &["copy", &from, &format!("{host}/copied/app:v2")],
+        &[
+            "copy",
+            "--all-platforms",
+            &from,
+            &format!("{host}/copied/app:v2"),
+        ],
         &env,
         None,
     );
@@ -352,6 +393,7 @@ fn a_credential_helper_is_asked() {
     let (ok, out) = berth_env(
         &[
             "copy",
+            "--all-platforms",
             &format!("{}/team/app:v1", source.host()),
             &format!("{host}/helped/app:v1"),
         ],
@@ -408,6 +450,7 @@ fn a_podman_login_is_enough() {
     let (ok, out) = berth_env(
         &[
             "copy",
+            "--all-platforms",
             &format!("{}/team/app:v1", source.host()),
             &format!("{host}/podman/app:v1"),
         ],
@@ -427,6 +470,7 @@ fn oci_layouts_go_both_ways_and_real_tools_read_and_write_them() {
     let target = format!("oci:{}:v1", layout.display());
     let (ok, out) = berth(&[
         "copy",
+        "--all-platforms",
         &format!("{}/team/app:multi", source.host()),
         &target,
     ]);
@@ -452,7 +496,12 @@ fn oci_layouts_go_both_ways_and_real_tools_read_and_write_them() {
         assert_eq!(sha256(&out.stdout), index, "skopeo reads the same index");
     }
     // And back into a registry: the same digests.
-    let (ok, out) = berth(&["copy", &target, &format!("{}/from/layout:v1", back.host())]);
+    let (ok, out) = berth(&[
+        "copy",
+        "--all-platforms",
+        &target,
+        &format!("{}/from/layout:v1", back.host()),
+    ]);
     assert!(ok, "{out}");
     assert!(out.contains(&index), "{out}");
     for child in &children {
@@ -485,7 +534,12 @@ fn oci_layouts_go_both_ways_and_real_tools_read_and_write_them() {
             .unwrap();
         // skopeo may rewrite the index it stores; berth must copy whatever it holds as is.
         let held = sha256(&raw.stdout);
-        let (ok, out) = berth(&["copy", &made, &format!("{}/from/skopeo:v1", back.host())]);
+        let (ok, out) = berth(&[
+            "copy",
+            "--all-platforms",
+            &made,
+            &format!("{}/from/skopeo:v1", back.host()),
+        ]);
         assert!(ok, "{out}");
         assert!(out.contains(&held), "the layout's own index: {out}");
         assert!(out.contains("3 manifests"), "{out}");
@@ -493,12 +547,14 @@ fn oci_layouts_go_both_ways_and_real_tools_read_and_write_them() {
     // Missing layouts and tags are named as such.
     let (ok, out) = berth(&[
         "copy",
+        "--all-platforms",
         &format!("oci:{}/nowhere:v1", dir.path().display()),
         &format!("{}/x/y:v1", back.host()),
     ]);
     assert!(!ok && out.contains("no OCI image layout"), "{out}");
     let (ok, out) = berth(&[
         "copy",
+        "--all-platforms",
         &format!("oci:{}:nope", layout.display()),
         &format!("{}/x/y:v1", back.host()),
     ]);
@@ -570,6 +626,7 @@ fn referrers_travel_through_a_registry_without_the_referrers_api() {
     let there = format!("{}/team/app:multi", distribution.addr);
     let (ok, out) = berth(&[
         "copy",
+        "--all-platforms",
         "--referrers",
         &format!("{}/team/app:multi", source.host()),
         &there,
@@ -591,6 +648,7 @@ fn referrers_travel_through_a_registry_without_the_referrers_api() {
 
     let (ok, out) = berth(&[
         "copy",
+        "--all-platforms",
         "--referrers",
         &there,
         &format!("{}/again/app:multi", back.host()),
@@ -633,6 +691,7 @@ fn an_identity_token_from_a_docker_login_is_exchanged_not_sent() {
     let (ok, out) = berth_env(
         &[
             "copy",
+            "--all-platforms",
             &format!("{}/team/app:v1", source.host()),
             &format!("{host}/refreshed/app:v1"),
         ],
@@ -649,6 +708,7 @@ fn an_identity_token_from_a_docker_login_is_exchanged_not_sent() {
     let (ok, out) = berth_env(
         &[
             "copy",
+            "--all-platforms",
             &format!("{}/team/app:v1", source.host()),
             &format!("{host}/refreshed/app:v2"),
         ],
@@ -670,6 +730,7 @@ fn push_sends_a_layout_to_a_registry() {
     let layout = format!("oci:{}:v1", dir.path().join("layout").display());
     let (ok, out) = berth(&[
         "copy",
+        "--all-platforms",
         &format!("{}/team/app:multi", source.host()),
         &layout,
     ]);
@@ -687,4 +748,118 @@ fn push_sends_a_layout_to_a_registry() {
         &format!("{}/x/y:v1", destination.host()),
     ]);
     assert!(!ok && out.contains("use copy"), "{out}");
+}
+
+#[test]
+fn one_platform_is_copied_unless_all_are_asked_for_and_progress_is_reported() {
+    let source = start();
+    let destination = start();
+    let (index, children) = push_index(&source.url(), "team/app", "multi");
+    let from = format!("{}/team/app:multi", source.host());
+    let manifest_digest = |repo: &str, reference: &str| {
+        let r = http()
+            .get(format!(
+                "{}/v2/{repo}/manifests/{reference}",
+                destination.url()
+            ))
+            .header("accept", berth_client::MANIFEST_TYPES)
+            .send()
+            .unwrap();
+        (r.status(), header(&r, "docker-content-digest"))
+    };
+
+    // One platform, chosen: the arm64 image alone, with JSON events for each step.
+    let to = format!("{}/one/app:v1", destination.host());
+    let (ok, out) = berth(&["copy", "--platform", "linux/arm64", "--json", &from, &to]);
+    assert!(ok, "{out}");
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let of = |kind: &str| events.iter().filter(|e| e["event"] == kind).count();
+    assert_eq!(of("blob_started"), 3, "config and two layers: {out}");
+    assert_eq!(of("blob_done"), 3, "{out}");
+    assert_eq!(of("manifest_stored"), 1, "no index: {out}");
+    let last = events.last().unwrap();
+    assert_eq!(last["event"], "copied");
+    assert_eq!(last["digest"], children[1].as_str(), "{out}");
+    assert_eq!(manifest_digest("one/app", "v1").1, children[1]);
+    assert_eq!(
+        manifest_digest("one/app", &index).0,
+        StatusCode::NOT_FOUND,
+        "the index stays behind"
+    );
+
+    // The same again, not on a terminal: a line per change of state; all there already.
+    let (ok, out) = berth(&["copy", "--platform", "linux/arm64", &from, &to]);
+    assert!(ok, "{out}");
+    assert_eq!(out.matches(": already there").count(), 3, "{out}");
+
+    // Every platform: the index with its digest, and the lines say what moved.
+    let to = format!("{}/all/app:v1", destination.host());
+    let (ok, out) = berth(&["copy", "--all-platforms", &from, &to]);
+    assert!(ok, "{out}");
+    assert_eq!(manifest_digest("all/app", "v1").1, index);
+    assert!(
+        out.contains(": copying ") && out.contains(": done, "),
+        "{out}"
+    );
+    assert_eq!(out.matches("manifest sha256:").count(), 3, "{out}");
+
+    let (ok, out) = berth(&[
+        "copy",
+        "--all-platforms",
+        "--platform",
+        "linux/arm64",
+        &from,
+        &to,
+    ]);
+    assert!(!ok && out.contains("cannot be used with"), "{out}");
+    let (ok, out) = berth(&["copy", "--platform", "linux/s390x", &from, &to]);
+    assert!(!ok && out.contains("no linux/s390x image"), "{out}");
+}
+
+#[test]
+fn large_blobs_go_in_chunks_that_real_registries_accept() {
+    let Some(distribution) = Distribution::start() else {
+        eprintln!("skipped: docker-registry is not installed");
+        return;
+    };
+    let source = start();
+    let back = start();
+    let big: Vec<u8> = (0..3 * 1024 * 1024 + 11).map(|i| (i % 251) as u8).collect();
+    let (digest, _) = push_image(&source.url(), "team/big", "v1", &[&big, b"small"]);
+    let there = format!("{}/team/big:v1", distribution.addr);
+    let (ok, out) = berth(&[
+        "copy",
+        "--chunk-size",
+        "1",
+        &format!("{}/team/big:v1", source.host()),
+        &there,
+    ]);
+    assert!(ok, "{out}");
+    let (ok, out) = berth(&[
+        "copy",
+        "--chunk-size",
+        "1",
+        &there,
+        &format!("{}/again/big:v1", back.host()),
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains(&digest), "{out}");
+    let metrics = http()
+        .get(format!("{}/metrics", back.url()))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let patches: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("berth_http_requests_total") && l.contains("method=\"PATCH\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(patches, 4, "3 MiB and a bit in 1 MiB chunks:\n{metrics}");
+    let (ok, out) = berth(&["copy", "--chunk-size", "0", &there, &there]);
+    assert!(!ok && out.contains("--chunk-size"), "{out}");
 }

@@ -502,3 +502,71 @@ fn skopeo_docker_and_ctr_push_and_pull_verifying_the_test_ca() {
     assert!(listed.contains("\"v1\""), "{listed}");
     drop(daemons);
 }
+
+#[test]
+fn berth_copy_trusts_the_ca_docker_keeps_for_a_registry_or_one_given() {
+    let (dir, ca, secure) = secured("ec");
+    let host = secure.url().trim_start_matches("http://").to_owned();
+    let plain = berth_testkit::TestRegistry::start();
+    let (digest, _) = crate::push_image(&plain.url(), "team/app", "v1", &[b"layer"]);
+    let home = dir.path().join("home");
+    let berth = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+            .args(args)
+            .env("HOME", &home)
+            .env("DOCKER_CONFIG", home.join(".docker"))
+            .env_remove("BERTH_SRC_CREDS")
+            .env_remove("BERTH_DEST_CREDS")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let source = format!("{}/team/app:v1", plain.host());
+    let target = format!("{host}/secure/app:v1");
+    let creds = "admin:admin-password";
+
+    // No CA anywhere: loopback means plain HTTP, which a TLS server does not speak.
+    let (ok, out) = berth(&["copy", "--dest-creds", creds, &source, &target]);
+    assert!(!ok && out.contains("unreachable"), "{out}");
+
+    // A CA that did not sign the server's certificate is refused as such.
+    let other = TestCa::new(dir.path(), "other");
+    let wrong = other.cert();
+    let (ok, out) = berth(&[
+        "copy",
+        "--ca-file",
+        wrong.to_str().unwrap(),
+        "--dest-creds",
+        creds,
+        &target,
+        &source,
+    ]);
+    assert!(!ok && out.contains("certificate"), "{out}");
+
+    // The CA where docker and podman keep it for this registry: TLS, verified.
+    let certs = home.join(".config/containers/certs.d").join(&host);
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::copy(ca.cert(), certs.join("ca.crt")).unwrap();
+    let (ok, out) = berth(&["copy", "--dest-creds", creds, &source, &target]);
+    assert!(ok, "{out}");
+    assert!(out.contains(&digest), "{out}");
+    let (ok, out) = berth(&["inspect", "--src-creds", creds, &target]);
+    assert!(ok && out.contains(&digest), "{out}");
+
+    // Or given on the command line.
+    std::fs::remove_dir_all(&certs).unwrap();
+    let (ok, out) = berth(&[
+        "inspect",
+        "--ca-file",
+        ca.cert().to_str().unwrap(),
+        "--src-creds",
+        creds,
+        &target,
+    ]);
+    assert!(ok && out.contains(&digest), "{out}");
+}
