@@ -1,7 +1,8 @@
 //! `berth pull` into the store and `berth unpack` into a root filesystem, on an image made
 //! here with GNU tar: a second layer that changes, deletes (whiteout) and makes a
 //! directory opaque. The result is compared, path by path, with `umoci unpack` of the same
-//! image.
+//! image; so is a Debian root filesystem from debootstrap (owners and devices included), and
+//! layers docker and buildah wrote.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -32,14 +33,19 @@ fn write(root: &Path, path: &str, body: &str) {
 
 /// A tar of `dir` made by GNU tar (gzip-compressed if asked), and its uncompressed digest.
 fn tar_of(dir: &Path, gzip: bool) -> (Vec<u8>, String) {
+    tar_made(dir, gzip, &["--owner=0", "--group=0"])
+}
+
+/// [`tar_of`] keeping each file's owner.
+fn tar_keeping_owners(dir: &Path, gzip: bool) -> (Vec<u8>, String) {
+    tar_made(dir, gzip, &[])
+}
+
+fn tar_made(dir: &Path, gzip: bool, options: &[&str]) -> (Vec<u8>, String) {
     let out = Command::new("tar")
-        .args([
-            "--sort=name",
-            "--owner=0",
-            "--group=0",
-            "--numeric-owner",
-            "-C",
-        ])
+        .args(["--sort=name", "--numeric-owner"])
+        .args(options)
+        .arg("-C")
         .arg(dir)
         .args(["-cf", "-", "."])
         .output()
@@ -120,6 +126,12 @@ fn push_layered_image(base: &str, repo: &str, tag: &str) {
 
 /// Every path under `root`: its type, permission bits, size, content digest or link target.
 fn tree(root: &Path) -> BTreeMap<String, String> {
+    tree_of(root, false)
+}
+
+/// [`tree`], with each path's owner too, and device numbers.
+fn tree_of(root: &Path, owners: bool) -> BTreeMap<String, String> {
+    use std::os::unix::fs::FileTypeExt;
     let mut out = BTreeMap::new();
     let mut pending = vec![root.to_owned()];
     while let Some(dir) = pending.pop() {
@@ -128,11 +140,24 @@ fn tree(root: &Path) -> BTreeMap<String, String> {
             let meta = std::fs::symlink_metadata(&path).unwrap();
             let rel = path.strip_prefix(root).unwrap().display().to_string();
             let mode = meta.mode() & 0o7777;
-            let what = if meta.file_type().is_symlink() {
+            let kind = meta.file_type();
+            let mut what = if kind.is_symlink() {
                 format!("link -> {}", std::fs::read_link(&path).unwrap().display())
             } else if meta.is_dir() {
                 pending.push(path.clone());
                 format!("dir {mode:o}")
+            } else if kind.is_char_device() || kind.is_block_device() {
+                format!(
+                    "{} {mode:o} device {}",
+                    if kind.is_char_device() {
+                        "char"
+                    } else {
+                        "block"
+                    },
+                    meta.rdev()
+                )
+            } else if kind.is_fifo() {
+                format!("fifo {mode:o}")
             } else {
                 format!(
                     "file {mode:o} {} {} links {}",
@@ -141,10 +166,31 @@ fn tree(root: &Path) -> BTreeMap<String, String> {
                     meta.nlink()
                 )
             };
+            if owners {
+                what.push_str(&format!(" owner {}:{}", meta.uid(), meta.gid()));
+            }
             out.insert(rel, what);
         }
     }
     out
+}
+
+/// The entries of two trees that differ, for a readable failure.
+fn differences(ours: &BTreeMap<String, String>, theirs: &BTreeMap<String, String>) -> String {
+    let mut text = String::new();
+    for (path, what) in ours {
+        match theirs.get(path) {
+            Some(other) if other == what => {}
+            Some(other) => text.push_str(&format!("{path}: berth {what} / umoci {other}\n")),
+            None => text.push_str(&format!("{path}: only berth has it ({what})\n")),
+        }
+    }
+    for (path, what) in theirs {
+        if !ours.contains_key(path) {
+            text.push_str(&format!("{path}: only umoci has it ({what})\n"));
+        }
+    }
+    text
 }
 
 fn berth(args: &[&str], home: &Path) -> String {
@@ -481,5 +527,227 @@ fn without_root_read_only_directories_are_filled_and_emptied() {
         std::fs::metadata(rootfs.join("ro/new")).unwrap().uid(),
         65534,
         "owned by the caller"
+    );
+}
+
+/// Pushes an image of `layers` (each a tar, gzip-compressed or not, and its diff ID).
+fn push_layers(base: &str, repo: &str, tag: &str, layers: &[(Vec<u8>, String, bool)]) {
+    let config = serde_json::to_vec(&json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| l.1.clone()).collect::<Vec<_>>()},
+        "config": {"Cmd": ["/bin/bash"]},
+    }))
+    .unwrap();
+    let config_digest = push_blob(base, repo, &config);
+    let descriptors: Vec<serde_json::Value> = layers
+        .iter()
+        .map(|(bytes, _, gzip)| {
+            json!({
+                "mediaType": if *gzip { "application/vnd.oci.image.layer.v1.tar+gzip" } else { "application/vnd.oci.image.layer.v1.tar" },
+                "digest": push_blob(base, repo, bytes),
+                "size": bytes.len(),
+            })
+        })
+        .collect();
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": descriptors,
+    }))
+    .unwrap();
+    let r = put_manifest(
+        base,
+        repo,
+        tag,
+        "application/vnd.oci.image.manifest.v1+json",
+        &manifest,
+    );
+    assert_eq!(r.status(), StatusCode::CREATED);
+}
+
+/// `berth pull --unpack` of `image` and `umoci unpack` of the same image (copied into a
+/// layout by skopeo) give the same tree, owners and devices included when run as root.
+fn assert_unpacks_as_umoci(
+    (umoci, skopeo): (&Path, &Path),
+    image: &str,
+    work: &Path,
+    name: &str,
+    as_root: bool,
+) {
+    let home = work.join(format!("{name}-home"));
+    std::fs::create_dir_all(&home).unwrap();
+    let rootfs = work.join(format!("{name}-berth"));
+    let mut pull = vec![
+        "pull",
+        image,
+        "--platform",
+        "linux/amd64",
+        "--unpack",
+        rootfs.to_str().unwrap(),
+    ];
+    if as_root {
+        pull.push("--keep-owners");
+    }
+    let out = berth(&pull, &home);
+    assert!(out.contains("unpacked"), "{out}");
+    // umoci reads only OCI manifests: skopeo converts Docker's (the layers stay as
+    // they are), and makes umoci's copy independently of berth.
+    let layout = work.join(format!("{name}-layout"));
+    run(Command::new(skopeo)
+        .args(["copy", "--format", "oci", "--src-tls-verify=false"])
+        .arg(format!("docker://{image}"))
+        .arg(format!("oci:{}:v1", layout.display())));
+    let bundle = work.join(format!("{name}-umoci"));
+    let mut unpack = Command::new(umoci);
+    unpack.arg("unpack");
+    if !as_root {
+        unpack.arg("--rootless");
+    }
+    run(unpack
+        .arg("--image")
+        .arg(format!("{}:v1", layout.display()))
+        .arg(&bundle));
+    let ours = tree_of(&rootfs, as_root);
+    let theirs = tree_of(&bundle.join("rootfs"), as_root);
+    assert!(ours.len() > 10, "{name}: an image with files");
+    assert!(
+        ours == theirs,
+        "{name}: berth and umoci differ:\n{}",
+        differences(&ours, &theirs)
+    );
+}
+
+#[test]
+fn a_debian_image_and_docker_layers_over_it_unpack_as_umoci_unpacks_them() {
+    let (Some(debootstrap), Some(umoci), Some(skopeo)) = (
+        berth_testkit::tool("debootstrap"),
+        berth_testkit::tool("umoci"),
+        berth_testkit::tool("skopeo"),
+    ) else {
+        eprintln!("skipped: debootstrap, umoci and skopeo are not all installed");
+        return;
+    };
+    let as_root = run(Command::new("id").arg("-u")).trim() == "0";
+    if !as_root {
+        eprintln!("skipped: debootstrap needs root");
+        return;
+    }
+    let reg = start();
+    let work = tempfile::tempdir().unwrap();
+    let lower = work.path().join("debian");
+    run(Command::new(debootstrap)
+        .args(["--variant=minbase", "bookworm"])
+        .arg(&lower));
+    for cache in ["var/cache/apt/archives", "var/lib/apt/lists"] {
+        let dir = lower.join(cache);
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|x| x == "deb") || cache.ends_with("lists") {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    // The second layer adds, changes and deletes files, deletes a directory, makes one
+    // opaque, and adds files owned by another user, a hard link and a symlink.
+    let upper = work.path().join("upper");
+    write(&upper, "etc/motd", "changed by the second layer\n");
+    write(&upper, "etc/.wh.issue.net", "");
+    write(&upper, "var/.wh.backups", "");
+    write(&upper, "usr/share/doc/.wh..wh..opq", "");
+    write(&upper, "usr/share/doc/README", "only this is left\n");
+    write(&upper, "home/tester/notes", "private\n");
+    std::fs::hard_link(
+        upper.join("home/tester/notes"),
+        upper.join("home/tester/same"),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        upper.join("home/tester/notes"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        upper.join("home/tester"),
+        std::fs::Permissions::from_mode(0o2750),
+    )
+    .unwrap();
+    run(Command::new("chown")
+        .args(["-R", "1000:1000"])
+        .arg(upper.join("home/tester")));
+    std::fs::create_dir_all(upper.join("usr/local/bin")).unwrap();
+    std::os::unix::fs::symlink("/usr/bin/env", upper.join("usr/local/bin/env")).unwrap();
+    let (one, one_diff) = tar_keeping_owners(&lower, true);
+    let (two, two_diff) = tar_keeping_owners(&upper, false);
+    push_layers(
+        &reg.url(),
+        "debian/base",
+        "v1",
+        &[(one, one_diff, true), (two, two_diff, false)],
+    );
+    let image = format!("{}/debian/base:v1", reg.host());
+    assert_unpacks_as_umoci((&umoci, &skopeo), &image, work.path(), "debian", as_root);
+    let rootfs = work.path().join("debian-berth");
+    assert!(!rootfs.join("etc/issue.net").exists() && !rootfs.join("var/backups").exists());
+    assert_eq!(
+        std::fs::read_dir(rootfs.join("usr/share/doc"))
+            .unwrap()
+            .count(),
+        1
+    );
+    assert_eq!(
+        std::fs::metadata(rootfs.join("home/tester/notes"))
+            .unwrap()
+            .uid(),
+        1000
+    );
+    assert_eq!(
+        std::fs::metadata(rootfs.join("etc/shadow")).unwrap().gid(),
+        std::fs::metadata(lower.join("etc/shadow")).unwrap().gid(),
+        "a group other than root's is kept"
+    );
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::symlink_metadata(rootfs.join("dev/null"))
+        .unwrap()
+        .file_type()
+        .is_char_device());
+
+    // Layers docker writes: a build over the same image, pushed by docker.
+    let (Some(containerd), Some(dockerd), Some(_)) = (
+        berth_testkit::tool("containerd"),
+        berth_testkit::tool("dockerd"),
+        berth_testkit::tool("docker"),
+    ) else {
+        return;
+    };
+    let daemons = crate::clients::Daemons::start(&containerd, Some(&dockerd));
+    let docker = |args: &[&str]| {
+        run(Command::new("docker")
+            .args(["-H", &daemons.docker_host()])
+            .args(args)
+            .env("DOCKER_BUILDKIT", "0"))
+    };
+    let context = work.path().join("context");
+    write(&context, "etc/motd", "changed by docker\n");
+    write(&context, "etc/app/settings.toml", "level = 3\n");
+    write(&context, "opt/app/bin/run", "#!/bin/sh\necho run\n");
+    std::fs::set_permissions(
+        context.join("opt/app/bin/run"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::write(
+        context.join("Dockerfile"),
+        format!("FROM {image}\nCOPY etc/ /etc/\nCOPY opt/ /opt/\n"),
+    )
+    .unwrap();
+    let built = format!("{}/debian/docker:v1", reg.host());
+    docker(&["build", "-q", "-t", &built, context.to_str().unwrap()]);
+    docker(&["push", &built]);
+    assert_unpacks_as_umoci((&umoci, &skopeo), &built, work.path(), "docker", as_root);
+    assert_eq!(
+        std::fs::read_to_string(work.path().join("docker-berth/etc/motd")).unwrap(),
+        "changed by docker\n"
     );
 }
