@@ -290,6 +290,338 @@ fn gzip_and_zstd_layers_are_read() {
     assert!(matches!(err, UnpackError::Archive(_)), "{err}");
 }
 
+/// What a path holds after a stack of layers.
+#[derive(Debug)]
+enum Want {
+    File(&'static str),
+    Dir,
+    Symlink(&'static str),
+    Absent,
+    /// The same inode as another path.
+    SameFile(&'static str),
+    /// A directory holding exactly these names.
+    Holds(&'static [&'static str]),
+    /// Permission bits.
+    Mode(u32),
+}
+
+fn check(root: &Path, stack: &str, path: &str, want: &Want) {
+    let meta = fs::symlink_metadata(root.join(path));
+    let shown = format!("stack {stack:?}, path {path:?}: want {want:?}, have {meta:?}");
+    match want {
+        Want::File(body) => {
+            assert!(meta.as_ref().is_ok_and(|m| m.is_file()), "{shown}");
+            assert_eq!(read(root, path).as_deref(), Some(*body), "{shown}");
+        }
+        Want::Dir => assert!(meta.is_ok_and(|m| m.is_dir()), "{shown}"),
+        Want::Symlink(target) => {
+            assert!(meta.is_ok_and(|m| m.file_type().is_symlink()), "{shown}");
+            assert_eq!(
+                fs::read_link(root.join(path)).unwrap(),
+                Path::new(target),
+                "{shown}"
+            );
+        }
+        Want::Absent => assert!(meta.is_err(), "{shown}"),
+        Want::SameFile(other) => {
+            let other = fs::metadata(root.join(other)).unwrap();
+            assert_eq!(meta.unwrap().ino(), other.ino(), "{shown}");
+        }
+        Want::Holds(names) => {
+            let mut have: Vec<String> = fs::read_dir(root.join(path))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            have.sort();
+            assert_eq!(have, *names, "{shown}");
+        }
+        Want::Mode(mode) => assert_eq!(meta.unwrap().mode() & 0o7777, *mode, "{shown}"),
+    }
+}
+
+/// Layer stacks, one rule of the image specification's changeset rules each, applied
+/// in order to an empty root and checked path by path.
+#[test]
+fn layer_stacks_follow_the_changeset_rules() {
+    type Stack = (&'static str, Vec<Vec<E>>, Vec<(&'static str, Want)>);
+    let stacks: Vec<Stack> = vec![
+        (
+            "a whiteout deletes a lower file and only that",
+            vec![
+                vec![E::File("d/a", b"a", 0o644), E::File("d/b", b"b", 0o644)],
+                vec![E::File("d/.wh.a", b"", 0o644)],
+            ],
+            vec![
+                ("d/a", Want::Absent),
+                ("d/b", Want::File("b")),
+                ("d/.wh.a", Want::Absent),
+            ],
+        ),
+        (
+            "a whiteout of a directory deletes its whole tree",
+            vec![
+                vec![
+                    E::File("t/x/y/z", b"z", 0o644),
+                    E::File("t/keep", b"k", 0o644),
+                ],
+                vec![E::File("t/.wh.x", b"", 0o644)],
+            ],
+            vec![("t/x", Want::Absent), ("t", Want::Holds(&["keep"]))],
+        ),
+        (
+            "a whiteout of nothing changes nothing",
+            vec![
+                vec![E::File("d/a", b"a", 0o644)],
+                vec![
+                    E::File("d/.wh.ghost", b"", 0o644),
+                    E::File("e/.wh.ghost", b"", 0o644),
+                ],
+            ],
+            vec![("d", Want::Holds(&["a"])), ("e", Want::Holds(&[]))],
+        ),
+        (
+            "a whiteout of a symlink deletes the link, not its target",
+            vec![
+                vec![E::File("real", b"r", 0o644), E::Symlink("alias", "real")],
+                vec![E::File(".wh.alias", b"", 0o644)],
+            ],
+            vec![("alias", Want::Absent), ("real", Want::File("r"))],
+        ),
+        (
+            "deleted, then made again in a later layer",
+            vec![
+                vec![E::File("f", b"one", 0o644)],
+                vec![E::File(".wh.f", b"", 0o644)],
+                vec![E::File("f", b"three", 0o600)],
+            ],
+            vec![("f", Want::File("three")), ("f", Want::Mode(0o600))],
+        ),
+        (
+            "a whiteout and a new file of the same name in one layer: the new file stays",
+            vec![
+                vec![E::Dir("d", 0o755), E::File("d/x", b"x", 0o644)],
+                vec![
+                    E::File(".wh.d", b"", 0o644),
+                    E::File("d", b"a file now", 0o644),
+                ],
+            ],
+            vec![("d", Want::File("a file now"))],
+        ),
+        (
+            "an opaque directory hides every lower entry, deep ones too",
+            vec![
+                vec![E::File("o/a", b"a", 0o644), E::File("o/s/t/u", b"u", 0o644)],
+                vec![E::File("o/.wh..wh..opq", b"", 0o644)],
+            ],
+            vec![("o", Want::Dir), ("o", Want::Holds(&[]))],
+        ),
+        (
+            "an opaque directory with deletions and additions of its layer",
+            vec![
+                vec![E::File("o/a", b"a", 0o644), E::File("o/b", b"b", 0o644)],
+                vec![
+                    E::File("o/.wh..wh..opq", b"", 0o644),
+                    E::File("o/b", b"new b", 0o644),
+                    E::File("o/sub/c", b"c", 0o644),
+                ],
+                vec![E::File("o/sub/.wh.c", b"", 0o644)],
+            ],
+            vec![
+                ("o", Want::Holds(&["b", "sub"])),
+                ("o/b", Want::File("new b")),
+                ("o/sub", Want::Holds(&[])),
+            ],
+        ),
+        (
+            "an opaque directory where a lower layer had a file",
+            vec![
+                vec![E::File("p", b"file", 0o644)],
+                vec![
+                    E::Dir("p", 0o755),
+                    E::File("p/.wh..wh..opq", b"", 0o644),
+                    E::File("p/in", b"i", 0o644),
+                ],
+            ],
+            vec![("p", Want::Holds(&["in"]))],
+        ),
+        (
+            "a file replaces a directory tree",
+            vec![
+                vec![E::File("k/deep/er", b"e", 0o644)],
+                vec![E::File("k", b"flat", 0o644)],
+            ],
+            vec![("k", Want::File("flat"))],
+        ),
+        (
+            "a directory replaces a symlink, and is not written through it",
+            vec![
+                vec![E::Dir("target", 0o755), E::Symlink("s", "target")],
+                vec![E::Dir("s", 0o700), E::File("s/inside", b"i", 0o644)],
+            ],
+            vec![
+                ("s", Want::Dir),
+                ("s", Want::Mode(0o700)),
+                ("target", Want::Holds(&[])),
+            ],
+        ),
+        (
+            "a file replaces a symlink, and is not written through it",
+            vec![
+                vec![
+                    E::File("target", b"keep me", 0o644),
+                    E::Symlink("s", "target"),
+                ],
+                vec![E::File("s", b"own", 0o644)],
+            ],
+            vec![("s", Want::File("own")), ("target", Want::File("keep me"))],
+        ),
+        (
+            "a symlink replaces a file",
+            vec![
+                vec![E::File("f", b"f", 0o644)],
+                vec![E::Symlink("f", "/etc/elsewhere")],
+            ],
+            vec![("f", Want::Symlink("/etc/elsewhere"))],
+        ),
+        (
+            "a hard link outlives the whiteout of its target",
+            vec![
+                vec![E::File("bin/tool", b"elf", 0o755)],
+                vec![E::Link("bin/alias", "bin/tool")],
+                vec![E::File("bin/.wh.tool", b"", 0o644)],
+            ],
+            vec![("bin/tool", Want::Absent), ("bin/alias", Want::File("elf"))],
+        ),
+        (
+            "a hard link in the same layer, to a file earlier in it",
+            vec![vec![
+                E::File("a", b"same", 0o640),
+                E::Link("b", "a"),
+                E::Link("c", "b"),
+            ]],
+            vec![
+                ("b", Want::SameFile("a")),
+                ("c", Want::SameFile("a")),
+                ("c", Want::Mode(0o640)),
+            ],
+        ),
+        (
+            "a hard link replaces the file at its path",
+            vec![
+                vec![E::File("one", b"1", 0o644), E::File("two", b"2", 0o644)],
+                vec![E::Link("two", "one")],
+            ],
+            vec![("two", Want::SameFile("one")), ("two", Want::File("1"))],
+        ),
+        (
+            "a directory entry again only changes its mode; its files stay",
+            vec![
+                vec![E::Dir("m", 0o755), E::File("m/f", b"f", 0o644)],
+                vec![E::Dir("m", 0o750)],
+            ],
+            vec![("m", Want::Mode(0o750)), ("m", Want::Holds(&["f"]))],
+        ),
+        (
+            "parents a layer does not list are made",
+            vec![vec![E::File("no/parents/listed", b"x", 0o644)]],
+            vec![
+                ("no/parents", Want::Dir),
+                ("no/parents/listed", Want::File("x")),
+            ],
+        ),
+        (
+            "a relative symlink through a lower directory symlink lands inside",
+            vec![
+                vec![E::Dir("usr/lib", 0o755), E::Symlink("lib", "usr/lib")],
+                vec![
+                    E::File("lib/x.so", b"so", 0o644),
+                    E::Symlink("lib/y.so", "x.so"),
+                ],
+            ],
+            vec![
+                ("usr/lib/x.so", Want::File("so")),
+                ("usr/lib/y.so", Want::Symlink("x.so")),
+            ],
+        ),
+        (
+            "setuid, setgid and sticky bits are kept",
+            vec![vec![
+                E::File("bin/su", b"s", 0o4755),
+                E::Dir("shared", 0o2775),
+                E::Dir("tmp", 0o1777),
+            ]],
+            vec![
+                ("bin/su", Want::Mode(0o4755)),
+                ("shared", Want::Mode(0o2775)),
+                ("tmp", Want::Mode(0o1777)),
+            ],
+        ),
+    ];
+    assert!(stacks.len() >= 20);
+    for (name, layers, wants) in &stacks {
+        let (_p, root, outside) = sandbox();
+        for (i, entries) in layers.iter().enumerate() {
+            apply(&root, entries).unwrap_or_else(|e| panic!("{name}: layer {i}: {e}"));
+        }
+        for (path, want) in wants {
+            check(&root, name, path, want);
+        }
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0, "{name}");
+    }
+}
+
+/// Device nodes are made only for root (with `keep_owners`); otherwise they are counted
+/// as skipped. FIFOs are made either way.
+#[test]
+fn devices_are_made_as_root_and_skipped_otherwise() {
+    use std::os::unix::fs::FileTypeExt;
+    let mut tar = Vec::new();
+    for (path, kind) in [
+        ("dev/null", tar::EntryType::Char),
+        ("dev/loop9", tar::EntryType::Block),
+        ("run/pipe", tar::EntryType::Fifo),
+    ] {
+        let mut header = tar::Header::new_gnu();
+        header.set_path(path).unwrap();
+        header.set_entry_type(kind);
+        header.set_mode(0o666);
+        header.set_size(0);
+        header
+            .set_device_major(if kind == tar::EntryType::Block { 7 } else { 1 })
+            .unwrap();
+        header
+            .set_device_minor(if kind == tar::EntryType::Block { 9 } else { 3 })
+            .unwrap();
+        header.set_cksum();
+        tar.extend_from_slice(header.as_bytes());
+    }
+    tar.extend(std::iter::repeat_n(0u8, 1024));
+
+    let (_p, root, _) = sandbox();
+    let report = apply_layer(&root, &tar[..], UnpackOptions::default()).unwrap();
+    assert_eq!(report.skipped_devices, 2);
+    assert!(!root.join("dev/null").exists() && !root.join("dev/loop9").exists());
+    assert!(fs::symlink_metadata(root.join("run/pipe"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
+
+    if !rustix::process::geteuid().is_root() {
+        return;
+    }
+    let (_p, root, _) = sandbox();
+    let options = UnpackOptions { keep_owners: true };
+    let report = apply_layer(&root, &tar[..], options).unwrap();
+    assert_eq!(report.skipped_devices, 0);
+    let null = fs::symlink_metadata(root.join("dev/null")).unwrap();
+    assert!(null.file_type().is_char_device());
+    assert_eq!(null.rdev(), rustix::fs::makedev(1, 3));
+    assert_eq!(null.mode() & 0o777, 0o666);
+    let block = fs::symlink_metadata(root.join("dev/loop9")).unwrap();
+    assert!(block.file_type().is_block_device());
+    assert_eq!(block.rdev(), rustix::fs::makedev(7, 9));
+}
+
 mod properties {
     use super::*;
     use proptest::prelude::*;
