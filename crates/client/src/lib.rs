@@ -8,6 +8,7 @@
 //! own outbound jobs build theirs with `berth_outbound`'s guard.
 
 mod auth;
+mod chunked;
 mod copy;
 pub mod credentials;
 mod layout;
@@ -137,7 +138,7 @@ const MAX_MANIFEST: usize = 4 * 1024 * 1024;
 /// The smallest push chunk taken; some registries refuse smaller chunks but the last.
 const MIN_CHUNK_SIZE: u64 = 1024 * 1024;
 /// How many times a request that failed in a way worth retrying is tried.
-const ATTEMPTS: u32 = 3;
+pub(crate) const ATTEMPTS: u32 = 3;
 
 /// A client for one registry.
 pub struct RegistryClient {
@@ -172,6 +173,11 @@ impl RegistryClient {
             basic: std::sync::atomic::AtomicBool::new(false),
             chunk_size: DEFAULT_CHUNK_SIZE,
         }
+    }
+
+    /// The size above which, and in which, blobs are pushed in chunks.
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk_size
     }
 
     /// Pushes blobs larger than `bytes` in chunks of `bytes` (at least 1 MiB), for
@@ -235,7 +241,7 @@ impl RegistryClient {
     /// Sends a request built by `build`, authenticating as the registry asks for `scope`
     /// and retrying connection errors, 5xx and 429 when `retry` (the request can be sent
     /// again: no streamed body).
-    async fn send(
+    pub(crate) async fn send(
         &self,
         scope: &str,
         retry: bool,
@@ -323,7 +329,7 @@ impl RegistryClient {
     }
 
     /// Reads a failed answer into the error it stands for.
-    async fn failure(response: Response, what: &str) -> ClientError {
+    pub(crate) async fn failure(response: Response, what: &str) -> ClientError {
         let status = response.status().as_u16();
         let body = read_bounded(response, MAX_ERROR_BODY, what)
             .await
@@ -520,7 +526,7 @@ impl RegistryClient {
         }
         let mut url = self.upload_location(&response)?;
         let final_body = if size > self.chunk_size {
-            url = self.push_chunks(&scope, url, body).await?;
+            url = self.push_chunks(&scope, url, body, size).await?;
             None
         } else {
             Some(reqwest::Body::wrap_stream(body))
@@ -547,115 +553,13 @@ impl RegistryClient {
     }
 
     /// The absolute URL an upload answer's `Location` names.
-    fn upload_location(&self, response: &Response) -> Result<url::Url, ClientError> {
+    pub(crate) fn upload_location(&self, response: &Response) -> Result<url::Url, ClientError> {
         let location = header(response.headers(), LOCATION.as_str()).ok_or_else(|| {
             ClientError::Protocol("an upload answered without Location".to_owned())
         })?;
         url::Url::parse(&self.base)
             .and_then(|base| base.join(&location))
             .map_err(|e| ClientError::Protocol(format!("upload location {location:?}: {e}")))
-    }
-
-    /// Sends `body` to the upload at `url` as `PATCH` chunks of the chunk size; returns
-    /// where the upload goes on (for the closing `PUT`). Only one chunk is held in memory.
-    async fn push_chunks<S>(
-        &self,
-        scope: &str,
-        mut url: url::Url,
-        body: S,
-    ) -> Result<url::Url, ClientError>
-    where
-        S: Stream<Item = Result<Bytes, std::io::Error>> + Send,
-    {
-        use futures_util::StreamExt;
-        let chunk_size = self.chunk_size as usize;
-        let mut body = std::pin::pin!(body);
-        let mut buffer = bytes::BytesMut::with_capacity(chunk_size);
-        let mut offset = 0u64;
-        let mut ended = false;
-        while !ended || !buffer.is_empty() {
-            while !ended && buffer.len() < chunk_size {
-                match body.next().await {
-                    Some(Ok(bytes)) => buffer.extend_from_slice(&bytes),
-                    Some(Err(e)) => {
-                        return Err(ClientError::Protocol(format!("reading the blob: {e}")))
-                    }
-                    None => ended = true,
-                }
-            }
-            let take = buffer.len().min(chunk_size);
-            if take == 0 {
-                break;
-            }
-            let chunk = buffer.split_to(take).freeze();
-            url = self.push_chunk(scope, url, offset, chunk).await?;
-            offset += take as u64;
-        }
-        Ok(url)
-    }
-
-    /// Sends one chunk starting at `offset`. When the request fails, asks the upload how
-    /// far it got and sends the rest of the chunk again, up to [`ATTEMPTS`] times.
-    async fn push_chunk(
-        &self,
-        scope: &str,
-        mut url: url::Url,
-        mut offset: u64,
-        mut chunk: Bytes,
-    ) -> Result<url::Url, ClientError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let end = offset + chunk.len() as u64 - 1;
-            let sent = self
-                .send(scope, false, |http| {
-                    http.patch(url.as_str())
-                        .header(CONTENT_TYPE, "application/octet-stream")
-                        .header("content-range", format!("{offset}-{end}"))
-                        .header("content-length", chunk.len().to_string())
-                        .body(chunk.clone())
-                })
-                .await;
-            let failure = match sent {
-                Ok(response) if response.status() == StatusCode::ACCEPTED => {
-                    return self.upload_location(&response);
-                }
-                Ok(response)
-                    if response.status().is_server_error()
-                        || response.status() == StatusCode::RANGE_NOT_SATISFIABLE =>
-                {
-                    Self::failure(response, "an upload chunk").await
-                }
-                Ok(response) => return Err(Self::failure(response, "an upload chunk").await),
-                Err(e @ ClientError::Unreachable(_)) => e,
-                Err(e) => return Err(e),
-            };
-            if attempt >= ATTEMPTS {
-                return Err(failure);
-            }
-            tokio::time::sleep(backoff(attempt, None)).await;
-            // How much of the upload the registry holds: `Range: 0-<last byte>`.
-            let status = self
-                .send(scope, true, |http| http.get(url.as_str()))
-                .await?;
-            if status.status() != StatusCode::NO_CONTENT {
-                return Err(Self::failure(status, "an upload's status").await);
-            }
-            let held = header(status.headers(), RANGE.as_str())
-                .and_then(|r| r.split('-').nth(1)?.parse::<u64>().ok())
-                // "0-0" is how registries say both "nothing" and "one byte"; a chunk
-                // is never one byte, so it means nothing.
-                .map_or(0, |last| if last == 0 { 0 } else { last + 1 });
-            if held < offset || held > end + 1 {
-                return Err(failure);
-            }
-            chunk = chunk.slice((held - offset) as usize..);
-            offset = held;
-            url = self.upload_location(&status).unwrap_or(url);
-            if chunk.is_empty() {
-                return Ok(url);
-            }
-        }
     }
 
     /// The manifests that name `digest` as their subject (signatures, SBOMs…), as
@@ -876,7 +780,7 @@ fn printable(text: &str) -> String {
 /// The most of an error answer read, for its message.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
-fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+pub(crate) fn header(headers: &HeaderMap, name: &str) -> Option<String> {
     headers.get(name)?.to_str().ok().map(str::to_owned)
 }
 

@@ -53,7 +53,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> UnpackError + '_ {
 /// How to apply layers.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct UnpackOptions {
-    /// Keep the layer's owners (needs root). Off: everything belongs to the caller, and
+    /// Keep the layer's owners (needs root). Off: everything belongs to the caller, an
+    /// owner other than root is recorded in the `user.rootlesscontainers` attribute, and
     /// device nodes are skipped (rootless).
     pub keep_owners: bool,
 }
@@ -451,10 +452,22 @@ pub fn apply_layer<R: Read>(
                 }
             }
         }
+        let uid = header.uid().unwrap_or(0) as u32;
+        let gid = header.gid().unwrap_or(0) as u32;
         if options.keep_owners {
-            let uid = header.uid().ok().map(|u| u as u32);
-            let gid = header.gid().ok().map(|g| g as u32);
-            std::os::unix::fs::lchown(&path, uid, gid).map_err(io(&path))?;
+            std::os::unix::fs::lchown(&path, Some(uid), Some(gid)).map_err(io(&path))?;
+        } else if (uid, gid) != (0, 0) && kind != tar::EntryType::Symlink {
+            // Rootless: the file is the caller's, and its owner in the image is kept
+            // where rootless runtimes and umoci read it back.
+            let set = rustix::fs::lsetxattr(
+                &path,
+                ROOTLESS_OWNER_XATTR,
+                &rootless_owner(uid, gid),
+                rustix::fs::XattrFlags::empty(),
+            );
+            if set.is_err() {
+                report.skipped_xattrs += 1;
+            }
         }
         if !matches!(
             kind,
@@ -471,6 +484,33 @@ pub fn apply_layer<R: Read>(
         fs::set_permissions(&path, fs::Permissions::from_mode(mode)).map_err(io(&path))?;
     }
     Ok(report)
+}
+
+/// The extended attribute that keeps a file's owner in a rootless unpack (the
+/// rootless-containers convention).
+pub const ROOTLESS_OWNER_XATTR: &str = "user.rootlesscontainers";
+
+/// The attribute's value: the protobuf message `Resource { uint32 uid = 1; uint32 gid = 2; }`,
+/// where root (the caller, inside a rootless user namespace) is written as the "no
+/// change" ID 2³²−1, as umoci writes it. Only for an owner other than root:root.
+pub fn rootless_owner(uid: u32, gid: u32) -> Vec<u8> {
+    const UNCHANGED: u32 = u32::MAX;
+    let mut out = Vec::new();
+    for (tag, id) in [(0x08u8, uid), (0x10u8, gid)] {
+        let value = if id == 0 { UNCHANGED } else { id };
+        out.push(tag);
+        let mut rest = value;
+        loop {
+            let byte = (rest & 0x7f) as u8;
+            rest >>= 7;
+            if rest == 0 {
+                out.push(byte);
+                break;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    out
 }
 
 /// `O_NOFOLLOW`: the file just created is never reached through a symlink.

@@ -467,3 +467,35 @@ async fn a_small_blob_goes_in_one_request() {
     assert!(state.seen.iter().all(|(m, ..)| m != "PATCH"));
     assert_eq!(state.blobs.get(digest.as_str()), Some(&blob));
 }
+
+#[tokio::test]
+async fn a_source_that_fails_mid_chunk_fails_the_push_and_nothing_is_resent() {
+    let behaviour = Shared::default();
+    let addr = start(behaviour.clone());
+    let client = RegistryClient::new(
+        RegistryClient::default_http(false).unwrap(),
+        &addr,
+        true,
+        None,
+    )
+    .with_chunk_size(1024 * 1024);
+    let digest = Digest::sha256_of(b"whatever");
+    let body = futures_util::stream::iter(vec![
+        Ok(Bytes::from(vec![1u8; 600_000])),
+        Err(std::io::Error::other("the source registry hung up")),
+    ]);
+    let err = client
+        .push_blob("team/app", &digest, 3 * 1024 * 1024, body)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Protocol(m) if m.contains("the source registry hung up")),
+        "{err}"
+    );
+    // The chunk's request may or may not have reached the registry before the body
+    // failed; it is never sent again, and nothing is stored.
+    let state = behaviour.lock().unwrap();
+    assert!(state.seen.iter().filter(|(m, ..)| m == "PATCH").count() <= 1);
+    assert!(state.seen.iter().all(|(m, ..)| m != "PUT"));
+    assert!(state.blobs.is_empty());
+}

@@ -707,6 +707,40 @@ fn a_debian_image_and_docker_layers_over_it_unpack_as_umoci_unpacks_them() {
         std::fs::metadata(lower.join("etc/shadow")).unwrap().gid(),
         "a group other than root's is kept"
     );
+    // Rootless, the owners are recorded as umoci records them.
+    let layout = format!("{}:v1", work.path().join("debian-layout").display());
+    let rootless = work.path().join("debian-rootless");
+    berth(
+        &[
+            "unpack",
+            &format!("oci:{layout}"),
+            rootless.to_str().unwrap(),
+        ],
+        &work.path().join("debian-home"),
+    );
+    let bundle = work.path().join("debian-umoci-rootless");
+    run(Command::new(&umoci)
+        .args(["unpack", "--rootless", "--image", &layout])
+        .arg(&bundle));
+    let owner_attribute = |path: &Path| {
+        run(Command::new("python3")
+            .args([
+                "-c",
+                "import os, sys; print(os.getxattr(sys.argv[1], 'user.rootlesscontainers').hex())",
+            ])
+            .arg(path))
+    };
+    for path in ["home/tester/notes", "home/tester", "etc/shadow"] {
+        assert_eq!(
+            owner_attribute(&rootless.join(path)),
+            owner_attribute(&bundle.join("rootfs").join(path)),
+            "{path}"
+        );
+    }
+    assert_eq!(
+        owner_attribute(&rootless.join("home/tester/notes")).trim(),
+        "08e80710e807"
+    );
     use std::os::unix::fs::FileTypeExt;
     assert!(std::fs::symlink_metadata(rootfs.join("dev/null"))
         .unwrap()

@@ -570,6 +570,47 @@ fn layer_stacks_follow_the_changeset_rules() {
     }
 }
 
+/// Without `keep_owners` files are the caller's; an owner other than root is recorded in
+/// `user.rootlesscontainers`, encoded as the rootless-containers protobuf.
+#[test]
+fn rootless_unpacks_record_the_owner_in_an_attribute() {
+    assert_eq!(
+        rootless_owner(1000, 1000),
+        vec![0x08, 0xe8, 0x07, 0x10, 0xe8, 0x07]
+    );
+    assert_eq!(
+        rootless_owner(0, 42),
+        vec![0x08, 0xff, 0xff, 0xff, 0xff, 0x0f, 0x10, 42],
+        "root is the unchanged ID"
+    );
+    let mut tar = Vec::new();
+    for (path, uid) in [("owned", 1000u64), ("roots", 0)] {
+        let mut header = tar::Header::new_gnu();
+        header.set_path(path).unwrap();
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_mode(0o644);
+        header.set_size(0);
+        header.set_uid(uid);
+        header.set_gid(uid);
+        header.set_cksum();
+        tar.extend_from_slice(header.as_bytes());
+    }
+    tar.extend(std::iter::repeat_n(0u8, 1024));
+    let (_p, root, _) = sandbox();
+    let report = apply_layer(&root, &tar[..], UnpackOptions::default()).unwrap();
+    let mut value = vec![0u8; 64];
+    match rustix::fs::getxattr(root.join("owned"), ROOTLESS_OWNER_XATTR, &mut value) {
+        Ok(n) => assert_eq!(&value[..n], &rootless_owner(1000, 1000)[..]),
+        // A file system without user attributes: counted, not fatal.
+        Err(_) => assert_eq!(report.skipped_xattrs, 1),
+    }
+    assert!(rustix::fs::getxattr(root.join("roots"), ROOTLESS_OWNER_XATTR, &mut value).is_err());
+    assert_eq!(
+        fs::metadata(root.join("owned")).unwrap().uid(),
+        rustix::process::geteuid().as_raw()
+    );
+}
+
 /// Device nodes are made only for root (with `keep_owners`); otherwise they are counted
 /// as skipped. FIFOs are made either way.
 #[test]
