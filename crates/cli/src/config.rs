@@ -45,6 +45,8 @@ pub(crate) struct Settings {
     pub(crate) tracing: Option<TracingSettings>,
     /// Webhook delivery, with the `[outbound]` guard its targets pass.
     pub(crate) webhooks: WebhookSettings,
+    /// `[[proxy_cache]]`: projects that mirror upstream registries.
+    pub(crate) proxy_caches: Vec<berth_proxy::ProxySettings>,
 }
 
 /// The `[limits]` connection settings, before the descriptor limit is known.
@@ -97,6 +99,7 @@ impl Settings {
             webhooks: self.webhooks.clone(),
             distribution_metrics: self.distribution_metrics,
             tracing: self.tracing.clone(),
+            proxy_caches: self.proxy_caches.clone(),
         })
     }
 }
@@ -250,6 +253,73 @@ struct FileConfig {
     tracing: FileTracing,
     #[serde(default)]
     webhooks: FileWebhooks,
+    #[serde(default)]
+    proxy_cache: Vec<FileProxyCache>,
+}
+
+/// One `[[proxy_cache]]` table: a project mirroring an upstream registry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileProxyCache {
+    /// Clients pull `<project>/<path upstream>`.
+    project: String,
+    /// The upstream's base URLs, tried in order.
+    urls: Vec<String>,
+    username: Option<String>,
+    password: Option<String>,
+    /// How long a tag is served before one `HEAD` upstream revalidates it.
+    tag_ttl_secs: Option<u64>,
+    /// containerd's `?ns=` value that routes here.
+    ns: Option<String>,
+    /// Serve as docker's `registry-mirrors` endpoint.
+    docker_mirror: Option<bool>,
+    /// Upstream fetches at once (16).
+    max_concurrent_fetches: Option<usize>,
+}
+
+/// The `[[proxy_cache]]` tables, checked: project names as projects are named, no project
+/// twice.
+fn proxy_settings(files: &[FileProxyCache]) -> anyhow::Result<Vec<berth_proxy::ProxySettings>> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut all = Vec::new();
+    for file in files {
+        let name = berth_oci::RepoName::parse(&file.project)
+            .ok()
+            .filter(|n| {
+                !n.as_str().contains('/') && n.as_str().len() <= berth_registry::MAX_PROJECT_NAME
+            })
+            .with_context(|| {
+                format!("proxy_cache.project {:?}: not a project name", file.project)
+            })?;
+        anyhow::ensure!(
+            seen.insert(name.as_str().to_owned()),
+            "proxy_cache.project {:?} is configured twice",
+            file.project
+        );
+        anyhow::ensure!(
+            !file.urls.is_empty(),
+            "proxy_cache {:?}: no urls",
+            file.project
+        );
+        let mut settings = berth_proxy::ProxySettings::new(name.as_str(), file.urls.clone());
+        settings.username = file.username.clone();
+        settings.password = file.password.clone();
+        if let Some(secs) = file.tag_ttl_secs {
+            settings.tag_ttl = Duration::from_secs(secs);
+        }
+        settings.ns = file.ns.clone();
+        settings.docker_mirror = file.docker_mirror.unwrap_or(false);
+        if let Some(n) = file.max_concurrent_fetches {
+            anyhow::ensure!(
+                n > 0,
+                "proxy_cache {:?}: max_concurrent_fetches must be above 0",
+                file.project
+            );
+            settings.max_concurrent_fetches = n;
+        }
+        all.push(settings);
+    }
+    Ok(all)
 }
 
 /// The `[outbound]` table: connections to addresses users supply (webhook targets).
@@ -461,7 +531,9 @@ impl Settings {
             None => None,
         };
         let webhooks = webhook_settings(&file_config.webhooks, &file_config.outbound)?;
+        let proxy_caches = proxy_settings(&file_config.proxy_cache)?;
         Ok(Settings {
+            proxy_caches,
             tracing: tracing_settings(&file_config.tracing)?,
             distribution_metrics: file_config.metrics.distribution_compatible.unwrap_or(false),
             webhooks,

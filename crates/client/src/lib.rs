@@ -397,6 +397,72 @@ impl RegistryClient {
         })
     }
 
+    /// The digest (and media type) a tag or digest names now, from a `HEAD`: how a cache
+    /// revalidates a tag without a `GET` (registries that ration pulls count only GETs).
+    /// `None` if the registry has no such manifest.
+    pub async fn manifest_digest(
+        &self,
+        repository: &str,
+        reference: &str,
+    ) -> Result<Option<(Digest, String)>, ClientError> {
+        let url = format!("{}/v2/{repository}/manifests/{reference}", self.base);
+        let scope = format!("repository:{repository}:pull");
+        let response = self
+            .send(&scope, true, |http| {
+                http.head(&url).header(ACCEPT, MANIFEST_TYPES)
+            })
+            .await?;
+        match response.status() {
+            s if s.is_success() => {
+                let digest = header(response.headers(), "docker-content-digest")
+                    .and_then(|d| Digest::parse(&d).ok())
+                    .ok_or_else(|| {
+                        ClientError::Protocol(format!(
+                            "manifest {repository}:{reference}: no Docker-Content-Digest"
+                        ))
+                    })?;
+                let media_type = header(response.headers(), CONTENT_TYPE.as_str())
+                    .unwrap_or_default()
+                    .split(';')
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned();
+                Ok(Some((digest, media_type)))
+            }
+            StatusCode::NOT_FOUND => Ok(None),
+            _ => Err(Self::failure(response, &format!("manifest {repository}:{reference}")).await),
+        }
+    }
+
+    /// The blob's bytes with their length (from the answer, else a `HEAD`), as a stream
+    /// that fails unless they hash to `digest`: what a cache fills from.
+    pub async fn fetch_blob(
+        &self,
+        repository: &str,
+        digest: &Digest,
+    ) -> Result<(u64, VerifiedStream), ClientError> {
+        let url = format!("{}/v2/{repository}/blobs/{digest}", self.base);
+        let scope = format!("repository:{repository}:pull");
+        let response = self.send(&scope, true, |http| http.get(&url)).await?;
+        if !response.status().is_success() {
+            return Err(Self::failure(response, &format!("blob {repository}@{digest}")).await);
+        }
+        let size = match response.content_length() {
+            Some(size) => size,
+            None => self
+                .blob_size(repository, digest)
+                .await?
+                .ok_or_else(|| ClientError::NotFound(format!("blob {repository}@{digest}")))?,
+        };
+        let stream = VerifiedStream::new(
+            Box::pin(response.bytes_stream()),
+            digest.clone(),
+            Some(size),
+        );
+        Ok((size, stream))
+    }
+
     /// The blob's size if the repository holds it.
     pub async fn blob_size(
         &self,

@@ -254,6 +254,16 @@ impl MetaStore for Database {
             .await
     }
 
+    async fn put_cached_manifest(
+        &self,
+        repo: &RepoName,
+        manifest: NewManifest,
+        tag: Option<&Tag>,
+        by: &Actor,
+    ) -> Result<(), MetaError> {
+        self.store_manifest(repo, manifest, tag, by, false).await
+    }
+
     async fn put_manifest(
         &self,
         repo: &RepoName,
@@ -261,64 +271,7 @@ impl MetaStore for Database {
         tag: Option<&Tag>,
         by: &Actor,
     ) -> Result<(), MetaError> {
-        let repo = repo.as_str().to_owned();
-        let tag = tag.map(|t| t.as_str().to_owned());
-        let by = by.clone();
-        self.engine
-            .write_recorded(move |tx| {
-                let missing = missing_references(tx, &repo, &manifest)?;
-                if !missing.is_empty() {
-                    return Err(MetaError::MissingReferences { missing });
-                }
-                let t = now();
-                let digest = manifest.digest.as_str();
-                tx.execute(
-                    "INSERT INTO repositories (name, created_at) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-                    args![&repo, t],
-                )?;
-                tx.execute(
-                    "INSERT INTO manifests (repo, digest, media_type, artifact_type, subject, annotations, size, raw, pushed_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-                     ON CONFLICT (repo, digest) DO UPDATE SET pushed_at = excluded.pushed_at",
-                    args![
-                        &repo,
-                        digest,
-                        &manifest.media_type,
-                        manifest.artifact_type.as_deref(),
-                        manifest.subject.as_ref().map(Digest::as_str),
-                        manifest.annotations_json.as_deref(),
-                        manifest.raw.len() as i64,
-                        manifest.raw.as_slice(),
-                        t
-                    ],
-                )?;
-                for edge in &manifest.edges {
-                    tx.execute(
-                        "INSERT INTO manifest_edges (repo, manifest, target, kind) VALUES (?1, ?2, ?3, ?4)
-                         ON CONFLICT DO NOTHING",
-                        args![&repo, digest, edge.digest.as_str(), edge.kind.as_str()],
-                    )?;
-                    // A fresh reference restarts the blob's grace period.
-                    tx.execute(
-                        "UPDATE blobs SET last_used_at = ?2 WHERE digest = ?1",
-                        args![edge.digest.as_str(), t],
-                    )?;
-                }
-                let tag_change = match &tag {
-                    Some(tag) => Some((tag.clone(), point_tag(tx, &repo, tag, digest, t)?)),
-                    None => None,
-                };
-                let change = Change::ManifestPushed {
-                    repository: repo.clone(),
-                    digest: digest.to_owned(),
-                    media_type: manifest.media_type.clone(),
-                    size: manifest.raw.len() as u64,
-                    subject: manifest.subject.as_ref().map(Digest::to_string),
-                    tag: tag_change,
-                };
-                events::record(tx, &by, &[change])
-            })
-            .await
+        self.store_manifest(repo, manifest, tag, by, true).await
     }
 
     async fn get_manifest(
@@ -659,5 +612,79 @@ impl MetaStore for Database {
         self.read_row("SELECT 1", vec![], |_| Ok(()))
             .await
             .map(drop)
+    }
+}
+
+impl Database {
+    /// Writes a manifest, its edges, its tag and its event in one transaction; with
+    /// `check_references`, only if every edge's target is present in `repo`.
+    async fn store_manifest(
+        &self,
+        repo: &RepoName,
+        manifest: NewManifest,
+        tag: Option<&Tag>,
+        by: &Actor,
+        check_references: bool,
+    ) -> Result<(), MetaError> {
+        let repo = repo.as_str().to_owned();
+        let tag = tag.map(|t| t.as_str().to_owned());
+        let by = by.clone();
+        self.engine
+            .write_recorded(move |tx| {
+                if check_references {
+                    let missing = missing_references(tx, &repo, &manifest)?;
+                    if !missing.is_empty() {
+                        return Err(MetaError::MissingReferences { missing });
+                    }
+                }
+                let t = now();
+                let digest = manifest.digest.as_str();
+                tx.execute(
+                    "INSERT INTO repositories (name, created_at) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                    args![&repo, t],
+                )?;
+                tx.execute(
+                    "INSERT INTO manifests (repo, digest, media_type, artifact_type, subject, annotations, size, raw, pushed_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                     ON CONFLICT (repo, digest) DO UPDATE SET pushed_at = excluded.pushed_at",
+                    args![
+                        &repo,
+                        digest,
+                        &manifest.media_type,
+                        manifest.artifact_type.as_deref(),
+                        manifest.subject.as_ref().map(Digest::as_str),
+                        manifest.annotations_json.as_deref(),
+                        manifest.raw.len() as i64,
+                        manifest.raw.as_slice(),
+                        t
+                    ],
+                )?;
+                for edge in &manifest.edges {
+                    tx.execute(
+                        "INSERT INTO manifest_edges (repo, manifest, target, kind) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT DO NOTHING",
+                        args![&repo, digest, edge.digest.as_str(), edge.kind.as_str()],
+                    )?;
+                    // A fresh reference restarts the blob's grace period.
+                    tx.execute(
+                        "UPDATE blobs SET last_used_at = ?2 WHERE digest = ?1",
+                        args![edge.digest.as_str(), t],
+                    )?;
+                }
+                let tag_change = match &tag {
+                    Some(tag) => Some((tag.clone(), point_tag(tx, &repo, tag, digest, t)?)),
+                    None => None,
+                };
+                let change = Change::ManifestPushed {
+                    repository: repo.clone(),
+                    digest: digest.to_owned(),
+                    media_type: manifest.media_type.clone(),
+                    size: manifest.raw.len() as u64,
+                    subject: manifest.subject.as_ref().map(Digest::to_string),
+                    tag: tag_change,
+                };
+                events::record(tx, &by, &[change])
+            })
+            .await
     }
 }

@@ -353,6 +353,16 @@ pub trait MetaStore: EventLog + Send + Sync + 'static {
         digest: &Digest,
         by: &Actor,
     ) -> Result<bool, MetaError>;
+    /// Stores a manifest fetched by a pull-through cache (and points `tag` at it) without
+    /// requiring its blobs: a cache holds a manifest before the layers a client has yet
+    /// to ask for. Everything else is as [`MetaStore::put_manifest`].
+    async fn put_cached_manifest(
+        &self,
+        repo: &RepoName,
+        manifest: NewManifest,
+        tag: Option<&Tag>,
+        by: &Actor,
+    ) -> Result<(), MetaError>;
     /// Stores a manifest (and points `tag` at it) after checking, in the same transaction,
     /// that every edge's target is present in `repo`.
     async fn put_manifest(

@@ -16,7 +16,7 @@ use berth_meta::{MetaError, MetaStore, ProjectOrigin};
 use berth_storage::BlobStore;
 
 /// Who made a change, a page of a listing, a project: domain words the store shares.
-pub use berth_meta::{Actor, Page, ProjectRecord as Project, StoreCounts};
+pub use berth_meta::{Actor, Page, ProjectRecord as Project, StoreCounts, StoredManifest};
 pub use blobs::{BlobBytes, BlobRead, MountOutcome, RangeRequest};
 pub use check::{CheckOptions, CheckReport};
 pub use error::RegistryError;

@@ -98,6 +98,43 @@ impl Registry {
         })
     }
 
+    /// Stores a manifest a pull-through cache fetched from its upstream (its bytes
+    /// already checked against the digest asked for): limited and parsed as a push is,
+    /// but its blobs may arrive later, when clients ask for them. Returns its digest.
+    pub async fn cache_manifest(
+        &self,
+        repo: &RepoName,
+        tag: Option<&berth_oci::Tag>,
+        content_type: Option<&str>,
+        raw: Vec<u8>,
+        by: &Actor,
+    ) -> Result<Digest, RegistryError> {
+        let limit = self.limits.max_manifest_bytes;
+        if raw.len() > limit {
+            return Err(RegistryError::ManifestTooLarge {
+                size: raw.len(),
+                limit,
+            });
+        }
+        let parsed = ParsedManifest::parse(&raw, content_type)?;
+        let digest = Digest::sha256_of(&raw);
+        let annotations_json = parsed
+            .annotations
+            .as_ref()
+            .map(|a| serde_json::to_string(a).expect("annotations serialise"));
+        let record = NewManifest {
+            digest: digest.clone(),
+            media_type: parsed.media_type,
+            artifact_type: parsed.artifact_type,
+            subject: parsed.subject,
+            annotations_json,
+            edges: parsed.edges,
+            raw,
+        };
+        self.meta.put_cached_manifest(repo, record, tag, by).await?;
+        Ok(digest)
+    }
+
     /// A manifest by tag or digest, with its stored bytes.
     pub async fn get_manifest(
         &self,

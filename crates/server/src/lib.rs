@@ -10,6 +10,7 @@ mod connections;
 pub mod error;
 mod metrics;
 pub mod node;
+mod proxied;
 mod route;
 mod timings;
 pub mod tls;
@@ -57,6 +58,8 @@ pub struct App {
     distribution_metrics: bool,
     /// Records traces, when an OTLP endpoint is configured.
     tracer: Option<Tracer>,
+    /// Pull-through caches, when projects mirror upstreams.
+    proxy: Option<Arc<berth_proxy::ProxyCache>>,
 }
 
 /// Who may read `GET /metrics` on the main listener (a separate metrics listener, when
@@ -91,7 +94,14 @@ impl App {
             timings: None,
             distribution_metrics: false,
             tracer: None,
+            proxy: None,
         }
+    }
+
+    /// Serves the proxy projects of `proxy` through their upstreams.
+    pub fn with_proxy_cache(mut self, proxy: Arc<berth_proxy::ProxyCache>) -> Self {
+        self.proxy = Some(proxy);
+        self
     }
 
     /// Records a span per request (with the stores' operations as children) and exports
@@ -502,6 +512,58 @@ async fn metrics_endpoint(State(app): State<App>, request: Request) -> Response 
 }
 
 /// Every metric family: HTTP, process, what is stored, uploads, collections, logins.
+/// Each pull-through cache's counters, labelled by its project (a configured name, so
+/// the label set is bounded).
+fn render_proxy_metrics(out: &mut String, proxy: &berth_proxy::ProxyCache) {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    type Counter = fn(&berth_proxy::UpstreamStats) -> u64;
+    let families: [(&str, &str, &str, Counter); 6] = [
+        (
+            "berth_proxy_hits_total",
+            "counter",
+            "Pulls a pull-through cache answered from what it holds.",
+            |s| s.hits.load(Relaxed),
+        ),
+        (
+            "berth_proxy_misses_total",
+            "counter",
+            "Pulls that went to the upstream.",
+            |s| s.misses.load(Relaxed),
+        ),
+        (
+            "berth_proxy_upstream_bytes_total",
+            "counter",
+            "Bytes fetched from the upstream.",
+            |s| s.bytes_fetched.load(Relaxed),
+        ),
+        (
+            "berth_proxy_fill_bytes_served_total",
+            "counter",
+            "Bytes of fills sent to clients while they were fetched.",
+            |s| s.bytes_served.load(Relaxed),
+        ),
+        (
+            "berth_proxy_fills_in_flight",
+            "gauge",
+            "Blob fills from the upstream under way.",
+            |s| s.fills_in_flight.load(Relaxed),
+        ),
+        (
+            "berth_proxy_stale_serves_total",
+            "counter",
+            "Pulls answered with cached content because the upstream failed.",
+            |s| s.stale_serves.load(Relaxed),
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (project, stats) in proxy.stats() {
+            let _ = writeln!(out, "{name}{{project=\"{project}\"}} {}", value(stats));
+        }
+    }
+}
+
 async fn render_metrics(app: &App) -> Response {
     use metrics::sample;
     let mut out = String::with_capacity(16 * 1024);
@@ -540,6 +602,9 @@ async fn render_metrics(app: &App) -> Response {
             "Bytes of the distinct blobs stored.",
             s.blob_bytes,
         );
+    }
+    if let Some(proxy) = &app.proxy {
+        render_proxy_metrics(&mut out, proxy);
     }
     sample(
         &mut out,

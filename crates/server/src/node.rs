@@ -66,6 +66,8 @@ pub struct NodeConfig {
     pub distribution_metrics: bool,
     /// Traces, when an OTLP endpoint is configured.
     pub tracing: Option<berth_telemetry::TracingSettings>,
+    /// Pull-through caches: each a project mirroring an upstream registry.
+    pub proxy_caches: Vec<berth_proxy::ProxySettings>,
 }
 
 /// Why a node could not be opened.
@@ -88,6 +90,9 @@ pub enum NodeError {
     /// Access control could not be set up (a bad key, a bad mode).
     #[error("access control: {0}")]
     Auth(#[from] AuthError),
+    /// A pull-through cache is misconfigured (a URL the outbound guard refuses…).
+    #[error("{0}")]
+    Proxy(#[from] berth_proxy::ProxyError),
 }
 
 fn file_error(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
@@ -162,6 +167,7 @@ impl Node {
             AuthMode::Builtin | AuthMode::Disabled => None,
         };
         let webhooks = Webhooks::new(meta.clone(), config.webhooks.clone());
+        let projects = meta.clone();
         let access = AccessControl::for_mode(config.auth.clone(), meta, signer, issuer_key)?;
         let app = App::new(
             registry.clone(),
@@ -179,6 +185,34 @@ impl Node {
                 .clone()
                 .map(berth_telemetry::Tracer::start_exporting),
         );
+        let app = if config.proxy_caches.is_empty() {
+            app
+        } else {
+            for settings in &config.proxy_caches {
+                // The project holds the cached content and carries its permissions.
+                let by = berth_meta::Actor::system("proxy-cache");
+                let created = berth_meta::MetaStore::create_project(
+                    projects.as_ref(),
+                    &settings.project,
+                    false,
+                    None,
+                    berth_meta::ProjectOrigin::Requested,
+                    &by,
+                )
+                .await;
+                match created {
+                    Ok(_) | Err(MetaError::Conflict(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let proxy = berth_proxy::ProxyCache::new(
+                registry.clone(),
+                config.proxy_caches.clone(),
+                &config.webhooks.outbound,
+                config.data_dir.join("proxy-fills"),
+            )?;
+            app.with_proxy_cache(Arc::new(proxy))
+        };
         Ok(Node {
             registry,
             access,

@@ -22,7 +22,7 @@ use crate::route::V2Route;
 use crate::zero_copy::Peer;
 use crate::App;
 
-const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
+pub(crate) const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
 const DOCKER_UPLOAD_UUID: &str = "docker-upload-uuid";
 const OCI_SUBJECT: &str = "oci-subject";
 const OCI_FILTERS_APPLIED: &str = "oci-filters-applied";
@@ -109,6 +109,11 @@ async fn handle(
         )
         .into_response();
     };
+    if let Some((proxy, repo)) = crate::proxied::proxy_repository(app, &route) {
+        return crate::proxied::handle(app, proxy, repo, route, &method, peer, &headers)
+            .await
+            .unwrap_or_else(IntoResponse::into_response);
+    }
     let result = match (route, method.clone()) {
         (V2Route::Base, Method::GET | Method::HEAD) => Ok(base()),
         (V2Route::Catalog, Method::GET) => catalog(app, caller, &params).await,
@@ -159,7 +164,7 @@ fn repo(name: &str) -> Result<RepoName, OciError> {
     Ok(RepoName::parse(name)?)
 }
 
-fn digest(text: &str) -> Result<Digest, OciError> {
+pub(crate) fn digest(text: &str) -> Result<Digest, OciError> {
     Ok(Digest::parse(text)?)
 }
 
@@ -171,7 +176,11 @@ fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-fn response(status: StatusCode, headers: Vec<(&'static str, String)>, body: Body) -> Response {
+pub(crate) fn response(
+    status: StatusCode,
+    headers: Vec<(&'static str, String)>,
+    body: Body,
+) -> Response {
     let mut builder = Response::builder().status(status);
     for (name, value) in headers {
         builder = builder.header(name, value);
@@ -304,7 +313,7 @@ async fn tags(app: &App, name: &str, params: &Params) -> Result<Response, OciErr
 
 /// A reference to look up: one that is neither a tag nor a digest names no manifest, and
 /// the spec's answer to that is `404 MANIFEST_UNKNOWN`, not a parse error.
-fn existing_reference(reference: &str) -> Result<Reference, OciError> {
+pub(crate) fn existing_reference(reference: &str) -> Result<Reference, OciError> {
     Reference::parse(reference).map_err(|_| {
         OciError::new(
             StatusCode::NOT_FOUND,
@@ -323,6 +332,11 @@ async fn get_manifest(
     let name = repo(name)?;
     let reference = existing_reference(reference)?;
     let m = app.registry.get_manifest(&name, &reference).await?;
+    Ok(manifest_response(m, head))
+}
+
+/// A stored manifest as a `GET` (or `HEAD`) answer.
+pub(crate) fn manifest_response(m: berth_registry::StoredManifest, head: bool) -> Response {
     let headers = vec![
         ("content-type", m.media_type),
         ("content-length", m.raw.len().to_string()),
@@ -335,7 +349,7 @@ async fn get_manifest(
     } else {
         Body::from(m.raw)
     };
-    Ok(response(StatusCode::OK, headers, body))
+    response(StatusCode::OK, headers, body)
 }
 
 async fn put_manifest(
@@ -460,7 +474,7 @@ fn parse_range(value: &str) -> Option<RangeRequest> {
     Some(RangeRequest::From { start, end })
 }
 
-async fn get_blob(
+pub(crate) async fn get_blob(
     app: &App,
     peer: &Peer,
     name: &str,

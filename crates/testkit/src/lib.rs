@@ -280,6 +280,7 @@ impl TestRegistry {
             webhooks: webhooks.clone().unwrap_or_default(),
             distribution_metrics: true,
             tracing: None,
+            proxy_caches: Vec::new(),
         };
         let addr = runtime.block_on(async move {
             let Node {

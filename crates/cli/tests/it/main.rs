@@ -21,6 +21,7 @@ mod manifests;
 mod memory;
 mod metrics;
 mod openapi;
+mod proxy;
 mod tls;
 mod traces;
 mod unpack;

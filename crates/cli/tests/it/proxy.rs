@@ -1,0 +1,307 @@
+//! Pull-through caches (`[[proxy_cache]]`): a berth process whose project `hub` mirrors
+//! another registry. The first pull goes upstream once, even for many clients at once;
+//! later pulls stay local; a corrupted upstream blob is never stored and never served
+//! whole; a cut upstream leaves what was cached pullable; pushes are refused.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use berth_testkit::{BerthProcess, CuttableProxy};
+use reqwest::StatusCode;
+
+use crate::*;
+
+/// A berth whose `[[proxy_cache]]` tables are `tables` (loopback upstreams allowed).
+fn cache(dir: &Path, tables: &str) -> BerthProcess {
+    let config = dir.join("berth.toml");
+    std::fs::write(
+        &config,
+        format!("[outbound]\nallow_cidrs = [\"127.0.0.0/8\"]\n\n{tables}"),
+    )
+    .unwrap();
+    BerthProcess::spawn_with(
+        Path::new(env!("CARGO_BIN_EXE_berth")),
+        &dir.join("data"),
+        &["--auth", "none", "--config", config.to_str().unwrap()],
+        &[],
+    )
+}
+
+fn table(project: &str, upstream: &str, ttl: u64) -> String {
+    format!("[[proxy_cache]]\nproject = \"{project}\"\nurls = [\"{upstream}\"]\ntag_ttl_secs = {ttl}\n\n")
+}
+
+/// Requests the upstream berth answered for a route template and method.
+fn upstream_requests(upstream: &str, route: &str, method: &str) -> u64 {
+    let text = http()
+        .get(format!("{upstream}/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    text.lines()
+        .filter(|l| {
+            l.starts_with("berth_http_requests_total")
+                && l.contains(&format!("route=\"{route}\""))
+                && l.contains(&format!("method=\"{method}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+fn get(url: &str) -> reqwest::blocking::Response {
+    http()
+        .get(url)
+        .header("accept", berth_client::MANIFEST_TYPES)
+        .send()
+        .unwrap()
+}
+
+#[test]
+fn a_proxy_project_fetches_once_then_serves_from_the_cache() {
+    let upstream = start();
+    let layer: Vec<u8> = (0..6 * 1024 * 1024).map(|i| (i % 253) as u8).collect();
+    let (digest, manifest) = push_image(&upstream.url(), "library/app", "v1", &[&layer, b"small"]);
+    let dir = tempfile::tempdir().unwrap();
+    let berth = cache(dir.path(), &table("hub", &upstream.url(), 300));
+    let base = format!("{}/v2/hub/library/app", berth.url());
+
+    let r = get(&format!("{base}/manifests/v1"));
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "docker-content-digest"), digest);
+    assert_eq!(r.bytes().unwrap().to_vec(), manifest);
+    let parsed: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    let layers: Vec<String> = parsed["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_owned())
+        .collect();
+    // HEAD of a blob not cached yet: answered from an upstream HEAD, nothing fetched.
+    let r = http()
+        .head(format!("{base}/blobs/{}", layers[0]))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "content-length"), layer.len().to_string());
+    assert_eq!(
+        upstream_requests(&upstream.url(), "/v2/{name}/blobs/{digest}", "GET"),
+        0
+    );
+
+    // Many first pulls of the big layer at once: one upstream fetch, every client whole.
+    let url = Arc::new(format!("{base}/blobs/{}", layers[0]));
+    let pulls: Vec<_> = (0..8)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let r = http().get(url.as_str()).send().unwrap();
+                assert_eq!(r.status(), StatusCode::OK);
+                sha256(&r.bytes().unwrap())
+            })
+        })
+        .collect();
+    for pull in pulls {
+        assert_eq!(pull.join().unwrap(), layers[0]);
+    }
+    assert_eq!(
+        upstream_requests(&upstream.url(), "/v2/{name}/blobs/{digest}", "GET"),
+        1,
+        "one upstream fetch for eight clients"
+    );
+
+    // Pulled again, and the rest: tag within its TTL and cached blobs stay local.
+    let before_manifests =
+        upstream_requests(&upstream.url(), "/v2/{name}/manifests/{reference}", "HEAD")
+            + upstream_requests(&upstream.url(), "/v2/{name}/manifests/{reference}", "GET");
+    for _ in 0..20 {
+        assert_eq!(
+            get(&format!("{base}/manifests/v1")).status(),
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        sha256(&get(&format!("{base}/blobs/{}", layers[0])).bytes().unwrap()),
+        layers[0]
+    );
+    assert_eq!(
+        sha256(&get(&format!("{base}/blobs/{}", layers[1])).bytes().unwrap()),
+        layers[1]
+    );
+    assert_eq!(
+        upstream_requests(&upstream.url(), "/v2/{name}/manifests/{reference}", "HEAD")
+            + upstream_requests(&upstream.url(), "/v2/{name}/manifests/{reference}", "GET"),
+        before_manifests,
+        "a fresh tag is not asked about again"
+    );
+    assert_eq!(
+        upstream_requests(&upstream.url(), "/v2/{name}/blobs/{digest}", "GET"),
+        2
+    );
+    let metrics = get(&format!("{}/metrics", berth.url())).text().unwrap();
+    assert!(
+        metrics.contains("berth_proxy_misses_total{project=\"hub\"} 3"),
+        "{metrics}"
+    );
+
+    // What the upstream lacks is unknown here too; writes are refused.
+    let r = get(&format!("{base}/manifests/nope"));
+    assert_oci_error(r, StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
+    let r = http()
+        .post(format!("{base}/blobs/uploads/"))
+        .send()
+        .unwrap();
+    assert_oci_error(r, StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED");
+    let r = http()
+        .delete(format!("{base}/manifests/{digest}"))
+        .send()
+        .unwrap();
+    assert_oci_error(r, StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED");
+}
+
+#[test]
+fn a_corrupted_upstream_blob_is_never_stored_nor_served_whole() {
+    let up_dir = tempfile::tempdir().unwrap();
+    let upstream = BerthProcess::spawn(
+        Path::new(env!("CARGO_BIN_EXE_berth")),
+        &up_dir.path().join("data"),
+    );
+    let layer: Vec<u8> = (0..2 * 1024 * 1024).map(|i| (i % 241) as u8).collect();
+    let (_, manifest) = push_image(&upstream.url(), "library/bad", "v1", &[&layer]);
+    let parsed: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    let digest = parsed["layers"][0]["digest"].as_str().unwrap().to_owned();
+    // Flip one byte of the upstream's stored blob, behind its back.
+    let hex = digest.trim_start_matches("sha256:");
+    let file = up_dir
+        .path()
+        .join("data/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex);
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[1_000_000] ^= 0xff;
+    std::fs::write(&file, bytes).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let berth = cache(dir.path(), &table("hub", &upstream.url(), 300));
+    let url = format!("{}/v2/hub/library/bad/blobs/{digest}", berth.url());
+    for _ in 0..2 {
+        let r = http().get(&url).send().unwrap();
+        // The status and length went out before the bytes; the body stops short.
+        assert!(r.bytes().is_err(), "a body that cannot be whole");
+    }
+    let r = http().head(&url).send().unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "from the upstream's HEAD");
+    let metrics = get(&format!("{}/metrics", berth.url())).text().unwrap();
+    assert!(
+        metrics.contains("berth_proxy_misses_total{project=\"hub\"} 2"),
+        "never cached: {metrics}"
+    );
+    upstream.kill();
+}
+
+#[test]
+fn a_cut_upstream_leaves_what_was_cached_pullable() {
+    let upstream = start();
+    let relay = CuttableProxy::start(upstream.host().parse().unwrap());
+    let (digest, manifest) = push_image(&upstream.url(), "library/app", "v1", &[b"cached layer"]);
+    push_image(&upstream.url(), "library/app", "v2", &[b"never pulled"]);
+    let dir = tempfile::tempdir().unwrap();
+    // A TTL of 0: every tag pull asks the upstream first.
+    let berth = cache(
+        dir.path(),
+        &table("hub", &format!("http://{}", relay.addr()), 0),
+    );
+    let base = format!("{}/v2/hub/library/app", berth.url());
+    let parsed: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    let layer = parsed["layers"][0]["digest"].as_str().unwrap().to_owned();
+    assert_eq!(
+        get(&format!("{base}/manifests/v1")).status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&format!("{base}/blobs/{layer}")).status(),
+        StatusCode::OK
+    );
+
+    relay.cut();
+    let r = get(&format!("{base}/manifests/v1"));
+    assert_eq!(r.status(), StatusCode::OK, "stale, by tag");
+    assert_eq!(header(&r, "docker-content-digest"), digest);
+    assert_eq!(
+        get(&format!("{base}/manifests/{digest}")).status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        sha256(&get(&format!("{base}/blobs/{layer}")).bytes().unwrap()),
+        layer
+    );
+    let r = get(&format!("{base}/manifests/v2"));
+    assert_eq!(
+        r.status(),
+        StatusCode::BAD_GATEWAY,
+        "nothing cached to stand in"
+    );
+    let metrics = get(&format!("{}/metrics", berth.url())).text().unwrap();
+    assert!(
+        metrics.contains("berth_proxy_stale_serves_total{project=\"hub\"} 1"),
+        "{metrics}"
+    );
+    relay.restore();
+    assert_eq!(
+        get(&format!("{base}/manifests/v2")).status(),
+        StatusCode::OK
+    );
+}
+
+#[test]
+fn an_upstream_the_outbound_guard_refuses_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("berth.toml");
+    std::fs::write(&config, table("hub", "http://127.0.0.1:5000", 300)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--auth",
+            "none",
+            "--config",
+        ])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("hub") && text.contains("127.0.0.1"), "{text}");
+    for bad in [
+        "file:///etc/passwd",
+        "http://user:pw@example.com",
+        "http://example.com/v2/x",
+    ] {
+        std::fs::write(
+            &config,
+            format!(
+                "[outbound]\nallow_cidrs = [\"127.0.0.0/8\"]\n{}",
+                table("hub", bad, 1)
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--auth",
+                "none",
+                "--config",
+            ])
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{bad} refused");
+    }
+}

@@ -1,0 +1,182 @@
+//! One blob being fetched from upstream, shared by every client that asks for it
+//! meanwhile: the bytes go to an anonymous file, and each reader follows the file as it
+//! grows. Readers get the last bytes only once the whole blob matched its digest, so a
+//! corrupted upstream byte ends every reader's body early (an error, never a complete
+//! answer with wrong bytes).
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use berth_client::{ClientError, VerifiedStream};
+use berth_storage::ByteStream;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::watch;
+
+/// How far a fill got.
+#[derive(Debug, Clone, Default)]
+struct Progress {
+    /// The blob's size, once the upstream answered.
+    size: Option<u64>,
+    /// Bytes in the file.
+    written: u64,
+    /// `Some(Ok)`: all bytes in and verified; `Some(Err)`: the fill failed.
+    outcome: Option<Result<(), String>>,
+    /// The upstream's refusal, when it refused before any byte (for the error's kind).
+    not_found: bool,
+}
+
+/// One fill.
+pub(crate) struct Fill {
+    file: Arc<File>,
+    progress: watch::Sender<Progress>,
+}
+
+/// The most one read of the file takes, so a reader holds at most this much.
+const READ_CHUNK: u64 = 256 * 1024;
+
+impl Fill {
+    pub(crate) fn new(file: File) -> Fill {
+        Fill {
+            file: Arc::new(file),
+            progress: watch::Sender::new(Progress::default()),
+        }
+    }
+
+    /// The blob's size, once the upstream said it (or why it could not).
+    pub(crate) async fn size(&self) -> Result<u64, ClientError> {
+        let mut watching = self.progress.subscribe();
+        let seen = watching
+            .wait_for(|p| p.size.is_some() || p.outcome.is_some())
+            .await
+            .map_err(|_| ClientError::Unreachable("the fill stopped".to_owned()))?
+            .clone();
+        match (seen.size, seen.outcome) {
+            (Some(size), _) => Ok(size),
+            (None, Some(Err(message))) if seen.not_found => Err(ClientError::NotFound(message)),
+            (None, Some(Err(message))) => Err(ClientError::Unreachable(message)),
+            _ => Err(ClientError::Unreachable("the fill stopped".to_owned())),
+        }
+    }
+
+    /// Writes the upstream's verified stream into the file, telling readers as it goes;
+    /// `fetched` hears each chunk's length. Returns the size once every byte matched.
+    pub(crate) async fn run(
+        &self,
+        size: u64,
+        mut stream: VerifiedStream,
+        fetched: impl Fn(u64),
+    ) -> Result<u64, ClientError> {
+        self.progress.send_modify(|p| p.size = Some(size));
+        let mut written = 0u64;
+        let outcome: Result<(), String> = async {
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| e.to_string())?;
+                let file = self.file.clone();
+                let at = written;
+                let bytes = chunk.clone();
+                tokio::task::spawn_blocking(move || file.write_all_at(&bytes, at))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                written += chunk.len() as u64;
+                fetched(chunk.len() as u64);
+                self.progress.send_modify(|p| p.written = written);
+            }
+            Ok(())
+        }
+        .await;
+        self.progress
+            .send_modify(|p| p.outcome = Some(outcome.clone()));
+        outcome.map(|()| size).map_err(ClientError::Unreachable)
+    }
+
+    /// Marks the fill failed before it began (the upstream refused or was unreachable).
+    pub(crate) fn fail(&self, e: &ClientError) {
+        let not_found = matches!(e, ClientError::NotFound(_));
+        self.progress.send_modify(|p| {
+            p.not_found = not_found;
+            p.outcome = Some(Err(e.to_string()));
+        });
+    }
+
+    /// The finished blob's bytes, to store.
+    pub(crate) fn contents(&self, size: u64) -> io::Result<ByteStream> {
+        let file = self.file.try_clone()?;
+        berth_storage::stream_file_range(file, 0, size)
+    }
+
+    /// The blob's bytes as they arrive; `served` hears each chunk's length.
+    pub(crate) fn reader(&self, served: impl Fn(u64) + Send + Sync + 'static) -> ByteStream {
+        let file = self.file.clone();
+        let watching = self.progress.subscribe();
+        let served = Arc::new(served);
+        Box::pin(futures_util::stream::unfold(
+            (file, watching, 0u64, served),
+            |(file, mut watching, offset, served)| async move {
+                loop {
+                    let seen = watching.borrow_and_update().clone();
+                    let Some(size) = seen.size else {
+                        if let Some(Err(message)) = seen.outcome {
+                            return Some((
+                                Err(io::Error::other(message)),
+                                (file, watching, u64::MAX, served),
+                            ));
+                        }
+                        if watching.changed().await.is_err() {
+                            return None;
+                        }
+                        continue;
+                    };
+                    if offset >= size {
+                        return None;
+                    }
+                    let verified = matches!(seen.outcome, Some(Ok(())));
+                    // The last byte waits for the digest.
+                    let ready = if verified {
+                        size
+                    } else {
+                        seen.written.min(size.saturating_sub(1))
+                    };
+                    if offset < ready {
+                        let len = (ready - offset).min(READ_CHUNK) as usize;
+                        let reading = file.clone();
+                        let read = tokio::task::spawn_blocking(move || {
+                            let mut buffer = vec![0u8; len];
+                            reading.read_exact_at(&mut buffer, offset).map(|()| buffer)
+                        })
+                        .await
+                        .map_err(io::Error::other)
+                        .and_then(|r| r);
+                        return match read {
+                            Ok(buffer) => {
+                                served(len as u64);
+                                Some((
+                                    Ok(Bytes::from(buffer)),
+                                    (file, watching, offset + len as u64, served),
+                                ))
+                            }
+                            Err(e) => Some((Err(e), (file, watching, u64::MAX, served))),
+                        };
+                    }
+                    if let Some(Err(message)) = seen.outcome {
+                        return Some((
+                            Err(io::Error::other(format!(
+                                "the upstream fetch failed: {message}"
+                            ))),
+                            (file, watching, u64::MAX, served),
+                        ));
+                    }
+                    if watching.changed().await.is_err() {
+                        return Some((
+                            Err(io::Error::other("the upstream fetch stopped")),
+                            (file, watching, u64::MAX, served),
+                        ));
+                    }
+                }
+            },
+        ))
+    }
+}

@@ -1,0 +1,105 @@
+//! `/v2` requests for the repositories of proxy projects: manifests and blobs come from
+//! the cache (filled from the upstream on a miss), listings and referrers from what is
+//! cached, and every write is refused: a cache holds what its upstream holds.
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::Response;
+use berth_oci::RepoName;
+use berth_proxy::{ProxyCache, ProxyError};
+use berth_registry::RegistryError;
+
+use crate::error::{Code, OciError};
+use crate::route::V2Route;
+use crate::v2::{self, DOCKER_CONTENT_DIGEST};
+use crate::zero_copy::Peer;
+use crate::App;
+
+/// The repository a route names, if it is in a proxy project.
+pub(crate) fn proxy_repository<'a>(
+    app: &'a App,
+    route: &V2Route<'_>,
+) -> Option<(&'a ProxyCache, RepoName)> {
+    let proxy = app.proxy.as_deref()?;
+    let name = match route {
+        V2Route::Manifest { name, .. }
+        | V2Route::Blob { name, .. }
+        | V2Route::UploadStart { name }
+        | V2Route::Upload { name, .. } => name,
+        _ => return None,
+    };
+    let repo = RepoName::parse(name).ok()?;
+    proxy.serves(&repo).then_some((proxy, repo))
+}
+
+/// Answers a request for a proxy repository.
+pub(crate) async fn handle(
+    app: &App,
+    proxy: &ProxyCache,
+    repo: RepoName,
+    route: V2Route<'_>,
+    method: &Method,
+    peer: &Peer,
+    headers: &HeaderMap,
+) -> Result<Response, OciError> {
+    let head = method == Method::HEAD;
+    match (route, method.clone()) {
+        (V2Route::Manifest { reference, .. }, Method::GET | Method::HEAD) => {
+            let reference = v2::existing_reference(reference)?;
+            let m = proxy.manifest(&repo, &reference).await.map_err(oci)?;
+            Ok(v2::manifest_response(m, head))
+        }
+        (V2Route::Blob { name, digest }, Method::GET | Method::HEAD) => {
+            let digest = v2::digest(digest)?;
+            match v2::get_blob(app, peer, name, digest.as_str(), headers, head).await {
+                Ok(response) => {
+                    proxy.note_hit(&repo);
+                    return Ok(response);
+                }
+                Err(e) if e.status() != StatusCode::NOT_FOUND => return Err(e),
+                Err(_) => {}
+            }
+            let mut out = vec![
+                ("content-type", "application/octet-stream".to_owned()),
+                (DOCKER_CONTENT_DIGEST, digest.to_string()),
+                ("etag", format!("\"{digest}\"")),
+            ];
+            if head {
+                let size = proxy.blob_size(&repo, &digest).await.map_err(oci)?;
+                out.push(("content-length", size.to_string()));
+                return Ok(v2::response(StatusCode::OK, out, Body::empty()));
+            }
+            // A Range on a blob not cached yet is answered whole (HTTP allows it): the
+            // fill serves everyone who asks.
+            let (size, stream) = proxy.blob(&repo, &digest).await.map_err(oci)?;
+            out.push(("content-length", size.to_string()));
+            Ok(v2::response(StatusCode::OK, out, Body::from_stream(stream)))
+        }
+        (_, Method::PUT | Method::POST | Method::PATCH | Method::DELETE) => Err(OciError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            Code::Unsupported,
+            format!("{} is a pull-through cache: it holds what its upstream holds, and takes no pushes or deletes", repo.project()),
+        )),
+        _ => Err(OciError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            Code::Unsupported,
+            format!("{method} is not supported here"),
+        )),
+    }
+}
+
+/// A proxy failure as the client sees it: the registry's own errors as always; an
+/// upstream that failed (with nothing cached to stand in) as 502 with its words.
+fn oci(e: ProxyError) -> OciError {
+    match e {
+        ProxyError::Registry(e) => OciError::from(e),
+        ProxyError::Upstream { project, message } => OciError::new(
+            StatusCode::BAD_GATEWAY,
+            Code::Unknown,
+            format!("the upstream of {project} failed: {message}"),
+        ),
+        ProxyError::Config { .. } => OciError::from(RegistryError::Storage(
+            berth_storage::StorageError::Unavailable(e.to_string()),
+        )),
+    }
+}
