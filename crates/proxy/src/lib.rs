@@ -173,7 +173,24 @@ impl ProxyCache {
         spill_dir: std::path::PathBuf,
     ) -> Result<ProxyCache, ProxyError> {
         let mut upstreams = BTreeMap::new();
+        if settings.iter().filter(|s| s.docker_mirror).count() > 1 {
+            return Err(ProxyError::Config {
+                project: String::new(),
+                message: "only one proxy cache can be docker's registry mirror".to_owned(),
+            });
+        }
         for settings in settings {
+            if let Some(ns) = &settings.ns {
+                let taken = upstreams
+                    .values()
+                    .any(|u: &Arc<Upstream>| u.settings.ns.as_deref() == Some(ns.as_str()));
+                if taken {
+                    return Err(ProxyError::Config {
+                        project: settings.project.clone(),
+                        message: format!("ns {ns:?} routes to two projects"),
+                    });
+                }
+            }
             let config = |message: String| ProxyError::Config {
                 project: settings.project.clone(),
                 message,
@@ -240,6 +257,28 @@ impl ProxyCache {
     /// The proxy projects' names.
     pub fn projects(&self) -> impl Iterator<Item = &str> {
         self.upstreams.keys().map(String::as_str)
+    }
+
+    /// The proxy project containerd's `?ns=<host>` names (a key into the configuration,
+    /// never a host to dial).
+    pub fn project_for_ns(&self, ns: &str) -> Option<&str> {
+        self.upstreams
+            .values()
+            .find(|u| u.settings.ns.as_deref() == Some(ns))
+            .map(|u| u.settings.project.as_str())
+    }
+
+    /// The proxy project serving as docker's `registry-mirrors` endpoint, if one does.
+    pub fn docker_mirror_project(&self) -> Option<&str> {
+        self.upstreams
+            .values()
+            .find(|u| u.settings.docker_mirror)
+            .map(|u| u.settings.project.as_str())
+    }
+
+    /// Whether `project` is a proxy project.
+    pub fn is_proxy_project(&self, project: &str) -> bool {
+        self.upstreams.contains_key(project)
     }
 
     /// Whether `repo` lives in a proxy project (where pushes are refused).

@@ -15,6 +15,62 @@ use crate::v2::{self, DOCKER_CONTENT_DIGEST};
 use crate::zero_copy::Peer;
 use crate::App;
 
+/// The path a request for a cache is really for: containerd's `?ns=<host>` (a mirror in
+/// its `hosts.toml`) and docker's `registry-mirrors` send upstream names without the
+/// proxy project, which is put in front here (with `library/` before a one-part name,
+/// as Docker Hub names official images). An `ns` no cache answers to is refused.
+pub(crate) async fn rewrite(app: &App, uri: &axum::http::Uri) -> Result<Option<String>, OciError> {
+    let Some(proxy) = app.proxy.as_deref() else {
+        return Ok(None);
+    };
+    let path = uri.path();
+    let name = match V2Route::parse(path) {
+        Some(
+            V2Route::Manifest { name, .. }
+            | V2Route::Blob { name, .. }
+            | V2Route::Tags { name }
+            | V2Route::Referrers { name, .. }
+            | V2Route::UploadStart { name }
+            | V2Route::Upload { name, .. },
+        ) => name,
+        _ => return Ok(None),
+    };
+    let Some(rest) = path.strip_prefix("/v2/") else {
+        return Ok(None);
+    };
+    let ns = uri.query().and_then(|q| {
+        q.split('&')
+            .filter_map(|pair| pair.split_once('='))
+            .find(|(key, _)| *key == "ns")
+            .map(|(_, value)| value)
+    });
+    let project = match ns {
+        Some(ns) => match proxy.project_for_ns(ns) {
+            Some(project) => project,
+            None => {
+                let shown: String = ns.chars().take(100).collect();
+                return Err(OciError::new(
+                    StatusCode::NOT_FOUND,
+                    Code::NameUnknown,
+                    format!("no pull-through cache answers to ns {shown:?}"),
+                ));
+            }
+        },
+        None => {
+            let Some(mirror) = proxy.docker_mirror_project() else {
+                return Ok(None);
+            };
+            let first = name.split('/').next().unwrap_or_default();
+            if proxy.is_proxy_project(first) || app.registry.project(first).await?.is_some() {
+                return Ok(None);
+            }
+            mirror
+        }
+    };
+    let library = if name.contains('/') { "" } else { "library/" };
+    Ok(Some(format!("/v2/{project}/{library}{rest}")))
+}
+
 /// The repository a route names, if it is in a proxy project.
 pub(crate) fn proxy_repository<'a>(
     app: &'a App,

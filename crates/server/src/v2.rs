@@ -38,7 +38,11 @@ pub(crate) async fn dispatch(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let route = V2Route::parse(uri.path());
+    let rewritten = match crate::proxied::rewrite(&app, &uri).await {
+        Ok(rewritten) => rewritten,
+        Err(refused) => return refused.into_response(),
+    };
+    let route = V2Route::parse(rewritten.as_deref().unwrap_or(uri.path()));
     let admitted = match auth::admit(&app, route.as_ref(), &method, &headers, peer.addr).await {
         Ok(admitted) => admitted,
         Err(refused) => return refused,

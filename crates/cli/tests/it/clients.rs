@@ -266,6 +266,15 @@ impl Daemons {
     }
 
     pub(crate) fn start(containerd: &Path, dockerd: Option<&Path>) -> Self {
+        Self::start_with(containerd, dockerd, &[])
+    }
+
+    /// [`Daemons::start`], with extra arguments for dockerd (`--registry-mirror …`).
+    pub(crate) fn start_with(
+        containerd: &Path,
+        dockerd: Option<&Path>,
+        dockerd_args: &[&str],
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("bd")
             .tempdir_in("/tmp")
@@ -316,6 +325,7 @@ impl Daemons {
                 ])
                 .arg("--containerd")
                 .arg(&socket)
+                .args(dockerd_args)
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
                 .spawn()

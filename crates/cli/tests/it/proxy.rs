@@ -305,3 +305,113 @@ fn an_upstream_the_outbound_guard_refuses_stops_the_start() {
         assert!(!out.status.success(), "{bad} refused");
     }
 }
+
+#[test]
+fn skopeo_ctr_and_docker_pull_through_the_cache() {
+    use berth_testkit::tool;
+    use std::process::Command;
+    let (Some(umoci), Some(skopeo)) = (tool("umoci"), tool("skopeo")) else {
+        eprintln!("skipped: umoci and skopeo are not installed");
+        return;
+    };
+    let upstream = start();
+    let work = tempfile::tempdir().unwrap();
+    crate::clients::build_layout(&umoci, work.path());
+    let source = work.path().join("src");
+    let pushed = crate::clients::layout_manifest_digest(&source);
+    crate::clients::run(
+        Command::new(&skopeo)
+            .args(["copy", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:v1", source.display()))
+            .arg(format!("docker://{}/library/app:v1", upstream.host())),
+    );
+    // One cache routed to by containerd's ns, one serving as docker's mirror.
+    let dir = tempfile::tempdir().unwrap();
+    let tables = format!(
+        "{}\nns = \"docker.io\"\n",
+        table("hub", &upstream.url(), 300).trim_end()
+    );
+    let berth = cache(dir.path(), &tables);
+    let host = berth.url().trim_start_matches("http://").to_owned();
+    let mirror_dir = tempfile::tempdir().unwrap();
+    let tables = format!(
+        "{}\ndocker_mirror = true\n",
+        table("hub", &upstream.url(), 300).trim_end()
+    );
+    let docker_mirror = cache(mirror_dir.path(), &tables);
+
+    // skopeo, by the project prefix: the same manifest, the same layers.
+    let back = work.path().join("back");
+    crate::clients::run(
+        Command::new(&skopeo)
+            .args(["copy", "--src-tls-verify=false"])
+            .arg(format!("docker://{host}/hub/library/app:v1"))
+            .arg(format!("oci:{}:v1", back.display())),
+    );
+    assert_eq!(crate::clients::layout_manifest_digest(&back), pushed);
+
+    // An ns no cache answers to is refused, never dialled.
+    let r = get(&format!(
+        "{}/v2/library/app/manifests/v1?ns=evil.example",
+        berth.url()
+    ));
+    assert_oci_error(r, StatusCode::NOT_FOUND, "NAME_UNKNOWN");
+    // Without ns, and no mirror mode, an upstream name is just an unknown repository.
+    let r = get(&format!("{}/v2/library/app/manifests/v1", berth.url()));
+    assert_oci_error(r, StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
+    // The mirror puts library/ before a one-part name.
+    let r = get(&format!("{}/v2/app/manifests/v1", docker_mirror.url()));
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "docker-content-digest"), pushed);
+
+    let (Some(containerd), Some(ctr)) = (tool("containerd"), tool("ctr")) else {
+        return;
+    };
+    // containerd with the cache as docker.io's mirror in hosts.toml: it sends ?ns=docker.io.
+    let hosts = work.path().join("hosts/docker.io");
+    std::fs::create_dir_all(&hosts).unwrap();
+    std::fs::write(
+        hosts.join("hosts.toml"),
+        format!("server = \"https://registry-1.docker.io\"\n\n[host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"),
+    )
+    .unwrap();
+    let dockerd = tool("dockerd").filter(|_| tool("docker").is_some());
+    let mirror = format!("--registry-mirror={}", docker_mirror.url());
+    let daemons = crate::clients::Daemons::start_with(&containerd, dockerd.as_deref(), &[&mirror]);
+    let out = crate::clients::run(
+        Command::new(&ctr)
+            .arg("--address")
+            .arg(daemons.containerd_socket())
+            .args(["images", "pull", "--hosts-dir"])
+            .arg(work.path().join("hosts"))
+            .arg("docker.io/library/app:v1"),
+    );
+    assert!(out.contains("done") || out.contains("elapsed"), "{out}");
+    let served = berth_testkit::wait_until(std::time::Duration::from_secs(5), || {
+        berth
+            .log()
+            .iter()
+            .any(|l| l.contains("path=\"/v2/library/app/manifests/v1\" status=200"))
+    });
+    assert!(served, "ctr pulled through the ns route: {:?}", berth.log());
+
+    // docker with the cache as its registry mirror: `app:v1` is docker.io/library/app:v1.
+    if dockerd.is_some() {
+        crate::clients::run(Command::new("docker").args([
+            "-H",
+            &daemons.docker_host(),
+            "pull",
+            "app:v1",
+        ]));
+        let ids = crate::clients::run(Command::new("docker").args([
+            "-H",
+            &daemons.docker_host(),
+            "image",
+            "inspect",
+            "--format",
+            "{{json .RepoDigests}}",
+            "app:v1",
+        ]));
+        assert!(ids.contains(&pushed), "{ids}");
+    }
+}
