@@ -275,6 +275,8 @@ struct FileProxyCache {
     docker_mirror: Option<bool>,
     /// Upstream fetches at once (16).
     max_concurrent_fetches: Option<usize>,
+    /// Serve cached tags without asking when the upstream's `RateLimit-Remaining` is this low.
+    rate_limit_reserve: Option<u64>,
 }
 
 /// The `[[proxy_cache]]` tables, checked: project names as projects are named, no project
@@ -317,6 +319,7 @@ fn proxy_settings(files: &[FileProxyCache]) -> anyhow::Result<Vec<berth_proxy::P
             );
             settings.max_concurrent_fetches = n;
         }
+        settings.rate_limit_reserve = file.rate_limit_reserve.unwrap_or(0);
         all.push(settings);
     }
     Ok(all)

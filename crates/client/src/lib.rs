@@ -150,6 +150,8 @@ pub struct RegistryClient {
     basic: std::sync::atomic::AtomicBool,
     /// Blobs larger than this are pushed in chunks of this size.
     chunk_size: u64,
+    /// The last `RateLimit-Remaining` the registry sent (`u64::MAX`: none yet).
+    rate_limit_remaining: std::sync::atomic::AtomicU64,
 }
 
 /// The default push chunk: big enough that the requests cost little next to the bytes,
@@ -172,6 +174,19 @@ impl RegistryClient {
             tokens: TokenCache::default(),
             basic: std::sync::atomic::AtomicBool::new(false),
             chunk_size: DEFAULT_CHUNK_SIZE,
+            rate_limit_remaining: std::sync::atomic::AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// How many requests the registry last said remain in its rate-limit window
+    /// (`RateLimit-Remaining: 42;w=21600`, as Docker Hub sends), if it said.
+    pub fn rate_limit_remaining(&self) -> Option<u64> {
+        match self
+            .rate_limit_remaining
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            u64::MAX => None,
+            n => Some(n),
         }
     }
 
@@ -267,6 +282,14 @@ impl RegistryClient {
                 }
                 Err(e) => return Err(ClientError::unreachable(e)),
             };
+            if let Some(remaining) = header(response.headers(), "ratelimit-remaining")
+                .and_then(|v| v.split(';').next()?.trim().parse::<u64>().ok())
+            {
+                self.rate_limit_remaining.store(
+                    remaining.min(u64::MAX - 1),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
             let status = response.status();
             if status == StatusCode::UNAUTHORIZED && !authenticated_once {
                 authenticated_once = true;
@@ -397,14 +420,14 @@ impl RegistryClient {
         })
     }
 
-    /// The digest (and media type) a tag or digest names now, from a `HEAD`: how a cache
+    /// The digest (media type and size) a tag or digest names now, from a `HEAD`: how a cache
     /// revalidates a tag without a `GET` (registries that ration pulls count only GETs).
     /// `None` if the registry has no such manifest.
     pub async fn manifest_digest(
         &self,
         repository: &str,
         reference: &str,
-    ) -> Result<Option<(Digest, String)>, ClientError> {
+    ) -> Result<Option<(Digest, String, Option<u64>)>, ClientError> {
         let url = format!("{}/v2/{repository}/manifests/{reference}", self.base);
         let scope = format!("repository:{repository}:pull");
         let response = self
@@ -428,7 +451,9 @@ impl RegistryClient {
                     .unwrap_or_default()
                     .trim()
                     .to_owned();
-                Ok(Some((digest, media_type)))
+                let size =
+                    header(response.headers(), "content-length").and_then(|v| v.parse().ok());
+                Ok(Some((digest, media_type, size)))
             }
             StatusCode::NOT_FOUND => Ok(None),
             _ => Err(Self::failure(response, &format!("manifest {repository}:{reference}")).await),

@@ -50,6 +50,9 @@ pub struct ProxySettings {
     pub docker_mirror: bool,
     /// Upstream fetches at once; more wait their turn.
     pub max_concurrent_fetches: usize,
+    /// When the upstream says this few requests remain in its rate-limit window (its
+    /// `RateLimit-Remaining`), cached tags are served without asking it.
+    pub rate_limit_reserve: u64,
 }
 
 impl ProxySettings {
@@ -64,6 +67,7 @@ impl ProxySettings {
             ns: None,
             docker_mirror: false,
             max_concurrent_fetches: 16,
+            rate_limit_reserve: 0,
         }
     }
 }
@@ -135,6 +139,23 @@ macro_rules! ask {
         }
         answer
     }};
+}
+
+impl Upstream {
+    /// The fewest requests any mirror last said remain in its rate-limit window.
+    fn rate_limit_remaining(&self) -> Option<u64> {
+        self.mirrors
+            .iter()
+            .filter_map(RegistryClient::rate_limit_remaining)
+            .min()
+    }
+
+    /// Whether asking the upstream now would eat into the reserve kept for pulls of
+    /// what is not cached.
+    fn saving_rate_limit(&self) -> bool {
+        self.rate_limit_remaining()
+            .is_some_and(|left| left <= self.settings.rate_limit_reserve)
+    }
 }
 
 /// The failures cached content may stand in for.
@@ -293,6 +314,13 @@ impl ProxyCache {
             .map(|(project, upstream)| (project.as_str(), &upstream.stats))
     }
 
+    /// What each upstream last said remains of its rate limit, by project.
+    pub fn rate_limits(&self) -> impl Iterator<Item = (&str, Option<u64>)> {
+        self.upstreams
+            .iter()
+            .map(|(project, upstream)| (project.as_str(), upstream.rate_limit_remaining()))
+    }
+
     /// Counts a pull the cache answered from what it holds.
     pub fn note_hit(&self, repo: &RepoName) {
         if let Some(upstream) = self.upstreams.get(repo.project()) {
@@ -372,13 +400,19 @@ impl ProxyCache {
                 return Ok(local.clone());
             }
         }
+        if let Some(local) = &local {
+            if upstream.saving_rate_limit() {
+                stats.stale_serves.fetch_add(1, Ordering::Relaxed);
+                return Ok(local.clone());
+            }
+        }
         let by = Actor::system("proxy-cache");
         let fetch = async {
             let digest = match reference {
                 Reference::Digest(d) => d.clone(),
                 Reference::Tag(t) => {
                     match ask!(upstream, c => c.manifest_digest(&path, t.as_str())) {
-                        Ok(Some((digest, _))) => digest,
+                        Ok(Some((digest, _, _))) => digest,
                         Ok(None) => return Ok(None),
                         // A HEAD without a digest: ask with a GET.
                         Err(ClientError::Protocol(_)) => {
@@ -445,6 +479,62 @@ impl ProxyCache {
                 reference: reference.to_string(),
             }
             .into()),
+            Err(e) => Err(Self::upstream_error(upstream, e)),
+        }
+    }
+
+    /// What a manifest `HEAD` answers: digest, media type and size. Cached content as
+    /// [`ProxyCache::manifest`] serves it; otherwise the upstream's own `HEAD`, so a
+    /// client's `HEAD` never becomes a `GET` upstream (registries that ration pulls count
+    /// GETs).
+    pub async fn manifest_head(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<(Digest, String, u64), ProxyError> {
+        let Some((upstream, path)) = self.route(repo) else {
+            let m = self.registry.get_manifest(repo, reference).await?;
+            return Ok((m.digest, m.media_type, m.raw.len() as u64));
+        };
+        let key = format!("{repo}:{reference}");
+        let local = self.registry.get_manifest(repo, reference).await.ok();
+        let of = |m: &StoredManifest| (m.digest.clone(), m.media_type.clone(), m.raw.len() as u64);
+        if let Some(local) = &local {
+            let fresh = matches!(reference, Reference::Digest(_))
+                || self.fresh(&key, upstream.settings.tag_ttl)
+                || upstream.saving_rate_limit();
+            if fresh {
+                upstream.stats.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(of(local));
+            }
+        }
+        let asked = reference.to_string();
+        match ask!(upstream, c => c.manifest_digest(&path, &asked)) {
+            Ok(Some((digest, media_type, size))) => {
+                if let Some(local) = local.filter(|l| l.digest == digest) {
+                    if matches!(reference, Reference::Tag(_)) {
+                        self.confirm(key);
+                    }
+                    upstream.stats.hits.fetch_add(1, Ordering::Relaxed);
+                    return Ok(of(&local));
+                }
+                match size {
+                    Some(size) => Ok((digest, media_type, size)),
+                    // No length said: fetch (and cache) it to know.
+                    None => self.manifest(repo, reference).await.map(|m| of(&m)),
+                }
+            }
+            Ok(None) | Err(ClientError::NotFound(_)) => Err(RegistryError::ManifestUnknown {
+                reference: reference.to_string(),
+            }
+            .into()),
+            Err(e) if upstream_down(&e) => match local {
+                Some(local) => {
+                    upstream.stats.stale_serves.fetch_add(1, Ordering::Relaxed);
+                    Ok(of(&local))
+                }
+                None => Err(Self::upstream_error(upstream, e)),
+            },
             Err(e) => Err(Self::upstream_error(upstream, e)),
         }
     }

@@ -556,6 +556,18 @@ fn render_proxy_metrics(out: &mut String, proxy: &berth_proxy::ProxyCache) {
             |s| s.stale_serves.load(Relaxed),
         ),
     ];
+    let _ = writeln!(
+        out,
+        "# HELP berth_proxy_upstream_rate_limit_remaining Requests the upstream last said remain in its rate-limit window.\n# TYPE berth_proxy_upstream_rate_limit_remaining gauge"
+    );
+    for (project, remaining) in proxy.rate_limits() {
+        if let Some(remaining) = remaining {
+            let _ = writeln!(
+                out,
+                "berth_proxy_upstream_rate_limit_remaining{{project=\"{project}\"}} {remaining}"
+            );
+        }
+    }
     for (name, kind, help, value) in families {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for (project, stats) in proxy.stats() {

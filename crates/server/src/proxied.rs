@@ -100,7 +100,19 @@ pub(crate) async fn handle(
 ) -> Result<Response, OciError> {
     let head = method == Method::HEAD;
     match (route, method.clone()) {
-        (V2Route::Manifest { reference, .. }, Method::GET | Method::HEAD) => {
+        (V2Route::Manifest { reference, .. }, Method::HEAD) => {
+            let reference = v2::existing_reference(reference)?;
+            let (digest, media_type, size) =
+                proxy.manifest_head(&repo, &reference).await.map_err(oci)?;
+            let headers = vec![
+                ("content-type", media_type),
+                ("content-length", size.to_string()),
+                (DOCKER_CONTENT_DIGEST, digest.to_string()),
+                ("etag", format!("\"{digest}\"")),
+            ];
+            Ok(v2::response(StatusCode::OK, headers, Body::empty()))
+        }
+        (V2Route::Manifest { reference, .. }, Method::GET) => {
             let reference = v2::existing_reference(reference)?;
             let m = proxy.manifest(&repo, &reference).await.map_err(oci)?;
             Ok(v2::manifest_response(m, head))

@@ -40,11 +40,13 @@ impl DataDir {
 }
 
 mod garage;
+mod hub;
 mod postgres;
 mod proxy;
 mod receiver;
 
 pub use garage::{shared_garage, GarageServer};
+pub use hub::{HubOptions, HubRequest, HubServer};
 pub use postgres::{shared_cluster, PostgresCluster};
 pub use proxy::CuttableProxy;
 pub use receiver::{ReceivedRequest, ReceiverMode, WebhookReceiver};

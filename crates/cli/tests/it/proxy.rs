@@ -218,9 +218,10 @@ fn a_cut_upstream_leaves_what_was_cached_pullable() {
         get(&format!("{base}/manifests/v1")).status(),
         StatusCode::OK
     );
+    // Read whole: the fill is done (and verified) once the last byte arrives.
     assert_eq!(
-        get(&format!("{base}/blobs/{layer}")).status(),
-        StatusCode::OK
+        sha256(&get(&format!("{base}/blobs/{layer}")).bytes().unwrap()),
+        layer
     );
 
     relay.cut();
@@ -231,10 +232,9 @@ fn a_cut_upstream_leaves_what_was_cached_pullable() {
         get(&format!("{base}/manifests/{digest}")).status(),
         StatusCode::OK
     );
-    assert_eq!(
-        sha256(&get(&format!("{base}/blobs/{layer}")).bytes().unwrap()),
-        layer
-    );
+    let r = get(&format!("{base}/blobs/{layer}"));
+    assert_eq!(r.status(), StatusCode::OK, "{:#?}", berth.log());
+    assert_eq!(sha256(&r.bytes().unwrap()), layer);
     let r = get(&format!("{base}/manifests/v2"));
     assert_eq!(
         r.status(),
@@ -414,4 +414,152 @@ fn skopeo_ctr_and_docker_pull_through_the_cache() {
         ]));
         assert!(ids.contains(&pushed), "{ids}");
     }
+}
+
+#[test]
+fn a_hub_like_upstream_gets_its_tokens_its_heads_and_its_rate_limit_respected() {
+    use berth_testkit::{HubOptions, HubServer};
+    let hub = HubServer::start(HubOptions {
+        credentials: Some(("puller".to_owned(), "hub-secret".to_owned())),
+        rate_limit: Some(4),
+    });
+    let (v1, _, layers) = hub.push_image("library/app", "v1", &[b"layer one"]);
+    let (v2, _, _) = hub.push_image("library/app", "v2", &[b"layer two"]);
+    hub.push_image("library/app", "v3", &[b"layer three"]);
+    hub.push_image("library/app", "v4", &[b"layer four"]);
+    hub.push_image("library/app", "v5", &[b"layer five"]);
+    let dir = tempfile::tempdir().unwrap();
+    let tables = format!(
+        "{}\nusername = \"puller\"\npassword = \"hub-secret\"\nrate_limit_reserve = 1\n",
+        table("hub", &hub.url(), 0).trim_end()
+    );
+    let berth = cache(dir.path(), &tables);
+    let base = format!("{}/v2/hub/library/app", berth.url());
+    let pull = |reference: &str| {
+        http()
+            .get(format!("{base}/manifests/{reference}"))
+            .header("accept", berth_client::MANIFEST_TYPES)
+            // The client's own credentials, which must never reach the upstream.
+            .basic_auth("client-user", Some("client-password"))
+            .send()
+            .unwrap()
+    };
+
+    // A client's HEAD of a tag not cached: one HEAD upstream, no GET (GETs are rationed).
+    let r = http()
+        .head(format!("{base}/manifests/v2"))
+        .header("accept", berth_client::MANIFEST_TYPES)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "docker-content-digest"), v2);
+    assert_eq!(hub.count("GET", "/manifests/"), 0);
+
+    // The first pull: token flow with the configured credentials, one GET by digest.
+    let r = pull("v1");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "docker-content-digest"), v1);
+    let blob = get(&format!("{base}/blobs/{}", layers[0]));
+    assert_eq!(blob.bytes().unwrap().as_ref(), b"layer one");
+    // Again (TTL 0): a HEAD revalidates, the bytes are not fetched again.
+    assert_eq!(pull("v1").status(), StatusCode::OK);
+    assert_eq!(hub.count("GET", "/manifests/"), 1, "{:?}", hub.requests());
+    let requests = hub.requests();
+    assert!(
+        requests.iter().all(|r| r
+            .authorization
+            .as_deref()
+            .is_none_or(|a| !a.contains("Y2xpZW50"))),
+        "the client's credentials never go upstream: {requests:?}"
+    );
+    assert!(requests.iter().filter(|r| r.path == "/token").all(|r| r
+        .authorization
+        .as_deref()
+        .is_some_and(|a| a.starts_with("Basic "))));
+
+    // Spend the hub's limit down to the reserve: v2 and v3 are fetched (remaining 2, then 1).
+    assert_eq!(pull("v2").status(), StatusCode::OK);
+    assert_eq!(pull("v3").status(), StatusCode::OK);
+    let metrics = get(&format!("{}/metrics", berth.url())).text().unwrap();
+    assert!(
+        metrics.contains("berth_proxy_upstream_rate_limit_remaining{project=\"hub\"} 1"),
+        "{metrics}"
+    );
+    // At the reserve: cached tags are served without asking the hub at all.
+    let before = hub.requests().len();
+    for _ in 0..5 {
+        assert_eq!(pull("v1").status(), StatusCode::OK);
+    }
+    assert_eq!(
+        hub.requests().len(),
+        before,
+        "nothing sent while at the reserve"
+    );
+    // What is not cached still goes up, until the hub says 429; then it is a 502.
+    assert_eq!(pull("v4").status(), StatusCode::OK);
+    let r = pull("v5");
+    assert_eq!(
+        r.status(),
+        StatusCode::BAD_GATEWAY,
+        "the hub's 429, passed on"
+    );
+    assert!(r.text().unwrap().contains("TOOMANYREQUESTS"));
+    assert_oci_error(pull("latest"), StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
+    assert_eq!(pull("v2").status(), StatusCode::OK, "cached, still served");
+}
+
+#[test]
+fn the_first_pull_streams_while_the_upstream_is_still_sending() {
+    use berth_testkit::{HubOptions, HubServer};
+    use std::io::Read;
+    let hub = HubServer::start(HubOptions::default());
+    let big: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 239) as u8).collect();
+    let (_, _, layers) = hub.push_image("library/slow", "v1", &[&big]);
+    hub.throttle(Some(1024 * 1024));
+    let dir = tempfile::tempdir().unwrap();
+    let berth = cache(dir.path(), &table("hub", &hub.url(), 300));
+    let mut r = http()
+        .get(format!(
+            "{}/v2/hub/library/slow/blobs/{}",
+            berth.url(),
+            layers[0]
+        ))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut first = vec![0u8; 64 * 1024];
+    r.read_exact(&mut first).unwrap();
+    let sent_when_first_arrived = hub.sent(&layers[0]);
+    assert!(
+        sent_when_first_arrived < big.len() as u64,
+        "the client had bytes before the upstream finished ({sent_when_first_arrived} of {} sent)",
+        big.len()
+    );
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest).unwrap();
+    first.extend(rest);
+    assert_eq!(sha256(&first), layers[0]);
+
+    // A byte flipped upstream: the body breaks off and nothing is cached.
+    hub.throttle(None);
+    let (_, _, flipped) = hub.push_image("library/flip", "v1", &[&big[..1024 * 1024]]);
+    hub.flip_bytes(true);
+    let url = format!("{}/v2/hub/library/flip/blobs/{}", berth.url(), flipped[0]);
+    assert!(http().get(&url).send().unwrap().bytes().is_err());
+    hub.flip_bytes(false);
+    assert_eq!(
+        sha256(&http().get(&url).send().unwrap().bytes().unwrap()),
+        flipped[0]
+    );
+    let fetched = hub
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path.contains(&flipped[0]))
+        .filter(|r| {
+            r.authorization
+                .as_deref()
+                .is_some_and(|a| a.starts_with("Bearer "))
+        })
+        .count();
+    assert_eq!(fetched, 2, "fetched again: the bad bytes were not kept");
 }
