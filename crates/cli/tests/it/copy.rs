@@ -157,14 +157,14 @@ fn failures_say_what_went_wrong() {
 
 /// Docker Distribution (Debian's `docker-registry`) on a free loopback port, stopped on
 /// drop.
-struct Distribution {
+pub(crate) struct Distribution {
     child: std::process::Child,
-    addr: String,
+    pub(crate) addr: String,
     _dir: tempfile::TempDir,
 }
 
 impl Distribution {
-    fn start() -> Option<Distribution> {
+    pub(crate) fn start() -> Option<Distribution> {
         let binary = berth_testkit::tool("docker-registry")?;
         let dir = tempfile::tempdir().unwrap();
         // A port picked by binding 0 and releasing it: Distribution cannot take a socket.

@@ -563,3 +563,88 @@ fn the_first_pull_streams_while_the_upstream_is_still_sending() {
         .count();
     assert_eq!(fetched, 2, "fetched again: the bad bytes were not kept");
 }
+
+#[test]
+fn distribution_as_upstream_a_thousand_warm_pulls_stay_local_and_a_cut_loses_nothing() {
+    let Some(distribution) = crate::copy::Distribution::start() else {
+        eprintln!("skipped: docker-registry is not installed");
+        return;
+    };
+    let relay = CuttableProxy::start(distribution.addr.parse().unwrap());
+    // Distribution takes no single-request uploads: the images go there by berth copy.
+    let staging = start();
+    let mut pushed = Vec::new();
+    for tag in ["v1", "v2", "v3"] {
+        let layer = format!("layer of {tag}").into_bytes();
+        let (digest, manifest) =
+            push_image(&staging.url(), "library/app", tag, &[&layer, b"shared"]);
+        let copied = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+            .args(["copy", "--all-platforms"])
+            .arg(format!("{}/library/app:{tag}", staging.host()))
+            .arg(format!("{}/library/app:{tag}", distribution.addr))
+            .output()
+            .unwrap();
+        assert!(
+            copied.status.success(),
+            "{}",
+            String::from_utf8_lossy(&copied.stderr)
+        );
+        pushed.push((tag, digest, manifest));
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let berth = cache(
+        dir.path(),
+        &table("hub", &format!("http://{}", relay.addr()), 300),
+    );
+    let base = format!("{}/v2/hub/library/app", berth.url());
+    let pull_all = |tag: &str, digest: &str, manifest: &[u8]| {
+        let r = get(&format!("{base}/manifests/{tag}"));
+        assert_eq!(r.status(), StatusCode::OK, "{tag}");
+        assert_eq!(header(&r, "docker-content-digest"), digest);
+        assert_eq!(
+            get(&format!("{base}/manifests/{digest}")).status(),
+            StatusCode::OK
+        );
+        let parsed: serde_json::Value = serde_json::from_slice(manifest).unwrap();
+        let config = parsed["config"]["digest"].as_str().unwrap().to_owned();
+        let layers = parsed["layers"].as_array().unwrap().iter();
+        for blob in layers
+            .map(|l| l["digest"].as_str().unwrap().to_owned())
+            .chain([config])
+        {
+            let bytes = get(&format!("{base}/blobs/{blob}")).bytes().unwrap();
+            assert_eq!(sha256(&bytes), blob, "{tag}: {blob}");
+        }
+    };
+    for (tag, digest, manifest) in &pushed {
+        pull_all(tag, digest, manifest);
+    }
+    let metrics = || get(&format!("{}/metrics", berth.url())).text().unwrap();
+    let misses = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("berth_proxy_misses_total{project=\"hub\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap()
+    };
+    let before = misses(&metrics());
+    // A thousand pulls of a cached tag within its TTL: nothing goes upstream (the
+    // upstream is cut meanwhile, so any attempt would count as a stale serve).
+    relay.cut();
+    for _ in 0..1000 {
+        assert_eq!(
+            get(&format!("{base}/manifests/v1")).status(),
+            StatusCode::OK
+        );
+    }
+    let text = metrics();
+    assert_eq!(misses(&text), before);
+    assert!(
+        text.contains("berth_proxy_stale_serves_total{project=\"hub\"} 0"),
+        "{text}"
+    );
+    // With the upstream cut, every tag and digest pulled before still pulls, whole.
+    for (tag, digest, manifest) in &pushed {
+        pull_all(tag, digest, manifest);
+    }
+}
