@@ -488,6 +488,51 @@ impl RegistryClient {
         Ok((size, stream))
     }
 
+    /// A range of the blob (`range` as a `Range` header says it, `bytes=0-99`), if the
+    /// registry answers it with a 206: the `Content-Range` it sent (checked to be one
+    /// well-formed range), the length and the bytes, not verified (a part cannot be).
+    /// `None` when the registry answered with the whole blob instead.
+    pub async fn blob_range(
+        &self,
+        repository: &str,
+        digest: &Digest,
+        range: &str,
+    ) -> Result<
+        Option<(
+            String,
+            u64,
+            impl Stream<Item = Result<Bytes, reqwest::Error>> + Send + Unpin + use<>,
+        )>,
+        ClientError,
+    > {
+        let url = format!("{}/v2/{repository}/blobs/{digest}", self.base);
+        let scope = format!("repository:{repository}:pull");
+        let response = self
+            .send(&scope, true, |http| http.get(&url).header(RANGE, range))
+            .await?;
+        match response.status() {
+            StatusCode::PARTIAL_CONTENT => {
+                let content_range = header(response.headers(), "content-range")
+                    .filter(|r| well_formed_content_range(r))
+                    .ok_or_else(|| {
+                        ClientError::Protocol(format!(
+                            "blob {digest}: a 206 without one well-formed Content-Range"
+                        ))
+                    })?;
+                let length = response.content_length().ok_or_else(|| {
+                    ClientError::Protocol(format!("blob {digest}: a 206 without a length"))
+                })?;
+                Ok(Some((
+                    content_range,
+                    length,
+                    Box::pin(response.bytes_stream()),
+                )))
+            }
+            s if s.is_success() => Ok(None),
+            _ => Err(Self::failure(response, &format!("blob {repository}@{digest}")).await),
+        }
+    }
+
     /// The blob's size if the repository holds it.
     pub async fn blob_size(
         &self,
@@ -850,6 +895,21 @@ fn certs_d_files(registry: &str) -> Vec<std::path::PathBuf> {
     files
 }
 
+/// `bytes <first>-<last>/<total>` with digits only (what may be passed on as a header).
+fn well_formed_content_range(value: &str) -> bool {
+    let Some(rest) = value.strip_prefix("bytes ") else {
+        return false;
+    };
+    let Some((span, total)) = rest.split_once('/') else {
+        return false;
+    };
+    let Some((first, last)) = span.split_once('-') else {
+        return false;
+    };
+    let number = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
+    number(first) && number(last) && number(total)
+}
+
 /// A registry's words made safe for a terminal: at most 200 characters, control
 /// characters (escape sequences among them) shown escaped rather than obeyed.
 fn printable(text: &str) -> String {
@@ -881,5 +941,33 @@ pub(crate) fn backoff(attempt: u32, retry_after_secs: Option<u64>) -> Duration {
     match retry_after_secs {
         Some(secs) => Duration::from_secs(secs.min(30)),
         None => Duration::from_millis(500 << attempt.min(6)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_one_plain_content_range_is_passed_on() {
+        assert!(well_formed_content_range("bytes 0-99/1000"));
+        for bad in [
+            "bytes 0-99/*",
+            "bytes 0-99/1000, 200-299/1000",
+            "bytes 0-99/1000\r\nx-injected: 1",
+            "items 0-99/1000",
+            "bytes -99/1000",
+            "bytes 0-99",
+            "bytes 0-99/100000000000000000000000",
+        ] {
+            assert!(!well_formed_content_range(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn registry_words_are_bounded_and_escaped() {
+        let shown = printable(&format!("\u{1b}[2J{}", "x".repeat(500)));
+        assert!(shown.starts_with("\\u{1b}[2J"));
+        assert!(shown.chars().count() <= 210);
     }
 }

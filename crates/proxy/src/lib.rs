@@ -556,6 +556,50 @@ impl ProxyCache {
         }
     }
 
+    /// A range of a blob the cache does not hold, asked of the upstream as the client
+    /// asked it (`bytes=…`): its `Content-Range`, length and bytes, or `None` when the
+    /// blob is being filled or the upstream answers ranges with the whole blob (then the
+    /// whole blob is served, through a fill).
+    pub async fn blob_range(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        range: &str,
+    ) -> Result<Option<(String, u64, ByteStream)>, ProxyError> {
+        let Some((upstream, path)) = self.route(repo) else {
+            return Ok(None);
+        };
+        let filling = self
+            .fills
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&(upstream.settings.project.clone(), digest.clone()));
+        if filling {
+            return Ok(None);
+        }
+        match ask!(upstream, c => c.blob_range(&path, digest, range)) {
+            Ok(Some((content_range, length, stream))) => {
+                upstream.stats.misses.fetch_add(1, Ordering::Relaxed);
+                let counted = upstream.clone();
+                let stream = futures_util::StreamExt::map(stream, move |chunk| {
+                    let chunk = chunk.map_err(std::io::Error::other)?;
+                    counted
+                        .stats
+                        .bytes_fetched
+                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    Ok(chunk)
+                });
+                Ok(Some((content_range, length, Box::pin(stream))))
+            }
+            Ok(None) => Ok(None),
+            Err(ClientError::NotFound(_)) => Err(RegistryError::BlobUnknown {
+                digest: digest.clone(),
+            }
+            .into()),
+            Err(e) => Err(Self::upstream_error(upstream, e)),
+        }
+    }
+
     /// A blob the cache does not hold yet: its size and its bytes as they arrive from the
     /// one fill of it under way (started here if there is none).
     pub async fn blob(

@@ -137,8 +137,33 @@ pub(crate) async fn handle(
                 out.push(("content-length", size.to_string()));
                 return Ok(v2::response(StatusCode::OK, out, Body::empty()));
             }
-            // A Range on a blob not cached yet is answered whole (HTTP allows it): the
-            // fill serves everyone who asks.
+            // One range of a blob not cached: asked of the upstream as is, answered 206.
+            let range = headers
+                .get(axum::http::header::RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(v2::parse_range);
+            if let Some(range) = range {
+                let asked = match range {
+                    berth_registry::RangeRequest::From { start, end } => {
+                        format!("bytes={start}-{}", end.map(|e| e.to_string()).unwrap_or_default())
+                    }
+                    berth_registry::RangeRequest::Suffix { len } => format!("bytes=-{len}"),
+                };
+                let part = proxy
+                    .blob_range(&repo, &digest, &asked)
+                    .await
+                    .map_err(oci)?;
+                if let Some((content_range, length, stream)) = part {
+                    out.push(("content-range", content_range));
+                    out.push(("content-length", length.to_string()));
+                    return Ok(v2::response(
+                        StatusCode::PARTIAL_CONTENT,
+                        out,
+                        Body::from_stream(stream),
+                    ));
+                }
+            }
+            // Otherwise the whole blob, through the one fill that serves everyone.
             let (size, stream) = proxy.blob(&repo, &digest).await.map_err(oci)?;
             out.push(("content-length", size.to_string()));
             Ok(v2::response(StatusCode::OK, out, Body::from_stream(stream)))

@@ -460,7 +460,7 @@ async fn delete_manifest(
 
 /// Parses `bytes=a-b`, `bytes=a-` and `bytes=-n`. Anything else (several ranges, other
 /// units) is ignored, as RFC 9110 allows, and the whole blob is sent.
-fn parse_range(value: &str) -> Option<RangeRequest> {
+pub(crate) fn parse_range(value: &str) -> Option<RangeRequest> {
     let spec = value.trim().strip_prefix("bytes=")?;
     if spec.contains(',') {
         return None;

@@ -89,6 +89,16 @@ fn a_proxy_project_fetches_once_then_serves_from_the_cache() {
         0
     );
 
+    // One range of a blob not cached: forwarded, answered 206, not cached.
+    let r = http()
+        .get(format!("{base}/blobs/{}", layers[1]))
+        .header("range", "bytes=1-3")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(header(&r, "content-range"), "bytes 1-3/5");
+    assert_eq!(r.bytes().unwrap().as_ref(), b"mal");
+
     // Many first pulls of the big layer at once: one upstream fetch, every client whole.
     let url = Arc::new(format!("{base}/blobs/{}", layers[0]));
     let pulls: Vec<_> = (0..8)
@@ -106,8 +116,8 @@ fn a_proxy_project_fetches_once_then_serves_from_the_cache() {
     }
     assert_eq!(
         upstream_requests(&upstream.url(), "/v2/{name}/blobs/{digest}", "GET"),
-        1,
-        "one upstream fetch for eight clients"
+        2,
+        "the range, and one upstream fetch for eight clients"
     );
 
     // Pulled again, and the rest: tag within its TTL and cached blobs stay local.
@@ -136,12 +146,12 @@ fn a_proxy_project_fetches_once_then_serves_from_the_cache() {
     );
     assert_eq!(
         upstream_requests(&upstream.url(), "/v2/{name}/blobs/{digest}", "GET"),
-        2
+        3
     );
     let metrics = get(&format!("{}/metrics", berth.url())).text().unwrap();
     assert!(
-        metrics.contains("berth_proxy_misses_total{project=\"hub\"} 3"),
-        "{metrics}"
+        metrics.contains("berth_proxy_misses_total{project=\"hub\"} 4"),
+        "manifest, range, two blobs: {metrics}"
     );
 
     // What the upstream lacks is unknown here too; writes are refused.
