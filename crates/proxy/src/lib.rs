@@ -72,6 +72,9 @@ impl ProxySettings {
     }
 }
 
+/// Referrers of one subject a cache fetches at most (signatures and SBOMs number a few).
+pub const MAX_REFERRERS: usize = 100;
+
 /// Five minutes, as the issue of tags upstream is rarely faster than that.
 pub const DEFAULT_TAG_TTL: Duration = Duration::from_secs(300);
 
@@ -537,6 +540,64 @@ impl ProxyCache {
             },
             Err(e) => Err(Self::upstream_error(upstream, e)),
         }
+    }
+
+    /// Brings the cache's referrers of `subject` up to date with the upstream's (at most
+    /// once per tag TTL per subject, and the first [`MAX_REFERRERS`] of them): each
+    /// referrer manifest not cached yet is fetched by digest and cached, so the listing
+    /// the registry answers from includes it. An upstream that fails leaves the cached
+    /// listing as it is.
+    pub async fn sync_referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+    ) -> Result<(), ProxyError> {
+        let Some((upstream, path)) = self.route(repo) else {
+            return Ok(());
+        };
+        let key = format!("referrers {repo}@{subject}");
+        if self.fresh(&key, upstream.settings.tag_ttl) || upstream.saving_rate_limit() {
+            return Ok(());
+        }
+        let lock = self.lock_for(&key);
+        let _turn = lock.lock().await;
+        if self.fresh(&key, upstream.settings.tag_ttl) {
+            return Ok(());
+        }
+        let listed = match ask!(upstream, c => c.referrers(&path, subject)) {
+            Ok(listed) => listed,
+            Err(e) => {
+                tracing::warn!(repository = %repo, %subject, error = %e, "upstream referrers unavailable: answering from the cache");
+                return Ok(());
+            }
+        };
+        let by = Actor::system("proxy-cache");
+        for descriptor in listed.iter().take(MAX_REFERRERS) {
+            let Some(digest) = descriptor["digest"]
+                .as_str()
+                .and_then(|d| Digest::parse(d).ok())
+            else {
+                continue;
+            };
+            let reference = Reference::Digest(digest.clone());
+            if self.registry.get_manifest(repo, &reference).await.is_ok() {
+                continue;
+            }
+            let fetched = ask!(upstream, c => c.manifest(&path, digest.as_str()));
+            match fetched {
+                Ok(m) => {
+                    upstream.stats.misses.fetch_add(1, Ordering::Relaxed);
+                    self.registry
+                        .cache_manifest(repo, None, Some(&m.media_type), m.bytes.to_vec(), &by)
+                        .await?;
+                }
+                Err(e) => {
+                    tracing::warn!(repository = %repo, %digest, error = %e, "a referrer could not be fetched");
+                }
+            }
+        }
+        self.confirm(key);
+        Ok(())
     }
 
     /// The size of a blob the cache does not hold, from an upstream `HEAD` (never a GET).

@@ -80,6 +80,7 @@ pub(crate) fn proxy_repository<'a>(
     let name = match route {
         V2Route::Manifest { name, .. }
         | V2Route::Blob { name, .. }
+        | V2Route::Referrers { name, .. }
         | V2Route::UploadStart { name }
         | V2Route::Upload { name, .. } => name,
         _ => return None,
@@ -91,12 +92,12 @@ pub(crate) fn proxy_repository<'a>(
 /// Answers a request for a proxy repository.
 pub(crate) async fn handle(
     app: &App,
-    proxy: &ProxyCache,
-    repo: RepoName,
+    (proxy, repo): (&ProxyCache, RepoName),
     route: V2Route<'_>,
     method: &Method,
     peer: &Peer,
     headers: &HeaderMap,
+    params: &v2::Params,
 ) -> Result<Response, OciError> {
     let head = method == Method::HEAD;
     match (route, method.clone()) {
@@ -167,6 +168,11 @@ pub(crate) async fn handle(
             let (size, stream) = proxy.blob(&repo, &digest).await.map_err(oci)?;
             out.push(("content-length", size.to_string()));
             Ok(v2::response(StatusCode::OK, out, Body::from_stream(stream)))
+        }
+        (V2Route::Referrers { name, digest }, Method::GET) => {
+            let subject = v2::digest(digest)?;
+            proxy.sync_referrers(&repo, &subject).await.map_err(oci)?;
+            v2::referrers(app, name, digest, params).await
         }
         (_, Method::PUT | Method::POST | Method::PATCH | Method::DELETE) => Err(OciError::new(
             StatusCode::METHOD_NOT_ALLOWED,

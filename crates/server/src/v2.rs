@@ -27,7 +27,7 @@ const DOCKER_UPLOAD_UUID: &str = "docker-upload-uuid";
 const OCI_SUBJECT: &str = "oci-subject";
 const OCI_FILTERS_APPLIED: &str = "oci-filters-applied";
 
-type Params = HashMap<String, String>;
+pub(crate) type Params = HashMap<String, String>;
 
 /// Entry point for every `/v2` request: routes by [`V2Route`], then by method.
 pub(crate) async fn dispatch(
@@ -113,8 +113,8 @@ async fn handle(
         )
         .into_response();
     };
-    if let Some((proxy, repo)) = crate::proxied::proxy_repository(app, &route) {
-        return crate::proxied::handle(app, proxy, repo, route, &method, peer, &headers)
+    if let Some(target) = crate::proxied::proxy_repository(app, &route) {
+        return crate::proxied::handle(app, target, route, &method, peer, &headers, &params)
             .await
             .unwrap_or_else(IntoResponse::into_response);
     }
@@ -708,7 +708,7 @@ async fn cancel_upload(app: &App, name: &str, id: &str) -> Result<Response, OciE
     Ok(response(StatusCode::NO_CONTENT, vec![], Body::empty()))
 }
 
-async fn referrers(
+pub(crate) async fn referrers(
     app: &App,
     name: &str,
     digest_text: &str,

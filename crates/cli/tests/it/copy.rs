@@ -582,7 +582,7 @@ fn inspect_shows_platforms_layers_and_config() {
 }
 
 /// Pushes an SBOM-like artifact whose subject is `subject`; returns its digest.
-fn push_referrer(base: &str, repo: &str, subject: &str, subject_size: usize) -> String {
+pub(crate) fn push_referrer(base: &str, repo: &str, subject: &str, subject_size: usize) -> String {
     let empty = push_blob(base, repo, b"{}");
     let layer = push_blob(base, repo, b"an SBOM");
     let manifest = serde_json::to_vec(&json!({

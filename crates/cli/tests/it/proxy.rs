@@ -658,3 +658,42 @@ fn distribution_as_upstream_a_thousand_warm_pulls_stay_local_and_a_cut_loses_not
         pull_all(tag, digest, manifest);
     }
 }
+
+#[test]
+fn referrers_of_cached_manifests_come_through_the_cache() {
+    let upstream = start();
+    let (digest, manifest) = push_image(&upstream.url(), "library/app", "v1", &[b"signed layer"]);
+    // The subject descriptor's media type is whatever the referrer says; the size is the image's.
+    let sbom = crate::copy::push_referrer(&upstream.url(), "library/app", &digest, manifest.len());
+    let relay = CuttableProxy::start(upstream.host().parse().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let berth = cache(
+        dir.path(),
+        &table("hub", &format!("http://{}", relay.addr()), 300),
+    );
+    let base = format!("{}/v2/hub/library/app", berth.url());
+    assert_eq!(
+        get(&format!("{base}/manifests/v1")).status(),
+        StatusCode::OK
+    );
+    let listed: serde_json::Value = get(&format!("{base}/referrers/{digest}")).json().unwrap();
+    let digests: Vec<&str> = listed["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["digest"].as_str())
+        .collect();
+    assert_eq!(digests, vec![sbom.as_str()], "{listed}");
+    assert_eq!(
+        listed["manifests"][0]["artifactType"],
+        "application/vnd.example.sbom"
+    );
+    // Cached: the referrer itself, and the listing when the upstream is gone.
+    relay.cut();
+    assert_eq!(
+        get(&format!("{base}/manifests/{sbom}")).status(),
+        StatusCode::OK
+    );
+    let listed: serde_json::Value = get(&format!("{base}/referrers/{digest}")).json().unwrap();
+    assert_eq!(listed["manifests"][0]["digest"], sbom.as_str());
+}
