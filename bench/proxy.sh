@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# The pull-through cache, side by side in one run: a berth upstream holds an image with
+# one SIZE layer; each repetition pulls the layer directly from the upstream, then
+# through a fresh (empty) berth cache twice (cold, then warm), and, when Debian's
+# `docker-registry` is installed, through a fresh Docker Distribution in proxy mode the
+# same way. Then CLIENTS clients pull the layer at once from a fresh cache, and the bytes
+# the upstream sent are read off its own /metrics: 1.00x the layer means one fetch.
+# Prints medians and ratios (time to first byte in ms over the direct pull's; throughput
+# as a share of the direct pull's; warm as a share of berth serving the blob locally).
+#
+# Environment: SIZE (1GiB), REPS (3), CLIENTS (50), PORT_UP (5401), PORT_CACHE (5402),
+#   PORT_DIST (5403).
+# Needs: cargo, curl, python3, GNU tar; docker-registry for the comparison.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE=${SIZE:-1GiB}
+REPS=${REPS:-3}
+CLIENTS=${CLIENTS:-50}
+PORT_UP=${PORT_UP:-5401}
+PORT_CACHE=${PORT_CACHE:-5402}
+PORT_DIST=${PORT_DIST:-5403}
+cargo build --release --locked --quiet -p berth
+BERTH=$PWD/target/release/berth
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/berth-proxy-bench.XXXXXX")
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+wait_up() { for _ in $(seq 100); do curl -sf "$1" >/dev/null && return 0; sleep 0.1; done; echo "$1 did not come up" >&2; return 1; }
+stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+"$BERTH" serve --listen "127.0.0.1:$PORT_UP" --data-dir "$WORK/upstream" --auth none --log-level warn 2>>"$WORK/log" &
+UP_PID=$!; PIDS+=("$UP_PID")
+wait_up "http://127.0.0.1:$PORT_UP/v2/"
+
+# The image: one tar layer of SIZE random bytes (nothing compresses it).
+bytes=$(numfmt --from=iec-i "${SIZE%B}")
+mkdir -p "$WORK/content"
+head -c "$bytes" /dev/urandom > "$WORK/content/random.bin"
+tar -C "$WORK/content" -cf "$WORK/layer.tar" random.bin
+rm -rf "$WORK/content"
+push_blob() { # file -> digest
+  local digest="sha256:$(sha256sum "$1" | cut -d' ' -f1)"
+  local code
+  code=$(curl -s -o /dev/null -w '%{http_code}' -X POST -H 'content-type: application/octet-stream' -T "$1" \
+    "http://127.0.0.1:$PORT_UP/v2/bench/big/blobs/uploads?digest=$digest")
+  [ "$code" = 201 ] || { echo "pushing $1: HTTP $code" >&2; return 1; }
+  echo "$digest"
+}
+LAYER=$(push_blob "$WORK/layer.tar")
+layer_size=$(stat -c %s "$WORK/layer.tar")
+printf '{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":["%s"]},"config":{}}' "$LAYER" > "$WORK/config.json"
+config_digest=$(push_blob "$WORK/config.json")
+printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"%s","size":%s}]}' \
+  "$config_digest" "$(stat -c %s "$WORK/config.json")" "$LAYER" "$layer_size" > "$WORK/manifest.json"
+curl -sf -X PUT -H 'content-type: application/vnd.oci.image.manifest.v1+json' --data-binary "@$WORK/manifest.json" \
+  "http://127.0.0.1:$PORT_UP/v2/bench/big/manifests/v1" >/dev/null
+rm -f "$WORK/layer.tar"
+
+printf '[outbound]\nallow_cidrs = ["127.0.0.0/8"]\n\n[[proxy_cache]]\nproject = "hub"\nurls = ["http://127.0.0.1:%s"]\n' "$PORT_UP" > "$WORK/cache.toml"
+CACHE_PID=
+fresh_cache() {
+  [ -n "$CACHE_PID" ] && stop "$CACHE_PID"
+  rm -rf "$WORK/cache"
+  "$BERTH" serve --listen "127.0.0.1:$PORT_CACHE" --data-dir "$WORK/cache" --auth none --log-level warn \
+    --config "$WORK/cache.toml" 2>>"$WORK/log" &
+  CACHE_PID=$!; PIDS+=("$CACHE_PID")
+  wait_up "http://127.0.0.1:$PORT_CACHE/v2/"
+}
+DIST=$(command -v docker-registry || true)
+DIST_PID=
+fresh_distribution() {
+  [ -n "$DIST_PID" ] && stop "$DIST_PID"
+  rm -rf "$WORK/dist"
+  mkdir -p "$WORK/dist"
+  printf 'version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: 127.0.0.1:%s\nproxy:\n  remoteurl: http://127.0.0.1:%s\n' \
+    "$WORK/dist/data" "$PORT_DIST" "$PORT_UP" > "$WORK/dist/config.yml"
+  "$DIST" serve "$WORK/dist/config.yml" >/dev/null 2>&1 &
+  DIST_PID=$!; PIDS+=("$DIST_PID")
+  wait_up "http://127.0.0.1:$PORT_DIST/v2/"
+}
+# time to first byte, total time, bytes: one GET.
+pull() { curl -s -o /dev/null -w '%{time_starttransfer} %{time_total} %{size_download} %{http_code}\n' "$1"; }
+record() { # name url
+  local line; line=$(pull "$2")
+  set -- "$1" $line
+  [ "$5" = 200 ] && [ "$4" = "$layer_size" ] || { echo "$1: HTTP $5, $4 bytes" >&2; exit 1; }
+  echo "$1 $2 $3" >> "$WORK/results"
+}
+upstream_bytes() {
+  curl -sf "http://127.0.0.1:$PORT_UP/metrics" | awk '/^berth_http_response_bytes_total/ {s += $NF} END {printf "%d\n", s}'
+}
+
+: > "$WORK/results"
+for rep in $(seq "$REPS"); do
+  record direct "http://127.0.0.1:$PORT_UP/v2/bench/big/blobs/$LAYER"
+  fresh_cache
+  record "berth-cold" "http://127.0.0.1:$PORT_CACHE/v2/hub/bench/big/blobs/$LAYER"
+  sleep 1 # the fill stores the blob after the last byte went out
+  record "berth-warm" "http://127.0.0.1:$PORT_CACHE/v2/hub/bench/big/blobs/$LAYER"
+  if [ -n "$DIST" ]; then
+    fresh_distribution
+    record "distribution-cold" "http://127.0.0.1:$PORT_DIST/v2/bench/big/blobs/$LAYER"
+    sleep 1
+    record "distribution-warm" "http://127.0.0.1:$PORT_DIST/v2/bench/big/blobs/$LAYER"
+  fi
+done
+
+concurrent() { # name base-url: CLIENTS cold pulls at once; prints the upstream bytes ratio
+  local before after
+  before=$(upstream_bytes)
+  for i in $(seq "$CLIENTS"); do
+    curl -s -o /dev/null -w '%{size_download} %{http_code}\n' "$2/blobs/$LAYER" > "$WORK/c$i" &
+  done
+  wait # the clients: this runs in a subshell, whose only children they are
+  after=$(upstream_bytes)
+  local bad=0
+  for i in $(seq "$CLIENTS"); do [ "$(cat "$WORK/c$i")" = "$layer_size 200" ] || bad=$((bad + 1)); done
+  echo "$1 $CLIENTS clients: upstream sent $(python3 -c "print(f'{($after - $before) / $layer_size:.2f}')")x the layer; $bad clients without the whole layer"
+}
+fresh_cache
+CONCURRENT=$(concurrent berth "http://127.0.0.1:$PORT_CACHE/v2/hub/bench/big")
+# One of them, verified end to end.
+sum=$(curl -s "http://127.0.0.1:$PORT_CACHE/v2/hub/bench/big/blobs/$LAYER" | sha256sum | cut -d' ' -f1)
+[ "sha256:$sum" = "$LAYER" ] || { echo "the cached layer does not hash to its digest" >&2; exit 1; }
+if [ -n "$DIST" ]; then
+  fresh_distribution
+  CONCURRENT="$CONCURRENT
+$(concurrent distribution "http://127.0.0.1:$PORT_DIST/v2/bench/big")"
+fi
+
+python3 - "$WORK/results" "$SIZE" "$layer_size" <<'PY'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    name, ttfb, total = line.split()
+    rows.setdefault(name, []).append((float(ttfb), float(total)))
+size = int(sys.argv[3])
+def med(name, i):
+    return statistics.median(v[i] for v in rows[name])
+print(f"pull-through cache, one {sys.argv[2]} layer, medians of {len(rows['direct'])}:")
+print(f"  {'pull':20s} {'first byte':>11s} {'total':>9s} {'MB/s':>8s}")
+for name in rows:
+    print(f"  {name:20s} {med(name, 0) * 1000:8.1f} ms {med(name, 1):7.2f} s {size / med(name, 1) / 1e6:8.0f}")
+direct = med("direct", 1)
+for who in ("berth", "distribution"):
+    if f"{who}-cold" not in rows:
+        continue
+    print(f"  {who}: cold first byte {1000 * (med(who + '-cold', 0) - med('direct', 0)):+.1f} ms over the direct pull;"
+          f" cold throughput {direct / med(who + '-cold', 1):.2f}x the direct pull's;"
+          f" warm {direct / med(who + '-warm', 1):.2f}x berth serving it locally")
+PY
+echo "$CONCURRENT"
