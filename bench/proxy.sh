@@ -89,8 +89,15 @@ record() { # name url
   [ "$5" = 200 ] && [ "$4" = "$layer_size" ] || { echo "$1: HTTP $5, $4 bytes" >&2; exit 1; }
   echo "$1 $2 $3" >> "$WORK/results"
 }
+stored() { # waits until the cache has no fill under way
+  for _ in $(seq 600); do
+    curl -sf "http://127.0.0.1:$PORT_CACHE/metrics" | grep -q '^berth_proxy_fills_in_flight{project="hub"} 0$' && return 0
+    sleep 0.1
+  done
+  echo "the fill did not finish" >&2; return 1
+}
 upstream_bytes() {
-  curl -sf "http://127.0.0.1:$PORT_UP/metrics" | awk '/^berth_http_response_bytes_total/ {s += $NF} END {printf "%d\n", s}'
+  curl -sf "http://127.0.0.1:$PORT_UP/metrics" | awk '/^berth_http_response_bytes_total/ {s += $NF} END {printf "%.0f\n", s}'
 }
 
 : > "$WORK/results"
@@ -98,7 +105,7 @@ for rep in $(seq "$REPS"); do
   record direct "http://127.0.0.1:$PORT_UP/v2/bench/big/blobs/$LAYER"
   fresh_cache
   record "berth-cold" "http://127.0.0.1:$PORT_CACHE/v2/hub/bench/big/blobs/$LAYER"
-  sleep 1 # the fill stores the blob after the last byte went out
+  stored # the fill stores the blob after the last byte went out
   record "berth-warm" "http://127.0.0.1:$PORT_CACHE/v2/hub/bench/big/blobs/$LAYER"
   if [ -n "$DIST" ]; then
     fresh_distribution

@@ -277,6 +277,10 @@ struct FileProxyCache {
     max_concurrent_fetches: Option<usize>,
     /// Serve cached tags without asking when the upstream's `RateLimit-Remaining` is this low.
     rate_limit_reserve: Option<u64>,
+    /// Evict the least recently pulled images while the project holds more bytes.
+    max_bytes: Option<u64>,
+    /// Evict images not pulled for this many seconds.
+    idle_secs: Option<u64>,
 }
 
 /// The `[[proxy_cache]]` tables, checked: project names as projects are named, no project
@@ -320,6 +324,13 @@ fn proxy_settings(files: &[FileProxyCache]) -> anyhow::Result<Vec<berth_proxy::P
             settings.max_concurrent_fetches = n;
         }
         settings.rate_limit_reserve = file.rate_limit_reserve.unwrap_or(0);
+        settings.max_bytes = file.max_bytes;
+        settings.idle = file.idle_secs.map(Duration::from_secs);
+        anyhow::ensure!(
+            settings.idle.is_none_or(|idle| !idle.is_zero()),
+            "proxy_cache {:?}: idle_secs must be above 0",
+            file.project
+        );
         all.push(settings);
     }
     Ok(all)

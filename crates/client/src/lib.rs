@@ -1,5 +1,5 @@
 //! One client for OCI Distribution registries. Everything berth says to another registry
-//! goes through [`RegistryClient`]: the CLI's `copy` now, the pull-through cache and
+//! goes through [`RegistryClient`]: the CLI's `copy`, `pull` and `push`, the pull-through cache, and
 //! replication next. It authenticates as the registry's challenge asks (Basic, or the
 //! Docker token flow with tokens cached per scope), streams blobs through without holding
 //! them, verifies every digest and size it reads, and retries what is safe to retry.

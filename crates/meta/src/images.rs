@@ -8,9 +8,9 @@ use crate::accounts::{clash, project_row};
 use crate::engine::{args, owned, Durability, Row, Tx};
 use crate::events::{self, record, Actor, Change, TagChange};
 use crate::{
-    now, BlobArrival, DanglingEdge, Database, GcMarked, GcSelection, LeaseState, LinkedBlob,
-    MetaError, MetaStore, NewManifest, Page, ProjectOrigin, ProjectRecord, Referrer, StoreCounts,
-    StoredManifest,
+    now, BlobArrival, CachedManifest, DanglingEdge, Database, GcMarked, GcSelection, LeaseState,
+    LinkedBlob, MetaError, MetaStore, NewManifest, Page, ProjectOrigin, ProjectRecord, Referrer,
+    StoreCounts, StoredManifest,
 };
 
 /// Takes (or renews) a lease for `holder` if nobody else holds it unexpired.
@@ -252,6 +252,53 @@ impl MetaStore for Database {
                 Ok(unlinked)
             })
             .await
+    }
+
+    async fn touch_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<(), MetaError> {
+        let sql = "UPDATE manifests SET pulled_at = ?3 WHERE repo = ?1 AND digest = ?2";
+        self.write_statement(
+            Durability::Visible,
+            sql,
+            owned![repo.as_str(), digest.as_str(), now()],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn least_recently_pulled(
+        &self,
+        project: &str,
+        limit: usize,
+    ) -> Result<Vec<CachedManifest>, MetaError> {
+        let sql = "SELECT m.repo, m.digest, COALESCE(m.pulled_at, m.pushed_at) AS seen,
+                          CAST(m.size + COALESCE((SELECT SUM(b.size) FROM manifest_edges e
+                                                  JOIN blobs b ON b.digest = e.target
+                                                  WHERE e.repo = m.repo AND e.manifest = m.digest), 0)
+                               AS BIGINT)
+                   FROM manifests m
+                   WHERE substr(m.repo, 1, length(?1) + 1) = ?1 || '/'
+                   ORDER BY seen, m.repo, m.digest
+                   LIMIT ?2";
+        self.read_rows(sql, owned![project, limit as i64], |mut r| {
+            Ok(CachedManifest {
+                repo: r.text(0)?,
+                digest: Digest::parse(&r.text(1)?)
+                    .map_err(|e| MetaError::Corrupt(e.to_string()))?,
+                last_pulled_ms: r.int(2)?,
+                bytes: r.size(3)?,
+            })
+        })
+        .await
+    }
+
+    async fn project_bytes(&self, project: &str) -> Result<u64, MetaError> {
+        let sql = "SELECT CAST(COALESCE(SUM(b.size), 0) AS BIGINT) FROM blobs b
+                   WHERE b.state = 'live' AND b.digest IN (SELECT l.digest FROM repo_blobs l
+                                      WHERE substr(l.repo, 1, length(?1) + 1) = ?1 || '/')";
+        Ok(self
+            .read_row(sql, owned![project], |mut r| r.size(0))
+            .await?
+            .unwrap_or(0))
     }
 
     async fn put_cached_manifest(

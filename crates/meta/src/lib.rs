@@ -158,6 +158,19 @@ pub struct StoredManifest {
     pub raw: Vec<u8>,
 }
 
+/// A manifest of a project as a pull-through cache's eviction sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedManifest {
+    /// Its repository.
+    pub repo: String,
+    /// Its digest.
+    pub digest: Digest,
+    /// When it was last pulled (else stored), in milliseconds since the epoch.
+    pub last_pulled_ms: i64,
+    /// Its own bytes and those of the blobs it references (shared ones counted fully).
+    pub bytes: u64,
+}
+
 /// One entry of a referrers listing.
 #[derive(Debug, Clone)]
 pub struct Referrer {
@@ -353,6 +366,18 @@ pub trait MetaStore: EventLog + Send + Sync + 'static {
         digest: &Digest,
         by: &Actor,
     ) -> Result<bool, MetaError>;
+    /// Records that a manifest was pulled now: pull-through caches evict the least
+    /// recently pulled first. Not synced (a lost touch only makes eviction earlier).
+    async fn touch_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<(), MetaError>;
+    /// The manifests of `project`'s repositories, least recently pulled first (a
+    /// manifest never pulled counts from when it was stored), at most `limit`.
+    async fn least_recently_pulled(
+        &self,
+        project: &str,
+        limit: usize,
+    ) -> Result<Vec<CachedManifest>, MetaError>;
+    /// The bytes of the distinct blobs linked in `project`'s repositories.
+    async fn project_bytes(&self, project: &str) -> Result<u64, MetaError>;
     /// Stores a manifest fetched by a pull-through cache (and points `tag` at it) without
     /// requiring its blobs: a cache holds a manifest before the layers a client has yet
     /// to ask for. Everything else is as [`MetaStore::put_manifest`].

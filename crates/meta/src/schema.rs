@@ -222,6 +222,10 @@ CREATE TABLE webhook_deliveries (
 CREATE INDEX webhook_deliveries_pending ON webhook_deliveries (policy_id, seq) WHERE state = 'pending';
 CREATE INDEX webhook_deliveries_by_time ON webhook_deliveries (created_at);
 "#,
+    // 9: when a manifest was last pulled, for pull-through caches' eviction.
+    r#"
+ALTER TABLE manifests ADD COLUMN pulled_at {int};
+"#,
 ];
 
 /// Where PostgreSQL databases made before the schema was shared stand in [`MIGRATIONS`]:

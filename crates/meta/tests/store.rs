@@ -1719,3 +1719,41 @@ engine_test!(
         assert_eq!(cursors, vec![("webhooks".to_owned(), last)]);
     }
 );
+
+engine_test!(
+    /// What a pull-through cache stores and how its eviction sees it: a cached manifest
+    /// need not have its blobs yet; manifests come least recently pulled first, with their
+    /// bytes; a project's bytes count each of its blobs once; other projects stay out.
+    cached_manifests_come_least_recently_pulled_first,
+    |place| {
+        let db = place.open().await;
+        let (one, two, elsewhere) = (repo("hub/one"), repo("hub/two"), repo("hubby/x"));
+        let (a, b, c) = (digest('a'), digest('b'), digest('c'));
+        let (m1, m2, m3) = (digest('1'), digest('2'), digest('3'));
+        // Cached before any of its layers arrived.
+        db.put_cached_manifest(&one, manifest(&m1, vec![layer(&a)], None), Some(&tag("v1")), &actor())
+            .await
+            .unwrap();
+        push_blob(&db, &one, &a, 1000).await;
+        push_blob(&db, &two, &a, 1000).await;
+        push_blob(&db, &two, &b, 500).await;
+        push_blob(&db, &elsewhere, &c, 7).await;
+        db.put_cached_manifest(&two, manifest(&m2, vec![layer(&a), layer(&b)], None), None, &actor())
+            .await
+            .unwrap();
+        db.put_cached_manifest(&elsewhere, manifest(&m3, vec![layer(&c)], None), None, &actor())
+            .await
+            .unwrap();
+        assert_eq!(db.project_bytes("hub").await.unwrap(), 1500, "a once, b once; not hubby's");
+        // m1 pulled now: m2 (never pulled) comes first.
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        db.touch_manifest(&one, &m1).await.unwrap();
+        let listed = db.least_recently_pulled("hub", 10).await.unwrap();
+        let order: Vec<(&str, &Digest)> = listed.iter().map(|m| (m.repo.as_str(), &m.digest)).collect();
+        assert_eq!(order, vec![("hub/two", &m2), ("hub/one", &m1)]);
+        let manifest_size = |d: &Digest| manifest(d, vec![], None).raw.len() as u64;
+        assert!(listed[0].bytes >= 1500 && listed[0].bytes < 1500 + 4 * manifest_size(&m2) + 200);
+        assert!(listed[1].last_pulled_ms >= listed[0].last_pulled_ms);
+        assert_eq!(db.least_recently_pulled("hub", 1).await.unwrap().len(), 1);
+    }
+);

@@ -35,7 +35,10 @@ pub(crate) struct Fill {
 }
 
 /// The most one read of the file takes, so a reader holds at most this much.
-const READ_CHUNK: u64 = 256 * 1024;
+const READ_CHUNK: u64 = 1024 * 1024;
+
+/// The bytes gathered before one write to the file (and one wake-up of its readers).
+const WRITE_BATCH: usize = 1024 * 1024;
 
 impl Fill {
     pub(crate) fn new(file: File) -> Fill {
@@ -71,21 +74,37 @@ impl Fill {
     ) -> Result<u64, ClientError> {
         self.progress.send_modify(|p| p.size = Some(size));
         let mut written = 0u64;
+        // Chunks arrive at network sizes (often 16 KiB): gather them into one write (and
+        // one wake-up of the readers) per WRITE_BATCH, so at most that is held here.
+        let mut batch = bytes::BytesMut::with_capacity(WRITE_BATCH);
         let outcome: Result<(), String> = async {
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(|e| e.to_string())?;
-                let file = self.file.clone();
-                let at = written;
-                let bytes = chunk.clone();
-                tokio::task::spawn_blocking(move || file.write_all_at(&bytes, at))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
-                written += chunk.len() as u64;
-                fetched(chunk.len() as u64);
-                self.progress.send_modify(|p| p.written = written);
+            loop {
+                let next = stream.next().await;
+                let ended = match next {
+                    Some(chunk) => {
+                        let chunk = chunk.map_err(|e| e.to_string())?;
+                        fetched(chunk.len() as u64);
+                        batch.extend_from_slice(&chunk);
+                        false
+                    }
+                    None => true,
+                };
+                if batch.len() >= WRITE_BATCH || (ended && !batch.is_empty()) {
+                    let bytes = batch.split().freeze();
+                    let file = self.file.clone();
+                    let at = written;
+                    let len = bytes.len() as u64;
+                    tokio::task::spawn_blocking(move || file.write_all_at(&bytes, at))
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())?;
+                    written += len;
+                    self.progress.send_modify(|p| p.written = written);
+                }
+                if ended {
+                    return Ok(());
+                }
             }
-            Ok(())
         }
         .await;
         self.progress

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use berth_client::{ClientError, Credentials, RegistryClient};
 use berth_oci::{Digest, Reference, RepoName};
 use berth_outbound::OutboundPolicy;
-use berth_registry::{Actor, Registry, RegistryError, StoredManifest};
+use berth_registry::{Actor, GcOptions, Registry, RegistryError, StoredManifest};
 use berth_storage::ByteStream;
 
 use fill::Fill;
@@ -53,6 +53,10 @@ pub struct ProxySettings {
     /// When the upstream says this few requests remain in its rate-limit window (its
     /// `RateLimit-Remaining`), cached tags are served without asking it.
     pub rate_limit_reserve: u64,
+    /// Evict the least recently pulled images while the project holds more than this.
+    pub max_bytes: Option<u64>,
+    /// Evict images not pulled for this long.
+    pub idle: Option<Duration>,
 }
 
 impl ProxySettings {
@@ -68,6 +72,8 @@ impl ProxySettings {
             docker_mirror: false,
             max_concurrent_fetches: 16,
             rate_limit_reserve: 0,
+            max_bytes: None,
+            idle: None,
         }
     }
 }
@@ -170,12 +176,62 @@ fn upstream_down(e: &ClientError) -> bool {
     }
 }
 
+/// How often a cached manifest's pull is written down, at most.
+pub const TOUCH_EVERY: Duration = Duration::from_secs(600);
+
+/// How many manifests one eviction pass looks at per project.
+const EVICTION_BATCH: usize = 1000;
+
+/// Applies `settings`' eviction policy to its project once; returns manifests deleted.
+async fn evict_project(registry: &Registry, settings: &ProxySettings) -> Result<usize, ProxyError> {
+    if settings.max_bytes.is_none() && settings.idle.is_none() {
+        return Ok(0);
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let idle_before = settings.idle.map(|idle| now_ms - idle.as_millis() as i64);
+    let mut bytes = registry.project_bytes(&settings.project).await?;
+    let by = Actor::system("proxy-cache-eviction");
+    let mut deleted = 0;
+    for candidate in registry
+        .least_recently_pulled(&settings.project, EVICTION_BATCH)
+        .await?
+    {
+        let idle = idle_before.is_some_and(|before| candidate.last_pulled_ms < before);
+        let over = settings.max_bytes.is_some_and(|max| bytes > max);
+        if !idle && !over {
+            // Oldest first: nothing after this one is idle, and the size is within bounds.
+            break;
+        }
+        let Ok(repo) = RepoName::parse(&candidate.repo) else {
+            continue;
+        };
+        let reference = Reference::Digest(candidate.digest.clone());
+        match registry.delete_manifest(&repo, &reference, &by).await {
+            Ok(()) | Err(RegistryError::ManifestUnknown { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        bytes = bytes.saturating_sub(candidate.bytes);
+        deleted += 1;
+        tracing::info!(repository = %repo, digest = %candidate.digest, idle, over, "evicted from the cache");
+    }
+    Ok(deleted)
+}
+
 /// A fill's key: the proxy project and the blob's digest.
 type FillKey = (String, Digest);
 
 /// The pull-through caches of one node.
 pub struct ProxyCache {
     registry: Registry,
+    /// The collection eviction runs, so evicted images' blobs go (safely: a blob any
+    /// remaining manifest references stays).
+    collection: GcOptions,
+    /// When each cached manifest's pull was last recorded (pulls are recorded at most
+    /// every [`TOUCH_EVERY`]).
+    touched: Mutex<HashMap<(String, Digest), Instant>>,
     upstreams: BTreeMap<String, Arc<Upstream>>,
     /// Fills under way.
     fills: Arc<Mutex<HashMap<FillKey, Arc<Fill>>>>,
@@ -270,12 +326,88 @@ impl ProxyCache {
         })?;
         Ok(ProxyCache {
             registry,
+            collection: GcOptions::default(),
+            touched: Mutex::default(),
             upstreams,
             fills: Arc::default(),
             manifest_locks: Mutex::default(),
             validated: Mutex::default(),
             spill_dir,
         })
+    }
+
+    /// Collects evicted images' blobs with `options` (the node's `[gc]` settings).
+    pub fn with_collection(mut self, options: GcOptions) -> Self {
+        self.collection = GcOptions {
+            dry_run: false,
+            ..options
+        };
+        self
+    }
+
+    /// Records a pull of a cached manifest, at most every [`TOUCH_EVERY`] per manifest.
+    async fn note_pull(&self, repo: &RepoName, digest: &Digest) {
+        let key = (repo.as_str().to_owned(), digest.clone());
+        {
+            let mut touched = self.touched.lock().unwrap_or_else(|e| e.into_inner());
+            if touched
+                .get(&key)
+                .is_some_and(|at| at.elapsed() < TOUCH_EVERY)
+            {
+                return;
+            }
+            if touched.len() > 100_000 {
+                touched.clear();
+            }
+            touched.insert(key, Instant::now());
+        }
+        if let Err(e) = self.registry.touch_manifest(repo, digest).await {
+            tracing::warn!(repository = %repo, %digest, error = %e, "could not record a pull");
+        }
+    }
+
+    /// Whether any proxy project has an eviction policy (then `run_eviction` has work).
+    pub fn evicts(&self) -> bool {
+        self.upstreams
+            .values()
+            .any(|u| u.settings.max_bytes.is_some() || u.settings.idle.is_some())
+    }
+
+    /// Evicts, every `every`, what each project's policy says; runs until the process ends.
+    pub async fn run_eviction(self: Arc<Self>, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(e) = self.evict().await {
+                tracing::warn!(error = %e, "proxy cache eviction failed");
+            }
+        }
+    }
+
+    /// One eviction pass over every proxy project with a policy: deletes the images not
+    /// pulled for `idle`, then, while the project holds more than `max_bytes`, the least
+    /// recently pulled; then a collection removes their blobs (a blob another image
+    /// references stays). Returns how many manifests were deleted.
+    pub async fn evict(&self) -> Result<usize, ProxyError> {
+        let mut deleted = 0;
+        for upstream in self.upstreams.values() {
+            deleted += evict_project(&self.registry, &upstream.settings).await?;
+        }
+        if deleted > 0 {
+            self.collect().await;
+        }
+        Ok(deleted)
+    }
+
+    async fn collect(&self) {
+        match self.registry.collect_garbage(&self.collection).await {
+            Ok(report) => tracing::info!(
+                blobs = report.blobs_removed.len(),
+                bytes = report.bytes_freed,
+                "evicted images collected"
+            ),
+            Err(RegistryError::JobRunning { .. }) => {}
+            Err(e) => tracing::warn!(error = %e, "collecting evicted images failed"),
+        }
     }
 
     /// The proxy projects' names.
@@ -372,8 +504,19 @@ impl ProxyCache {
         validated.insert(key, Instant::now());
     }
 
-    /// A manifest of a proxy repository: cached, revalidated, or fetched and cached.
+    /// A manifest of a proxy repository: cached, revalidated, or fetched and cached; the
+    /// pull is recorded for eviction.
     pub async fn manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<StoredManifest, ProxyError> {
+        let manifest = self.find_manifest(repo, reference).await?;
+        self.note_pull(repo, &manifest.digest).await;
+        Ok(manifest)
+    }
+
+    async fn find_manifest(
         &self,
         repo: &RepoName,
         reference: &Reference,
@@ -716,6 +859,7 @@ impl ProxyCache {
     ) {
         let registry = self.registry.clone();
         let fills = self.fills.clone();
+        let collection = self.collection.clone();
         tokio::spawn(async move {
             let stats = &upstream.stats;
             stats.fills_in_flight.fetch_add(1, Ordering::Relaxed);
@@ -747,6 +891,23 @@ impl ProxyCache {
                     };
                     if let Err(e) = stored {
                         tracing::warn!(repository = %repo, %digest, error = %e, "a fetched blob could not be cached");
+                    }
+                    if let Some(max) = upstream.settings.max_bytes {
+                        let over = registry
+                            .project_bytes(&upstream.settings.project)
+                            .await
+                            .is_ok_and(|bytes| bytes > max);
+                        if over {
+                            match evict_project(&registry, &upstream.settings).await {
+                                Ok(0) => {}
+                                Ok(_) => {
+                                    if let Err(e) = registry.collect_garbage(&collection).await {
+                                        tracing::warn!(error = %e, "collecting evicted images failed");
+                                    }
+                                }
+                                Err(e) => tracing::warn!(error = %e, "proxy cache eviction failed"),
+                            }
+                        }
                     }
                 }
                 Err(e) => {

@@ -135,6 +135,30 @@ impl Registry {
         Ok(digest)
     }
 
+    /// Records that a manifest was pulled (pull-through caches evict the least recently
+    /// pulled first).
+    pub async fn touch_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<(), RegistryError> {
+        Ok(self.meta.touch_manifest(repo, digest).await?)
+    }
+
+    /// `project`'s manifests, least recently pulled first (at most `limit`).
+    pub async fn least_recently_pulled(
+        &self,
+        project: &str,
+        limit: usize,
+    ) -> Result<Vec<berth_meta::CachedManifest>, RegistryError> {
+        Ok(self.meta.least_recently_pulled(project, limit).await?)
+    }
+
+    /// The bytes of the distinct blobs `project`'s repositories hold.
+    pub async fn project_bytes(&self, project: &str) -> Result<u64, RegistryError> {
+        Ok(self.meta.project_bytes(project).await?)
+    }
+
     /// A manifest by tag or digest, with its stored bytes.
     pub async fn get_manifest(
         &self,

@@ -205,13 +205,32 @@ impl Node {
                     Err(e) => return Err(e.into()),
                 }
             }
-            let proxy = berth_proxy::ProxyCache::new(
-                registry.clone(),
-                config.proxy_caches.clone(),
-                &config.webhooks.outbound,
-                config.data_dir.join("proxy-fills"),
-            )?;
-            app.with_proxy_cache(Arc::new(proxy))
+            let proxy = Arc::new(
+                berth_proxy::ProxyCache::new(
+                    registry.clone(),
+                    config.proxy_caches.clone(),
+                    &config.webhooks.outbound,
+                    config.data_dir.join("proxy-fills"),
+                )?
+                .with_collection(config.gc.clone()),
+            );
+            if proxy.evicts() {
+                // Idle images are looked for a few times per idle period (at least every
+                // second, at most every ten minutes); size caps are also checked after
+                // every fill.
+                let every = config
+                    .proxy_caches
+                    .iter()
+                    .filter_map(|p| p.idle)
+                    .min()
+                    .map_or(std::time::Duration::from_secs(600), |idle| idle / 4)
+                    .clamp(
+                        std::time::Duration::from_secs(1),
+                        std::time::Duration::from_secs(600),
+                    );
+                tokio::spawn(proxy.clone().run_eviction(every));
+            }
+            app.with_proxy_cache(proxy)
         };
         Ok(Node {
             registry,

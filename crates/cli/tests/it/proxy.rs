@@ -697,3 +697,105 @@ fn referrers_of_cached_manifests_come_through_the_cache() {
     let listed: serde_json::Value = get(&format!("{base}/referrers/{digest}")).json().unwrap();
     assert_eq!(listed["manifests"][0]["digest"], sbom.as_str());
 }
+
+#[test]
+fn eviction_keeps_a_cache_under_its_size_cap_and_drops_idle_images() {
+    let upstream = start();
+    let mut images = Vec::new();
+    for n in 0..3u8 {
+        let layer: Vec<u8> = (0..1024 * 1024).map(|i| (i % 251) as u8 ^ n).collect();
+        let (digest, manifest) =
+            push_image(&upstream.url(), "library/app", &format!("v{n}"), &[&layer]);
+        let parsed: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+        let layer = parsed["layers"][0]["digest"].as_str().unwrap().to_owned();
+        images.push((format!("v{n}"), digest, layer));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Room for two of the three images; evicted blobs are collected at once.
+    let tables = format!(
+        "[gc]\nblob_grace_secs = 0\n\n{}\nmax_bytes = 2500000\n",
+        table("hub", &upstream.url(), 300).trim_end()
+    );
+    let berth = cache(dir.path(), &tables);
+    let base = format!("{}/v2/hub/library/app", berth.url());
+    let layer_gets = || upstream_requests(&upstream.url(), "/v2/{name}/blobs/{digest}", "GET");
+    for (tag, _, layer) in &images {
+        assert_eq!(
+            get(&format!("{base}/manifests/{tag}")).status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            sha256(&get(&format!("{base}/blobs/{layer}")).bytes().unwrap()),
+            *layer
+        );
+    }
+    // The third fill put the project over its cap: the least recently pulled image (v0)
+    // went, and a collection took its layer.
+    let collected = || {
+        berth.log().iter().any(|l| {
+            l.contains("garbage collection finished") && l.contains("blobs=1 bytes=1048576")
+        })
+    };
+    let evicted = berth_testkit::wait_until(std::time::Duration::from_secs(10), collected);
+    assert!(
+        evicted,
+        "no eviction: {:?}",
+        berth.log().iter().rev().take(5).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        get(&format!("{base}/manifests/{}", images[0].1)).status(),
+        StatusCode::OK,
+        "fetched again by digest"
+    );
+    let before = layer_gets();
+    assert_eq!(
+        sha256(
+            &get(&format!("{base}/blobs/{}", images[2].2))
+                .bytes()
+                .unwrap()
+        ),
+        images[2].2
+    );
+    assert_eq!(layer_gets(), before, "the newest image is still cached");
+    assert_eq!(
+        sha256(
+            &get(&format!("{base}/blobs/{}", images[0].2))
+                .bytes()
+                .unwrap()
+        ),
+        images[0].2
+    );
+    assert_eq!(
+        layer_gets(),
+        before + 1,
+        "the evicted image's layer came from upstream again"
+    );
+
+    // Idle eviction: a cache that drops what was not pulled for a second.
+    let idle_dir = tempfile::tempdir().unwrap();
+    let tables = format!(
+        "[gc]\nblob_grace_secs = 0\n\n{}\nidle_secs = 1\n",
+        table("idle", &upstream.url(), 300).trim_end()
+    );
+    let idle = cache(idle_dir.path(), &tables);
+    let idle_base = format!("{}/v2/idle/library/app", idle.url());
+    assert_eq!(
+        get(&format!("{idle_base}/manifests/v1")).status(),
+        StatusCode::OK
+    );
+    let gone = berth_testkit::wait_until(std::time::Duration::from_secs(10), || {
+        idle.log()
+            .iter()
+            .any(|l| l.contains("evicted from the cache"))
+    });
+    assert!(gone, "{:?}", idle.log());
+    let r = http()
+        .get(format!("{}/v2/idle/library/app/tags/list", idle.url()))
+        .send()
+        .unwrap();
+    let tags: serde_json::Value = r.json().unwrap();
+    assert!(
+        tags["tags"].as_array().is_none_or(|t| t.is_empty()),
+        "{tags}"
+    );
+}
