@@ -26,6 +26,9 @@ struct Progress {
     outcome: Option<Result<(), String>>,
     /// The upstream's refusal, when it refused before any byte (for the error's kind).
     not_found: bool,
+    /// The last batches written, by offset: readers keeping pace take them from here
+    /// instead of reading the file back.
+    recent: std::collections::VecDeque<(u64, Bytes)>,
 }
 
 /// One fill.
@@ -38,7 +41,11 @@ pub(crate) struct Fill {
 const READ_CHUNK: u64 = 1024 * 1024;
 
 /// The bytes gathered before one write to the file (and one wake-up of its readers).
-const WRITE_BATCH: usize = 1024 * 1024;
+const WRITE_BATCH: usize = 512 * 1024;
+
+/// Batches kept in memory for readers keeping pace: with [`WRITE_BATCH`], at most 1 MiB
+/// of a blob in flight is held.
+const RECENT_BATCHES: usize = 2;
 
 impl Fill {
     pub(crate) fn new(file: File) -> Fill {
@@ -94,12 +101,19 @@ impl Fill {
                     let file = self.file.clone();
                     let at = written;
                     let len = bytes.len() as u64;
+                    let kept = bytes.clone();
                     tokio::task::spawn_blocking(move || file.write_all_at(&bytes, at))
                         .await
                         .map_err(|e| e.to_string())?
                         .map_err(|e| e.to_string())?;
                     written += len;
-                    self.progress.send_modify(|p| p.written = written);
+                    self.progress.send_modify(|p| {
+                        p.written = written;
+                        p.recent.push_back((at, kept));
+                        while p.recent.len() > RECENT_BATCHES {
+                            p.recent.pop_front();
+                        }
+                    });
                 }
                 if ended {
                     return Ok(());
@@ -160,6 +174,18 @@ impl Fill {
                         seen.written.min(size.saturating_sub(1))
                     };
                     if offset < ready {
+                        let held = seen
+                            .recent
+                            .iter()
+                            .find(|(at, bytes)| *at <= offset && offset < at + bytes.len() as u64);
+                        if let Some((at, bytes)) = held {
+                            let from = (offset - at) as usize;
+                            let to = (ready - at).min(bytes.len() as u64) as usize;
+                            let piece = bytes.slice(from..to);
+                            served(piece.len() as u64);
+                            let next = offset + piece.len() as u64;
+                            return Some((Ok(piece), (file, watching, next, served)));
+                        }
                         let len = (ready - offset).min(READ_CHUNK) as usize;
                         let reading = file.clone();
                         let read = tokio::task::spawn_blocking(move || {

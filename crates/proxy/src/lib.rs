@@ -179,6 +179,9 @@ fn upstream_down(e: &ClientError) -> bool {
 /// How often a cached manifest's pull is written down, at most.
 pub const TOUCH_EVERY: Duration = Duration::from_secs(600);
 
+/// The longest a blob fetch waits for a turn under `max_concurrent_fetches`.
+pub const FETCH_QUEUE_WAIT: Duration = Duration::from_secs(60);
+
 /// How many manifests one eviction pass looks at per project.
 const EVICTION_BATCH: usize = 1000;
 
@@ -865,7 +868,21 @@ impl ProxyCache {
             stats.fills_in_flight.fetch_add(1, Ordering::Relaxed);
             let digest = key.1.clone();
             let fetched = async {
-                let _turn = upstream.fetches.acquire().await.ok();
+                // Waiting for a turn is bounded: past it the pull fails rather than
+                // queueing without end behind a slow upstream.
+                let turn = tokio::time::timeout(FETCH_QUEUE_WAIT, upstream.fetches.acquire()).await;
+                let _turn = match turn {
+                    Ok(permit) => permit.ok(),
+                    Err(_) => {
+                        let e = ClientError::Unreachable(format!(
+                            "{} fetches from this upstream are under way; waited {} s for a turn",
+                            upstream.settings.max_concurrent_fetches,
+                            FETCH_QUEUE_WAIT.as_secs()
+                        ));
+                        fill.fail(&e);
+                        return Err(e);
+                    }
+                };
                 let (size, stream) = match ask!(upstream, c => c.fetch_blob(&path, &digest)) {
                     Ok(answer) => answer,
                     Err(e) => {
