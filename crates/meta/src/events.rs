@@ -236,6 +236,16 @@ pub enum Change {
         /// Its name.
         name: String,
     },
+    /// A project was made a pull-through cache, or its upstream settings changed.
+    ProxyCacheSet {
+        /// The project.
+        project: String,
+    },
+    /// A project stopped being a pull-through cache.
+    ProxyCacheRemoved {
+        /// The project.
+        project: String,
+    },
     /// A garbage collection pass removed manifests and marked blobs for deletion.
     GarbageCollected {
         /// Untagged manifests removed.
@@ -381,6 +391,12 @@ impl Change {
                 webhook_resource(project, name),
                 String::new(),
             ),
+            Change::ProxyCacheSet { project } => {
+                ("proxy_cache.set", project.clone(), String::new())
+            }
+            Change::ProxyCacheRemoved { project } => {
+                ("proxy_cache.remove", project.clone(), String::new())
+            }
             Change::GarbageCollected {
                 manifests,
                 blobs,

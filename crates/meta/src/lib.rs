@@ -13,6 +13,7 @@ mod events;
 mod gc;
 mod images;
 mod postgres;
+mod proxy_caches;
 mod schema;
 mod sqlite;
 mod webhooks;
@@ -29,6 +30,7 @@ pub use accounts::{
     ProjectOrigin, ProjectRecord, RefreshTokenRecord, RobotRecord, UserRecord,
 };
 pub use events::{Actor, Change, Event, EventLog, TagChange};
+pub use proxy_caches::ProxyCacheStore;
 pub use webhooks::{
     DeliveryBacklog, DeliveryOutcome, DeliveryRecord, DeliveryState, NewWebhook, WebhookPatch,
     WebhookRecord, WebhookStore, MAX_WEBHOOKS_PER_SCOPE,

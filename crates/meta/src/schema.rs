@@ -226,6 +226,14 @@ CREATE INDEX webhook_deliveries_by_time ON webhook_deliveries (created_at);
     r#"
 ALTER TABLE manifests ADD COLUMN pulled_at {int};
 "#,
+    // 10: pull-through cache settings made through the API.
+    r#"
+CREATE TABLE proxy_caches (
+    project {key} PRIMARY KEY REFERENCES projects (name) ON DELETE CASCADE,
+    settings TEXT NOT NULL,
+    updated_at {int} NOT NULL
+);
+"#,
 ];
 
 /// Where PostgreSQL databases made before the schema was shared stand in [`MIGRATIONS`]:

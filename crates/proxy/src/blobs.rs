@@ -32,7 +32,7 @@ impl ProxyCache {
         match ask!(upstream, c => c.blob_size(&path, digest)) {
             Ok(Some(size)) => Ok(size),
             Ok(None) | Err(ClientError::NotFound(_)) => Err(unknown()),
-            Err(e) => Err(Self::upstream_error(upstream, e)),
+            Err(e) => Err(Self::upstream_error(&upstream, e)),
         }
     }
 
@@ -76,7 +76,7 @@ impl ProxyCache {
                 digest: digest.clone(),
             }
             .into()),
-            Err(e) => Err(Self::upstream_error(upstream, e)),
+            Err(e) => Err(Self::upstream_error(&upstream, e)),
         }
     }
 
@@ -114,7 +114,7 @@ impl ProxyCache {
             ClientError::NotFound(_) => ProxyError::Registry(RegistryError::BlobUnknown {
                 digest: digest.clone(),
             }),
-            e => Self::upstream_error(upstream, e),
+            e => Self::upstream_error(&upstream, e),
         })?;
         let stats = upstream.clone();
         let counted = fill.reader(move |n| {

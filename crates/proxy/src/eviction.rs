@@ -91,8 +91,8 @@ impl ProxyCache {
 
     /// Whether any proxy project has an eviction policy (then `run_eviction` has work).
     pub fn evicts(&self) -> bool {
-        self.upstreams
-            .values()
+        self.all()
+            .iter()
             .any(|u| u.settings.max_bytes.is_some() || u.settings.idle.is_some())
     }
 
@@ -112,7 +112,7 @@ impl ProxyCache {
     /// references stays). Returns how many manifests were deleted.
     pub async fn evict(&self) -> Result<usize, ProxyError> {
         let mut deleted = 0;
-        for upstream in self.upstreams.values() {
+        for upstream in self.all() {
             deleted += evict_project(&self.registry, &upstream.settings).await?;
         }
         if deleted > 0 {

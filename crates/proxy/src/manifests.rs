@@ -125,13 +125,13 @@ impl ProxyCache {
                     stats.stale_serves.fetch_add(1, Ordering::Relaxed);
                     Ok(local)
                 }
-                None => Err(Self::upstream_error(upstream, e)),
+                None => Err(Self::upstream_error(&upstream, e)),
             },
             Err(ClientError::NotFound(_)) => Err(RegistryError::ManifestUnknown {
                 reference: reference.to_string(),
             }
             .into()),
-            Err(e) => Err(Self::upstream_error(upstream, e)),
+            Err(e) => Err(Self::upstream_error(&upstream, e)),
         }
     }
 
@@ -185,9 +185,9 @@ impl ProxyCache {
                     upstream.stats.stale_serves.fetch_add(1, Ordering::Relaxed);
                     Ok(of(&local))
                 }
-                None => Err(Self::upstream_error(upstream, e)),
+                None => Err(Self::upstream_error(&upstream, e)),
             },
-            Err(e) => Err(Self::upstream_error(upstream, e)),
+            Err(e) => Err(Self::upstream_error(&upstream, e)),
         }
     }
 

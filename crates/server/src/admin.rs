@@ -255,6 +255,9 @@ struct CreateProject {
     name: String,
     #[serde(default)]
     public: bool,
+    /// Makes it a pull-through cache at once (system administrators).
+    #[serde(default)]
+    proxy_cache: Option<Value>,
 }
 
 /// `POST /api/v1/projects`.
@@ -264,12 +267,24 @@ pub(crate) async fn create_project(
     bytes: Bytes,
 ) -> Result<Response, OciError> {
     let req: CreateProject = body(&bytes)?;
+    // A cache's settings are checked before the project exists, so a refusal makes nothing.
+    let proxy = match &req.proxy_cache {
+        Some(value) => {
+            Some(crate::proxy_api::check_new(&app, &extensions, &req.name, value).await?)
+        }
+        None => None,
+    };
     let project = app
         .access
         .accounts()
         .create_project(&caller_of(&extensions), &req.name, req.public)
         .await?;
-    Ok(reply(StatusCode::CREATED, project_json(&project)))
+    let mut shown = project_json(&project);
+    if let Some(settings) = proxy {
+        crate::proxy_api::apply_new(&app, &extensions, settings).await?;
+        shown["kind"] = "proxy-cache".into();
+    }
+    Ok(reply(StatusCode::CREATED, shown))
 }
 
 /// `GET /api/v1/projects`: the projects the caller can see.

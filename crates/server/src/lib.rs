@@ -11,6 +11,7 @@ pub mod error;
 mod metrics;
 pub mod node;
 mod proxied;
+mod proxy_api;
 mod route;
 mod timings;
 pub mod tls;
@@ -190,6 +191,12 @@ pub fn router(app: App) -> Router {
             get(admin::get_project)
                 .put(admin::update_project)
                 .delete(admin::delete_project),
+        )
+        .route(
+            "/api/v1/projects/{name}/proxy-cache",
+            get(proxy_api::get_proxy_cache)
+                .put(proxy_api::put_proxy_cache)
+                .delete(proxy_api::delete_proxy_cache),
         )
         .route(
             "/api/v1/projects/{name}/members",
@@ -516,52 +523,52 @@ async fn metrics_endpoint(State(app): State<App>, request: Request) -> Response 
 /// the label set is bounded).
 fn render_proxy_metrics(out: &mut String, proxy: &berth_proxy::ProxyCache) {
     use std::fmt::Write;
-    use std::sync::atomic::Ordering::Relaxed;
-    type Counter = fn(&berth_proxy::UpstreamStats) -> u64;
+    type Counter = fn(&berth_proxy::UpstreamCounts) -> u64;
     let families: [(&str, &str, &str, Counter); 6] = [
         (
             "berth_proxy_hits_total",
             "counter",
             "Pulls a pull-through cache answered from what it holds.",
-            |s| s.hits.load(Relaxed),
+            |s| s.hits,
         ),
         (
             "berth_proxy_misses_total",
             "counter",
             "Pulls that went to the upstream.",
-            |s| s.misses.load(Relaxed),
+            |s| s.misses,
         ),
         (
             "berth_proxy_upstream_bytes_total",
             "counter",
             "Bytes fetched from the upstream.",
-            |s| s.bytes_fetched.load(Relaxed),
+            |s| s.bytes_fetched,
         ),
         (
             "berth_proxy_fill_bytes_served_total",
             "counter",
             "Bytes of fills sent to clients while they were fetched.",
-            |s| s.bytes_served.load(Relaxed),
+            |s| s.bytes_served,
         ),
         (
             "berth_proxy_fills_in_flight",
             "gauge",
             "Blob fills from the upstream under way.",
-            |s| s.fills_in_flight.load(Relaxed),
+            |s| s.fills_in_flight,
         ),
         (
             "berth_proxy_stale_serves_total",
             "counter",
             "Pulls answered with cached content because the upstream failed.",
-            |s| s.stale_serves.load(Relaxed),
+            |s| s.stale_serves,
         ),
     ];
     let _ = writeln!(
         out,
         "# HELP berth_proxy_upstream_rate_limit_remaining Requests the upstream last said remain in its rate-limit window.\n# TYPE berth_proxy_upstream_rate_limit_remaining gauge"
     );
-    for (project, remaining) in proxy.rate_limits() {
-        if let Some(remaining) = remaining {
+    let counts = proxy.counts();
+    for (project, c) in &counts {
+        if let Some(remaining) = c.rate_limit_remaining {
             let _ = writeln!(
                 out,
                 "berth_proxy_upstream_rate_limit_remaining{{project=\"{project}\"}} {remaining}"
@@ -570,8 +577,8 @@ fn render_proxy_metrics(out: &mut String, proxy: &berth_proxy::ProxyCache) {
     }
     for (name, kind, help, value) in families {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (project, stats) in proxy.stats() {
-            let _ = writeln!(out, "{name}{{project=\"{project}\"}} {}", value(stats));
+        for (project, c) in &counts {
+            let _ = writeln!(out, "{name}{{project=\"{project}\"}} {}", value(c));
         }
     }
 }

@@ -185,53 +185,50 @@ impl Node {
                 .clone()
                 .map(berth_telemetry::Tracer::start_exporting),
         );
-        let app = if config.proxy_caches.is_empty() {
-            app
-        } else {
-            for settings in &config.proxy_caches {
-                // The project holds the cached content and carries its permissions.
-                let by = berth_meta::Actor::system("proxy-cache");
-                let created = berth_meta::MetaStore::create_project(
-                    projects.as_ref(),
-                    &settings.project,
-                    false,
-                    None,
-                    berth_meta::ProjectOrigin::Requested,
-                    &by,
-                )
-                .await;
-                match created {
-                    Ok(_) | Err(MetaError::Conflict(_)) => {}
-                    Err(e) => return Err(e.into()),
-                }
+        for settings in &config.proxy_caches {
+            // The project holds the cached content and carries its permissions.
+            let by = berth_meta::Actor::system("proxy-cache");
+            let created = berth_meta::MetaStore::create_project(
+                projects.as_ref(),
+                &settings.project,
+                false,
+                None,
+                berth_meta::ProjectOrigin::Requested,
+                &by,
+            )
+            .await;
+            match created {
+                Ok(_) | Err(MetaError::Conflict(_)) => {}
+                Err(e) => return Err(e.into()),
             }
-            let proxy = Arc::new(
-                berth_proxy::ProxyCache::new(
-                    registry.clone(),
-                    config.proxy_caches.clone(),
-                    &config.webhooks.outbound,
-                    config.data_dir.join("proxy-fills"),
-                )?
-                .with_collection(config.gc.clone()),
+        }
+        // Always there: projects can be made caches through the API too.
+        let proxy = Arc::new(
+            berth_proxy::ProxyCache::new(
+                registry.clone(),
+                config.proxy_caches.clone(),
+                &config.webhooks.outbound,
+                config.data_dir.join("proxy-fills"),
+            )?
+            .with_store(projects.clone())
+            .with_collection(config.gc.clone()),
+        );
+        proxy.reload().await?;
+        tokio::spawn(proxy.clone().run_reload(berth_proxy::RELOAD_EVERY));
+        // Idle images are looked for a few times per idle period (at least every second,
+        // at most every ten minutes); size caps are also checked after every fill.
+        let every = config
+            .proxy_caches
+            .iter()
+            .filter_map(|p| p.idle)
+            .min()
+            .map_or(std::time::Duration::from_secs(600), |idle| idle / 4)
+            .clamp(
+                std::time::Duration::from_secs(1),
+                std::time::Duration::from_secs(600),
             );
-            if proxy.evicts() {
-                // Idle images are looked for a few times per idle period (at least every
-                // second, at most every ten minutes); size caps are also checked after
-                // every fill.
-                let every = config
-                    .proxy_caches
-                    .iter()
-                    .filter_map(|p| p.idle)
-                    .min()
-                    .map_or(std::time::Duration::from_secs(600), |idle| idle / 4)
-                    .clamp(
-                        std::time::Duration::from_secs(1),
-                        std::time::Duration::from_secs(600),
-                    );
-                tokio::spawn(proxy.clone().run_eviction(every));
-            }
-            app.with_proxy_cache(proxy)
-        };
+        tokio::spawn(proxy.clone().run_eviction(every));
+        let app = app.with_proxy_cache(proxy);
         Ok(Node {
             registry,
             access,

@@ -7,7 +7,6 @@ use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::Response;
 use berth_oci::RepoName;
 use berth_proxy::{ProxyCache, ProxyError};
-use berth_registry::RegistryError;
 
 use crate::error::{Code, OciError};
 use crate::route::V2Route;
@@ -189,7 +188,7 @@ pub(crate) async fn handle(
 
 /// A proxy failure as the client sees it: the registry's own errors as always; an
 /// upstream that failed (with nothing cached to stand in) as 502 with its words.
-fn oci(e: ProxyError) -> OciError {
+pub(crate) fn oci(e: ProxyError) -> OciError {
     match e {
         ProxyError::Registry(e) => OciError::from(e),
         ProxyError::Upstream { project, message } => OciError::new(
@@ -197,8 +196,22 @@ fn oci(e: ProxyError) -> OciError {
             Code::Unknown,
             format!("the upstream of {project} failed: {message}"),
         ),
-        ProxyError::Config { .. } => OciError::from(RegistryError::Storage(
-            berth_storage::StorageError::Unavailable(e.to_string()),
-        )),
+        ProxyError::NotFound(what) => OciError::new(
+            StatusCode::NOT_FOUND,
+            Code::NotFound,
+            format!("{what} does not exist"),
+        ),
+        ProxyError::Conflict(message) => {
+            OciError::new(StatusCode::CONFLICT, Code::Conflict, message)
+        }
+        ProxyError::Invalid(message) => {
+            OciError::new(StatusCode::BAD_REQUEST, Code::BadRequest, message)
+        }
+        // Settings given through the API that the guard refuses are the caller's to fix.
+        ProxyError::Config { project, message } => OciError::new(
+            StatusCode::BAD_REQUEST,
+            Code::BadRequest,
+            format!("proxy cache {project}: {message}"),
+        ),
     }
 }

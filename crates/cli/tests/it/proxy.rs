@@ -799,3 +799,77 @@ fn eviction_keeps_a_cache_under_its_size_cap_and_drops_idle_images() {
         "{tags}"
     );
 }
+
+#[test]
+fn a_cache_made_through_the_api_proxies_survives_a_restart_and_can_be_undone() {
+    let upstream = start();
+    let (digest, _) = push_image(&upstream.url(), "library/app", "v1", &[b"api layer"]);
+    let dir = tempfile::tempdir().unwrap();
+    let berth = cache(dir.path(), "");
+    let created = http()
+        .post(format!("{}/api/v1/projects", berth.url()))
+        .json(&serde_json::json!({"name": "mirror", "proxy_cache": {"urls": [upstream.url()], "tag_ttl_secs": 60}}))
+        .send()
+        .unwrap();
+    assert_eq!(
+        created.status(),
+        StatusCode::CREATED,
+        "{}",
+        created.text().unwrap_or_default()
+    );
+    let r = get(&format!(
+        "{}/v2/mirror/library/app/manifests/v1",
+        berth.url()
+    ));
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "docker-content-digest"), digest);
+    let shown: serde_json::Value = get(&format!(
+        "{}/api/v1/projects/mirror/proxy-cache",
+        berth.url()
+    ))
+    .json()
+    .unwrap();
+    assert_eq!(shown["tag_ttl_secs"], 60);
+    assert_eq!(shown["from_config"], false);
+    // The settings are stored: another process on the same data serves the project too.
+    drop(berth);
+    let again = cache(dir.path(), "");
+    let r = get(&format!(
+        "{}/v2/mirror/library/app/manifests/v2",
+        again.url()
+    ));
+    assert_oci_error(r, StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
+    let r = http()
+        .post(format!(
+            "{}/v2/mirror/library/app/blobs/uploads/",
+            again.url()
+        ))
+        .send()
+        .unwrap();
+    assert_oci_error(r, StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED");
+    // Undone: an ordinary project again, which takes pushes and keeps what was cached.
+    let r = http()
+        .delete(format!(
+            "{}/api/v1/projects/mirror/proxy-cache",
+            again.url()
+        ))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let r = http()
+        .post(format!(
+            "{}/v2/mirror/library/app/blobs/uploads/",
+            again.url()
+        ))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert_eq!(
+        get(&format!(
+            "{}/v2/mirror/library/app/manifests/v1",
+            again.url()
+        ))
+        .status(),
+        StatusCode::OK
+    );
+}
