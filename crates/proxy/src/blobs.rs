@@ -3,11 +3,11 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use berth_client::ClientError;
 use berth_oci::{Digest, RepoName};
-use berth_registry::{Actor, RegistryError};
+use berth_registry::{Actor, BlobBytes, BlobRead, Registry, RegistryError};
 
 use berth_storage::ByteStream;
 
@@ -140,6 +140,34 @@ impl ProxyCache {
             let stats = &upstream.stats;
             stats.fills_in_flight.fetch_add(1, Ordering::Relaxed);
             let digest = key.1.clone();
+            // Nodes sharing a store fetch a blob once: the one holding this lease does;
+            // another waits for the blob to appear in the shared store and serves its
+            // clients from there.
+            let lease = format!("proxy-fill {} {digest}", key.0);
+            match from_peer(&registry, &lease, &repo, &digest).await {
+                Ok(Some(read)) => {
+                    let copied = copy_into(&fill, read, &digest).await;
+                    if let Err(e) = copied {
+                        tracing::warn!(repository = %repo, %digest, error = %e, "serving a blob another node fetched failed");
+                    }
+                    fills.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+                    stats.fills_in_flight.fetch_sub(1, Ordering::Relaxed);
+                    return;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(repository = %repo, %digest, error = %e, "no fill lease: fetching anyway");
+                }
+            }
+            let renewing = {
+                let (registry, lease) = (registry.clone(), lease.clone());
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(FILL_LEASE / 3).await;
+                        let _ = registry.try_lease(&lease, FILL_LEASE).await;
+                    }
+                })
+            };
             let fetched = async {
                 // Waiting for a turn is bounded: past it the pull fails rather than
                 // queueing without end behind a slow upstream.
@@ -163,7 +191,7 @@ impl ProxyCache {
                         return Err(e);
                     }
                 };
-                fill.run(size, stream, |n| {
+                fill.run(size, stream, None, |n| {
                     stats.bytes_fetched.fetch_add(n, Ordering::Relaxed);
                 })
                 .await
@@ -204,8 +232,59 @@ impl ProxyCache {
                     tracing::warn!(repository = %repo, %digest, error = %e, "fetching a blob from upstream failed");
                 }
             }
+            renewing.abort();
+            let _ = registry.release_lease(&lease).await;
             fills.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
             stats.fills_in_flight.fetch_sub(1, Ordering::Relaxed);
         });
     }
+}
+
+/// How long a node's claim to fetch a blob lasts unless renewed (it is renewed every
+/// third of that while the fetch runs).
+const FILL_LEASE: Duration = Duration::from_secs(30);
+
+/// The longest a node waits for another node's fetch of a blob.
+const PEER_WAIT: Duration = Duration::from_secs(600);
+
+/// `None` when this node should fetch the blob (it holds the lease now); the blob as
+/// the shared store holds it when another node fetched it meanwhile.
+async fn from_peer(
+    registry: &Registry,
+    lease: &str,
+    repo: &RepoName,
+    digest: &Digest,
+) -> Result<Option<BlobRead>, RegistryError> {
+    let started = Instant::now();
+    loop {
+        if registry.try_lease(lease, FILL_LEASE).await? {
+            // Between our miss and the lease another node may have finished.
+            return match registry.read_blob(repo, digest, None).await {
+                Ok(read) => {
+                    let _ = registry.release_lease(lease).await;
+                    Ok(Some(read))
+                }
+                Err(_) => Ok(None),
+            };
+        }
+        if let Ok(read) = registry.read_blob(repo, digest, None).await {
+            return Ok(Some(read));
+        }
+        if started.elapsed() > PEER_WAIT {
+            return Err(RegistryError::BlobBusy {
+                digest: digest.clone(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Serves a blob the store holds through `fill`, checked against its digest again.
+async fn copy_into(fill: &Fill, read: BlobRead, digest: &Digest) -> Result<u64, ClientError> {
+    let stream = match read.body {
+        BlobBytes::Stream(stream) => stream,
+        BlobBytes::File { file, start, len } => berth_storage::stream_file_range(file, start, len)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?,
+    };
+    fill.run(read.size, stream, Some(digest), |_| {}).await
 }

@@ -9,7 +9,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use berth_client::{ClientError, VerifiedStream};
+use berth_client::ClientError;
+use berth_oci::{Digest, DigestHasher};
 use berth_storage::ByteStream;
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -71,14 +72,21 @@ impl Fill {
         }
     }
 
-    /// Writes the upstream's verified stream into the file, telling readers as it goes;
-    /// `fetched` hears each chunk's length. Returns the size once every byte matched.
-    pub(crate) async fn run(
+    /// Writes `stream` into the file, telling readers as it goes; `fetched` hears each
+    /// chunk's length. The bytes must hash to `verify` (when the stream is not verified
+    /// already: the upstream's `VerifiedStream` is) and number `size`. Returns the size
+    /// once every byte matched.
+    pub(crate) async fn run<S>(
         &self,
         size: u64,
-        mut stream: VerifiedStream,
+        mut stream: S,
+        verify: Option<&Digest>,
         fetched: impl Fn(u64),
-    ) -> Result<u64, ClientError> {
+    ) -> Result<u64, ClientError>
+    where
+        S: futures_util::Stream<Item = Result<Bytes, io::Error>> + Unpin,
+    {
+        let mut hasher = verify.map(|d| DigestHasher::new(d.algorithm()));
         self.progress.send_modify(|p| p.size = Some(size));
         let mut written = 0u64;
         // Chunks arrive at network sizes (often 16 KiB): gather them into one write (and
@@ -91,7 +99,13 @@ impl Fill {
                     Some(chunk) => {
                         let chunk = chunk.map_err(|e| e.to_string())?;
                         fetched(chunk.len() as u64);
+                        if let Some(hasher) = hasher.as_mut() {
+                            hasher.update(&chunk);
+                        }
                         batch.extend_from_slice(&chunk);
+                        if written + batch.len() as u64 > size {
+                            return Err(format!("more than the {size} bytes promised"));
+                        }
                         false
                     }
                     None => true,
@@ -116,6 +130,15 @@ impl Fill {
                     });
                 }
                 if ended {
+                    if written != size {
+                        return Err(format!("{written} bytes where {size} were promised"));
+                    }
+                    if let (Some(hasher), Some(expected)) = (hasher.take(), verify) {
+                        let actual = hasher.finish();
+                        if actual != *expected {
+                            return Err(format!("the bytes hash to {actual}, not {expected}"));
+                        }
+                    }
                     return Ok(());
                 }
             }

@@ -137,6 +137,22 @@ impl Registry {
         self.gc_totals.snapshot()
     }
 
+    /// Takes (or renews) the named lease for this node for `ttl`; false while another
+    /// node holds it. How nodes sharing a store agree that one of them does a job.
+    pub async fn try_lease(
+        &self,
+        name: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, RegistryError> {
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        Ok(self.meta.try_lease(name, &self.node_id, ttl_ms).await?)
+    }
+
+    /// Gives the named lease back, if this node holds it.
+    pub async fn release_lease(&self, name: &str) -> Result<(), RegistryError> {
+        Ok(self.meta.release_lease(name, &self.node_id).await?)
+    }
+
     /// A project by name: what policies hang on.
     pub async fn project(&self, name: &str) -> Result<Option<Project>, RegistryError> {
         Ok(self.meta.project(name).await?)

@@ -451,3 +451,76 @@ fn connection_options_in_the_url_are_kept() {
         ))
         .expect("the same server without the option");
 }
+
+#[test]
+fn nodes_sharing_a_store_fetch_a_cold_blob_from_the_upstream_once() {
+    use berth_testkit::{HubOptions, HubServer};
+    if shared_cluster().is_none() {
+        return;
+    }
+    let hub = HubServer::start(HubOptions::default());
+    let layer: Vec<u8> = (0..2 * 1024 * 1024).map(|i| (i % 233) as u8).collect();
+    let (_, _, layers) = hub.push_image("library/app", "v1", &[&layer]);
+    // Slow enough that both nodes ask while the first fetch runs.
+    hub.throttle(Some(4 * 1024 * 1024));
+    let dir = tempfile::tempdir().unwrap();
+    let schema = unique_schema();
+    let webhooks = berth_webhooks::WebhookSettings {
+        outbound: berth_outbound::OutboundPolicy::allowing(&["127.0.0.0/8"]).unwrap(),
+        ..Default::default()
+    };
+    let nodes: Vec<TestRegistry> = (0..2)
+        .map(|_| {
+            TestRegistry::start_opts(Options {
+                meta: MetaBackend::Postgres,
+                postgres_schema: Some(schema.clone()),
+                data_dir: Some(dir.path().to_owned()),
+                blobs: crate::BLOBS,
+                s3_prefix: Some(schema.clone()),
+                webhooks: Some(webhooks.clone()),
+                ..Options::default()
+            })
+        })
+        .collect();
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let r = http()
+        .post(format!("{}/api/v1/projects", a.url()))
+        .json(&serde_json::json!({"name": "hub", "proxy_cache": {"urls": [hub.url()]}}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    // The other node follows the stored settings within its reload period.
+    let followed = berth_testkit::wait_until(Duration::from_secs(15), || {
+        http()
+            .get(format!("{}/api/v1/projects/hub/proxy-cache", b.url()))
+            .send()
+            .is_ok_and(|r| r.status() == StatusCode::OK)
+    });
+    assert!(followed, "node b never served the cache");
+    let pulls: Vec<_> = [a.url(), b.url(), a.url(), b.url()]
+        .into_iter()
+        .map(|base| {
+            let url = format!("{base}/v2/hub/library/app/blobs/{}", layers[0]);
+            std::thread::spawn(move || sha256(&http().get(url).send().unwrap().bytes().unwrap()))
+        })
+        .collect();
+    for pull in pulls {
+        assert_eq!(pull.join().unwrap(), layers[0]);
+    }
+    let fetched = hub
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path.ends_with(&layers[0]))
+        .filter(|r| {
+            r.authorization
+                .as_deref()
+                .is_some_and(|a| a.starts_with("Bearer "))
+        })
+        .count();
+    assert_eq!(
+        fetched,
+        1,
+        "one upstream fetch for two nodes: {:?}",
+        hub.requests()
+    );
+}
