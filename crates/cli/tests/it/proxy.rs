@@ -360,6 +360,30 @@ fn skopeo_ctr_and_docker_pull_through_the_cache() {
     );
     assert_eq!(crate::clients::layout_manifest_digest(&back), pushed);
 
+    // podman, into a store of its own: the digest it records is the pushed one.
+    if let Some(podman) = berth_testkit::tool("podman") {
+        let store = work.path().join("podman");
+        let podman_cmd = || {
+            let mut c = Command::new(&podman);
+            c.arg("--root")
+                .arg(store.join("root"))
+                .arg("--runroot")
+                .arg(store.join("run"))
+                .args(["--storage-driver", "vfs"]);
+            c
+        };
+        let image = format!("{host}/hub/library/app:v1");
+        crate::clients::run(podman_cmd().args(["pull", "--tls-verify=false", &image]));
+        let recorded = crate::clients::run(podman_cmd().args([
+            "image",
+            "inspect",
+            "--format",
+            "{{.Digest}}",
+            &image,
+        ]));
+        assert_eq!(recorded.trim(), pushed);
+    }
+
     // An ns no cache answers to is refused, never dialled.
     let r = get(&format!(
         "{}/v2/library/app/manifests/v1?ns=evil.example",
@@ -872,4 +896,93 @@ fn a_cache_made_through_the_api_proxies_survives_a_restart_and_can_be_undone() {
         .status(),
         StatusCode::OK
     );
+}
+
+#[test]
+fn a_fill_goes_on_when_its_client_leaves() {
+    use berth_testkit::{HubOptions, HubServer};
+    use std::io::Read;
+    let hub = HubServer::start(HubOptions::default());
+    let big: Vec<u8> = (0..2 * 1024 * 1024).map(|i| (i % 227) as u8).collect();
+    let (_, _, layers) = hub.push_image("library/app", "v1", &[&big]);
+    hub.throttle(Some(2 * 1024 * 1024));
+    let dir = tempfile::tempdir().unwrap();
+    let berth = cache(dir.path(), &table("hub", &hub.url(), 300));
+    let url = format!("{}/v2/hub/library/app/blobs/{}", berth.url(), layers[0]);
+    {
+        let mut r = http().get(&url).send().unwrap();
+        let mut first = vec![0u8; 1024];
+        r.read_exact(&mut first).unwrap();
+        // The client hangs up here, a second into a two-second fetch.
+    }
+    let stored = berth_testkit::wait_until(std::time::Duration::from_secs(10), || {
+        get(&format!("{}/metrics", berth.url()))
+            .text()
+            .unwrap()
+            .contains("berth_proxy_fills_in_flight{project=\"hub\"} 0")
+    });
+    assert!(stored);
+    hub.throttle(None);
+    assert_eq!(sha256(&get(&url).bytes().unwrap()), layers[0]);
+    let fetched = hub
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path.ends_with(&layers[0]))
+        .filter(|r| {
+            r.authorization
+                .as_deref()
+                .is_some_and(|a| a.starts_with("Bearer "))
+        })
+        .count();
+    assert_eq!(
+        fetched, 1,
+        "the fill finished without its client and was kept"
+    );
+}
+
+#[test]
+fn project_roles_apply_to_cached_content() {
+    let upstream = start();
+    push_image(&upstream.url(), "library/app", "v1", &[b"private layer"]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("berth.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[outbound]\nallow_cidrs = [\"127.0.0.0/8\"]\n\n{}",
+            table("hub", &upstream.url(), 300)
+        ),
+    )
+    .unwrap();
+    let berth = BerthProcess::spawn_with(
+        Path::new(env!("CARGO_BIN_EXE_berth")),
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+        &[("BERTH_ADMIN_PASSWORD", "admin-password")],
+    );
+    let url = format!("{}/v2/hub/library/app/manifests/v1", berth.url());
+    // A private project: anonymous pulls are refused before anything goes upstream.
+    let r = get(&url);
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        upstream_requests(&upstream.url(), "/v2/{name}/manifests/{reference}", "GET")
+            + upstream_requests(&upstream.url(), "/v2/{name}/manifests/{reference}", "HEAD"),
+        0
+    );
+    let r = http()
+        .get(&url)
+        .basic_auth("admin", Some("admin-password"))
+        .header("accept", berth_client::MANIFEST_TYPES)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // Made public, anyone pulls what is cached.
+    let r = http()
+        .put(format!("{}/api/v1/projects/hub", berth.url()))
+        .basic_auth("admin", Some("admin-password"))
+        .json(&serde_json::json!({"public": true}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(get(&url).status(), StatusCode::OK);
 }
