@@ -21,6 +21,8 @@ use tokio::sync::watch;
 struct Progress {
     /// The blob's size, once the upstream answered.
     size: Option<u64>,
+    /// Bytes received (in memory or in the file), whose order readers may follow.
+    received: u64,
     /// Bytes in the file.
     written: u64,
     /// `Some(Ok)`: all bytes in and verified; `Some(Err)`: the fill failed.
@@ -35,24 +37,28 @@ struct Progress {
 /// One fill.
 pub(crate) struct Fill {
     file: Arc<File>,
-    progress: watch::Sender<Progress>,
+    /// Shared with the writer thread, which reports what reached the file.
+    progress: Arc<watch::Sender<Progress>>,
 }
 
 /// The most one read of the file takes, so a reader holds at most this much.
 const READ_CHUNK: u64 = 1024 * 1024;
 
 /// The bytes gathered before one write to the file (and one wake-up of its readers).
-const WRITE_BATCH: usize = 512 * 1024;
+const WRITE_BATCH: usize = 256 * 1024;
 
-/// Batches kept in memory for readers keeping pace: with [`WRITE_BATCH`], at most 1 MiB
-/// of a blob in flight is held.
-const RECENT_BATCHES: usize = 2;
+/// Batches waiting for the writer thread, at most.
+const WRITE_QUEUE: usize = 2;
+
+/// Batches kept in memory for readers keeping pace; they include those waiting to be
+/// written, so at most this many batches (1 MiB) of a blob in flight are held.
+const RECENT_BATCHES: usize = 4;
 
 impl Fill {
     pub(crate) fn new(file: File) -> Fill {
         Fill {
             file: Arc::new(file),
-            progress: watch::Sender::new(Progress::default()),
+            progress: Arc::new(watch::Sender::new(Progress::default())),
         }
     }
 
@@ -88,9 +94,22 @@ impl Fill {
     {
         let mut hasher = verify.map(|d| DigestHasher::new(d.algorithm()));
         self.progress.send_modify(|p| p.size = Some(size));
-        let mut written = 0u64;
+        // The file is written on a thread of its own, so receiving (and hashing) the next
+        // bytes overlaps writing the last ones; readers take what is not written yet from
+        // the batches kept in memory.
+        let (queue, mut pending) = tokio::sync::mpsc::channel::<(u64, Bytes)>(WRITE_QUEUE);
+        let (file, progress) = (self.file.clone(), self.progress.clone());
+        let writer = tokio::task::spawn_blocking(move || -> Result<(), String> {
+            while let Some((at, bytes)) = pending.blocking_recv() {
+                file.write_all_at(&bytes, at).map_err(|e| e.to_string())?;
+                let end = at + bytes.len() as u64;
+                progress.send_modify(|p| p.written = end);
+            }
+            Ok(())
+        });
+        let mut received = 0u64;
         // Chunks arrive at network sizes (often 16 KiB): gather them into one write (and
-        // one wake-up of the readers) per WRITE_BATCH, so at most that is held here.
+        // one wake-up of the readers) per WRITE_BATCH.
         let mut batch = bytes::BytesMut::with_capacity(WRITE_BATCH);
         let outcome: Result<(), String> = async {
             loop {
@@ -103,7 +122,7 @@ impl Fill {
                             hasher.update(&chunk);
                         }
                         batch.extend_from_slice(&chunk);
-                        if written + batch.len() as u64 > size {
+                        if received + batch.len() as u64 > size {
                             return Err(format!("more than the {size} bytes promised"));
                         }
                         false
@@ -112,36 +131,40 @@ impl Fill {
                 };
                 if batch.len() >= WRITE_BATCH || (ended && !batch.is_empty()) {
                     let bytes = batch.split().freeze();
-                    let file = self.file.clone();
-                    let at = written;
-                    let len = bytes.len() as u64;
+                    let at = received;
+                    received += bytes.len() as u64;
                     let kept = bytes.clone();
-                    tokio::task::spawn_blocking(move || file.write_all_at(&bytes, at))
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .map_err(|e| e.to_string())?;
-                    written += len;
                     self.progress.send_modify(|p| {
-                        p.written = written;
+                        p.received = received;
                         p.recent.push_back((at, kept));
                         while p.recent.len() > RECENT_BATCHES {
                             p.recent.pop_front();
                         }
                     });
+                    if queue.send((at, bytes)).await.is_err() {
+                        // The writer stopped: its error says why.
+                        break;
+                    }
                 }
                 if ended {
-                    if written != size {
-                        return Err(format!("{written} bytes where {size} were promised"));
-                    }
-                    if let (Some(hasher), Some(expected)) = (hasher.take(), verify) {
-                        let actual = hasher.finish();
-                        if actual != *expected {
-                            return Err(format!("the bytes hash to {actual}, not {expected}"));
-                        }
-                    }
-                    return Ok(());
+                    break;
                 }
             }
+            drop(queue);
+            writer
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|written| written)?;
+            if received != size {
+                return Err(format!("{received} bytes where {size} were promised"));
+            }
+            if let (Some(hasher), Some(expected)) = (hasher.take(), verify) {
+                let actual = hasher.finish();
+                if actual != *expected {
+                    return Err(format!("the bytes hash to {actual}, not {expected}"));
+                }
+            }
+            Ok(())
         }
         .await;
         self.progress
@@ -194,7 +217,7 @@ impl Fill {
                     let ready = if verified {
                         size
                     } else {
-                        seen.written.min(size.saturating_sub(1))
+                        seen.received.min(size.saturating_sub(1))
                     };
                     if offset < ready {
                         let held = seen
@@ -209,7 +232,17 @@ impl Fill {
                             let next = offset + piece.len() as u64;
                             return Some((Ok(piece), (file, watching, next, served)));
                         }
-                        let len = (ready - offset).min(READ_CHUNK) as usize;
+                        if offset >= seen.written {
+                            // Received but neither kept in memory nor written yet: wait.
+                            if watching.changed().await.is_err() {
+                                return Some((
+                                    Err(io::Error::other("the upstream fetch stopped")),
+                                    (file, watching, u64::MAX, served),
+                                ));
+                            }
+                            continue;
+                        }
+                        let len = (ready.min(seen.written) - offset).min(READ_CHUNK) as usize;
                         let reading = file.clone();
                         let read = tokio::task::spawn_blocking(move || {
                             let mut buffer = vec![0u8; len];
