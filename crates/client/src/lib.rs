@@ -533,6 +533,40 @@ impl RegistryClient {
         }
     }
 
+    /// The blob's bytes with their length, not verified: for a caller that hashes them
+    /// itself, off the receiving path (the pull-through cache's fill does). Errors are
+    /// `std::io::Error`s, so the stream can feed a writer directly.
+    pub async fn fetch_blob_unverified(
+        &self,
+        repository: &str,
+        digest: &Digest,
+    ) -> Result<
+        (
+            u64,
+            impl Stream<Item = Result<Bytes, std::io::Error>> + Send + Unpin + use<>,
+        ),
+        ClientError,
+    > {
+        let url = format!("{}/v2/{repository}/blobs/{digest}", self.base);
+        let scope = format!("repository:{repository}:pull");
+        let response = self.send(&scope, true, |http| http.get(&url)).await?;
+        if !response.status().is_success() {
+            return Err(Self::failure(response, &format!("blob {repository}@{digest}")).await);
+        }
+        let size = match response.content_length() {
+            Some(size) => size,
+            None => self
+                .blob_size(repository, digest)
+                .await?
+                .ok_or_else(|| ClientError::NotFound(format!("blob {repository}@{digest}")))?,
+        };
+        use futures_util::TryStreamExt;
+        Ok((
+            size,
+            Box::pin(response.bytes_stream().map_err(std::io::Error::other)),
+        ))
+    }
+
     /// The blob's size if the repository holds it.
     pub async fn blob_size(
         &self,

@@ -79,9 +79,8 @@ impl Fill {
     }
 
     /// Writes `stream` into the file, telling readers as it goes; `fetched` hears each
-    /// chunk's length. The bytes must hash to `verify` (when the stream is not verified
-    /// already: the upstream's `VerifiedStream` is) and number `size`. Returns the size
-    /// once every byte matched.
+    /// chunk's length. The bytes must number `size` and hash to `verify` (hashed on the
+    /// writer thread, beside the receiving). Returns the size once every byte matched.
     pub(crate) async fn run<S>(
         &self,
         size: u64,
@@ -92,20 +91,24 @@ impl Fill {
     where
         S: futures_util::Stream<Item = Result<Bytes, io::Error>> + Unpin,
     {
-        let mut hasher = verify.map(|d| DigestHasher::new(d.algorithm()));
         self.progress.send_modify(|p| p.size = Some(size));
         // The file is written on a thread of its own, so receiving (and hashing) the next
         // bytes overlaps writing the last ones; readers take what is not written yet from
         // the batches kept in memory.
         let (queue, mut pending) = tokio::sync::mpsc::channel::<(u64, Bytes)>(WRITE_QUEUE);
         let (file, progress) = (self.file.clone(), self.progress.clone());
-        let writer = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        // It hashes what it writes too, off the receiving path.
+        let mut hasher = verify.map(|d| DigestHasher::new(d.algorithm()));
+        let writer = tokio::task::spawn_blocking(move || -> Result<Option<Digest>, String> {
             while let Some((at, bytes)) = pending.blocking_recv() {
+                if let Some(hasher) = hasher.as_mut() {
+                    hasher.update(&bytes);
+                }
                 file.write_all_at(&bytes, at).map_err(|e| e.to_string())?;
                 let end = at + bytes.len() as u64;
                 progress.send_modify(|p| p.written = end);
             }
-            Ok(())
+            Ok(hasher.map(DigestHasher::finish))
         });
         let mut received = 0u64;
         // Chunks arrive at network sizes (often 16 KiB): gather them into one write (and
@@ -118,9 +121,6 @@ impl Fill {
                     Some(chunk) => {
                         let chunk = chunk.map_err(|e| e.to_string())?;
                         fetched(chunk.len() as u64);
-                        if let Some(hasher) = hasher.as_mut() {
-                            hasher.update(&chunk);
-                        }
                         batch.extend_from_slice(&chunk);
                         if received + batch.len() as u64 > size {
                             return Err(format!("more than the {size} bytes promised"));
@@ -151,15 +151,14 @@ impl Fill {
                 }
             }
             drop(queue);
-            writer
+            let actual = writer
                 .await
                 .map_err(|e| e.to_string())
                 .and_then(|written| written)?;
             if received != size {
                 return Err(format!("{received} bytes where {size} were promised"));
             }
-            if let (Some(hasher), Some(expected)) = (hasher.take(), verify) {
-                let actual = hasher.finish();
+            if let (Some(actual), Some(expected)) = (actual, verify) {
                 if actual != *expected {
                     return Err(format!("the bytes hash to {actual}, not {expected}"));
                 }
