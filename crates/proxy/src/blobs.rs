@@ -1,8 +1,9 @@
 //! Blobs of proxy repositories the cache does not hold yet: a `HEAD` or a range asked of
 //! the upstream, or the one fill every client reads.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use berth_client::ClientError;
@@ -97,8 +98,9 @@ impl ProxyCache {
         let fill = {
             let mut fills = self.fills.lock().unwrap_or_else(|e| e.into_inner());
             match fills.get(&key) {
-                Some(fill) => fill.clone(),
-                None => {
+                // A fill that failed is being taken down: a new request starts afresh.
+                Some(fill) if !fill.failed() => fill.clone(),
+                _ => {
                     let file = tempfile::tempfile_in(&self.spill_dir).map_err(|e| {
                         ProxyError::Registry(berth_storage::StorageError::Io(e).into())
                     })?;
@@ -150,7 +152,7 @@ impl ProxyCache {
                     if let Err(e) = copied {
                         tracing::warn!(repository = %repo, %digest, error = %e, "serving a blob another node fetched failed");
                     }
-                    fills.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+                    forget(&fills, &key, &fill);
                     stats.fills_in_flight.fetch_sub(1, Ordering::Relaxed);
                     return;
                 }
@@ -235,9 +237,21 @@ impl ProxyCache {
             }
             renewing.abort();
             let _ = registry.release_lease(&lease).await;
-            fills.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+            forget(&fills, &key, &fill);
             stats.fills_in_flight.fetch_sub(1, Ordering::Relaxed);
         });
+    }
+}
+
+/// Removes `fill` from the fills under way, unless a newer fill of the same blob took
+/// its place there.
+fn forget(fills: &Mutex<HashMap<FillKey, Arc<Fill>>>, key: &FillKey, fill: &Arc<Fill>) {
+    let mut fills = fills.lock().unwrap_or_else(|e| e.into_inner());
+    if fills
+        .get(key)
+        .is_some_and(|current| Arc::ptr_eq(current, fill))
+    {
+        fills.remove(key);
     }
 }
 

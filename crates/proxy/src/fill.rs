@@ -62,6 +62,11 @@ impl Fill {
         }
     }
 
+    /// Whether the fill failed (its readers got an error; nobody should join it).
+    pub(crate) fn failed(&self) -> bool {
+        matches!(self.progress.borrow().outcome, Some(Err(_)))
+    }
+
     /// The blob's size, once the upstream said it (or why it could not).
     pub(crate) async fn size(&self) -> Result<u64, ClientError> {
         let mut watching = self.progress.subscribe();
