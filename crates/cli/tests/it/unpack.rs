@@ -637,9 +637,15 @@ fn a_debian_image_and_docker_layers_over_it_unpack_as_umoci_unpacks_them() {
     let reg = start();
     let work = tempfile::tempdir().unwrap();
     let lower = work.path().join("debian");
-    run(Command::new(debootstrap)
+    let mut bootstrap = Command::new(debootstrap);
+    bootstrap
         .args(["--variant=minbase", "bookworm"])
-        .arg(&lower));
+        .arg(&lower);
+    // The archive apt itself uses here, where the sources name one.
+    if let Some(mirror) = apt_archive() {
+        bootstrap.arg(mirror);
+    }
+    run(&mut bootstrap);
     for cache in ["var/cache/apt/archives", "var/lib/apt/lists"] {
         let dir = lower.join(cache);
         for entry in std::fs::read_dir(&dir).unwrap() {
@@ -784,4 +790,33 @@ fn a_debian_image_and_docker_layers_over_it_unpack_as_umoci_unpacks_them() {
         std::fs::read_to_string(work.path().join("docker-berth/etc/motd")).unwrap(),
         "changed by docker\n"
     );
+}
+
+/// The Debian archive apt is set up with (the first `URIs:` of a `.sources` file, or the
+/// first `deb` line of `sources.list`, that is not the security archive), if any.
+fn apt_archive() -> Option<String> {
+    let mut texts = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        for entry in dir.flatten() {
+            if entry
+                .path()
+                .extension()
+                .is_some_and(|x| x == "sources" || x == "list")
+            {
+                texts.extend(std::fs::read_to_string(entry.path()));
+            }
+        }
+    }
+    texts.extend(std::fs::read_to_string("/etc/apt/sources.list"));
+    texts.iter().flat_map(|t| t.lines()).find_map(|line| {
+        let line = line.trim();
+        let uri = if let Some(rest) = line.strip_prefix("URIs:") {
+            rest.split_whitespace().next()
+        } else if let Some(rest) = line.strip_prefix("deb ") {
+            rest.split_whitespace().find(|w| w.starts_with("http"))
+        } else {
+            None
+        }?;
+        (uri.starts_with("http") && uri.ends_with("/debian")).then(|| uri.to_owned())
+    })
 }
