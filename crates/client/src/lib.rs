@@ -14,6 +14,8 @@ pub mod credentials;
 mod layout;
 mod pull;
 mod reference;
+mod referrers;
+mod tls;
 pub mod unpack;
 mod verify;
 
@@ -202,52 +204,6 @@ impl RegistryClient {
         self
     }
 
-    /// An HTTP client for talking to registries from the command line: redirects followed
-    /// (blob downloads are often redirected to object storage; credentials are not sent
-    /// to another host), `insecure` accepting any certificate.
-    pub fn default_http(insecure: bool) -> Result<reqwest::Client, ClientError> {
-        Self::http_for("", insecure, &[])
-    }
-
-    /// Whether docker's or podman's `certs.d` holds a CA for `registry`: then it speaks
-    /// TLS, even on loopback.
-    pub fn has_ca_for(registry: &str) -> bool {
-        !certs_d_files(registry).is_empty()
-    }
-
-    /// [`RegistryClient::default_http`] for one registry, trusting besides the system's
-    /// roots the PEM certificates in `ca_files` and those docker and podman keep for
-    /// `registry` (`certs.d/<host:port>/*.crt` under `/etc/docker`, `/etc/containers` and
-    /// the user's containers configuration), so a private CA set up for them works here.
-    pub fn http_for(
-        registry: &str,
-        insecure: bool,
-        ca_files: &[std::path::PathBuf],
-    ) -> Result<reqwest::Client, ClientError> {
-        let mut builder = reqwest::Client::builder()
-            .danger_accept_invalid_certs(insecure)
-            .connect_timeout(Duration::from_secs(15))
-            .read_timeout(Duration::from_secs(120))
-            .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")));
-        let mut files = ca_files.to_vec();
-        if !registry.is_empty() {
-            files.extend(certs_d_files(registry));
-        }
-        for file in files {
-            let pem = std::fs::read(&file)
-                .map_err(|e| ClientError::Protocol(format!("{}: {e}", file.display())))?;
-            let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                ClientError::Protocol(format!("{}: not PEM certificates: {e}", file.display()))
-            })?;
-            for certificate in certificates {
-                builder = builder.add_root_certificate(certificate);
-            }
-        }
-        builder
-            .build()
-            .map_err(|e| ClientError::Protocol(format!("HTTP client: {e}")))
-    }
-
     /// `scheme://host[:port]`.
     pub fn base(&self) -> &str {
         &self.base
@@ -389,13 +345,7 @@ impl RegistryClient {
                 Self::failure(response, &format!("manifest {repository}:{reference}")).await,
             );
         }
-        let media_type = header(response.headers(), CONTENT_TYPE.as_str())
-            .unwrap_or_default()
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_owned();
+        let media_type = media_type_of(response.headers());
         let what = format!("manifest {repository}:{reference}");
         let bytes = read_bounded(response, MAX_MANIFEST, &what).await?;
         let digest = Digest::sha256_of(&bytes);
@@ -444,13 +394,7 @@ impl RegistryClient {
                             "manifest {repository}:{reference}: no Docker-Content-Digest"
                         ))
                     })?;
-                let media_type = header(response.headers(), CONTENT_TYPE.as_str())
-                    .unwrap_or_default()
-                    .split(';')
-                    .next()
-                    .unwrap_or_default()
-                    .trim()
-                    .to_owned();
+                let media_type = media_type_of(response.headers());
                 let size =
                     header(response.headers(), "content-length").and_then(|v| v.parse().ok());
                 Ok(Some((digest, media_type, size)))
@@ -458,34 +402,6 @@ impl RegistryClient {
             StatusCode::NOT_FOUND => Ok(None),
             _ => Err(Self::failure(response, &format!("manifest {repository}:{reference}")).await),
         }
-    }
-
-    /// The blob's bytes with their length (from the answer, else a `HEAD`), as a stream
-    /// that fails unless they hash to `digest`: what a cache fills from.
-    pub async fn fetch_blob(
-        &self,
-        repository: &str,
-        digest: &Digest,
-    ) -> Result<(u64, VerifiedStream), ClientError> {
-        let url = format!("{}/v2/{repository}/blobs/{digest}", self.base);
-        let scope = format!("repository:{repository}:pull");
-        let response = self.send(&scope, true, |http| http.get(&url)).await?;
-        if !response.status().is_success() {
-            return Err(Self::failure(response, &format!("blob {repository}@{digest}")).await);
-        }
-        let size = match response.content_length() {
-            Some(size) => size,
-            None => self
-                .blob_size(repository, digest)
-                .await?
-                .ok_or_else(|| ClientError::NotFound(format!("blob {repository}@{digest}")))?,
-        };
-        let stream = VerifiedStream::new(
-            Box::pin(response.bytes_stream()),
-            digest.clone(),
-            Some(size),
-        );
-        Ok((size, stream))
     }
 
     /// A range of the blob (`range` as a `Range` header says it, `bytes=0-99`), if the
@@ -732,39 +648,6 @@ impl RegistryClient {
             .map_err(|e| ClientError::Protocol(format!("upload location {location:?}: {e}")))
     }
 
-    /// The manifests that name `digest` as their subject (signatures, SBOMs…), as
-    /// descriptors: from the referrers API, or, where the registry has none, from the
-    /// `sha256-<hex>` tag the specification's fallback keeps.
-    pub async fn referrers(
-        &self,
-        repository: &str,
-        digest: &Digest,
-    ) -> Result<Vec<serde_json::Value>, ClientError> {
-        let url = format!("{}/v2/{repository}/referrers/{digest}", self.base);
-        let scope = format!("repository:{repository}:pull");
-        let response = self
-            .send(&scope, true, |http| {
-                http.get(&url)
-                    .header(ACCEPT, "application/vnd.oci.image.index.v1+json")
-            })
-            .await?;
-        let index: serde_json::Value = if response.status().is_success() {
-            let what = format!("referrers of {digest}");
-            let bytes = read_bounded(response, MAX_MANIFEST, &what).await?;
-            serde_json::from_slice(&bytes)
-                .map_err(|e| ClientError::Protocol(format!("{what}: {e}")))?
-        } else if response.status() == StatusCode::NOT_FOUND {
-            match self.manifest(repository, &fallback_tag(digest)).await {
-                Ok(found) => serde_json::from_slice(&found.bytes).unwrap_or_default(),
-                Err(ClientError::NotFound(_)) => return Ok(Vec::new()),
-                Err(e) => return Err(e),
-            }
-        } else {
-            return Err(Self::failure(response, &format!("referrers of {digest}")).await);
-        };
-        Ok(index["manifests"].as_array().cloned().unwrap_or_default())
-    }
-
     /// Stores a manifest under `reference` (a tag or its digest); returns its digest.
     pub async fn put_manifest(
         &self,
@@ -788,93 +671,13 @@ impl RegistryClient {
         }
         let subject_processed = response.headers().contains_key("oci-subject");
         if !subject_processed {
-            if let Some(subject) = subject_of(&manifest.bytes) {
+            if let Some(subject) = referrers::subject_of(&manifest.bytes) {
                 self.add_to_fallback_index(repository, &subject, manifest)
                     .await?;
             }
         }
         Ok(manifest.digest.clone())
     }
-
-    /// Keeps the referrers tag schema for a registry without the referrers API: the
-    /// `sha256-<hex>` tag of the subject is an index listing its referrers.
-    async fn add_to_fallback_index(
-        &self,
-        repository: &str,
-        subject: &Digest,
-        referrer: &Manifest,
-    ) -> Result<(), ClientError> {
-        let tag = fallback_tag(subject);
-        let mut index = match self.manifest(repository, &tag).await {
-            Ok(existing) => {
-                serde_json::from_slice(&existing.bytes).unwrap_or_else(|_| empty_index())
-            }
-            Err(ClientError::NotFound(_)) => empty_index(),
-            Err(e) => return Err(e),
-        };
-        let parsed: serde_json::Value = serde_json::from_slice(&referrer.bytes).unwrap_or_default();
-        let mut descriptor = serde_json::json!({
-            "mediaType": referrer.media_type,
-            "digest": referrer.digest.to_string(),
-            "size": referrer.bytes.len(),
-        });
-        let artifact_type = parsed["artifactType"]
-            .as_str()
-            .or(parsed["config"]["mediaType"].as_str());
-        if let Some(artifact_type) = artifact_type {
-            descriptor["artifactType"] = artifact_type.into();
-        }
-        if !parsed["annotations"].is_null() {
-            descriptor["annotations"] = parsed["annotations"].clone();
-        }
-        let Some(entries) = index["manifests"].as_array_mut() else {
-            return Err(ClientError::Protocol(format!("{tag} is not an index")));
-        };
-        if entries.iter().any(|e| e["digest"] == descriptor["digest"]) {
-            return Ok(());
-        }
-        entries.push(descriptor);
-        let bytes = Bytes::from(
-            serde_json::to_vec(&index).map_err(|e| ClientError::Protocol(e.to_string()))?,
-        );
-        let updated = Manifest {
-            digest: Digest::sha256_of(&bytes),
-            bytes,
-            media_type: "application/vnd.oci.image.index.v1+json".to_owned(),
-        };
-        let url = format!("{}/v2/{repository}/manifests/{tag}", self.base);
-        let scope = format!("repository:{repository}:pull,push");
-        let response = self
-            .send(&scope, true, |http| {
-                http.put(&url)
-                    .header(CONTENT_TYPE, updated.media_type.as_str())
-                    .body(updated.bytes.clone())
-            })
-            .await?;
-        if response.status() != StatusCode::CREATED {
-            return Err(Self::failure(response, &format!("referrers tag {tag}")).await);
-        }
-        Ok(())
-    }
-}
-
-/// The tag the referrers tag schema keeps a subject's referrers under.
-fn fallback_tag(digest: &Digest) -> String {
-    format!("{}-{}", digest.algorithm().as_str(), digest.hex())
-}
-
-fn empty_index() -> serde_json::Value {
-    serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [],
-    })
-}
-
-/// The `subject` a manifest names, if any.
-fn subject_of(bytes: &[u8]) -> Option<Digest> {
-    let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
-    Digest::parse(value["subject"]["digest"].as_str()?).ok()
 }
 
 /// A response body read whole, but never more than `limit` bytes: a registry (or token
@@ -899,34 +702,6 @@ pub(crate) async fn read_bounded(
         body.extend_from_slice(&chunk);
     }
     Ok(Bytes::from(body))
-}
-
-/// The CA certificates docker and podman keep for `registry` (`*.crt` files; client
-/// certificates there are `.cert`/`.key` and not read).
-fn certs_d_files(registry: &str) -> Vec<std::path::PathBuf> {
-    if registry.contains("..") || registry.contains('/') {
-        return Vec::new();
-    }
-    let mut roots = vec![
-        std::path::PathBuf::from("/etc/docker/certs.d"),
-        std::path::PathBuf::from("/etc/containers/certs.d"),
-    ];
-    if let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
-        roots.push(std::path::PathBuf::from(home).join(".config/containers/certs.d"));
-    }
-    let mut files = Vec::new();
-    for root in roots {
-        let Ok(entries) = std::fs::read_dir(root.join(registry)) else {
-            continue;
-        };
-        let mut found: Vec<_> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "crt"))
-            .collect();
-        found.sort();
-        files.extend(found);
-    }
-    files
 }
 
 /// `bytes <first>-<last>/<total>` with digits only (what may be passed on as a header).
@@ -964,6 +739,17 @@ fn printable(text: &str) -> String {
 
 /// The most of an error answer read, for its message.
 const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// The media type of an answer, without parameters.
+fn media_type_of(headers: &HeaderMap) -> String {
+    header(headers, CONTENT_TYPE.as_str())
+        .unwrap_or_default()
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
 
 pub(crate) fn header(headers: &HeaderMap, name: &str) -> Option<String> {
     headers.get(name)?.to_str().ok().map(str::to_owned)
