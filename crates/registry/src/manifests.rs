@@ -57,45 +57,27 @@ impl Registry {
         raw: Vec<u8>,
         by: &Actor,
     ) -> Result<ManifestPushed, RegistryError> {
-        let limit = self.limits.max_manifest_bytes;
-        if raw.len() > limit {
-            return Err(RegistryError::ManifestTooLarge {
-                size: raw.len(),
-                limit,
-            });
-        }
-        let parsed = ParsedManifest::parse(&raw, content_type)?;
-        let (digest, tag) = match reference {
-            Reference::Digest(d) => {
-                if !d.matches(&raw) {
-                    let actual = Digest::sha256_of(&raw);
-                    return Err(RegistryError::DigestMismatch {
-                        expected: d.clone(),
-                        actual,
-                    });
-                }
-                (d.clone(), None)
+        let mut record = self.new_manifest(content_type, raw)?;
+        let tag = match reference {
+            Reference::Digest(d) if !d.matches(&record.raw) => {
+                return Err(RegistryError::DigestMismatch {
+                    expected: d.clone(),
+                    actual: record.digest,
+                });
             }
-            Reference::Tag(t) => (Digest::sha256_of(&raw), Some(t)),
+            // Kept under the digest it was pushed by (its algorithm may not be SHA-256).
+            Reference::Digest(d) => {
+                record.digest = d.clone();
+                None
+            }
+            Reference::Tag(t) => Some(t),
         };
-        let annotations_json = parsed
-            .annotations
-            .as_ref()
-            .map(|a| serde_json::to_string(a).expect("annotations serialise"));
-        let record = NewManifest {
-            digest: digest.clone(),
-            media_type: parsed.media_type,
-            artifact_type: parsed.artifact_type,
-            subject: parsed.subject.clone(),
-            annotations_json,
-            edges: parsed.edges,
-            raw,
+        let pushed = ManifestPushed {
+            digest: record.digest.clone(),
+            subject: record.subject.clone(),
         };
         self.meta.put_manifest(repo, record, tag, by).await?;
-        Ok(ManifestPushed {
-            digest,
-            subject: parsed.subject,
-        })
+        Ok(pushed)
     }
 
     /// Stores a manifest a pull-through cache fetched from its upstream (its bytes
@@ -109,6 +91,19 @@ impl Registry {
         raw: Vec<u8>,
         by: &Actor,
     ) -> Result<Digest, RegistryError> {
+        let record = self.new_manifest(content_type, raw)?;
+        let digest = record.digest.clone();
+        self.meta.put_cached_manifest(repo, record, tag, by).await?;
+        Ok(digest)
+    }
+
+    /// A manifest as the metadata store takes it: within the size limit, parsed and
+    /// validated, digested (SHA-256 of the exact bytes).
+    fn new_manifest(
+        &self,
+        content_type: Option<&str>,
+        raw: Vec<u8>,
+    ) -> Result<NewManifest, RegistryError> {
         let limit = self.limits.max_manifest_bytes;
         if raw.len() > limit {
             return Err(RegistryError::ManifestTooLarge {
@@ -117,22 +112,19 @@ impl Registry {
             });
         }
         let parsed = ParsedManifest::parse(&raw, content_type)?;
-        let digest = Digest::sha256_of(&raw);
         let annotations_json = parsed
             .annotations
             .as_ref()
             .map(|a| serde_json::to_string(a).expect("annotations serialise"));
-        let record = NewManifest {
-            digest: digest.clone(),
+        Ok(NewManifest {
+            digest: Digest::sha256_of(&raw),
             media_type: parsed.media_type,
             artifact_type: parsed.artifact_type,
             subject: parsed.subject,
             annotations_json,
             edges: parsed.edges,
             raw,
-        };
-        self.meta.put_cached_manifest(repo, record, tag, by).await?;
-        Ok(digest)
+        })
     }
 
     /// Records that a manifest was pulled (pull-through caches evict the least recently
