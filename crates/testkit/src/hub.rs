@@ -161,6 +161,20 @@ impl HubServer {
             .count()
     }
 
+    /// Authorized `GET`s whose path contains `part`: fetches, not the 401s before them.
+    pub fn fetches(&self, part: &str) -> usize {
+        self.state()
+            .requests
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.contains(part))
+            .filter(|r| {
+                r.authorization
+                    .as_deref()
+                    .is_some_and(|a| a.starts_with("Bearer "))
+            })
+            .count()
+    }
+
     /// Bytes of blob `digest` written to sockets so far.
     pub fn sent(&self, digest: &str) -> u64 {
         self.state().sent.get(digest).copied().unwrap_or(0)

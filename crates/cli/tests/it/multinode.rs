@@ -507,16 +507,7 @@ fn nodes_sharing_a_store_fetch_a_cold_blob_from_the_upstream_once() {
     for pull in pulls {
         assert_eq!(pull.join().unwrap(), layers[0]);
     }
-    let fetched = hub
-        .requests()
-        .iter()
-        .filter(|r| r.method == "GET" && r.path.ends_with(&layers[0]))
-        .filter(|r| {
-            r.authorization
-                .as_deref()
-                .is_some_and(|a| a.starts_with("Bearer "))
-        })
-        .count();
+    let fetched = hub.fetches(&layers[0]);
     assert_eq!(
         fetched,
         1,
