@@ -322,6 +322,52 @@ impl Registry {
         }
     }
 
+    /// Stores a blob whose bytes the caller already verified against `digest`, held in
+    /// `file` (a pull-through fill's spill file): linked into the store where the backend
+    /// can, so a fetched blob is neither copied nor hashed a second time; streamed and
+    /// verified as any push elsewhere.
+    pub async fn push_verified_file(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        file: &std::fs::File,
+        size: u64,
+        by: &Actor,
+    ) -> Result<u64, RegistryError> {
+        let id = UploadId::new_random();
+        let Some(sealed) = self
+            .blobs
+            .seal_verified_file(&id, file, size, digest)
+            .await?
+        else {
+            let body = file
+                .try_clone()
+                .and_then(|file| berth_storage::stream_file_range(file, 0, size))
+                .map_err(berth_storage::StorageError::Io)?;
+            return self.push_blob(repo, digest, body, by).await;
+        };
+        let published = match self.reserve_blob(digest).await {
+            Ok(()) => sealed.publish().await.map_err(RegistryError::from),
+            Err(e) => {
+                sealed.abandon().await;
+                Err(e)
+            }
+        };
+        match published {
+            Ok(size) => {
+                self.link_published_blob(repo, digest, size, None, by)
+                    .await?;
+                Ok(size)
+            }
+            Err(e) => {
+                if let Err(abort) = self.blobs.abort(&id).await {
+                    tracing::warn!(upload = %id, error = %abort, "could not drop a fetched blob that failed to publish");
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// Announces the publication of `digest` to the metadata store before the bytes are
     /// renamed into place (the first step of the protocol in ARCHITECTURE.md). While a
     /// live collection is deleting the same digest, waits (a bounded time) for it to

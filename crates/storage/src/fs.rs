@@ -674,6 +674,48 @@ impl BlobStore for FsBlobStore {
         }))
     }
 
+    async fn seal_verified_file<'a>(
+        &'a self,
+        id: &UploadId,
+        file: &std::fs::File,
+        size: u64,
+        expected: &Digest,
+    ) -> Result<Option<Sealed<'a>>, StorageError> {
+        if file.metadata()?.len() != size {
+            return Ok(None);
+        }
+        // Anonymous files are private to their creator (0600); blobs are read as any
+        // file the store writes is.
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+        let staged = self.staged_path(id);
+        let fd = rustix::fd::AsRawFd::as_raw_fd(file);
+        let linking = staged.clone();
+        // An anonymous file (`O_TMPFILE`) gets a name through its /proc link; that fails
+        // for a file on another file system or one that had a name and lost it.
+        let linked = tokio::task::spawn_blocking(move || {
+            rustix::fs::linkat(
+                rustix::fs::CWD,
+                format!("/proc/self/fd/{fd}"),
+                rustix::fs::CWD,
+                &linking,
+                rustix::fs::AtFlags::SYMLINK_FOLLOW,
+            )
+        })
+        .await
+        .map_err(io::Error::other)?;
+        if let Err(e) = linked {
+            tracing::debug!(error = %e, "a verified file could not be linked into the store; copying it");
+            return Ok(None);
+        }
+        let (go, gate) = tokio::sync::oneshot::channel();
+        let target = self.blob_path(expected);
+        let task = tokio::task::spawn_blocking(move || publish_staged(&staged, &target, &[], gate));
+        Ok(Some(Sealed::gated(go, async move {
+            task.await.map_err(io::Error::other)?.1?;
+            Ok(size)
+        })))
+    }
+
     async fn abort(&self, id: &UploadId) -> Result<(), StorageError> {
         // Removes whatever is on disk, even a session this process cannot load (an
         // interrupted start leaves a legacy directory without its data file).
@@ -786,6 +828,55 @@ mod tests {
 
     async fn collect(s: ByteStream) -> Vec<u8> {
         s.map(|c| c.unwrap()).collect::<Vec<_>>().await.concat()
+    }
+
+    #[tokio::test]
+    async fn a_verified_anonymous_file_is_linked_in_and_anything_else_declined() {
+        use std::io::Write;
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path()).unwrap();
+        let bytes = b"fetched from upstream";
+        let digest = Digest::sha256_of(bytes);
+        let mut anonymous = tempfile::tempfile_in(dir.path()).unwrap();
+        anonymous.write_all(bytes).unwrap();
+        let id = UploadId::new_random();
+        // A size that is not the file's is declined, not trusted.
+        let wrong = store
+            .seal_verified_file(&id, &anonymous, 3, &digest)
+            .await
+            .unwrap();
+        assert!(wrong.is_none());
+        let sealed = store
+            .seal_verified_file(&id, &anonymous, bytes.len() as u64, &digest)
+            .await
+            .unwrap()
+            .expect("an anonymous file on the store's file system is linked");
+        assert_eq!(sealed.publish().await.unwrap(), bytes.len() as u64);
+        let stored = std::fs::metadata(store.blob_path(&digest)).unwrap();
+        // The same inode, not a copy; and nothing left in the uploads directory.
+        assert_eq!(stored.ino(), anonymous.metadata().unwrap().ino());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("uploads"))
+                .unwrap()
+                .count(),
+            0
+        );
+        let read = store.read(&digest, None).await.unwrap().unwrap();
+        assert_eq!(collect(read).await, bytes);
+
+        // A file that still has a name is not anonymous: declined, so the caller copies.
+        let named = dir.path().join("named");
+        std::fs::write(&named, b"other").unwrap();
+        let file = File::open(&named).unwrap();
+        let other = Digest::sha256_of(b"other");
+        std::fs::remove_file(&named).unwrap();
+        let declined = store
+            .seal_verified_file(&UploadId::new_random(), &file, 5, &other)
+            .await
+            .unwrap();
+        assert!(declined.is_none());
+        assert_eq!(store.stat(&other).await.unwrap(), None);
     }
 
     #[tokio::test]

@@ -267,6 +267,20 @@ pub trait BlobStore: Send + Sync + 'static {
             self.commit(&id, &expected).await
         }))
     }
+    /// Starts publishing `file`, whose first `size` bytes the caller already hashed to
+    /// `expected`, by linking it into the store instead of copying and hashing it again
+    /// (a pull-through fill spills into an anonymous file and verifies as it writes).
+    /// `None` when this backend cannot link it (object storage, another file system, a
+    /// file that is not anonymous): the caller streams the bytes through [`Self::seal`].
+    async fn seal_verified_file<'a>(
+        &'a self,
+        _id: &UploadId,
+        _file: &std::fs::File,
+        _size: u64,
+        _expected: &Digest,
+    ) -> Result<Option<Sealed<'a>>, StorageError> {
+        Ok(None)
+    }
     /// Drops a session and its bytes.
     async fn abort(&self, id: &UploadId) -> Result<(), StorageError>;
     /// Every upload session with the time its bytes last changed, so garbage collection can

@@ -101,6 +101,16 @@ impl BlobStore for TimedBlobStore {
         self.timed("seal", self.inner.seal(id, final_chunk, expected))
             .await
     }
+    async fn seal_verified_file<'a>(
+        &'a self,
+        id: &UploadId,
+        file: &std::fs::File,
+        size: u64,
+        expected: &Digest,
+    ) -> Result<Option<Sealed<'a>>, StorageError> {
+        let sealing = self.inner.seal_verified_file(id, file, size, expected);
+        self.timed("seal", sealing).await
+    }
     async fn abort(&self, id: &UploadId) -> Result<(), StorageError> {
         self.timed("abort", self.inner.abort(id)).await
     }
