@@ -203,13 +203,9 @@ impl ProxyCache {
             match fetched {
                 Ok(size) => {
                     let by = Actor::system("proxy-cache");
-                    let stored = match fill.contents(size) {
-                        Ok(body) => registry
-                            .push_blob(&repo, &digest, body, &by)
-                            .await
-                            .map(|_| ()),
-                        Err(e) => Err(berth_storage::StorageError::Io(e).into()),
-                    };
+                    let stored = registry
+                        .push_verified_file(&repo, &digest, fill.file(), size, &by)
+                        .await;
                     if let Err(e) = stored {
                         tracing::warn!(repository = %repo, %digest, error = %e, "a fetched blob could not be cached");
                     }

@@ -29,9 +29,37 @@ struct Progress {
     outcome: Option<Result<(), String>>,
     /// The upstream's refusal, when it refused before any byte (for the error's kind).
     not_found: bool,
-    /// The last batches written, by offset: readers keeping pace take them from here
+    /// The last chunks received, by offset: readers keeping pace take them from here
     /// instead of reading the file back.
     recent: std::collections::VecDeque<(u64, Bytes)>,
+    /// The bytes in `recent`.
+    recent_bytes: usize,
+}
+
+/// What a reader at one offset needs of the progress, taken without copying the rest.
+struct Seen {
+    size: Option<u64>,
+    received: u64,
+    written: u64,
+    outcome: Option<Result<(), String>>,
+    /// The chunk kept in memory that holds the reader's offset, if any.
+    held: Option<(u64, Bytes)>,
+}
+
+impl Seen {
+    fn at(progress: &Progress, offset: u64) -> Seen {
+        Seen {
+            size: progress.size,
+            received: progress.received,
+            written: progress.written,
+            outcome: progress.outcome.clone(),
+            held: progress
+                .recent
+                .iter()
+                .find(|(at, bytes)| *at <= offset && offset < at + bytes.len() as u64)
+                .cloned(),
+        }
+    }
 }
 
 /// One fill.
@@ -44,15 +72,17 @@ pub(crate) struct Fill {
 /// The most one read of the file takes, so a reader holds at most this much.
 const READ_CHUNK: u64 = 1024 * 1024;
 
-/// The bytes gathered before one write to the file (and one wake-up of its readers).
+/// The bytes gathered before one hand-off to the file's writer (and one wake-up of the
+/// readers). The chunks are handed over as they came, never copied into one buffer.
 const WRITE_BATCH: usize = 256 * 1024;
 
 /// Batches waiting for the writer thread, at most.
 const WRITE_QUEUE: usize = 2;
 
-/// Batches kept in memory for readers keeping pace; they include those waiting to be
-/// written, so at most this many batches (1 MiB) of a blob in flight are held.
-const RECENT_BATCHES: usize = 4;
+/// The received bytes kept in memory for readers keeping pace; they include those
+/// waiting to be written, so at most this much (plus one chunk) of a blob in flight is
+/// held.
+const RECENT_BYTES: usize = 4 * WRITE_BATCH;
 
 impl Fill {
     pub(crate) fn new(file: File) -> Fill {
@@ -100,25 +130,28 @@ impl Fill {
         // The file is written on a thread of its own, so receiving (and hashing) the next
         // bytes overlaps writing the last ones; readers take what is not written yet from
         // the batches kept in memory.
-        let (queue, mut pending) = tokio::sync::mpsc::channel::<(u64, Bytes)>(WRITE_QUEUE);
+        let (queue, mut pending) = tokio::sync::mpsc::channel::<(u64, Vec<Bytes>)>(WRITE_QUEUE);
         let (file, progress) = (self.file.clone(), self.progress.clone());
         // It hashes what it writes too, off the receiving path.
         let mut hasher = verify.map(|d| DigestHasher::new(d.algorithm()));
         let writer = tokio::task::spawn_blocking(move || -> Result<Option<Digest>, String> {
-            while let Some((at, bytes)) = pending.blocking_recv() {
-                if let Some(hasher) = hasher.as_mut() {
-                    hasher.update(&bytes);
+            while let Some((mut at, chunks)) = pending.blocking_recv() {
+                for bytes in chunks {
+                    if let Some(hasher) = hasher.as_mut() {
+                        hasher.update(&bytes);
+                    }
+                    file.write_all_at(&bytes, at).map_err(|e| e.to_string())?;
+                    at += bytes.len() as u64;
                 }
-                file.write_all_at(&bytes, at).map_err(|e| e.to_string())?;
-                let end = at + bytes.len() as u64;
-                progress.send_modify(|p| p.written = end);
+                progress.send_modify(|p| p.written = at);
             }
             Ok(hasher.map(DigestHasher::finish))
         });
         let mut received = 0u64;
-        // Chunks arrive at network sizes (often 16 KiB): gather them into one write (and
+        // Chunks arrive at network sizes (16 to 64 KiB): gather them into one hand-off (and
         // one wake-up of the readers) per WRITE_BATCH.
-        let mut batch = bytes::BytesMut::with_capacity(WRITE_BATCH);
+        let mut batch: Vec<Bytes> = Vec::new();
+        let mut batch_len = 0usize;
         let outcome: Result<(), String> = async {
             loop {
                 let next = stream.next().await;
@@ -126,27 +159,38 @@ impl Fill {
                     Some(chunk) => {
                         let chunk = chunk.map_err(|e| e.to_string())?;
                         fetched(chunk.len() as u64);
-                        batch.extend_from_slice(&chunk);
-                        if received + batch.len() as u64 > size {
+                        batch_len += chunk.len();
+                        if !chunk.is_empty() {
+                            batch.push(chunk);
+                        }
+                        if received + batch_len as u64 > size {
                             return Err(format!("more than the {size} bytes promised"));
                         }
                         false
                     }
                     None => true,
                 };
-                if batch.len() >= WRITE_BATCH || (ended && !batch.is_empty()) {
-                    let bytes = batch.split().freeze();
+                if batch_len >= WRITE_BATCH || (ended && !batch.is_empty()) {
+                    let chunks = std::mem::take(&mut batch);
                     let at = received;
-                    received += bytes.len() as u64;
-                    let kept = bytes.clone();
+                    received += batch_len as u64;
+                    batch_len = 0;
                     self.progress.send_modify(|p| {
                         p.received = received;
-                        p.recent.push_back((at, kept));
-                        while p.recent.len() > RECENT_BATCHES {
-                            p.recent.pop_front();
+                        let mut offset = at;
+                        for chunk in &chunks {
+                            p.recent.push_back((offset, chunk.clone()));
+                            p.recent_bytes += chunk.len();
+                            offset += chunk.len() as u64;
+                        }
+                        while p.recent_bytes > RECENT_BYTES {
+                            let Some((_, dropped)) = p.recent.pop_front() else {
+                                break;
+                            };
+                            p.recent_bytes -= dropped.len();
                         }
                     });
-                    if queue.send((at, bytes)).await.is_err() {
+                    if queue.send((at, chunks)).await.is_err() {
                         // The writer stopped: its error says why.
                         break;
                     }
@@ -185,10 +229,9 @@ impl Fill {
         });
     }
 
-    /// The finished blob's bytes, to store.
-    pub(crate) fn contents(&self, size: u64) -> io::Result<ByteStream> {
-        let file = self.file.try_clone()?;
-        berth_storage::stream_file_range(file, 0, size)
+    /// The file the bytes went to, to store once they are verified.
+    pub(crate) fn file(&self) -> &File {
+        &self.file
     }
 
     /// The blob's bytes as they arrive; `served` hears each chunk's length.
@@ -200,7 +243,7 @@ impl Fill {
             (file, watching, 0u64, served),
             |(file, mut watching, offset, served)| async move {
                 loop {
-                    let seen = watching.borrow_and_update().clone();
+                    let seen = Seen::at(&watching.borrow_and_update(), offset);
                     let Some(size) = seen.size else {
                         if let Some(Err(message)) = seen.outcome {
                             return Some((
@@ -224,11 +267,7 @@ impl Fill {
                         seen.received.min(size.saturating_sub(1))
                     };
                     if offset < ready {
-                        let held = seen
-                            .recent
-                            .iter()
-                            .find(|(at, bytes)| *at <= offset && offset < at + bytes.len() as u64);
-                        if let Some((at, bytes)) = held {
+                        if let Some((at, bytes)) = seen.held {
                             let from = (offset - at) as usize;
                             let to = (ready - at).min(bytes.len() as u64) as usize;
                             let piece = bytes.slice(from..to);
