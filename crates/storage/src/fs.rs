@@ -684,9 +684,8 @@ impl BlobStore for FsBlobStore {
         if file.metadata()?.len() != size {
             return Ok(None);
         }
-        // Anonymous files are private to their creator (0600); blobs are read as any
-        // file the store writes is.
-        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+        // An anonymous file is its owner's only (0600), as everything the registry
+        // writes is: it keeps that mode under its new name.
         let staged = self.staged_path(id);
         let fd = rustix::fd::AsRawFd::as_raw_fd(file);
         let linking = staged.clone();
