@@ -212,6 +212,7 @@ pub(crate) fn copy(
         platform,
         referrers: what.referrers,
         progress: Some(display.sink()),
+        shared_blobs: None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

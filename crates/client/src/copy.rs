@@ -89,6 +89,58 @@ pub enum Progress {
 /// Where progress events go; called from the copying tasks, so it must be quick.
 pub type ProgressSink = Arc<dyn Fn(&Progress) + Send + Sync>;
 
+/// What copies to one registry have put where, shared by copies that run side by side
+/// (replication's tasks): a blob another copy is sending is waited for, then mounted from
+/// the repository it went to instead of sent a second time.
+#[derive(Default)]
+pub struct SharedBlobs {
+    /// Blob → a repository of the destination that holds it.
+    placed: std::sync::Mutex<std::collections::HashMap<Digest, String>>,
+    /// Blob → the turn of the copy sending it.
+    sending: std::sync::Mutex<std::collections::HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Blobs remembered at most; past it the memory starts again (a miss costs a HEAD).
+const MAX_PLACED: usize = 100_000;
+
+impl SharedBlobs {
+    /// Waits until no other copy is sending `digest`; the turn lasts as long as the guard.
+    async fn turn(&self, digest: &Digest) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .sending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(digest.clone())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
+    }
+
+    /// Forgets the turn of `digest` when nobody else waits for it.
+    fn done(&self, digest: &Digest) {
+        let mut sending = self.sending.lock().unwrap_or_else(|e| e.into_inner());
+        if sending
+            .get(digest)
+            .is_some_and(|lock| Arc::strong_count(lock) == 1)
+        {
+            sending.remove(digest);
+        }
+    }
+
+    fn placed_in(&self, digest: &Digest) -> Option<String> {
+        let placed = self.placed.lock().unwrap_or_else(|e| e.into_inner());
+        placed.get(digest).cloned()
+    }
+
+    fn place(&self, digest: &Digest, repository: &str) {
+        let mut placed = self.placed.lock().unwrap_or_else(|e| e.into_inner());
+        if placed.len() >= MAX_PLACED {
+            placed.clear();
+        }
+        placed.insert(digest.clone(), repository.to_owned());
+    }
+}
+
 /// What to copy and who hears about it.
 #[derive(Clone, Default)]
 pub struct CopyOptions {
@@ -99,6 +151,8 @@ pub struct CopyOptions {
     pub referrers: bool,
     /// Progress events.
     pub progress: Option<ProgressSink>,
+    /// Shared with other copies to the same registry, so that a blob goes there once.
+    pub shared_blobs: Option<Arc<SharedBlobs>>,
 }
 
 impl std::fmt::Debug for CopyOptions {
@@ -111,7 +165,40 @@ impl std::fmt::Debug for CopyOptions {
     }
 }
 
-/// One side of a copy: a repository of a registry, or an OCI layout on disk.
+/// A repository a copy reaches neither over HTTP nor as a layout: the registry's own
+/// store, when it replicates to or from another registry. The registry implements this
+/// (this crate cannot depend on it), so replication streams between its storage and the
+/// other registry without a loop through its own HTTP API.
+#[async_trait::async_trait]
+pub trait LocalRepository: Send + Sync {
+    /// A manifest by tag or digest ([`ClientError::NotFound`] when absent).
+    async fn manifest(&self, reference: &str) -> Result<Manifest, ClientError>;
+    /// A blob's size, if this repository holds it.
+    async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, ClientError>;
+    /// The referrers of `subject`, as descriptors.
+    async fn referrers(&self, subject: &Digest) -> Result<Vec<serde_json::Value>, ClientError>;
+    /// A blob's bytes.
+    async fn blob(&self, digest: &Digest) -> Result<BlobStream, ClientError>;
+    /// Links a blob the store holds for another repository into this one, without its
+    /// bytes moving; `false` when the store does not hold it.
+    async fn adopt_blob(&self, digest: &Digest) -> Result<bool, ClientError>;
+    /// Stores a blob, verified against `digest` and `size`.
+    async fn put_blob(
+        &self,
+        digest: &Digest,
+        size: u64,
+        body: BlobStream,
+    ) -> Result<(), ClientError>;
+    /// Stores a manifest under `reference` (a tag or its digest), bytes unchanged.
+    async fn put_manifest(&self, manifest: &Manifest, reference: &str) -> Result<(), ClientError>;
+}
+
+/// A blob's bytes as they arrive.
+pub type BlobStream =
+    Pin<Box<dyn futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send>>;
+
+/// One side of a copy: a repository of a registry, an OCI layout on disk, or a
+/// repository of this registry's own store.
 pub enum Endpoint<'a> {
     /// An image in a registry.
     Registry {
@@ -127,12 +214,20 @@ pub enum Endpoint<'a> {
         /// Its tag in the layout's index (`None`: the only image, or untagged).
         tag: Option<String>,
     },
+    /// An image in a repository of the registry's own store.
+    Local {
+        /// The repository.
+        repository: &'a dyn LocalRepository,
+        /// The image's tag or digest.
+        reference: String,
+    },
 }
 
-type ByteStream = Pin<Box<dyn futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send>>;
+type ByteStream = BlobStream;
 
 impl Endpoint<'_> {
-    pub(crate) async fn top_manifest(&self) -> Result<Manifest, ClientError> {
+    /// The image's manifest (by the endpoint's tag or digest).
+    pub async fn top_manifest(&self) -> Result<Manifest, ClientError> {
         match self {
             Endpoint::Registry { client, image } => {
                 client
@@ -140,6 +235,10 @@ impl Endpoint<'_> {
                     .await
             }
             Endpoint::Layout { layout, tag } => layout.manifest(tag.as_deref()).await,
+            Endpoint::Local {
+                repository,
+                reference,
+            } => repository.manifest(reference).await,
         }
     }
 
@@ -151,6 +250,7 @@ impl Endpoint<'_> {
                     .await
             }
             Endpoint::Layout { layout, .. } => layout.manifest_by_digest(digest, "").await,
+            Endpoint::Local { repository, .. } => repository.manifest(digest.as_str()).await,
         }
     }
 
@@ -160,6 +260,7 @@ impl Endpoint<'_> {
                 client.blob_size(image.repository.as_str(), digest).await
             }
             Endpoint::Layout { layout, .. } => Ok(layout.blob_size(digest).await),
+            Endpoint::Local { repository, .. } => repository.blob_size(digest).await,
         }
     }
 
@@ -170,6 +271,7 @@ impl Endpoint<'_> {
                 client.referrers(image.repository.as_str(), subject).await
             }
             Endpoint::Layout { .. } => Ok(Vec::new()),
+            Endpoint::Local { repository, .. } => repository.referrers(subject).await,
         }
     }
 
@@ -184,6 +286,7 @@ impl Endpoint<'_> {
             )),
             // The receiving side verifies what it stores.
             Endpoint::Layout { layout, .. } => layout.blob(digest).await,
+            Endpoint::Local { repository, .. } => repository.blob(digest).await,
         }
     }
 
@@ -200,6 +303,7 @@ impl Endpoint<'_> {
                     .await
             }
             Endpoint::Layout { layout, .. } => layout.put_blob(digest, body).await.map(|_| ()),
+            Endpoint::Local { repository, .. } => repository.put_blob(digest, size, body).await,
         }
     }
 
@@ -225,6 +329,7 @@ impl Endpoint<'_> {
                     )
                     .await
             }
+            (Endpoint::Local { repository, .. }, _) => repository.adopt_blob(digest).await,
             _ => Ok(false),
         }
     }
@@ -247,6 +352,18 @@ impl Endpoint<'_> {
                     .put_manifest(manifest, if top { tag.as_deref() } else { None })
                     .await
             }
+            Endpoint::Local {
+                repository,
+                reference,
+            } => {
+                let by_tag = top && Digest::parse(reference).is_err();
+                let reference = if by_tag {
+                    reference.clone()
+                } else {
+                    manifest.digest.to_string()
+                };
+                repository.put_manifest(manifest, &reference).await
+            }
         }
     }
 }
@@ -267,6 +384,7 @@ pub async fn copy(
         source,
         destination,
         progress: options.progress.clone(),
+        shared: options.shared_blobs.clone(),
     };
     let mut report = transfer.copy_manifest(&top).await?;
     if options.referrers {
@@ -283,6 +401,7 @@ pub(crate) struct Transfer<'s, 'a, 'b> {
     pub(crate) source: &'s Endpoint<'a>,
     pub(crate) destination: &'s Endpoint<'b>,
     pub(crate) progress: Option<ProgressSink>,
+    pub(crate) shared: Option<Arc<SharedBlobs>>,
 }
 
 impl Transfer<'_, '_, '_> {
@@ -403,12 +522,34 @@ impl Transfer<'_, '_, '_> {
         Ok(())
     }
 
-    /// Puts one blob at the destination; returns how, and the bytes moved.
+    /// Puts one blob at the destination; returns how, and the bytes moved. With shared
+    /// blobs, one copy at a time handles a digest, and what it placed is remembered.
     async fn copy_blob(
         &self,
         digest: Digest,
         size: Option<u64>,
     ) -> Result<(BlobOutcome, u64), ClientError> {
+        let Some(shared) = &self.shared else {
+            return self.place_blob(&digest, size).await;
+        };
+        let turn = shared.turn(&digest).await;
+        let placed = self.place_blob(&digest, size).await;
+        if placed.is_ok() {
+            if let Endpoint::Registry { image, .. } = self.destination {
+                shared.place(&digest, image.repository.as_str());
+            }
+        }
+        drop(turn);
+        shared.done(&digest);
+        placed
+    }
+
+    async fn place_blob(
+        &self,
+        digest: &Digest,
+        size: Option<u64>,
+    ) -> Result<(BlobOutcome, u64), ClientError> {
+        let digest = digest.clone();
         let done = |outcome: BlobOutcome, size: u64| {
             self.tell(Progress::BlobDone {
                 digest: digest.clone(),
@@ -422,6 +563,17 @@ impl Transfer<'_, '_, '_> {
         }
         if self.destination.mount_from(self.source, &digest).await? {
             return done(BlobOutcome::Mounted, size.unwrap_or(0));
+        }
+        // Another copy put it in another repository of the destination: mount it here.
+        let elsewhere = self.shared.as_ref().and_then(|s| s.placed_in(&digest));
+        if let (Some(from), Endpoint::Registry { client, image }) = (elsewhere, self.destination) {
+            if from != image.repository.as_str()
+                && client
+                    .mount(image.repository.as_str(), &digest, &from)
+                    .await?
+            {
+                return done(BlobOutcome::Mounted, size.unwrap_or(0));
+            }
         }
         let size = match size {
             Some(size) => size,

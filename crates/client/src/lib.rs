@@ -12,6 +12,7 @@ mod chunked;
 mod copy;
 pub mod credentials;
 mod layout;
+mod listing;
 mod pull;
 mod reference;
 mod referrers;
@@ -30,8 +31,12 @@ use reqwest::header::{
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 
 pub use auth::{Credentials, IDENTITY_TOKEN_USER};
-pub use copy::{copy, BlobOutcome, CopyOptions, CopyReport, Endpoint, Progress, ProgressSink};
+pub use copy::{
+    copy, BlobOutcome, BlobStream, CopyOptions, CopyReport, Endpoint, LocalRepository, Progress,
+    ProgressSink, SharedBlobs,
+};
 pub use layout::OciLayout;
+pub use listing::MAX_LISTED;
 pub use pull::{inspect, pull, resolve, unpack, Platform, UnpackReport};
 pub use reference::ImageRef;
 pub use verify::VerifiedStream;

@@ -97,6 +97,7 @@ pub async fn pull(
         source,
         destination: &destination,
         progress,
+        shared: None,
     };
     let report = transfer.copy_manifest(&image).await?;
     Ok((image, report))

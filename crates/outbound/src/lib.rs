@@ -162,6 +162,18 @@ impl OutboundPolicy {
         timeout: Duration,
         max_redirects: usize,
     ) -> Result<reqwest::Client, OutboundError> {
+        self.http_client_verifying(timeout, max_redirects, true)
+    }
+
+    /// [`OutboundPolicy::http_client`], but with `verify_certificates` false it accepts
+    /// any TLS certificate: for a registry an administrator marked insecure (one with a
+    /// self-made certificate). The address guard applies all the same.
+    pub fn http_client_verifying(
+        &self,
+        timeout: Duration,
+        max_redirects: usize,
+        verify_certificates: bool,
+    ) -> Result<reqwest::Client, OutboundError> {
         let redirect_policy = self.clone();
         let redirects = reqwest::redirect::Policy::custom(move |attempt| {
             if attempt.previous().len() > max_redirects {
@@ -181,6 +193,7 @@ impl OutboundPolicy {
             .connect_timeout(CONNECT_TIMEOUT.min(timeout))
             .timeout(timeout)
             .pool_idle_timeout(Duration::from_secs(30))
+            .danger_accept_invalid_certs(!verify_certificates)
             .build()
             .map_err(|e| OutboundError::BadUrl(format!("building the HTTP client: {e}")))
     }
