@@ -246,6 +246,35 @@ pub enum Change {
         /// The project.
         project: String,
     },
+    /// A registry endpoint for replication was added or changed.
+    ReplicationRegistrySet {
+        /// Its name.
+        name: String,
+    },
+    /// A registry endpoint for replication was removed.
+    ReplicationRegistryRemoved {
+        /// Its name.
+        name: String,
+    },
+    /// A replication policy was created or changed.
+    ReplicationPolicySet {
+        /// Its name.
+        name: String,
+    },
+    /// A replication policy was removed, with its executions.
+    ReplicationPolicyRemoved {
+        /// Its name.
+        name: String,
+    },
+    /// A replication run was started by hand or by its schedule.
+    ReplicationStarted {
+        /// The policy.
+        policy: String,
+        /// The execution's id.
+        execution: i64,
+        /// What started it (`manual`, `schedule`).
+        trigger: String,
+    },
     /// A garbage collection pass removed manifests and marked blobs for deletion.
     GarbageCollected {
         /// Untagged manifests removed.
@@ -397,6 +426,27 @@ impl Change {
             Change::ProxyCacheRemoved { project } => {
                 ("proxy_cache.remove", project.clone(), String::new())
             }
+            Change::ReplicationRegistrySet { name } => {
+                ("replication.registry.set", name.clone(), String::new())
+            }
+            Change::ReplicationRegistryRemoved { name } => {
+                ("replication.registry.remove", name.clone(), String::new())
+            }
+            Change::ReplicationPolicySet { name } => {
+                ("replication.policy.set", name.clone(), String::new())
+            }
+            Change::ReplicationPolicyRemoved { name } => {
+                ("replication.policy.remove", name.clone(), String::new())
+            }
+            Change::ReplicationStarted {
+                policy,
+                execution,
+                trigger,
+            } => (
+                "replication.start",
+                policy.clone(),
+                format!("execution {execution}, {trigger}"),
+            ),
             Change::GarbageCollected {
                 manifests,
                 blobs,

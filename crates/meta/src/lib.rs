@@ -14,6 +14,7 @@ mod gc;
 mod images;
 mod postgres;
 mod proxy_caches;
+mod replication;
 mod schema;
 mod sqlite;
 mod webhooks;
@@ -31,6 +32,9 @@ pub use accounts::{
 };
 pub use events::{Actor, Change, Event, EventLog, TagChange};
 pub use proxy_caches::ProxyCacheStore;
+pub use replication::{
+    ExecutionRecord, NewTask, ReplicationStore, TaskOutcome, TaskRecord, TaskStatus,
+};
 pub use webhooks::{
     DeliveryBacklog, DeliveryOutcome, DeliveryRecord, DeliveryState, NewWebhook, WebhookPatch,
     WebhookRecord, WebhookStore, MAX_WEBHOOKS_PER_SCOPE,

@@ -234,6 +234,48 @@ CREATE TABLE proxy_caches (
     updated_at {int} NOT NULL
 );
 "#,
+    // 11: replication: registry endpoints, policies, and their executions and tasks.
+    r#"
+CREATE TABLE replication_registries (
+    name {key} PRIMARY KEY,
+    settings TEXT NOT NULL,
+    updated_at {int} NOT NULL
+);
+CREATE TABLE replication_policies (
+    name {key} PRIMARY KEY,
+    registry {key} NOT NULL REFERENCES replication_registries (name),
+    settings TEXT NOT NULL,
+    created_seq {int} NOT NULL,
+    updated_at {int} NOT NULL
+);
+CREATE TABLE replication_executions (
+    id {serial},
+    policy {key} NOT NULL REFERENCES replication_policies (name) ON DELETE CASCADE,
+    triggered_by TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at {int} NOT NULL,
+    ended_at {int}
+);
+CREATE INDEX replication_executions_by_policy ON replication_executions (policy, id);
+CREATE TABLE replication_tasks (
+    id {serial},
+    execution_id {int} NOT NULL REFERENCES replication_executions (id) ON DELETE CASCADE,
+    policy {key} NOT NULL,
+    operation TEXT NOT NULL,
+    source TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts {int} NOT NULL,
+    next_attempt_at {int} NOT NULL,
+    claimed_until {int},
+    bytes {int} NOT NULL,
+    error TEXT NOT NULL,
+    started_at {int},
+    ended_at {int}
+);
+CREATE INDEX replication_tasks_by_execution ON replication_tasks (execution_id, id);
+CREATE INDEX replication_tasks_open ON replication_tasks (policy, destination, id) WHERE status IN ('pending', 'running');
+"#,
 ];
 
 /// Where PostgreSQL databases made before the schema was shared stand in [`MIGRATIONS`]:
