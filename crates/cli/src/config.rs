@@ -47,6 +47,8 @@ pub(crate) struct Settings {
     pub(crate) webhooks: WebhookSettings,
     /// `[[proxy_cache]]`: projects that mirror upstream registries.
     pub(crate) proxy_caches: Vec<berth_proxy::ProxySettings>,
+    /// `[replication] reconcile_secs`: how often event-triggered policies also run whole.
+    pub(crate) replication_reconcile: Duration,
 }
 
 /// The `[limits]` connection settings, before the descriptor limit is known.
@@ -100,6 +102,7 @@ impl Settings {
             distribution_metrics: self.distribution_metrics,
             tracing: self.tracing.clone(),
             proxy_caches: self.proxy_caches.clone(),
+            replication_reconcile: self.replication_reconcile,
         })
     }
 }
@@ -255,6 +258,17 @@ struct FileConfig {
     webhooks: FileWebhooks,
     #[serde(default)]
     proxy_cache: Vec<FileProxyCache>,
+    #[serde(default)]
+    replication: FileReplication,
+}
+
+/// The `[replication]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileReplication {
+    /// How often a policy with the event trigger is also run whole, so that what the
+    /// target lost on its own comes back (default an hour).
+    reconcile_secs: Option<u64>,
 }
 
 /// One `[[proxy_cache]]` table: a project mirroring an upstream registry.
@@ -548,6 +562,13 @@ impl Settings {
         let proxy_caches = proxy_settings(&file_config.proxy_cache)?;
         Ok(Settings {
             proxy_caches,
+            replication_reconcile: Duration::from_secs(
+                file_config
+                    .replication
+                    .reconcile_secs
+                    .unwrap_or(3600)
+                    .max(10),
+            ),
             tracing: tracing_settings(&file_config.tracing)?,
             distribution_metrics: file_config.metrics.distribution_compatible.unwrap_or(false),
             webhooks,

@@ -272,6 +272,24 @@ impl From<WebhookError> for OciError {
     }
 }
 
+impl From<berth_replication::ReplicationError> for OciError {
+    fn from(e: berth_replication::ReplicationError) -> Self {
+        use berth_replication::ReplicationError as E;
+        let (status, code) = match e {
+            E::Registry(e) => return OciError::from(e),
+            E::Invalid(_) | E::Refused(_) => (StatusCode::BAD_REQUEST, Code::BadRequest),
+            E::NotFound(_) => (StatusCode::NOT_FOUND, Code::NotFound),
+            E::Conflict(_) => (StatusCode::CONFLICT, Code::Conflict),
+            // The other registry's answer, made printable by the client.
+            E::Remote(_) => (StatusCode::BAD_GATEWAY, Code::Unknown),
+            E::Meta(MetaError::Unavailable(_)) => return OciError::unavailable(&e),
+            E::Meta(MetaError::Full(_)) => return OciError::storage_full(&e),
+            E::Meta(_) => return OciError::internal(&e),
+        };
+        OciError::new(status, code, e.to_string())
+    }
+}
+
 impl IntoResponse for OciError {
     fn into_response(self) -> Response {
         let body = json!({ "errors": [{ "code": self.code.as_str(), "message": self.message, "detail": null }] });

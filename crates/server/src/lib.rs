@@ -12,6 +12,7 @@ mod metrics;
 pub mod node;
 mod proxied;
 mod proxy_api;
+mod replication_api;
 mod route;
 mod timings;
 pub mod tls;
@@ -61,6 +62,8 @@ pub struct App {
     tracer: Option<Tracer>,
     /// Pull-through caches, when projects mirror upstreams.
     proxy: Option<Arc<berth_proxy::ProxyCache>>,
+    /// Replication to and from other registries.
+    replication: Option<berth_replication::Replication>,
 }
 
 /// Who may read `GET /metrics` on the main listener (a separate metrics listener, when
@@ -96,12 +99,19 @@ impl App {
             distribution_metrics: false,
             tracer: None,
             proxy: None,
+            replication: None,
         }
     }
 
     /// Serves the proxy projects of `proxy` through their upstreams.
     pub fn with_proxy_cache(mut self, proxy: Arc<berth_proxy::ProxyCache>) -> Self {
         self.proxy = Some(proxy);
+        self
+    }
+
+    /// Serves the replication API and reports replication's metrics.
+    pub fn with_replication(mut self, replication: berth_replication::Replication) -> Self {
+        self.replication = Some(replication);
         self
     }
 
@@ -249,6 +259,34 @@ pub fn router(app: App) -> Router {
         .route(
             "/api/v1/projects/{name}/webhooks/{hook}/deliveries/{event}/redeliver",
             post(webhooks::redeliver_project),
+        )
+        .route(
+            "/api/v1/registries",
+            get(replication_api::list_registries).post(replication_api::create_registry),
+        )
+        .route(
+            "/api/v1/registries/{name}",
+            get(replication_api::get_registry)
+                .put(replication_api::put_registry)
+                .delete(replication_api::delete_registry),
+        )
+        .route(
+            "/api/v1/registries/{name}/ping",
+            post(replication_api::ping_registry),
+        )
+        .route(
+            "/api/v1/replication/policies",
+            get(replication_api::list_policies).post(replication_api::create_policy),
+        )
+        .route(
+            "/api/v1/replication/policies/{name}",
+            get(replication_api::get_policy)
+                .put(replication_api::put_policy)
+                .delete(replication_api::delete_policy),
+        )
+        .route(
+            "/api/v1/replication/policies/{name}/executions",
+            get(replication_api::list_executions).post(replication_api::start_execution),
         )
         .route("/api/v1/audit", get(admin::audit))
         .route("/api/v1/search", get(admin::search))
@@ -583,6 +621,51 @@ fn render_proxy_metrics(out: &mut String, proxy: &berth_proxy::ProxyCache) {
     }
 }
 
+/// Replication's task outcomes and bytes on this node, and the tasks still open per
+/// policy (policy names are administrators' and bounded in form).
+async fn render_replication_metrics(
+    out: &mut String,
+    replication: &berth_replication::Replication,
+) {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = &replication.counters;
+    let _ = writeln!(
+        out,
+        "# HELP berth_replication_tasks_total Replication task attempts on this node, by outcome.\n# TYPE berth_replication_tasks_total counter"
+    );
+    for (outcome, n) in [
+        ("succeeded", c.succeeded.load(Relaxed)),
+        ("skipped", c.skipped.load(Relaxed)),
+        ("retried", c.retried.load(Relaxed)),
+        ("failed", c.failed.load(Relaxed)),
+    ] {
+        let _ = writeln!(
+            out,
+            "berth_replication_tasks_total{{outcome=\"{outcome}\"}} {n}"
+        );
+    }
+    metrics::sample(
+        out,
+        "berth_replication_bytes_total",
+        "counter",
+        "Blob bytes replication sent from this node.",
+        c.bytes.load(Relaxed),
+    );
+    if let Ok(backlog) = replication.backlog().await {
+        let _ = writeln!(
+            out,
+            "# HELP berth_replication_pending_tasks Replication tasks not finished yet, by policy.\n# TYPE berth_replication_pending_tasks gauge"
+        );
+        for (policy, n) in backlog {
+            let _ = writeln!(
+                out,
+                "berth_replication_pending_tasks{{policy=\"{policy}\"}} {n}"
+            );
+        }
+    }
+}
+
 async fn render_metrics(app: &App) -> Response {
     use metrics::sample;
     let mut out = String::with_capacity(16 * 1024);
@@ -624,6 +707,9 @@ async fn render_metrics(app: &App) -> Response {
     }
     if let Some(proxy) = &app.proxy {
         render_proxy_metrics(&mut out, proxy);
+    }
+    if let Some(replication) = &app.replication {
+        render_replication_metrics(&mut out, replication).await;
     }
     sample(
         &mut out,

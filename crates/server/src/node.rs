@@ -68,6 +68,8 @@ pub struct NodeConfig {
     pub tracing: Option<berth_telemetry::TracingSettings>,
     /// Pull-through caches: each a project mirroring an upstream registry.
     pub proxy_caches: Vec<berth_proxy::ProxySettings>,
+    /// How often replication policies with the event trigger also run whole.
+    pub replication_reconcile: std::time::Duration,
 }
 
 /// Why a node could not be opened.
@@ -93,6 +95,9 @@ pub enum NodeError {
     /// A pull-through cache is misconfigured (a URL the outbound guard refuses…).
     #[error("{0}")]
     Proxy(#[from] berth_proxy::ProxyError),
+    /// Replication could not be set up (the outbound guard refused its HTTP client).
+    #[error(transparent)]
+    Replication(#[from] berth_replication::ReplicationError),
 }
 
 fn file_error(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
@@ -168,6 +173,12 @@ impl Node {
         };
         let webhooks = Webhooks::new(meta.clone(), config.webhooks.clone());
         let projects = meta.clone();
+        let replication = berth_replication::Replication::new(
+            registry.clone(),
+            meta.clone(),
+            &config.webhooks.outbound,
+            config.replication_reconcile,
+        )?;
         let access = AccessControl::for_mode(config.auth.clone(), meta, signer, issuer_key)?;
         let app = App::new(
             registry.clone(),
@@ -229,6 +240,8 @@ impl Node {
             );
         tokio::spawn(proxy.clone().run_eviction(every));
         let app = app.with_proxy_cache(proxy);
+        tokio::spawn(berth_replication::run(replication.clone()));
+        let app = app.with_replication(replication);
         Ok(Node {
             registry,
             access,

@@ -283,6 +283,7 @@ impl TestRegistry {
             distribution_metrics: true,
             tracing: None,
             proxy_caches: Vec::new(),
+            replication_reconcile: Duration::from_secs(3600),
         };
         let addr = runtime.block_on(async move {
             let Node {

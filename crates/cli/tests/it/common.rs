@@ -76,6 +76,25 @@ pub(crate) fn push_blob(base: &str, repo: &str, bytes: &[u8]) -> String {
         .body(bytes.to_vec())
         .send()
         .unwrap();
+    // A registry without single-request uploads (Docker Distribution) opens a session
+    // instead: the bytes go in its closing PUT.
+    let r = if r.status() == StatusCode::ACCEPTED {
+        let location = header(&r, "location");
+        let url = if location.starts_with('/') {
+            format!("{base}{location}")
+        } else {
+            location
+        };
+        let separator = if url.contains('?') { '&' } else { '?' };
+        http()
+            .put(format!("{url}{separator}digest={digest}"))
+            .header("content-type", "application/octet-stream")
+            .body(bytes.to_vec())
+            .send()
+            .unwrap()
+    } else {
+        r
+    };
     assert_eq!(
         r.status(),
         StatusCode::CREATED,

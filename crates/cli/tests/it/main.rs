@@ -22,6 +22,7 @@ mod memory;
 mod metrics;
 mod openapi;
 mod proxy;
+mod replication;
 mod tls;
 mod traces;
 mod unpack;
