@@ -75,14 +75,18 @@ fn take_from(
 }
 
 impl RegistryClient {
-    /// Sends `size` bytes of `body` to the upload at `url` as `PATCH` chunks of the chunk
-    /// size; returns where the upload goes on (for the closing `PUT`).
+    /// Sends the bytes of a `size`-byte blob from `start` on (`body` begins there) to the
+    /// upload at `url` as `PATCH` chunks of the chunk size; returns where the upload goes
+    /// on (for the closing `PUT`). `track`, when given, always holds where the upload
+    /// stands, so a later attempt can go on from there.
     pub(crate) async fn push_chunks<S>(
         &self,
         scope: &str,
         mut url: url::Url,
         body: S,
+        start: u64,
         size: u64,
+        track: Option<&Mutex<Option<url::Url>>>,
     ) -> Result<url::Url, ClientError>
     where
         S: Stream<Item = Result<Bytes, io::Error>> + Send + 'static,
@@ -92,13 +96,40 @@ impl RegistryClient {
             leftover: None,
             failed: None,
         }));
-        let mut offset = 0u64;
+        let mut offset = start;
         while offset < size {
             let length = self.chunk_size().min(size - offset);
             url = self.push_chunk(scope, url, offset, length, &feeder).await?;
             offset += length;
+            if let Some(track) = track {
+                *track.lock().map_err(|_| poisoned())? = Some(url.clone());
+            }
         }
         Ok(url)
+    }
+
+    /// How many bytes the upload at `url` holds (from its `Range: 0-<last byte>`), and
+    /// where it goes on.
+    pub(crate) async fn upload_held(
+        &self,
+        scope: &str,
+        url: &url::Url,
+    ) -> Result<(u64, url::Url), ClientError> {
+        let status = self
+            .send(scope, true, |http| http.get(url.as_str()))
+            .await?;
+        if status.status() != StatusCode::NO_CONTENT {
+            return Err(Self::failure(status, "an upload's status").await);
+        }
+        let held = header(status.headers(), RANGE.as_str())
+            .and_then(|r| r.split('-').nth(1)?.parse::<u64>().ok())
+            // "0-0" is how registries say both "nothing" and "one byte"; a chunk is never
+            // one byte, so it means nothing.
+            .map_or(0, |last| if last == 0 { 0 } else { last + 1 });
+        let next = self
+            .upload_location(&status)
+            .unwrap_or_else(|_| url.clone());
+        Ok((held, next))
     }
 
     /// Sends the chunk of `length` bytes at `start`. When the request fails, asks the
@@ -162,24 +193,13 @@ impl RegistryClient {
                 return Err(failure);
             }
             tokio::time::sleep(backoff(attempt, None)).await;
-            // How much of the upload the registry holds: `Range: 0-<last byte>`.
-            let status = self
-                .send(scope, true, |http| http.get(url.as_str()))
-                .await?;
-            if status.status() != StatusCode::NO_CONTENT {
-                return Err(Self::failure(status, "an upload's status").await);
-            }
-            let held = header(status.headers(), RANGE.as_str())
-                .and_then(|r| r.split('-').nth(1)?.parse::<u64>().ok())
-                // "0-0" is how registries say both "nothing" and "one byte"; a chunk
-                // is never one byte, so it means nothing.
-                .map_or(0, |last| if last == 0 { 0 } else { last + 1 });
+            let (held, next) = self.upload_held(scope, &url).await?;
             let kept_up_to = start + kept.lock().map_err(|_| poisoned())?.len() as u64;
             if held < start || held > end + 1 || held > kept_up_to {
                 return Err(failure);
             }
             from = held;
-            url = self.upload_location(&status).unwrap_or(url);
+            url = next;
             if from > end {
                 return Ok(url);
             }

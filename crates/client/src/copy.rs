@@ -98,6 +98,8 @@ pub struct SharedBlobs {
     placed: std::sync::Mutex<std::collections::HashMap<Digest, String>>,
     /// Blob → the turn of the copy sending it.
     sending: std::sync::Mutex<std::collections::HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+    /// (repository, blob) → the upload an interrupted copy left, to go on with.
+    unfinished: std::sync::Mutex<std::collections::HashMap<(String, Digest), url::Url>>,
 }
 
 /// Blobs remembered at most; past it the memory starts again (a miss costs a HEAD).
@@ -130,6 +132,26 @@ impl SharedBlobs {
     fn placed_in(&self, digest: &Digest) -> Option<String> {
         let placed = self.placed.lock().unwrap_or_else(|e| e.into_inner());
         placed.get(digest).cloned()
+    }
+
+    fn unfinished(&self, repository: &str, digest: &Digest) -> Option<url::Url> {
+        let unfinished = self.unfinished.lock().unwrap_or_else(|e| e.into_inner());
+        unfinished
+            .get(&(repository.to_owned(), digest.clone()))
+            .cloned()
+    }
+
+    fn keep_unfinished(&self, repository: &str, digest: &Digest, upload: Option<url::Url>) {
+        let mut unfinished = self.unfinished.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (repository.to_owned(), digest.clone());
+        match upload {
+            Some(url) if unfinished.len() < MAX_PLACED => {
+                unfinished.insert(key, url);
+            }
+            _ => {
+                unfinished.remove(&key);
+            }
+        }
     }
 
     fn place(&self, digest: &Digest, repository: &str) {
@@ -179,6 +201,8 @@ pub trait LocalRepository: Send + Sync {
     async fn referrers(&self, subject: &Digest) -> Result<Vec<serde_json::Value>, ClientError>;
     /// A blob's bytes.
     async fn blob(&self, digest: &Digest) -> Result<BlobStream, ClientError>;
+    /// A blob's bytes from `offset` on (to go on with an interrupted upload).
+    async fn blob_from(&self, digest: &Digest, offset: u64) -> Result<BlobStream, ClientError>;
     /// Links a blob the store holds for another repository into this one, without its
     /// bytes moving; `false` when the store does not hold it.
     async fn adopt_blob(&self, digest: &Digest) -> Result<bool, ClientError>;
@@ -272,6 +296,35 @@ impl Endpoint<'_> {
             }
             Endpoint::Layout { .. } => Ok(Vec::new()),
             Endpoint::Local { repository, .. } => repository.referrers(subject).await,
+        }
+    }
+
+    /// A blob's bytes from `offset` on, unverified (the receiving registry checks the
+    /// whole blob's digest when the upload closes).
+    async fn blob_from(
+        &self,
+        digest: &Digest,
+        size: u64,
+        offset: u64,
+    ) -> Result<ByteStream, ClientError> {
+        if offset == 0 {
+            return self.blob(digest, size).await;
+        }
+        match self {
+            Endpoint::Registry { client, image } => {
+                let range = format!("bytes={offset}-");
+                let ranged = client
+                    .blob_range(image.repository.as_str(), digest, &range)
+                    .await?;
+                match ranged {
+                    Some((_, _, stream)) => {
+                        Ok(Box::pin(stream.map(|c| c.map_err(std::io::Error::other))))
+                    }
+                    None => Ok(skip(self.blob(digest, size).await?, offset)),
+                }
+            }
+            Endpoint::Layout { layout, .. } => Ok(skip(layout.blob(digest).await?, offset)),
+            Endpoint::Local { repository, .. } => repository.blob_from(digest, offset).await,
         }
     }
 
@@ -600,6 +653,30 @@ impl Transfer<'_, '_, '_> {
                     )
                     .await?
             }
+            // Into a registry, alongside other copies: an upload an interrupted attempt
+            // left goes on from where it stopped.
+            (_, Endpoint::Registry { client, image }) if self.shared.is_some() => {
+                let shared = self.shared.as_ref().expect("checked");
+                let repository = image.repository.as_str();
+                let upload = std::sync::Mutex::new(shared.unfinished(repository, &digest));
+                let counter = self.counter(&digest, size);
+                let wanted = &digest;
+                let pushed = client
+                    .push_blob_resuming(repository, &digest, size, &upload, |offset| async move {
+                        let bytes = self.source.blob_from(wanted, size, offset).await?;
+                        Ok(bytes.map(move |chunk| {
+                            if let Ok(chunk) = &chunk {
+                                counter(chunk.len() as u64);
+                            }
+                            chunk
+                        }))
+                    })
+                    .await;
+                let left = upload.into_inner().unwrap_or_else(|e| e.into_inner());
+                shared.keep_unfinished(repository, &digest, left);
+                pushed?;
+                size
+            }
             _ => {
                 let counter = self.counter(&digest, size);
                 let bytes = self.source.blob(&digest, size).await?.map(move |chunk| {
@@ -633,6 +710,23 @@ impl Transfer<'_, '_, '_> {
             }
         }
     }
+}
+
+/// `stream` without its first `offset` bytes, for sources that cannot start elsewhere.
+fn skip(stream: ByteStream, offset: u64) -> ByteStream {
+    let mut left = offset;
+    Box::pin(stream.filter_map(move |chunk| {
+        let piece = match chunk {
+            Ok(mut bytes) if left > 0 => {
+                let dropped = left.min(bytes.len() as u64);
+                left -= dropped;
+                let rest = bytes.split_off(dropped as usize);
+                (!rest.is_empty()).then_some(Ok(rest))
+            }
+            other => Some(other),
+        };
+        std::future::ready(piece)
+    }))
 }
 
 /// The size each descriptor of a manifest gives its digest (config, layers, children,

@@ -617,14 +617,80 @@ impl RegistryClient {
         }
         let mut url = self.upload_location(&response)?;
         let final_body = if size > self.chunk_size {
-            url = self.push_chunks(&scope, url, body, size).await?;
+            url = self.push_chunks(&scope, url, body, 0, size, None).await?;
             None
         } else {
             Some(reqwest::Body::wrap_stream(body))
         };
+        self.close_upload(repository, digest, url, final_body, size)
+            .await
+    }
+
+    /// Uploads a blob in chunks, going on with the upload at `upload` when it holds one
+    /// (an earlier attempt's, interrupted) from where the registry says it stopped:
+    /// `open(offset)` gives the blob's bytes from there. `upload` always holds where the
+    /// upload stands, so a failed attempt leaves it for the next, and it is emptied once
+    /// the blob is stored. A blob interrupted many times is sent little more than once.
+    pub async fn push_blob_resuming<F, Fut, S>(
+        &self,
+        repository: &str,
+        digest: &Digest,
+        size: u64,
+        upload: &std::sync::Mutex<Option<url::Url>>,
+        open: F,
+    ) -> Result<u64, ClientError>
+    where
+        F: FnOnce(u64) -> Fut,
+        Fut: std::future::Future<Output = Result<S, ClientError>>,
+        S: Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+    {
+        let scope = format!("repository:{repository}:pull,push");
+        let unfinished = upload.lock().ok().and_then(|u| u.clone());
+        let resumed = match unfinished {
+            Some(url) => self.upload_held(&scope, &url).await.ok(),
+            None => None,
+        };
+        let (offset, url) = match resumed {
+            Some((held, url)) if held <= size => (held, url),
+            _ => {
+                let start = format!("{}/v2/{repository}/blobs/uploads/", self.base);
+                let response = self.send(&scope, true, |http| http.post(&start)).await?;
+                if response.status() != StatusCode::ACCEPTED {
+                    return Err(
+                        Self::failure(response, &format!("upload into {repository}")).await,
+                    );
+                }
+                (0, self.upload_location(&response)?)
+            }
+        };
+        if let Ok(mut upload) = upload.lock() {
+            *upload = Some(url.clone());
+        }
+        let body = open(offset).await?;
+        let url = self
+            .push_chunks(&scope, url, body, offset, size, Some(upload))
+            .await?;
+        self.close_upload(repository, digest, url, None, size)
+            .await?;
+        if let Ok(mut upload) = upload.lock() {
+            *upload = None;
+        }
+        Ok(size - offset)
+    }
+
+    /// The closing `PUT ?digest=` of an upload, with the last bytes or none.
+    async fn close_upload(
+        &self,
+        repository: &str,
+        digest: &Digest,
+        mut url: url::Url,
+        final_body: Option<reqwest::Body>,
+        size: u64,
+    ) -> Result<(), ClientError> {
+        let scope = format!("repository:{repository}:pull,push");
         url.query_pairs_mut().append_pair("digest", digest.as_str());
+        let length = if final_body.is_some() { size } else { 0 };
         let body = std::sync::Mutex::new(final_body);
-        let length = if size > self.chunk_size { 0 } else { size };
         let response = self
             .send(&scope, false, |http| {
                 let request = http

@@ -101,6 +101,9 @@ pub struct Replication {
         Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<berth_client::SharedBlobs>>>>,
 }
 
+/// The chunk replication pushes blobs in.
+const REPLICATION_CHUNK: u64 = 8 * 1024 * 1024;
+
 /// The longest one request to another registry may take: a blob of many GiB over a slow
 /// link (pushes go in chunks, each far shorter).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
@@ -169,12 +172,12 @@ impl Replication {
         } else {
             self.http.clone()
         };
-        Ok(RegistryClient::new(
-            http,
-            &host,
-            url.scheme() == "http",
-            credentials,
-        ))
+        // Blobs go in chunks, so an interrupted one goes on where it stopped; each chunk
+        // in flight is held in memory for a resend, hence chunks smaller than a CLI push's.
+        Ok(
+            RegistryClient::new(http, &host, url.scheme() == "http", credentials)
+                .with_chunk_size(REPLICATION_CHUNK),
+        )
     }
 
     /// What this node's tasks placed at `registry` (`""`: this registry).

@@ -91,6 +91,26 @@ impl LocalRepository for LocalRepo {
         Ok(self.limited(stream))
     }
 
+    async fn blob_from(&self, digest: &Digest, offset: u64) -> Result<BlobStream, ClientError> {
+        let range = berth_registry::RangeRequest::From {
+            start: offset,
+            end: None,
+        };
+        let read = self
+            .registry
+            .read_blob(&self.repo, digest, Some(range))
+            .await
+            .map_err(client_error)?;
+        let stream = match read.body {
+            BlobBytes::Stream(stream) => stream,
+            BlobBytes::File { file, start, len } => {
+                berth_storage::stream_file_range(file, start, len)
+                    .map_err(|e| ClientError::Protocol(format!("reading {digest}: {e}")))?
+            }
+        };
+        Ok(self.limited(stream))
+    }
+
     async fn adopt_blob(&self, digest: &Digest) -> Result<bool, ClientError> {
         match self
             .registry

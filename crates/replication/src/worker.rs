@@ -499,19 +499,25 @@ fn copy_options(
     shared_blobs: Arc<berth_client::SharedBlobs>,
 ) -> CopyOptions {
     let sent = sent.clone();
+    // Bytes read for each blob so far: what moved, resumed uploads included.
+    let moved = Mutex::new(HashMap::<berth_oci::Digest, u64>::new());
     CopyOptions {
         platform: None,
         referrers: true,
         shared_blobs: Some(shared_blobs),
-        progress: Some(Arc::new(move |event: &Progress| {
-            if let Progress::BlobDone {
-                size,
-                outcome: berth_client::BlobOutcome::Copied,
-                ..
-            } = event
-            {
-                sent.fetch_add(*size, Ordering::Relaxed);
+        progress: Some(Arc::new(move |event: &Progress| match event {
+            Progress::BlobBytes { digest, done, .. } => {
+                let mut moved = moved.lock().unwrap_or_else(|e| e.into_inner());
+                let before = moved.insert(digest.clone(), *done).unwrap_or(0);
+                sent.fetch_add(done.saturating_sub(before), Ordering::Relaxed);
             }
+            Progress::BlobDone { digest, .. } => {
+                moved
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(digest);
+            }
+            _ => {}
         })),
     }
 }

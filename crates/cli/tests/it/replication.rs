@@ -586,3 +586,70 @@ fn the_api_refuses_what_it_must_and_never_shows_a_password() {
         assert!(audit.contains(action), "{action}: {audit}");
     }
 }
+
+/// Bytes the registry at `base` received in upload requests.
+fn upload_bytes_received(base: &str) -> u64 {
+    let text = http()
+        .get(format!("{base}/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("berth_http_request_bytes_total") && l.contains("/blobs/uploads"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[test]
+fn an_interrupted_blob_goes_on_where_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = replicator(&dir.path().join("source"), 3600);
+    let target = start();
+    let relay = CuttableProxy::start(target.host().parse().unwrap());
+    let src = source.url();
+    let layer: Vec<u8> = (0..48 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let (digest, _) = push_image(&src, "big/app", "v1", &[&layer]);
+    add_registry(&src, "far", &format!("http://{}", relay.addr()));
+    // 16 MiB/s: three seconds for the layer, time to cut it in the middle.
+    add_policy(
+        &src,
+        json!({"name": "slow", "direction": "push", "registry": "far", "source": "big/**",
+               "bandwidth_bytes_per_sec": 16 * 1024 * 1024}),
+    );
+    let before = upload_bytes_received(&target.url());
+    let url = format!("{src}/api/v1/replication/policies/slow/executions");
+    assert_eq!(
+        http().post(&url).send().unwrap().status(),
+        StatusCode::CREATED
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    relay.cut();
+    std::thread::sleep(Duration::from_secs(2));
+    relay.restore();
+    let done = wait_until(Duration::from_secs(60), || {
+        digest_at(&target.url(), "big/app", "v1").as_deref() == Some(digest.as_str())
+    });
+    let runs: Value = http().get(&url).send().unwrap().json().unwrap();
+    assert!(done, "{runs}");
+    let task = &runs[0]["tasks"][0];
+    assert!(
+        task["attempts"].as_u64().unwrap() >= 2,
+        "the cut interrupted it: {runs}"
+    );
+    let received = upload_bytes_received(&target.url()) - before;
+    let ratio = received as f64 / layer.len() as f64;
+    eprintln!(
+        "resumed: {received} bytes received for a {} byte layer ({ratio:.3}x), attempts {}",
+        layer.len(),
+        task["attempts"]
+    );
+    assert!(
+        ratio <= 1.1,
+        "{received} bytes received for a {} byte layer ({ratio:.2}x)",
+        layer.len()
+    );
+    assert!(pull_problems(&target.url(), "big/app", "v1").is_empty());
+}
