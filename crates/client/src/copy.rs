@@ -206,6 +206,27 @@ pub trait LocalRepository: Send + Sync {
     /// Links a blob the store holds for another repository into this one, without its
     /// bytes moving; `false` when the store does not hold it.
     async fn adopt_blob(&self, digest: &Digest) -> Result<bool, ClientError>;
+    /// How many bytes of `digest` an upload an earlier, interrupted copy left holds.
+    async fn held_upload(&self, _digest: &Digest) -> Result<u64, ClientError> {
+        Ok(0)
+    }
+    /// Stores a blob from bytes that begin at `offset` (what an interrupted upload held
+    /// before them), verified against `digest` once whole. An upload that fails midway
+    /// is kept, for [`LocalRepository::held_upload`] to find.
+    async fn put_blob_from(
+        &self,
+        digest: &Digest,
+        size: u64,
+        offset: u64,
+        body: BlobStream,
+    ) -> Result<(), ClientError> {
+        if offset != 0 {
+            return Err(ClientError::Protocol(format!(
+                "no interrupted upload of {digest} to go on with"
+            )));
+        }
+        self.put_blob(digest, size, body).await
+    }
     /// Stores a blob, verified against `digest` and `size`.
     async fn put_blob(
         &self,
@@ -652,6 +673,26 @@ impl Transfer<'_, '_, '_> {
                         &self.counter(&digest, size),
                     )
                     .await?
+            }
+            // Into this registry's store: an upload an interrupted attempt left goes on,
+            // with the rest of the blob asked of the source by range.
+            (_, Endpoint::Local { repository, .. }) => {
+                let offset = repository.held_upload(&digest).await?.min(size);
+                let counter = self.counter(&digest, size);
+                let bytes = self
+                    .source
+                    .blob_from(&digest, size, offset)
+                    .await?
+                    .map(move |chunk| {
+                        if let Ok(chunk) = &chunk {
+                            counter(chunk.len() as u64);
+                        }
+                        chunk
+                    });
+                repository
+                    .put_blob_from(&digest, size, offset, Box::pin(bytes))
+                    .await?;
+                size
             }
             // Into a registry, alongside other copies: an upload an interrupted attempt
             // left goes on from where it stopped.

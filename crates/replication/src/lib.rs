@@ -99,6 +99,8 @@ pub struct Replication {
     /// tasks placed there, so tasks running side by side send a shared layer once.
     shared_blobs:
         Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<berth_client::SharedBlobs>>>>,
+    /// Uploads into this registry that interrupted pulls left.
+    pub(crate) unfinished: local::UnfinishedUploads,
 }
 
 /// The chunk replication pushes blobs in.
@@ -132,6 +134,7 @@ impl Replication {
             reconcile_every,
             counters: Arc::default(),
             shared_blobs: Arc::default(),
+            unfinished: Arc::default(),
         })
     }
 

@@ -16,7 +16,14 @@ pub(crate) struct LocalRepo {
     pub(crate) by: Actor,
     /// The policy's bandwidth limit, applied to the bytes this side reads or writes.
     pub(crate) throttle: Option<std::sync::Arc<crate::worker::Throttle>>,
+    /// Uploads interrupted attempts left, by repository and blob, to go on with.
+    pub(crate) unfinished: UnfinishedUploads,
 }
+
+/// Upload sessions of this registry that interrupted pulls left: (repository, blob) →
+/// session id.
+pub(crate) type UnfinishedUploads =
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<(String, Digest), String>>>;
 
 impl LocalRepo {
     fn limited(&self, stream: BlobStream) -> BlobStream {
@@ -121,6 +128,86 @@ impl LocalRepository for LocalRepo {
             Ok(MountOutcome::NotMountable) => Ok(false),
             Err(e) => Err(client_error(e)),
         }
+    }
+
+    async fn held_upload(&self, digest: &Digest) -> Result<u64, ClientError> {
+        let key = (self.repo.to_string(), digest.clone());
+        let id = self
+            .unfinished
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .cloned();
+        let Some(id) = id else { return Ok(0) };
+        match self.registry.upload_status(&self.repo, &id).await {
+            Ok((_, held)) => {
+                tracing::info!(repository = %self.repo, %digest, held, "replication: going on with an interrupted upload");
+                Ok(held)
+            }
+            // Purged meanwhile: start afresh.
+            Err(_) => {
+                self.unfinished
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&key);
+                Ok(0)
+            }
+        }
+    }
+
+    async fn put_blob_from(
+        &self,
+        digest: &Digest,
+        _size: u64,
+        offset: u64,
+        body: BlobStream,
+    ) -> Result<(), ClientError> {
+        let key = (self.repo.to_string(), digest.clone());
+        let known = self
+            .unfinished
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .cloned();
+        let id = match known {
+            Some(id) => id,
+            None if offset == 0 => {
+                let id = self
+                    .registry
+                    .start_upload(&self.repo, &self.by)
+                    .await
+                    .map_err(client_error)?;
+                let id = id.as_str().to_owned();
+                self.unfinished
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key.clone(), id.clone());
+                id
+            }
+            None => {
+                return Err(ClientError::Protocol(format!(
+                    "no interrupted upload of {digest} to go on with"
+                )))
+            }
+        };
+        // What arrives before a failure stays in the session for the next attempt.
+        self.registry
+            .append_upload(&self.repo, &id, Some(offset), self.limited(body))
+            .await
+            .map_err(client_error)?;
+        let finished = self
+            .registry
+            .finish_upload(&self.repo, &id, digest, None, &self.by)
+            .await;
+        self.unfinished
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+        if finished.is_err() {
+            // Wrong bytes: the session is dropped, the next attempt starts afresh.
+            let _ = self.registry.cancel_upload(&self.repo, &id).await;
+        }
+        finished.map(drop).map_err(client_error)
     }
 
     async fn put_blob(

@@ -430,6 +430,7 @@ async fn attempt(
         repo: local_repo,
         by,
         throttle,
+        unfinished: replication.unfinished.clone(),
     };
     let remote_image = ImageRef {
         registry: String::new(),
