@@ -584,10 +584,10 @@ impl ReplicationStore for Database {
     ) -> Result<Vec<ExecutionRecord>, MetaError> {
         let sql = "SELECT e.id, e.policy, e.triggered_by, e.status, e.created_at, e.ended_at,
                      COUNT(t.id),
-                     COALESCE(SUM(CASE WHEN t.status = 'succeeded' THEN 1 ELSE 0 END), 0),
-                     COALESCE(SUM(CASE WHEN t.status = 'failed' THEN 1 ELSE 0 END), 0),
-                     COALESCE(SUM(CASE WHEN t.status = 'skipped' THEN 1 ELSE 0 END), 0),
-                     COALESCE(SUM(t.bytes), 0)
+                     CAST(COALESCE(SUM(CASE WHEN t.status = 'succeeded' THEN 1 ELSE 0 END), 0) AS BIGINT),
+                     CAST(COALESCE(SUM(CASE WHEN t.status = 'failed' THEN 1 ELSE 0 END), 0) AS BIGINT),
+                     CAST(COALESCE(SUM(CASE WHEN t.status = 'skipped' THEN 1 ELSE 0 END), 0) AS BIGINT),
+                     CAST(COALESCE(SUM(t.bytes), 0) AS BIGINT)
                    FROM replication_executions e
                    LEFT JOIN replication_tasks t ON t.execution_id = e.id
                    WHERE e.policy = ?1

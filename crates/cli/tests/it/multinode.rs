@@ -515,3 +515,136 @@ fn nodes_sharing_a_store_fetch_a_cold_blob_from_the_upstream_once() {
         hub.requests()
     );
 }
+
+/// PUTs of manifests the registry at `base` answered.
+fn manifest_puts(base: &str) -> u64 {
+    let text = http()
+        .get(format!("{base}/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    text.lines()
+        .filter(|l| {
+            l.starts_with("berth_http_requests_total")
+                && l.contains("route=\"/v2/{name}/manifests/{reference}\"")
+                && l.contains("method=\"PUT\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn replication_runs_each_task_on_one_node_and_follows_pushes_to_any_node() {
+    if shared_cluster().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let schema = unique_schema();
+    let webhooks = berth_webhooks::WebhookSettings {
+        outbound: berth_outbound::OutboundPolicy::allowing(&["127.0.0.0/8"]).unwrap(),
+        ..Default::default()
+    };
+    let nodes: Vec<TestRegistry> = (0..2)
+        .map(|_| {
+            TestRegistry::start_opts(Options {
+                meta: MetaBackend::Postgres,
+                postgres_schema: Some(schema.clone()),
+                data_dir: Some(dir.path().to_owned()),
+                blobs: crate::BLOBS,
+                s3_prefix: Some(schema.clone()),
+                webhooks: Some(webhooks.clone()),
+                ..Options::default()
+            })
+        })
+        .collect();
+    let (a, b) = (nodes[0].url(), nodes[1].url());
+    let target = TestRegistry::start();
+    let mut images = Vec::new();
+    for i in 0..12 {
+        let base = if i % 2 == 0 { &a } else { &b };
+        let tag = format!("v{i}");
+        let layer = format!("layer {i}");
+        let (digest, _) = push_image(base, "team/app", &tag, &[layer.as_bytes()]);
+        images.push((tag, digest));
+    }
+    let r = http()
+        .post(format!("{a}/api/v1/registries"))
+        .json(&serde_json::json!({"name": "target", "url": target.url()}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let r = http()
+        .post(format!("{a}/api/v1/replication/policies"))
+        .json(
+            &serde_json::json!({"name": "all", "direction": "push", "registry": "target",
+                                  "source": "team/**", "concurrency": 4}),
+        )
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    // Started through the other node: both work on it, each task once.
+    let url = format!("{b}/api/v1/replication/policies/all/executions");
+    let r = http().post(&url).send().unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().unwrap());
+    let mut run = Value::Null;
+    let ended = berth_testkit::wait_until(Duration::from_secs(60), || {
+        run = http().get(&url).send().unwrap().json::<Value>().unwrap()[0].clone();
+        run["status"] != "running"
+    });
+    assert!(ended, "{run}");
+    assert_eq!(run["succeeded"], 12, "{run}");
+    assert!(
+        run["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["attempts"] == 1),
+        "{run}"
+    );
+    assert_eq!(manifest_puts(&target.url()), 12, "each image stored once");
+    for (tag, digest) in &images {
+        let r = http()
+            .head(format!("{}/v2/team/app/manifests/{tag}", target.url()))
+            .header("accept", berth_client::MANIFEST_TYPES)
+            .send()
+            .unwrap();
+        assert_eq!(header(&r, "docker-content-digest"), *digest);
+    }
+
+    // The event trigger: pushes to either node, each replicated once.
+    let r = http()
+        .post(format!("{a}/api/v1/replication/policies"))
+        .json(
+            &serde_json::json!({"name": "follow", "direction": "push", "registry": "target",
+                                  "source": "live/**", "trigger": "event"}),
+        )
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let mut live = Vec::new();
+    for i in 0..6 {
+        let base = if i % 2 == 0 { &a } else { &b };
+        let layer = format!("live {i}");
+        let (digest, _) = push_image(base, "live/app", &format!("t{i}"), &[layer.as_bytes()]);
+        live.push((format!("t{i}"), digest));
+    }
+    let arrived = berth_testkit::wait_until(Duration::from_secs(30), || {
+        live.iter().all(|(tag, digest)| {
+            http()
+                .head(format!("{}/v2/live/app/manifests/{tag}", target.url()))
+                .header("accept", berth_client::MANIFEST_TYPES)
+                .send()
+                .is_ok_and(|r| {
+                    r.status() == StatusCode::OK && header(&r, "docker-content-digest") == *digest
+                })
+        })
+    });
+    assert!(arrived);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        manifest_puts(&target.url()),
+        12 + 6,
+        "each push replicated once"
+    );
+}

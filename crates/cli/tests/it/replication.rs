@@ -367,7 +367,8 @@ fn pull_and_push_policies_work_with_docker_distribution() {
 
     // Push, with deletions: Distribution deletes manifests, not tags, so the tag's
     // manifest goes there.
-    let (mine, _) = push_image(&local, "team/app", "v1", &[b"mine"]);
+    let (mine, mine_bytes) = push_image(&local, "team/app", "v1", &[b"mine"]);
+    let signature = push_referrer(&local, "team/app", &mine, mine_bytes.len());
     add_policy(
         &local,
         json!({"name": "to-dist", "direction": "push", "registry": "dist", "source": "team/**",
@@ -378,6 +379,20 @@ fn pull_and_push_policies_work_with_docker_distribution() {
     assert_eq!(
         digest_at(&remote, "team/app", "v1").as_deref(),
         Some(mine.as_str())
+    );
+    // Distribution has no referrers API: the signature goes with the tag schema's index.
+    let fallback = format!("sha256-{}", mine.trim_start_matches("sha256:"));
+    let index: Value = http()
+        .get(format!("{remote}/v2/team/app/manifests/{fallback}"))
+        .header("accept", "application/vnd.oci.image.index.v1+json")
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(
+        index["manifests"][0]["digest"],
+        signature.as_str(),
+        "{index}"
     );
     let (later, _) = push_image(&local, "team/app", "v2", &[b"later"]);
     assert!(wait_until(Duration::from_secs(30), || digest_at(
