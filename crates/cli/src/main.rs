@@ -4,6 +4,7 @@ mod accounts;
 mod config;
 mod progress;
 mod remote;
+mod replication;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -168,6 +169,15 @@ enum Command {
         #[command(subcommand)]
         command: accounts::UserCommand,
     },
+    /// Replicate to and from other registries: endpoints, policies and runs (as the
+    /// API's `/api/v1/registries` and `/api/v1/replication`; works beside a running
+    /// registry).
+    Replication {
+        #[command(flatten)]
+        data: DataArgs,
+        #[command(subcommand)]
+        command: replication::ReplicationCommand,
+    },
     /// Show the audit log, newest first.
     Audit {
         #[command(flatten)]
@@ -283,6 +293,12 @@ fn main() -> anyhow::Result<()> {
             let settings = load(data, Overrides::default())?;
             run_offline(&settings, |node| {
                 accounts::user_command(node.access, command)
+            })
+        }
+        Command::Replication { data, command } => {
+            let settings = load(data, Overrides::default())?;
+            run_offline(&settings, |node| {
+                replication::replication_command(node.replication, command)
             })
         }
         Command::Audit { data, filter } => {
@@ -402,6 +418,7 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
             registry,
             access,
             webhooks,
+            replication,
             app,
         } = Node::open(&settings.node()?).await?;
         if access.settings().mode == AuthMode::Builtin {
@@ -417,6 +434,7 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
         tokio::spawn(maintenance(registry.clone(), settings.gc.options.clone()));
         tokio::spawn(abandoned_sweeps(registry.clone()));
         tokio::spawn(berth_webhooks::run_sender(webhooks));
+        tokio::spawn(berth_replication::run(replication));
         let tls = match &settings.tls {
             Some(files) => {
                 let tls = Tls::load(files.clone())

@@ -115,6 +115,9 @@ pub struct Node {
     pub access: AccessControl,
     /// Webhook administration; `berth_webhooks::run_sender` delivers.
     pub webhooks: Webhooks,
+    /// Replication administration; `berth_replication::run` does the work (a serving
+    /// node runs it; a command-line process that only administers does not).
+    pub replication: berth_replication::Replication,
     /// The router's state.
     pub app: App,
 }
@@ -240,12 +243,12 @@ impl Node {
             );
         tokio::spawn(proxy.clone().run_eviction(every));
         let app = app.with_proxy_cache(proxy);
-        tokio::spawn(berth_replication::run(replication.clone()));
-        let app = app.with_replication(replication);
+        let app = app.with_replication(replication.clone());
         Ok(Node {
             registry,
             access,
             webhooks,
+            replication,
             app,
         })
     }

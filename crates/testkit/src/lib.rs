@@ -290,11 +290,13 @@ impl TestRegistry {
                 access,
                 app,
                 webhooks: webhook_admin,
+                replication,
                 ..
             } = open_node(&config).await;
             if webhooks.is_some() {
                 tokio::spawn(berth_webhooks::run_sender(webhook_admin));
             }
+            tokio::spawn(berth_replication::run(replication));
             if access.settings().mode == AuthMode::Builtin {
                 access
                     .accounts()

@@ -741,3 +741,61 @@ fn an_interrupted_pull_goes_on_by_range() {
     );
     assert!(pull_problems(&base, "vendor/big", "v1").is_empty());
 }
+
+#[test]
+fn the_command_line_manages_replication_beside_a_running_registry() {
+    use crate::clients::{run as run_command, run_with_stdin};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("source");
+    let source = replicator(&data, 3600);
+    let target = start();
+    let (digest, _) = push_image(&source.url(), "team/app", "v1", &[b"from the command line"]);
+    let config = data.with_extension("toml");
+    let berth = || {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_berth"));
+        c.arg("replication")
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--config")
+            .arg(&config)
+            .env("BERTH_LOG_LEVEL", "warn");
+        c
+    };
+    let added = run_with_stdin(
+        berth().args([
+            "add-registry",
+            "second",
+            &target.url(),
+            "--username",
+            "bot",
+            "--password-stdin",
+        ]),
+        "a password\n",
+    );
+    assert!(
+        added.contains("\"password_set\": true") && !added.contains("a password"),
+        "{added}"
+    );
+    let policy =
+        json!({"name": "cli", "direction": "push", "registry": "second", "source": "team/**"});
+    run_with_stdin(berth().arg("set-policy"), &policy.to_string());
+    let listed = run_command(berth().arg("policies"));
+    assert!(listed.contains("\"name\": \"cli\""), "{listed}");
+    run_command(berth().args(["run", "cli"]));
+    // The running registry's worker carries the run out.
+    assert!(wait_until(Duration::from_secs(30), || {
+        digest_at(&target.url(), "team/app", "v1").as_deref() == Some(digest.as_str())
+    }));
+    let runs: Value =
+        serde_json::from_str(&run_command(berth().args(["executions", "cli"]))).unwrap();
+    assert_eq!(runs[0]["status"], "succeeded", "{runs}");
+    let refused = berth()
+        .args(["remove-registry", "second"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "a registry a policy uses stays");
+    run_command(berth().args(["remove-policy", "cli"]));
+    run_command(berth().args(["remove-registry", "second"]));
+    assert_eq!(run_command(berth().arg("registries")).trim(), "[]");
+    drop(source);
+}
