@@ -203,6 +203,42 @@ mod tests {
     }
 
     #[test]
+    fn tag_regexes_artifact_types_and_annotations_filter() {
+        let p = policy(serde_json::json!({"filters": {
+            "tag_regex": "v[0-9]+\\.[0-9]+", "artifact_types": ["application/vnd.example.sbom"],
+            "annotations": {"org.example.team": "core"},
+        }}));
+        assert!(p.filters.takes_tag("v1.2"));
+        assert!(!p.filters.takes_tag("v1.2-rc"), "the whole tag must match");
+        assert!(!p.filters.takes_tag("latest"));
+        let sbom = br#"{"artifactType": "application/vnd.example.sbom", "annotations": {"org.example.team": "core"}}"#;
+        assert_eq!(p.filters.refuses_manifest(sbom), None);
+        let image = br#"{"config": {"mediaType": "application/vnd.oci.image.config.v1+json"}}"#;
+        assert!(p
+            .filters
+            .refuses_manifest(image)
+            .unwrap()
+            .contains("artifact type"));
+        let other_team = br#"{"artifactType": "application/vnd.example.sbom", "annotations": {"org.example.team": "web"}}"#;
+        assert!(p
+            .filters
+            .refuses_manifest(other_team)
+            .unwrap()
+            .contains("annotation"));
+        for bad in [
+            serde_json::json!({"tag_regex": "("}),
+            serde_json::json!({"tag_regex": "a".repeat(300)}),
+            serde_json::json!({"tag_regex": "(a{1000}){1000}"}),
+            serde_json::json!({"artifact_types": "one"}),
+            serde_json::json!({"annotations": {"k": 1}}),
+        ] {
+            let mut value = p.to_json();
+            value["filters"] = bad.clone();
+            assert!(Policy::from_value(&value).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn destinations_flatten_and_prefix() {
         let p = policy(serde_json::json!({"destination_namespace": "mirror", "flatten": 1}));
         assert_eq!(p.destination_of("team/app/web"), "mirror/app/web");

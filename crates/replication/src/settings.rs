@@ -79,11 +79,52 @@ pub struct Policy {
     pub enabled: bool,
 }
 
+/// A regular expression a whole tag must match (linear-time matching; its compiled size
+/// is bounded).
+#[derive(Debug, Clone)]
+pub struct TagRegex {
+    text: String,
+    regex: regex::Regex,
+}
+
+impl PartialEq for TagRegex {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for TagRegex {}
+
+impl TagRegex {
+    fn parse(text: &str) -> Result<TagRegex, ReplicationError> {
+        if text.is_empty() || text.len() > 256 {
+            return Err(ReplicationError::Invalid(
+                "filters: tag_regex is 1 to 256 characters".to_owned(),
+            ));
+        }
+        let regex = regex::RegexBuilder::new(&format!("^(?:{text})$"))
+            .size_limit(1 << 20)
+            .build()
+            .map_err(|e| ReplicationError::Invalid(format!("filters: tag_regex: {e}")))?;
+        Ok(TagRegex {
+            text: text.to_owned(),
+            regex,
+        })
+    }
+}
+
 /// Which images of the source repositories go.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Filters {
     /// Tags that go (all when empty).
     pub tags: Vec<Glob>,
+    /// A regular expression tags must also match, when set.
+    pub tag_regex: Option<TagRegex>,
+    /// Artifact types that go (a manifest's `artifactType`, else its config's media type;
+    /// all when empty).
+    pub artifact_types: Vec<String>,
+    /// Annotations a manifest must carry, each with this value.
+    pub annotations: std::collections::BTreeMap<String, String>,
     /// Tags that do not, even when `tags` takes them.
     pub exclude_tags: Vec<Glob>,
     /// Repositories left out, even when `source` takes them.
@@ -363,7 +404,14 @@ impl Filters {
         let fields = object(
             value,
             WHAT,
-            &["tags", "exclude_tags", "exclude_repositories"],
+            &[
+                "tags",
+                "tag_regex",
+                "exclude_tags",
+                "exclude_repositories",
+                "artifact_types",
+                "annotations",
+            ],
         )?;
         let globs = |key: &str| -> Result<Vec<Glob>, ReplicationError> {
             let list = match fields.get(key) {
@@ -385,8 +433,54 @@ impl Filters {
                 })
                 .collect()
         };
+        let tag_regex = text(fields, "tag_regex", WHAT)?
+            .map(|t| TagRegex::parse(&t))
+            .transpose()?;
+        let artifact_types = match fields.get("artifact_types") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(types)) if types.len() <= 32 => types
+                .iter()
+                .map(|t| match t.as_str() {
+                    Some(t)
+                        if !t.is_empty() && t.len() <= 255 && !t.chars().any(char::is_control) =>
+                    {
+                        Ok(t.to_owned())
+                    }
+                    _ => Err(ReplicationError::Invalid(format!(
+                        "{WHAT}: artifact_types holds media types (1 to 255 printable characters)"
+                    ))),
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => {
+                return Err(ReplicationError::Invalid(format!(
+                    "{WHAT}: artifact_types is a list of at most 32"
+                )))
+            }
+        };
+        let annotations = match fields.get("annotations") {
+            None | Some(Value::Null) => Default::default(),
+            Some(Value::Object(pairs)) if pairs.len() <= 32 => pairs
+                .iter()
+                .map(|(k, v)| match v.as_str() {
+                    Some(v) if k.len() <= 255 && v.len() <= MAX_TEXT => {
+                        Ok((k.clone(), v.to_owned()))
+                    }
+                    _ => Err(ReplicationError::Invalid(format!(
+                        "{WHAT}: annotations maps names to string values"
+                    ))),
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => {
+                return Err(ReplicationError::Invalid(format!(
+                    "{WHAT}: annotations is an object of at most 32"
+                )))
+            }
+        };
         Ok(Filters {
             tags: globs("tags")?,
+            tag_regex,
+            artifact_types,
+            annotations,
             exclude_tags: globs("exclude_tags")?,
             exclude_repositories: globs("exclude_repositories")?,
         })
@@ -401,14 +495,45 @@ impl Filters {
         };
         json!({
             "tags": list(&self.tags),
+            "tag_regex": self.tag_regex.as_ref().map(|r| r.text.clone()),
             "exclude_tags": list(&self.exclude_tags),
             "exclude_repositories": list(&self.exclude_repositories),
+            "artifact_types": self.artifact_types,
+            "annotations": self.annotations,
         })
     }
 
     /// Whether `tag` goes.
     pub fn takes_tag(&self, tag: &str) -> bool {
         (self.tags.is_empty() || self.tags.iter().any(|g| g.matches(tag)))
+            && self
+                .tag_regex
+                .as_ref()
+                .is_none_or(|r| r.regex.is_match(tag))
             && !self.exclude_tags.iter().any(|g| g.matches(tag))
+    }
+
+    /// Why the manifest `raw` does not go (its artifact type or annotations), if it
+    /// does not.
+    pub fn refuses_manifest(&self, raw: &[u8]) -> Option<String> {
+        if self.artifact_types.is_empty() && self.annotations.is_empty() {
+            return None;
+        }
+        let manifest: Value = serde_json::from_slice(raw).unwrap_or_default();
+        if !self.artifact_types.is_empty() {
+            let kind = manifest["artifactType"]
+                .as_str()
+                .or(manifest["config"]["mediaType"].as_str())
+                .unwrap_or_default();
+            if !self.artifact_types.iter().any(|t| t == kind) {
+                return Some(format!("artifact type {kind:?} is not among the filter's"));
+            }
+        }
+        for (name, wanted) in &self.annotations {
+            if manifest["annotations"][name].as_str() != Some(wanted.as_str()) {
+                return Some(format!("annotation {name} is not {wanted:?}"));
+            }
+        }
+        None
     }
 }

@@ -474,6 +474,9 @@ async fn attempt(
         }
         Err(e) => return Err(e.into()),
     };
+    if let Some(why) = policy.filters.refuses_manifest(&wanted.bytes) {
+        return Ok(Done::Skipped(format!("filtered: {why}")));
+    }
     match destination.top_manifest().await {
         Ok(there) if there.digest == wanted.digest => {
             return Ok(Done::Skipped(format!("up to date at {}", wanted.digest)));

@@ -799,3 +799,70 @@ fn the_command_line_manages_replication_beside_a_running_registry() {
     assert_eq!(run_command(berth().arg("registries")).trim(), "[]");
     drop(source);
 }
+
+#[test]
+fn a_reconcile_brings_back_what_the_target_lost_and_filters_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = replicator(&dir.path().join("source"), 10);
+    let target = start();
+    let (src, dst) = (source.url(), target.url());
+    add_registry(&src, "second", &dst);
+    add_policy(
+        &src,
+        json!({"name": "follow", "direction": "push", "registry": "second", "source": "app/**",
+               "trigger": "event", "filters": {"tag_regex": "v[0-9]+"}}),
+    );
+    let (v1, _) = push_image(&src, "app/web", "v1", &[b"one"]);
+    push_image(&src, "app/web", "latest", &[b"not by the regex"]);
+    assert!(wait_until(Duration::from_secs(30), || {
+        digest_at(&dst, "app/web", "v1").as_deref() == Some(v1.as_str())
+    }));
+    // The target loses it on its own: the next whole run puts it back.
+    let r = http()
+        .delete(format!("{dst}/v2/app/web/manifests/{v1}"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let back = wait_until(Duration::from_secs(40), || {
+        digest_at(&dst, "app/web", "v1").as_deref() == Some(v1.as_str())
+    });
+    let runs: Value = http()
+        .get(format!(
+            "{src}/api/v1/replication/policies/follow/executions?n=50"
+        ))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert!(back, "{runs}");
+    assert!(
+        runs.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["trigger"] == "reconcile"),
+        "{runs}"
+    );
+    assert_eq!(
+        digest_at(&dst, "app/web", "latest"),
+        None,
+        "the regex keeps latest out"
+    );
+
+    // An artifact-type filter: images are not the SBOMs it asks for.
+    let r = http()
+        .put(format!("{src}/api/v1/replication/policies/follow"))
+        .json(
+            &json!({"direction": "push", "registry": "second", "source": "app/**",
+                      "filters": {"artifact_types": ["application/vnd.example.sbom"]}}),
+        )
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    push_image(&src, "app/web", "v2", &[b"two"]);
+    let filtered = run(&src, "follow");
+    assert_eq!(filtered["succeeded"], 0, "{filtered}");
+    assert!(filtered["tasks"].as_array().unwrap().iter().any(
+        |t| t["status"] == "skipped" && t["error"].as_str().unwrap().contains("artifact type")
+    ));
+    assert_eq!(digest_at(&dst, "app/web", "v2"), None);
+}
