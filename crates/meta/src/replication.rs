@@ -86,6 +86,8 @@ pub struct TaskRecord {
     pub bytes: u64,
     /// What went wrong last (empty if nothing did), or why it was skipped.
     pub error: String,
+    /// A line per attempt: when, how it ended, why (the last 8 KiB).
+    pub log: String,
     /// When the first attempt began.
     pub started_ms: Option<i64>,
     /// When it ended.
@@ -195,6 +197,8 @@ pub trait ReplicationStore: Send + Sync {
     /// Records an attempt's outcome; ends the execution when it was its last open task.
     async fn finish_replication_task(&self, id: i64, outcome: TaskOutcome)
         -> Result<(), MetaError>;
+    /// Forgets executions (with their tasks) that ended before `cutoff_ms`; how many.
+    async fn prune_replication(&self, cutoff_ms: i64) -> Result<u64, MetaError>;
     /// A policy's executions, newest first, at most `limit`.
     async fn replication_executions(
         &self,
@@ -207,10 +211,39 @@ pub trait ReplicationStore: Send + Sync {
     async fn replication_backlog(&self) -> Result<Vec<(String, u64)>, MetaError>;
 }
 
+/// The longest error kept per task.
+const MAX_ERROR: usize = 2048;
+/// The most of a task's log kept (its latest lines).
+const MAX_LOG: usize = 8192;
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+fn bounded(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// The last at most `max` bytes of `text`, from a line start when one is in reach.
+fn tail(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut start = text.len() - max;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    let kept = &text[start..];
+    kept.find('\n')
+        .map_or(kept, |newline| &kept[newline + 1..])
+        .to_owned()
+}
+
 macro_rules! task_columns {
     () => {
         "id, execution_id, policy, operation, source, destination, status, attempts,
-         next_attempt_at, bytes, error, started_at, ended_at"
+         next_attempt_at, bytes, error, log, started_at, ended_at"
     };
 }
 
@@ -227,8 +260,9 @@ fn task_row(mut r: Row) -> Result<TaskRecord, MetaError> {
         next_attempt_ms: r.int(8)?,
         bytes: r.size(9)?,
         error: r.text(10)?,
-        started_ms: r.opt_int(11)?,
-        ended_ms: r.opt_int(12)?,
+        log: r.text(11)?,
+        started_ms: r.opt_int(12)?,
+        ended_ms: r.opt_int(13)?,
     })
 }
 
@@ -255,8 +289,8 @@ fn insert_execution(
     for task in tasks {
         tx.execute(
             "INSERT INTO replication_tasks (execution_id, policy, operation, source, destination,
-               status, attempts, next_attempt_at, bytes, error)
-             VALUES (?1, ?2, ?3, ?4, ?5, 'pending', 0, ?6, 0, '')",
+               status, attempts, next_attempt_at, bytes, error, log)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'pending', 0, ?6, 0, '', '')",
             args![
                 id,
                 policy,
@@ -540,17 +574,36 @@ impl ReplicationStore for Database {
                 let at = now();
                 let ended = (outcome.status != TaskStatus::Pending).then_some(at);
                 let bytes = i64::try_from(outcome.bytes).unwrap_or(i64::MAX);
+                let Some(mut current) = tx.query_opt(
+                    "SELECT attempts, log FROM replication_tasks WHERE id = ?1",
+                    args![id],
+                )?
+                else {
+                    return Ok(()); // its policy was removed meanwhile
+                };
+                let (attempts, log) = (current.int(0)?, current.text(1)?);
+                // Errors come from other registries: bounded before they are kept.
+                let error = bounded(&outcome.error, MAX_ERROR);
+                let line = format!(
+                    "{} attempt {attempts}: {}{}{}\n",
+                    berth_oci::time::rfc3339(at),
+                    outcome.status.as_str(),
+                    if error.is_empty() { "" } else { ": " },
+                    error
+                );
+                let log = tail(&(log + &line), MAX_LOG);
                 let execution = tx.query_opt(
                     "UPDATE replication_tasks SET status = ?2, bytes = bytes + ?3, error = ?4,
-                       next_attempt_at = ?5, claimed_until = NULL, ended_at = ?6
+                       next_attempt_at = ?5, claimed_until = NULL, ended_at = ?6, log = ?7
                      WHERE id = ?1 RETURNING execution_id",
                     args![
                         id,
                         outcome.status.as_str(),
                         bytes,
-                        &outcome.error,
+                        error,
                         outcome.next_attempt_ms,
-                        ended
+                        ended,
+                        &log
                     ],
                 )?;
                 let Some(mut execution) = execution else {
@@ -573,6 +626,22 @@ impl ReplicationStore for Database {
                     )?;
                 }
                 Ok(())
+            })
+            .await
+    }
+
+    async fn prune_replication(&self, cutoff_ms: i64) -> Result<u64, MetaError> {
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                tx.execute(
+                    "DELETE FROM replication_tasks WHERE execution_id IN
+                       (SELECT id FROM replication_executions WHERE ended_at < ?1)",
+                    args![cutoff_ms],
+                )?;
+                tx.execute(
+                    "DELETE FROM replication_executions WHERE ended_at < ?1",
+                    args![cutoff_ms],
+                )
             })
             .await
     }
@@ -626,5 +695,24 @@ impl ReplicationStore for Database {
                    WHERE status IN ('pending', 'running') GROUP BY policy ORDER BY policy";
         self.read_rows(sql, owned![], |mut r| Ok((r.text(0)?, r.size(1)?)))
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_and_logs_stay_bounded_and_whole_characters() {
+        assert_eq!(bounded("abc", 2), "ab");
+        assert_eq!(bounded("aé", 2), "a", "never half a character");
+        let log: String = (0..1000).map(|i| format!("line {i}\n")).collect();
+        let kept = tail(&log, 100);
+        assert!(kept.len() <= 100);
+        assert!(
+            kept.starts_with("line ") && kept.ends_with("line 999\n"),
+            "{kept}"
+        );
+        assert_eq!(tail("short\n", 100), "short\n");
     }
 }

@@ -270,9 +270,11 @@ CREATE TABLE replication_tasks (
     claimed_until {int},
     bytes {int} NOT NULL,
     error TEXT NOT NULL,
+    log TEXT NOT NULL,
     started_at {int},
     ended_at {int}
 );
+CREATE INDEX replication_executions_ended ON replication_executions (ended_at);
 CREATE INDEX replication_tasks_by_execution ON replication_tasks (execution_id, id);
 CREATE INDEX replication_tasks_open ON replication_tasks (policy, destination, id) WHERE status IN ('pending', 'running');
 "#,

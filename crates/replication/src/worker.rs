@@ -28,6 +28,8 @@ const EVENT_BATCH: usize = 500;
 const NODE_TASKS: usize = 8;
 /// The longest pause between attempts at a failing task.
 const MAX_BACKOFF_MS: i64 = 300_000;
+/// How long finished runs are kept.
+const KEEP_RUNS_MS: i64 = 7 * 24 * 3600 * 1000;
 /// How long a task is retried before it is given up on: a target down for a day still
 /// gets every change.
 const RETRY_HORIZON_MS: i64 = 24 * 3600 * 1000;
@@ -144,6 +146,7 @@ async fn consume_batch(
 async fn schedule(replication: Replication, holder: String) {
     let lease = "replication-scheduler";
     let mut ticker = tokio::time::interval(Duration::from_secs(10));
+    let mut pruned: Option<Instant> = None;
     loop {
         ticker.tick().await;
         match replication
@@ -161,6 +164,19 @@ async fn schedule(replication: Replication, holder: String) {
         let _ = &holder;
         if let Err(e) = start_due_runs(&replication).await {
             tracing::warn!(error = %e, "replication: starting scheduled runs");
+        }
+        // Runs are kept for a week, then forgotten, so the record cannot grow without end.
+        if pruned.is_none_or(|at| at.elapsed() > Duration::from_secs(3600)) {
+            pruned = Some(Instant::now());
+            match replication
+                .db
+                .prune_replication(now_ms() - KEEP_RUNS_MS)
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(executions = n, "replication: forgot old runs"),
+                Err(e) => tracing::warn!(error = %e, "replication: forgetting old runs"),
+            }
         }
     }
 }

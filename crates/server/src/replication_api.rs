@@ -321,6 +321,7 @@ fn task_json(task: &TaskRecord) -> Value {
         "attempts": task.attempts,
         "bytes": task.bytes,
         "error": task.error,
+        "log": task.log,
         "started_at": task.started_ms.map(rfc3339),
         "ended_at": task.ended_ms.map(rfc3339),
         "duration_ms": task.started_ms.zip(task.ended_ms).map(|(s, e)| e - s),

@@ -324,7 +324,13 @@ fn event_replication_gets_every_push_across_a_target_outage_and_a_killed_node() 
         .unwrap()
         .iter()
         .flat_map(|e| e["tasks"].as_array().unwrap().iter())
-        .any(|t| t["attempts"].as_u64().unwrap() > 1);
+        .any(|t| {
+            // Its log has a line per attempt: the failed ones say why.
+            let log = t["log"].as_str().unwrap();
+            t["attempts"].as_u64().unwrap() > 1
+                && log.contains("attempt 1: pending: ")
+                && log.lines().last().unwrap().contains(": succeeded")
+        });
     assert!(retried, "{runs}");
     for (tag, _) in &pushed {
         assert!(pull_problems(&dst, "app/web", tag).is_empty());
