@@ -37,8 +37,8 @@ const RETRY_HORIZON_MS: i64 = 24 * 3600 * 1000;
 /// Runs replication's background work for as long as the process runs.
 pub async fn run(replication: Replication) {
     let holder = format!("replication-{:016x}", random());
-    tokio::spawn(consume_events(replication.clone(), holder.clone()));
-    tokio::spawn(schedule(replication.clone(), holder));
+    tokio::spawn(consume_events(replication.clone(), holder));
+    tokio::spawn(schedule(replication.clone()));
     work(replication).await;
 }
 
@@ -143,7 +143,7 @@ async fn consume_batch(
 
 /// Starts scheduled runs, and whole runs of event-triggered policies every
 /// `reconcile_every`, on the one node holding the scheduler lease.
-async fn schedule(replication: Replication, holder: String) {
+async fn schedule(replication: Replication) {
     let lease = "replication-scheduler";
     let mut ticker = tokio::time::interval(Duration::from_secs(10));
     let mut pruned: Option<Instant> = None;
@@ -161,7 +161,6 @@ async fn schedule(replication: Replication, holder: String) {
                 continue;
             }
         }
-        let _ = &holder;
         if let Err(e) = start_due_runs(&replication).await {
             tracing::warn!(error = %e, "replication: starting scheduled runs");
         }
@@ -448,17 +447,16 @@ async fn attempt(
         throttle,
         unfinished: replication.unfinished.clone(),
     };
+    // `split` checked the reference.
+    let (tag, digest) = match Reference::parse(&remote_ref) {
+        Ok(Reference::Digest(d)) => (None, Some(d)),
+        _ => (Some(remote_ref), None),
+    };
     let remote_image = ImageRef {
         registry: String::new(),
         repository: remote_repo,
-        tag: Reference::parse(&remote_ref).ok().and_then(|r| match r {
-            Reference::Tag(t) => Some(t.as_str().to_owned()),
-            Reference::Digest(_) => None,
-        }),
-        digest: match Reference::parse(&remote_ref) {
-            Ok(Reference::Digest(d)) => Some(d),
-            _ => None,
-        },
+        tag,
+        digest,
     };
     let local_end = Endpoint::Local {
         repository: &local,
@@ -473,15 +471,7 @@ async fn attempt(
         Direction::Pull => (&remote_end, &local_end),
     };
     if task.operation == "delete" {
-        return delete(
-            replication,
-            policy,
-            &local,
-            &client,
-            &remote_image,
-            destination,
-        )
-        .await;
+        return delete(policy, &local, &client, &remote_image, destination).await;
     }
     let wanted = match source.top_manifest().await {
         Ok(manifest) => manifest,
@@ -542,15 +532,15 @@ fn copy_options(
     }
 }
 
+/// Deletes the destination's tag or manifest (push policies only: a pull policy never
+/// deletes here).
 async fn delete(
-    replication: &Replication,
     policy: &Policy,
     local: &LocalRepo,
     client: &RegistryClient,
     remote: &ImageRef,
     destination: &Endpoint<'_>,
 ) -> Result<Done, ReplicationError> {
-    let _ = replication;
     let reference = remote.reference();
     match policy.direction {
         Direction::Push => match client
