@@ -246,6 +246,15 @@ pub enum Change {
         /// The project.
         project: String,
     },
+    /// A repository was deleted as a whole (its manifests are recorded one by one before).
+    RepositoryDeleted {
+        /// The repository.
+        repository: String,
+        /// Manifests deleted with it.
+        manifests: u64,
+        /// Blob links removed (the bytes go with the next garbage collection).
+        blobs: u64,
+    },
     /// A registry endpoint for replication was added or changed.
     ReplicationRegistrySet {
         /// Its name.
@@ -426,6 +435,15 @@ impl Change {
             Change::ProxyCacheRemoved { project } => {
                 ("proxy_cache.remove", project.clone(), String::new())
             }
+            Change::RepositoryDeleted {
+                repository,
+                manifests,
+                blobs,
+            } => (
+                "repository.delete",
+                repository.clone(),
+                format!("{manifests} manifests, {blobs} blob links"),
+            ),
             Change::ReplicationRegistrySet { name } => {
                 ("replication.registry.set", name.clone(), String::new())
             }

@@ -301,6 +301,25 @@ impl MetaStore for Database {
             .unwrap_or(0))
     }
 
+    async fn repositories(
+        &self,
+        project: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<crate::RepositorySummary>, MetaError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.summaries(project, after.unwrap_or_default(), limit)
+            .await
+    }
+
+    async fn delete_repository(
+        &self,
+        repo: &RepoName,
+        by: &Actor,
+    ) -> Result<Option<u64>, MetaError> {
+        self.remove_repository(repo.as_str(), by).await
+    }
+
     async fn put_cached_manifest(
         &self,
         repo: &RepoName,

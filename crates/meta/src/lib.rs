@@ -15,6 +15,7 @@ mod images;
 mod postgres;
 mod proxy_caches;
 mod replication;
+mod repositories;
 mod schema;
 mod sqlite;
 mod webhooks;
@@ -35,6 +36,7 @@ pub use proxy_caches::ProxyCacheStore;
 pub use replication::{
     ExecutionRecord, NewTask, ReplicationStore, TaskOutcome, TaskRecord, TaskStatus,
 };
+pub use repositories::RepositorySummary;
 pub use webhooks::{
     DeliveryBacklog, DeliveryOutcome, DeliveryRecord, DeliveryState, NewWebhook, WebhookPatch,
     WebhookRecord, WebhookStore, MAX_WEBHOOKS_PER_SCOPE,
@@ -431,6 +433,21 @@ pub trait MetaStore: EventLog + Send + Sync + 'static {
         page: Page<'_>,
         within: Option<&[String]>,
     ) -> Result<Vec<String>, MetaError>;
+    /// `project`'s repositories in name order after `after`, at most `limit`, with what
+    /// each holds.
+    async fn repositories(
+        &self,
+        project: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<RepositorySummary>, MetaError>;
+    /// Deletes a repository with its manifests, tags and blob links; how many manifests
+    /// went, or `None` if there is no such repository.
+    async fn delete_repository(
+        &self,
+        repo: &RepoName,
+        by: &Actor,
+    ) -> Result<Option<u64>, MetaError>;
     /// Manifests in `repo` whose subject is `subject`, optionally of one artifact type.
     async fn referrers(
         &self,

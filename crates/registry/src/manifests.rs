@@ -209,6 +209,33 @@ impl Registry {
         Ok(self.meta.catalog(page, within).await?)
     }
 
+    /// `project`'s repositories after `after` in name order, at most `limit`, with their
+    /// tag and manifest counts, bytes and last push.
+    pub async fn repositories(
+        &self,
+        project: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<berth_meta::RepositorySummary>, RegistryError> {
+        Ok(self.meta.repositories(project, after, limit).await?)
+    }
+
+    /// Deletes a repository: its manifests and tags (each deletion recorded, so webhooks
+    /// and replication follow) and its blob links; the bytes go with the next garbage
+    /// collection. Returns how many manifests went.
+    pub async fn delete_repository(
+        &self,
+        repo: &RepoName,
+        by: &Actor,
+    ) -> Result<u64, RegistryError> {
+        self.meta
+            .delete_repository(repo, by)
+            .await?
+            .ok_or_else(|| RegistryError::NameUnknown {
+                name: repo.to_string(),
+            })
+    }
+
     /// Manifests in `repo` that refer to `subject`. Never "unknown": a subject without
     /// referrers (or not pushed yet) has an empty list, as the spec requires.
     pub async fn referrers(

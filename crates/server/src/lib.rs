@@ -13,6 +13,7 @@ pub mod node;
 mod proxied;
 mod proxy_api;
 mod replication_api;
+mod repositories_api;
 mod route;
 mod timings;
 pub mod tls;
@@ -207,6 +208,14 @@ pub fn router(app: App) -> Router {
             get(proxy_api::get_proxy_cache)
                 .put(proxy_api::put_proxy_cache)
                 .delete(proxy_api::delete_proxy_cache),
+        )
+        .route(
+            "/api/v1/projects/{name}/repositories",
+            get(repositories_api::list_repositories),
+        )
+        .route(
+            "/api/v1/repositories/{*name}",
+            delete(repositories_api::delete_repository),
         )
         .route(
             "/api/v1/projects/{name}/members",

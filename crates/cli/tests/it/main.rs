@@ -23,6 +23,7 @@ mod metrics;
 mod openapi;
 mod proxy;
 mod replication;
+mod repositories;
 mod tls;
 mod traces;
 mod unpack;

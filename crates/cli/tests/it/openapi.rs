@@ -297,11 +297,24 @@ fn every_documented_operation_answers_as_documented() {
         call(M::DELETE, "/api/v1/projects/{name}/webhooks/{hook}", "/api/v1/projects/zoes/webhooks/ci", &zoe, None, S::NO_CONTENT),
         // Projects holding repositories cannot be removed.
         call(M::DELETE, "/api/v1/projects/{name}", "/api/v1/projects/zoes", &zoe, None, S::CONFLICT),
+        call(M::GET, "/api/v1/projects/{name}/repositories", "/api/v1/projects/zoes/repositories", &zoe, None, S::OK),
+        call(M::GET, "/api/v1/projects/{name}/repositories", "/api/v1/projects/zoes/repositories?n=1&last=zoes%2Fa", &admin, None, S::OK),
+        call(M::GET, "/api/v1/projects/{name}/repositories", "/api/v1/projects/zoes/repositories?n=0", &zoe, None, S::BAD_REQUEST),
+        call(M::GET, "/api/v1/projects/{name}/repositories", "/api/v1/projects/zoes/repositories", &Who::user("zoe", "nope"), None, S::UNAUTHORIZED),
+        call(M::DELETE, "/api/v1/repositories/{repository}", "/api/v1/repositories/zoes/app", &Who::user("imported", "wonderland"), None, S::FORBIDDEN),
+        call(M::DELETE, "/api/v1/repositories/{repository}", "/api/v1/repositories/zoes/app", &anonymous, None, S::UNAUTHORIZED),
+        call(M::DELETE, "/api/v1/repositories/{repository}", "/api/v1/repositories/zoes/app", &zoe, None, S::OK),
+        call(M::DELETE, "/api/v1/repositories/{repository}", "/api/v1/repositories/zoes/app", &zoe, None, S::NOT_FOUND),
+        call(M::DELETE, "/api/v1/repositories/{repository}", "/api/v1/repositories/zoes/..%2Fapp", &zoe, None, S::BAD_REQUEST),
     ];
     let mut exercised = BTreeSet::new();
     let mut problems = Vec::new();
+    let push_before = calls
+        .iter()
+        .position(|c| c.method == M::DELETE && c.path == "/api/v1/projects/zoes")
+        .unwrap();
     for (i, c) in calls.iter().enumerate() {
-        if i == calls.len() - 1 {
+        if i == push_before {
             push_image_as(&reg, &zoe, "zoes/app", "v1", b"zoe's layer");
         }
         let mut request = c.who.request(

@@ -28,6 +28,8 @@ mod openapi;
 mod outage;
 #[path = "../it/pusher.rs"]
 mod pusher;
+#[path = "../it/repositories.rs"]
+mod repositories;
 #[path = "../it/s3.rs"]
 mod s3;
 #[path = "../it/uploads.rs"]

@@ -1,0 +1,112 @@
+//! Repositories as a whole: a project's repositories with what each holds (for the admin
+//! API and the web UI), and deleting one with everything in it.
+
+use crate::engine::{args, Tx};
+use crate::events::record;
+use crate::images::delete_manifest_rows;
+use crate::{Actor, Change, Database, MetaError};
+
+/// A repository and what it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepositorySummary {
+    /// Its name.
+    pub name: String,
+    /// Tags in it.
+    pub tags: u64,
+    /// Manifests in it (tagged or not, referrers included).
+    pub manifests: u64,
+    /// Bytes of the distinct blobs it links.
+    pub bytes: u64,
+    /// When a manifest was last pushed into it, ms since the epoch.
+    pub last_push_ms: Option<i64>,
+}
+
+impl Database {
+    /// `project`'s repositories after `after` in name order, at most `limit`, each with
+    /// its counts (one statement; each count reads only that repository's rows).
+    pub(crate) async fn summaries(
+        &self,
+        project: &str,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<RepositorySummary>, MetaError> {
+        // The project's repositories are `<project>` itself and `<project>/…`: names
+        // from "<project>" up to "<project>0" ('0' follows '/'), so the primary key's
+        // order finds them; the others in that range ("<project>-x") are left out.
+        let (project, after, to) = (project.to_owned(), after.to_owned(), format!("{project}0"));
+        let sql = "SELECT r.name,
+                     (SELECT COUNT(*) FROM tags t WHERE t.repo = r.name),
+                     (SELECT COUNT(*) FROM manifests m WHERE m.repo = r.name),
+                     (SELECT CAST(COALESCE(SUM(b.size), 0) AS BIGINT) FROM repo_blobs l
+                        JOIN blobs b ON b.digest = l.digest WHERE l.repo = r.name),
+                     (SELECT MAX(m.pushed_at) FROM manifests m WHERE m.repo = r.name)
+                   FROM repositories r
+                   WHERE r.name > ?1 AND r.name >= ?4 AND r.name < ?2
+                     AND (r.name = ?4 OR substr(r.name, 1, length(?4) + 1) = ?4 || '/')
+                   ORDER BY r.name LIMIT ?3";
+        self.engine
+            .read(move |tx| {
+                tx.query_map(sql, args![&after, &to, limit, &project], |mut r| {
+                    Ok(RepositorySummary {
+                        name: r.text(0)?,
+                        tags: r.size(1)?,
+                        manifests: r.size(2)?,
+                        bytes: r.size(3)?,
+                        last_push_ms: r.opt_int(4)?,
+                    })
+                })
+            })
+            .await
+    }
+
+    /// Deletes `repo`'s manifests (each recorded as deleted, with its tags, so webhooks
+    /// and replication hear of it), its blob links and the repository itself, in one
+    /// transaction; the blobs' bytes go with the next garbage collection. How many
+    /// manifests went, or `None` when there is no such repository.
+    pub(crate) async fn remove_repository(
+        &self,
+        repo: &str,
+        by: &Actor,
+    ) -> Result<Option<u64>, MetaError> {
+        let (repo, by) = (repo.to_owned(), by.clone());
+        self.engine
+            .write_recorded(move |tx| delete_in(tx, &repo, &by))
+            .await
+    }
+}
+
+fn delete_in(tx: &mut dyn Tx, repo: &str, by: &Actor) -> Result<Option<u64>, MetaError> {
+    let known = tx.exists("SELECT 1 FROM repositories WHERE name = ?1", args![repo])?
+        || tx.exists("SELECT 1 FROM repo_blobs WHERE repo = ?1", args![repo])?;
+    if !known {
+        return Ok(None);
+    }
+    let manifests = tx.query_map(
+        "SELECT digest FROM manifests WHERE repo = ?1 ORDER BY digest",
+        args![repo],
+        |mut r| r.text(0),
+    )?;
+    let mut changes = Vec::with_capacity(manifests.len() + 1);
+    for digest in &manifests {
+        let tags = tx.query_map(
+            "SELECT tag FROM tags WHERE repo = ?1 AND digest = ?2 ORDER BY tag",
+            args![repo, digest],
+            |mut r| r.text(0),
+        )?;
+        delete_manifest_rows(tx, repo, digest)?;
+        changes.push(Change::ManifestDeleted {
+            repository: repo.to_owned(),
+            digest: digest.clone(),
+            tags,
+        });
+    }
+    let blobs = tx.execute("DELETE FROM repo_blobs WHERE repo = ?1", args![repo])?;
+    tx.execute("DELETE FROM repositories WHERE name = ?1", args![repo])?;
+    changes.push(Change::RepositoryDeleted {
+        repository: repo.to_owned(),
+        manifests: manifests.len() as u64,
+        blobs,
+    });
+    record(tx, by, &changes)?;
+    Ok(Some(manifests.len() as u64))
+}
