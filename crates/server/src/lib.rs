@@ -18,6 +18,7 @@ mod route;
 mod timings;
 pub mod tls;
 mod token;
+mod ui;
 mod v2;
 mod webhooks;
 mod zero_copy;
@@ -311,6 +312,7 @@ pub fn router(app: App) -> Router {
         .route("/token", get(token::token).post(token::token))
         .route("/api/v1/openapi.json", get(admin::openapi))
         .merge(admin)
+        .merge(ui::routes(app.clone()))
         .with_state(app.clone())
         .layer(middleware::from_fn_with_state(app, access_log))
 }

@@ -26,6 +26,7 @@ mod replication;
 mod repositories;
 mod tls;
 mod traces;
+mod ui;
 mod unpack;
 mod uploads;
 mod webhooks;

@@ -1,0 +1,316 @@
+//! The web UI over HTTP: pages render what was pushed, escaped, under a strict
+//! Content-Security-Policy; sign-in goes through the login checks and makes a session
+//! that sign-out revokes; forms without the CSRF value are refused; callers see what
+//! their role allows. (A real browser drives the same pages in `browser.rs`.)
+
+use berth_auth::AuthSettings;
+use reqwest::blocking::{Client, Response};
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::auth::{push_image_as, Who};
+use crate::*;
+
+/// A client that keeps the cookies it is given (as a browser does, for one site) and does
+/// not follow redirects.
+struct Browser {
+    http: Client,
+    cookies: std::cell::RefCell<std::collections::BTreeMap<String, String>>,
+}
+
+fn browser() -> Browser {
+    Browser {
+        http: http(),
+        cookies: Default::default(),
+    }
+}
+
+impl Browser {
+    fn keep(&self, r: &Response) {
+        for value in r.headers().get_all("set-cookie") {
+            let pair = value.to_str().unwrap().split(';').next().unwrap();
+            let (name, value) = pair.split_once('=').unwrap();
+            let mut cookies = self.cookies.borrow_mut();
+            if value.is_empty() {
+                cookies.remove(name);
+            } else {
+                cookies.insert(name.to_owned(), value.to_owned());
+            }
+        }
+    }
+
+    fn cookie_header(&self) -> String {
+        let cookies = self.cookies.borrow();
+        cookies
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    fn get(&self, url: String) -> Response {
+        let r = self
+            .http
+            .get(url)
+            .header("cookie", self.cookie_header())
+            .send()
+            .unwrap();
+        self.keep(&r);
+        r
+    }
+
+    fn post(&self, url: String, form: &[(&str, &str)]) -> Response {
+        let r = self
+            .http
+            .post(url)
+            .header("cookie", self.cookie_header())
+            .form(form)
+            .send()
+            .unwrap();
+        self.keep(&r);
+        r
+    }
+}
+
+fn csrf_of(page: &str) -> String {
+    let at = page.find("name=\"csrf\" value=\"").expect("a CSRF field") + 19;
+    page[at..].split('"').next().unwrap().to_owned()
+}
+
+fn assert_secure_headers(r: &Response) {
+    let csp = header(r, "content-security-policy");
+    assert!(
+        csp.contains("default-src 'none'") && !csp.contains("script-src"),
+        "{csp}"
+    );
+    assert_eq!(header(r, "x-content-type-options"), "nosniff");
+    assert_eq!(header(r, "x-frame-options"), "DENY");
+}
+
+#[test]
+fn pages_show_pushed_content_escaped_under_a_strict_policy() {
+    let reg = start();
+    let base = reg.url();
+    let (digest, _) = push_image(&base, "team/app", "v1", &[b"a layer"]);
+    // A manifest whose annotation tries to inject markup.
+    let config = push_blob(&base, "team/app", br#"{"architecture":"amd64","os":"linux","config":{"Env":["X=<img src=x onerror=alert(1)>"]}}"#);
+    let hostile = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 83},
+        "layers": [],
+        "annotations": {"note": "<script>alert(1)</script>"},
+    }))
+    .unwrap();
+    let r = put_manifest(
+        &base,
+        "team/app",
+        "<x>",
+        "application/vnd.oci.image.manifest.v1+json",
+        &hostile,
+    );
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST, "not a tag");
+    let r = put_manifest(
+        &base,
+        "team/app",
+        "evil",
+        "application/vnd.oci.image.manifest.v1+json",
+        &hostile,
+    );
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let evil = sha256(&hostile);
+
+    let web = browser();
+    // Open registry: the dashboard at once.
+    let r = web.get(format!("{base}/"));
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_secure_headers(&r);
+    let stylesheet = {
+        let text = r.text().unwrap();
+        assert!(text.contains("href=\"/ui/projects/team\""), "{text}");
+        let at = text.find("/ui/assets/app.").unwrap();
+        text[at..].split('"').next().unwrap().to_owned()
+    };
+    let r = web.get(format!("{base}{stylesheet}"));
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(header(&r, "cache-control").contains("immutable"));
+    assert_eq!(
+        web.get(format!("{base}/ui/assets/app.000000000000.css"))
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+
+    let project = web.get(format!("{base}/ui/projects/team")).text().unwrap();
+    assert!(
+        project.contains("href=\"/ui/repositories/team/app\""),
+        "{project}"
+    );
+    let repository = web
+        .get(format!("{base}/ui/repositories/team/app"))
+        .text()
+        .unwrap();
+    assert!(repository.contains(&digest[..19]), "{repository}");
+    assert!(
+        repository.contains("/team/app:"),
+        "pull commands: {repository}"
+    );
+    let artifact = web
+        .get(format!(
+            "{base}/ui/artifact?repository=team%2Fapp&digest={evil}"
+        ))
+        .text()
+        .unwrap();
+    assert!(
+        !artifact.contains("<script>") && !artifact.contains("<img src=x"),
+        "{artifact}"
+    );
+    assert!(
+        artifact.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{artifact}"
+    );
+    assert!(
+        artifact.contains("X=&lt;img src=x onerror=alert(1)&gt;"),
+        "{artifact}"
+    );
+    // The exact bytes, as pushed.
+    let raw = web.get(format!(
+        "{base}/ui/artifact/raw?repository=team%2Fapp&digest={evil}"
+    ));
+    assert_eq!(raw.bytes().unwrap().as_ref(), hostile.as_slice());
+    // Path tricks and junk answer errors, as pages.
+    for (path, status) in [
+        (
+            "/ui/repositories/team/..%2F..%2Fetc",
+            StatusCode::BAD_REQUEST,
+        ),
+        ("/ui/repositories/team/../../etc", StatusCode::NOT_FOUND), // normalised by the client
+        ("/ui/repositories/team/ghost", StatusCode::NOT_FOUND),
+        (
+            "/ui/artifact?repository=team%2Fapp&digest=sha256:nothex",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/ui/artifact?repository=team%2Fapp",
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        let r = web.get(format!("{base}{path}"));
+        assert_eq!(r.status(), status, "{path}");
+        assert_secure_headers(&r);
+    }
+}
+
+#[test]
+fn sign_in_makes_a_session_that_sign_out_revokes_and_roles_limit_what_shows() {
+    let reg = start_with_auth(AuthSettings::default());
+    let base = reg.url();
+    let admin = Who::admin();
+    push_image_as(&reg, &admin, "secret/app", "v1", b"private layer");
+    let web = browser();
+    // Nothing public: the sign-in page.
+    let r = web.get(format!("{base}/"));
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(header(&r, "location"), "/ui/sign-in");
+    let r = web.get(format!("{base}/ui/projects/secret"));
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(!r.text().unwrap().contains("secret/app"));
+
+    let form = web.get(format!("{base}/ui/sign-in")).text().unwrap();
+    let csrf = csrf_of(&form);
+    // A form without the CSRF value (another site posting) is refused.
+    let r = web.post(
+        format!("{base}/ui/sign-in"),
+        &[
+            ("user", "admin"),
+            ("password", berth_testkit::ADMIN_PASSWORD),
+        ],
+    );
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = web.post(
+        format!("{base}/ui/sign-in"),
+        &[
+            ("csrf", csrf.as_str()),
+            ("user", "admin"),
+            ("password", "wrong"),
+        ],
+    );
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(r.text().unwrap().contains("Wrong user or password"));
+    let r = web.post(
+        format!("{base}/ui/sign-in"),
+        &[
+            ("csrf", csrf.as_str()),
+            ("user", "admin"),
+            ("password", berth_testkit::ADMIN_PASSWORD),
+        ],
+    );
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let session = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .find(|c| c.starts_with("berth_session="))
+        .expect("a session cookie");
+    assert!(
+        session.contains("HttpOnly") && session.contains("SameSite=Strict"),
+        "{session}"
+    );
+    let home = web.get(format!("{base}/")).text().unwrap();
+    assert!(
+        home.contains("href=\"/ui/projects/secret\"") && home.contains("admin"),
+        "{home}"
+    );
+    // The session is one of the user's logins, listed with the others.
+    let tokens: serde_json::Value = admin
+        .request(
+            &http(),
+            reqwest::Method::GET,
+            &format!("{base}/api/v1/users/admin/tokens"),
+        )
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert!(tokens.to_string().contains("berth-ui"), "{tokens}");
+
+    // Signing out revokes it: the cookie copied before is worth nothing after.
+    let stolen = session.split(';').next().unwrap().to_owned();
+    let csrf = csrf_of(&home);
+    let r = web.post(format!("{base}/ui/sign-out"), &[("csrf", csrf.as_str())]);
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let r = http()
+        .get(format!("{base}/ui/projects/secret"))
+        .header("cookie", stolen)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
+    // A user who is no member of the project sees nothing of it.
+    let r = admin
+        .request(
+            &http(),
+            reqwest::Method::POST,
+            &format!("{base}/api/v1/users"),
+        )
+        .json(&json!({"name": "carol", "password": "carol-password"}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let carol = browser();
+    let form = carol.get(format!("{base}/ui/sign-in")).text().unwrap();
+    let csrf = csrf_of(&form);
+    let r = carol.post(
+        format!("{base}/ui/sign-in"),
+        &[
+            ("csrf", csrf.as_str()),
+            ("user", "carol"),
+            ("password", "carol-password"),
+        ],
+    );
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let home = carol.get(format!("{base}/")).text().unwrap();
+    assert!(!home.contains("secret"), "{home}");
+    let r = carol.get(format!("{base}/ui/repositories/secret/app"));
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+}

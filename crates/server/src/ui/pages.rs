@@ -1,0 +1,629 @@
+//! The read pages: the dashboard (projects the caller sees, what the registry holds), a
+//! project (its repositories), a repository (its tags, with pull commands) and an artifact
+//! (its manifest, layers, platforms, config and referrers). Each asks access control
+//! first, as the API does: what a caller may not pull does not show.
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use berth_auth::{Caller, Need, Permission, Principal};
+use berth_oci::{Digest, Reference, RepoName, Tag};
+use berth_registry::{BlobBytes, Page};
+use maud::{html, Markup};
+use serde_json::Value;
+
+use super::session::CsrfToken;
+use super::{html_response, human_bytes, page, when};
+use crate::App;
+
+/// Rows per page of repositories and tags.
+const PAGE_ROWS: usize = 100;
+/// Repositories looked at for the projects of a registry without access control.
+const MAX_DERIVED: usize = 10_000;
+/// The largest config blob shown.
+const MAX_CONFIG: u64 = 1024 * 1024;
+
+fn problem(
+    app: &App,
+    caller: &Caller,
+    csrf: &CsrfToken,
+    status: StatusCode,
+    message: &str,
+) -> Response {
+    let body =
+        html! { h1 { (status.canonical_reason().unwrap_or("Error")) } p.error { (message) } };
+    html_response(status, page(app, caller, "Error", Some(&csrf.0), body))
+}
+
+/// Refused or absent, in the words a page shows (an unknown project and one the caller may
+/// not see look alike to anonymous callers, as in the API).
+async fn may_read(
+    app: &App,
+    caller: &Caller,
+    csrf: &CsrfToken,
+    project: &str,
+) -> Result<(), Response> {
+    let need = Need::Project {
+        name: project,
+        permission: Permission::Read,
+    };
+    match app.access.authorize(caller, need).await {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let anonymous = caller.principal == Principal::Anonymous;
+            let (status, message) = match e {
+                berth_auth::AuthError::NotFound(_) => {
+                    (StatusCode::NOT_FOUND, "No such project.".to_owned())
+                }
+                _ if anonymous => (
+                    StatusCode::UNAUTHORIZED,
+                    "Sign in to see this project.".to_owned(),
+                ),
+                _ => (
+                    StatusCode::FORBIDDEN,
+                    "You may not see this project.".to_owned(),
+                ),
+            };
+            Err(problem(app, caller, csrf, status, &message))
+        }
+    }
+}
+
+/// `GET /`: the dashboard, or the sign-in page for an anonymous caller where sign-in
+/// exists and nothing is public.
+pub(super) async fn home(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    Extension(csrf): Extension<CsrfToken>,
+) -> Response {
+    let mut projects = match app.access.accounts().projects(&caller).await {
+        Ok(projects) => projects,
+        Err(e) => {
+            return problem(
+                &app,
+                &caller,
+                &csrf,
+                StatusCode::SERVICE_UNAVAILABLE,
+                &e.to_string(),
+            )
+        }
+    };
+    if !app.access.enabled() {
+        // Without access control pushes make no project records: the repositories'
+        // first path segments are the projects.
+        let page = Page {
+            limit: Some(MAX_DERIVED),
+            after: None,
+        };
+        let names = app.registry.catalog(page, None).await.unwrap_or_default();
+        for name in names {
+            let project = name.split('/').next().unwrap_or_default().to_owned();
+            if !projects.iter().any(|p| p.name == project) {
+                projects.push(berth_meta::ProjectRecord {
+                    name: project,
+                    public: true,
+                    created_ms: 0,
+                });
+            }
+        }
+        projects.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+    if projects.is_empty() && caller.principal == Principal::Anonymous && app.access.enabled() {
+        return (StatusCode::SEE_OTHER, [(header::LOCATION, "/ui/sign-in")]).into_response();
+    }
+    let counts = app.registry.store_counts().await.ok();
+    let (metadata, storage) = app.registry.readiness().await;
+    let healthy = metadata.is_ok() && storage.is_ok();
+    let body = html! {
+        h1 { "Projects" }
+        div.card.stats {
+            div.stat { b { (projects.len()) } span { "projects you see" } }
+            @if let Some(c) = counts {
+                div.stat { b { (c.repositories) } span { "repositories" } }
+                div.stat { b { (c.manifests) } span { "manifests" } }
+                div.stat { b { (human_bytes(c.blob_bytes)) } span { "stored (" (c.blobs) " blobs)" } }
+            }
+            div.stat {
+                b { @if healthy { "ready" } @else { span.error { "not ready" } } }
+                span { "registry health" }
+            }
+        }
+        div.card {
+            @if projects.is_empty() {
+                p.muted { "No projects yet: push an image and its project is made." }
+            } @else {
+                table {
+                    thead { tr { th { "Project" } th { "Access" } th { "Created" } } }
+                    tbody {
+                        @for p in &projects {
+                            tr {
+                                td { a href={ "/ui/projects/" (p.name) } { (p.name) } }
+                                td { span.badge { @if p.public { "public" } @else { "private" } } }
+                                td { @if p.created_ms > 0 { (when(p.created_ms)) } }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    html_response(
+        StatusCode::OK,
+        page(&app, &caller, "Projects", Some(&csrf.0), body),
+    )
+}
+
+/// `GET /ui/projects/{name}?last=`: the project's repositories, a page at a time.
+pub(super) async fn project(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    Extension(csrf): Extension<CsrfToken>,
+    Path(name): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if let Err(refused) = may_read(&app, &caller, &csrf, &name).await {
+        return refused;
+    }
+    let last = query
+        .get("last")
+        .filter(|l| l.len() <= 255)
+        .map(String::as_str);
+    let repositories = match app.registry.repositories(&name, last, PAGE_ROWS).await {
+        Ok(r) => r,
+        Err(e) => {
+            return problem(
+                &app,
+                &caller,
+                &csrf,
+                StatusCode::SERVICE_UNAVAILABLE,
+                &e.to_string(),
+            )
+        }
+    };
+    let next = (repositories.len() == PAGE_ROWS)
+        .then(|| repositories.last().map(|r| r.name.clone()))
+        .flatten();
+    let body = html! {
+        h1 { "Project " (name) }
+        div.card {
+            @if repositories.is_empty() {
+                p.muted { "No repositories here." }
+            } @else {
+                table {
+                    thead { tr { th { "Repository" } th { "Tags" } th { "Size" } th { "Manifests" } th { "Last push" } } }
+                    tbody {
+                        @for r in &repositories {
+                            tr {
+                                td { a href={ "/ui/repositories/" (r.name) } { (r.name) } }
+                                td { (r.tags) }
+                                td { (human_bytes(r.bytes)) }
+                                td { (r.manifests) }
+                                td { @if let Some(at) = r.last_push_ms { (when(at)) } }
+                            }
+                        }
+                    }
+                }
+                @if let Some(next) = &next {
+                    div.pager { a href={ "/ui/projects/" (name) "?last=" (urlencode(next)) } { "Next page" } }
+                }
+            }
+        }
+    };
+    html_response(
+        StatusCode::OK,
+        page(&app, &caller, &name, Some(&csrf.0), body),
+    )
+}
+
+/// Percent-encodes a query value.
+fn urlencode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// What a manifest's descriptors add up to: its layers' sizes (or, for an index, its
+/// children's platforms).
+fn image_size(manifest: &Value) -> u64 {
+    let layers: u64 = manifest["layers"]
+        .as_array()
+        .map(|l| l.iter().filter_map(|d| d["size"].as_u64()).sum())
+        .unwrap_or(0);
+    layers + manifest["config"]["size"].as_u64().unwrap_or(0)
+}
+
+fn platforms(manifest: &Value) -> Vec<String> {
+    manifest["manifests"]
+        .as_array()
+        .map(|children| {
+            children
+                .iter()
+                .filter_map(|c| {
+                    let p = &c["platform"];
+                    let os = p["os"].as_str()?;
+                    let arch = p["architecture"].as_str()?;
+                    Some(match p["variant"].as_str() {
+                        Some(v) => format!("{os}/{arch}/{v}"),
+                        None => format!("{os}/{arch}"),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `GET /ui/repositories/{name}?last=`: the tags, a page at a time, with their digests,
+/// sizes and platforms, and the commands that pull them.
+pub(super) async fn repository(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    Extension(csrf): Extension<CsrfToken>,
+    Path(name): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let Ok(repo) = RepoName::parse(&name) else {
+        return problem(
+            &app,
+            &caller,
+            &csrf,
+            StatusCode::BAD_REQUEST,
+            "Not a repository name.",
+        );
+    };
+    if let Err(refused) = may_read(&app, &caller, &csrf, repo.project()).await {
+        return refused;
+    }
+    let last = query
+        .get("last")
+        .filter(|l| l.len() <= 128)
+        .map(String::as_str);
+    let tags = match app
+        .registry
+        .list_tags(
+            &repo,
+            Page {
+                limit: Some(PAGE_ROWS),
+                after: last,
+            },
+        )
+        .await
+    {
+        Ok(tags) => tags,
+        Err(berth_registry::RegistryError::NameUnknown { .. }) => {
+            return problem(
+                &app,
+                &caller,
+                &csrf,
+                StatusCode::NOT_FOUND,
+                "No such repository.",
+            );
+        }
+        Err(e) => {
+            return problem(
+                &app,
+                &caller,
+                &csrf,
+                StatusCode::SERVICE_UNAVAILABLE,
+                &e.to_string(),
+            )
+        }
+    };
+    let mut rows = Vec::with_capacity(tags.len());
+    for tag in &tags {
+        let Ok(parsed) = Tag::parse(tag) else {
+            continue;
+        };
+        if let Ok(stored) = app
+            .registry
+            .get_manifest(&repo, &Reference::Tag(parsed))
+            .await
+        {
+            let manifest: Value = serde_json::from_slice(&stored.raw).unwrap_or_default();
+            rows.push((
+                tag.clone(),
+                stored.digest,
+                stored.media_type,
+                image_size(&manifest),
+                platforms(&manifest),
+            ));
+        }
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| h.len() <= 255)
+        .unwrap_or("registry.example");
+    let next = (tags.len() == PAGE_ROWS)
+        .then(|| tags.last().cloned())
+        .flatten();
+    let example = rows.first().map_or("latest".to_owned(), |r| r.0.clone());
+    let body = html! {
+        h1 { (repo.as_str()) }
+        div.card {
+            h2 { "Pull" }
+            pre { "docker pull " (host) "/" (repo.as_str()) ":" (example) "\n"
+                  "podman pull " (host) "/" (repo.as_str()) ":" (example) "\n"
+                  "berth pull " (host) "/" (repo.as_str()) ":" (example) }
+        }
+        div.card {
+            h2 { "Tags" }
+            @if rows.is_empty() {
+                p.muted { "No tags." }
+            } @else {
+                table {
+                    thead { tr { th { "Tag" } th { "Digest" } th { "Size" } th { "Platforms" } th { "Type" } } }
+                    tbody {
+                        @for (tag, digest, media_type, size, platforms) in &rows {
+                            tr {
+                                td { (tag) }
+                                td.digest { a href={ "/ui/artifact?repository=" (urlencode(repo.as_str())) "&digest=" (urlencode(digest.as_str())) } { code { (&digest.as_str()[..19]) "…" } } }
+                                td { (human_bytes(*size)) }
+                                td { (platforms.join(", ")) }
+                                td.muted { (media_type) }
+                            }
+                        }
+                    }
+                }
+                @if let Some(next) = &next {
+                    div.pager { a href={ "/ui/repositories/" (repo.as_str()) "?last=" (urlencode(next)) } { "Next page" } }
+                }
+            }
+        }
+    };
+    html_response(
+        StatusCode::OK,
+        page(&app, &caller, repo.as_str(), Some(&csrf.0), body),
+    )
+}
+
+/// The repository and digest an artifact page is about, checked.
+async fn artifact_target(
+    app: &App,
+    caller: &Caller,
+    csrf: &CsrfToken,
+    query: &HashMap<String, String>,
+) -> Result<(RepoName, berth_registry::StoredManifest), Response> {
+    let repo = query
+        .get("repository")
+        .and_then(|r| RepoName::parse(r).ok());
+    let digest = query.get("digest").and_then(|d| Digest::parse(d).ok());
+    let (Some(repo), Some(digest)) = (repo, digest) else {
+        return Err(problem(
+            app,
+            caller,
+            csrf,
+            StatusCode::BAD_REQUEST,
+            "Give a repository and a digest.",
+        ));
+    };
+    may_read(app, caller, csrf, repo.project()).await?;
+    match app
+        .registry
+        .get_manifest(&repo, &Reference::Digest(digest))
+        .await
+    {
+        Ok(stored) => Ok((repo, stored)),
+        Err(_) => Err(problem(
+            app,
+            caller,
+            csrf,
+            StatusCode::NOT_FOUND,
+            "No such manifest.",
+        )),
+    }
+}
+
+/// `GET /ui/artifact?repository=&digest=`: a manifest and what it refers to.
+pub(super) async fn artifact(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    Extension(csrf): Extension<CsrfToken>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let (repo, stored) = match artifact_target(&app, &caller, &csrf, &query).await {
+        Ok(found) => found,
+        Err(refused) => return refused,
+    };
+    let manifest: Value = serde_json::from_slice(&stored.raw).unwrap_or_default();
+    let pretty = serde_json::to_string_pretty(&manifest).unwrap_or_default();
+    let config = config_of(&app, &repo, &manifest).await;
+    let referrers = app
+        .registry
+        .referrers(&repo, &stored.digest, None)
+        .await
+        .map(|index| index.manifests)
+        .unwrap_or_default();
+    let link = |digest: &str| {
+        format!(
+            "/ui/artifact?repository={}&digest={}",
+            urlencode(repo.as_str()),
+            urlencode(digest)
+        )
+    };
+    let raw_link = format!(
+        "/ui/artifact/raw?repository={}&digest={}",
+        urlencode(repo.as_str()),
+        urlencode(stored.digest.as_str())
+    );
+    let body = html! {
+        h1 { (repo.as_str()) }
+        div.card {
+            p { code.digest { (stored.digest.as_str()) } }
+            p.muted { (stored.media_type) " · " (human_bytes(stored.raw.len() as u64)) " · "
+                      a href=(raw_link) { "the exact bytes" } }
+        }
+        @if let Some(children) = manifest["manifests"].as_array() {
+            div.card {
+                h2 { "Platforms" }
+                table {
+                    thead { tr { th { "Platform" } th { "Digest" } th { "Size" } } }
+                    tbody {
+                        @for child in children {
+                            @let digest = child["digest"].as_str().unwrap_or_default();
+                            tr {
+                                td { (child["platform"]["os"].as_str().unwrap_or("?")) "/" (child["platform"]["architecture"].as_str().unwrap_or("?")) }
+                                td.digest { a href=(link(digest)) { code { (digest) } } }
+                                td { (human_bytes(child["size"].as_u64().unwrap_or(0))) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        @if let Some(layers) = manifest["layers"].as_array() {
+            div.card {
+                h2 { "Layers" }
+                table {
+                    thead { tr { th { "#" } th { "Digest" } th { "Size" } th { "Type" } } }
+                    tbody {
+                        @for (i, layer) in layers.iter().enumerate() {
+                            tr {
+                                td { (i + 1) }
+                                td.digest { code { (layer["digest"].as_str().unwrap_or_default()) } }
+                                td { (human_bytes(layer["size"].as_u64().unwrap_or(0))) }
+                                td.muted { (layer["mediaType"].as_str().unwrap_or_default()) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        @if let Some(config) = &config {
+            div.card {
+                h2 { "Config" }
+                (config_markup(config))
+            }
+        }
+        div.card {
+            h2 { "Referrers" }
+            @if referrers.is_empty() {
+                p.muted { "No signatures, SBOMs or other artifacts refer to this one." }
+            } @else {
+                table {
+                    thead { tr { th { "Artifact type" } th { "Digest" } th { "Size" } } }
+                    tbody {
+                        @for r in &referrers {
+                            tr {
+                                td { (r.artifact_type.as_deref().unwrap_or(&r.media_type)) }
+                                td.digest { a href=(link(r.digest.as_str())) { code { (r.digest.as_str()) } } }
+                                td { (human_bytes(r.size)) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        div.card {
+            h2 { "Manifest" }
+            pre { (pretty) }
+        }
+    };
+    html_response(
+        StatusCode::OK,
+        page(&app, &caller, repo.as_str(), Some(&csrf.0), body),
+    )
+}
+
+/// An image's config (when the manifest has one, it is JSON and not too large).
+async fn config_of(app: &App, repo: &RepoName, manifest: &Value) -> Option<Value> {
+    let digest = Digest::parse(manifest["config"]["digest"].as_str()?).ok()?;
+    if manifest["config"]["size"].as_u64()? > MAX_CONFIG {
+        return None;
+    }
+    let read = app.registry.read_blob(repo, &digest, None).await.ok()?;
+    let bytes = match read.body {
+        BlobBytes::File { file, start, len } if len <= MAX_CONFIG => {
+            tokio::task::spawn_blocking(move || {
+                let mut buffer = vec![0u8; len as usize];
+                std::os::unix::fs::FileExt::read_exact_at(&file, &mut buffer, start)
+                    .map(|()| buffer)
+            })
+            .await
+            .ok()?
+            .ok()?
+        }
+        BlobBytes::Stream(mut stream) => {
+            use futures_util::StreamExt;
+            let mut buffer = Vec::new();
+            while let Some(chunk) = stream.next().await {
+                buffer.extend_from_slice(&chunk.ok()?);
+                if buffer.len() as u64 > MAX_CONFIG {
+                    return None;
+                }
+            }
+            buffer
+        }
+        BlobBytes::File { .. } => return None,
+    };
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn config_markup(config: &Value) -> Markup {
+    let inner = &config["config"];
+    let list = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    html! {
+        table {
+            tbody {
+                tr { th { "Platform" } td { (config["os"].as_str().unwrap_or("?")) "/" (config["architecture"].as_str().unwrap_or("?")) } }
+                @if let Some(created) = config["created"].as_str() { tr { th { "Created" } td { (created) } } }
+                tr { th { "Entrypoint" } td { code { (list(&inner["Entrypoint"]).join(" ")) } } }
+                tr { th { "Command" } td { code { (list(&inner["Cmd"]).join(" ")) } } }
+                tr { th { "Environment" } td { @for e in list(&inner["Env"]) { code { (e) } br; } } }
+            }
+        }
+        @if let Some(history) = config["history"].as_array() {
+            h2 { "History" }
+            table {
+                tbody {
+                    @for step in history {
+                        tr {
+                            td.muted { (step["created"].as_str().unwrap_or_default()) }
+                            td { code { (step["created_by"].as_str().unwrap_or_default()) } }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `GET /ui/artifact/raw?repository=&digest=`: the manifest's exact bytes, as a download.
+pub(super) async fn artifact_raw(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    Extension(csrf): Extension<CsrfToken>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let (_, stored) = match artifact_target(&app, &caller, &csrf, &query).await {
+        Ok(found) => found,
+        Err(refused) => return refused,
+    };
+    let file = format!("attachment; filename=\"{}.json\"", stored.digest.hex());
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, stored.media_type.clone()),
+            (header::CONTENT_DISPOSITION, file),
+        ],
+        stored.raw,
+    )
+        .into_response()
+}
