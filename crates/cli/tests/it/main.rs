@@ -4,6 +4,7 @@
 
 mod api;
 mod auth;
+mod browser;
 mod cli_accounts;
 mod clients;
 mod clients_auth;

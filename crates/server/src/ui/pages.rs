@@ -584,9 +584,12 @@ fn config_markup(config: &Value) -> Markup {
             tbody {
                 tr { th { "Platform" } td { (config["os"].as_str().unwrap_or("?")) "/" (config["architecture"].as_str().unwrap_or("?")) } }
                 @if let Some(created) = config["created"].as_str() { tr { th { "Created" } td { (created) } } }
-                tr { th { "Entrypoint" } td { code { (list(&inner["Entrypoint"]).join(" ")) } } }
-                tr { th { "Command" } td { code { (list(&inner["Cmd"]).join(" ")) } } }
-                tr { th { "Environment" } td { @for e in list(&inner["Env"]) { code { (e) } br; } } }
+                @let entrypoint = list(&inner["Entrypoint"]);
+                @if !entrypoint.is_empty() { tr { th { "Entrypoint" } td { code { (entrypoint.join(" ")) } } } }
+                @let command = list(&inner["Cmd"]);
+                @if !command.is_empty() { tr { th { "Command" } td { code { (command.join(" ")) } } } }
+                @let environment = list(&inner["Env"]);
+                @if !environment.is_empty() { tr { th { "Environment" } td { @for e in &environment { code { (e) } br; } } } }
             }
         }
         @if let Some(history) = config["history"].as_array() {
