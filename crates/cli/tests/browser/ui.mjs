@@ -54,10 +54,10 @@ try {
 
   await page.click('a[href="/ui/repositories/team/app"]');
   const pull = await page.textContent('pre');
-  check(pull.includes('docker pull') && pull.includes('/team/app:v1'), 'the repository page shows pull commands');
+  check(pull.includes('docker pull') && pull.includes('/team/app:'), 'the repository page shows pull commands');
   await shot('repository');
 
-  await page.click('td.digest a');
+  await page.click('tr:has(td:text-is("v1")) td.digest a');
   check((await page.textContent('main')).includes('application/vnd.example.signature'), 'the artifact page lists its signature');
   await shot('artifact');
 
@@ -66,6 +66,25 @@ try {
   check(response.status() === 403, 'a sign-out without the CSRF value is refused');
   await page.goto(`${base}/`);
   check(await page.isVisible('a[href="/ui/projects/team"]'), 'the session survives the forged post');
+
+  // A robot: its secret is shown once.
+  await page.goto(`${base}/ui/projects/team`);
+  await page.fill('input[name=name]', 'ci');
+  await page.click('text=Create robot');
+  const secret = (await page.textContent('pre.secret')).trim();
+  check(secret.length >= 32, 'a new robot\'s secret is shown');
+  await shot('robot-created');
+  await page.goto(`${base}/ui/projects/team`);
+  check(!(await page.textContent('main')).includes(secret) && (await page.textContent('main')).includes('robot$team+ci'),
+        'the project lists the robot, never its secret again');
+  await shot('project-admin');
+
+  // Garbage collection, a dry run first.
+  await page.goto(`${base}/ui/admin`);
+  await page.click('button:has-text("Dry run")');
+  await page.waitForURL(`${base}/ui/admin/gc`);
+  check((await page.textContent('h1')).includes('what would go'), 'a garbage collection dry run reports');
+  await shot('gc-dry-run');
 
   // A phone's width.
   await page.setViewportSize({ width: 390, height: 844 });
@@ -76,6 +95,31 @@ try {
   await page.waitForURL(`${base}/ui/sign-in`);
   response = await page.goto(`${base}/ui/projects/team`);
   check(response.status() === 401, 'after sign-out the project is closed again');
+
+  const signIn = async (user, secret) => {
+    await page.goto(`${base}/ui/sign-in`);
+    await page.fill('input[name=user]', user);
+    await page.fill('input[name=password]', secret);
+    await page.click('button[type=submit]');
+    await page.waitForURL(`${base}/`);
+  };
+  // A guest sees no delete buttons, and a deletion posted anyway is refused.
+  await signIn('gus', 'gus-password');
+  await page.goto(`${base}/ui/repositories/team/app`);
+  check((await page.locator('text=Delete tag').count()) === 0, 'a guest is offered no deletion');
+  const csrf = await page.getAttribute('input[name=csrf]', 'value');
+  response = await page.request.post(`${base}/ui/repositories/team/app`,
+    { form: { csrf, action: 'delete-tag', tag: 'v1' } });
+  check(response.status() === 403, 'a guest\'s tag deletion is refused');
+  await page.click('text=Sign out');
+
+  // A maintainer deletes a tag.
+  await signIn('mia', 'mia-password');
+  await page.goto(`${base}/ui/repositories/team/app`);
+  await page.click('button[aria-label="Delete tag old"]');
+  await page.waitForURL(`${base}/ui/repositories/team/app`);
+  const tags = await page.textContent('main');
+  check(!tags.includes('old') && tags.includes('v1'), 'a maintainer deletes a tag');
 } finally {
   await browser.close();
 }

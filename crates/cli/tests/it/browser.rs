@@ -41,6 +41,29 @@ fn the_ui_works_in_a_real_browser() {
     let reg = start_with_auth(AuthSettings::default());
     let admin = Who::admin();
     let subject = push_image_as(&reg, &admin, "team/app", "v1", b"the app's layer");
+    push_image_as(&reg, &admin, "team/app", "old", b"an old layer");
+    for (user, role) in [("mia", "maintainer"), ("gus", "guest")] {
+        let r = admin
+            .request(
+                &http(),
+                Method::POST,
+                &format!("{}/api/v1/users", reg.url()),
+            )
+            .json(&json!({"name": user, "password": format!("{user}-password")}))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        let r = admin
+            .request(
+                &http(),
+                Method::POST,
+                &format!("{}/api/v1/projects/team/members", reg.url()),
+            )
+            .json(&json!({"user": user, "role": role}))
+            .send()
+            .unwrap();
+        assert!(r.status().is_success());
+    }
     // A signature referring to it.
     let size = admin
         .request(

@@ -314,3 +314,190 @@ fn sign_in_makes_a_session_that_sign_out_revokes_and_roles_limit_what_shows() {
     let r = carol.get(format!("{base}/ui/repositories/secret/app"));
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
 }
+
+/// Signs `user` in on a fresh browser.
+fn signed_in(base: &str, user: &str, password: &str) -> Browser {
+    let web = browser();
+    let form = web.get(format!("{base}/ui/sign-in")).text().unwrap();
+    let csrf = csrf_of(&form);
+    let r = web.post(
+        format!("{base}/ui/sign-in"),
+        &[
+            ("csrf", csrf.as_str()),
+            ("user", user),
+            ("password", password),
+        ],
+    );
+    assert_eq!(r.status(), StatusCode::SEE_OTHER, "{user} signs in");
+    web
+}
+
+#[test]
+fn robots_tag_deletion_and_collection_follow_the_roles() {
+    let reg = start_with_auth(AuthSettings::default());
+    let base = reg.url();
+    let admin = Who::admin();
+    push_image_as(&reg, &admin, "team/app", "v1", b"one");
+    push_image_as(&reg, &admin, "team/app", "v2", b"two");
+    for (user, role) in [("mia", "maintainer"), ("gus", "guest")] {
+        let r = admin
+            .request(
+                &http(),
+                reqwest::Method::POST,
+                &format!("{base}/api/v1/users"),
+            )
+            .json(&json!({"name": user, "password": format!("{user}-password")}))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        let r = admin
+            .request(
+                &http(),
+                reqwest::Method::POST,
+                &format!("{base}/api/v1/projects/team/members"),
+            )
+            .json(&json!({"user": user, "role": role}))
+            .send()
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
+    // A guest sees the tags but no delete buttons, and a forged deletion is refused.
+    let gus = signed_in(&base, "gus", "gus-password");
+    let page = gus
+        .get(format!("{base}/ui/repositories/team/app"))
+        .text()
+        .unwrap();
+    assert!(
+        page.contains(">v1<") && !page.contains("Delete tag"),
+        "{page}"
+    );
+    let csrf = csrf_of(&gus.get(format!("{base}/")).text().unwrap());
+    let r = gus.post(
+        format!("{base}/ui/repositories/team/app"),
+        &[
+            ("csrf", csrf.as_str()),
+            ("action", "delete-tag"),
+            ("tag", "v1"),
+        ],
+    );
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = gus.get(format!("{base}/ui/admin"));
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+
+    // A maintainer deletes a tag; without the CSRF value nothing happens.
+    let mia = signed_in(&base, "mia", "mia-password");
+    let page = mia
+        .get(format!("{base}/ui/repositories/team/app"))
+        .text()
+        .unwrap();
+    assert!(page.contains("Delete tag"), "{page}");
+    let r = mia.post(
+        format!("{base}/ui/repositories/team/app"),
+        &[("action", "delete-tag"), ("tag", "v1")],
+    );
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let csrf = csrf_of(&page);
+    let r = mia.post(
+        format!("{base}/ui/repositories/team/app"),
+        &[
+            ("csrf", csrf.as_str()),
+            ("action", "delete-tag"),
+            ("tag", "v1"),
+        ],
+    );
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let page = mia
+        .get(format!("{base}/ui/repositories/team/app"))
+        .text()
+        .unwrap();
+    assert!(!page.contains(">v1<") && page.contains(">v2<"), "{page}");
+
+    // The project's admin creates a robot: the secret shows once, and works.
+    let web = signed_in(&base, "admin", berth_testkit::ADMIN_PASSWORD);
+    let project = web.get(format!("{base}/ui/projects/team")).text().unwrap();
+    assert!(
+        project.contains("Create robot") && project.contains("mia"),
+        "{project}"
+    );
+    let csrf = csrf_of(&project);
+    let r = web.post(
+        format!("{base}/ui/projects/team/robots"),
+        &[
+            ("csrf", csrf.as_str()),
+            ("name", "ci"),
+            ("permission", "pull"),
+            ("permission", "push"),
+            ("expires_in_days", "7"),
+        ],
+    );
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let shown = r.text().unwrap();
+    let at = shown.find("<pre class=\"secret\">").unwrap() + "<pre class=\"secret\">".len();
+    let secret = shown[at..].split('<').next().unwrap().to_owned();
+    let project = web.get(format!("{base}/ui/projects/team")).text().unwrap();
+    assert!(
+        project.contains("robot$team+ci") && !project.contains(&secret),
+        "shown once"
+    );
+    let robot = Who::user("robot$team+ci", &secret);
+    let r = robot
+        .request(
+            &http(),
+            reqwest::Method::GET,
+            &format!("{base}/v2/team/app/tags/list"),
+        )
+        .send()
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "the robot logs in with the secret shown"
+    );
+    // A maintainer may not manage robots: no form, and a forged post is refused.
+    let page = mia.get(format!("{base}/ui/projects/team")).text().unwrap();
+    assert!(!page.contains("Create robot"), "{page}");
+    let csrf = csrf_of(&page);
+    let r = mia.post(
+        format!("{base}/ui/projects/team/robots"),
+        &[
+            ("csrf", csrf.as_str()),
+            ("name", "sneaky"),
+            ("permission", "pull"),
+        ],
+    );
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+
+    // Garbage collection: a dry run first, which removes nothing.
+    let admin_page = web.get(format!("{base}/ui/admin")).text().unwrap();
+    assert!(
+        admin_page.contains("Dry run") && admin_page.contains("robot.create"),
+        "{admin_page}"
+    );
+    let csrf = csrf_of(&admin_page);
+    let r = web.post(
+        format!("{base}/ui/admin/gc"),
+        &[("csrf", csrf.as_str()), ("mode", "dry-run")],
+    );
+    assert_eq!(r.status(), StatusCode::OK);
+    let report = r.text().unwrap();
+    assert!(
+        report.contains("what would go") && report.contains("Collect now"),
+        "{report}"
+    );
+    let r = web.post(
+        format!("{base}/ui/admin/gc"),
+        &[("csrf", csrf.as_str()), ("mode", "run")],
+    );
+    assert!(r.text().unwrap().contains("Garbage collection done"));
+    let r = web.post(
+        format!("{base}/ui/projects/team/robots/ci/delete"),
+        &[("csrf", csrf.as_str())],
+    );
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert!(!web
+        .get(format!("{base}/ui/projects/team"))
+        .text()
+        .unwrap()
+        .contains("robot$team+ci"));
+}

@@ -5,6 +5,7 @@
 //! access control lets that caller see, as the API does. Every answer carries a strict
 //! Content-Security-Policy; forms carry a CSRF token matched against a cookie.
 
+mod actions;
 mod pages;
 mod session;
 
@@ -50,7 +51,17 @@ pub(crate) fn routes(app: App) -> Router<App> {
         )
         .route("/ui/sign-out", post(session::sign_out))
         .route("/ui/projects/{name}", get(pages::project))
-        .route("/ui/repositories/{*name}", get(pages::repository))
+        .route("/ui/projects/{name}/robots", post(actions::create_robot))
+        .route(
+            "/ui/projects/{name}/robots/{robot}/delete",
+            post(actions::delete_robot),
+        )
+        .route(
+            "/ui/repositories/{*name}",
+            get(pages::repository).post(actions::change_repository),
+        )
+        .route("/ui/admin", get(pages::admin))
+        .route("/ui/admin/gc", post(actions::collect_garbage))
         .route("/ui/artifact", get(pages::artifact))
         .route("/ui/artifact/raw", get(pages::artifact_raw))
         .route("/ui/assets/{file}", get(stylesheet))
@@ -119,7 +130,12 @@ fn page(app: &App, caller: &Caller, title: &str, csrf: Option<&str>, body: Marku
             body {
                 header {
                     a.brand href="/" { "berth" }
-                    nav { a href="/" { "Projects" } }
+                    nav {
+                        a href="/" { "Projects" }
+                        @if caller.principal.is_admin() || !app.access.enabled() {
+                            a href="/ui/admin" { "Administration" }
+                        }
+                    }
                     @if signed_in {
                         span.muted { (caller.principal.actor()) }
                         @if let Some(token) = csrf {

@@ -211,6 +211,7 @@ pub(super) async fn project(
                 }
             }
         }
+        (people(&app, &caller, &csrf, &name).await)
     };
     html_response(
         StatusCode::OK,
@@ -218,8 +219,71 @@ pub(super) async fn project(
     )
 }
 
+/// A project's members and robots, and for its managers the robot form.
+async fn people(app: &App, caller: &Caller, csrf: &CsrfToken, project: &str) -> Markup {
+    let accounts = app.access.accounts();
+    let members = accounts.members(caller, project).await.unwrap_or_default();
+    let manage = Need::Project {
+        name: project,
+        permission: Permission::Manage,
+    };
+    let manages = app.access.enabled() && app.access.authorize(caller, manage).await.is_ok();
+    let robots = if manages {
+        accounts.robots(caller, project).await.unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    html! {
+        @if !members.is_empty() {
+            div.card {
+                h2 { "Members" }
+                table {
+                    thead { tr { th { "User" } th { "Role" } } }
+                    tbody { @for m in &members { tr { td { (m.user) } td { span.badge { (m.role) } } } } }
+                }
+            }
+        }
+        @if manages {
+            div.card {
+                h2 { "Robot accounts" }
+                @if !robots.is_empty() {
+                    table {
+                        thead { tr { th { "Login" } th { "Permissions" } th { "Expires" } th {} } }
+                        tbody {
+                            @for r in &robots {
+                                tr {
+                                    td { code { (berth_auth::robot_login(r)) } }
+                                    td { (r.permissions.join(", ")) }
+                                    td { @if let Some(at) = r.expires_ms { (super::when(at)) } @else { "never" } }
+                                    td {
+                                        form method="post" action={ "/ui/projects/" (project) "/robots/" (r.name) "/delete" } {
+                                            input type="hidden" name="csrf" value=(csrf.0);
+                                            button.link type="submit" { "Delete" }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                form.stack method="post" action={ "/ui/projects/" (project) "/robots" } {
+                    input type="hidden" name="csrf" value=(csrf.0);
+                    label { "Name" br; input name="name" required maxlength="64" pattern="[a-z0-9][a-z0-9._\\-]*"; }
+                    div {
+                        label { input type="checkbox" name="permission" value="pull" checked; " pull" } " "
+                        label { input type="checkbox" name="permission" value="push"; " push" } " "
+                        label { input type="checkbox" name="permission" value="delete"; " delete" }
+                    }
+                    label { "Expires after (days, empty: never)" br; input name="expires_in_days" inputmode="numeric" maxlength="4"; }
+                    button type="submit" { "Create robot" }
+                }
+            }
+        }
+    }
+}
+
 /// Percent-encodes a query value.
-fn urlencode(value: &str) -> String {
+pub(super) fn urlencode(value: &str) -> String {
     value
         .bytes()
         .map(|b| match b {
@@ -347,6 +411,12 @@ pub(super) async fn repository(
         .then(|| tags.last().cloned())
         .flatten();
     let example = rows.first().map_or("latest".to_owned(), |r| r.0.clone());
+    let delete = Need::Project {
+        name: repo.project(),
+        permission: Permission::Delete,
+    };
+    let deletes = app.access.authorize(&caller, delete).await.is_ok();
+    let action = format!("/ui/repositories/{}", repo.as_str());
     let body = html! {
         h1 { (repo.as_str()) }
         div.card {
@@ -361,7 +431,7 @@ pub(super) async fn repository(
                 p.muted { "No tags." }
             } @else {
                 table {
-                    thead { tr { th { "Tag" } th { "Digest" } th { "Size" } th { "Platforms" } th { "Type" } } }
+                    thead { tr { th { "Tag" } th { "Digest" } th { "Size" } th { "Platforms" } th { "Type" } @if deletes { th {} } } }
                     tbody {
                         @for (tag, digest, media_type, size, platforms) in &rows {
                             tr {
@@ -370,6 +440,16 @@ pub(super) async fn repository(
                                 td { (human_bytes(*size)) }
                                 td { (platforms.join(", ")) }
                                 td.muted { (media_type) }
+                                @if deletes {
+                                    td {
+                                        form method="post" action=(action) {
+                                            input type="hidden" name="csrf" value=(csrf.0);
+                                            input type="hidden" name="action" value="delete-tag";
+                                            input type="hidden" name="tag" value=(tag);
+                                            button.link type="submit" aria-label={ "Delete tag " (tag) } { "Delete tag" }
+                                        }
+                                    }
+                                }
                             }
                         }
                     }
@@ -379,10 +459,114 @@ pub(super) async fn repository(
                 }
             }
         }
+        @if deletes {
+            div.card {
+                h2 { "Delete the repository" }
+                p.muted { "Every tag and manifest in it goes; its blobs go with the next garbage collection." }
+                form method="post" action=(action) {
+                    input type="hidden" name="csrf" value=(csrf.0);
+                    input type="hidden" name="action" value="delete-repository";
+                    button type="submit" { "Delete " (repo.as_str()) }
+                }
+            }
+        }
     };
     html_response(
         StatusCode::OK,
         page(&app, &caller, repo.as_str(), Some(&csrf.0), body),
+    )
+}
+
+/// `GET /ui/admin?actor=&action=`: users, garbage collection and the audit log (system
+/// administrators).
+pub(super) async fn admin(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    Extension(csrf): Extension<CsrfToken>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if let Err(e) = app.access.authorize(&caller, Need::System).await {
+        let status = if caller.principal == Principal::Anonymous {
+            StatusCode::UNAUTHORIZED
+        } else {
+            StatusCode::FORBIDDEN
+        };
+        return problem(
+            &app,
+            &caller,
+            &csrf,
+            status,
+            &format!("Administrators only: {e}"),
+        );
+    }
+    let accounts = app.access.accounts();
+    let users = accounts.users(&caller).await.unwrap_or_default();
+    let filter = |key: &str| {
+        query
+            .get(key)
+            .filter(|v| !v.is_empty() && v.len() <= 255)
+            .cloned()
+    };
+    let audit = accounts
+        .audit_log(
+            &caller,
+            berth_auth::AuditFilter {
+                actor: filter("actor"),
+                action: filter("action"),
+                limit: 50,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_or_default();
+    let body = html! {
+        h1 { "Administration" }
+        div.card {
+            h2 { "Garbage collection" }
+            p.muted { "A dry run lists what a collection would remove; nothing is removed until you confirm." }
+            form method="post" action="/ui/admin/gc" {
+                input type="hidden" name="csrf" value=(csrf.0);
+                input type="hidden" name="mode" value="dry-run";
+                button type="submit" { "Dry run" }
+            }
+        }
+        @if !users.is_empty() {
+            div.card {
+                h2 { "Users" }
+                table {
+                    thead { tr { th { "User" } th { "Administrator" } } }
+                    tbody { @for u in &users { tr { td { (u.name) } td { @if u.admin { "yes" } } } } }
+                }
+            }
+        }
+        div.card {
+            h2 { "Audit log" }
+            form method="get" action="/ui/admin" {
+                input name="actor" placeholder="actor" value=(filter("actor").unwrap_or_default());
+                " "
+                input name="action" placeholder="action (push, delete, login…)" value=(filter("action").unwrap_or_default());
+                " "
+                button type="submit" { "Filter" }
+            }
+            table {
+                thead { tr { th { "When" } th { "Actor" } th { "Action" } th { "Resource" } th { "Result" } } }
+                tbody {
+                    @for r in &audit {
+                        tr {
+                            td { (super::when(r.event.at_ms)) }
+                            td { (r.event.actor) }
+                            td { (r.event.action) }
+                            td.digest { (r.event.resource) }
+                            td { (r.event.result) }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    html_response(
+        StatusCode::OK,
+        page(&app, &caller, "Administration", Some(&csrf.0), body),
     )
 }
 

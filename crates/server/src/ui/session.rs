@@ -93,15 +93,15 @@ fn secure(app: &App) -> &'static str {
 }
 
 /// Whether a posted form carries this browser's CSRF value (compared in constant time).
-fn csrf_matches(form: &HashMap<String, String>, token: &CsrfToken) -> bool {
-    let Some(given) = form.get("csrf") else {
+pub(super) fn csrf_matches(given: Option<&str>, token: &CsrfToken) -> bool {
+    let Some(given) = given else {
         return false;
     };
     let (a, b) = (given.as_bytes(), token.0.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn refused_form() -> Response {
+pub(super) fn refused_form() -> Response {
     html_response(
         StatusCode::FORBIDDEN,
         html! { p.error { "This form has expired or did not come from this site. Go back, reload the page and try again." } },
@@ -157,7 +157,7 @@ pub(super) async fn sign_in(
     Extension(csrf): Extension<CsrfToken>,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
-    if !csrf_matches(&form, &csrf) {
+    if !csrf_matches(form.get("csrf").map(String::as_str), &csrf) {
         return refused_form();
     }
     if !app.access.enabled() {
@@ -230,7 +230,7 @@ pub(super) async fn sign_out(
     headers: HeaderMap,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
-    if !csrf_matches(&form, &csrf) {
+    if !csrf_matches(form.get("csrf").map(String::as_str), &csrf) {
         return refused_form();
     }
     if let (Some(token), Principal::User { name, .. }) =
