@@ -312,6 +312,18 @@ impl MetaStore for Database {
             .await
     }
 
+    async fn tag_details(
+        &self,
+        repo: &RepoName,
+        after: Option<&str>,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<crate::TagDetail>, MetaError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.tag_page(repo.as_str(), after.unwrap_or_default(), prefix, limit)
+            .await
+    }
+
     async fn delete_repository(
         &self,
         repo: &RepoName,

@@ -36,7 +36,7 @@ pub use proxy_caches::ProxyCacheStore;
 pub use replication::{
     ExecutionRecord, NewTask, ReplicationStore, TaskOutcome, TaskRecord, TaskStatus,
 };
-pub use repositories::RepositorySummary;
+pub use repositories::{RepositorySummary, TagDetail};
 pub use webhooks::{
     DeliveryBacklog, DeliveryOutcome, DeliveryRecord, DeliveryState, NewWebhook, WebhookPatch,
     WebhookRecord, WebhookStore, MAX_WEBHOOKS_PER_SCOPE,
@@ -441,6 +441,15 @@ pub trait MetaStore: EventLog + Send + Sync + 'static {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<RepositorySummary>, MetaError>;
+    /// Tags of `repo` after `after` starting with `prefix`, at most `limit`, each with its
+    /// manifest.
+    async fn tag_details(
+        &self,
+        repo: &RepoName,
+        after: Option<&str>,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<TagDetail>, MetaError>;
     /// Deletes a repository with its manifests, tags and blob links; how many manifests
     /// went, or `None` if there is no such repository.
     async fn delete_repository(

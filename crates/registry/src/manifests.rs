@@ -220,6 +220,18 @@ impl Registry {
         Ok(self.meta.repositories(project, after, limit).await?)
     }
 
+    /// A page of `repo`'s tags (after `after`, starting with `prefix`) with their
+    /// manifests, for listings.
+    pub async fn tag_details(
+        &self,
+        repo: &RepoName,
+        after: Option<&str>,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<berth_meta::TagDetail>, RegistryError> {
+        Ok(self.meta.tag_details(repo, after, prefix, limit).await?)
+    }
+
     /// Deletes a repository: its manifests and tags (each deletion recorded, so webhooks
     /// and replication follow) and its blob links; the bytes go with the next garbage
     /// collection. Returns how many manifests went.

@@ -501,3 +501,162 @@ fn robots_tag_deletion_and_collection_follow_the_roles() {
         .unwrap()
         .contains("robot$team+ci"));
 }
+
+#[test]
+fn search_members_visibility_and_tag_filters_work_through_the_pages() {
+    let reg = start_with_auth(AuthSettings::default());
+    let base = reg.url();
+    let admin = Who::admin();
+    for tag in ["v1", "v2", "other"] {
+        push_image_as(&reg, &admin, "secret/app", tag, tag.as_bytes());
+    }
+    let r = admin
+        .request(
+            &http(),
+            reqwest::Method::POST,
+            &format!("{base}/api/v1/users"),
+        )
+        .json(&json!({"name": "carol", "password": "carol-password"}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let web = signed_in(&base, "admin", berth_testkit::ADMIN_PASSWORD);
+    let carol = signed_in(&base, "carol", "carol-password");
+
+    // The dashboard shows an administrator the recent pushes; a user's views of it are
+    // not audited as refusals.
+    let home = web.get(format!("{base}/")).text().unwrap();
+    assert!(
+        home.contains("Recent pushes") && home.contains("secret/app:v1"),
+        "{home}"
+    );
+    let refusals = || {
+        admin
+            .request(
+                &http(),
+                reqwest::Method::GET,
+                &format!("{base}/api/v1/audit?action=audit.list&limit=100"),
+            )
+            .send()
+            .unwrap()
+            .text()
+            .unwrap()
+            .matches("\"audit.list\"")
+            .count()
+    };
+    let before = refusals();
+    for _ in 0..3 {
+        assert!(!carol
+            .get(format!("{base}/"))
+            .text()
+            .unwrap()
+            .contains("Recent pushes"));
+    }
+    assert_eq!(
+        refusals(),
+        before,
+        "viewing the dashboard writes no audit events"
+    );
+
+    // Search: the administrator finds the private repository, carol does not.
+    let found = web.get(format!("{base}/ui/search?q=app")).text().unwrap();
+    assert!(
+        found.contains("href=\"/ui/repositories/secret/app\""),
+        "{found}"
+    );
+    let found = carol.get(format!("{base}/ui/search?q=app")).text().unwrap();
+    assert!(!found.contains("secret/app"), "{found}");
+
+    // The tag filter is a prefix over the tags' order.
+    let filtered = web
+        .get(format!("{base}/ui/repositories/secret/app?q=v"))
+        .text()
+        .unwrap();
+    assert!(
+        filtered.contains(">v1<") && filtered.contains(">v2<") && !filtered.contains(">other<"),
+        "{filtered}"
+    );
+
+    // Members: the project admin adds carol as a guest; she sees the project, then not.
+    let project = web
+        .get(format!("{base}/ui/projects/secret"))
+        .text()
+        .unwrap();
+    let csrf = csrf_of(&project);
+    let r = web.post(
+        format!("{base}/ui/projects/secret/members"),
+        &[
+            ("csrf", csrf.as_str()),
+            ("user", "carol"),
+            ("role", "guest"),
+        ],
+    );
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        carol.get(format!("{base}/ui/projects/secret")).status(),
+        StatusCode::OK
+    );
+    let r = web.post(
+        format!("{base}/ui/projects/secret/members/carol/delete"),
+        &[("csrf", csrf.as_str())],
+    );
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        carol.get(format!("{base}/ui/projects/secret")).status(),
+        StatusCode::FORBIDDEN
+    );
+    // An unknown role is refused, and carol may not make herself a member.
+    let r = web.post(
+        format!("{base}/ui/projects/secret/members"),
+        &[
+            ("csrf", csrf.as_str()),
+            ("user", "carol"),
+            ("role", "owner"),
+        ],
+    );
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let carol_csrf = csrf_of(&carol.get(format!("{base}/")).text().unwrap());
+    let r = carol.post(
+        format!("{base}/ui/projects/secret/members"),
+        &[
+            ("csrf", carol_csrf.as_str()),
+            ("user", "carol"),
+            ("role", "project_admin"),
+        ],
+    );
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+
+    // Visibility: made public, anyone may browse it.
+    let r = web.post(
+        format!("{base}/ui/projects/secret/visibility"),
+        &[("csrf", csrf.as_str()), ("public", "true")],
+    );
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let anonymous = browser();
+    let denials = || {
+        admin
+            .request(
+                &http(),
+                reqwest::Method::GET,
+                &format!("{base}/api/v1/audit?limit=1000"),
+            )
+            .send()
+            .unwrap()
+            .text()
+            .unwrap()
+            .matches("\"denied\"")
+            .count()
+    };
+    let before = denials();
+    let r = anonymous.get(format!("{base}/ui/projects/secret"));
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.text().unwrap().contains("secret/app"));
+    assert_eq!(denials(), before, "an anonymous view is no audited refusal");
+
+    // The settings in effect, for administrators.
+    let admin_page = web.get(format!("{base}/ui/admin")).text().unwrap();
+    assert!(
+        admin_page.contains("Settings in effect") && admin_page.contains("builtin"),
+        "{admin_page}"
+    );
+}

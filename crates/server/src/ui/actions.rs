@@ -231,3 +231,73 @@ pub(super) async fn collect_garbage(
         page(&app, &caller, "Garbage collection", Some(&csrf.0), body),
     )
 }
+
+/// `POST /ui/projects/{name}/members`: adds a member or changes a member's role (project
+/// admins).
+pub(super) async fn set_member(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    Extension(csrf): Extension<CsrfToken>,
+    Path(project): Path<String>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    if !csrf_matches(form.get("csrf").map(String::as_str), &csrf) {
+        return refused_form();
+    }
+    let user = form.get("user").map(String::as_str).unwrap_or_default();
+    let role = form.get("role").map(String::as_str).unwrap_or_default();
+    match app
+        .access
+        .accounts()
+        .set_member(&caller, &project, user, role)
+        .await
+    {
+        Ok(_) => back(&format!("/ui/projects/{project}")),
+        Err(e) => failed(&app, &caller, &csrf, &e),
+    }
+}
+
+/// `POST /ui/projects/{name}/members/{user}/delete`.
+pub(super) async fn remove_member(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    Extension(csrf): Extension<CsrfToken>,
+    Path((project, user)): Path<(String, String)>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    if !csrf_matches(form.get("csrf").map(String::as_str), &csrf) {
+        return refused_form();
+    }
+    match app
+        .access
+        .accounts()
+        .remove_member(&caller, &project, &user)
+        .await
+    {
+        Ok(()) => back(&format!("/ui/projects/{project}")),
+        Err(e) => failed(&app, &caller, &csrf, &e),
+    }
+}
+
+/// `POST /ui/projects/{name}/visibility`: `public=true` or `false` (project admins).
+pub(super) async fn set_visibility(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    Extension(csrf): Extension<CsrfToken>,
+    Path(project): Path<String>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    if !csrf_matches(form.get("csrf").map(String::as_str), &csrf) {
+        return refused_form();
+    }
+    let public = form.get("public").map(String::as_str) == Some("true");
+    match app
+        .access
+        .accounts()
+        .set_project_public(&caller, &project, public)
+        .await
+    {
+        Ok(_) => back(&format!("/ui/projects/{project}")),
+        Err(e) => failed(&app, &caller, &csrf, &e),
+    }
+}

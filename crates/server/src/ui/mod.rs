@@ -60,6 +60,16 @@ pub(crate) fn routes(app: App) -> Router<App> {
             "/ui/repositories/{*name}",
             get(pages::repository).post(actions::change_repository),
         )
+        .route("/ui/projects/{name}/members", post(actions::set_member))
+        .route(
+            "/ui/projects/{name}/members/{user}/delete",
+            post(actions::remove_member),
+        )
+        .route(
+            "/ui/projects/{name}/visibility",
+            post(actions::set_visibility),
+        )
+        .route("/ui/search", get(pages::search))
         .route("/ui/admin", get(pages::admin))
         .route("/ui/admin/gc", post(actions::collect_garbage))
         .route("/ui/artifact", get(pages::artifact))
@@ -132,6 +142,7 @@ fn page(app: &App, caller: &Caller, title: &str, csrf: Option<&str>, body: Marku
                     a.brand href="/" { "berth" }
                     nav {
                         a href="/" { "Projects" }
+                        a href="/ui/search" { "Search" }
                         @if caller.principal.is_admin() || !app.access.enabled() {
                             a href="/ui/admin" { "Administration" }
                         }

@@ -46,8 +46,19 @@ async fn may_read(
     csrf: &CsrfToken,
     project: &str,
 ) -> Result<(), Response> {
-    let need = Need::Project {
-        name: project,
+    // Whether the caller may pull from the project: what `/v2` asks, so anonymous
+    // callers read public projects (the admin API's project needs want a login).
+    let Ok(any_repository) = RepoName::parse(&format!("{project}/x")) else {
+        return Err(problem(
+            app,
+            caller,
+            csrf,
+            StatusCode::NOT_FOUND,
+            "No such project.",
+        ));
+    };
+    let need = Need::Repository {
+        name: &any_repository,
         permission: Permission::Read,
     };
     match app.access.authorize(caller, need).await {
@@ -115,6 +126,26 @@ pub(super) async fn home(
         return (StatusCode::SEE_OTHER, [(header::LOCATION, "/ui/sign-in")]).into_response();
     }
     let counts = app.registry.store_counts().await.ok();
+    // The audit log is for administrators: recent pushes and the last collection from it.
+    let audit = |action: &str, limit: usize| berth_auth::AuditFilter {
+        action: Some(action.to_owned()),
+        limit,
+        ..Default::default()
+    };
+    // Asked only for those who may read it: a refusal would be audited, on every view.
+    let (mut pushes, mut last_gc) = (Vec::new(), None);
+    if caller.principal.is_admin() || !app.access.enabled() {
+        let accounts = app.access.accounts();
+        pushes = accounts
+            .audit_log(&caller, audit("push", 8))
+            .await
+            .unwrap_or_default();
+        last_gc = accounts
+            .audit_log(&caller, audit("gc", 1))
+            .await
+            .ok()
+            .and_then(|mut v| v.pop());
+    }
     let (metadata, storage) = app.registry.readiness().await;
     let healthy = metadata.is_ok() && storage.is_ok();
     let body = html! {
@@ -129,6 +160,25 @@ pub(super) async fn home(
             div.stat {
                 b { @if healthy { "ready" } @else { span.error { "not ready" } } }
                 span { "registry health" }
+            }
+            @if let Some(gc) = &last_gc {
+                div.stat { b { (super::when(gc.event.at_ms)) } span { "last garbage collection" } }
+            }
+        }
+        @if !pushes.is_empty() {
+            div.card {
+                h2 { "Recent pushes" }
+                table {
+                    tbody {
+                        @for p in &pushes {
+                            tr {
+                                td.digest { (p.event.resource) }
+                                td { (p.event.actor) }
+                                td { (super::when(p.event.at_ms)) }
+                            }
+                        }
+                    }
+                }
             }
         }
         div.card {
@@ -222,7 +272,17 @@ pub(super) async fn project(
 /// A project's members and robots, and for its managers the robot form.
 async fn people(app: &App, caller: &Caller, csrf: &CsrfToken, project: &str) -> Markup {
     let accounts = app.access.accounts();
-    let members = accounts.members(caller, project).await.unwrap_or_default();
+    // Checked first without the audit (a refused call would be audited, on every view).
+    let read = Need::Project {
+        name: project,
+        permission: Permission::Read,
+    };
+    let sees_members = app.access.enabled() && app.access.authorize(caller, read).await.is_ok();
+    let members = if sees_members {
+        accounts.members(caller, project).await.unwrap_or_default()
+    } else {
+        Vec::new()
+    };
     let manage = Need::Project {
         name: project,
         permission: Permission::Manage,
@@ -234,12 +294,53 @@ async fn people(app: &App, caller: &Caller, csrf: &CsrfToken, project: &str) -> 
         Vec::new()
     };
     html! {
-        @if !members.is_empty() {
+        @if !members.is_empty() || manages {
             div.card {
                 h2 { "Members" }
                 table {
-                    thead { tr { th { "User" } th { "Role" } } }
-                    tbody { @for m in &members { tr { td { (m.user) } td { span.badge { (m.role) } } } } }
+                    thead { tr { th { "User" } th { "Role" } @if manages { th {} } } }
+                    tbody {
+                        @for m in &members {
+                            tr {
+                                td { (m.user) }
+                                td { span.badge { (m.role) } }
+                                @if manages {
+                                    td {
+                                        form method="post" action={ "/ui/projects/" (project) "/members/" (m.user) "/delete" } {
+                                            input type="hidden" name="csrf" value=(csrf.0);
+                                            button.link type="submit" aria-label={ "Remove " (m.user) } { "Remove" }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                @if manages {
+                    form.stack method="post" action={ "/ui/projects/" (project) "/members" } {
+                        input type="hidden" name="csrf" value=(csrf.0);
+                        label { "User" br; input name="user" required maxlength="255"; }
+                        label { "Role" br;
+                            select name="role" {
+                                @for role in ["guest", "developer", "maintainer", "project_admin"] {
+                                    option value=(role) { (role) }
+                                }
+                            }
+                        }
+                        button type="submit" { "Add or change member" }
+                    }
+                }
+            }
+        }
+        @if manages {
+            div.card {
+                h2 { "Settings" }
+                @let public = app.access.accounts().project(caller, project).await.map(|p| p.public).unwrap_or(false);
+                p { "This project is " b { @if public { "public: anyone may pull from it" } @else { "private: only its members see it" } } "." }
+                form method="post" action={ "/ui/projects/" (project) "/visibility" } {
+                    input type="hidden" name="csrf" value=(csrf.0);
+                    input type="hidden" name="public" value=(if public { "false" } else { "true" });
+                    button type="submit" { @if public { "Make it private" } @else { "Make it public" } }
                 }
             }
         }
@@ -351,18 +452,20 @@ pub(super) async fn repository(
         .get("last")
         .filter(|l| l.len() <= 128)
         .map(String::as_str);
-    let tags = match app
+    // Whether the repository exists at all (a cheap look), then one page of its tags with
+    // their manifests, in one statement.
+    let exists = app
         .registry
         .list_tags(
             &repo,
             Page {
-                limit: Some(PAGE_ROWS),
-                after: last,
+                limit: Some(1),
+                after: None,
             },
         )
-        .await
-    {
-        Ok(tags) => tags,
+        .await;
+    match exists {
+        Ok(_) => {}
         Err(berth_registry::RegistryError::NameUnknown { .. }) => {
             return problem(
                 &app,
@@ -381,27 +484,46 @@ pub(super) async fn repository(
                 &e.to_string(),
             )
         }
-    };
-    let mut rows = Vec::with_capacity(tags.len());
-    for tag in &tags {
-        let Ok(parsed) = Tag::parse(tag) else {
-            continue;
-        };
-        if let Ok(stored) = app
-            .registry
-            .get_manifest(&repo, &Reference::Tag(parsed))
-            .await
-        {
-            let manifest: Value = serde_json::from_slice(&stored.raw).unwrap_or_default();
-            rows.push((
-                tag.clone(),
-                stored.digest,
-                stored.media_type,
-                image_size(&manifest),
-                platforms(&manifest),
-            ));
-        }
     }
+    // A prefix filter over the tags' order: as fast at 100,000 tags as at 100.
+    let prefix = query
+        .get("q")
+        .map(|q| q.trim())
+        .filter(|q| q.len() <= 128 && Tag::parse(q).is_ok())
+        .unwrap_or_default()
+        .to_owned();
+    let details = match app
+        .registry
+        .tag_details(&repo, last, &prefix, PAGE_ROWS)
+        .await
+    {
+        Ok(details) => details,
+        Err(e) => {
+            return problem(
+                &app,
+                &caller,
+                &csrf,
+                StatusCode::SERVICE_UNAVAILABLE,
+                &e.to_string(),
+            )
+        }
+    };
+    let tags: Vec<String> = details.iter().map(|d| d.tag.clone()).collect();
+    let rows: Vec<_> = details
+        .into_iter()
+        .map(|d| {
+            let manifest: Value = serde_json::from_slice(&d.raw).unwrap_or_default();
+            let size = image_size(&manifest);
+            (
+                d.tag,
+                d.digest,
+                d.media_type,
+                size,
+                platforms(&manifest),
+                d.updated_ms,
+            )
+        })
+        .collect();
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -427,18 +549,24 @@ pub(super) async fn repository(
         }
         div.card {
             h2 { "Tags" }
+            form method="get" action=(action) {
+                input name="q" placeholder="tags starting with…" maxlength="128" value=(prefix);
+                " "
+                button type="submit" { "Filter" }
+            }
             @if rows.is_empty() {
                 p.muted { "No tags." }
             } @else {
                 table {
-                    thead { tr { th { "Tag" } th { "Digest" } th { "Size" } th { "Platforms" } th { "Type" } @if deletes { th {} } } }
+                    thead { tr { th { "Tag" } th { "Digest" } th { "Size" } th { "Platforms" } th { "Pushed" } th { "Type" } @if deletes { th {} } } }
                     tbody {
-                        @for (tag, digest, media_type, size, platforms) in &rows {
+                        @for (tag, digest, media_type, size, platforms, pushed) in &rows {
                             tr {
                                 td { (tag) }
                                 td.digest { a href={ "/ui/artifact?repository=" (urlencode(repo.as_str())) "&digest=" (urlencode(digest.as_str())) } { code { (&digest.as_str()[..19]) "…" } } }
                                 td { (human_bytes(*size)) }
                                 td { (platforms.join(", ")) }
+                                td { (super::when(*pushed)) }
                                 td.muted { (media_type) }
                                 @if deletes {
                                     td {
@@ -455,7 +583,7 @@ pub(super) async fn repository(
                     }
                 }
                 @if let Some(next) = &next {
-                    div.pager { a href={ "/ui/repositories/" (repo.as_str()) "?last=" (urlencode(next)) } { "Next page" } }
+                    div.pager { a href={ "/ui/repositories/" (repo.as_str()) "?q=" (urlencode(&prefix)) "&last=" (urlencode(next)) } { "Next page" } }
                 }
             }
         }
@@ -474,6 +602,73 @@ pub(super) async fn repository(
     html_response(
         StatusCode::OK,
         page(&app, &caller, repo.as_str(), Some(&csrf.0), body),
+    )
+}
+
+/// Search hits shown at most, per kind.
+const MAX_HITS: usize = 50;
+
+/// `GET /ui/search?q=`: projects and repositories the caller may see whose names hold
+/// the text.
+pub(super) async fn search(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    Extension(csrf): Extension<CsrfToken>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let q = query
+        .get("q")
+        .map(|q| q.trim().to_lowercase())
+        .filter(|q| !q.is_empty() && q.len() <= 255)
+        .unwrap_or_default();
+    let (mut projects, mut repositories) = (Vec::new(), Vec::new());
+    if !q.is_empty() {
+        if let Ok(all) = app.access.accounts().projects(&caller).await {
+            projects = all
+                .into_iter()
+                .filter(|p| p.name.contains(&q))
+                .take(MAX_HITS)
+                .collect();
+        }
+        if let Ok(visible) = app.access.visible_projects(&caller).await {
+            let all = Page {
+                limit: None,
+                after: None,
+            };
+            repositories = app
+                .registry
+                .catalog(all, visible.as_deref())
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|name| name.contains(&q))
+                .take(MAX_HITS)
+                .collect();
+        }
+    }
+    let body = html! {
+        h1 { "Search" }
+        div.card {
+            form method="get" action="/ui/search" {
+                input name="q" value=(q) maxlength="255" placeholder="a project or repository name";
+                " "
+                button type="submit" { "Search" }
+            }
+        }
+        @if !q.is_empty() {
+            div.card {
+                h2 { "Projects" }
+                @if projects.is_empty() { p.muted { "None." } }
+                @for p in &projects { p { a href={ "/ui/projects/" (p.name) } { (p.name) } } }
+                h2 { "Repositories" }
+                @if repositories.is_empty() { p.muted { "None." } }
+                @for r in &repositories { p { a href={ "/ui/repositories/" (r) } { (r) } } }
+            }
+        }
+    };
+    html_response(
+        StatusCode::OK,
+        page(&app, &caller, "Search", Some(&csrf.0), body),
     )
 }
 
@@ -528,6 +723,23 @@ pub(super) async fn admin(
                 input type="hidden" name="csrf" value=(csrf.0);
                 input type="hidden" name="mode" value="dry-run";
                 button type="submit" { "Dry run" }
+            }
+        }
+        div.card {
+            h2 { "Settings in effect" }
+            @let auth = app.access.settings();
+            @let gc = &app.gc;
+            table {
+                tbody {
+                    tr { th { "Access control" } td { (format!("{:?}", auth.mode).to_lowercase()) } }
+                    tr { th { "Token lifetime" } td { (auth.token_ttl.as_secs()) " s" } }
+                    tr { th { "Refresh token (session) lifetime" } td { (auth.refresh_ttl.as_secs() / 86_400) " days" } }
+                    tr { th { "Login failures before a lockout" } td { (auth.max_login_failures) } }
+                    tr { th { "Garbage collection: blob grace" } td { (gc.blob_grace.as_secs()) " s" } }
+                    tr { th { "Garbage collection: untagged manifests" } td { @if gc.delete_untagged { "deleted after " (gc.untagged_min_age.as_secs()) " s" } @else { "kept" } } }
+                    tr { th { "Abandoned uploads purged after" } td { (gc.upload_max_age.as_secs()) " s" } }
+                    tr { th { "Transport" } td { @if app.secure { "HTTPS" } @else { "plain HTTP" } } }
+                }
             }
         }
         @if !users.is_empty() {
