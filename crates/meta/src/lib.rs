@@ -36,7 +36,7 @@ pub use proxy_caches::ProxyCacheStore;
 pub use replication::{
     ExecutionRecord, NewTask, ReplicationStore, TaskOutcome, TaskRecord, TaskStatus,
 };
-pub use repositories::{RepositorySummary, TagDetail};
+pub use repositories::{RepositorySummary, TagDetail, COUNT_CAP};
 pub use webhooks::{
     DeliveryBacklog, DeliveryOutcome, DeliveryRecord, DeliveryState, NewWebhook, WebhookPatch,
     WebhookRecord, WebhookStore, MAX_WEBHOOKS_PER_SCOPE,

@@ -6,16 +6,20 @@ use crate::events::record;
 use crate::images::delete_manifest_rows;
 use crate::{Actor, Change, Database, MetaError};
 
+/// Counts in a [`RepositorySummary`] stop past this: a count of `COUNT_CAP + 1` means
+/// "more than `COUNT_CAP`" (and the bytes then cover that many blobs).
+pub const COUNT_CAP: u64 = 10_000;
+
 /// A repository and what it holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RepositorySummary {
     /// Its name.
     pub name: String,
-    /// Tags in it.
+    /// Tags in it, up to [`COUNT_CAP`] + 1.
     pub tags: u64,
-    /// Manifests in it (tagged or not, referrers included).
+    /// Manifests in it (tagged or not, referrers included), up to [`COUNT_CAP`] + 1.
     pub manifests: u64,
-    /// Bytes of the distinct blobs it links.
+    /// Bytes of the distinct blobs it links (of at most [`COUNT_CAP`] + 1 of them).
     pub bytes: u64,
     /// When a manifest was last pushed into it, ms since the epoch.
     pub last_push_ms: Option<i64>,
@@ -85,11 +89,14 @@ impl Database {
         // from "<project>" up to "<project>0" ('0' follows '/'), so the primary key's
         // order finds them; the others in that range ("<project>-x") are left out.
         let (project, after, to) = (project.to_owned(), after.to_owned(), format!("{project}0"));
+        // Counts stop at COUNT_CAP + 1 rows, so a page costs the same whatever a
+        // repository holds; the last push comes from the (repo, pushed_at) index.
         let sql = "SELECT r.name,
-                     (SELECT COUNT(*) FROM tags t WHERE t.repo = r.name),
-                     (SELECT COUNT(*) FROM manifests m WHERE m.repo = r.name),
-                     (SELECT CAST(COALESCE(SUM(b.size), 0) AS BIGINT) FROM repo_blobs l
-                        JOIN blobs b ON b.digest = l.digest WHERE l.repo = r.name),
+                     (SELECT COUNT(*) FROM (SELECT 1 FROM tags t WHERE t.repo = r.name LIMIT 10001) x),
+                     (SELECT COUNT(*) FROM (SELECT 1 FROM manifests m WHERE m.repo = r.name LIMIT 10001) x),
+                     (SELECT CAST(COALESCE(SUM(s.size), 0) AS BIGINT) FROM
+                        (SELECT b.size FROM repo_blobs l JOIN blobs b ON b.digest = l.digest
+                         WHERE l.repo = r.name LIMIT 10001) s),
                      (SELECT MAX(m.pushed_at) FROM manifests m WHERE m.repo = r.name)
                    FROM repositories r
                    WHERE r.name > ?1 AND r.name >= ?4 AND r.name < ?2

@@ -278,6 +278,10 @@ CREATE INDEX replication_executions_ended ON replication_executions (ended_at);
 CREATE INDEX replication_tasks_by_execution ON replication_tasks (execution_id, id);
 CREATE INDEX replication_tasks_open ON replication_tasks (policy, destination, id) WHERE status IN ('pending', 'running');
 "#,
+    // 12: a repository's last push without reading all its manifests (repository listings).
+    r#"
+CREATE INDEX manifests_by_push ON manifests (repo, pushed_at);
+"#,
 ];
 
 /// Where PostgreSQL databases made before the schema was shared stand in [`MIGRATIONS`]:

@@ -412,6 +412,31 @@ fn robots_tag_deletion_and_collection_follow_the_roles() {
         .text()
         .unwrap();
     assert!(!page.contains(">v1<") && page.contains(">v2<"), "{page}");
+    // And a manifest by digest, from its page (a guest is offered no such form).
+    let v2 = reg_digest(&base, &admin, "team/app", "v2");
+    let artifact = format!("{base}/ui/artifact?repository=team%2Fapp&digest={v2}");
+    assert!(!gus
+        .get(artifact.clone())
+        .text()
+        .unwrap()
+        .contains("Delete manifest"));
+    let page = mia.get(artifact).text().unwrap();
+    assert!(page.contains("Delete manifest"), "{page}");
+    let r = mia.post(
+        format!("{base}/ui/repositories/team/app"),
+        &[
+            ("csrf", csrf.as_str()),
+            ("action", "delete-manifest"),
+            ("digest", v2.as_str()),
+        ],
+    );
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let page = mia
+        .get(format!("{base}/ui/repositories/team/app"))
+        .text()
+        .unwrap();
+    assert!(!page.contains(">v2<"), "{page}");
+    push_image_as(&reg, &admin, "team/app", "v2", b"two again");
 
     // The project's admin creates a robot: the secret shows once, and works.
     let web = signed_in(&base, "admin", berth_testkit::ADMIN_PASSWORD);
@@ -659,4 +684,18 @@ fn search_members_visibility_and_tag_filters_work_through_the_pages() {
         admin_page.contains("Settings in effect") && admin_page.contains("builtin"),
         "{admin_page}"
     );
+}
+
+/// The digest `reference` has in `repo`, asked as `who`.
+fn reg_digest(base: &str, who: &Who, repo: &str, reference: &str) -> String {
+    let r = who
+        .request(
+            &http(),
+            reqwest::Method::HEAD,
+            &format!("{base}/v2/{repo}/manifests/{reference}"),
+        )
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .unwrap();
+    header(&r, "docker-content-digest")
 }

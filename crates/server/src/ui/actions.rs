@@ -123,7 +123,8 @@ pub(super) async fn delete_robot(
     }
 }
 
-/// `POST /ui/repositories/{name}`: `action=delete-tag` (with `tag`) or
+/// `POST /ui/repositories/{name}`: `action=delete-tag` (with `tag`),
+/// `action=delete-manifest` (with `digest`: the manifest and every tag on it) or
 /// `action=delete-repository`, for whoever may delete in the project.
 pub(super) async fn change_repository(
     State(app): State<App>,
@@ -163,6 +164,23 @@ pub(super) async fn change_repository(
             };
             app.registry
                 .delete_manifest(&repo, &Reference::Tag(tag), &by)
+                .await
+                .map(|()| format!("/ui/repositories/{}", repo.as_str()))
+        }
+        Some("delete-manifest") => {
+            let Some(digest) = form
+                .get("digest")
+                .and_then(|d| berth_oci::Digest::parse(d).ok())
+            else {
+                return failed(
+                    &app,
+                    &caller,
+                    &csrf,
+                    &AuthError::Invalid("not a digest".into()),
+                );
+            };
+            app.registry
+                .delete_manifest(&repo, &Reference::Digest(digest), &by)
                 .await
                 .map(|()| format!("/ui/repositories/{}", repo.as_str()))
         }

@@ -248,9 +248,9 @@ pub(super) async fn project(
                         @for r in &repositories {
                             tr {
                                 td { a href={ "/ui/repositories/" (r.name) } { (r.name) } }
-                                td { (r.tags) }
-                                td { (human_bytes(r.bytes)) }
-                                td { (r.manifests) }
+                                td { (count(r.tags)) }
+                                td { (human_bytes(r.bytes)) @if r.manifests > berth_meta::COUNT_CAP { "+" } }
+                                td { (count(r.manifests)) }
                                 td { @if let Some(at) = r.last_push_ms { (when(at)) } }
                             }
                         }
@@ -380,6 +380,15 @@ async fn people(app: &App, caller: &Caller, csrf: &CsrfToken, project: &str) -> 
                 }
             }
         }
+    }
+}
+
+/// A count that may have stopped at the cap: "10000+" then.
+fn count(n: u64) -> String {
+    if n > berth_meta::COUNT_CAP {
+        format!("{}+", berth_meta::COUNT_CAP)
+    } else {
+        n.to_string()
     }
 }
 
@@ -832,6 +841,11 @@ pub(super) async fn artifact(
     };
     let manifest: Value = serde_json::from_slice(&stored.raw).unwrap_or_default();
     let pretty = serde_json::to_string_pretty(&manifest).unwrap_or_default();
+    let delete = Need::Repository {
+        name: &repo,
+        permission: Permission::Delete,
+    };
+    let deletes = app.access.authorize(&caller, delete).await.is_ok();
     let config = config_of(&app, &repo, &manifest).await;
     let referrers = app
         .registry
@@ -922,6 +936,18 @@ pub(super) async fn artifact(
         div.card {
             h2 { "Manifest" }
             pre { (pretty) }
+        }
+        @if deletes {
+            div.card {
+                h2 { "Delete this manifest" }
+                p.muted { "The manifest and every tag pointing at it go; its blobs go with the next garbage collection." }
+                form method="post" action={ "/ui/repositories/" (repo.as_str()) } {
+                    input type="hidden" name="csrf" value=(csrf.0);
+                    input type="hidden" name="action" value="delete-manifest";
+                    input type="hidden" name="digest" value=(stored.digest.as_str());
+                    button type="submit" { "Delete manifest" }
+                }
+            }
         }
     };
     html_response(
