@@ -278,9 +278,13 @@ CREATE INDEX replication_executions_ended ON replication_executions (ended_at);
 CREATE INDEX replication_tasks_by_execution ON replication_tasks (execution_id, id);
 CREATE INDEX replication_tasks_open ON replication_tasks (policy, destination, id) WHERE status IN ('pending', 'running');
 "#,
-    // 12: a repository's last push without reading all its manifests (repository listings).
+    // 12: a repository's last push without reading all its manifests (repository
+    // listings), and referrers in digest order from the index (the one before made the
+    // planner walk every manifest of the repository for the ORDER BY).
     r#"
 CREATE INDEX manifests_by_push ON manifests (repo, pushed_at);
+DROP INDEX manifests_by_subject;
+CREATE INDEX manifests_by_subject ON manifests (repo, subject, digest) WHERE subject IS NOT NULL;
 "#,
 ];
 

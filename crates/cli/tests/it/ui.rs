@@ -281,7 +281,16 @@ fn sign_in_makes_a_session_that_sign_out_revokes_and_roles_limit_what_shows() {
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     let r = http()
         .get(format!("{base}/ui/projects/secret"))
+        .header("cookie", stolen.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // A change without a session is refused before its body is read.
+    let r = http()
+        .post(format!("{base}/ui/repositories/secret/app"))
         .header("cookie", stolen)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("action=delete-repository&csrf=x")
         .send()
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);

@@ -89,8 +89,17 @@ async fn csrf(State(app): State<App>, request: Request, next: Next) -> Response 
 async fn guard(State(app): State<App>, mut request: Request, next: Next) -> Response {
     let address = crate::auth::client_address(&request);
     let caller = session::caller(&app, request.headers(), &address).await;
+    // Every change but signing in needs a session: refused before its body is read.
+    let anonymous_change = request.method() == axum::http::Method::POST
+        && request.uri().path() != "/ui/sign-in"
+        && app.access.enabled()
+        && caller.principal == berth_auth::Principal::Anonymous;
     request.extensions_mut().insert(caller);
-    let mut response = next.run(request).await;
+    let mut response = if anonymous_change {
+        (StatusCode::UNAUTHORIZED, [(header::LOCATION, "/ui/sign-in")], "sign in first").into_response()
+    } else {
+        next.run(request).await
+    };
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_SECURITY_POLICY,
