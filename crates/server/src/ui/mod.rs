@@ -96,7 +96,12 @@ async fn guard(State(app): State<App>, mut request: Request, next: Next) -> Resp
         && caller.principal == berth_auth::Principal::Anonymous;
     request.extensions_mut().insert(caller);
     let mut response = if anonymous_change {
-        (StatusCode::UNAUTHORIZED, [(header::LOCATION, "/ui/sign-in")], "sign in first").into_response()
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::LOCATION, "/ui/sign-in")],
+            "sign in first",
+        )
+            .into_response()
     } else {
         next.run(request).await
     };
