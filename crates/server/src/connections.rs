@@ -173,6 +173,12 @@ pub(crate) async fn accept_loop(
                 continue;
             }
         };
+        // Answers go out as the header and then the body, in separate writes: with
+        // Nagle's algorithm the body of a small answer (a config blob) waited for the
+        // client's delayed ACK, about 40 ms, on every request of a kept-alive connection.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY");
+        }
         let Some((ticket, evicted)) = admission.admit() else {
             warned.once_in_a_while(|| {
                 tracing::warn!(
