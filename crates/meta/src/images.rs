@@ -78,13 +78,14 @@ fn missing_references(
     Ok(missing)
 }
 
-/// Points `tag` at `digest`; says what it pointed at before.
+/// Points `tag` at `digest`, recording who did; says what it pointed at before.
 fn point_tag(
     tx: &mut dyn Tx,
     repo: &str,
     tag: &str,
     digest: &str,
     at: i64,
+    by: &str,
 ) -> Result<TagChange, MetaError> {
     let before = tx.query_opt(
         "SELECT digest FROM tags WHERE repo = ?1 AND tag = ?2",
@@ -92,9 +93,10 @@ fn point_tag(
     )?;
     let before = before.map(|mut r| r.text(0)).transpose()?;
     tx.execute(
-        "INSERT INTO tags (repo, tag, digest, updated_at) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (repo, tag) DO UPDATE SET digest = excluded.digest, updated_at = excluded.updated_at",
-        args![repo, tag, digest, at],
+        "INSERT INTO tags (repo, tag, digest, updated_at, pushed_by) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (repo, tag) DO UPDATE SET digest = excluded.digest,
+           updated_at = excluded.updated_at, pushed_by = excluded.pushed_by",
+        args![repo, tag, digest, at, by],
     )?;
     Ok(match before {
         None => TagChange::Created,
@@ -750,7 +752,10 @@ impl Database {
                     )?;
                 }
                 let tag_change = match &tag {
-                    Some(tag) => Some((tag.clone(), point_tag(tx, &repo, tag, digest, t)?)),
+                    Some(tag) => Some((
+                        tag.clone(),
+                        point_tag(tx, &repo, tag, digest, t, &by.name)?,
+                    )),
                     None => None,
                 };
                 let change = Change::ManifestPushed {

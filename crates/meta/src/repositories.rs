@@ -38,6 +38,8 @@ pub struct TagDetail {
     pub raw: Vec<u8>,
     /// When the tag was last pointed, ms since the epoch.
     pub updated_ms: i64,
+    /// Who pointed it (empty for tags older than that record).
+    pub pushed_by: String,
 }
 
 impl Database {
@@ -58,7 +60,7 @@ impl Database {
             prefix.to_owned(),
             format!("{prefix}~"),
         );
-        let sql = "SELECT t.tag, t.digest, m.media_type, m.raw, t.updated_at
+        let sql = "SELECT t.tag, t.digest, m.media_type, m.raw, t.updated_at, t.pushed_by
                    FROM tags t JOIN manifests m ON m.repo = t.repo AND m.digest = t.digest
                    WHERE t.repo = ?1 AND t.tag > ?2 AND t.tag >= ?3 AND t.tag < ?4
                    ORDER BY t.tag LIMIT ?5";
@@ -71,6 +73,7 @@ impl Database {
                         media_type: r.text(2)?,
                         raw: r.bytes(3)?,
                         updated_ms: r.int(4)?,
+                        pushed_by: r.text(5)?,
                     })
                 })
             })

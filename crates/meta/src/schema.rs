@@ -286,6 +286,10 @@ CREATE INDEX manifests_by_push ON manifests (repo, pushed_at);
 DROP INDEX manifests_by_subject;
 CREATE INDEX manifests_by_subject ON manifests (repo, subject, digest) WHERE subject IS NOT NULL;
 "#,
+    // 13: who last pointed each tag (listings show the pusher).
+    r#"
+ALTER TABLE tags ADD COLUMN pushed_by TEXT NOT NULL DEFAULT '';
+"#,
 ];
 
 /// Where PostgreSQL databases made before the schema was shared stand in [`MIGRATIONS`]:

@@ -607,6 +607,10 @@ fn search_members_visibility_and_tag_filters_work_through_the_pages() {
         .text()
         .unwrap();
     assert!(
+        filtered.contains("<td>admin</td>"),
+        "the pusher is shown: {filtered}"
+    );
+    assert!(
         filtered.contains(">v1<") && filtered.contains(">v2<") && !filtered.contains(">other<"),
         "{filtered}"
     );

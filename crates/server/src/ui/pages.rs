@@ -530,6 +530,7 @@ pub(super) async fn repository(
                 size,
                 platforms(&manifest),
                 d.updated_ms,
+                d.pushed_by,
             )
         })
         .collect();
@@ -567,15 +568,16 @@ pub(super) async fn repository(
                 p.muted { "No tags." }
             } @else {
                 table {
-                    thead { tr { th { "Tag" } th { "Digest" } th { "Size" } th { "Platforms" } th { "Pushed" } th { "Type" } @if deletes { th {} } } }
+                    thead { tr { th { "Tag" } th { "Digest" } th { "Size" } th { "Platforms" } th { "Pushed" } th { "By" } th { "Type" } @if deletes { th {} } } }
                     tbody {
-                        @for (tag, digest, media_type, size, platforms, pushed) in &rows {
+                        @for (tag, digest, media_type, size, platforms, pushed, pusher) in &rows {
                             tr {
                                 td { (tag) }
                                 td.digest { a href={ "/ui/artifact?repository=" (urlencode(repo.as_str())) "&digest=" (urlencode(digest.as_str())) } { code { (&digest.as_str()[..19]) "…" } } }
                                 td { (human_bytes(*size)) }
                                 td { (platforms.join(", ")) }
                                 td { (super::when(*pushed)) }
+                                td { (pusher) }
                                 td.muted { (media_type) }
                                 @if deletes {
                                     td {
