@@ -712,3 +712,56 @@ fn reg_digest(base: &str, who: &Who, repo: &str, reference: &str) -> String {
         .unwrap();
     header(&r, "docker-content-digest")
 }
+
+#[test]
+fn administrators_create_and_delete_users_from_the_page() {
+    let reg = start_with_auth(AuthSettings::default());
+    let base = reg.url();
+    let web = signed_in(&base, "admin", berth_testkit::ADMIN_PASSWORD);
+    let admin_page = web.get(format!("{base}/ui/admin")).text().unwrap();
+    let csrf = csrf_of(&admin_page);
+    // A generated password, shown once; the new user signs in with it.
+    let r = web.post(
+        format!("{base}/ui/admin/users"),
+        &[("csrf", csrf.as_str()), ("name", "dora")],
+    );
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let shown = r.text().unwrap();
+    let at = shown.find("<pre class=\"secret\">").unwrap() + "<pre class=\"secret\">".len();
+    let password = shown[at..].split('<').next().unwrap().to_owned();
+    let dora = signed_in(&base, "dora", &password);
+    assert!(
+        !web.get(format!("{base}/ui/admin"))
+            .text()
+            .unwrap()
+            .contains(&password),
+        "shown once"
+    );
+    // A user who is no administrator may not create one.
+    let dora_csrf = csrf_of(&dora.get(format!("{base}/")).text().unwrap());
+    let r = dora.post(
+        format!("{base}/ui/admin/users"),
+        &[
+            ("csrf", dora_csrf.as_str()),
+            ("name", "mallory"),
+            ("admin", "true"),
+        ],
+    );
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // Deleted: her session stops working at once.
+    let r = web.post(
+        format!("{base}/ui/admin/users/dora/delete"),
+        &[("csrf", csrf.as_str())],
+    );
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let r = dora.get(format!("{base}/ui/search?q=x"));
+    assert!(
+        !r.text().unwrap().contains("dora"),
+        "signed out with her account"
+    );
+    let r = web.post(
+        format!("{base}/ui/admin/users"),
+        &[("csrf", csrf.as_str()), ("name", "bad name!")],
+    );
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+}

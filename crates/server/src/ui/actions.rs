@@ -11,7 +11,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Form};
-use berth_auth::{AuthError, Caller, Need, NewRobot, Permission};
+use berth_auth::{AuthError, Caller, Need, NewRobot, NewUser, Permission};
 use berth_oci::{Reference, RepoName, Tag};
 use maud::html;
 
@@ -316,6 +316,63 @@ pub(super) async fn set_visibility(
         .await
     {
         Ok(_) => back(&format!("/ui/projects/{project}")),
+        Err(e) => failed(&app, &caller, &csrf, &e),
+    }
+}
+
+/// `POST /ui/admin/users`: a user, with the password given or a generated one shown once
+/// (system administrators).
+pub(super) async fn create_user(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    Extension(csrf): Extension<CsrfToken>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    if !csrf_matches(form.get("csrf").map(String::as_str), &csrf) {
+        return refused_form();
+    }
+    let new = NewUser {
+        name: form.get("name").cloned().unwrap_or_default(),
+        password: form.get("password").filter(|p| !p.is_empty()).cloned(),
+        admin: form.get("admin").map(String::as_str) == Some("true"),
+    };
+    match app.access.accounts().create_user(&caller, new).await {
+        Ok((user, generated)) => {
+            let body = html! {
+                h1 { "User " (user.name) }
+                div.card {
+                    @if let Some(password) = &generated {
+                        p { "Its password, shown this once: copy it now." }
+                        pre.secret { (password) }
+                    } @else {
+                        p { "Created with the password given." }
+                    }
+                    p { a href="/ui/admin" { "Back to administration" } }
+                }
+            };
+            html_response(
+                StatusCode::CREATED,
+                page(&app, &caller, &user.name, Some(&csrf.0), body),
+            )
+        }
+        Err(e) => failed(&app, &caller, &csrf, &e),
+    }
+}
+
+/// `POST /ui/admin/users/{name}/delete`: the user goes; its sessions and tokens stop
+/// working at once (system administrators).
+pub(super) async fn delete_user(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    Extension(csrf): Extension<CsrfToken>,
+    Path(name): Path<String>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    if !csrf_matches(form.get("csrf").map(String::as_str), &csrf) {
+        return refused_form();
+    }
+    match app.access.accounts().delete_user(&caller, &name).await {
+        Ok(()) => back("/ui/admin"),
         Err(e) => failed(&app, &caller, &csrf, &e),
     }
 }

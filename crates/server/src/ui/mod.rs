@@ -72,6 +72,8 @@ pub(crate) fn routes(app: App) -> Router<App> {
         .route("/ui/search", get(pages::search))
         .route("/ui/admin", get(pages::admin))
         .route("/ui/admin/gc", post(actions::collect_garbage))
+        .route("/ui/admin/users", post(actions::create_user))
+        .route("/ui/admin/users/{name}/delete", post(actions::delete_user))
         .route("/ui/artifact", get(pages::artifact))
         .route("/ui/artifact/raw", get(pages::artifact_raw))
         .route("/ui/assets/{file}", get(stylesheet))

@@ -757,8 +757,28 @@ pub(super) async fn admin(
             div.card {
                 h2 { "Users" }
                 table {
-                    thead { tr { th { "User" } th { "Administrator" } } }
-                    tbody { @for u in &users { tr { td { (u.name) } td { @if u.admin { "yes" } } } } }
+                    thead { tr { th { "User" } th { "Administrator" } th {} } }
+                    tbody {
+                        @for u in &users {
+                            tr {
+                                td { (u.name) }
+                                td { @if u.admin { "yes" } }
+                                td {
+                                    form method="post" action={ "/ui/admin/users/" (u.name) "/delete" } {
+                                        input type="hidden" name="csrf" value=(csrf.0);
+                                        button.link type="submit" aria-label={ "Delete user " (u.name) } { "Delete" }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                form.stack method="post" action="/ui/admin/users" {
+                    input type="hidden" name="csrf" value=(csrf.0);
+                    label { "Name" br; input name="name" required maxlength="255"; }
+                    label { "Password (empty: one is generated and shown once)" br; input name="password" type="password" autocomplete="new-password" maxlength="1024"; }
+                    label { input type="checkbox" name="admin" value="true"; " system administrator" }
+                    button type="submit" { "Create user" }
                 }
             }
         }
