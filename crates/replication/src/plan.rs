@@ -4,7 +4,7 @@
 
 use berth_client::MAX_LISTED;
 use berth_meta::{Change, Event, NewTask};
-use berth_oci::RepoName;
+use berth_oci::{RepoName, Tag};
 use berth_registry::Page;
 
 use crate::settings::{Direction, Policy, Trigger};
@@ -42,6 +42,32 @@ impl Policy {
             source: format!("{repo}:{tag}"),
             destination: format!("{}:{tag}", self.destination_of(repo)),
         }
+    }
+
+    /// Copy tasks for the `tags` of `repo` the filters take, appended to `tasks`.
+    fn add_tags(
+        &self,
+        repo: &str,
+        tags: Vec<String>,
+        tasks: &mut Vec<NewTask>,
+    ) -> Result<(), ReplicationError> {
+        for tag in tags {
+            // The referrers tag schema's index tags travel with their subjects; names a
+            // registry lists that are no tags (too long, odd characters) are no business
+            // of a task and are left out.
+            let fallback_index = tag.starts_with("sha256-") && tag.len() == 71;
+            if fallback_index || Tag::parse(&tag).is_err() || !self.filters.takes_tag(&tag) {
+                continue;
+            }
+            if tasks.len() >= MAX_LISTED {
+                return Err(ReplicationError::Invalid(format!(
+                    "policy {} takes more than {MAX_LISTED} tags in one run: narrow its filters",
+                    self.name
+                )));
+            }
+            tasks.push(self.copy(repo, &tag));
+        }
+        Ok(())
     }
 
     /// The tasks one change in this registry asks of the policy (event-triggered push
@@ -125,7 +151,7 @@ impl Replication {
                             Err(berth_registry::RegistryError::NameUnknown { .. }) => continue,
                             Err(e) => return Err(e.into()),
                         };
-                        self.add_tags(policy, repo, tags, &mut tasks)?;
+                        policy.add_tags(repo, tags, &mut tasks)?;
                     }
                     after = Some(last);
                 }
@@ -138,35 +164,11 @@ impl Replication {
                         continue;
                     }
                     let tags = client.tags(&repo).await?;
-                    self.add_tags(policy, &repo, tags, &mut tasks)?;
+                    policy.add_tags(&repo, tags, &mut tasks)?;
                 }
             }
         }
         Ok(tasks)
-    }
-
-    fn add_tags(
-        &self,
-        policy: &Policy,
-        repo: &str,
-        tags: Vec<String>,
-        tasks: &mut Vec<NewTask>,
-    ) -> Result<(), ReplicationError> {
-        for tag in tags {
-            // The referrers tag schema's index tags travel with their subjects.
-            let fallback_index = tag.starts_with("sha256-") && tag.len() == 71;
-            if fallback_index || !policy.filters.takes_tag(&tag) {
-                continue;
-            }
-            if tasks.len() >= MAX_LISTED {
-                return Err(ReplicationError::Invalid(format!(
-                    "policy {} takes more than {MAX_LISTED} tags in one run: narrow its filters",
-                    policy.name
-                )));
-            }
-            tasks.push(policy.copy(repo, &tag));
-        }
-        Ok(())
     }
 }
 
@@ -236,6 +238,22 @@ mod tests {
             value["filters"] = bad.clone();
             assert!(Policy::from_value(&value).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn names_a_registry_lists_that_are_no_tags_make_no_tasks() {
+        let p = policy(serde_json::json!({}));
+        let listed = vec![
+            "v1".to_owned(),
+            "x".repeat(200),
+            "bad\ntag".to_owned(),
+            "../../etc".to_owned(),
+            format!("sha256-{}", "a".repeat(64)),
+        ];
+        let mut tasks = Vec::new();
+        p.add_tags("team/app", listed, &mut tasks).unwrap();
+        assert_eq!(tasks.len(), 1);
+        assert_eq!(tasks[0].source, "team/app:v1");
     }
 
     #[test]

@@ -238,6 +238,7 @@ async fn work(replication: Replication) {
         let free = slots.available_permits();
         if free > 0 {
             match replication.db.claim_replication_tasks(free, CLAIM_MS).await {
+                Ok(tasks) if tasks.is_empty() => {}
                 Ok(tasks) => {
                     let policies: HashMap<String, Policy> = match replication.policies().await {
                         Ok(p) => p.into_iter().map(|(p, _)| (p.name.clone(), p)).collect(),
