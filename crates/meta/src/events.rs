@@ -608,6 +608,24 @@ pub trait EventLog: Send + Sync + 'static {
     async fn cursors(&self) -> Result<Vec<(String, i64)>, MetaError>;
 }
 
+/// Advances `name`'s cursor to `position` inside `tx`, if `holder` still holds it (and
+/// never backwards); whether it did. Consumers that write their work in the same
+/// transaction (webhook deliveries, replication tasks) write nothing when it did not.
+pub(crate) fn advance_cursor_in(
+    tx: &mut dyn Tx,
+    name: &str,
+    holder: &str,
+    position: i64,
+) -> Result<bool, MetaError> {
+    let advanced = tx.execute(
+        "UPDATE event_cursors SET position = ?3
+         WHERE name = ?1 AND position <= ?3 AND EXISTS
+           (SELECT 1 FROM leases WHERE name = ?4 AND holder = ?2 AND expires_at >= ?5)",
+        args![name, holder, position, cursor_lease(name).as_str(), now()],
+    )?;
+    Ok(advanced > 0)
+}
+
 /// A consumer's cursor is held through a lease of this name (the prefix is spelled again
 /// in `prune_events`' statement).
 pub(crate) fn cursor_lease(name: &str) -> String {
@@ -661,11 +679,12 @@ impl EventLog for Database {
         holder: &str,
         position: i64,
     ) -> Result<bool, MetaError> {
-        let sql = "UPDATE event_cursors SET position = ?3
-                   WHERE name = ?1 AND position <= ?3 AND EXISTS
-                     (SELECT 1 FROM leases WHERE name = ?4 AND holder = ?2 AND expires_at >= ?5)";
-        let args = owned![name, holder, position, cursor_lease(name).as_str(), now()];
-        Ok(self.write_statement(Durability::Synced, sql, args).await? > 0)
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                advance_cursor_in(tx, &name, &holder, position)
+            })
+            .await
     }
 
     async fn prune_events(&self, cutoff_ms: i64) -> Result<u64, MetaError> {

@@ -467,16 +467,9 @@ impl ReplicationStore for Database {
         runs: Vec<(String, Vec<NewTask>)>,
     ) -> Result<bool, MetaError> {
         let (consumer, holder) = (consumer.to_owned(), holder.to_owned());
-        let lease = crate::events::cursor_lease(&consumer);
         self.engine
             .write(Durability::Synced, move |tx| {
-                let advanced = tx.execute(
-                    "UPDATE event_cursors SET position = ?3
-                     WHERE name = ?1 AND position <= ?3 AND EXISTS
-                       (SELECT 1 FROM leases WHERE name = ?4 AND holder = ?2 AND expires_at >= ?5)",
-                    args![&consumer, &holder, position, &lease, now()],
-                )?;
-                if advanced == 0 {
+                if !crate::events::advance_cursor_in(tx, &consumer, &holder, position)? {
                     return Ok(false);
                 }
                 for (policy, tasks) in &runs {
