@@ -6,6 +6,7 @@
 //! Content-Security-Policy; forms carry a CSRF token matched against a cookie.
 
 mod actions;
+mod artifact;
 mod pages;
 mod session;
 
@@ -74,8 +75,8 @@ pub(crate) fn routes(app: App) -> Router<App> {
         .route("/ui/admin/gc", post(actions::collect_garbage))
         .route("/ui/admin/users", post(actions::create_user))
         .route("/ui/admin/users/{name}/delete", post(actions::delete_user))
-        .route("/ui/artifact", get(pages::artifact))
-        .route("/ui/artifact/raw", get(pages::artifact_raw))
+        .route("/ui/artifact", get(artifact::artifact))
+        .route("/ui/artifact/raw", get(artifact::artifact_raw))
         .route("/ui/assets/{file}", get(stylesheet))
         .layer(axum::extract::DefaultBodyLimit::max(session::FORM_LIMIT))
         .layer(middleware::from_fn_with_state(app.clone(), csrf))
