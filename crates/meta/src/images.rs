@@ -314,6 +314,15 @@ impl MetaStore for Database {
             .await
     }
 
+    async fn recent_tags(&self, limit: usize) -> Result<Vec<crate::RecentTag>, MetaError> {
+        self.recent_tag_rows(i64::try_from(limit).unwrap_or(i64::MAX))
+            .await
+    }
+
+    async fn last_collection(&self) -> Result<Option<(i64, String)>, MetaError> {
+        self.last_collection_row().await
+    }
+
     async fn tag_details(
         &self,
         repo: &RepoName,

@@ -36,7 +36,7 @@ pub use proxy_caches::ProxyCacheStore;
 pub use replication::{
     ExecutionRecord, NewTask, ReplicationStore, TaskOutcome, TaskRecord, TaskStatus,
 };
-pub use repositories::{RepositorySummary, TagDetail, COUNT_CAP};
+pub use repositories::{RecentTag, RepositorySummary, TagDetail, COUNT_CAP};
 pub use webhooks::{
     DeliveryBacklog, DeliveryOutcome, DeliveryRecord, DeliveryState, NewWebhook, WebhookPatch,
     WebhookRecord, WebhookStore, MAX_WEBHOOKS_PER_SCOPE,
@@ -441,6 +441,11 @@ pub trait MetaStore: EventLog + Send + Sync + 'static {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<RepositorySummary>, MetaError>;
+    /// The tags pointed last, newest first, at most `limit`: what was pushed lately,
+    /// from the tags' time index, whatever the registry holds.
+    async fn recent_tags(&self, limit: usize) -> Result<Vec<RecentTag>, MetaError>;
+    /// The last garbage collection that removed something: when, and what it removed.
+    async fn last_collection(&self) -> Result<Option<(i64, String)>, MetaError>;
     /// Tags of `repo` after `after` starting with `prefix`, at most `limit`, each with its
     /// manifest.
     async fn tag_details(

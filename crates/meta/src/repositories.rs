@@ -42,6 +42,21 @@ pub struct TagDetail {
     pub pushed_by: String,
 }
 
+/// A tag as the dashboard lists what was pushed lately.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecentTag {
+    /// The repository.
+    pub repo: String,
+    /// The tag.
+    pub tag: String,
+    /// The manifest it points at.
+    pub digest: String,
+    /// When it was pointed there, ms since the epoch.
+    pub updated_ms: i64,
+    /// Who pointed it (empty for tags older than that record).
+    pub pushed_by: String,
+}
+
 impl Database {
     /// Tags of `repo` after `after` that start with `prefix`, in order, at most `limit`,
     /// each with its manifest: one statement over the tags' primary key, so a page costs
@@ -76,6 +91,38 @@ impl Database {
                         pushed_by: r.text(5)?,
                     })
                 })
+            })
+            .await
+    }
+
+    /// The tags pointed last, newest first, at most `limit` (the `tags_by_update`
+    /// index: the cost is `limit` rows, not the registry's size).
+    pub(crate) async fn recent_tag_rows(&self, limit: i64) -> Result<Vec<RecentTag>, MetaError> {
+        let sql = "SELECT repo, tag, digest, updated_at, pushed_by FROM tags
+                   ORDER BY updated_at DESC LIMIT ?1";
+        self.engine
+            .read(move |tx| {
+                tx.query_map(sql, args![limit], |mut r| {
+                    Ok(RecentTag {
+                        repo: r.text(0)?,
+                        tag: r.text(1)?,
+                        digest: r.text(2)?,
+                        updated_ms: r.int(3)?,
+                        pushed_by: r.text(4)?,
+                    })
+                })
+            })
+            .await
+    }
+
+    /// The newest `gc` event: when, and its detail (what was removed).
+    pub(crate) async fn last_collection_row(&self) -> Result<Option<(i64, String)>, MetaError> {
+        let sql = "SELECT at, detail FROM events WHERE action = 'gc' ORDER BY seq DESC LIMIT 1";
+        self.engine
+            .read(move |tx| {
+                Ok(tx
+                    .query_map(sql, args![], |mut r| Ok((r.int(0)?, r.text(1)?)))?
+                    .pop())
             })
             .await
     }

@@ -290,6 +290,10 @@ CREATE INDEX manifests_by_subject ON manifests (repo, subject, digest) WHERE sub
     r#"
 ALTER TABLE tags ADD COLUMN pushed_by TEXT NOT NULL DEFAULT '';
 "#,
+    // 14: the tags pointed last (the dashboard's recent pushes) without reading them all.
+    r#"
+CREATE INDEX tags_by_update ON tags (updated_at);
+"#,
 ];
 
 /// Where PostgreSQL databases made before the schema was shared stand in [`MIGRATIONS`]:

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use berth_meta::{
     AccountStore, Actor, AuditFilter, BlobArrival, Change, Database, DeliveryOutcome,
-    DeliveryState, EventLog, GcSelection, MetaError, MetaStore, NewAuditEvent, NewManifest,
+    DeliveryState, Event, EventLog, GcSelection, MetaError, MetaStore, NewAuditEvent, NewManifest,
     NewWebhook, Page, ProjectOrigin, RefreshTokenRecord, TagChange, WebhookPatch, WebhookStore,
     MAX_WEBHOOKS_PER_SCOPE,
 };
@@ -1187,6 +1187,33 @@ engine_test!(
             "{gc:?}"
         );
         assert_eq!(gc[0].actor, Actor::system("gc"));
+        // One that finds nothing is recorded too: "the last collection" means the last run.
+        let before = db.last_event().await.unwrap();
+        db.mark_garbage(GcSelection {
+            dry_run: false,
+            ..selection
+        })
+        .await
+        .unwrap();
+        let gc = db.events_after(before, 10).await.unwrap();
+        assert!(
+            matches!(
+                gc[..],
+                [Event {
+                    change: Change::GarbageCollected {
+                        manifests: 0,
+                        blobs: 0,
+                        ..
+                    },
+                    ..
+                }]
+            ),
+            "{gc:?}"
+        );
+        assert_eq!(
+            db.last_collection().await.unwrap().map(|(at, _)| at),
+            Some(gc[0].at_ms)
+        );
     }
 );
 

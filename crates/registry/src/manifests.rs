@@ -220,6 +220,20 @@ impl Registry {
         Ok(self.meta.repositories(project, after, limit).await?)
     }
 
+    /// The tags pointed last, newest first, at most `limit`, in every repository: the
+    /// caller filters them by what its reader may see.
+    pub async fn recent_tags(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<berth_meta::RecentTag>, RegistryError> {
+        Ok(self.meta.recent_tags(limit).await?)
+    }
+
+    /// When the last garbage collection that removed something ran, and what it removed.
+    pub async fn last_collection(&self) -> Result<Option<(i64, String)>, RegistryError> {
+        Ok(self.meta.last_collection().await?)
+    }
+
     /// A page of `repo`'s tags (after `after`, starting with `prefix`) with their
     /// manifests, for listings.
     pub async fn tag_details(

@@ -524,6 +524,8 @@ fn robots_tag_deletion_and_collection_follow_the_roles() {
         &[("csrf", csrf.as_str()), ("mode", "run")],
     );
     assert!(r.text().unwrap().contains("Garbage collection done"));
+    let home = web.get(format!("{base}/")).text().unwrap();
+    assert!(home.contains("last garbage collection"), "{home}");
     let r = web.post(
         format!("{base}/ui/projects/team/robots/ci/delete"),
         &[("csrf", csrf.as_str())],
@@ -591,6 +593,24 @@ fn search_members_visibility_and_tag_filters_work_through_the_pages() {
         before,
         "viewing the dashboard writes no audit events"
     );
+    // Pushes to a public project are on carol's dashboard too, the private ones still not.
+    push_image_as(&reg, &admin, "open/app", "o1", b"o1");
+    let r = admin
+        .request(
+            &http(),
+            reqwest::Method::PUT,
+            &format!("{base}/api/v1/projects/open"),
+        )
+        .json(&json!({"public": true}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let home = carol.get(format!("{base}/")).text().unwrap();
+    assert!(
+        home.contains("Recent pushes") && home.contains("open/app:o1"),
+        "{home}"
+    );
+    assert!(!home.contains("secret/app"), "{home}");
 
     // Search: the administrator finds the private repository, carol does not.
     let found = web.get(format!("{base}/ui/search?q=app")).text().unwrap();

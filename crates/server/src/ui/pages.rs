@@ -23,6 +23,10 @@ use crate::App;
 const PAGE_ROWS: usize = 100;
 /// Repositories looked at for the projects of a registry without access control.
 const MAX_DERIVED: usize = 10_000;
+/// The registry's last tag updates the dashboard looks through for a caller's recent pushes.
+const RECENT_SCANNED: usize = 500;
+/// Recent pushes the dashboard shows.
+const RECENT_SHOWN: usize = 8;
 
 pub(super) fn problem(
     app: &App,
@@ -124,26 +128,21 @@ pub(super) async fn home(
         return (StatusCode::SEE_OTHER, [(header::LOCATION, "/ui/sign-in")]).into_response();
     }
     let counts = app.registry.store_counts().await.ok();
-    // The audit log is for administrators: recent pushes and the last collection from it.
-    let audit = |action: &str, limit: usize| berth_auth::AuditFilter {
-        action: Some(action.to_owned()),
-        limit,
-        ..Default::default()
-    };
-    // Asked only for those who may read it: a refusal would be audited, on every view.
-    let (mut pushes, mut last_gc) = (Vec::new(), None);
-    if caller.principal.is_admin() || !app.access.enabled() {
-        let accounts = app.access.accounts();
-        pushes = accounts
-            .audit_log(&caller, audit("push", 8))
-            .await
-            .unwrap_or_default();
-        last_gc = accounts
-            .audit_log(&caller, audit("gc", 1))
-            .await
-            .ok()
-            .and_then(|mut v| v.pop());
-    }
+    // Recent pushes: the registry's last tag updates, of those the projects the caller
+    // sees. A caller who sees little of a busy registry may find none of its own among
+    // them; each project page shows its repositories' last pushes.
+    let visible: std::collections::HashSet<&str> =
+        projects.iter().map(|p| p.name.as_str()).collect();
+    let pushes: Vec<berth_meta::RecentTag> = app
+        .registry
+        .recent_tags(RECENT_SCANNED)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|t| visible.contains(t.repo.split('/').next().unwrap_or_default()))
+        .take(RECENT_SHOWN)
+        .collect();
+    let last_gc = app.registry.last_collection().await.ok().flatten();
     let (metadata, storage) = app.registry.readiness().await;
     let healthy = metadata.is_ok() && storage.is_ok();
     let body = html! {
@@ -159,20 +158,22 @@ pub(super) async fn home(
                 b { @if healthy { "ready" } @else { span.error { "not ready" } } }
                 span { "registry health" }
             }
-            @if let Some(gc) = &last_gc {
-                div.stat { b { (super::when(gc.event.at_ms)) } span { "last garbage collection" } }
+            @if let Some((at, removed)) = &last_gc {
+                div.stat title=(removed) { b { (super::when(*at)) } span { "last garbage collection" } }
             }
         }
         @if !pushes.is_empty() {
             div.card {
                 h2 { "Recent pushes" }
                 table {
+                    thead { tr { th { "Tag" } th { "Digest" } th { "By" } th { "When" } } }
                     tbody {
                         @for p in &pushes {
                             tr {
-                                td.digest { (p.event.resource) }
-                                td { (p.event.actor) }
-                                td { (super::when(p.event.at_ms)) }
+                                td { a href={ "/ui/repositories/" (p.repo) } { (p.repo) ":" (p.tag) } }
+                                td.digest { a href={ "/ui/artifact?repository=" (urlencode(&p.repo)) "&digest=" (urlencode(&p.digest)) } { code { (p.digest.get(..19).unwrap_or(&p.digest)) "…" } } }
+                                td { (p.pushed_by) }
+                                td { (super::when(p.updated_ms)) }
                             }
                         }
                     }
