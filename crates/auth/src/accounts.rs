@@ -622,6 +622,37 @@ impl Accounts<'_> {
         Ok(self.access.inner.store.robots(project).await?)
     }
 
+    /// Changes when a robot expires (project admins): `Some(d)` from now (zero expires it
+    /// at once, and its tokens with it), `None` never.
+    pub async fn set_robot_expiry(
+        &self,
+        caller: &Caller,
+        project: &str,
+        name: &str,
+        expires_in: Option<Duration>,
+    ) -> Result<RobotRecord, AuthError> {
+        self.permit(
+            caller,
+            Need::Project {
+                name: project,
+                permission: Permission::Manage,
+            },
+            "robot.update",
+            project,
+        )
+        .await?;
+        let store = &self.access.inner.store;
+        let expires_ms = expires_in.map(|d| now_ms() + d.as_millis() as i64);
+        let missing = || AuthError::NotFound(format!("robot {name} of project {project}"));
+        if !store
+            .set_robot_expiry(project, name, expires_ms, &caller.as_actor())
+            .await?
+        {
+            return Err(missing());
+        }
+        store.robot(project, name).await?.ok_or_else(missing)
+    }
+
     /// Removes a robot (project admins); its tokens stop working at once.
     pub async fn delete_robot(
         &self,

@@ -256,6 +256,14 @@ pub trait AccountStore: MetaStore {
     async fn robot(&self, project: &str, name: &str) -> Result<Option<RobotRecord>, MetaError>;
     /// A project's robots, by name.
     async fn robots(&self, project: &str) -> Result<Vec<RobotRecord>, MetaError>;
+    /// Sets when a robot expires (`None`: never); true if it exists.
+    async fn set_robot_expiry(
+        &self,
+        project: &str,
+        name: &str,
+        expires_ms: Option<i64>,
+        by: &Actor,
+    ) -> Result<bool, MetaError>;
     /// Removes a robot; true if it existed.
     async fn delete_robot(&self, project: &str, name: &str, by: &Actor) -> Result<bool, MetaError>;
 
@@ -814,6 +822,23 @@ impl AccountStore for Database {
             " FROM robots WHERE project = ?1 ORDER BY name"
         );
         self.read_rows(sql, owned![project], robot_row).await
+    }
+
+    async fn set_robot_expiry(
+        &self,
+        project: &str,
+        name: &str,
+        expires_ms: Option<i64>,
+        by: &Actor,
+    ) -> Result<bool, MetaError> {
+        let sql = "UPDATE robots SET expires_at = ?3 WHERE project = ?1 AND name = ?2";
+        let change = Change::RobotExpiryChanged {
+            project: project.to_owned(),
+            name: name.to_owned(),
+            expires_ms,
+        };
+        self.change_statement(sql, owned![project, name, expires_ms], change, by)
+            .await
     }
 
     async fn delete_robot(&self, project: &str, name: &str, by: &Actor) -> Result<bool, MetaError> {

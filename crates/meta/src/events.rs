@@ -208,6 +208,15 @@ pub enum Change {
         /// Its id.
         id: String,
     },
+    /// A robot account's expiry was changed.
+    RobotExpiryChanged {
+        /// Its project.
+        project: String,
+        /// Its short name.
+        name: String,
+        /// When it now expires, ms since the epoch; `None` for never.
+        expires_ms: Option<i64>,
+    },
     /// A robot account was removed.
     RobotDeleted {
         /// Its project.
@@ -409,6 +418,18 @@ impl Change {
             Change::RefreshTokenRevoked { subject, id } => {
                 ("token.revoke", subject.clone(), id.clone())
             }
+            Change::RobotExpiryChanged {
+                project,
+                name,
+                expires_ms,
+            } => (
+                "robot.update",
+                project.clone(),
+                match expires_ms {
+                    Some(at) => format!("robot${project}+{name} expires at {at} ms"),
+                    None => format!("robot${project}+{name} never expires"),
+                },
+            ),
             Change::RobotDeleted { project, name } => (
                 "robot.delete",
                 project.clone(),

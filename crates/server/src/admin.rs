@@ -435,6 +435,9 @@ pub(crate) async fn remove_member(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// The longest robot expiry the API takes, in days (ten years).
+const MAX_ROBOT_DAYS: u64 = 3650;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateRobot {
@@ -451,10 +454,13 @@ pub(crate) async fn create_robot(
     bytes: Bytes,
 ) -> Result<Response, OciError> {
     let req: CreateRobot = body(&bytes)?;
-    if req.expires_in_days == Some(0) {
-        return Err(bad_request(
-            "expires_in_days: at least 1 (omit it for no expiry)",
-        ));
+    if req
+        .expires_in_days
+        .is_some_and(|d| d == 0 || d > MAX_ROBOT_DAYS)
+    {
+        return Err(bad_request(format!(
+            "expires_in_days: 1 to {MAX_ROBOT_DAYS} (omit it for no expiry)"
+        )));
     }
     let new = NewRobot {
         name: req.name,
@@ -486,6 +492,42 @@ pub(crate) async fn list_robots(
         StatusCode::OK,
         json!({ "robots": robots.iter().map(robot_json).collect::<Vec<_>>() }),
     ))
+}
+
+/// `PATCH /api/v1/projects/{name}/robots/{robot}`: `{"expires_in_days": N}` sets the
+/// expiry N days from now (0: at once), `{"expires_in_days": null}` makes it never expire.
+pub(crate) async fn update_robot(
+    State(app): State<App>,
+    extensions: Extensions,
+    Path((name, robot)): Path<(String, String)>,
+    bytes: Bytes,
+) -> Result<Response, OciError> {
+    let req: serde_json::Map<String, Value> = body(&bytes)?;
+    let days = match (req.len(), req.get("expires_in_days")) {
+        (1, Some(Value::Null)) => None,
+        (1, Some(Value::Number(n))) => match n.as_u64() {
+            Some(d) if d <= MAX_ROBOT_DAYS => Some(d),
+            _ => {
+                return Err(bad_request(format!(
+                    "expires_in_days: 0 to {MAX_ROBOT_DAYS}, or null"
+                )))
+            }
+        },
+        _ => return Err(bad_request(
+            "request body: {\"expires_in_days\": days from now (0: at once), or null for never}",
+        )),
+    };
+    let updated = app
+        .access
+        .accounts()
+        .set_robot_expiry(
+            &caller_of(&extensions),
+            &name,
+            &robot,
+            days.map(|d| Duration::from_secs(d * 86_400)),
+        )
+        .await?;
+    Ok(reply(StatusCode::OK, robot_json(&updated)))
 }
 
 /// `DELETE /api/v1/projects/{name}/robots/{robot}`.

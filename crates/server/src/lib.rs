@@ -232,7 +232,7 @@ pub fn router(app: App) -> Router {
         )
         .route(
             "/api/v1/projects/{name}/robots/{robot}",
-            delete(admin::delete_robot),
+            delete(admin::delete_robot).patch(admin::update_robot),
         )
         .route(
             "/api/v1/webhooks",

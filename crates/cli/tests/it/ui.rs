@@ -488,6 +488,36 @@ fn robots_tag_deletion_and_collection_follow_the_roles() {
         StatusCode::OK,
         "the robot logs in with the secret shown"
     );
+    // Its expiry changes from the page: 0 ends it at once, empty makes it last.
+    let robot_status = || {
+        robot
+            .request(
+                &http(),
+                reqwest::Method::GET,
+                &format!("{base}/v2/team/app/tags/list"),
+            )
+            .send()
+            .unwrap()
+            .status()
+    };
+    let expire = |days: &str| {
+        web.post(
+            format!("{base}/ui/projects/team/robots/ci/expiry"),
+            &[("csrf", csrf.as_str()), ("expires_in_days", days)],
+        )
+        .status()
+    };
+    assert_eq!(expire("0"), StatusCode::SEE_OTHER);
+    assert_eq!(robot_status(), StatusCode::UNAUTHORIZED, "expired at once");
+    assert_eq!(expire(""), StatusCode::SEE_OTHER);
+    assert_eq!(robot_status(), StatusCode::OK, "never expires now");
+    assert!(web
+        .get(format!("{base}/ui/projects/team"))
+        .text()
+        .unwrap()
+        .contains("never"));
+    assert_eq!(expire("99999"), StatusCode::BAD_REQUEST);
+    assert_eq!(expire("-1"), StatusCode::BAD_REQUEST);
     // A maintainer may not manage robots: no form, and a forged post is refused.
     let page = mia.get(format!("{base}/ui/projects/team")).text().unwrap();
     assert!(!page.contains("Create robot"), "{page}");
@@ -501,6 +531,16 @@ fn robots_tag_deletion_and_collection_follow_the_roles() {
         ],
     );
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = mia.post(
+        format!("{base}/ui/projects/team/robots/ci/expiry"),
+        &[("csrf", csrf.as_str()), ("expires_in_days", "0")],
+    );
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        robot_status(),
+        StatusCode::OK,
+        "a refused change changes nothing"
+    );
 
     // Garbage collection: a dry run first, which removes nothing.
     let admin_page = web.get(format!("{base}/ui/admin")).text().unwrap();

@@ -56,19 +56,9 @@ pub(super) async fn create_robot(
         .filter(|(k, _)| k == "permission")
         .map(|(_, v)| v.clone())
         .collect();
-    let expires_in = match fields.get("expires_in_days").copied().unwrap_or("") {
-        "" => None,
-        days => match days.parse::<u64>() {
-            Ok(d) if (1..=3650).contains(&d) => Some(Duration::from_secs(d * 86_400)),
-            _ => {
-                return failed(
-                    &app,
-                    &caller,
-                    &csrf,
-                    &AuthError::Invalid("expiry: 1 to 3650 days".into()),
-                )
-            }
-        },
+    let expires_in = match expiry(fields.get("expires_in_days").copied(), 1) {
+        Ok(expires_in) => expires_in,
+        Err(e) => return failed(&app, &caller, &csrf, &e),
     };
     let new = NewRobot {
         name: fields.get("name").copied().unwrap_or_default().to_owned(),
@@ -97,6 +87,47 @@ pub(super) async fn create_robot(
                 page(&app, &caller, &login, Some(&csrf.0), body),
             )
         }
+        Err(e) => failed(&app, &caller, &csrf, &e),
+    }
+}
+
+/// A robot expiry field: days from now, at least `least` and at most ten years; empty
+/// for never.
+fn expiry(field: Option<&str>, least: u64) -> Result<Option<Duration>, AuthError> {
+    match field.unwrap_or("").trim() {
+        "" => Ok(None),
+        days => match days.parse::<u64>() {
+            Ok(d) if (least..=3650).contains(&d) => Ok(Some(Duration::from_secs(d * 86_400))),
+            _ => Err(AuthError::Invalid(format!(
+                "expiry: {least} to 3650 days, or empty for never"
+            ))),
+        },
+    }
+}
+
+/// `POST /ui/projects/{name}/robots/{robot}/expiry`: `expires_in_days` from now (0: at
+/// once, and its tokens with it), empty for never.
+pub(super) async fn set_robot_expiry(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    Extension(csrf): Extension<CsrfToken>,
+    Path((project, robot)): Path<(String, String)>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    if !csrf_matches(form.get("csrf").map(String::as_str), &csrf) {
+        return refused_form();
+    }
+    let expires_in = match expiry(form.get("expires_in_days").map(String::as_str), 0) {
+        Ok(expires_in) => expires_in,
+        Err(e) => return failed(&app, &caller, &csrf, &e),
+    };
+    match app
+        .access
+        .accounts()
+        .set_robot_expiry(&caller, &project, &robot, expires_in)
+        .await
+    {
+        Ok(_) => back(&format!("/ui/projects/{project}")),
         Err(e) => failed(&app, &caller, &csrf, &e),
     }
 }

@@ -58,6 +58,10 @@ pub(crate) fn routes(app: App) -> Router<App> {
             post(actions::delete_robot),
         )
         .route(
+            "/ui/projects/{name}/robots/{robot}/expiry",
+            post(actions::set_robot_expiry),
+        )
+        .route(
             "/ui/repositories/{*name}",
             get(pages::repository).post(actions::change_repository),
         )

@@ -354,7 +354,14 @@ async fn people(app: &App, caller: &Caller, csrf: &CsrfToken, project: &str) -> 
                                 tr {
                                     td { code { (berth_auth::robot_login(r)) } }
                                     td { (r.permissions.join(", ")) }
-                                    td { @if let Some(at) = r.expires_ms { (super::when(at)) } @else { "never" } }
+                                    td {
+                                        @if let Some(at) = r.expires_ms { (super::when(at)) } @else { "never" }
+                                        form.inline method="post" action={ "/ui/projects/" (project) "/robots/" (r.name) "/expiry" } {
+                                            input type="hidden" name="csrf" value=(csrf.0);
+                                            input name="expires_in_days" inputmode="numeric" maxlength="4" size="4" placeholder="days" aria-label={ "Days until " (r.name) " expires: 0 now, empty never" };
+                                            button.link type="submit" { "Set expiry" }
+                                        }
+                                    }
                                     td {
                                         form method="post" action={ "/ui/projects/" (project) "/robots/" (r.name) "/delete" } {
                                             input type="hidden" name="csrf" value=(csrf.0);
