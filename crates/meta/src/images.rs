@@ -319,6 +319,10 @@ impl MetaStore for Database {
             .await
     }
 
+    async fn repository_projects(&self, limit: usize) -> Result<Vec<String>, MetaError> {
+        self.project_names_of_repositories(limit).await
+    }
+
     async fn last_collection(&self) -> Result<Option<(i64, String)>, MetaError> {
         self.last_collection_row().await
     }

@@ -444,7 +444,10 @@ pub trait MetaStore: EventLog + Send + Sync + 'static {
     /// The tags pointed last, newest first, at most `limit`: what was pushed lately,
     /// from the tags' time index, whatever the registry holds.
     async fn recent_tags(&self, limit: usize) -> Result<Vec<RecentTag>, MetaError>;
-    /// The last garbage collection that removed something: when, and what it removed.
+    /// The projects (first path segments) repositories exist in, in order, at most
+    /// `limit`: a registry without project records has these.
+    async fn repository_projects(&self, limit: usize) -> Result<Vec<String>, MetaError>;
+    /// The last garbage collection: when, and what it removed.
     async fn last_collection(&self) -> Result<Option<(i64, String)>, MetaError>;
     /// Tags of `repo` after `after` starting with `prefix`, at most `limit`, each with its
     /// manifest.

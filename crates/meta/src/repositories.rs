@@ -115,6 +115,51 @@ impl Database {
             .await
     }
 
+    /// The distinct first path segments of the repositories, in order: one index seek
+    /// per project (a skip scan), however many repositories each holds. At most `limit`:
+    /// past it, the first `limit` met in name order.
+    pub(crate) async fn project_names_of_repositories(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<String>, MetaError> {
+        // A project's repositories are not one range of names: "team" < "team-b/y" <
+        // "team/app". From "P/…" the next other project's name is at "P0" or later ('0'
+        // follows '/'); from a one-segment name "P", it is the next name.
+        let next_sql = "SELECT MIN(name) FROM repositories WHERE name >= ?1";
+        let after_sql = "SELECT MIN(name) FROM repositories WHERE name > ?1";
+        self.engine
+            .read(move |tx| {
+                let mut projects = std::collections::BTreeSet::new();
+                let mut next = tx
+                    .query_map("SELECT MIN(name) FROM repositories", args![], |mut r| {
+                        r.opt_text(0)
+                    })?
+                    .pop()
+                    .flatten();
+                while let Some(name) = next.take() {
+                    if projects.len() >= limit {
+                        break;
+                    }
+                    let found = match name.split_once('/') {
+                        Some((project, _)) => {
+                            let past = format!("{project}0");
+                            projects.insert(project.to_owned());
+                            tx.query_map(next_sql, args![&past], |mut r| r.opt_text(0))?
+                        }
+                        None => {
+                            let found =
+                                tx.query_map(after_sql, args![&name], |mut r| r.opt_text(0))?;
+                            projects.insert(name);
+                            found
+                        }
+                    };
+                    next = found.into_iter().next().flatten();
+                }
+                Ok(projects.into_iter().collect())
+            })
+            .await
+    }
+
     /// The newest `gc` event: when, and its detail (what was removed).
     pub(crate) async fn last_collection_row(&self) -> Result<Option<(i64, String)>, MetaError> {
         let sql = "SELECT at, detail FROM events WHERE action = 'gc' ORDER BY seq DESC LIMIT 1";

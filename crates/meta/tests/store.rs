@@ -378,6 +378,32 @@ engine_test!(tags_and_the_catalog_page_in_byte_order, |place| {
         ["team/app", "team/app/sub", "z/upper"]
     );
     assert!(db.catalog(all(), Some(&[])).await.unwrap().is_empty());
+
+    // Projects from repository names: a skip over each project's own repositories, not
+    // into its neighbours' ("team-b", "team.c") nor past a one-segment name ("team").
+    for name in ["team", "team.c/d", "teamz/q/r"] {
+        let r = repo(name);
+        push_blob(&db, &r, &a, 1).await;
+        db.put_manifest(
+            &r,
+            manifest(&digest('d'), vec![layer(&a)], None),
+            None,
+            &actor(),
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        db.repository_projects(100).await.unwrap(),
+        ["other", "team", "team-b", "team.c", "teamz", "z"]
+    );
+    assert_eq!(db.repository_projects(2).await.unwrap(), ["other", "team"]);
+    let recent = db.recent_tags(100).await.unwrap();
+    assert_eq!(recent.len(), 6, "{recent:?}");
+    assert!(recent.iter().all(|t| t.repo == "team/app"));
+    assert!(recent
+        .windows(2)
+        .all(|w| w[0].updated_ms >= w[1].updated_ms));
 });
 
 engine_test!(

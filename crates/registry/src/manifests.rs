@@ -229,7 +229,13 @@ impl Registry {
         Ok(self.meta.recent_tags(limit).await?)
     }
 
-    /// When the last garbage collection that removed something ran, and what it removed.
+    /// The projects (first path segments) repositories exist in, at most `limit`, in
+    /// order: what a registry without access control lists as its projects.
+    pub async fn repository_projects(&self, limit: usize) -> Result<Vec<String>, RegistryError> {
+        Ok(self.meta.repository_projects(limit).await?)
+    }
+
+    /// When the last garbage collection ran, and what it removed.
     pub async fn last_collection(&self) -> Result<Option<(i64, String)>, RegistryError> {
         Ok(self.meta.last_collection().await?)
     }

@@ -21,7 +21,7 @@ use crate::App;
 
 /// Rows per page of repositories and tags.
 const PAGE_ROWS: usize = 100;
-/// Repositories looked at for the projects of a registry without access control.
+/// Projects listed at most for a registry without access control.
 const MAX_DERIVED: usize = 10_000;
 /// The registry's last tag updates the dashboard looks through for a caller's recent pushes.
 const RECENT_SCANNED: usize = 500;
@@ -107,14 +107,15 @@ pub(super) async fn home(
     if !app.access.enabled() {
         // Without access control pushes make no project records: the repositories'
         // first path segments are the projects.
-        let page = Page {
-            limit: Some(MAX_DERIVED),
-            after: None,
-        };
-        let names = app.registry.catalog(page, None).await.unwrap_or_default();
-        for name in names {
-            let project = name.split('/').next().unwrap_or_default().to_owned();
-            if !projects.iter().any(|p| p.name == project) {
+        let names = app
+            .registry
+            .repository_projects(MAX_DERIVED)
+            .await
+            .unwrap_or_default();
+        let recorded: std::collections::HashSet<String> =
+            projects.iter().map(|p| p.name.clone()).collect();
+        for project in names {
+            if !recorded.contains(&project) {
                 projects.push(berth_meta::ProjectRecord {
                     name: project,
                     public: true,
