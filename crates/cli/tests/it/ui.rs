@@ -825,3 +825,85 @@ fn administrators_create_and_delete_users_from_the_page() {
     );
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
 }
+
+#[test]
+fn policies_show_to_their_managers_escaped() {
+    let reg = start_with_auth(AuthSettings::default());
+    let base = reg.url();
+    let admin = Who::admin();
+    push_image_as(&reg, &admin, "team/app", "v1", b"one");
+    let call = |method: reqwest::Method, path: &str, body: serde_json::Value| {
+        admin
+            .request(&http(), method, &format!("{base}{path}"))
+            .json(&body)
+            .send()
+            .unwrap()
+            .status()
+    };
+    use reqwest::Method as M;
+    let created = [
+        call(
+            M::POST,
+            "/api/v1/users",
+            json!({"name": "gus", "password": "gus-password"}),
+        ),
+        call(
+            M::POST,
+            "/api/v1/projects/team/members",
+            json!({"user": "gus", "role": "maintainer"}),
+        ),
+        call(
+            M::POST,
+            "/api/v1/projects/team/webhooks",
+            json!({"name": "ci", "url": "https://hooks.example.com/in?<b>x</b>", "events": ["push"], "secret": "s"}),
+        ),
+        call(
+            M::POST,
+            "/api/v1/webhooks",
+            json!({"name": "all", "url": "https://audit.example.com/in", "events": ["delete"]}),
+        ),
+        call(
+            M::POST,
+            "/api/v1/registries",
+            json!({"name": "far", "url": "https://registry.example", "username": "bot", "password": "pw"}),
+        ),
+        call(
+            M::POST,
+            "/api/v1/replication/policies",
+            json!({"name": "out", "direction": "push", "registry": "far", "source": "team/**", "trigger": "cron:0 3 * * *"}),
+        ),
+    ];
+    assert!(created.iter().all(|s| s.is_success()), "{created:?}");
+
+    let web = signed_in(&base, "admin", berth_testkit::ADMIN_PASSWORD);
+    let project = web.get(format!("{base}/ui/projects/team")).text().unwrap();
+    assert!(
+        project.contains("Webhooks") && project.contains(">ci<"),
+        "{project}"
+    );
+    assert!(
+        project.contains("hooks.example.com/in?") && !project.contains("<b>x"),
+        "the target shows, and no markup from it: {project}"
+    );
+    assert!(project.contains("signed"), "{project}");
+    let admin_page = web.get(format!("{base}/ui/admin")).text().unwrap();
+    for shown in [
+        "System webhooks",
+        "audit.example.com",
+        "Replication",
+        ">far<",
+        ">out<",
+        "cron:0 3 * * *",
+        "team/**",
+    ] {
+        assert!(admin_page.contains(shown), "{shown} in {admin_page}");
+    }
+    assert!(!admin_page.contains(">pw<"), "no password");
+    // A maintainer does not manage the project: no policies on its page.
+    let gus = signed_in(&base, "gus", "gus-password");
+    let page = gus.get(format!("{base}/ui/projects/team")).text().unwrap();
+    assert!(
+        page.contains("team/app") && !page.contains("hooks.example.com"),
+        "{page}"
+    );
+}

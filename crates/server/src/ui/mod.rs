@@ -8,6 +8,8 @@
 mod actions;
 mod artifact;
 mod pages;
+mod people;
+mod policies;
 mod session;
 
 use std::sync::OnceLock;
