@@ -32,6 +32,10 @@ pub struct CheckReport {
     pub dangling_references: Vec<String>,
     /// Whether missing and corrupt blobs were forgotten.
     pub repaired: bool,
+    /// Wall time of the scrub, in seconds.
+    pub seconds: f64,
+    /// Bytes re-hashed per second of it: what to compare with `sha256sum`'s rate.
+    pub bytes_per_second: u64,
 }
 
 impl CheckReport {
@@ -46,6 +50,7 @@ impl CheckReport {
 impl Registry {
     /// Verifies every stored blob and manifest reference.
     pub async fn check(&self, options: CheckOptions) -> Result<CheckReport, RegistryError> {
+        let started = std::time::Instant::now();
         let mut report = CheckReport {
             repaired: options.repair,
             ..CheckReport::default()
@@ -76,6 +81,8 @@ impl Registry {
                 edge.repo, edge.manifest, edge.kind, edge.target
             ));
         }
+        report.seconds = started.elapsed().as_millis() as f64 / 1000.0;
+        report.bytes_per_second = (report.bytes_verified as f64 / report.seconds.max(1e-9)) as u64;
         Ok(report)
     }
 

@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# berth at production size, against the same measures on a small data set, in one run:
+#
+#   1. two data sets are generated straight into data directories (bench/scale-data.py):
+#      small (SMALL_*: 10,000 blobs, 2,000 manifests, 1,000 tags in one repository, 1,000
+#      repositories) and large (1,000,000 blobs, 200,000 manifests, 100,000 tags in one
+#      repository, 20,000 repositories);
+#   2. a release berth (embedded default, --auth none) is started on each and the data set
+#      is checked through the API (every catalog name and big-repository tag, 200
+#      manifests and their blobs pulled);
+#   3. page times of the tag list and the catalog, first and middle page (REQS each);
+#      manifest GET by digest at 64 connections over 1,000 manifests spread over the
+#      repositories (wrk, DURATION seconds, REPS times: median); the process's peak RSS;
+#   4. `berth check` on the large set (throughput of tiny blobs: per-file cost) and on
+#      CHECK_MIB of large blobs beside `sha256sum` of the same files (the hashing rate).
+#
+# Environment: BLOBS MANIFESTS BIG_TAGS REPOS (the large set), REQS (200), DURATION (10),
+# REPS (3), CHECK_MIB (1024), PORT (5621), KEEP=1 keeps the work directory.
+# Needs: cargo, python3, curl, wrk, sha256sum. Disk: about 5 GB for the large set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BLOBS=${BLOBS:-1000000}
+MANIFESTS=${MANIFESTS:-200000}
+BIG_TAGS=${BIG_TAGS:-100000}
+REPOS=${REPOS:-20000}
+REQS=${REQS:-200}
+DURATION=${DURATION:-10}
+REPS=${REPS:-3}
+CHECK_MIB=${CHECK_MIB:-1024}
+PORT=${PORT:-5621}
+cargo build --release --locked --quiet -p berth
+BERTH=$PWD/target/release/berth
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/berth-scale-bench.XXXXXX")
+PID=
+stop() {
+  if [ -n "$PID" ]; then kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; PID=; fi
+}
+cleanup() {
+  stop
+  if [ "${KEEP:-0}" = 1 ]; then echo "# kept $WORK" >&2; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+log() { echo "# $(date +%H:%M:%S) $*" >&2; }
+
+start() {
+  "$BERTH" serve --listen "127.0.0.1:$PORT" --data-dir "$1" --auth none --log-level warn \
+    2>>"$WORK/log" &
+  PID=$!
+  for _ in $(seq 300); do curl -sf "http://127.0.0.1:$PORT/v2/" >/dev/null && return; sleep 0.1; done
+  echo "berth did not start" >&2; exit 1
+}
+
+# make NAME BLOBS MANIFESTS BIG_TAGS REPOS: a data directory with a generated data set.
+make_set() {
+  local dir=$WORK/$1
+  start "$dir"   # berth creates meta.db at its current schema
+  stop
+  log "generating $1: $2 blobs, $3 manifests, $4 tags in big/app, $5 repositories"
+  python3 bench/scale-data.py "$dir" "$2" "$3" "$4" "$5" >"$WORK/$1.generated"
+  cat "$WORK/$1.generated" >&2
+}
+
+# measure NAME REPOS BIG_TAGS: prints one JSON line of figures for the data set.
+measure() {
+  local dir=$WORK/$1
+  start "$dir"
+  log "$1: checking through the API"
+  python3 bench/scale-measure.py verify "$PORT" "$2" "$3" >"$WORK/$1.verified"
+  cat "$WORK/$1.verified" >&2
+  log "$1: page times"
+  python3 bench/scale-measure.py pages "$PORT" "$REQS" >"$WORK/$1.pages"
+  python3 bench/scale-measure.py paths "$PORT" 1000 "$WORK/$1.paths"
+  : >"$WORK/$1.wrk"
+  for rep in $(seq "$REPS"); do
+    log "$1: manifest GET, repetition $rep"
+    WRK_PATHS=$WORK/$1.paths WRK_ACCEPT=application/vnd.oci.image.manifest.v1+json \
+      wrk -t2 -c64 -d"${DURATION}s" -s bench/wrk-paths.lua "http://127.0.0.1:$PORT" \
+      | grep WRKJSON | sed 's/^WRKJSON //' >>"$WORK/$1.wrk"
+  done
+  grep VmHWM "/proc/$PID/status" | awk '{print $2}' >"$WORK/$1.rss"
+  stop
+}
+
+make_set small "${SMALL_BLOBS:-10000}" "${SMALL_MANIFESTS:-2000}" "${SMALL_BIG_TAGS:-1000}" "${SMALL_REPOS:-1000}"
+make_set large "$BLOBS" "$MANIFESTS" "$BIG_TAGS" "$REPOS"
+measure small "${SMALL_REPOS:-1000}" "${SMALL_BIG_TAGS:-1000}"
+measure large "$REPOS" "$BIG_TAGS"
+
+log "berth check on the large set"
+"$BERTH" check --data-dir "$WORK/large" --log-level warn 2>/dev/null \
+  | python3 -c 'import json,sys; r=json.load(sys.stdin); print(json.dumps({k: r[k] for k in ("blobs_verified","bytes_verified","seconds","bytes_per_second")}))' \
+  >"$WORK/check-large"
+
+log "berth check on $CHECK_MIB MiB of large blobs, beside sha256sum"
+start "$WORK/check"
+python3 - "$PORT" "$CHECK_MIB" <<'PY'
+import hashlib, http.client, os, sys
+port, mib = int(sys.argv[1]), int(sys.argv[2])
+conn = http.client.HTTPConnection("127.0.0.1", port)
+each = 256
+for i in range(max(1, mib // each)):
+    data = os.urandom(each << 20)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    conn.request("POST", f"/v2/check/blobs/uploads/?digest={digest}", body=data,
+                 headers={"content-type": "application/octet-stream"})
+    r = conn.getresponse(); r.read()
+    assert r.status == 201, r.status
+PY
+stop
+sync
+"$BERTH" check --data-dir "$WORK/check" --log-level warn 2>/dev/null \
+  | python3 -c 'import json,sys; r=json.load(sys.stdin); print(json.dumps({k: r[k] for k in ("blobs_verified","bytes_verified","seconds","bytes_per_second")}))' \
+  >"$WORK/check-big"
+start_ns=$(date +%s%N)
+find "$WORK/check/blobs" -type f -print0 | xargs -0 sha256sum >/dev/null
+end_ns=$(date +%s%N)
+echo "$(( CHECK_MIB * 1048576 * 1000000000 / (end_ns - start_ns) ))" >"$WORK/sha256sum-rate"
+
+python3 - "$WORK" <<'PY'
+import json, statistics, sys
+work = sys.argv[1]
+def load(name): return open(f"{work}/{name}").read()
+sets = {}
+for name in ("small", "large"):
+    gen = json.loads(load(f"{name}.generated"))
+    runs = [json.loads(l) for l in load(f"{name}.wrk").splitlines() if l.strip()]
+    sets[name] = {
+        "gen": gen,
+        "pages": json.loads(load(f"{name}.pages")),
+        "rps": statistics.median(r["rps"] for r in runs),
+        "rps_all": [round(r["rps"]) for r in runs],
+        "p99_ms": statistics.median(r["p99_us"] for r in runs) / 1000,
+        "non_200": sum(r["non_200"] for r in runs),
+        "rss_mib": int(load(f"{name}.rss")) / 1024,
+    }
+s, l = sets["small"], sets["large"]
+print(f"data sets: small {s['gen']['blobs']} blobs / {s['gen']['manifests']} manifests / "
+      f"{s['gen']['repositories']} repositories; large {l['gen']['blobs']} / {l['gen']['manifests']} / "
+      f"{l['gen']['repositories']} (generated in {l['gen']['seconds']} s)")
+print(f"{'page (median / p95 ms)':28} {'small':>16} {'large':>16} {'p95 ratio':>10}")
+for page in s["pages"]:
+    a, b = s["pages"][page], l["pages"][page]
+    print(f"{page:28} {a[0]:7.2f} / {a[1]:6.2f} {b[0]:7.2f} / {b[1]:6.2f} {b[1] / a[1]:9.2f}x")
+print(f"{'manifest GET by digest, 64 conns':34} small {s['rps']:9.0f} req/s {s['rps_all']}, "
+      f"large {l['rps']:9.0f} req/s {l['rps_all']}: large/small {l['rps'] / s['rps']:.2f}x "
+      f"(target >= 0.91); p99 {s['p99_ms']:.2f} / {l['p99_ms']:.2f} ms; non-200: {s['non_200'] + l['non_200']}")
+print(f"peak RSS: small {s['rss_mib']:.0f} MiB, large {l['rss_mib']:.0f} MiB (target <= 128)")
+check_large = json.loads(load("check-large"))
+check_big = json.loads(load("check-big"))
+sha = int(load("sha256sum-rate"))
+print(f"berth check, large set: {check_large['blobs_verified']} blobs in {check_large['seconds']} s "
+      f"({check_large['blobs_verified'] / check_large['seconds']:.0f} blobs/s)")
+print(f"berth check, large blobs: {check_big['bytes_per_second'] / 1e6:.0f} MB/s; sha256sum "
+      f"{sha / 1e6:.0f} MB/s: {check_big['bytes_per_second'] / sha:.2f}x (target >= 0.8)")
+PY
