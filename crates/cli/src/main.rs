@@ -331,7 +331,7 @@ fn main() -> anyhow::Result<()> {
             run_offline(&settings, |node| async move {
                 let report = node.registry.collect_garbage(&options).await?;
                 println!("{}", serde_json::to_string_pretty(&report)?);
-                if report.blobs_removed.is_empty() && !options.blob_grace.is_zero() {
+                if report.blobs_removed_count == 0 && !options.blob_grace.is_zero() {
                     // The usual surprise: a delete, a collection at once, nothing freed.
                     eprintln!(
                         "berth: no blob removed. Unreferenced blobs used within the grace period ({} s, gc.blob_grace_secs or --blob-grace-secs) are kept, so a collection right after a delete frees their space only once it has passed.",
@@ -535,8 +535,8 @@ async fn scheduled_gc(registry: Registry, options: berth_registry::GcOptions, in
         ticker.tick().await;
         match registry.collect_garbage(&options).await {
             Ok(report) => tracing::info!(
-                blobs = report.blobs_removed.len(),
-                manifests = report.manifests_removed.len(),
+                blobs = report.blobs_removed_count,
+                manifests = report.manifests_removed_count,
                 bytes = report.bytes_freed,
                 "scheduled garbage collection done"
             ),

@@ -106,3 +106,94 @@ pub(crate) fn dangling_edges(tx: &mut dyn Tx) -> Result<Vec<DanglingEdge>, MetaE
         },
     )
 }
+
+/// The manifests no tag reaches, pushed before `cutoff`: a collection's candidates, read
+/// from a snapshot (writers go on); [`remove_if_unreached`] checks each again as it
+/// removes it.
+pub(crate) fn unreached(tx: &mut dyn Tx, cutoff: i64) -> Result<Vec<(String, Digest)>, MetaError> {
+    tx.query_map(UNREACHED_MANIFESTS, args![cutoff], |mut r| {
+        Ok((r.text(0)?, r.digest(1)?))
+    })
+}
+
+/// Whether a manifest is still removable now: pushed before the cutoff, no tag on it, no
+/// index listing it, and (for a referrer) its subject gone. Stricter than the snapshot's
+/// reachability — a candidate whose index or subject is still there stays — so that
+/// whatever a push did since the snapshot (a tag, a new index) keeps what it reaches;
+/// what stays for that reason goes with the next collection.
+const STILL_UNREACHED: &str = "
+SELECT 1 FROM manifests m
+WHERE m.repo = ?1 AND m.digest = ?2 AND m.pushed_at < ?3
+  AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repo = m.repo AND t.digest = m.digest)
+  AND NOT EXISTS (SELECT 1 FROM manifest_edges e
+                  WHERE e.target = m.digest AND e.repo = m.repo AND e.kind = 'child')
+  AND (m.subject IS NULL OR NOT EXISTS
+        (SELECT 1 FROM manifests s WHERE s.repo = m.repo AND s.digest = m.subject))";
+
+/// Removes those of `candidates` that are still unreached (see [`STILL_UNREACHED`]), in
+/// passes so that an index goes before its children and a subject before its referrers
+/// within the batch. Returns what went.
+pub(crate) fn remove_if_unreached(
+    tx: &mut dyn Tx,
+    candidates: &[(String, Digest)],
+    cutoff: i64,
+) -> Result<Vec<(String, Digest)>, MetaError> {
+    let mut left: Vec<&(String, Digest)> = candidates.iter().collect();
+    let mut removed = Vec::new();
+    loop {
+        let mut kept = Vec::with_capacity(left.len());
+        for candidate in left.iter().copied() {
+            let (repo, digest) = candidate;
+            if tx.exists(STILL_UNREACHED, args![repo, digest.as_str(), cutoff])? {
+                delete_manifest_rows(tx, repo, digest.as_str())?;
+                removed.push(candidate.clone());
+            } else {
+                kept.push(candidate);
+            }
+        }
+        if kept.len() == left.len() {
+            return Ok(removed);
+        }
+        left = kept;
+    }
+}
+
+/// Marks as being deleted the live blobs among the next `limit` after `after` (in digest
+/// order) that no manifest references and that were not used since `unused_before`, and
+/// removes their repository links: one bounded step of a collection's mark, so that
+/// writers wait for a batch, never for the whole store.
+pub(crate) fn mark_blob_batch(
+    tx: &mut dyn Tx,
+    after: &str,
+    limit: usize,
+    unused_before: i64,
+) -> Result<crate::MarkedBatch, MetaError> {
+    if let Some(lock) = tx.dialect().lock_blobs_against_writers() {
+        tx.execute(lock, &[])?;
+    }
+    let offset = i64::try_from(limit.max(1) - 1).unwrap_or(0);
+    let last = tx
+        .query_map(
+            "SELECT digest FROM blobs WHERE digest > ?1 ORDER BY digest LIMIT 1 OFFSET ?2",
+            args![after, offset],
+            |mut r| r.text(0),
+        )?
+        .pop();
+    // Past the last full batch the range is open-ended: "~" sorts after every digest.
+    let until = last.clone().unwrap_or_else(|| "~".to_owned());
+    let marked = tx.query_map(
+        "UPDATE blobs SET state = 'deleting'
+         WHERE digest > ?1 AND digest <= ?2 AND state = 'live' AND last_used_at < ?3
+           AND NOT EXISTS (SELECT 1 FROM manifest_edges e WHERE e.target = blobs.digest)
+         RETURNING digest, size",
+        args![after, &until, unused_before],
+        |mut r| Ok((r.digest(0)?, r.size(1)?)),
+    )?;
+    // Links of this batch's marked blobs, and of any an interrupted pass marked here.
+    tx.execute(
+        "DELETE FROM repo_blobs WHERE digest IN
+           (SELECT digest FROM blobs WHERE state = 'deleting' AND digest > ?1 AND digest <= ?2)",
+        args![after, &until],
+    )?;
+    Ok(crate::MarkedBatch { marked, next: last })
+}

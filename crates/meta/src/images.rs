@@ -565,9 +565,69 @@ impl MetaStore for Database {
             .await
     }
 
-    async fn blobs_being_deleted(&self) -> Result<Vec<(Digest, u64)>, MetaError> {
-        let sql = "SELECT digest, size FROM blobs WHERE state = 'deleting' ORDER BY digest";
-        self.read_rows(sql, vec![], digest_and_size).await
+    async fn unreached_manifests(
+        &self,
+        cutoff_ms: i64,
+    ) -> Result<Vec<(String, Digest)>, MetaError> {
+        self.engine
+            .read(move |tx| crate::gc::unreached(tx, cutoff_ms))
+            .await
+    }
+
+    async fn remove_unreached_manifests(
+        &self,
+        candidates: Vec<(String, Digest)>,
+        cutoff_ms: i64,
+    ) -> Result<Vec<(String, Digest)>, MetaError> {
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                crate::gc::remove_if_unreached(tx, &candidates, cutoff_ms)
+            })
+            .await
+    }
+
+    async fn mark_unused_blobs(
+        &self,
+        after: &str,
+        limit: usize,
+        unused_before_ms: i64,
+    ) -> Result<crate::MarkedBatch, MetaError> {
+        let after = after.to_owned();
+        self.engine
+            .write(Durability::Synced, move |tx| {
+                crate::gc::mark_blob_batch(tx, &after, limit, unused_before_ms)
+            })
+            .await
+    }
+
+    async fn record_collection(
+        &self,
+        manifests: u64,
+        blobs: u64,
+        bytes: u64,
+    ) -> Result<(), MetaError> {
+        let change = Change::GarbageCollected {
+            manifests,
+            blobs,
+            bytes,
+        };
+        self.engine
+            .write_recorded(move |tx| {
+                crate::events::record(tx, &Actor::system("gc"), std::slice::from_ref(&change))
+            })
+            .await
+    }
+
+    async fn blobs_being_deleted(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(Digest, u64)>, MetaError> {
+        let sql = "SELECT digest, size FROM blobs WHERE state = 'deleting' AND digest > ?1
+                   ORDER BY digest LIMIT ?2";
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read_rows(sql, owned![after, limit], digest_and_size)
+            .await
     }
 
     async fn forget_deleted_blobs(&self, digests: &[Digest]) -> Result<(), MetaError> {

@@ -251,6 +251,15 @@ pub struct GcMarked {
     pub blobs: Vec<(Digest, u64)>,
 }
 
+/// One step of a collection's mark ([`MetaStore::mark_unused_blobs`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MarkedBatch {
+    /// Blobs marked for deletion in this step, with their sizes.
+    pub marked: Vec<(Digest, u64)>,
+    /// Where the next step starts (the last digest this one looked at); `None`: done.
+    pub next: Option<String>,
+}
+
 /// A reference from a manifest to content that is not there: what `berth check` reports.
 #[derive(Debug, Clone)]
 pub struct DanglingEdge {
@@ -481,11 +490,46 @@ pub trait MetaStore: EventLog + Send + Sync + 'static {
     /// One garbage-collection pass over the metadata, in one transaction: removes the
     /// selected manifests, then marks every live blob that nothing references and that was
     /// not used since the cutoff as being deleted, removing its repository links. Rolled
-    /// back when `dry_run`.
+    /// back when `dry_run`, which is what it is for: exactly what a pass would do. (A real
+    /// pass goes in batches, [`MetaStore::mark_unused_blobs`], so writers never wait for it
+    /// long.)
     async fn mark_garbage(&self, selection: GcSelection) -> Result<GcMarked, MetaError>;
+    /// The manifests no tag reaches that were pushed before `cutoff_ms`, read from a
+    /// snapshot: the candidates of a collection that removes untagged manifests.
+    async fn unreached_manifests(&self, cutoff_ms: i64)
+        -> Result<Vec<(String, Digest)>, MetaError>;
+    /// Removes those of `candidates` still unreached now, in one transaction (a batch of
+    /// a collection); returns what went.
+    async fn remove_unreached_manifests(
+        &self,
+        candidates: Vec<(String, Digest)>,
+        cutoff_ms: i64,
+    ) -> Result<Vec<(String, Digest)>, MetaError>;
+    /// One bounded step of a collection's mark, in its own transaction: of the next
+    /// `limit` blobs after `after` (digest order), marks those nothing references and
+    /// nobody used since `unused_before_ms` as being deleted and removes their links.
+    /// Returns them and where the next step starts (`None`: done).
+    async fn mark_unused_blobs(
+        &self,
+        after: &str,
+        limit: usize,
+        unused_before_ms: i64,
+    ) -> Result<MarkedBatch, MetaError>;
+    /// Records that a collection ran and what it removed (the event the dashboard and the
+    /// audit log show).
+    async fn record_collection(
+        &self,
+        manifests: u64,
+        blobs: u64,
+        bytes: u64,
+    ) -> Result<(), MetaError>;
     /// Blobs marked for deletion whose bytes may still exist (this pass's and any earlier,
-    /// interrupted pass's).
-    async fn blobs_being_deleted(&self) -> Result<Vec<(Digest, u64)>, MetaError>;
+    /// interrupted pass's), after `after` in digest order, at most `limit`.
+    async fn blobs_being_deleted(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(Digest, u64)>, MetaError>;
     /// Drops the records of blobs whose bytes are gone (one transaction for the batch).
     async fn forget_deleted_blobs(&self, digests: &[Digest]) -> Result<(), MetaError>;
     /// Upload sessions started before the cutoff (ms since the epoch).

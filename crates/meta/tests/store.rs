@@ -534,7 +534,7 @@ engine_test!(garbage_collection_marks_what_nothing_reaches, |place| {
     expected.sort_by(|x, y| x.0.as_str().cmp(y.0.as_str()));
     assert_eq!(dry.blobs, expected);
     assert!(
-        db.blobs_being_deleted().await.unwrap().is_empty(),
+        db.blobs_being_deleted("", 1000).await.unwrap().is_empty(),
         "a dry run changes nothing"
     );
     assert!(db
@@ -563,7 +563,7 @@ engine_test!(garbage_collection_marks_what_nothing_reaches, |place| {
         .await
         .unwrap()
         .is_none());
-    assert_eq!(db.blobs_being_deleted().await.unwrap(), expected);
+    assert_eq!(db.blobs_being_deleted("", 1000).await.unwrap(), expected);
     assert!(db.linked_blob(&app, &orphan).await.unwrap().is_none());
     assert!(matches!(
         db.reserve_blob(&orphan).await,
@@ -580,7 +580,7 @@ engine_test!(garbage_collection_marks_what_nothing_reaches, |place| {
     db.forget_deleted_blobs(&[orphan.clone(), lonely.clone(), kept.clone()])
         .await
         .unwrap();
-    assert!(db.blobs_being_deleted().await.unwrap().is_empty());
+    assert!(db.blobs_being_deleted("", 1000).await.unwrap().is_empty());
     assert_eq!(
         db.live_blobs().await.unwrap().len(),
         2,
@@ -1808,5 +1808,99 @@ engine_test!(
         assert!(listed[0].bytes >= 1500 && listed[0].bytes < 1500 + 4 * manifest_size(&m2) + 200);
         assert!(listed[1].last_pulled_ms >= listed[0].last_pulled_ms);
         assert_eq!(db.least_recently_pulled("hub", 1).await.unwrap().len(), 1);
+    }
+);
+
+engine_test!(
+    a_collection_in_batches_keeps_what_a_push_reached_since_its_snapshot,
+    |place| {
+        let db = place.open().await;
+        let app = repo("team/app");
+        let [a, b, c, d, e] = ['a', 'b', 'c', 'd', 'e'].map(digest);
+        for blob in [&a, &b, &c, &d, &e] {
+            push_blob(&db, &app, blob, 1).await;
+        }
+        let (untagged, index, child_m, referrer, tagged) = (
+            digest('1'),
+            digest('2'),
+            digest('3'),
+            digest('4'),
+            digest('5'),
+        );
+        for (m, edges, subject, t) in [
+            (&untagged, vec![layer(&a)], None, None),
+            (&child_m, vec![layer(&b)], None, None),
+            (&index, vec![child(&child_m)], None, None),
+            (&referrer, vec![layer(&c)], Some(untagged.clone()), None),
+            (&tagged, vec![layer(&d)], None, Some(tag("v1"))),
+        ] {
+            db.put_manifest(&app, manifest(m, edges, subject), t.as_ref(), &actor())
+                .await
+                .unwrap();
+        }
+        let candidates = db.unreached_manifests(far_future()).await.unwrap();
+        let names: Vec<&Digest> = candidates.iter().map(|(_, d)| d).collect();
+        assert_eq!(names, [&untagged, &index, &child_m, &referrer]);
+
+        // A push tags one candidate after the snapshot: it stays, and so does its
+        // referrer; the index and its child go, in one batch, the index first.
+        db.put_manifest(
+            &app,
+            manifest(&untagged, vec![layer(&a)], None),
+            Some(&tag("late")),
+            &actor(),
+        )
+        .await
+        .unwrap();
+        let removed = db
+            .remove_unreached_manifests(candidates, far_future())
+            .await
+            .unwrap();
+        let removed: Vec<&Digest> = removed.iter().map(|(_, d)| d).collect();
+        assert_eq!(removed, [&index, &child_m]);
+        for kept in [&untagged, &referrer, &tagged] {
+            assert!(db
+                .get_manifest(&app, &Reference::Digest(kept.clone()))
+                .await
+                .unwrap()
+                .is_some());
+        }
+
+        // Blobs, two per transaction: only what nothing references any more.
+        let (mut after, mut marked, mut steps) = (String::new(), Vec::new(), 0);
+        loop {
+            let step = db.mark_unused_blobs(&after, 2, far_future()).await.unwrap();
+            assert!(step.marked.len() <= 2);
+            marked.extend(step.marked);
+            steps += 1;
+            match step.next {
+                Some(next) => after = next,
+                None => break,
+            }
+        }
+        assert_eq!(steps, 3, "five blobs, two per step");
+        assert_eq!(marked, [(b.clone(), 1), (e.clone(), 1)]);
+        assert!(db.linked_blob(&app, &b).await.unwrap().is_none());
+        assert_eq!(
+            db.blobs_being_deleted("", 1).await.unwrap(),
+            [(b.clone(), 1)]
+        );
+        assert_eq!(
+            db.blobs_being_deleted(b.as_str(), 1).await.unwrap(),
+            [(e.clone(), 1)]
+        );
+        assert!(db
+            .blobs_being_deleted(e.as_str(), 1)
+            .await
+            .unwrap()
+            .is_empty());
+        db.record_collection(2, 2, 2).await.unwrap();
+        assert!(db
+            .last_collection()
+            .await
+            .unwrap()
+            .unwrap()
+            .1
+            .contains("2 manifests"));
     }
 );

@@ -1,10 +1,13 @@
 //! Online garbage collection: no read-only mode, pushes and pulls go on.
 //!
-//! 1. Mark, in one metadata transaction: optionally remove manifests no tag reaches, then
-//!    mark every blob that no manifest references and that was not used within the grace
-//!    period as being deleted, removing its repository links in the same transaction.
+//! 1. Mark, in bounded metadata transactions: optionally remove manifests no tag reaches
+//!    (found in a snapshot, each checked again as it goes, 500 per transaction), then,
+//!    5,000 blobs per transaction in digest order, mark every blob that no manifest
+//!    references and that was not used within the grace period as being deleted,
+//!    removing its repository links in the same transaction. A dry run does all of it in
+//!    one transaction and rolls it back.
 //! 2. Sweep: delete the bytes of every blob marked so (this pass's and any interrupted
-//!    pass's), then forget its record.
+//!    pass's), then forget its record, 5,000 at a time.
 //! 3. Purge upload sessions whose bytes have not changed for the configured age.
 //!
 //! The race with a concurrent push is closed in the metadata store: a push reserves the
@@ -15,7 +18,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use berth_meta::{GcSelection, LeaseState};
-use berth_oci::Digest;
 use berth_storage::UploadId;
 use serde::Serialize;
 
@@ -95,7 +97,7 @@ impl GcTotals {
                 self.bytes_freed
                     .fetch_add(report.bytes_freed, Ordering::Relaxed);
                 self.blobs_removed
-                    .fetch_add(report.blobs_removed.len() as u64, Ordering::Relaxed);
+                    .fetch_add(report.blobs_removed_count, Ordering::Relaxed);
             }
             Err(_) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
@@ -115,6 +117,17 @@ impl GcTotals {
     }
 }
 
+/// Removed manifests and blobs a report lists by name; past it, only their counts (a
+/// collection at size removes hundreds of thousands).
+pub const REPORT_LIST_MAX: usize = 1000;
+/// Blobs a collection looks at per metadata transaction while marking: writers wait for
+/// one batch (milliseconds), never for the whole store.
+const MARK_BATCH: usize = 5000;
+/// Untagged manifests removed per metadata transaction.
+const MANIFEST_BATCH: usize = 500;
+/// Blobs swept (bytes deleted, then records forgotten) per step.
+const SWEEP_BATCH: usize = 5000;
+
 /// How long events (the audit log) are kept by default: 90 days.
 const DEFAULT_EVENT_RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
 
@@ -123,10 +136,14 @@ const DEFAULT_EVENT_RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
 pub struct GcReport {
     /// Whether anything was changed.
     pub dry_run: bool,
-    /// Manifests removed, as `repo@digest`.
+    /// Manifests removed, as `repo@digest`: the first [`REPORT_LIST_MAX`].
     pub manifests_removed: Vec<String>,
-    /// Blobs removed (their bytes deleted).
+    /// How many manifests were removed.
+    pub manifests_removed_count: u64,
+    /// Blobs removed (their bytes deleted): the first [`REPORT_LIST_MAX`].
     pub blobs_removed: Vec<String>,
+    /// How many blobs were removed.
+    pub blobs_removed_count: u64,
     /// Bytes of blob storage freed.
     pub bytes_freed: u64,
     /// Upload sessions purged.
@@ -139,6 +156,15 @@ pub struct GcReport {
     pub mark_ms: u64,
     /// Of which deleting bytes and forgetting their records, in milliseconds.
     pub sweep_ms: u64,
+}
+
+/// What a sweep deleted.
+#[derive(Debug, Default)]
+struct Swept {
+    count: u64,
+    bytes: u64,
+    /// The first [`REPORT_LIST_MAX`] digests.
+    listed: Vec<String>,
 }
 
 fn millis(d: Duration) -> i64 {
@@ -221,18 +247,65 @@ impl Registry {
                 tracing::warn!(error = %e, "releasing the collection lease; it expires by itself");
             }
         }
-        swept.map(|(digests, _)| Some(digests.len()))
+        swept.map(|swept| Some(swept.count as usize))
     }
 
-    /// Deletes the bytes of every blob marked as being deleted, then forgets them.
-    async fn sweep_marked(&self) -> Result<(Vec<Digest>, u64), RegistryError> {
-        let doomed = self.meta.blobs_being_deleted().await?;
-        // Bytes first, records after: a crash in between leaves records still marked,
-        // which the next pass finishes.
-        let digests: Vec<_> = doomed.iter().map(|(d, _)| d.clone()).collect();
-        self.blobs.delete_many(&digests).await?;
-        self.meta.forget_deleted_blobs(&digests).await?;
-        Ok((digests, doomed.iter().map(|(_, size)| size).sum()))
+    /// Deletes the bytes of every blob marked as being deleted, then forgets them, a batch
+    /// at a time.
+    async fn sweep_marked(&self) -> Result<Swept, RegistryError> {
+        let mut swept = Swept::default();
+        let mut after = String::new();
+        loop {
+            let doomed = self.meta.blobs_being_deleted(&after, SWEEP_BATCH).await?;
+            let Some((last, _)) = doomed.last() else {
+                return Ok(swept);
+            };
+            after = last.as_str().to_owned();
+            // Bytes first, records after: a crash in between leaves records still marked,
+            // which the next pass finishes.
+            let digests: Vec<_> = doomed.iter().map(|(d, _)| d.clone()).collect();
+            self.blobs.delete_many(&digests).await?;
+            self.meta.forget_deleted_blobs(&digests).await?;
+            swept.count += digests.len() as u64;
+            swept.bytes += doomed.iter().map(|(_, size)| size).sum::<u64>();
+            let room = REPORT_LIST_MAX.saturating_sub(swept.listed.len());
+            swept
+                .listed
+                .extend(digests.iter().take(room).map(|d| d.to_string()));
+        }
+    }
+
+    /// Marks, in batches, what a real collection removes: untagged manifests (when
+    /// selected), then unused blobs. Returns the manifests removed (the first
+    /// [`REPORT_LIST_MAX`] by name) and their count.
+    async fn mark_in_batches(
+        &self,
+        selection: &GcSelection,
+    ) -> Result<(Vec<String>, u64), RegistryError> {
+        let (mut listed, mut count) = (Vec::new(), 0u64);
+        if let Some(cutoff) = selection.untagged_pushed_before_ms {
+            let candidates = self.meta.unreached_manifests(cutoff).await?;
+            for batch in candidates.chunks(MANIFEST_BATCH) {
+                let removed = self
+                    .meta
+                    .remove_unreached_manifests(batch.to_vec(), cutoff)
+                    .await?;
+                count += removed.len() as u64;
+                let room = REPORT_LIST_MAX.saturating_sub(listed.len());
+                listed.extend(removed.iter().take(room).map(|(r, d)| format!("{r}@{d}")));
+            }
+        }
+        let mut after = String::new();
+        loop {
+            let step = self
+                .meta
+                .mark_unused_blobs(&after, MARK_BATCH, selection.blobs_unused_before_ms)
+                .await?;
+            match step.next {
+                Some(next) => after = next,
+                None => return Ok((listed, count)),
+            }
+        }
     }
 
     /// Whether a collection is alive now (its lease held and not expired).
@@ -250,27 +323,43 @@ impl Registry {
             blobs_unused_before_ms: now - millis(options.blob_grace),
             dry_run: options.dry_run,
         };
-        let marked = self.meta.mark_garbage(selection).await?;
-        let mark_ms = started.elapsed().as_millis() as u64;
         let mut report = GcReport {
             dry_run: options.dry_run,
-            mark_ms,
-            manifests_removed: marked
-                .manifests
-                .iter()
-                .map(|(repo, d)| format!("{repo}@{d}"))
-                .collect(),
             ..GcReport::default()
         };
         if options.dry_run {
-            report.blobs_removed = marked.blobs.iter().map(|(d, _)| d.to_string()).collect();
+            // One transaction, rolled back: exactly what a pass would remove.
+            let marked = self.meta.mark_garbage(selection).await?;
+            report.mark_ms = started.elapsed().as_millis() as u64;
+            report.manifests_removed_count = marked.manifests.len() as u64;
+            report.manifests_removed = marked
+                .manifests
+                .iter()
+                .take(REPORT_LIST_MAX)
+                .map(|(repo, d)| format!("{repo}@{d}"))
+                .collect();
+            report.blobs_removed_count = marked.blobs.len() as u64;
+            report.blobs_removed = marked
+                .blobs
+                .iter()
+                .take(REPORT_LIST_MAX)
+                .map(|(d, _)| d.to_string())
+                .collect();
             report.bytes_freed = marked.blobs.iter().map(|(_, size)| size).sum();
         } else {
-            let (digests, bytes) = self.sweep_marked().await?;
-            report.bytes_freed = bytes;
-            report.blobs_removed = digests.iter().map(|d| d.to_string()).collect();
+            let (manifests, count) = self.mark_in_batches(&selection).await?;
+            report.mark_ms = started.elapsed().as_millis() as u64;
+            report.manifests_removed = manifests;
+            report.manifests_removed_count = count;
+            let swept = self.sweep_marked().await?;
+            report.bytes_freed = swept.bytes;
+            report.blobs_removed = swept.listed;
+            report.blobs_removed_count = swept.count;
+            self.meta
+                .record_collection(count, swept.count, swept.bytes)
+                .await?;
         }
-        report.sweep_ms = started.elapsed().as_millis() as u64 - mark_ms;
+        report.sweep_ms = started.elapsed().as_millis() as u64 - report.mark_ms;
         report.uploads_purged = self.purge_uploads(options).await?;
         if !options.dry_run {
             report.events_pruned = self.prune_events(options.event_retention).await?;
@@ -278,8 +367,8 @@ impl Registry {
         report.duration_ms = started.elapsed().as_millis() as u64;
         tracing::info!(
             dry_run = report.dry_run,
-            manifests = report.manifests_removed.len(),
-            blobs = report.blobs_removed.len(),
+            manifests = report.manifests_removed_count,
+            blobs = report.blobs_removed_count,
             bytes = report.bytes_freed,
             uploads = report.uploads_purged,
             duration_ms = report.duration_ms,

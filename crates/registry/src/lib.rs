@@ -20,7 +20,7 @@ pub use berth_meta::{Actor, Page, ProjectRecord as Project, StoreCounts, StoredM
 pub use blobs::{BlobBytes, BlobRead, MountOutcome, RangeRequest};
 pub use check::{CheckOptions, CheckReport};
 pub use error::RegistryError;
-pub use gc::{GcCounters, GcOptions, GcReport};
+pub use gc::{GcCounters, GcOptions, GcReport, REPORT_LIST_MAX};
 pub use manifests::{ManifestPushed, ReferrersIndex};
 
 /// Milliseconds since the Unix epoch: the clock of the metadata store's timestamps.

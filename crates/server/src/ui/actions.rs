@@ -258,13 +258,19 @@ pub(super) async fn collect_garbage(
     let body = html! {
         h1 { @if report.dry_run { "Garbage collection: what would go" } @else { "Garbage collection done" } }
         div.card.stats {
-            div.stat { b { (report.blobs_removed.len()) } span { "blobs" } }
-            div.stat { b { (report.manifests_removed.len()) } span { "manifests" } }
+            div.stat { b { (report.blobs_removed_count) } span { "blobs" } }
+            div.stat { b { (report.manifests_removed_count) } span { "manifests" } }
             div.stat { b { (human_bytes(report.bytes_freed)) } span { "freed" } }
             div.stat { b { (report.duration_ms) " ms" } span { "taken" } }
         }
         @if !report.blobs_removed.is_empty() {
-            div.card { h2 { "Blobs" } @for blob in &report.blobs_removed { code.digest { (blob) } br; } }
+            div.card {
+                h2 { "Blobs" }
+                @for blob in &report.blobs_removed { code.digest { (blob) } br; }
+                @if report.blobs_removed_count > report.blobs_removed.len() as u64 {
+                    p.muted { "and " (report.blobs_removed_count - report.blobs_removed.len() as u64) " more" }
+                }
+            }
         }
         @if report.dry_run {
             form method="post" action="/ui/admin/gc" {
