@@ -3,7 +3,14 @@
 data directory's metadata database and blob files (the API would take hours for a
 million blobs); bench/scale.sh then checks it through the API before measuring.
 
-    scale-data.py DATA_DIR BLOBS MANIFESTS BIG_TAGS REPOS
+    scale-data.py DATA_DIR BLOBS MANIFESTS BIG_TAGS REPOS [DIST_ROOT]
+
+It also writes DATA_DIR.manifests: "repository digest" per line, for the collection
+benchmark's deletes. With DIST_ROOT, the same content is also laid out as Docker
+Distribution stores it (blobs/, and per repository _layers/, _manifests/revisions/ and
+_manifests/tags/ links) under DIST_ROOT/docker/registry/v2, with every other manifest of
+the listing deleted as Distribution's DELETE leaves it: its revision and tag links gone,
+its blobs and layer links kept for the collector.
 
 DATA_DIR must hold a meta.db that berth created (so that the schema is berth's own,
 migrated to the current version) and nothing pushed yet. The shape:
@@ -34,8 +41,39 @@ CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar"
 
 
+def link(path, digest):
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "link"), "w") as f:
+        f.write(digest)
+
+
+def distribution(root, repo, tag, digest, raw, descriptors, deleted):
+    """One manifest of the set in Distribution's layout."""
+    def blob(d, content):
+        hex_ = d.split(":")[1]
+        path = os.path.join(root, "blobs", "sha256", hex_[:2], hex_)
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "data"), "wb") as f:
+            f.write(content)
+    base = os.path.join(root, "repositories", repo)
+    for d, _ in descriptors:
+        # The generator's blob bytes, again (they are a function of their serial).
+        blob(d, descriptors_content[d])
+        link(os.path.join(base, "_layers", "sha256", d.split(":")[1]), d)
+    blob(digest, raw)
+    if not deleted:
+        hex_ = digest.split(":")[1]
+        link(os.path.join(base, "_manifests", "revisions", "sha256", hex_), digest)
+        link(os.path.join(base, "_manifests", "tags", tag, "current"), digest)
+        link(os.path.join(base, "_manifests", "tags", tag, "index", "sha256", hex_), digest)
+
+
+descriptors_content = {}
+
+
 def main():
     data, blobs, manifests, big_tags, repos = sys.argv[1], *map(int, sys.argv[2:6])
+    dist = os.path.join(sys.argv[6], "docker", "registry", "v2") if len(sys.argv) > 6 else None
     per_manifest = blobs // manifests
     if per_manifest < 2 or big_tags > manifests or repos < 2:
         sys.exit("need BLOBS >= 2 * MANIFESTS, BIG_TAGS <= MANIFESTS and REPOS >= 2")
@@ -74,6 +112,7 @@ def main():
             rows.clear()
 
     serial = 0
+    listing = open(data.rstrip("/") + ".manifests", "w")
     for m in range(manifests):
         if m < big_tags:
             repo, tag = names[0], f"t{m}"
@@ -88,6 +127,8 @@ def main():
             with open(os.path.join(blob_root, digest[:2], digest), "wb") as f:
                 f.write(content)
             descriptors.append((f"sha256:{digest}", len(content)))
+            if dist:
+                descriptors_content[f"sha256:{digest}"] = content
             blob_rows.append((f"sha256:{digest}", len(content), at, at))
             link_rows.append((repo, f"sha256:{digest}", at))
         (config, config_size), layers = descriptors[0], descriptors[1:]
@@ -102,11 +143,16 @@ def main():
         edge_rows.append((repo, digest, config, "config"))
         edge_rows.extend((repo, digest, d, "layer") for d, _ in layers)
         tag_rows.append((repo, tag, digest, at))
+        listing.write(f"{repo} {digest}\n")
+        if dist:
+            distribution(dist, repo, tag, digest, raw, descriptors, deleted=m % 2 == 0)
+            descriptors_content.clear()
         if len(manifest_rows) >= 10_000:
             flush()
             print(f"  {m + 1} manifests, {serial} blobs, {time.time() - started:.0f} s",
                   file=sys.stderr, flush=True)
     flush()
+    listing.close()
     db.execute("COMMIT")
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     print(json.dumps({"blobs": serial, "manifests": manifests, "repositories": repos,

@@ -8,9 +8,17 @@
                                                    tag list and the catalog, first and middle
     scale-measure.py paths PORT COUNT FILE         COUNT manifest-by-digest paths, spread over
                                                    the repositories, for wrk
+    scale-measure.py delete PORT LISTING           deletes every other manifest of LISTING
+                                                   ("repo digest" lines) through the API
+    scale-measure.py pushes PORT SECONDS OUT       pushes small images one after another for
+                                                   SECONDS (or until OUT.stop exists), writing
+                                                   each push's milliseconds to OUT
 """
+import concurrent.futures
+import hashlib
 import http.client
 import json
+import os
 import random
 import statistics
 import sys
@@ -100,6 +108,50 @@ def paths(port, count, out):
         f.write("\n".join(lines) + "\n")
 
 
+def delete(port, listing):
+    targets = [line.split() for i, line in enumerate(open(listing)) if i % 2 == 0]
+
+    def work(part):
+        conn = http.client.HTTPConnection("127.0.0.1", port)
+        for repo, digest in part:
+            conn.request("DELETE", f"/v2/{repo}/manifests/{digest}")
+            r = conn.getresponse()
+            r.read()
+            if r.status != 202:
+                raise SystemExit(f"DELETE {repo}@{digest}: {r.status}")
+        return len(part)
+
+    started = time.time()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        done = sum(pool.map(work, [targets[i::4] for i in range(4)]))
+    print(json.dumps({"deleted": done, "seconds": round(time.time() - started, 1)}))
+
+
+def pushes(port, seconds, out):
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    deadline, n, times = time.time() + seconds, 0, []
+    while time.time() < deadline and not os.path.exists(out + ".stop"):
+        n += 1
+        t = time.perf_counter()
+        data = f"push beside a collection {os.getpid()} {n} {time.time()}".encode()
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        conn.request("POST", f"/v2/beside/gc/blobs/uploads/?digest={digest}", body=data,
+                     headers={"content-type": "application/octet-stream"})
+        r = conn.getresponse(); r.read()
+        assert r.status == 201, r.status
+        raw = json.dumps({"schemaVersion": 2, "mediaType": ACCEPT,
+                          "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                     "digest": digest, "size": len(data)},
+                          "layers": []}).encode()
+        conn.request("PUT", f"/v2/beside/gc/manifests/p{n}", body=raw,
+                     headers={"content-type": ACCEPT})
+        r = conn.getresponse(); r.read()
+        assert r.status == 201, r.status
+        times.append((time.perf_counter() - t) * 1000)
+    with open(out, "w") as f:
+        f.write("\n".join(f"{x:.3f}" for x in times) + "\n")
+
+
 if __name__ == "__main__":
     command, port = sys.argv[1], int(sys.argv[2])
     if command == "verify":
@@ -108,5 +160,9 @@ if __name__ == "__main__":
         pages(port, int(sys.argv[3]))
     elif command == "paths":
         paths(port, int(sys.argv[3]), sys.argv[4])
+    elif command == "delete":
+        delete(port, sys.argv[3])
+    elif command == "pushes":
+        pushes(port, float(sys.argv[3]), sys.argv[4])
     else:
         sys.exit(__doc__)

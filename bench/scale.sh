@@ -12,13 +12,22 @@
 #      manifest GET by digest at 64 connections over 1,000 manifests spread over the
 #      repositories (wrk, DURATION seconds, REPS times: median); the process's peak RSS;
 #   4. `berth check` on the large set (throughput of tiny blobs: per-file cost) and on
-#      CHECK_MIB of large blobs beside `sha256sum` of the same files (the hashing rate).
+#      CHECK_MIB of large blobs beside `sha256sum` of the same files (the hashing rate);
+#   5. every other manifest of the large set is deleted through the API and `berth gc`
+#      runs beside the serving registry while a client pushes small images one after
+#      another: the collection's time, and the pushes' latency beside it and without it;
+#   6. `berth gc` against Distribution's `garbage-collect` on the same content (GC_*:
+#      100,000 blobs, 20,000 manifests; Distribution's layout takes ~5 files and
+#      directories per blob, too many for the large set), each on a fresh copy, GC_REPS
+#      times.
 #
 # Environment: BLOBS MANIFESTS BIG_TAGS REPOS (the large set), REQS (200), DURATION (10),
-# REPS (3), CHECK_MIB (1024), PORT (5621), KEEP=1 keeps the work directory.
-# Needs: cargo, python3, curl, wrk, sha256sum. Disk: about 5 GB for the large set.
+# REPS (3), CHECK_MIB (1024), PORT (5621), GC_BLOBS GC_MANIFESTS GC_BIG_TAGS GC_REPOS
+# GC_REPS (3), KEEP=1 keeps the work directory.
+# Needs: cargo, python3, curl, wrk, sha256sum, openssl, docker-registry. Disk: about 5 GB for the large set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 BLOBS=${BLOBS:-1000000}
 MANIFESTS=${MANIFESTS:-200000}
 BIG_TAGS=${BIG_TAGS:-100000}
@@ -28,6 +37,11 @@ DURATION=${DURATION:-10}
 REPS=${REPS:-3}
 CHECK_MIB=${CHECK_MIB:-1024}
 PORT=${PORT:-5621}
+GC_BLOBS=${GC_BLOBS:-100000}
+GC_MANIFESTS=${GC_MANIFESTS:-20000}
+GC_BIG_TAGS=${GC_BIG_TAGS:-10000}
+GC_REPOS=${GC_REPOS:-2000}
+GC_REPS=${GC_REPS:-3}
 cargo build --release --locked --quiet -p berth
 BERTH=$PWD/target/release/berth
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/berth-scale-bench.XXXXXX")
@@ -40,7 +54,6 @@ cleanup() {
   if [ "${KEEP:-0}" = 1 ]; then echo "# kept $WORK" >&2; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
-log() { echo "# $(date +%H:%M:%S) $*" >&2; }
 
 start() {
   "$BERTH" serve --listen "127.0.0.1:$PORT" --data-dir "$1" --auth none --log-level warn \
@@ -115,6 +128,62 @@ start_ns=$(date +%s%N)
 find "$WORK/check/blobs" -type f -print0 | xargs -0 sha256sum >/dev/null
 end_ns=$(date +%s%N)
 echo "$(( CHECK_MIB * 1048576 * 1000000000 / (end_ns - start_ns) ))" >"$WORK/sha256sum-rate"
+# OpenSSL's SHA-256 uses the CPU's SHA extensions where coreutils' does not: the real limit.
+start_ns=$(date +%s%N)
+find "$WORK/check/blobs" -type f -print0 | xargs -0 openssl dgst -sha256 >/dev/null
+end_ns=$(date +%s%N)
+echo "$(( CHECK_MIB * 1048576 * 1000000000 / (end_ns - start_ns) ))" >"$WORK/openssl-rate"
+
+log "collection at size: every other manifest of the large set deleted through the API"
+start "$WORK/large"
+python3 bench/scale-measure.py delete "$PORT" "$WORK/large.manifests" >"$WORK/deleted"
+cat "$WORK/deleted" >&2
+log "pushes with no collection running"
+python3 bench/scale-measure.py pushes "$PORT" 10 "$WORK/pushes-idle"
+log "berth gc beside the running registry, pushes going on"
+python3 bench/scale-measure.py pushes "$PORT" 900 "$WORK/pushes-gc" &
+PUSHER=$!
+sleep 1
+gc_start=$(date +%s%N)
+"$BERTH" gc --data-dir "$WORK/large" --log-level warn >"$WORK/gc-report" 2>>"$WORK/log"
+gc_end=$(date +%s%N)
+touch "$WORK/pushes-gc.stop"
+wait "$PUSHER"
+echo "$(( (gc_end - gc_start) / 1000000 ))" >"$WORK/gc-ms"
+stop
+
+# The collector against Distribution's on the same content: a GC_* sized set generated in
+# both layouts, every other manifest deleted (through berth's API; Distribution's layout
+# is written as its DELETE leaves it), each collector timed on a fresh copy GC_REPS times
+# with its registry stopped (Distribution's requires it).
+log "collector comparison: generating $GC_BLOBS blobs for berth and Distribution"
+mkdir -p "$WORK/dist"
+write_registry_config "$WORK/dist" 5699
+start "$WORK/gcset"
+stop
+python3 bench/scale-data.py "$WORK/gcset" "$GC_BLOBS" "$GC_MANIFESTS" "$GC_BIG_TAGS" "$GC_REPOS" \
+  "$WORK/dist/data" >/dev/null
+start "$WORK/gcset"
+python3 bench/scale-measure.py delete "$PORT" "$WORK/gcset.manifests" >/dev/null
+stop
+cp -a "$WORK/gcset" "$WORK/gcset.snapshot"
+cp -a "$WORK/dist/data" "$WORK/dist.snapshot"
+: >"$WORK/gc-compare"
+for rep in $(seq "$GC_REPS"); do
+  rm -rf "$WORK/gcset" "$WORK/dist/data"
+  cp -a "$WORK/gcset.snapshot" "$WORK/gcset"
+  cp -a "$WORK/dist.snapshot" "$WORK/dist/data"
+  sync
+  t0=$(date +%s%N)
+  "$BERTH" gc --data-dir "$WORK/gcset" --log-level warn >"$WORK/gcset.report" 2>>"$WORK/log"
+  t1=$(date +%s%N)
+  docker-registry garbage-collect "$WORK/dist/config.yml" >"$WORK/dist-gc.log" 2>&1
+  t2=$(date +%s%N)
+  berth_removed=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["blobs_removed_count"])' "$WORK/gcset.report")
+  dist_left=$(find "$WORK/dist/data/docker/registry/v2/blobs" -name data | wc -l)
+  echo "$(( (t1 - t0) / 1000000 )) $(( (t2 - t1) / 1000000 )) $berth_removed $dist_left" >>"$WORK/gc-compare"
+  log "collector repetition $rep: $(tail -1 "$WORK/gc-compare") (berth ms, Distribution ms, berth blobs removed, Distribution blobs left)"
+done
 
 python3 - "$WORK" <<'PY'
 import json, statistics, sys
@@ -150,6 +219,24 @@ check_big = json.loads(load("check-big"))
 sha = int(load("sha256sum-rate"))
 print(f"berth check, large set: {check_large['blobs_verified']} blobs in {check_large['seconds']} s "
       f"({check_large['blobs_verified'] / check_large['seconds']:.0f} blobs/s)")
+ossl = int(load("openssl-rate"))
 print(f"berth check, large blobs: {check_big['bytes_per_second'] / 1e6:.0f} MB/s; sha256sum "
-      f"{sha / 1e6:.0f} MB/s: {check_big['bytes_per_second'] / sha:.2f}x (target >= 0.8)")
+      f"{sha / 1e6:.0f} MB/s: {check_big['bytes_per_second'] / sha:.2f}x; openssl dgst "
+      f"{ossl / 1e6:.0f} MB/s: {check_big['bytes_per_second'] / ossl:.2f}x (target >= 0.8)")
+gc = json.loads(load("gc-report"))
+deleted = json.loads(load("deleted"))
+def pct(values, q): return values[min(len(values) - 1, int(len(values) * q))]
+idle = sorted(float(x) for x in load("pushes-idle").split())
+beside = sorted(float(x) for x in load("pushes-gc").split())
+print(f"collection after deleting {deleted['deleted']} manifests: {int(load('gc-ms')) / 1000:.1f} s wall "
+      f"(mark {gc['mark_ms'] / 1000:.1f} s, sweep {gc['sweep_ms'] / 1000:.1f} s), "
+      f"{gc['blobs_removed_count']} blobs removed (target <= 60 s)")
+print(f"pushes (blob + manifest): idle p50 {pct(idle, .5):.1f} / p99 {pct(idle, .99):.1f} / max {idle[-1]:.1f} ms "
+      f"({len(idle)}); beside the collection p50 {pct(beside, .5):.1f} / p99 {pct(beside, .99):.1f} / "
+      f"max {beside[-1]:.1f} ms ({len(beside)}) (target: p99 waits under 100 ms)")
+runs = [list(map(int, l.split())) for l in load("gc-compare").splitlines() if l.strip()]
+b, d = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+print(f"collector, same content in both ({runs[0][2]} blobs removed by berth, {runs[0][3]} left by "
+      f"Distribution): berth {b / 1000:.1f} s, Distribution {d / 1000:.1f} s: {d / b:.1f}x "
+      f"({[(r[0], r[1]) for r in runs]} ms)")
 PY

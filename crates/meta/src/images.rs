@@ -649,9 +649,12 @@ impl MetaStore for Database {
             .await
     }
 
-    async fn live_blobs(&self) -> Result<Vec<(Digest, u64)>, MetaError> {
-        let sql = "SELECT digest, size FROM blobs WHERE state = 'live' ORDER BY digest";
-        self.read_rows(sql, vec![], digest_and_size).await
+    async fn live_blobs(&self, after: &str, limit: usize) -> Result<Vec<(Digest, u64)>, MetaError> {
+        let sql = "SELECT digest, size FROM blobs WHERE state = 'live' AND digest > ?1
+                   ORDER BY digest LIMIT ?2";
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read_rows(sql, owned![after, limit], digest_and_size)
+            .await
     }
 
     async fn dangling_edges(&self) -> Result<Vec<DanglingEdge>, MetaError> {

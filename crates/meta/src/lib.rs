@@ -534,8 +534,9 @@ pub trait MetaStore: EventLog + Send + Sync + 'static {
     async fn forget_deleted_blobs(&self, digests: &[Digest]) -> Result<(), MetaError>;
     /// Upload sessions started before the cutoff (ms since the epoch).
     async fn uploads_started_before(&self, cutoff_ms: i64) -> Result<Vec<String>, MetaError>;
-    /// Every live blob with its recorded size, for scrubbing.
-    async fn live_blobs(&self) -> Result<Vec<(Digest, u64)>, MetaError>;
+    /// Live blobs with their recorded sizes after `after` in digest order, at most
+    /// `limit`: a scrub's pages.
+    async fn live_blobs(&self, after: &str, limit: usize) -> Result<Vec<(Digest, u64)>, MetaError>;
     /// References from manifests to blobs or children missing from their repository.
     async fn dangling_edges(&self) -> Result<Vec<DanglingEdge>, MetaError>;
     /// Forgets a blob whose bytes are missing or corrupt: its record and every link, so

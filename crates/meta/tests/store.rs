@@ -573,7 +573,7 @@ engine_test!(garbage_collection_marks_what_nothing_reaches, |place| {
         db.link_blob(&app, &orphan, 10, UPLOADED, &actor()).await,
         Err(MetaError::BlobBeingDeleted)
     ));
-    let mut live = db.live_blobs().await.unwrap();
+    let mut live = db.live_blobs("", 1000).await.unwrap();
     live.sort_by(|x, y| x.0.as_str().cmp(y.0.as_str()));
     assert_eq!(live, [(kept.clone(), 10), (shared.clone(), 10)]);
 
@@ -582,7 +582,7 @@ engine_test!(garbage_collection_marks_what_nothing_reaches, |place| {
         .unwrap();
     assert!(db.blobs_being_deleted("", 1000).await.unwrap().is_empty());
     assert_eq!(
-        db.live_blobs().await.unwrap().len(),
+        db.live_blobs("", 1000).await.unwrap().len(),
         2,
         "live blobs are not forgotten"
     );
@@ -692,7 +692,7 @@ engine_test!(
                 .unwrap();
             assert!(stored.is_some(), "{r:?} {m:?}");
         }
-        let live = db.live_blobs().await.unwrap().len();
+        let live = db.live_blobs("", 1000).await.unwrap().len();
         assert_eq!(
             live,
             accepted.len(),

@@ -9,6 +9,16 @@ use serde::Serialize;
 
 use crate::{Registry, RegistryError};
 
+/// Live blobs read from the metadata per page of a scrub.
+const CHECK_PAGE: usize = 1000;
+/// Bytes read per call while hashing a local blob.
+const HASH_BUFFER: usize = 1 << 20;
+
+/// Blobs hashed at once: one per core.
+fn check_parallelism() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
 /// How a scrub runs.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CheckOptions {
@@ -55,24 +65,38 @@ impl Registry {
             repaired: options.repair,
             ..CheckReport::default()
         };
-        for (digest, _) in self.meta.live_blobs().await? {
-            match self.hash_stored(&digest).await? {
-                None => report.blobs_missing.push(digest.to_string()),
-                Some((actual, len)) if actual != digest => {
-                    report.bytes_verified += len;
-                    report.blobs_corrupt.push(digest.to_string());
-                    if options.repair {
-                        self.blobs.delete(&digest).await?;
+        let mut after = String::new();
+        loop {
+            let page = self.meta.live_blobs(&after, CHECK_PAGE).await?;
+            let Some((last, _)) = page.last() else { break };
+            after = last.as_str().to_owned();
+            // A blob per core at a time: hashing is the cost, and each runs on its own
+            // blocking thread.
+            let mut hashed =
+                futures_util::stream::iter(page.into_iter().map(|(digest, _)| async move {
+                    let result = self.hash_stored(&digest).await;
+                    (digest, result)
+                }))
+                .buffered(check_parallelism());
+            while let Some((digest, result)) = hashed.next().await {
+                match result? {
+                    None => report.blobs_missing.push(digest.to_string()),
+                    Some((actual, len)) if actual != digest => {
+                        report.bytes_verified += len;
+                        report.blobs_corrupt.push(digest.to_string());
+                        if options.repair {
+                            self.blobs.delete(&digest).await?;
+                        }
+                    }
+                    Some((_, len)) => {
+                        report.blobs_verified += 1;
+                        report.bytes_verified += len;
+                        continue;
                     }
                 }
-                Some((_, len)) => {
-                    report.blobs_verified += 1;
-                    report.bytes_verified += len;
-                    continue;
+                if options.repair {
+                    self.meta.drop_blob(&digest).await?;
                 }
-            }
-            if options.repair {
-                self.meta.drop_blob(&digest).await?;
             }
         }
         for edge in self.meta.dangling_edges().await? {
@@ -86,8 +110,32 @@ impl Registry {
         Ok(report)
     }
 
-    /// Streams a stored blob through the hash of its digest's algorithm.
+    /// Reads a stored blob through the hash of its digest's algorithm: a local file on a
+    /// blocking thread in large reads, anything else as its stream.
     async fn hash_stored(&self, digest: &Digest) -> Result<Option<(Digest, u64)>, RegistryError> {
+        if let Some(local) = self.blobs.open_local(digest).await? {
+            let algorithm = digest.algorithm();
+            let hashed = tokio::task::spawn_blocking(move || -> std::io::Result<(Digest, u64)> {
+                use std::io::Read;
+                let mut file = local.file;
+                let mut hasher = DigestHasher::new(algorithm);
+                let mut buf = vec![0u8; HASH_BUFFER];
+                let mut len = 0u64;
+                loop {
+                    let n = file.read(&mut buf)?;
+                    if n == 0 {
+                        return Ok((hasher.finish(), len));
+                    }
+                    hasher.update(&buf[..n]);
+                    len += n as u64;
+                }
+            })
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r)
+            .map_err(|e| RegistryError::Storage(e.into()))?;
+            return Ok(Some(hashed));
+        }
         let Some(mut stream) = self.blobs.read(digest, None).await? else {
             return Ok(None);
         };

@@ -357,6 +357,8 @@ fn gc_and_check_commands_work_beside_a_running_registry() {
     assert_eq!(code, Some(1));
     let report: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["blobs_corrupt"], json!([kept]));
+    assert!(report["bytes_verified"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["seconds"].as_f64().is_some() && report["bytes_per_second"].as_u64().is_some());
     let (code, _) = berth(&["check", "--repair"]);
     assert_eq!(code, Some(1), "it reports what it repaired");
     assert_eq!(
