@@ -156,7 +156,7 @@ pub struct NewManifest {
 }
 
 /// A stored manifest as served to clients.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredManifest {
     /// Its digest.
     pub digest: Digest,

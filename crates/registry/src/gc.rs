@@ -290,6 +290,9 @@ impl Registry {
                     .meta
                     .remove_unreached_manifests(batch.to_vec(), cutoff)
                     .await?;
+                for (repo, digest) in &removed {
+                    self.manifests.forget(repo, digest);
+                }
                 count += removed.len() as u64;
                 let room = REPORT_LIST_MAX.saturating_sub(listed.len());
                 listed.extend(removed.iter().take(room).map(|(r, d)| format!("{r}@{d}")));

@@ -7,6 +7,7 @@ mod blobs;
 mod check;
 mod error;
 mod gc;
+mod manifest_cache;
 mod manifests;
 mod quota;
 
@@ -21,6 +22,7 @@ pub use blobs::{BlobBytes, BlobRead, MountOutcome, RangeRequest};
 pub use check::{CheckOptions, CheckReport};
 pub use error::RegistryError;
 pub use gc::{GcCounters, GcOptions, GcReport, REPORT_LIST_MAX};
+pub use manifest_cache::MANIFEST_CACHE_TTL;
 pub use manifests::{ManifestPushed, ReferrersIndex};
 
 /// Milliseconds since the Unix epoch: the clock of the metadata store's timestamps.
@@ -68,6 +70,7 @@ pub struct Registry {
     node_id: Arc<str>,
     uploads: Arc<quota::UploadQuota>,
     gc_totals: Arc<gc::GcTotals>,
+    manifests: Arc<manifest_cache::ManifestCache>,
 }
 
 /// The longest project name, however the project is made.
@@ -83,6 +86,7 @@ impl Registry {
             node_id: new_node_id().into(),
             uploads: Arc::default(),
             gc_totals: Arc::default(),
+            manifests: Arc::default(),
         }
     }
 

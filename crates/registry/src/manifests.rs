@@ -157,12 +157,24 @@ impl Registry {
         repo: &RepoName,
         reference: &Reference,
     ) -> Result<StoredManifest, RegistryError> {
-        self.meta
+        // By digest, a copy read within the cache's TTL (see `manifest_cache`).
+        if let Reference::Digest(digest) = reference {
+            if let Some(cached) = self.manifests.get(repo.as_str(), digest) {
+                return Ok(cached);
+            }
+        }
+        let start = self.manifests.read_start();
+        let manifest = self
+            .meta
             .get_manifest(repo, reference)
             .await?
             .ok_or_else(|| RegistryError::ManifestUnknown {
                 reference: reference.to_string(),
-            })
+            })?;
+        if matches!(reference, Reference::Digest(_)) {
+            self.manifests.put(repo.as_str(), &manifest, start);
+        }
+        Ok(manifest)
     }
 
     /// Deletes by digest (the manifest and all its tags) or by tag (only that tag).
@@ -173,7 +185,11 @@ impl Registry {
         by: &Actor,
     ) -> Result<(), RegistryError> {
         let existed = match reference {
-            Reference::Digest(d) => self.meta.delete_manifest(repo, d, by).await?,
+            Reference::Digest(d) => {
+                let existed = self.meta.delete_manifest(repo, d, by).await;
+                self.manifests.forget(repo.as_str(), d);
+                existed?
+            }
             Reference::Tag(t) => self.meta.delete_tag(repo, t, by).await?,
         };
         if existed {
@@ -260,12 +276,11 @@ impl Registry {
         repo: &RepoName,
         by: &Actor,
     ) -> Result<u64, RegistryError> {
-        self.meta
-            .delete_repository(repo, by)
-            .await?
-            .ok_or_else(|| RegistryError::NameUnknown {
-                name: repo.to_string(),
-            })
+        let deleted = self.meta.delete_repository(repo, by).await;
+        self.manifests.forget_repository(repo.as_str());
+        deleted?.ok_or_else(|| RegistryError::NameUnknown {
+            name: repo.to_string(),
+        })
     }
 
     /// Manifests in `repo` that refer to `subject`. Never "unknown": a subject without

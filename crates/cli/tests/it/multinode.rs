@@ -116,6 +116,56 @@ fn what_one_node_accepts_every_node_serves_and_uploads_move_between_nodes() {
 }
 
 #[test]
+fn a_manifest_deleted_through_one_node_is_not_served_by_another_past_the_cache_ttl() {
+    let Some((nodes, _dir, _)) = nodes(2, GcOptions::default()) else {
+        return;
+    };
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let (digest, _) = push_image(&a.url(), "team/app", "v1", &[b"a cached layer"]);
+    let get = |node: &TestRegistry| {
+        http()
+            .get(format!("{}/v2/team/app/manifests/{digest}", node.url()))
+            .send()
+            .unwrap()
+            .status()
+    };
+    // Both nodes now hold a copy.
+    assert_eq!(get(a), StatusCode::OK);
+    assert_eq!(get(b), StatusCode::OK);
+    let r = http()
+        .delete(format!("{}/v2/team/app/manifests/{digest}", a.url()))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let deleted = Instant::now();
+    assert_eq!(get(a), StatusCode::NOT_FOUND, "the deleting node at once");
+    // The other serves its copy, read before the deletion, for less than the TTL after
+    // it: an OK for a request sent later than that would be a copy kept too long.
+    loop {
+        let sent = Instant::now();
+        match get(b) {
+            StatusCode::NOT_FOUND => break,
+            StatusCode::OK => assert!(
+                sent.duration_since(deleted) < berth_registry::MANIFEST_CACHE_TTL,
+                "served {:?} after the deletion",
+                sent.duration_since(deleted)
+            ),
+            other => panic!("{other}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // And by tag no node ever served it after the deletion: tags are never cached.
+    assert_eq!(
+        http()
+            .get(format!("{}/v2/team/app/manifests/v1", b.url()))
+            .send()
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[test]
 fn concurrent_pushes_of_shared_layers_through_different_nodes() {
     let Some((nodes, _dir, _)) = nodes(2, GcOptions::default()) else {
         return;
