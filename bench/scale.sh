@@ -13,9 +13,10 @@
 #      repositories (wrk, DURATION seconds, REPS times: median); the process's peak RSS;
 #   4. `berth check` on the large set (throughput of tiny blobs: per-file cost) and on
 #      CHECK_MIB of large blobs beside `sha256sum` of the same files (the hashing rate);
-#   5. every other manifest of the large set is deleted through the API and `berth gc`
-#      runs beside the serving registry while a client pushes small images one after
-#      another: the collection's time, and the pushes' latency beside it and without it;
+#   5. every other manifest of the large set is deleted through the API and a collection
+#      runs on the serving registry (`POST /api/v1/gc`) while a client pushes small images
+#      one after another: the collection's time, and the pushes' latency beside it and
+#      without it;
 #   6. `berth gc` against Distribution's `garbage-collect` on the same content (GC_*:
 #      100,000 blobs, 20,000 manifests; Distribution's layout takes ~5 files and
 #      directories per blob, too many for the large set), each on a fresh copy, GC_REPS
@@ -23,7 +24,8 @@
 #
 # Environment: BLOBS MANIFESTS BIG_TAGS REPOS (the large set), REQS (200), DURATION (10),
 # REPS (3), CHECK_MIB (1024), PORT (5621), GC_BLOBS GC_MANIFESTS GC_BIG_TAGS GC_REPOS
-# GC_REPS (3), KEEP=1 keeps the work directory.
+# GC_REPS (3), PARTS (any of: measure check gc compare; all by default), KEEP=1 keeps the
+# work directory.
 # Needs: cargo, python3, curl, wrk, sha256sum, openssl, docker-registry. Disk: about 5 GB for the large set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +44,8 @@ GC_MANIFESTS=${GC_MANIFESTS:-20000}
 GC_BIG_TAGS=${GC_BIG_TAGS:-10000}
 GC_REPOS=${GC_REPOS:-2000}
 GC_REPS=${GC_REPS:-3}
+PARTS=${PARTS:-measure check gc compare}
+want() { [[ " $PARTS " == *" $1 "* ]]; }
 cargo build --release --locked --quiet -p berth
 BERTH=$PWD/target/release/berth
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/berth-scale-bench.XXXXXX")
@@ -94,11 +98,16 @@ measure() {
   stop
 }
 
-make_set small "${SMALL_BLOBS:-10000}" "${SMALL_MANIFESTS:-2000}" "${SMALL_BIG_TAGS:-1000}" "${SMALL_REPOS:-1000}"
-make_set large "$BLOBS" "$MANIFESTS" "$BIG_TAGS" "$REPOS"
+if want measure || want check || want gc; then
+  make_set small "${SMALL_BLOBS:-10000}" "${SMALL_MANIFESTS:-2000}" "${SMALL_BIG_TAGS:-1000}" "${SMALL_REPOS:-1000}"
+  make_set large "$BLOBS" "$MANIFESTS" "$BIG_TAGS" "$REPOS"
+fi
+if want measure; then
 measure small "${SMALL_REPOS:-1000}" "${SMALL_BIG_TAGS:-1000}"
 measure large "$REPOS" "$BIG_TAGS"
+fi
 
+if want check; then
 log "berth check on the large set"
 "$BERTH" check --data-dir "$WORK/large" --log-level warn 2>/dev/null \
   | python3 -c 'import json,sys; r=json.load(sys.stdin); print(json.dumps({k: r[k] for k in ("blobs_verified","bytes_verified","seconds","bytes_per_second")}))' \
@@ -133,29 +142,36 @@ start_ns=$(date +%s%N)
 find "$WORK/check/blobs" -type f -print0 | xargs -0 openssl dgst -sha256 >/dev/null
 end_ns=$(date +%s%N)
 echo "$(( CHECK_MIB * 1048576 * 1000000000 / (end_ns - start_ns) ))" >"$WORK/openssl-rate"
+fi
 
+if want gc; then
 log "collection at size: every other manifest of the large set deleted through the API"
 start "$WORK/large"
 python3 bench/scale-measure.py delete "$PORT" "$WORK/large.manifests" >"$WORK/deleted"
 cat "$WORK/deleted" >&2
 log "pushes with no collection running"
 python3 bench/scale-measure.py pushes "$PORT" 10 "$WORK/pushes-idle"
-log "berth gc beside the running registry, pushes going on"
+# Through the serving node's API, as the web UI and the schedule run it (`berth gc` from
+# another process works too, but its SQLite writes then wait on the file lock's
+# backoff instead of the node's write queue).
+log "collection through the API beside pushes"
 python3 bench/scale-measure.py pushes "$PORT" 900 "$WORK/pushes-gc" &
 PUSHER=$!
 sleep 1
 gc_start=$(date +%s%N)
-"$BERTH" gc --data-dir "$WORK/large" --log-level warn >"$WORK/gc-report" 2>>"$WORK/log"
+curl -sf -X POST "http://127.0.0.1:$PORT/api/v1/gc" >"$WORK/gc-report"
 gc_end=$(date +%s%N)
 touch "$WORK/pushes-gc.stop"
 wait "$PUSHER"
 echo "$(( (gc_end - gc_start) / 1000000 ))" >"$WORK/gc-ms"
 stop
+fi
 
 # The collector against Distribution's on the same content: a GC_* sized set generated in
 # both layouts, every other manifest deleted (through berth's API; Distribution's layout
 # is written as its DELETE leaves it), each collector timed on a fresh copy GC_REPS times
 # with its registry stopped (Distribution's requires it).
+if want compare; then
 log "collector comparison: generating $GC_BLOBS blobs for berth and Distribution"
 mkdir -p "$WORK/dist"
 write_registry_config "$WORK/dist" 5699
@@ -184,59 +200,67 @@ for rep in $(seq "$GC_REPS"); do
   echo "$(( (t1 - t0) / 1000000 )) $(( (t2 - t1) / 1000000 )) $berth_removed $dist_left" >>"$WORK/gc-compare"
   log "collector repetition $rep: $(tail -1 "$WORK/gc-compare") (berth ms, Distribution ms, berth blobs removed, Distribution blobs left)"
 done
+fi
 
 python3 - "$WORK" <<'PY'
-import json, statistics, sys
+import json, os, statistics, sys
 work = sys.argv[1]
 def load(name): return open(f"{work}/{name}").read()
-sets = {}
-for name in ("small", "large"):
-    gen = json.loads(load(f"{name}.generated"))
-    runs = [json.loads(l) for l in load(f"{name}.wrk").splitlines() if l.strip()]
-    sets[name] = {
-        "gen": gen,
-        "pages": json.loads(load(f"{name}.pages")),
-        "rps": statistics.median(r["rps"] for r in runs),
-        "rps_all": [round(r["rps"]) for r in runs],
-        "p99_ms": statistics.median(r["p99_us"] for r in runs) / 1000,
-        "non_200": sum(r["non_200"] for r in runs),
-        "rss_mib": int(load(f"{name}.rss")) / 1024,
-    }
-s, l = sets["small"], sets["large"]
-print(f"data sets: small {s['gen']['blobs']} blobs / {s['gen']['manifests']} manifests / "
-      f"{s['gen']['repositories']} repositories; large {l['gen']['blobs']} / {l['gen']['manifests']} / "
-      f"{l['gen']['repositories']} (generated in {l['gen']['seconds']} s)")
-print(f"{'page (median / p95 ms)':28} {'small':>16} {'large':>16} {'p95 ratio':>10}")
-for page in s["pages"]:
-    a, b = s["pages"][page], l["pages"][page]
-    print(f"{page:28} {a[0]:7.2f} / {a[1]:6.2f} {b[0]:7.2f} / {b[1]:6.2f} {b[1] / a[1]:9.2f}x")
-print(f"{'manifest GET by digest, 64 conns':34} small {s['rps']:9.0f} req/s {s['rps_all']}, "
-      f"large {l['rps']:9.0f} req/s {l['rps_all']}: large/small {l['rps'] / s['rps']:.2f}x "
-      f"(target >= 0.91); p99 {s['p99_ms']:.2f} / {l['p99_ms']:.2f} ms; non-200: {s['non_200'] + l['non_200']}")
-print(f"peak RSS: small {s['rss_mib']:.0f} MiB, large {l['rss_mib']:.0f} MiB (target <= 128)")
-check_large = json.loads(load("check-large"))
-check_big = json.loads(load("check-big"))
-sha = int(load("sha256sum-rate"))
-print(f"berth check, large set: {check_large['blobs_verified']} blobs in {check_large['seconds']} s "
-      f"({check_large['blobs_verified'] / check_large['seconds']:.0f} blobs/s)")
-ossl = int(load("openssl-rate"))
-print(f"berth check, large blobs: {check_big['bytes_per_second'] / 1e6:.0f} MB/s; sha256sum "
-      f"{sha / 1e6:.0f} MB/s: {check_big['bytes_per_second'] / sha:.2f}x; openssl dgst "
-      f"{ossl / 1e6:.0f} MB/s: {check_big['bytes_per_second'] / ossl:.2f}x (target >= 0.8)")
-gc = json.loads(load("gc-report"))
-deleted = json.loads(load("deleted"))
+def have(name): return os.path.exists(f"{work}/{name}")
 def pct(values, q): return values[min(len(values) - 1, int(len(values) * q))]
-idle = sorted(float(x) for x in load("pushes-idle").split())
-beside = sorted(float(x) for x in load("pushes-gc").split())
-print(f"collection after deleting {deleted['deleted']} manifests: {int(load('gc-ms')) / 1000:.1f} s wall "
-      f"(mark {gc['mark_ms'] / 1000:.1f} s, sweep {gc['sweep_ms'] / 1000:.1f} s), "
-      f"{gc['blobs_removed_count']} blobs removed (target <= 60 s)")
-print(f"pushes (blob + manifest): idle p50 {pct(idle, .5):.1f} / p99 {pct(idle, .99):.1f} / max {idle[-1]:.1f} ms "
-      f"({len(idle)}); beside the collection p50 {pct(beside, .5):.1f} / p99 {pct(beside, .99):.1f} / "
-      f"max {beside[-1]:.1f} ms ({len(beside)}) (target: p99 waits under 100 ms)")
-runs = [list(map(int, l.split())) for l in load("gc-compare").splitlines() if l.strip()]
-b, d = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
-print(f"collector, same content in both ({runs[0][2]} blobs removed by berth, {runs[0][3]} left by "
-      f"Distribution): berth {b / 1000:.1f} s, Distribution {d / 1000:.1f} s: {d / b:.1f}x "
-      f"({[(r[0], r[1]) for r in runs]} ms)")
+
+if have("large.wrk"):
+    sets = {}
+    for name in ("small", "large"):
+        runs = [json.loads(l) for l in load(f"{name}.wrk").splitlines() if l.strip()]
+        sets[name] = {
+            "gen": json.loads(load(f"{name}.generated")),
+            "pages": json.loads(load(f"{name}.pages")),
+            "rps": statistics.median(r["rps"] for r in runs),
+            "rps_all": [round(r["rps"]) for r in runs],
+            "p99_ms": statistics.median(r["p99_us"] for r in runs) / 1000,
+            "non_200": sum(r["non_200"] for r in runs),
+            "rss_mib": int(load(f"{name}.rss")) / 1024,
+        }
+    s, l = sets["small"], sets["large"]
+    print(f"data sets: small {s['gen']['blobs']} blobs / {s['gen']['manifests']} manifests / "
+          f"{s['gen']['repositories']} repositories; large {l['gen']['blobs']} / {l['gen']['manifests']} / "
+          f"{l['gen']['repositories']} (generated in {l['gen']['seconds']} s)")
+    print(f"{'page (median / p95 ms)':28} {'small':>16} {'large':>16} {'p95 ratio':>10}")
+    for page in s["pages"]:
+        a, b = s["pages"][page], l["pages"][page]
+        print(f"{page:28} {a[0]:7.2f} / {a[1]:6.2f} {b[0]:7.2f} / {b[1]:6.2f} {b[1] / a[1]:9.2f}x")
+    print(f"manifest GET by digest, 64 conns: small {s['rps']:.0f} req/s {s['rps_all']}, "
+          f"large {l['rps']:.0f} req/s {l['rps_all']}: large/small {l['rps'] / s['rps']:.2f}x "
+          f"(target >= 0.91); p99 {s['p99_ms']:.2f} / {l['p99_ms']:.2f} ms; non-200: {s['non_200'] + l['non_200']}")
+    print(f"peak RSS: small {s['rss_mib']:.0f} MiB, large {l['rss_mib']:.0f} MiB (target <= 128)")
+
+if have("check-big"):
+    check_large = json.loads(load("check-large"))
+    check_big = json.loads(load("check-big"))
+    sha, ossl = int(load("sha256sum-rate")), int(load("openssl-rate"))
+    print(f"berth check, large set: {check_large['blobs_verified']} blobs in {check_large['seconds']} s "
+          f"({check_large['blobs_verified'] / check_large['seconds']:.0f} blobs/s)")
+    print(f"berth check, large blobs: {check_big['bytes_per_second'] / 1e6:.0f} MB/s; sha256sum "
+          f"{sha / 1e6:.0f} MB/s: {check_big['bytes_per_second'] / sha:.2f}x; openssl dgst "
+          f"{ossl / 1e6:.0f} MB/s: {check_big['bytes_per_second'] / ossl:.2f}x (target >= 0.8)")
+
+if have("gc-ms"):
+    gc = json.loads(load("gc-report"))
+    deleted = json.loads(load("deleted"))
+    idle = sorted(float(x) for x in load("pushes-idle").split())
+    beside = sorted(float(x) for x in load("pushes-gc").split())
+    print(f"collection after deleting {deleted['deleted']} manifests: {int(load('gc-ms')) / 1000:.1f} s wall "
+          f"(mark {gc['mark_ms'] / 1000:.1f} s, sweep {gc['sweep_ms'] / 1000:.1f} s), "
+          f"{gc['blobs_removed_count']} blobs removed (target <= 60 s)")
+    print(f"pushes (blob + manifest): idle p50 {pct(idle, .5):.1f} / p99 {pct(idle, .99):.1f} / max {idle[-1]:.1f} ms "
+          f"({len(idle)}); beside the collection p50 {pct(beside, .5):.1f} / p99 {pct(beside, .99):.1f} / "
+          f"max {beside[-1]:.1f} ms ({len(beside)}) (target: p99 under 100 ms)")
+
+if have("gc-compare"):
+    runs = [list(map(int, l.split())) for l in load("gc-compare").splitlines() if l.strip()]
+    b, d = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+    print(f"collector, same content in both ({runs[0][2]} blobs removed by berth, {runs[0][3]} left by "
+          f"Distribution): berth {b / 1000:.1f} s, Distribution {d / 1000:.1f} s: {d / b:.1f}x "
+          f"({[(r[0], r[1]) for r in runs]} ms)")
 PY
