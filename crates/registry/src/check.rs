@@ -119,7 +119,10 @@ impl Registry {
                 use std::io::Read;
                 let mut file = local.file;
                 let mut hasher = DigestHasher::new(algorithm);
-                let mut buf = vec![0u8; HASH_BUFFER];
+                // Sized to the blob (plus one byte to see its end): most blobs are small,
+                // and a fresh 1 MiB buffer per blob cost more than hashing them.
+                let size = usize::try_from(local.size).unwrap_or(HASH_BUFFER);
+                let mut buf = vec![0u8; size.saturating_add(1).min(HASH_BUFFER)];
                 let mut len = 0u64;
                 loop {
                     let n = file.read(&mut buf)?;
