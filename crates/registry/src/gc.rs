@@ -122,11 +122,11 @@ impl GcTotals {
 pub const REPORT_LIST_MAX: usize = 1000;
 /// Blobs a collection looks at per metadata transaction while marking: writers wait for
 /// one batch (milliseconds), never for the whole store.
-const MARK_BATCH: usize = 5000;
+const MARK_BATCH: usize = 1000;
 /// Untagged manifests removed per metadata transaction.
 const MANIFEST_BATCH: usize = 500;
 /// Blobs swept (bytes deleted, then records forgotten) per step.
-const SWEEP_BATCH: usize = 5000;
+const SWEEP_BATCH: usize = 1000;
 
 /// How long events (the audit log) are kept by default: 90 days.
 const DEFAULT_EVENT_RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
