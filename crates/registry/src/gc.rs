@@ -2,12 +2,12 @@
 //!
 //! 1. Mark, in bounded metadata transactions: optionally remove manifests no tag reaches
 //!    (found in a snapshot, each checked again as it goes, 500 per transaction), then,
-//!    5,000 blobs per transaction in digest order, mark every blob that no manifest
+//!    1,000 blobs per transaction in digest order, mark every blob that no manifest
 //!    references and that was not used within the grace period as being deleted,
 //!    removing its repository links in the same transaction. A dry run does all of it in
 //!    one transaction and rolls it back.
 //! 2. Sweep: delete the bytes of every blob marked so (this pass's and any interrupted
-//!    pass's), then forget its record, 5,000 at a time.
+//!    pass's), then forget its record, 1,000 at a time.
 //! 3. Purge upload sessions whose bytes have not changed for the configured age.
 //!
 //! The race with a concurrent push is closed in the metadata store: a push reserves the
