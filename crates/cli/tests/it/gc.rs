@@ -188,6 +188,11 @@ fn untagged_manifests_go_only_when_asked_and_index_children_and_referrers_are_ke
         report["manifests_removed"],
         json!([format!("team/app@{old}")])
     );
+    assert_eq!(report["manifests_removed_count"], 1);
+    assert_eq!(
+        report["blobs_removed_count"].as_u64(),
+        Some(removed(&report).len() as u64)
+    );
     assert!(removed(&report).contains(&sha256(b"old layer")));
     assert_eq!(
         manifest_status(&base, "team/app", &old),
