@@ -1,16 +1,21 @@
 //! Blobs in an S3-compatible object store (AWS S3, MinIO, Garage, Ceph RGW), through the
-//! `object_store` crate (which signs requests). Nothing lives on the node: an upload
-//! session is objects under `uploads/<id>/` — the chunks as they arrived and a small
-//! `state` object with the length and the SHA-256 state so far — so the next chunk may
-//! reach any node. Published blobs use Distribution's layout under the prefix
-//! (`blobs/sha256/<xx>/<hex>/data`). Memory stays bounded: bodies stream through in
-//! parts of a few MiB.
+//! `object_store` crate (which signs requests). Nothing lives on the node, so the next chunk
+//! of an upload may reach any node. An upload session is objects under `uploads/<id>/`: a
+//! multipart upload to `uploads/<id>/data` that receives every whole part as soon as it is
+//! complete, the part tags of each chunk (`parts/<first part>`), the bytes after the last
+//! whole part (`tail/<session length>`, under one part, sent on with the next chunk), and a
+//! small `state` object with the SHA-256 state, the part count and the multipart upload's
+//! id. Committing sends the tail as the last part, completes the multipart upload and
+//! publishes it with a server-side copy: no byte is read back or sent twice, whatever the
+//! chunk sizes. Published blobs use Distribution's layout under the prefix
+//! (`blobs/sha256/<xx>/<hex>/data`). Memory stays bounded: bodies stream through in parts
+//! of 8 MiB, a few in flight.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use berth_oci::{Algorithm, Digest, DigestHasher};
+use berth_oci::Digest;
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
@@ -21,16 +26,16 @@ use object_store::{
     WriteMultipart,
 };
 
-use crate::resumable::ResumableSha256;
 use crate::{BlobStore, ByteRange, ByteStream, StorageError, UploadId};
 
-/// Part size of multipart uploads (S3's minimum is 5 MiB).
-const PART: usize = 8 * 1024 * 1024;
-/// Parts in flight per upload: with [`PART`], at most 16 MiB buffered per upload.
-const PARTS_IN_FLIGHT: usize = 2;
-/// Marks a state object, so a foreign object is never mistaken for one.
-const STATE_MAGIC: &[u8] = b"berth-upload-1\n";
+mod session;
 
+/// Part size of multipart uploads (S3's minimum is 5 MiB). Every part of an upload
+/// session but the last has exactly this size, as some stores (R2) require.
+const PART: usize = 8 * 1024 * 1024;
+/// Parts in flight per upload: with [`PART`], at most 24 MiB buffered per upload (the
+/// parts being sent and the one filling).
+const PARTS_IN_FLIGHT: usize = 2;
 /// Where and how to reach the bucket.
 #[derive(Debug, Clone)]
 pub struct S3Config {
@@ -163,78 +168,6 @@ impl S3BlobStore {
 
     fn upload_key(&self, id: &UploadId, rest: &str) -> Path {
         self.key(&format!("uploads/{id}/{rest}"))
-    }
-
-    /// The session's state: length and hash so far.
-    async fn load_state(&self, id: &UploadId) -> Result<ResumableSha256, StorageError> {
-        match self.store.get(&self.upload_key(id, "state")).await {
-            Ok(result) => {
-                let bytes = result.bytes().await.map_err(unavailable)?;
-                bytes
-                    .strip_prefix(STATE_MAGIC)
-                    .and_then(ResumableSha256::from_bytes)
-                    .ok_or_else(|| {
-                        StorageError::Io(std::io::Error::other(format!(
-                            "upload {id}: unreadable state"
-                        )))
-                    })
-            }
-            Err(e) if is_not_found(&e) => {
-                match self.store.head(&self.upload_key(id, "started")).await {
-                    Ok(_) => Ok(ResumableSha256::default()),
-                    Err(e) if is_not_found(&e) => Err(StorageError::UploadUnknown(id.clone())),
-                    Err(e) => Err(unavailable(e)),
-                }
-            }
-            Err(e) => Err(unavailable(e)),
-        }
-    }
-
-    async fn save_state(&self, id: &UploadId, state: &ResumableSha256) -> Result<(), StorageError> {
-        let mut bytes = STATE_MAGIC.to_vec();
-        bytes.extend_from_slice(&state.to_bytes());
-        self.store
-            .put(&self.upload_key(id, "state"), PutPayload::from(bytes))
-            .await
-            .map_err(unavailable)?;
-        Ok(())
-    }
-
-    /// The session's chunks in order, checked to cover `0..len` without gaps.
-    async fn chunks(&self, id: &UploadId, len: u64) -> Result<Vec<(Path, u64)>, StorageError> {
-        let prefix = self.upload_key(id, "chunks");
-        let mut chunks: Vec<(u64, Path, u64)> = self
-            .store
-            .list(Some(&prefix))
-            .map_err(unavailable)
-            .try_filter_map(|meta| async move {
-                let offset = meta.location.filename().and_then(|f| f.parse::<u64>().ok());
-                Ok(offset.map(|o| (o, meta.location, meta.size)))
-            })
-            .try_collect()
-            .await?;
-        chunks.sort_by_key(|c| c.0);
-        let mut expected = 0;
-        let mut ordered = Vec::with_capacity(chunks.len());
-        for (offset, path, size) in chunks {
-            // A chunk a failed append left beyond the recorded end is ignored.
-            if offset >= len {
-                continue;
-            }
-            if offset != expected {
-                return Err(StorageError::Io(std::io::Error::other(format!(
-                    "upload {id}: chunk at {offset}, expected {expected}"
-                ))));
-            }
-            expected += size;
-            ordered.push((path, size));
-        }
-        if expected != len {
-            return Err(StorageError::Io(std::io::Error::other(format!(
-                "upload {id}: chunks hold {expected} bytes, state says {len}"
-            ))));
-        }
-        Ok(ordered)
     }
 
     fn stream_of(&self, path: Path) -> ByteStream {
@@ -393,7 +326,7 @@ impl BlobStore for S3BlobStore {
     }
 
     async fn upload_len(&self, id: &UploadId) -> Result<u64, StorageError> {
-        Ok(self.load_state(id).await?.len())
+        self.session_len(id).await
     }
 
     async fn append(
@@ -402,91 +335,15 @@ impl BlobStore for S3BlobStore {
         offset: u64,
         body: ByteStream,
     ) -> Result<u64, StorageError> {
-        let mut state = self.load_state(id).await?;
-        if offset != state.len() {
-            return Err(StorageError::OutOfOrder {
-                expected: state.len(),
-                got: offset,
-            });
-        }
-        let chunk = self.upload_key(id, &format!("chunks/{offset:020}"));
-        let (written, interrupted) = self
-            .write_stream(&chunk, body, |bytes| state.update(bytes))
-            .await?;
-        if written > 0 {
-            self.save_state(id, &state).await?;
-        }
-        match interrupted {
-            Some(source) => Err(StorageError::BodyInterrupted {
-                kept: state.len(),
-                source,
-            }),
-            None => Ok(state.len()),
-        }
+        self.append_chunk(id, offset, body).await
     }
 
     async fn commit(&self, id: &UploadId, expected: &Digest) -> Result<u64, StorageError> {
-        let state = self.load_state(id).await?;
-        let len = state.len();
-        let chunks = self.chunks(id, len).await?;
-        let actual = match expected.algorithm() {
-            Algorithm::Sha256 => state.finish(),
-            other => {
-                let mut hasher = DigestHasher::new(other);
-                for (path, _) in &chunks {
-                    let mut stream = self.stream_of(path.clone());
-                    while let Some(bytes) = stream.next().await {
-                        hasher.update(&bytes.map_err(StorageError::Io)?);
-                    }
-                }
-                hasher.finish()
-            }
-        };
-        if actual != *expected {
-            return Err(StorageError::DigestMismatch {
-                expected: expected.clone(),
-                actual,
-            });
-        }
-        let target = self.blob_key(expected);
-        let published = match self.store.head(&target).await {
-            Ok(_) => true,
-            Err(e) if is_not_found(&e) => false,
-            Err(e) => return Err(unavailable(e)),
-        };
-        if !published {
-            // One chunk (a monolithic or single-PATCH push): a server-side copy. Otherwise
-            // (or if the store refuses the copy, e.g. over 5 GiB), stream the chunks into
-            // one multipart upload. Either way the blob appears whole or not at all.
-            let copied = match chunks.as_slice() {
-                [(only, _)] => self.store.copy(only, &target).await.is_ok(),
-                _ => false,
-            };
-            if !copied {
-                let sources: Vec<Path> = chunks.iter().map(|(p, _)| p.clone()).collect();
-                let store = self.store.clone();
-                let joined: ByteStream = Box::pin(
-                    futures_util::stream::iter(sources)
-                        .then(move |path| {
-                            let store = store.clone();
-                            async move { store.get(&path).await.map(|r| r.into_stream()) }
-                        })
-                        .try_flatten()
-                        .map_err(|e| std::io::Error::other(e.to_string())),
-                );
-                let (written, failed) = self.write_stream(&target, joined, |_| {}).await?;
-                if let Some(e) = failed {
-                    return Err(StorageError::Io(e));
-                }
-                debug_assert_eq!(written, len);
-            }
-        }
-        self.abort(id).await?;
-        Ok(len)
+        self.commit_session(id, expected).await
     }
 
     async fn abort(&self, id: &UploadId) -> Result<(), StorageError> {
-        self.delete_prefix(self.key(&format!("uploads/{id}"))).await
+        self.abort_session(id).await
     }
 
     async fn list_uploads(&self) -> Result<Vec<(UploadId, SystemTime)>, StorageError> {

@@ -333,3 +333,105 @@ fn truncated_body_keeps_a_resumable_session() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
 }
+
+/// Sends a chunk at `start` and returns where the next one goes, checking the range.
+fn patch_chunk(base: &str, location: &str, start: usize, bytes: &[u8]) -> String {
+    let end = start + bytes.len() - 1;
+    let r = http()
+        .patch(location)
+        .header("content-type", "application/octet-stream")
+        .header("content-range", format!("{start}-{end}"))
+        .body(bytes.to_vec())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert_eq!(header(&r, "range"), format!("0-{end}"));
+    format!("{base}{}", header(&r, "location"))
+}
+
+/// Chunks smaller than, equal to and larger than the object store's multipart part
+/// (8 MiB), one of them broken off in the middle of a part, make exactly the pushed
+/// bytes: on S3, whole parts go out as they fill and the rest waits in the session.
+#[test]
+fn chunks_of_any_size_across_part_boundaries_and_a_break() {
+    const MIB: usize = 1024 * 1024;
+    let reg = crate::start();
+    let base = reg.url();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let data: Vec<u8> = (0..26 * MIB + 123)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        })
+        .collect();
+    let digest = sha256(&data);
+    let mut location = start(&base, "team/big");
+    location = patch_chunk(&base, &location, 0, &data[..1]);
+    location = patch_chunk(&base, &location, 1, &data[1..3 * MIB]);
+
+    // 12 MiB announced, 10 MiB sent, then the connection ends: a part went out, the
+    // rest of what arrived is kept too.
+    let path = location.trim_start_matches(&base).to_owned();
+    {
+        let mut conn = TcpStream::connect(reg.host()).unwrap();
+        let head = format!(
+            "PATCH {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/octet-stream\r\nContent-Range: {}-{}\r\nContent-Length: {}\r\n\r\n",
+            reg.host(),
+            3 * MIB,
+            15 * MIB - 1,
+            12 * MIB
+        );
+        conn.write_all(head.as_bytes()).unwrap();
+        conn.write_all(&data[3 * MIB..13 * MIB]).unwrap();
+        conn.flush().unwrap();
+        conn.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = Vec::new();
+        let _ = conn.read_to_end(&mut answer);
+    }
+    let mut held = 0usize;
+    assert!(
+        berth_testkit::wait_until(std::time::Duration::from_secs(10), || {
+            let r = http().get(&location).send().unwrap();
+            held = header(&r, "range")
+                .split('-')
+                .nth(1)
+                .and_then(|end| end.parse::<usize>().ok())
+                .map_or(0, |end| end + 1);
+            held == 13 * MIB
+        }),
+        "the session holds what arrived, got {held}"
+    );
+    location = patch_chunk(&base, &location, 13 * MIB, &data[13 * MIB..21 * MIB]);
+    location = patch_chunk(&base, &location, 21 * MIB, &data[21 * MIB..26 * MIB + 7]);
+    let r = http()
+        .put(format!("{location}?digest={digest}"))
+        .header(
+            "content-range",
+            format!("{}-{}", 26 * MIB + 7, data.len() - 1),
+        )
+        .body(data[26 * MIB + 7..].to_vec())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+
+    let blob = format!("{base}/v2/team/big/blobs/{digest}");
+    let r = http().get(&blob).send().unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(sha256(&r.bytes().unwrap()), digest);
+    for boundary in [8 * MIB, 16 * MIB, 24 * MIB] {
+        let r = http()
+            .get(&blob)
+            .header("range", format!("bytes={}-{}", boundary - 5, boundary + 4))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+        assert_eq!(
+            r.bytes().unwrap().as_ref(),
+            &data[boundary - 5..boundary + 5]
+        );
+    }
+    let r = http().get(&location).send().unwrap();
+    assert_oci_error(r, StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN");
+}
