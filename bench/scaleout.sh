@@ -2,24 +2,30 @@
 # berth on its scale-out backends (blobs in S3 on a local Garage, metadata in a local
 # PostgreSQL) beside berth on its embedded default (file system + SQLite), measured
 # through the public API by the same harness, targets alternated inside every repetition:
-# push and pull throughput and manifest requests per second. Both berths run with
-# `--auth none`, as in bench/run.sh. Prints JSON lines and a Markdown table at the end.
+# push and pull throughput and manifest requests per second. A third berth shares the
+# scale-out backends with `redirect = true`. The limits measured in the same run: the same
+# file written to the same bucket by an S3 client (rclone), and the redirected blob pulled
+# straight from its pre-signed URL. All berths run with `--auth none`, as in bench/run.sh.
+# Prints JSON lines and a Markdown table at the end.
 #
-# Environment: SIZE (256MiB), REPS (3), SECS (10), CONNS (64), ONLY (subset of: push
-#   pull manifest), EMBEDDED_PORT (5220), SCALEOUT_PORT (5221), KEEP=1.
-# Needs: cargo, python3, curl, wrk, the postgresql package and garage
+# Environment: SIZE (1GiB), CHUNK (16MiB), REPS (3), SECS (10), CONNS (64), ONLY (subset
+#   of: push chunked pull manifest), EMBEDDED_PORT (5220), SCALEOUT_PORT (5221),
+#   REDIRECT_PORT (5222), KEEP=1.
+# Needs: cargo, python3, curl, wrk, rclone, the postgresql package and garage
 #   (`cargo install garage --version 2.5.0 --locked`).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source bench/lib.sh
 
-SIZE=${SIZE:-256MiB}
+SIZE=${SIZE:-1GiB}
+CHUNK=${CHUNK:-16MiB}
 REPS=${REPS:-3}
 SECS=${SECS:-10}
 CONNS=${CONNS:-64}
 EMBEDDED_PORT=${EMBEDDED_PORT:-5220}
 SCALEOUT_PORT=${SCALEOUT_PORT:-5221}
-ONLY=${ONLY:-push pull manifest}
+REDIRECT_PORT=${REDIRECT_PORT:-5222}
+ONLY=${ONLY:-push chunked pull manifest}
 WORK=$(mktemp -d "${TMPDIR_BASE:-/tmp}/berth-scaleout.XXXXXX")
 OUT=${OUT:-$WORK/results.jsonl}
 STATUS=0
@@ -38,7 +44,8 @@ trap cleanup EXIT
 
 [ -x "$PG_BIN/initdb" ] || { echo "PostgreSQL server binaries not found" >&2; exit 1; }
 [ -x "$GARAGE" ] || { echo "garage not found" >&2; exit 1; }
-for port in "$EMBEDDED_PORT" "$SCALEOUT_PORT"; do
+command -v rclone >/dev/null || { echo "rclone not found" >&2; exit 1; }
+for port in "$EMBEDDED_PORT" "$SCALEOUT_PORT" "$REDIRECT_PORT"; do
   port_free "$port" || { echo "port $port is busy" >&2; exit 1; }
 done
 
@@ -92,11 +99,33 @@ BERTH_STORAGE=s3 BERTH_S3_ENDPOINT="http://127.0.0.1:$S3_PORT" BERTH_S3_REGION=g
   --log-level warn >>"$WORK/scaleout.log" 2>&1 &
 SCALEOUT_PID=$!
 STARTED_PIDS+=("$SCALEOUT_PID")
+printf '[storage.s3]\nredirect = true\n' >"$WORK/redirect.toml"
+BERTH_STORAGE=s3 BERTH_S3_ENDPOINT="http://127.0.0.1:$S3_PORT" BERTH_S3_REGION=garage \
+  BERTH_S3_BUCKET=berth-bench BERTH_S3_ACCESS_KEY_ID="$GARAGE_DEFAULT_ACCESS_KEY" \
+  BERTH_S3_SECRET_ACCESS_KEY="$GARAGE_DEFAULT_SECRET_KEY" BERTH_POSTGRES_URL="$PG_URL" \
+  "$BERTH" serve --config "$WORK/redirect.toml" --auth none --listen "127.0.0.1:$REDIRECT_PORT" \
+  --data-dir "$WORK/redirect" --log-level warn >>"$WORK/redirect.log" 2>&1 &
+REDIRECT_PID=$!
+STARTED_PIDS+=("$REDIRECT_PID")
 wait_http "http://127.0.0.1:$EMBEDDED_PORT/v2/" || exit 1
 wait_http "http://127.0.0.1:$SCALEOUT_PORT/readyz" 30 || { cat "$WORK/scaleout.log" >&2; exit 1; }
+wait_http "http://127.0.0.1:$REDIRECT_PORT/readyz" 30 || { cat "$WORK/redirect.log" >&2; exit 1; }
 E="http://127.0.0.1:$EMBEDDED_PORT"
 S="http://127.0.0.1:$SCALEOUT_PORT"
-log "embedded berth pid $EMBEDDED_PID at $E, S3+PostgreSQL berth pid $SCALEOUT_PID at $S; $(uptime)"
+R="http://127.0.0.1:$REDIRECT_PORT"
+log "embedded berth pid $EMBEDDED_PID at $E, S3+PostgreSQL berth pid $SCALEOUT_PID at $S, with redirects pid $REDIRECT_PID at $R; $(uptime)"
+
+# The S3 client of the limit: rclone, configured through its environment, writing to the
+# same bucket as berth (multipart, its default parts in flight; no MD5 pass over the file
+# before the upload, as berth makes none; no custom CA bundle, the endpoint is plain HTTP).
+export RCLONE_CONFIG_GARAGE_TYPE=s3 RCLONE_CONFIG_GARAGE_PROVIDER=Other \
+  RCLONE_CONFIG_GARAGE_ENDPOINT="http://127.0.0.1:$S3_PORT" RCLONE_CONFIG_GARAGE_REGION=garage \
+  RCLONE_CONFIG_GARAGE_ACCESS_KEY_ID="$GARAGE_DEFAULT_ACCESS_KEY" \
+  RCLONE_CONFIG_GARAGE_SECRET_ACCESS_KEY="$GARAGE_DEFAULT_SECRET_KEY" \
+  RCLONE_CONFIG_GARAGE_FORCE_PATH_STYLE=true RCLONE_S3_DISABLE_CHECKSUM=true
+S3_DIRECT=(--limit-label s3-client-direct
+  --limit-cmd 'env -u AWS_CA_BUNDLE rclone copyto --s3-no-check-bucket "$FILE" "garage:berth-bench/direct/$KEY"'
+  --limit-cleanup 'env -u AWS_CA_BUNDLE rclone deletefile "garage:berth-bench/direct/$KEY"')
 
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 rb() {
@@ -107,9 +136,11 @@ rb() {
     --url "$S" --label s3-postgres --pid "$SCALEOUT_PID" --reps "$REPS" "$@" | tee -a "$OUT" || STATUS=1
 }
 
-want push && rb push-blob --size "$SIZE"
-want pull && rb pull-blob --size "$SIZE" --parallel 1,4
+want push && rb push-blob --size "$SIZE" "${S3_DIRECT[@]}"
+want chunked && rb push-blob --size "$SIZE" --chunked "$CHUNK" "${S3_DIRECT[@]}"
+want pull && rb pull-blob --size "$SIZE" --parallel 1,4 --url "$R" --label s3-redirect --pid "$REDIRECT_PID"
 want manifest && rb manifest-rps --conns "$CONNS" --secs "$SECS"
+want manifest && rb manifest-rps --conns "$CONNS" --secs "$SECS" --by-digest
 
 python3 bench/report.py "$OUT" 2>/dev/null || true
 log "scale-out bench done (status $STATUS); $(uptime)"
