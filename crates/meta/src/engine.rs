@@ -323,6 +323,8 @@ pub(crate) enum Durability {
 pub(crate) struct Engine {
     kind: Kind,
     observer: std::sync::OnceLock<Observer>,
+    /// Durable writes through this engine that ended (committed or not).
+    changes: std::sync::atomic::AtomicU64,
 }
 
 /// The engines.
@@ -342,6 +344,7 @@ impl Engine {
         Engine {
             kind,
             observer: std::sync::OnceLock::new(),
+            changes: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -401,13 +404,17 @@ impl Engine {
         durability: Durability,
         write: impl WriteFn<T>,
     ) -> Result<T, MetaError> {
-        match &self.kind {
+        let result = match &self.kind {
             Kind::Sqlite(e) => self.timed("write", e.write(durability, write)).await,
             Kind::Postgres(e) => {
                 self.timed("write", e.write(durability, Turn::Any, write))
                     .await
             }
+        };
+        if durability == Durability::Synced {
+            self.changed();
         }
+        result
     }
 
     /// A durable [`Engine::write`] that appends to the event log. Appenders take turns
@@ -416,7 +423,7 @@ impl Engine {
         &self,
         write: impl WriteFn<T>,
     ) -> Result<T, MetaError> {
-        match &self.kind {
+        let result = match &self.kind {
             Kind::Sqlite(e) => {
                 self.timed("write", e.write(Durability::Synced, write))
                     .await
@@ -425,7 +432,20 @@ impl Engine {
                 self.timed("write", e.write(Durability::Synced, Turn::EventLog, write))
                     .await
             }
-        }
+        };
+        self.changed();
+        result
+    }
+
+    /// Counts a durable write that ended, before its caller hears of it.
+    fn changed(&self) {
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Durable writes through this engine so far (see [`crate::Database::changes`]).
+    pub(crate) fn changes(&self) -> u64 {
+        self.changes.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Queues `write` without waiting for it, for records nobody on this node reads back

@@ -129,6 +129,14 @@ impl Database {
 
 #[async_trait]
 impl MetaStore for Database {
+    fn changes(&self) -> u64 {
+        self.engine.changes()
+    }
+
+    fn node_local(&self) -> bool {
+        self.engine.node_local()
+    }
+
     async fn reserve_blob(&self, digest: &Digest) -> Result<(), MetaError> {
         // A new record, or a live one refreshed; a record being deleted is left alone and
         // returns no row.

@@ -351,6 +351,16 @@ fn list(digests: &[Digest]) -> String {
 /// change records its events (the [`EventLog`]) in the same transaction.
 #[async_trait]
 pub trait MetaStore: EventLog + Send + Sync + 'static {
+    /// Durable writes through this store (this process) so far, counted when each ends,
+    /// committed or not, before its caller is answered. A read that saw the same count
+    /// before and after was overtaken by no write of this process; a copy of what it read
+    /// is current while the count stays the same, as far as this process can tell.
+    fn changes(&self) -> u64;
+    /// Whether the store serves this node alone (SQLite in the data directory): every
+    /// write that clients make then goes through this process and [`Self::changes`]
+    /// sees it. Other processes on the same file (`berth gc`, account commands) are not
+    /// counted. With PostgreSQL, other nodes write too.
+    fn node_local(&self) -> bool;
     /// Announces that bytes for `digest` are about to be published: creates or refreshes the
     /// blob's record so garbage collection spares it. Fails with
     /// [`MetaError::BlobBeingDeleted`] while a collection is deleting the same digest.

@@ -7,7 +7,7 @@ use berth_oci::{Digest, Reference, RepoName};
 use berth_storage::{ByteRange, ByteStream, UploadId};
 use bytes::Bytes;
 
-use crate::{now_ms, Registry, RegistryError};
+use crate::{now_ms, read_cache, Registry, RegistryError};
 
 /// A blob confirmed by HEAD is touched at most this often (ms), to keep HEAD a read.
 const TOUCH_AFTER_MS: i64 = 60_000;
@@ -98,11 +98,29 @@ impl Registry {
         // A live link implies published bytes: bytes are renamed into place before the
         // link commits and deleted only after garbage collection removed the link. So no
         // second look at storage here (`berth check` finds bytes lost behind our back).
-        if let Some(linked) = self.meta.linked_blob(repo, digest).await? {
+        // On a node that alone writes its metadata, an answer no write has overtaken
+        // (`read_cache`), while it needs no touch.
+        let key = self
+            .meta
+            .node_local()
+            .then(|| read_cache::key(repo.as_str(), digest.as_str()));
+        if let Some(key) = &key {
+            if let Some(linked) = self.links.get(key, self.meta.changes()) {
+                if now_ms() - linked.last_used_ms <= TOUCH_AFTER_MS {
+                    return Ok(linked.size);
+                }
+            }
+        }
+        let began = read_cache::ReadBegan::now(self.meta.changes());
+        if let Some(mut linked) = self.meta.linked_blob(repo, digest).await? {
             // A client checking for a blob usually references it next: keep it out of
             // garbage collection's reach for another grace period.
             if now_ms() - linked.last_used_ms > TOUCH_AFTER_MS {
                 self.meta.touch_blob(digest).await?;
+                linked.last_used_ms = now_ms();
+            }
+            if let Some(key) = key {
+                self.links.put(key, linked, began, self.meta.changes());
             }
             return Ok(linked.size);
         } else if let Some(m) = self.manifest_as_blob(repo, digest).await? {

@@ -10,6 +10,7 @@ mod gc;
 mod manifest_cache;
 mod manifests;
 mod quota;
+mod read_cache;
 
 use std::sync::Arc;
 
@@ -24,6 +25,7 @@ pub use error::RegistryError;
 pub use gc::{GcCounters, GcOptions, GcReport, REPORT_LIST_MAX};
 pub use manifest_cache::MANIFEST_CACHE_TTL;
 pub use manifests::{ManifestPushed, ReferrersIndex};
+pub use read_cache::READ_CACHE_TTL;
 
 /// Milliseconds since the Unix epoch: the clock of the metadata store's timestamps.
 pub(crate) fn now_ms() -> i64 {
@@ -71,6 +73,10 @@ pub struct Registry {
     uploads: Arc<quota::UploadQuota>,
     gc_totals: Arc<gc::GcTotals>,
     manifests: Arc<manifest_cache::ManifestCache>,
+    /// Manifests by tag, on a node that alone writes its metadata (`read_cache`).
+    tags: Arc<read_cache::ReadCache<berth_meta::StoredManifest>>,
+    /// Blobs linked into repositories, likewise.
+    links: Arc<read_cache::ReadCache<berth_meta::LinkedBlob>>,
 }
 
 /// The longest project name, however the project is made.
@@ -87,6 +93,8 @@ impl Registry {
             uploads: Arc::default(),
             gc_totals: Arc::default(),
             manifests: Arc::default(),
+            tags: Arc::default(),
+            links: Arc::default(),
         }
     }
 

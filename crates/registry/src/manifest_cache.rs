@@ -22,7 +22,7 @@ pub const MANIFEST_CACHE_TTL: Duration = Duration::from_secs(1);
 const CAPACITY: usize = 4096;
 const SHARDS: usize = 16;
 /// Manifests larger than this are not kept (an index of thousands of platforms).
-const LARGEST: usize = 64 * 1024;
+pub(crate) const LARGEST: usize = 64 * 1024;
 
 struct Cached {
     manifest: StoredManifest,

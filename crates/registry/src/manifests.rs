@@ -4,7 +4,7 @@ use berth_meta::{Actor, NewManifest, Page, Referrer, StoredManifest};
 use berth_oci::{media_type, Digest, ParsedManifest, Reference, RepoName};
 use serde_json::{json, Value};
 
-use crate::{Registry, RegistryError};
+use crate::{manifest_cache, read_cache, Registry, RegistryError};
 
 /// What a manifest push produced, for the response headers.
 #[derive(Debug, Clone)]
@@ -157,13 +157,27 @@ impl Registry {
         repo: &RepoName,
         reference: &Reference,
     ) -> Result<StoredManifest, RegistryError> {
-        // By digest, a copy read within the cache's TTL (see `manifest_cache`).
-        if let Reference::Digest(digest) = reference {
-            if let Some(cached) = self.manifests.get(repo.as_str(), digest) {
-                return Ok(cached);
+        // By digest, a copy read within the cache's TTL (see `manifest_cache`); by tag,
+        // on a node that alone writes its metadata, one no write has overtaken since
+        // (see `read_cache`).
+        let tag_key = match reference {
+            Reference::Digest(digest) => {
+                if let Some(cached) = self.manifests.get(repo.as_str(), digest) {
+                    return Ok(cached);
+                }
+                None
             }
-        }
+            Reference::Tag(tag) if self.meta.node_local() => {
+                let key = read_cache::key(repo.as_str(), tag.as_str());
+                if let Some(cached) = self.tags.get(&key, self.meta.changes()) {
+                    return Ok(cached);
+                }
+                Some(key)
+            }
+            Reference::Tag(_) => None,
+        };
         let start = self.manifests.read_start();
+        let began = read_cache::ReadBegan::now(self.meta.changes());
         let manifest = self
             .meta
             .get_manifest(repo, reference)
@@ -171,8 +185,15 @@ impl Registry {
             .ok_or_else(|| RegistryError::ManifestUnknown {
                 reference: reference.to_string(),
             })?;
-        if matches!(reference, Reference::Digest(_)) {
-            self.manifests.put(repo.as_str(), &manifest, start);
+        match tag_key {
+            None if matches!(reference, Reference::Digest(_)) => {
+                self.manifests.put(repo.as_str(), &manifest, start);
+            }
+            Some(key) if manifest.raw.len() <= manifest_cache::LARGEST => {
+                self.tags
+                    .put(key, manifest.clone(), began, self.meta.changes());
+            }
+            _ => {}
         }
         Ok(manifest)
     }

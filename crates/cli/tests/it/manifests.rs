@@ -233,3 +233,43 @@ fn delete_by_digest_removes_tags_and_delete_by_tag_keeps_the_manifest() {
     let (again, _) = push_image(&base, "team/app", "v1", &[b"layer"]);
     assert_eq!(again, digest);
 }
+
+/// Reads of a tag and of a blob's presence are served from the node's cache between
+/// writes: every write through the node is seen by the very next request.
+#[test]
+fn a_tag_moved_or_deleted_and_a_blob_deleted_are_seen_at_once() {
+    let reg = crate::start();
+    let base = reg.url();
+    let tag_url = format!("{base}/v2/team/app/manifests/moving");
+    let get_tag = || {
+        http()
+            .get(&tag_url)
+            .header("accept", "application/vnd.oci.image.manifest.v1+json")
+            .send()
+            .unwrap()
+    };
+    for round in 0..10u8 {
+        let layer = format!("layer of round {round}");
+        let (digest, _) = push_image(&base, "team/app", "moving", &[layer.as_bytes()]);
+        for _ in 0..3 {
+            let r = get_tag();
+            assert_eq!(r.status(), StatusCode::OK);
+            assert_eq!(header(&r, "docker-content-digest"), digest, "round {round}");
+        }
+        let blob = format!("{base}/v2/team/app/blobs/{}", sha256(layer.as_bytes()));
+        assert_eq!(http().head(&blob).send().unwrap().status(), StatusCode::OK);
+        assert_eq!(
+            http().delete(&blob).send().unwrap().status(),
+            StatusCode::ACCEPTED
+        );
+        assert_eq!(
+            http().head(&blob).send().unwrap().status(),
+            StatusCode::NOT_FOUND
+        );
+    }
+    assert_eq!(
+        http().delete(&tag_url).send().unwrap().status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(get_tag().status(), StatusCode::NOT_FOUND);
+}
