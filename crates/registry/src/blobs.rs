@@ -100,12 +100,12 @@ impl Registry {
         // second look at storage here (`berth check` finds bytes lost behind our back).
         // On a node that alone writes its metadata, an answer no write has overtaken
         // (`read_cache`), while it needs no touch.
-        let key = self
-            .meta
-            .node_local()
-            .then(|| read_cache::key(repo.as_str(), digest.as_str()));
-        if let Some(key) = &key {
-            if let Some(linked) = self.links.get(key, self.meta.changes()) {
+        let cached = self.meta.node_local();
+        if cached {
+            if let Some(linked) =
+                self.links
+                    .get(repo.as_str(), digest.as_str(), self.meta.changes())
+            {
                 if now_ms() - linked.last_used_ms <= TOUCH_AFTER_MS {
                     return Ok(linked.size);
                 }
@@ -119,8 +119,14 @@ impl Registry {
                 self.meta.touch_blob(digest).await?;
                 linked.last_used_ms = now_ms();
             }
-            if let Some(key) = key {
-                self.links.put(key, linked, began, self.meta.changes());
+            if cached {
+                self.links.put(
+                    repo.as_str(),
+                    digest.as_str(),
+                    linked,
+                    began,
+                    self.meta.changes(),
+                );
             }
             return Ok(linked.size);
         } else if let Some(m) = self.manifest_as_blob(repo, digest).await? {

@@ -25,13 +25,16 @@ const SHARDS: usize = 16;
 pub(crate) const LARGEST: usize = 64 * 1024;
 
 struct Cached {
+    repo: String,
     manifest: StoredManifest,
     read_at: Instant,
 }
 
 /// The cache; shards keep 64 concurrent readers off one lock.
 pub(crate) struct ManifestCache {
-    shards: Vec<Mutex<HashMap<(String, Digest), Cached>>>,
+    /// By the hash of repository and digest (looked up without building a key), each
+    /// entry naming both to be checked.
+    shards: Vec<Mutex<HashMap<u64, Cached>>>,
     /// Deletions through this node so far: a read that a deletion overtook is not kept.
     deletions: AtomicU64,
 }
@@ -53,21 +56,23 @@ pub(crate) struct ReadStart {
 }
 
 impl ManifestCache {
-    fn shard(&self, repo: &str, digest: &Digest) -> &Mutex<HashMap<(String, Digest), Cached>> {
+    fn slot(&self, repo: &str, digest: &Digest) -> (u64, &Mutex<HashMap<u64, Cached>>) {
         let mut hasher = DefaultHasher::new();
         repo.hash(&mut hasher);
         digest.as_str().hash(&mut hasher);
-        &self.shards[hasher.finish() as usize % SHARDS]
+        let hash = hasher.finish();
+        (hash, &self.shards[hash as usize % SHARDS])
     }
 
     /// The manifest, if it was read from the store within the TTL.
     pub(crate) fn get(&self, repo: &str, digest: &Digest) -> Option<StoredManifest> {
-        let shard = self
-            .shard(repo, digest)
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let cached = shard.get(&(repo.to_owned(), digest.clone()))?;
-        (cached.read_at.elapsed() < MANIFEST_CACHE_TTL).then(|| cached.manifest.clone())
+        let (hash, shard) = self.slot(repo, digest);
+        let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+        let cached = shard.get(&hash)?;
+        (cached.repo == repo
+            && cached.manifest.digest == *digest
+            && cached.read_at.elapsed() < MANIFEST_CACHE_TTL)
+            .then(|| cached.manifest.clone())
     }
 
     /// Taken before reading a manifest from the store.
@@ -86,10 +91,8 @@ impl ManifestCache {
             return;
         }
         let read_at = start.at;
-        let mut shard = self
-            .shard(repo, &manifest.digest)
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let (hash, shard) = self.slot(repo, &manifest.digest);
+        let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
         if shard.len() >= CAPACITY / SHARDS {
             shard.retain(|_, c| c.read_at.elapsed() < MANIFEST_CACHE_TTL);
             if shard.len() >= CAPACITY / SHARDS {
@@ -97,8 +100,9 @@ impl ManifestCache {
             }
         }
         shard.insert(
-            (repo.to_owned(), manifest.digest.clone()),
+            hash,
             Cached {
+                repo: repo.to_owned(),
                 manifest: manifest.clone(),
                 read_at,
             },
@@ -108,10 +112,14 @@ impl ManifestCache {
     /// Drops a manifest deleted through this node: called after the deletion committed.
     pub(crate) fn forget(&self, repo: &str, digest: &Digest) {
         self.deletions.fetch_add(1, Ordering::AcqRel);
-        self.shard(repo, digest)
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&(repo.to_owned(), digest.clone()));
+        let (hash, shard) = self.slot(repo, digest);
+        let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+        if shard
+            .get(&hash)
+            .is_some_and(|c| c.repo == repo && c.manifest.digest == *digest)
+        {
+            shard.remove(&hash);
+        }
     }
 
     /// Drops every manifest of a repository deleted through this node (after the
@@ -122,7 +130,7 @@ impl ManifestCache {
             shard
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .retain(|(r, _), _| r != repo);
+                .retain(|_, c| c.repo != repo);
         }
     }
 }

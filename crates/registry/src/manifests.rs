@@ -160,7 +160,7 @@ impl Registry {
         // By digest, a copy read within the cache's TTL (see `manifest_cache`); by tag,
         // on a node that alone writes its metadata, one no write has overtaken since
         // (see `read_cache`).
-        let tag_key = match reference {
+        let cached_tag = match reference {
             Reference::Digest(digest) => {
                 if let Some(cached) = self.manifests.get(repo.as_str(), digest) {
                     return Ok(cached);
@@ -168,11 +168,13 @@ impl Registry {
                 None
             }
             Reference::Tag(tag) if self.meta.node_local() => {
-                let key = read_cache::key(repo.as_str(), tag.as_str());
-                if let Some(cached) = self.tags.get(&key, self.meta.changes()) {
+                if let Some(cached) =
+                    self.tags
+                        .get(repo.as_str(), tag.as_str(), self.meta.changes())
+                {
                     return Ok(cached);
                 }
-                Some(key)
+                Some(tag)
             }
             Reference::Tag(_) => None,
         };
@@ -185,13 +187,18 @@ impl Registry {
             .ok_or_else(|| RegistryError::ManifestUnknown {
                 reference: reference.to_string(),
             })?;
-        match tag_key {
+        match cached_tag {
             None if matches!(reference, Reference::Digest(_)) => {
                 self.manifests.put(repo.as_str(), &manifest, start);
             }
-            Some(key) if manifest.raw.len() <= manifest_cache::LARGEST => {
-                self.tags
-                    .put(key, manifest.clone(), began, self.meta.changes());
+            Some(tag) if manifest.raw.len() <= manifest_cache::LARGEST => {
+                self.tags.put(
+                    repo.as_str(),
+                    tag.as_str(),
+                    manifest.clone(),
+                    began,
+                    self.meta.changes(),
+                );
             }
             _ => {}
         }

@@ -24,6 +24,8 @@ const CAPACITY: usize = 4096;
 const SHARDS: usize = 16;
 
 struct Cached<V> {
+    repo: String,
+    name: String,
     value: V,
     read_at: Instant,
     changes: u64,
@@ -46,9 +48,11 @@ impl ReadBegan {
     }
 }
 
-/// One cache of answers by key; shards keep concurrent readers off one lock.
+/// One cache of answers about a name (a tag, a digest) in a repository; shards keep
+/// concurrent readers off one lock. Entries go by the hash of both (looked up without
+/// building a key) and name both, to be checked.
 pub(crate) struct ReadCache<V> {
-    shards: Vec<Mutex<HashMap<String, Cached<V>>>>,
+    shards: Vec<Mutex<HashMap<u64, Cached<V>>>>,
 }
 
 impl<V: Clone> Default for ReadCache<V> {
@@ -60,30 +64,36 @@ impl<V: Clone> Default for ReadCache<V> {
 }
 
 impl<V: Clone> ReadCache<V> {
-    fn shard(&self, key: &str) -> std::sync::MutexGuard<'_, HashMap<String, Cached<V>>> {
+    fn slot(&self, repo: &str, name: &str) -> (u64, &Mutex<HashMap<u64, Cached<V>>>) {
         let mut hasher = DefaultHasher::new();
-        key.hash(&mut hasher);
-        self.shards[hasher.finish() as usize % SHARDS]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        repo.hash(&mut hasher);
+        name.hash(&mut hasher);
+        let hash = hasher.finish();
+        (hash, &self.shards[hash as usize % SHARDS])
     }
 
-    /// The answer for `key`, if it was read within the TTL and no write went through
-    /// this process since that read began (`changes` is the store's count now).
-    pub(crate) fn get(&self, key: &str, changes: u64) -> Option<V> {
-        let shard = self.shard(key);
-        let cached = shard.get(key)?;
-        (cached.changes == changes && cached.read_at.elapsed() < READ_CACHE_TTL)
+    /// The answer about `name` in `repo`, if it was read within the TTL and no write
+    /// went through this process since that read began (`changes` is the store's count
+    /// now).
+    pub(crate) fn get(&self, repo: &str, name: &str, changes: u64) -> Option<V> {
+        let (hash, shard) = self.slot(repo, name);
+        let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+        let cached = shard.get(&hash)?;
+        (cached.changes == changes
+            && cached.read_at.elapsed() < READ_CACHE_TTL
+            && cached.repo == repo
+            && cached.name == name)
             .then(|| cached.value.clone())
     }
 
-    /// Keeps what a read that began at `began` answered for `key`; `changes` is the
-    /// store's count now. A read that a write overtook is not kept.
-    pub(crate) fn put(&self, key: String, value: V, began: ReadBegan, changes: u64) {
+    /// Keeps what a read that began at `began` answered about `name` in `repo`;
+    /// `changes` is the store's count now. A read that a write overtook is not kept.
+    pub(crate) fn put(&self, repo: &str, name: &str, value: V, began: ReadBegan, changes: u64) {
         if changes != began.changes {
             return;
         }
-        let mut shard = self.shard(&key);
+        let (hash, shard) = self.slot(repo, name);
+        let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
         if shard.len() >= CAPACITY / SHARDS {
             shard.retain(|_, c| c.changes == changes && c.read_at.elapsed() < READ_CACHE_TTL);
             if shard.len() >= CAPACITY / SHARDS {
@@ -91,24 +101,16 @@ impl<V: Clone> ReadCache<V> {
             }
         }
         shard.insert(
-            key,
+            hash,
             Cached {
+                repo: repo.to_owned(),
+                name: name.to_owned(),
                 value,
                 read_at: began.at,
                 changes,
             },
         );
     }
-}
-
-/// The key of an answer about `name` in `repo` (a tag, a digest): neither a repository
-/// name nor a tag or digest holds a newline.
-pub(crate) fn key(repo: &str, name: &str) -> String {
-    let mut key = String::with_capacity(repo.len() + 1 + name.len());
-    key.push_str(repo);
-    key.push('\n');
-    key.push_str(name);
-    key
 }
 
 #[cfg(test)]
@@ -118,33 +120,34 @@ mod tests {
     #[test]
     fn a_write_since_the_read_began_keeps_the_answer_out() {
         let cache: ReadCache<u32> = ReadCache::default();
-        let k = key("team/app", "v1");
         // Read, nothing written meanwhile: kept, and served while nothing is written.
-        cache.put(k.clone(), 1, ReadBegan::now(5), 5);
-        assert_eq!(cache.get(&k, 5), Some(1));
+        cache.put("team/app", "v1", 1, ReadBegan::now(5), 5);
+        assert_eq!(cache.get("team/app", "v1", 5), Some(1));
+        assert_eq!(cache.get("team/app", "v2", 5), None);
+        assert_eq!(cache.get("team/ap", "pv1", 5), None);
         // A write since: not served.
-        assert_eq!(cache.get(&k, 6), None);
+        assert_eq!(cache.get("team/app", "v1", 6), None);
         // A read that a write overtook is not kept.
-        cache.put(k.clone(), 2, ReadBegan::now(6), 7);
-        assert_eq!(cache.get(&k, 7), None);
+        cache.put("team/app", "v1", 2, ReadBegan::now(6), 7);
+        assert_eq!(cache.get("team/app", "v1", 7), None);
         // Nor is one older than the TTL served.
         let old = ReadBegan {
             at: Instant::now() - READ_CACHE_TTL,
             changes: 7,
         };
-        cache.put(k.clone(), 3, old, 7);
-        assert_eq!(cache.get(&k, 7), None);
+        cache.put("team/app", "v1", 3, old, 7);
+        assert_eq!(cache.get("team/app", "v1", 7), None);
     }
 
     #[test]
     fn a_full_shard_makes_room() {
         let cache: ReadCache<usize> = ReadCache::default();
         for i in 0..CAPACITY * 2 {
-            cache.put(key("r", &i.to_string()), i, ReadBegan::now(0), 0);
+            cache.put("r", &i.to_string(), i, ReadBegan::now(0), 0);
         }
         let kept: usize = cache.shards.iter().map(|s| s.lock().unwrap().len()).sum();
         assert!(kept <= CAPACITY, "{kept}");
         let last = CAPACITY * 2 - 1;
-        assert_eq!(cache.get(&key("r", &last.to_string()), 0), Some(last));
+        assert_eq!(cache.get("r", &last.to_string(), 0), Some(last));
     }
 }
