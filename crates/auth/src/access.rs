@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use berth_meta::AccountStore;
+use berth_meta::read_cache::{ReadBegan, ReadCache};
+use berth_meta::{AccountStore, MetaError, ProjectAccess, RobotRecord, UserRecord};
 use berth_oci::RepoName;
 
 use crate::audit::{self, AuditLog, Outcome};
@@ -126,6 +127,75 @@ pub(crate) struct Inner {
     pub(crate) audit: AuditLog,
     pub(crate) hashing: crate::password::HashPool,
     pub(crate) counters: AuthCounters,
+    /// What every authorized request reads, kept while nothing changes (SQLite only:
+    /// `berth_meta::read_cache`). Users by name, robots by project and name, and a
+    /// project's access for a user (or for nobody, "").
+    users: ReadCache<UserRecord>,
+    robots: ReadCache<RobotRecord>,
+    projects: ReadCache<ProjectAccess>,
+}
+
+impl Inner {
+    /// A user by name: the store's answer, or the node's copy of one.
+    pub(crate) async fn user_record(&self, name: &str) -> Result<Option<UserRecord>, MetaError> {
+        self.cached(&self.users, "", name, || self.store.user(name))
+            .await
+    }
+
+    /// A project's robot by name, likewise.
+    pub(crate) async fn robot_record(
+        &self,
+        project: &str,
+        name: &str,
+    ) -> Result<Option<RobotRecord>, MetaError> {
+        self.cached(&self.robots, project, name, || {
+            self.store.robot(project, name)
+        })
+        .await
+    }
+
+    /// What an authorization needs of a project for a user (or for nobody), likewise.
+    pub(crate) async fn project_access(
+        &self,
+        project: &str,
+        user: Option<i64>,
+    ) -> Result<ProjectAccess, MetaError> {
+        let who = user.map(|id| id.to_string()).unwrap_or_default();
+        let found = self
+            .cached(&self.projects, project, &who, || async {
+                self.store.project_access(project, user).await.map(Some)
+            })
+            .await?;
+        Ok(found.expect("project access is always an answer"))
+    }
+
+    /// `read`'s answer, served from `cache` while the store is the node's own and no
+    /// write went through it since the copy was read. Absent answers are not kept.
+    async fn cached<V, F, Fut>(
+        &self,
+        cache: &ReadCache<V>,
+        scope: &str,
+        name: &str,
+        read: F,
+    ) -> Result<Option<V>, MetaError>
+    where
+        V: Clone,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<V>, MetaError>>,
+    {
+        let local = self.store.node_local();
+        if local {
+            if let Some(value) = cache.get(scope, name, self.store.changes()) {
+                return Ok(Some(value));
+            }
+        }
+        let began = ReadBegan::now(self.store.changes());
+        let value = read().await?;
+        if let (true, Some(value)) = (local, &value) {
+            cache.put(scope, name, value.clone(), began, self.store.changes());
+        }
+        Ok(value)
+    }
 }
 
 /// What logins and the token endpoint did since the node started, for the metrics.
@@ -200,6 +270,9 @@ impl AccessControl {
                 cache_key,
                 passwords: Mutex::new(HashMap::new()),
                 tokens: Mutex::new(HashMap::new()),
+                users: ReadCache::default(),
+                robots: ReadCache::default(),
+                projects: ReadCache::default(),
             }),
         })
     }
@@ -283,7 +356,7 @@ impl AccessControl {
             } => Some(*id),
             _ => None,
         };
-        let access = self.inner.store.project_access(project, user).await?;
+        let access = self.inner.project_access(project, user).await?;
         let record = access.project;
         let role = access.role.as_deref().and_then(Role::parse);
         // Repositories pushed while access control was off have no project record: they

@@ -130,8 +130,7 @@ impl Tokens<'_> {
                 let user = self
                     .access
                     .inner
-                    .store
-                    .user(&claims.sub)
+                    .user_record(&claims.sub)
                     .await?
                     .ok_or_else(revoked)?;
                 if user.id != subject.id || user.generation != subject.generation {
@@ -152,8 +151,7 @@ impl Tokens<'_> {
                 let robot = self
                     .access
                     .inner
-                    .store
-                    .robot(project, name)
+                    .robot_record(project, name)
                     .await?
                     .ok_or_else(revoked)?;
                 if robot.id != subject.id || robot.expires_ms.is_some_and(|e| e <= now_ms()) {

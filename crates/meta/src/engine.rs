@@ -423,7 +423,26 @@ impl Engine {
         &self,
         write: impl WriteFn<T>,
     ) -> Result<T, MetaError> {
-        let result = match &self.kind {
+        let result = self.append_to_log(write).await;
+        self.changed();
+        result
+    }
+
+    /// [`Engine::write_recorded`] for records that change nothing a cache keeps (audit
+    /// records of pulls, batched): not counted in [`Engine::changes`], so that pulls
+    /// audited by the thousand leave the node's caches alone.
+    pub(crate) async fn write_recorded_unread<T: Send + 'static>(
+        &self,
+        write: impl WriteFn<T>,
+    ) -> Result<T, MetaError> {
+        self.append_to_log(write).await
+    }
+
+    async fn append_to_log<T: Send + 'static>(
+        &self,
+        write: impl WriteFn<T>,
+    ) -> Result<T, MetaError> {
+        match &self.kind {
             Kind::Sqlite(e) => {
                 self.timed("write", e.write(Durability::Synced, write))
                     .await
@@ -432,9 +451,7 @@ impl Engine {
                 self.timed("write", e.write(Durability::Synced, Turn::EventLog, write))
                     .await
             }
-        };
-        self.changed();
-        result
+        }
     }
 
     /// Counts a durable write that ended, before its caller hears of it.

@@ -647,6 +647,12 @@ pub(crate) fn advance_cursor_in(
     Ok(advanced > 0)
 }
 
+/// The changes after a position, in order: on the partial index of events with a change
+/// (migration 15), whatever number of audit records without one lie in between.
+pub(crate) const EVENTS_AFTER: &str =
+    "SELECT seq, at, actor, actor_kind, address, change FROM events
+     WHERE seq > ?1 AND change IS NOT NULL ORDER BY seq LIMIT ?2";
+
 /// A consumer's cursor is held through a lease of this name (the prefix is spelled again
 /// in `prune_events`' statement).
 pub(crate) fn cursor_lease(name: &str) -> String {
@@ -656,10 +662,9 @@ pub(crate) fn cursor_lease(name: &str) -> String {
 #[async_trait]
 impl EventLog for Database {
     async fn events_after(&self, after: i64, limit: usize) -> Result<Vec<Event>, MetaError> {
-        let sql = "SELECT seq, at, actor, actor_kind, address, change FROM events
-                   WHERE seq > ?1 AND change IS NOT NULL ORDER BY seq LIMIT ?2";
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.read_rows(sql, owned![after, limit], event_row).await
+        self.read_rows(EVENTS_AFTER, owned![after, limit], event_row)
+            .await
     }
 
     async fn last_event(&self) -> Result<i64, MetaError> {

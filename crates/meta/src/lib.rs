@@ -14,6 +14,7 @@ mod gc;
 mod images;
 mod postgres;
 mod proxy_caches;
+pub mod read_cache;
 mod replication;
 mod repositories;
 mod schema;

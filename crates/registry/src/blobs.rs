@@ -7,7 +7,9 @@ use berth_oci::{Digest, Reference, RepoName};
 use berth_storage::{ByteRange, ByteStream, UploadId};
 use bytes::Bytes;
 
-use crate::{now_ms, read_cache, Registry, RegistryError};
+use berth_meta::read_cache;
+
+use crate::{now_ms, Registry, RegistryError};
 
 /// A blob confirmed by HEAD is touched at most this often (ms), to keep HEAD a read.
 const TOUCH_AFTER_MS: i64 = 60_000;

@@ -10,13 +10,13 @@ mod gc;
 mod manifest_cache;
 mod manifests;
 mod quota;
-mod read_cache;
 
 use std::sync::Arc;
 
 use berth_meta::{MetaError, MetaStore, ProjectOrigin};
 use berth_storage::BlobStore;
 
+pub use berth_meta::read_cache::READ_CACHE_TTL;
 /// Who made a change, a page of a listing, a project: domain words the store shares.
 pub use berth_meta::{Actor, Page, ProjectRecord as Project, StoreCounts, StoredManifest};
 pub use blobs::{BlobBytes, BlobRead, MountOutcome, RangeRequest};
@@ -25,7 +25,6 @@ pub use error::RegistryError;
 pub use gc::{GcCounters, GcOptions, GcReport, REPORT_LIST_MAX};
 pub use manifest_cache::MANIFEST_CACHE_TTL;
 pub use manifests::{ManifestPushed, ReferrersIndex};
-pub use read_cache::READ_CACHE_TTL;
 
 /// Milliseconds since the Unix epoch: the clock of the metadata store's timestamps.
 pub(crate) fn now_ms() -> i64 {
@@ -74,9 +73,9 @@ pub struct Registry {
     gc_totals: Arc<gc::GcTotals>,
     manifests: Arc<manifest_cache::ManifestCache>,
     /// Manifests by tag, on a node that alone writes its metadata (`read_cache`).
-    tags: Arc<read_cache::ReadCache<berth_meta::StoredManifest>>,
+    tags: Arc<berth_meta::read_cache::ReadCache<berth_meta::StoredManifest>>,
     /// Blobs linked into repositories, likewise.
-    links: Arc<read_cache::ReadCache<berth_meta::LinkedBlob>>,
+    links: Arc<berth_meta::read_cache::ReadCache<berth_meta::LinkedBlob>>,
 }
 
 /// The longest project name, however the project is made.

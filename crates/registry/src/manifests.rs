@@ -4,7 +4,9 @@ use berth_meta::{Actor, NewManifest, Page, Referrer, StoredManifest};
 use berth_oci::{media_type, Digest, ParsedManifest, Reference, RepoName};
 use serde_json::{json, Value};
 
-use crate::{manifest_cache, read_cache, Registry, RegistryError};
+use berth_meta::read_cache;
+
+use crate::{manifest_cache, Registry, RegistryError};
 
 /// What a manifest push produced, for the response headers.
 #[derive(Debug, Clone)]

@@ -1,14 +1,15 @@
-//! What a tag names and which blobs a repository links, kept on a node whose metadata
-//! store serves it alone (SQLite in the data directory): a pull asks the same few
+//! Answers read from the store, kept on a node whose metadata store serves it alone
+//! (SQLite in the data directory): what a tag names, which blobs a repository links, who
+//! a token's account is and what a project lets them do. A pull asks the same few
 //! questions tens of thousands of times a second, and each answer read from SQLite costs
 //! a read transaction (file locks and a mutex shared by the readers).
 //!
 //! A copy is served only while no durable write went through this process since the read
-//! it came from began ([`berth_meta::MetaStore::changes`]), so every push, tag, deletion
-//! or collection through the node is seen by the next request, exactly as without the
-//! cache. Another process writing to the same file (`berth gc`, account commands run
-//! beside the server) is seen within [`READ_CACHE_TTL`]. With PostgreSQL other nodes write
-//! too: nothing is kept, tags and links are read from the store every time.
+//! it came from began ([`crate::MetaStore::changes`]), so every push, tag, deletion,
+//! collection or account change through the node is seen by the next request, exactly as
+//! without the cache. Another process writing to the same file (`berth gc`, account
+//! commands run beside the server) is seen within [`READ_CACHE_TTL`]. With PostgreSQL
+//! other nodes write too: callers keep nothing ([`crate::MetaStore::node_local`]).
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -24,7 +25,7 @@ const CAPACITY: usize = 4096;
 const SHARDS: usize = 16;
 
 struct Cached<V> {
-    repo: String,
+    scope: String,
     name: String,
     value: V,
     read_at: Instant,
@@ -33,14 +34,14 @@ struct Cached<V> {
 
 /// Where a read from the store began: the store's change count and the time.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct ReadBegan {
+pub struct ReadBegan {
     at: Instant,
     changes: u64,
 }
 
 impl ReadBegan {
     /// Taken before the read.
-    pub(crate) fn now(changes: u64) -> Self {
+    pub fn now(changes: u64) -> Self {
         ReadBegan {
             at: Instant::now(),
             changes,
@@ -48,10 +49,10 @@ impl ReadBegan {
     }
 }
 
-/// One cache of answers about a name (a tag, a digest) in a repository; shards keep
-/// concurrent readers off one lock. Entries go by the hash of both (looked up without
-/// building a key) and name both, to be checked.
-pub(crate) struct ReadCache<V> {
+/// One cache of answers about a name (a tag, a digest, a user) within a scope (a
+/// repository, a project); shards keep concurrent readers off one lock. Entries go by the
+/// hash of both (looked up without building a key) and name both, to be checked.
+pub struct ReadCache<V> {
     shards: Vec<Mutex<HashMap<u64, Cached<V>>>>,
 }
 
@@ -64,35 +65,35 @@ impl<V: Clone> Default for ReadCache<V> {
 }
 
 impl<V: Clone> ReadCache<V> {
-    fn slot(&self, repo: &str, name: &str) -> (u64, &Mutex<HashMap<u64, Cached<V>>>) {
+    fn slot(&self, scope: &str, name: &str) -> (u64, &Mutex<HashMap<u64, Cached<V>>>) {
         let mut hasher = DefaultHasher::new();
-        repo.hash(&mut hasher);
+        scope.hash(&mut hasher);
         name.hash(&mut hasher);
         let hash = hasher.finish();
         (hash, &self.shards[hash as usize % SHARDS])
     }
 
-    /// The answer about `name` in `repo`, if it was read within the TTL and no write
+    /// The answer about `name` within `scope`, if it was read within the TTL and no write
     /// went through this process since that read began (`changes` is the store's count
     /// now).
-    pub(crate) fn get(&self, repo: &str, name: &str, changes: u64) -> Option<V> {
-        let (hash, shard) = self.slot(repo, name);
+    pub fn get(&self, scope: &str, name: &str, changes: u64) -> Option<V> {
+        let (hash, shard) = self.slot(scope, name);
         let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
         let cached = shard.get(&hash)?;
         (cached.changes == changes
             && cached.read_at.elapsed() < READ_CACHE_TTL
-            && cached.repo == repo
+            && cached.scope == scope
             && cached.name == name)
             .then(|| cached.value.clone())
     }
 
-    /// Keeps what a read that began at `began` answered about `name` in `repo`;
+    /// Keeps what a read that began at `began` answered about `name` within `scope`;
     /// `changes` is the store's count now. A read that a write overtook is not kept.
-    pub(crate) fn put(&self, repo: &str, name: &str, value: V, began: ReadBegan, changes: u64) {
+    pub fn put(&self, scope: &str, name: &str, value: V, began: ReadBegan, changes: u64) {
         if changes != began.changes {
             return;
         }
-        let (hash, shard) = self.slot(repo, name);
+        let (hash, shard) = self.slot(scope, name);
         let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
         if shard.len() >= CAPACITY / SHARDS {
             shard.retain(|_, c| c.changes == changes && c.read_at.elapsed() < READ_CACHE_TTL);
@@ -103,7 +104,7 @@ impl<V: Clone> ReadCache<V> {
         shard.insert(
             hash,
             Cached {
-                repo: repo.to_owned(),
+                scope: scope.to_owned(),
                 name: name.to_owned(),
                 value,
                 read_at: began.at,
