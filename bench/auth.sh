@@ -3,7 +3,8 @@
 # read as docker reads after a login (bearer tokens, pulls audited), alternated inside
 # every repetition (bench/auth.py). Prints JSON lines and a Markdown table of ratios.
 #
-# Environment: REPS (3), SECS (10), NONE_PORT (5230), BUILTIN_PORT (5231), KEEP=1.
+# Environment: REPS (3), SECS (10), NONE_PORT (5230), BUILTIN_PORT (5231),
+#   AUDIT_PULLS (true; false: the builtin berth records no pulls), KEEP=1.
 # Needs: cargo, python3, curl, wrk, ab (apache2-utils).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -13,6 +14,7 @@ REPS=${REPS:-3}
 SECS=${SECS:-10}
 NONE_PORT=${NONE_PORT:-5230}
 BUILTIN_PORT=${BUILTIN_PORT:-5231}
+AUDIT_PULLS=${AUDIT_PULLS:-true}
 WORK=$(mktemp -d "${TMPDIR_BASE:-/tmp}/berth-auth.XXXXXX")
 cleanup() {
   stop_started
@@ -30,12 +32,13 @@ PASSWORD=$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
 "$BERTH" serve --auth none --listen "127.0.0.1:$NONE_PORT" --data-dir "$WORK/none" \
   --log-level warn >>"$WORK/none.log" 2>&1 &
 STARTED_PIDS+=("$!")
-BERTH_ADMIN_PASSWORD=$PASSWORD "$BERTH" serve --auth builtin --listen "127.0.0.1:$BUILTIN_PORT" \
+printf '[auth]\naudit_pulls = %s\n' "$AUDIT_PULLS" >"$WORK/builtin.toml"
+BERTH_ADMIN_PASSWORD=$PASSWORD "$BERTH" serve --config "$WORK/builtin.toml" --auth builtin --listen "127.0.0.1:$BUILTIN_PORT" \
   --data-dir "$WORK/builtin" --log-level warn >>"$WORK/builtin.log" 2>&1 &
 STARTED_PIDS+=("$!")
 wait_http "http://127.0.0.1:$NONE_PORT/v2/" || exit 1
 wait_http "http://127.0.0.1:$BUILTIN_PORT/healthz" || exit 1
-log "auth bench: --auth none at :$NONE_PORT, --auth builtin at :$BUILTIN_PORT; $(uptime)"
+log "auth bench: --auth none at :$NONE_PORT, --auth builtin at :$BUILTIN_PORT (audit_pulls $AUDIT_PULLS); $(uptime)"
 python3 bench/auth.py --none "http://127.0.0.1:$NONE_PORT" --builtin "http://127.0.0.1:$BUILTIN_PORT" \
   --password "$PASSWORD" --reps "$REPS" --secs "$SECS"
 STATUS=$?

@@ -691,6 +691,9 @@ impl Accounts<'_> {
         filter: AuditFilter,
     ) -> Result<Vec<AuditRecord>, AuthError> {
         self.permit(caller, Need::System, "audit.list", "").await?;
+        // What happened before this request is in the answer, though the writer gathers
+        // events for a moment before writing them.
+        self.access.inner.audit.flush().await;
         Ok(self.access.inner.store.audit(filter).await?)
     }
 

@@ -17,6 +17,11 @@ use crate::time::now_ms;
 const QUEUE: usize = 8192;
 /// Events written in one transaction at most.
 const BATCH: usize = 512;
+/// How long the writer gathers events before writing a batch that is not full: audited
+/// pulls arrive by the thousand a second, and a commit of a few rows costs as much as one
+/// of hundreds (a profile at 30,000 audited pulls a second had the writer and flusher
+/// threads at a quarter of the server's time, committing small batches).
+const LINGER: Duration = Duration::from_millis(20);
 /// Unwritten events kept at most while the store refuses them (some tens of megabytes).
 const MAX_PENDING: usize = 100_000;
 
@@ -128,6 +133,16 @@ impl AuditLog {
                 };
                 if received == 0 {
                     break;
+                }
+                let flushing = batch.iter().any(|(_, waiting)| waiting.is_some());
+                if received != usize::MAX && batch.len() < BATCH && !flushing {
+                    tokio::time::sleep(LINGER).await;
+                    while batch.len() < BATCH {
+                        match events.try_recv() {
+                            Ok(queued) => batch.push(queued),
+                            Err(_) => break,
+                        }
+                    }
                 }
                 let (records, waiting): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
                 pending.extend(records.into_iter().flatten());
