@@ -214,8 +214,13 @@ impl S3BlobStore {
         id: &UploadId,
         session: &Session,
     ) -> Result<Option<Path>, StorageError> {
+        if session.len() == 0 {
+            // Even with a multipart upload begun by a chunk that then failed: S3 does not
+            // complete one without parts.
+            return Ok(None);
+        }
         let Some(multipart) = &session.multipart else {
-            return Ok((session.len() > 0).then(|| self.tail_key(id, session.len())));
+            return Ok(Some(self.tail_key(id, session.len())));
         };
         let data = self.upload_key(id, "data");
         match self.store.head(&data).await {
