@@ -109,6 +109,14 @@ pub(crate) const PASSWORD_CACHE_TTL: Duration = Duration::from_secs(60);
 /// Entries per cache before it is cleared.
 pub(crate) const CACHE_LIMIT: usize = 4096;
 
+/// A token whose signature and claims were checked, kept by the token so that a request
+/// bearing it again costs a lookup and a reference count, not a copy of its claims.
+pub(crate) struct VerifiedToken {
+    pub(crate) claims: Claims,
+    /// What its `access` claim grants, shared with every caller that bears it.
+    pub(crate) access: Arc<[ResourceAccess]>,
+}
+
 /// The access service. Cheap to clone.
 #[derive(Clone)]
 pub struct AccessControl {
@@ -123,7 +131,7 @@ pub(crate) struct Inner {
     pub(crate) limiter: Mutex<LoginLimiter>,
     pub(crate) cache_key: [u8; 32],
     pub(crate) passwords: Mutex<HashMap<[u8; 32], (Proven, Instant)>>,
-    pub(crate) tokens: Mutex<HashMap<String, Claims>>,
+    pub(crate) tokens: Mutex<HashMap<String, Arc<VerifiedToken>>>,
     pub(crate) audit: AuditLog,
     pub(crate) hashing: crate::password::HashPool,
     pub(crate) counters: AuthCounters,

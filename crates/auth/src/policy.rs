@@ -226,7 +226,7 @@ pub enum Proof {
     /// A password or robot secret (HTTP Basic).
     Password,
     /// A token, which grants only what its `access` claim lists.
-    Token(Vec<ResourceAccess>),
+    Token(std::sync::Arc<[ResourceAccess]>),
 }
 
 /// An authenticated caller: who, and how.
@@ -441,11 +441,11 @@ mod tests {
     fn tokens_grant_only_listed_actions() {
         let caller = Caller {
             principal: user(false),
-            proof: Proof::Token(vec![ResourceAccess {
+            proof: Proof::Token(std::sync::Arc::from(vec![ResourceAccess {
                 kind: "repository".into(),
                 name: "p/a".into(),
                 actions: vec!["pull".into()],
-            }]),
+            }])),
             address: "127.0.0.1".into(),
         };
         assert_eq!(caller.token_grants("p/a"), Some(Permissions::of(&[Read])));

@@ -63,7 +63,7 @@ impl Tokens<'_> {
         &self,
         token: &str,
         refresh: bool,
-    ) -> Result<(Principal, Vec<ResourceAccess>), AuthError> {
+    ) -> Result<(Principal, std::sync::Arc<[ResourceAccess]>), AuthError> {
         let Some(verifier) = &self.access.inner.verifier else {
             return Err(AuthError::Unauthenticated);
         };
@@ -75,20 +75,25 @@ impl Tokens<'_> {
             .lock()
             .ok()
             .and_then(|c| c.get(token).cloned());
-        let claims = match cached {
-            Some(c) if now < c.exp => c,
+        let verified = match cached {
+            Some(v) if now < v.claims.exp => v,
             Some(_) => return Err(TokenError::Expired.into()),
             None => {
-                let c = verifier.verify(token, now)?;
+                let claims = verifier.verify(token, now)?;
+                let verified = std::sync::Arc::new(VerifiedToken {
+                    access: claims.access.clone().into(),
+                    claims,
+                });
                 if let Ok(mut cache) = self.access.inner.tokens.lock() {
                     if cache.len() >= CACHE_LIMIT {
                         cache.clear();
                     }
-                    cache.insert(token.to_owned(), c.clone());
+                    cache.insert(token.to_owned(), verified.clone());
                 }
-                c
+                verified
             }
         };
+        let claims = &verified.claims;
         if claims.typ.as_deref() == Some("refresh") && !refresh
             || claims.typ.as_deref() != Some("refresh") && refresh
         {
@@ -99,7 +104,7 @@ impl Tokens<'_> {
                 subject: claims.sub.clone(),
             }
         } else {
-            self.token_principal(&claims).await?
+            self.token_principal(claims).await?
         };
         if refresh {
             // A refresh token is good only while its record lives: revoked (or issued
@@ -114,7 +119,7 @@ impl Tokens<'_> {
                 return Err(AuthError::BadToken(TokenError::Revoked));
             }
         }
-        Ok((principal, claims.access))
+        Ok((principal, verified.access.clone()))
     }
 
     /// The live account behind a token berth issued: refused if it was removed, or (for
