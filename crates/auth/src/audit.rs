@@ -17,11 +17,16 @@ use crate::time::now_ms;
 const QUEUE: usize = 8192;
 /// Events written in one transaction at most.
 const BATCH: usize = 512;
-/// How long the writer gathers events before writing a batch that is not full: audited
-/// pulls arrive by the thousand a second, and a commit of a few rows costs as much as one
-/// of hundreds (a profile at 30,000 audited pulls a second had the writer and flusher
-/// threads at a quarter of the server's time, committing small batches).
+/// How long the writer gathers events before writing a batch that is not full, once it
+/// is busy: audited pulls arrive by the thousand a second, and a commit of a few rows
+/// costs as much as one of hundreds (a profile at 30,000 audited pulls a second had the
+/// writer and flusher threads at a quarter of the server's time, committing small
+/// batches).
 const LINGER: Duration = Duration::from_millis(20);
+/// Events found waiting at once that mean the writer is busy. Below it, each event is
+/// written at once: changes are recorded in their own transactions, and an event that
+/// waited would land after changes that came later (a login after the push it allowed).
+const BUSY: usize = 32;
 /// Unwritten events kept at most while the store refuses them (some tens of megabytes).
 const MAX_PENDING: usize = 100_000;
 
@@ -135,7 +140,7 @@ impl AuditLog {
                     break;
                 }
                 let flushing = batch.iter().any(|(_, waiting)| waiting.is_some());
-                if received != usize::MAX && batch.len() < BATCH && !flushing {
+                if received != usize::MAX && (BUSY..BATCH).contains(&batch.len()) && !flushing {
                     tokio::time::sleep(LINGER).await;
                     while batch.len() < BATCH {
                         match events.try_recv() {
