@@ -323,7 +323,12 @@ impl S3BlobStore {
                                 multipart: Some(multipart.clone()),
                                 ..saved.clone()
                             };
-                            self.save_session(id, &started).await?;
+                            if let Err(e) = self.save_session(id, &started).await {
+                                // Unrecorded, nothing would ever abort it: its parts would
+                                // be kept (and billed) by the store.
+                                let _ = self.store.abort_multipart(&data, &multipart).await;
+                                return Err(e);
+                            }
                             session.multipart = Some(multipart.clone());
                             multipart
                         }
