@@ -16,7 +16,7 @@
 #   5. every other manifest of the large set is deleted through the API and a collection
 #      runs on the serving registry (`POST /api/v1/gc`) while a client pushes small images
 #      one after another: the collection's time, and the pushes' latency beside it and
-#      without it;
+#      without it; a dry run (with --delete-untagged) before it, with pushes beside it too;
 #   6. `berth gc` against Distribution's `garbage-collect` on the same content (GC_*:
 #      100,000 blobs, 20,000 manifests; Distribution's layout takes ~5 files and
 #      directories per blob, too many for the large set), each on a fresh copy, GC_REPS
@@ -164,6 +164,18 @@ python3 bench/scale-measure.py delete "$PORT" "$WORK/large.manifests" >"$WORK/de
 cat "$WORK/deleted" >&2
 log "pushes with no collection running"
 python3 bench/scale-measure.py pushes "$PORT" 10 "$WORK/pushes-idle"
+# A dry run first: read from one snapshot, it must hold up no push however long it takes.
+log "dry-run collection through the API beside pushes"
+python3 bench/scale-measure.py pushes "$PORT" 900 "$WORK/pushes-dry" &
+PUSHER=$!
+sleep 1
+dry_start=$(date +%s%N)
+curl -sf -X POST "http://127.0.0.1:$PORT/api/v1/gc?dry_run=true&delete_untagged=true" >"$WORK/dry-report"
+dry_end=$(date +%s%N)
+sleep 1
+touch "$WORK/pushes-dry.stop"
+wait "$PUSHER"
+echo "$(( (dry_end - dry_start) / 1000000 ))" >"$WORK/dry-ms"
 # Through the serving node's API, as the web UI and the schedule run it (`berth gc` from
 # another process works too, but its SQLite writes then wait on the file lock's
 # backoff instead of the node's write queue).
@@ -273,6 +285,13 @@ if have("gc-ms"):
     print(f"pushes (blob + manifest): idle p50 {pct(idle, .5):.1f} / p99 {pct(idle, .99):.1f} / max {idle[-1]:.1f} ms "
           f"({len(idle)}); beside the collection p50 {pct(beside, .5):.1f} / p99 {pct(beside, .99):.1f} / "
           f"max {beside[-1]:.1f} ms ({len(beside)}) (target: p99 under 100 ms)")
+
+if have("dry-ms"):
+    dry = json.loads(load("dry-report"))
+    beside = sorted(float(x) for x in load("pushes-dry").split())
+    print(f"dry run (delete_untagged): {int(load('dry-ms')) / 1000:.1f} s wall, would remove "
+          f"{dry['manifests_removed_count']} manifests and {dry['blobs_removed_count']} blobs; pushes beside it "
+          f"p50 {pct(beside, .5):.1f} / p99 {pct(beside, .99):.1f} / max {beside[-1]:.1f} ms ({len(beside)})")
 
 if have("gc-compare"):
     runs = [list(map(int, l.split())) for l in load("gc-compare").splitlines() if l.strip()]

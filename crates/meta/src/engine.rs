@@ -396,6 +396,19 @@ impl Engine {
         }
     }
 
+    /// Runs `read` in one snapshot: every statement sees the same committed state, and
+    /// no writer waits for it. For long reads (a collection's preview); always off the
+    /// async threads.
+    pub(crate) async fn read_snapshot<T: Send + 'static>(
+        &self,
+        read: impl ReadFn<T>,
+    ) -> Result<T, MetaError> {
+        match &self.kind {
+            Kind::Sqlite(e) => self.timed("read", e.read_snapshot(read)).await,
+            Kind::Postgres(e) => self.timed("read", e.read_snapshot(read)).await,
+        }
+    }
+
     /// Runs `write` as one atomic transaction: all of its changes commit, or (when it
     /// fails) none. It may run more than once (PostgreSQL retries it after a serialization
     /// conflict), so it must not act outside the transaction.

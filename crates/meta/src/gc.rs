@@ -1,17 +1,18 @@
-//! Garbage collection's mark and the scrub's query, for both engines.
+//! Garbage collection's mark, its preview and the scrub's query, for both engines.
 
 use berth_oci::Digest;
 
 use crate::engine::{args, Tx};
 use crate::images::delete_manifest_rows;
-use crate::{Actor, Change, DanglingEdge, GcMarked, GcSelection, MetaError};
+use crate::{DanglingEdge, GcPreview, GcSelection, MetaError};
 
-/// The manifests no tag reaches: everything a tag reaches is live — tagged manifests, the
-/// children of reached indexes, the referrers of reached manifests — and so is every
-/// manifest pushed at or after `?1`. One recursive term (PostgreSQL allows no more), which
-/// follows both kinds of step through one derived table.
-const UNREACHED_MANIFESTS: &str = "
-WITH RECURSIVE live (repo, digest) AS (
+/// What a tag reaches: tagged manifests, the children of reached indexes, the referrers
+/// of reached manifests — and every manifest pushed at or after `?1`, which is young
+/// enough to be tagged yet. One recursive term (PostgreSQL allows no more), which follows
+/// both kinds of step through one derived table.
+macro_rules! live_manifests {
+    () => {
+        "WITH RECURSIVE live (repo, digest) AS (
     SELECT repo, digest FROM tags
     UNION SELECT repo, digest FROM manifests WHERE pushed_at >= ?1
     UNION SELECT step.repo, step.digest FROM live l
@@ -20,69 +21,102 @@ WITH RECURSIVE live (repo, digest) AS (
                 SELECT repo, subject AS parent, digest FROM manifests WHERE subject IS NOT NULL) step
             ON step.repo = l.repo AND step.parent = l.digest
 )
-SELECT m.repo, m.digest FROM manifests m
-WHERE NOT EXISTS (SELECT 1 FROM live l WHERE l.repo = m.repo AND l.digest = m.digest)
-ORDER BY m.repo, m.digest";
-
-/// One garbage-collection mark inside a write (see [`crate::MetaStore::mark_garbage`]).
-/// The conditions are checked in the same transaction that marks, so a manifest
-/// committed before it keeps its blobs and one committed after it finds them unlinked and
-/// is refused.
-pub(crate) fn mark(tx: &mut dyn Tx, selection: GcSelection) -> Result<GcMarked, MetaError> {
-    // A long transaction over every blob would lose serialization conflicts to the pushes
-    // running beside it again and again. Writers of `blobs` wait instead while it marks
-    // (tens of milliseconds; readers do not wait); taken before the first query, so the
-    // mark's snapshot follows every write that was in flight.
-    if let Some(lock) = tx.dialect().lock_blobs_against_writers() {
-        tx.execute(lock, &[])?;
-    }
-    // A dry run does the real work and undoes it, so that what it reports is exactly what
-    // a real pass would do.
-    if selection.dry_run {
-        tx.execute("SAVEPOINT dry_run", &[])?;
-    }
-    let marked = mark_unless_dry(tx, selection);
-    if selection.dry_run {
-        tx.execute("ROLLBACK TO SAVEPOINT dry_run", &[])?;
-        tx.execute("RELEASE SAVEPOINT dry_run", &[])?;
-    }
-    marked
+"
+    };
 }
 
-fn mark_unless_dry(tx: &mut dyn Tx, selection: GcSelection) -> Result<GcMarked, MetaError> {
-    let mut manifests = Vec::new();
-    if let Some(cutoff) = selection.untagged_pushed_before_ms {
-        let dead = tx.query_map(UNREACHED_MANIFESTS, args![cutoff], |mut r| {
-            Ok((r.text(0)?, r.text(1)?))
-        })?;
-        for (repo, digest) in dead {
-            delete_manifest_rows(tx, &repo, &digest)?;
-            let digest = Digest::parse(&digest).map_err(|e| MetaError::Corrupt(e.to_string()))?;
-            manifests.push((repo, digest));
-        }
-    }
-    // Set-based: one statement marks, one unlinks, whatever the number of blobs.
-    let mut blobs = tx.query_map(
-        "UPDATE blobs SET state = 'deleting'
-         WHERE state = 'live' AND last_used_at < ?1
-           AND NOT EXISTS (SELECT 1 FROM manifest_edges e WHERE e.target = blobs.digest)
-         RETURNING digest, size",
-        args![selection.blobs_unused_before_ms],
-        |mut r| Ok((r.digest(0)?, r.size(1)?)),
-    )?;
-    tx.execute(
-        "DELETE FROM repo_blobs WHERE digest IN (SELECT digest FROM blobs WHERE state = 'deleting')",
-        &[],
-    )?;
-    blobs.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
-    // Recorded even when nothing went: that a collection ran is what people ask for.
-    let change = Change::GarbageCollected {
-        manifests: manifests.len() as u64,
-        blobs: blobs.len() as u64,
-        bytes: blobs.iter().map(|(_, size)| size).sum(),
+/// The manifests no tag reaches (see [`live_manifests`]).
+const UNREACHED_MANIFESTS: &str = concat!(
+    live_manifests!(),
+    "SELECT m.repo, m.digest FROM manifests m
+WHERE NOT EXISTS (SELECT 1 FROM live l WHERE l.repo = m.repo AND l.digest = m.digest)
+ORDER BY m.repo, m.digest"
+);
+
+/// [`UNREACHED_MANIFESTS`], counted.
+const UNREACHED_MANIFESTS_COUNT: &str = concat!(
+    live_manifests!(),
+    "SELECT count(*) FROM manifests m
+WHERE NOT EXISTS (SELECT 1 FROM live l WHERE l.repo = m.repo AND l.digest = m.digest)"
+);
+
+/// [`UNREACHED_MANIFESTS`], the first `?2`.
+const UNREACHED_MANIFESTS_FIRST: &str = concat!(
+    live_manifests!(),
+    "SELECT m.repo, m.digest FROM manifests m
+WHERE NOT EXISTS (SELECT 1 FROM live l WHERE l.repo = m.repo AND l.digest = m.digest)
+ORDER BY m.repo, m.digest LIMIT ?2"
+);
+
+/// The live blobs unused since `?1` that no manifest references: what a collection that
+/// keeps every manifest marks. `{select}` and `{tail}` make it a count or a listing (of
+/// the first `?2`).
+const UNUSED_BLOBS: &str = "SELECT {select} FROM blobs b
+WHERE b.state = 'live' AND b.last_used_at < ?1
+  AND NOT EXISTS (SELECT 1 FROM manifest_edges e WHERE e.target = b.digest) {tail}";
+
+/// The same once the manifests unreached with cutoff `?1` are gone, unused since `?2`
+/// (listing the first `?3`): only edges of live manifests keep a blob.
+const UNUSED_BLOBS_UNREACHED: &str = concat!(
+    live_manifests!(),
+    "SELECT {select} FROM blobs b
+WHERE b.state = 'live' AND b.last_used_at < ?2
+  AND NOT EXISTS (SELECT 1 FROM manifest_edges e
+                  WHERE e.target = b.digest
+                    AND EXISTS (SELECT 1 FROM live l WHERE l.repo = e.repo AND l.digest = e.manifest)) {tail}"
+);
+
+/// What a collection with `selection` would remove now, read in one snapshot and changing
+/// nothing (a dry run): counts, bytes and the first `list_max` of each. No writer waits
+/// for it, however large the store.
+pub(crate) fn preview(
+    tx: &mut dyn Tx,
+    selection: GcSelection,
+    list_max: usize,
+) -> Result<GcPreview, MetaError> {
+    let limit = i64::try_from(list_max).unwrap_or(i64::MAX);
+    let unused_before = selection.blobs_unused_before_ms;
+    let mut preview = GcPreview::default();
+    let sql = |shape: &str, select: &str, tail: &str| {
+        shape.replace("{select}", select).replace("{tail}", tail)
     };
-    crate::events::record(tx, &Actor::system("gc"), &[change])?;
-    Ok(GcMarked { manifests, blobs })
+    let totals = "count(*), CAST(COALESCE(sum(b.size), 0) AS BIGINT)";
+    let (mut total, listed) = match selection.untagged_pushed_before_ms {
+        Some(cutoff) => {
+            preview.manifest_count = tx
+                .query_one(UNREACHED_MANIFESTS_COUNT, args![cutoff])?
+                .size(0)?;
+            preview.manifests =
+                tx.query_map(UNREACHED_MANIFESTS_FIRST, args![cutoff, limit], |mut r| {
+                    Ok((r.text(0)?, r.digest(1)?))
+                })?;
+            let shape = UNUSED_BLOBS_UNREACHED;
+            (
+                tx.query_one(&sql(shape, totals, ""), args![cutoff, unused_before])?,
+                tx.query(
+                    &sql(shape, "b.digest, b.size", "ORDER BY b.digest LIMIT ?3"),
+                    args![cutoff, unused_before, limit],
+                )?,
+            )
+        }
+        None => (
+            tx.query_one(&sql(UNUSED_BLOBS, totals, ""), args![unused_before])?,
+            tx.query(
+                &sql(
+                    UNUSED_BLOBS,
+                    "b.digest, b.size",
+                    "ORDER BY b.digest LIMIT ?2",
+                ),
+                args![unused_before, limit],
+            )?,
+        ),
+    };
+    (preview.blob_count, preview.bytes) = (total.size(0)?, total.size(1)?);
+    preview.blobs = listed
+        .into_iter()
+        .map(|mut r| Ok((r.digest(0)?, r.size(1)?)))
+        .collect::<Result<_, MetaError>>()?;
+    Ok(preview)
 }
 
 /// References from manifests to blobs or children missing from their repository.

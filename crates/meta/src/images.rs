@@ -8,7 +8,7 @@ use crate::accounts::{clash, project_row};
 use crate::engine::{args, owned, Durability, Row, Tx};
 use crate::events::{self, record, Actor, Change, TagChange};
 use crate::{
-    now, BlobArrival, CachedManifest, DanglingEdge, Database, GcMarked, GcSelection, LeaseState,
+    now, BlobArrival, CachedManifest, DanglingEdge, Database, GcPreview, GcSelection, LeaseState,
     LinkedBlob, MetaError, MetaStore, NewManifest, Page, ProjectOrigin, ProjectRecord, Referrer,
     StoreCounts, StoredManifest,
 };
@@ -567,9 +567,13 @@ impl MetaStore for Database {
             .map(drop)
     }
 
-    async fn mark_garbage(&self, selection: GcSelection) -> Result<GcMarked, MetaError> {
+    async fn preview_garbage(
+        &self,
+        selection: GcSelection,
+        list_max: usize,
+    ) -> Result<GcPreview, MetaError> {
         self.engine
-            .write_recorded(move |tx| crate::gc::mark(tx, selection))
+            .read_snapshot(move |tx| crate::gc::preview(tx, selection, list_max))
             .await
     }
 

@@ -238,17 +238,21 @@ pub struct GcSelection {
     pub untagged_pushed_before_ms: Option<i64>,
     /// Only blobs last used before this time (ms since the epoch) may be swept.
     pub blobs_unused_before_ms: i64,
-    /// Select and report, but change nothing.
-    pub dry_run: bool,
 }
 
-/// What one garbage-collection pass selected (and, unless dry, removed or marked).
-#[derive(Debug, Clone, Default)]
-pub struct GcMarked {
-    /// Manifests removed, as (repository, digest).
+/// What a collection would remove now ([`MetaStore::preview_garbage`]): a dry run's
+/// answer, bounded however much would go.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcPreview {
+    /// How many manifests would be removed.
+    pub manifest_count: u64,
+    /// The first of them, as (repository, digest), in that order.
     pub manifests: Vec<(String, Digest)>,
-    /// Blobs marked for deletion, with their sizes: no manifest references them any more,
-    /// their repository links are gone, and their bytes may now be deleted.
+    /// How many blobs would be deleted.
+    pub blob_count: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// The first of them, with their sizes, in digest order.
     pub blobs: Vec<(Digest, u64)>,
 }
 
@@ -498,13 +502,14 @@ pub trait MetaStore: EventLog + Send + Sync + 'static {
     async fn upload_repo(&self, upload_id: &str) -> Result<Option<String>, MetaError>;
     /// Forgets a finished or cancelled upload session.
     async fn forget_upload(&self, upload_id: &str) -> Result<(), MetaError>;
-    /// One garbage-collection pass over the metadata, in one transaction: removes the
-    /// selected manifests, then marks every live blob that nothing references and that was
-    /// not used since the cutoff as being deleted, removing its repository links. Rolled
-    /// back when `dry_run`, which is what it is for: exactly what a pass would do. (A real
-    /// pass goes in batches, [`MetaStore::mark_unused_blobs`], so writers never wait for it
-    /// long.)
-    async fn mark_garbage(&self, selection: GcSelection) -> Result<GcMarked, MetaError>;
+    /// What a collection with `selection` would remove now: counts, bytes and the first
+    /// `list_max` manifests and blobs, read from one snapshot. Changes nothing and holds
+    /// no writer, however large the store (a dry run).
+    async fn preview_garbage(
+        &self,
+        selection: GcSelection,
+        list_max: usize,
+    ) -> Result<GcPreview, MetaError>;
     /// The manifests no tag reaches that were pushed before `cutoff_ms`, read from a
     /// snapshot: the candidates of a collection that removes untagged manifests.
     async fn unreached_manifests(&self, cutoff_ms: i64)

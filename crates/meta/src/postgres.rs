@@ -217,6 +217,30 @@ impl PostgresEngine {
             .map_err(|e| MetaError::Backend(e.to_string()))?
     }
 
+    /// A read of several statements that see one snapshot (`REPEATABLE READ`, read only):
+    /// writers go on meanwhile.
+    pub(crate) async fn read_snapshot<T: Send + 'static>(
+        &self,
+        read: impl ReadFn<T>,
+    ) -> Result<T, MetaError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let runtime = Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let mut tx = PostgresTx::new(&client, &runtime);
+            tx.batch("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")?;
+            let outcome = read(&mut tx);
+            let ended = tx.batch(if outcome.is_ok() {
+                "COMMIT"
+            } else {
+                "ROLLBACK"
+            });
+            let value = outcome?;
+            ended.map(|()| value)
+        })
+        .await
+        .map_err(|e| MetaError::Backend(e.to_string()))?
+    }
+
     pub(crate) async fn write<T: Send + 'static>(
         &self,
         durability: Durability,

@@ -122,6 +122,29 @@ impl SqliteEngine {
         .map_err(|e| MetaError::Backend(e.to_string()))?
     }
 
+    /// A read of several statements that see one snapshot, on the blocking pool (it may
+    /// take seconds: a collection's preview). WAL: the writer goes on meanwhile.
+    pub(crate) async fn read_snapshot<T: Send + 'static>(
+        &self,
+        read: impl ReadFn<T>,
+    ) -> Result<T, MetaError> {
+        let readers = self.readers.clone();
+        let index = self.next_reader.fetch_add(1, Ordering::Relaxed) % READERS;
+        tokio::task::spawn_blocking(move || {
+            let conn = readers[index]
+                .lock()
+                .map_err(|_| MetaError::Backend("reader lock poisoned".into()))?;
+            conn.execute_batch("BEGIN DEFERRED").map_err(backend)?;
+            let outcome = read(&mut SqliteTx(&conn));
+            // Read-only: ending it either way changes nothing.
+            let ended = conn.execute_batch("COMMIT").map_err(backend);
+            let value = outcome?;
+            ended.map(|()| value)
+        })
+        .await
+        .map_err(|e| MetaError::Backend(e.to_string()))?
+    }
+
     pub(crate) async fn write<T: Send + 'static>(
         &self,
         durability: Durability,

@@ -154,6 +154,40 @@ fn far_future() -> i64 {
     i64::MAX / 2
 }
 
+/// A whole collection's mark as the registry runs it: the untagged manifests removed a
+/// few per transaction, then the blobs marked a few per transaction, then the collection
+/// recorded. Returns what went, each in the order a preview lists it.
+async fn mark_all(
+    db: &Database,
+    selection: GcSelection,
+) -> (Vec<(String, Digest)>, Vec<(Digest, u64)>) {
+    let mut manifests = Vec::new();
+    if let Some(cutoff) = selection.untagged_pushed_before_ms {
+        let candidates = db.unreached_manifests(cutoff).await.unwrap();
+        for batch in candidates.chunks(3) {
+            let removed = db.remove_unreached_manifests(batch.to_vec(), cutoff);
+            manifests.extend(removed.await.unwrap());
+        }
+    }
+    let (mut blobs, mut after) = (Vec::new(), String::new());
+    loop {
+        let step = db.mark_unused_blobs(&after, 3, selection.blobs_unused_before_ms);
+        let step = step.await.unwrap();
+        blobs.extend(step.marked);
+        match step.next {
+            Some(next) => after = next,
+            None => break,
+        }
+    }
+    let bytes = blobs.iter().map(|(_, size)| size).sum();
+    db.record_collection(manifests.len() as u64, blobs.len() as u64, bytes)
+        .await
+        .unwrap();
+    manifests.sort();
+    blobs.sort_by(|x, y| x.0.as_str().cmp(y.0.as_str()));
+    (manifests, blobs)
+}
+
 engine_test!(blobs_are_visible_only_where_linked, |place| {
     let db = place.open().await;
     let (app, other) = (repo("team/app"), repo("team/other"));
@@ -526,13 +560,26 @@ engine_test!(garbage_collection_marks_what_nothing_reaches, |place| {
     let selection = GcSelection {
         untagged_pushed_before_ms: Some(far_future()),
         blobs_unused_before_ms: far_future(),
-        dry_run: true,
     };
-    let dry = db.mark_garbage(selection).await.unwrap();
+    let dry = db.preview_garbage(selection, 1000).await.unwrap();
     assert_eq!(dry.manifests, [("team/app".to_owned(), untagged.clone())]);
+    assert_eq!(dry.manifest_count, 1);
     let mut expected = vec![(orphan.clone(), 10), (lonely.clone(), 10)];
     expected.sort_by(|x, y| x.0.as_str().cmp(y.0.as_str()));
     assert_eq!(dry.blobs, expected);
+    assert_eq!((dry.blob_count, dry.bytes), (2, 20));
+    // A listing is bounded; the counts are not.
+    let first = db.preview_garbage(selection, 1).await.unwrap();
+    assert_eq!(first.blobs, expected[..1]);
+    assert_eq!((first.blob_count, first.bytes), (2, 20));
+    // Keeping every manifest keeps the blobs of the untagged one.
+    let keeping = GcSelection {
+        untagged_pushed_before_ms: None,
+        ..selection
+    };
+    let kept_all = db.preview_garbage(keeping, 1000).await.unwrap();
+    assert_eq!((kept_all.manifest_count, kept_all.manifests.len()), (0, 0));
+    assert_eq!(kept_all.blobs, [(lonely.clone(), 10)]);
     assert!(
         db.blobs_being_deleted("", 1000).await.unwrap().is_empty(),
         "a dry run changes nothing"
@@ -543,14 +590,8 @@ engine_test!(garbage_collection_marks_what_nothing_reaches, |place| {
         .unwrap()
         .is_some());
 
-    let marked = db
-        .mark_garbage(GcSelection {
-            dry_run: false,
-            ..selection
-        })
-        .await
-        .unwrap();
-    assert_eq!((marked.manifests, marked.blobs), (dry.manifests, dry.blobs));
+    let marked = mark_all(&db, selection).await;
+    assert_eq!(marked, (dry.manifests, dry.blobs));
     for d in [&tagged, &idx, &sig, &child_m] {
         assert!(db
             .get_manifest(&app, &Reference::Digest(d.clone()))
@@ -590,15 +631,15 @@ engine_test!(garbage_collection_marks_what_nothing_reaches, |place| {
     push_blob(&db, &app, &orphan, 10).await;
 
     // A pass that keeps manifests and spares recently used blobs.
-    let spared = db
-        .mark_garbage(GcSelection {
+    let spared = mark_all(
+        &db,
+        GcSelection {
             untagged_pushed_before_ms: None,
             blobs_unused_before_ms: NO_GC_CUTOFF,
-            dry_run: false,
-        })
-        .await
-        .unwrap();
-    assert!(spared.manifests.is_empty() && spared.blobs.is_empty());
+        },
+    )
+    .await;
+    assert!(spared.0.is_empty() && spared.1.is_empty());
 
     // The scrub's view: a dropped blob leaves its manifests' edges dangling.
     assert!(db.dangling_edges().await.unwrap().is_empty());
@@ -661,15 +702,12 @@ engine_test!(
             tokio::spawn(async move {
                 let mut passes = 0;
                 loop {
-                    let marked = db
-                        .mark_garbage(GcSelection {
-                            untagged_pushed_before_ms: None,
-                            blobs_unused_before_ms: far_future(),
-                            dry_run: false,
-                        })
-                        .await
-                        .unwrap();
-                    let digests: Vec<Digest> = marked.blobs.into_iter().map(|(d, _)| d).collect();
+                    let selection = GcSelection {
+                        untagged_pushed_before_ms: None,
+                        blobs_unused_before_ms: far_future(),
+                    };
+                    let (_, blobs) = mark_all(&db, selection).await;
+                    let digests: Vec<Digest> = blobs.into_iter().map(|(d, _)| d).collect();
                     db.forget_deleted_blobs(&digests).await.unwrap();
                     passes += 1;
                     if passes >= 10 {
@@ -1195,17 +1233,11 @@ engine_test!(
         let selection = GcSelection {
             untagged_pushed_before_ms: Some(far_future()),
             blobs_unused_before_ms: far_future(),
-            dry_run: true,
         };
         let before = db.last_event().await.unwrap();
-        db.mark_garbage(selection).await.unwrap();
+        db.preview_garbage(selection, 10).await.unwrap();
         assert_eq!(db.last_event().await.unwrap(), before);
-        db.mark_garbage(GcSelection {
-            dry_run: false,
-            ..selection
-        })
-        .await
-        .unwrap();
+        mark_all(&db, selection).await;
         let gc = db.events_after(before, 10).await.unwrap();
         assert_eq!(gc.len(), 1);
         assert!(
@@ -1215,12 +1247,7 @@ engine_test!(
         assert_eq!(gc[0].actor, Actor::system("gc"));
         // One that finds nothing is recorded too: "the last collection" means the last run.
         let before = db.last_event().await.unwrap();
-        db.mark_garbage(GcSelection {
-            dry_run: false,
-            ..selection
-        })
-        .await
-        .unwrap();
+        mark_all(&db, selection).await;
         let gc = db.events_after(before, 10).await.unwrap();
         assert!(
             matches!(

@@ -4,8 +4,8 @@
 //!    (found in a snapshot, each checked again as it goes, 500 per transaction), then,
 //!    1,000 blobs per transaction in digest order, mark every blob that no manifest
 //!    references and that was not used within the grace period as being deleted,
-//!    removing its repository links in the same transaction. A dry run does all of it in
-//!    one transaction and rolls it back.
+//!    removing its repository links in the same transaction. A dry run reads what would
+//!    go from one snapshot instead, and writes nothing.
 //! 2. Sweep: delete the bytes of every blob marked so (this pass's and any interrupted
 //!    pass's), then forget its record, 1,000 at a time.
 //! 3. Purge upload sessions whose bytes have not changed for the configured age.
@@ -324,31 +324,27 @@ impl Registry {
                 .delete_untagged
                 .then(|| now - millis(options.untagged_min_age)),
             blobs_unused_before_ms: now - millis(options.blob_grace),
-            dry_run: options.dry_run,
         };
         let mut report = GcReport {
             dry_run: options.dry_run,
             ..GcReport::default()
         };
         if options.dry_run {
-            // One transaction, rolled back: exactly what a pass would remove.
-            let marked = self.meta.mark_garbage(selection).await?;
+            // Read from one snapshot: no writer waits for it, however large the store.
+            let preview = self
+                .meta
+                .preview_garbage(selection, REPORT_LIST_MAX)
+                .await?;
             report.mark_ms = started.elapsed().as_millis() as u64;
-            report.manifests_removed_count = marked.manifests.len() as u64;
-            report.manifests_removed = marked
+            report.manifests_removed_count = preview.manifest_count;
+            report.manifests_removed = preview
                 .manifests
                 .iter()
-                .take(REPORT_LIST_MAX)
                 .map(|(repo, d)| format!("{repo}@{d}"))
                 .collect();
-            report.blobs_removed_count = marked.blobs.len() as u64;
-            report.blobs_removed = marked
-                .blobs
-                .iter()
-                .take(REPORT_LIST_MAX)
-                .map(|(d, _)| d.to_string())
-                .collect();
-            report.bytes_freed = marked.blobs.iter().map(|(_, size)| size).sum();
+            report.blobs_removed_count = preview.blob_count;
+            report.blobs_removed = preview.blobs.iter().map(|(d, _)| d.to_string()).collect();
+            report.bytes_freed = preview.bytes;
         } else {
             let (manifests, count) = self.mark_in_batches(&selection).await?;
             report.mark_ms = started.elapsed().as_millis() as u64;
