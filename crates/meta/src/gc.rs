@@ -25,27 +25,20 @@ macro_rules! live_manifests {
     };
 }
 
-/// The manifests no tag reaches (see [`live_manifests`]).
-const UNREACHED_MANIFESTS: &str = concat!(
-    live_manifests!(),
-    "SELECT m.repo, m.digest FROM manifests m
-WHERE NOT EXISTS (SELECT 1 FROM live l WHERE l.repo = m.repo AND l.digest = m.digest)
-ORDER BY m.repo, m.digest"
-);
-
-/// [`UNREACHED_MANIFESTS`], counted.
+/// The manifests no tag reaches (see [`live_manifests`]), counted.
 const UNREACHED_MANIFESTS_COUNT: &str = concat!(
     live_manifests!(),
     "SELECT count(*) FROM manifests m
 WHERE NOT EXISTS (SELECT 1 FROM live l WHERE l.repo = m.repo AND l.digest = m.digest)"
 );
 
-/// [`UNREACHED_MANIFESTS`], the first `?2`.
-const UNREACHED_MANIFESTS_FIRST: &str = concat!(
+/// A page of them: the first `?4` after (`?2`, `?3`) in (repository, digest) order.
+const UNREACHED_MANIFESTS_PAGE: &str = concat!(
     live_manifests!(),
     "SELECT m.repo, m.digest FROM manifests m
-WHERE NOT EXISTS (SELECT 1 FROM live l WHERE l.repo = m.repo AND l.digest = m.digest)
-ORDER BY m.repo, m.digest LIMIT ?2"
+WHERE (m.repo > ?2 OR (m.repo = ?2 AND m.digest > ?3))
+  AND NOT EXISTS (SELECT 1 FROM live l WHERE l.repo = m.repo AND l.digest = m.digest)
+ORDER BY m.repo, m.digest LIMIT ?4"
 );
 
 /// The live blobs unused since `?1` that no manifest references: what a collection that
@@ -86,10 +79,7 @@ pub(crate) fn preview(
             preview.manifest_count = tx
                 .query_one(UNREACHED_MANIFESTS_COUNT, args![cutoff])?
                 .size(0)?;
-            preview.manifests =
-                tx.query_map(UNREACHED_MANIFESTS_FIRST, args![cutoff, limit], |mut r| {
-                    Ok((r.text(0)?, r.digest(1)?))
-                })?;
+            preview.manifests = unreached(tx, cutoff, None, list_max)?;
             let shape = UNUSED_BLOBS_UNREACHED;
             (
                 tx.query_one(&sql(shape, totals, ""), args![cutoff, unused_before])?,
@@ -141,13 +131,22 @@ pub(crate) fn dangling_edges(tx: &mut dyn Tx) -> Result<Vec<DanglingEdge>, MetaE
     )
 }
 
-/// The manifests no tag reaches, pushed before `cutoff`: a collection's candidates, read
-/// from a snapshot (writers go on); [`remove_if_unreached`] checks each again as it
-/// removes it.
-pub(crate) fn unreached(tx: &mut dyn Tx, cutoff: i64) -> Result<Vec<(String, Digest)>, MetaError> {
-    tx.query_map(UNREACHED_MANIFESTS, args![cutoff], |mut r| {
-        Ok((r.text(0)?, r.digest(1)?))
-    })
+/// The manifests no tag reaches, pushed before `cutoff`: a page of a collection's
+/// candidates (the first `limit` after `after`), read from a snapshot (writers go on);
+/// [`remove_if_unreached`] checks each again as it removes it.
+pub(crate) fn unreached(
+    tx: &mut dyn Tx,
+    cutoff: i64,
+    after: Option<&(String, Digest)>,
+    limit: usize,
+) -> Result<Vec<(String, Digest)>, MetaError> {
+    let (repo, digest) = after.map_or(("", ""), |(r, d)| (r.as_str(), d.as_str()));
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    tx.query_map(
+        UNREACHED_MANIFESTS_PAGE,
+        args![cutoff, repo, digest, limit],
+        |mut r| Ok((r.text(0)?, r.digest(1)?)),
+    )
 }
 
 /// Whether a manifest is still removable now: pushed before the cutoff, no tag on it, no

@@ -580,9 +580,12 @@ impl MetaStore for Database {
     async fn unreached_manifests(
         &self,
         cutoff_ms: i64,
+        after: Option<(String, Digest)>,
+        limit: usize,
     ) -> Result<Vec<(String, Digest)>, MetaError> {
+        // Off the async threads: the reachability query walks every tag.
         self.engine
-            .read(move |tx| crate::gc::unreached(tx, cutoff_ms))
+            .read_snapshot(move |tx| crate::gc::unreached(tx, cutoff_ms, after.as_ref(), limit))
             .await
     }
 

@@ -511,9 +511,15 @@ pub trait MetaStore: EventLog + Send + Sync + 'static {
         list_max: usize,
     ) -> Result<GcPreview, MetaError>;
     /// The manifests no tag reaches that were pushed before `cutoff_ms`, read from a
-    /// snapshot: the candidates of a collection that removes untagged manifests.
-    async fn unreached_manifests(&self, cutoff_ms: i64)
-        -> Result<Vec<(String, Digest)>, MetaError>;
+    /// snapshot: a page (the first `limit` after `after`, in (repository, digest) order)
+    /// of the candidates of a collection that removes untagged manifests. Each page walks
+    /// every tag again; pages keep the candidates out of memory at once.
+    async fn unreached_manifests(
+        &self,
+        cutoff_ms: i64,
+        after: Option<(String, Digest)>,
+        limit: usize,
+    ) -> Result<Vec<(String, Digest)>, MetaError>;
     /// Removes those of `candidates` still unreached now, in one transaction (a batch of
     /// a collection); returns what went.
     async fn remove_unreached_manifests(

@@ -163,10 +163,17 @@ async fn mark_all(
 ) -> (Vec<(String, Digest)>, Vec<(Digest, u64)>) {
     let mut manifests = Vec::new();
     if let Some(cutoff) = selection.untagged_pushed_before_ms {
-        let candidates = db.unreached_manifests(cutoff).await.unwrap();
-        for batch in candidates.chunks(3) {
-            let removed = db.remove_unreached_manifests(batch.to_vec(), cutoff);
-            manifests.extend(removed.await.unwrap());
+        let mut after = None;
+        loop {
+            let candidates = db.unreached_manifests(cutoff, after, 4).await.unwrap();
+            let Some(last) = candidates.last() else {
+                break;
+            };
+            after = Some(last.clone());
+            for batch in candidates.chunks(3) {
+                let removed = db.remove_unreached_manifests(batch.to_vec(), cutoff);
+                manifests.extend(removed.await.unwrap());
+            }
         }
     }
     let (mut blobs, mut after) = (Vec::new(), String::new());
@@ -1865,9 +1872,16 @@ engine_test!(
                 .await
                 .unwrap();
         }
-        let candidates = db.unreached_manifests(far_future()).await.unwrap();
+        let candidates = db
+            .unreached_manifests(far_future(), None, 10)
+            .await
+            .unwrap();
         let names: Vec<&Digest> = candidates.iter().map(|(_, d)| d).collect();
         assert_eq!(names, [&untagged, &index, &child_m, &referrer]);
+        // In pages, from where the last one ended.
+        let first = db.unreached_manifests(far_future(), None, 3).await.unwrap();
+        let rest = db.unreached_manifests(far_future(), first.last().cloned(), 3);
+        assert_eq!([first, rest.await.unwrap()].concat(), candidates);
 
         // A push tags one candidate after the snapshot: it stays, and so does its
         // referrer; the index and its child go, in one batch, the index first.

@@ -125,6 +125,9 @@ pub const REPORT_LIST_MAX: usize = 1000;
 const MARK_BATCH: usize = 1000;
 /// Untagged manifests removed per metadata transaction.
 const MANIFEST_BATCH: usize = 500;
+/// Candidate manifests read at a time: each page walks every tag again (about half a
+/// second at 100,000 tags), and a page is held in memory while its batches go.
+const CANDIDATE_PAGE: usize = 10_000;
 /// Blobs swept (bytes deleted, then records forgotten) per step.
 const SWEEP_BATCH: usize = 1000;
 
@@ -284,18 +287,18 @@ impl Registry {
     ) -> Result<(Vec<String>, u64), RegistryError> {
         let (mut listed, mut count) = (Vec::new(), 0u64);
         if let Some(cutoff) = selection.untagged_pushed_before_ms {
-            let candidates = self.meta.unreached_manifests(cutoff).await?;
-            for batch in candidates.chunks(MANIFEST_BATCH) {
-                let removed = self
+            let mut after = None;
+            loop {
+                let candidates = self
                     .meta
-                    .remove_unreached_manifests(batch.to_vec(), cutoff)
+                    .unreached_manifests(cutoff, after, CANDIDATE_PAGE)
                     .await?;
-                for (repo, digest) in &removed {
-                    self.manifests.forget(repo, digest);
-                }
-                count += removed.len() as u64;
-                let room = REPORT_LIST_MAX.saturating_sub(listed.len());
-                listed.extend(removed.iter().take(room).map(|(r, d)| format!("{r}@{d}")));
+                let Some(last) = candidates.last() else {
+                    break;
+                };
+                after = Some(last.clone());
+                self.remove_unreached(&candidates, cutoff, &mut listed, &mut count)
+                    .await?;
             }
         }
         let mut after = String::new();
@@ -309,6 +312,30 @@ impl Registry {
                 None => return Ok((listed, count)),
             }
         }
+    }
+
+    /// Removes those of one page of candidates still unreached, a batch per transaction;
+    /// adds them to the report's list and count.
+    async fn remove_unreached(
+        &self,
+        candidates: &[(String, berth_oci::Digest)],
+        cutoff: i64,
+        listed: &mut Vec<String>,
+        count: &mut u64,
+    ) -> Result<(), RegistryError> {
+        for batch in candidates.chunks(MANIFEST_BATCH) {
+            let removed = self
+                .meta
+                .remove_unreached_manifests(batch.to_vec(), cutoff)
+                .await?;
+            for (repo, digest) in &removed {
+                self.manifests.forget(repo, digest);
+            }
+            *count += removed.len() as u64;
+            let room = REPORT_LIST_MAX.saturating_sub(listed.len());
+            listed.extend(removed.iter().take(room).map(|(r, d)| format!("{r}@{d}")));
+        }
+        Ok(())
     }
 
     /// Whether a collection is alive now (its lease held and not expired).
