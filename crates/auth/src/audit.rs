@@ -70,6 +70,7 @@ pub fn event(
         result: outcome.as_str().to_owned(),
         detail: detail.to_owned(),
         change: None,
+        repeats: 1,
     }
 }
 
@@ -102,7 +103,52 @@ pub fn login_event(name: &str, address: &str, outcome: Outcome, detail: &str) ->
                 reason: detail.to_owned(),
             },
         }),
+        repeats: 1,
     }
+}
+
+/// Identical records without a change among `records`, as one record each with their
+/// count (`repeats`), at the first one's time and place in the order. Only for a busy
+/// batch: a client pulling one manifest in a loop, or failing one login in a loop, then
+/// adds a row per batch instead of one per request, and nothing is lost but the spacing.
+/// Records with a change are never merged: webhooks and replication read each.
+fn coalesce(records: impl Iterator<Item = NewAuditEvent>) -> Vec<NewAuditEvent> {
+    use std::collections::HashMap;
+    use std::hash::{Hash, Hasher};
+    fn fields(e: &NewAuditEvent) -> [&str; 7] {
+        [
+            &e.actor,
+            &e.actor_kind,
+            &e.address,
+            &e.action,
+            &e.resource,
+            &e.result,
+            &e.detail,
+        ]
+        .map(String::as_str)
+    }
+    let mut out: Vec<NewAuditEvent> = Vec::new();
+    // By a hash of the fields; a collision only costs a merge not made.
+    let mut first: HashMap<u64, usize> = HashMap::new();
+    for record in records {
+        if record.change.is_none() {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            fields(&record).hash(&mut hasher);
+            let key = hasher.finish();
+            match first.get(&key) {
+                Some(&at) if fields(&out[at]) == fields(&record) => {
+                    out[at].repeats += record.repeats;
+                    continue;
+                }
+                Some(_) => {}
+                None => {
+                    first.insert(key, out.len());
+                }
+            }
+        }
+        out.push(record);
+    }
+    out
 }
 
 /// Where events go.
@@ -149,8 +195,14 @@ impl AuditLog {
                         }
                     }
                 }
+                let busy = batch.len() >= BUSY;
                 let (records, waiting): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
-                pending.extend(records.into_iter().flatten());
+                let records = records.into_iter().flatten();
+                if busy {
+                    pending.extend(coalesce(records));
+                } else {
+                    pending.extend(records);
+                }
                 let overflow = pending.len().saturating_sub(MAX_PENDING);
                 if overflow > 0 {
                     pending.drain(..overflow);
@@ -201,5 +253,98 @@ impl AuditLog {
         if self.queue.send((Some(event), Some(done))).await.is_err() || written.await.is_err() {
             tracing::error!("audit log writer stopped");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_meta::{AuditFilter, Database};
+
+    fn pull(actor: &str, resource: &str) -> NewAuditEvent {
+        NewAuditEvent {
+            at_ms: now_ms(),
+            actor: actor.into(),
+            actor_kind: "user".into(),
+            address: "127.0.0.1".into(),
+            action: "pull".into(),
+            resource: resource.into(),
+            result: "success".into(),
+            detail: String::new(),
+            change: None,
+            repeats: 1,
+        }
+    }
+
+    #[test]
+    fn identical_records_are_counted_once_and_changes_never_merged() {
+        let login = login_event("alice", "127.0.0.1", Outcome::Success, "");
+        let records = vec![
+            pull("alice", "app:v1"),
+            login.clone(),
+            pull("alice", "app:v1"),
+            pull("bob", "app:v1"),
+            login.clone(),
+            pull("alice", "app:v2"),
+            pull("alice", "app:v1"),
+        ];
+        let merged = coalesce(records.into_iter());
+        let seen: Vec<(&str, &str, &str, u64)> = merged
+            .iter()
+            .map(|e| {
+                let what = (e.actor.as_str(), e.action.as_str());
+                (what.0, what.1, e.resource.as_str(), e.repeats)
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("alice", "pull", "app:v1", 3),
+                ("alice", "login", "alice", 1),
+                ("bob", "pull", "app:v1", 1),
+                ("alice", "login", "alice", 1),
+                ("alice", "pull", "app:v2", 1),
+            ]
+        );
+    }
+
+    /// A flood of one client's identical pulls costs a few rows, and every pull is
+    /// counted; a quiet sequence keeps one row per event.
+    #[tokio::test]
+    async fn a_busy_batch_is_written_counted_and_a_quiet_one_row_by_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Database::open_sqlite(&dir.path().join("meta.db")).unwrap());
+        let log = AuditLog::start(store.clone());
+        // Queued before the writer runs (this runtime has one thread): one busy batch.
+        for _ in 0..300 {
+            log.record(pull("alice", "app:v1")).await;
+        }
+        log.record(pull("bob", "app:v1")).await;
+        log.flush().await;
+        let all = AuditFilter {
+            limit: 100,
+            ..AuditFilter::default()
+        };
+        let rows = store.audit(all.clone()).await.unwrap();
+        let counts: Vec<(String, u64)> = rows
+            .iter()
+            .map(|r| (r.event.actor.clone(), r.event.repeats))
+            .collect();
+        assert_eq!(counts, [("bob".into(), 1), ("alice".into(), 300)]);
+
+        // One at a time, each written before the next: nothing is merged.
+        for _ in 0..3 {
+            log.record(pull("carol", "app:v1")).await;
+            log.flush().await;
+        }
+        let carol = store
+            .audit(AuditFilter {
+                actor: Some("carol".into()),
+                ..all
+            })
+            .await
+            .unwrap();
+        assert_eq!(carol.len(), 3);
+        assert!(carol.iter().all(|r| r.event.repeats == 1));
     }
 }

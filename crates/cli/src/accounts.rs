@@ -191,19 +191,20 @@ pub(crate) async fn audit_command(access: AccessControl, args: AuditArgs) -> any
             let line = serde_json::json!({
                 "id": record.id, "time": rfc3339(e.at_ms), "actor": e.actor, "actor_kind": e.actor_kind,
                 "address": e.address, "action": e.action, "resource": e.resource,
-                "result": e.result, "detail": e.detail,
+                "result": e.result, "detail": e.detail, "count": e.repeats,
             });
             println!("{line}");
         } else {
             println!(
-                "{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
                 rfc3339(e.at_ms),
                 printable(&e.actor),
                 printable(&e.address),
                 printable(&e.action),
                 printable(&e.resource),
                 printable(&e.result),
-                printable(&e.detail)
+                printable(&e.detail),
+                e.repeats
             );
         }
     }

@@ -125,6 +125,9 @@ pub struct NewAuditEvent {
     /// only the audit log shows (refusals, failed requests, pulls). Changes to stored
     /// state are not recorded this way: the store records them with the change.
     pub change: Option<Change>,
+    /// How many times it happened, from `at_ms` on: 1, unless identical records arrived
+    /// together under load and were written as one.
+    pub repeats: u64,
 }
 
 /// A recorded audit event.
@@ -387,6 +390,7 @@ fn audit_row(mut r: Row) -> Result<AuditRecord, MetaError> {
                 .map(|json| serde_json::from_str(&json))
                 .transpose()
                 .map_err(|e| MetaError::Corrupt(e.to_string()))?,
+            repeats: r.size(10)?,
         },
     })
 }
@@ -878,9 +882,10 @@ impl AccountStore for Database {
                         .map(serde_json::to_string)
                         .transpose()
                         .map_err(|e| MetaError::Backend(e.to_string()))?;
+                    let repeats = i64::try_from(e.repeats.max(1)).unwrap_or(i64::MAX);
                     tx.execute(
-                        "INSERT INTO events (seq, at, actor, actor_kind, address, action, resource, result, detail, change)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                        "INSERT INTO events (seq, at, actor, actor_kind, address, action, resource, result, detail, change, repeats)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                         args![
                             seq,
                             e.at_ms,
@@ -891,7 +896,8 @@ impl AccountStore for Database {
                             bounded(&e.resource),
                             bounded(&e.result),
                             bounded(&e.detail),
-                            change.as_deref()
+                            change.as_deref(),
+                            repeats
                         ],
                     )?;
                 }
@@ -902,7 +908,8 @@ impl AccountStore for Database {
 
     async fn audit(&self, filter: AuditFilter) -> Result<Vec<AuditRecord>, MetaError> {
         let sql =
-            "SELECT seq, at, actor, actor_kind, address, action, resource, result, detail, change FROM events
+            "SELECT seq, at, actor, actor_kind, address, action, resource, result, detail, change, repeats
+                   FROM events
                    WHERE (CAST(?1 AS TEXT) IS NULL OR actor = ?1)
                      AND (CAST(?2 AS TEXT) IS NULL OR action = ?2)
                      AND (CAST(?3 AS TEXT) IS NULL OR substr(resource, 1, length(?3)) = ?3)

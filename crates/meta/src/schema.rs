@@ -300,6 +300,11 @@ CREATE INDEX tags_by_update ON tags (updated_at);
     r#"
 CREATE INDEX events_with_change ON events (seq) WHERE change IS NOT NULL;
 "#,
+    // 16: how many times an audit record happened: identical records that arrive together
+    // under load (a client pulling the same manifest in a loop) are written once, counted.
+    r#"
+ALTER TABLE events ADD COLUMN repeats {int} NOT NULL DEFAULT 1;
+"#,
 ];
 
 /// Where PostgreSQL databases made before the schema was shared stand in [`MIGRATIONS`]:

@@ -1026,6 +1026,7 @@ fn audit_event(
         result: result.into(),
         detail: "\u{1b}[31m".into(),
         change: None,
+        repeats: 1,
     }
 }
 

@@ -94,6 +94,7 @@ fn audit_json(r: &AuditRecord) -> Value {
         "resource": e.resource,
         "result": e.result,
         "detail": e.detail,
+        "count": e.repeats,
     })
 }
 

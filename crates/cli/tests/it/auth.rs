@@ -1295,6 +1295,41 @@ fn pull_auditing_can_be_switched_off_but_refusals_are_always_recorded() {
     );
 }
 
+/// Pulls hammered by one client are written a few to a row under load, and each is
+/// counted: the sum of the pull records' counts is the number of pulls.
+#[test]
+fn a_flood_of_identical_pulls_is_counted_pull_for_pull() {
+    let reg = crate::start_with_auth(settings());
+    let admin = Who::admin();
+    push_image_as(&reg, &admin, "flood/app", "v1", b"flood layer");
+    let url = format!("{}/v2/flood/app/manifests/v1", reg.url());
+    let (threads, each) = (8, 100);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                let client = http();
+                for _ in 0..each {
+                    let r = admin.request(&client, Method::GET, &url).send().unwrap();
+                    assert_eq!(r.status(), StatusCode::OK);
+                }
+            });
+        }
+    });
+    // The listing waits for what was queued before it.
+    let body = expect_api(
+        &reg,
+        &admin,
+        Method::GET,
+        "/audit?action=pull&limit=1000",
+        None,
+        StatusCode::OK,
+    );
+    let pulls = body["events"].as_array().unwrap();
+    let counted: u64 = pulls.iter().map(|e| e["count"].as_u64().unwrap()).sum();
+    assert_eq!(counted, threads * each, "{pulls:#?}");
+    assert!(pulls.iter().all(|e| e["resource"] == "flood/app:v1"));
+}
+
 #[test]
 fn the_token_endpoint_refuses_malformed_requests() {
     let reg = crate::start_with_auth(settings());

@@ -686,7 +686,10 @@ pub(super) async fn admin(
                         tr {
                             td { (super::when(r.event.at_ms)) }
                             td { (r.event.actor) }
-                            td { (r.event.action) }
+                            td {
+                                (r.event.action)
+                                @if r.event.repeats > 1 { " ×" (r.event.repeats) }
+                            }
                             td.digest { (r.event.resource) }
                             td { (r.event.result) }
                         }
