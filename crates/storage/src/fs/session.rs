@@ -1,0 +1,307 @@
+//! Upload sessions of the file-system store: the in-memory state of each open upload
+//! (running hash, length), rebuilt from its staged file after a restart or when another
+//! process appended to it, and the pipelined append that hashes a request body while a
+//! blocking thread writes it.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use berth_oci::{Algorithm, Digest, DigestHasher};
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use super::{FsBlobStore, READ_CHUNK, STAGED_SUFFIX};
+use crate::{ByteStream, StorageError, UploadId};
+
+/// Bodies up to this size are written in one call instead of through the pipeline.
+const SMALL_BODY: usize = 256 * 1024;
+/// Chunks in flight between the task reading the request and the thread hashing and
+/// writing them: bounds memory per upload while letting both run at once.
+const PIPELINE_DEPTH: usize = 32;
+
+/// What the server remembers of an open upload between requests. After a restart it is
+/// rebuilt from the staged file (`hasher: None` means "rehash before use").
+pub(super) struct Session {
+    pub(super) hasher: Option<DigestHasher>,
+    pub(super) len: u64,
+    /// Bytes appended since write-back was last started, across requests: a chunked
+    /// upload of many small PATCHes gets its write-back started as a large one does.
+    pub(super) unflushed: u64,
+}
+
+impl FsBlobStore {
+    /// Where a session's bytes are staged.
+    pub(super) fn staged_path(&self, id: &UploadId) -> PathBuf {
+        self.root
+            .join("uploads")
+            .join(format!("{}{STAGED_SUFFIX}", id.as_str()))
+    }
+
+    /// Where earlier versions staged a session: a directory per session.
+    pub(super) fn legacy_session_dir(&self, id: &UploadId) -> PathBuf {
+        self.root.join("uploads").join(id.as_str())
+    }
+
+    /// Moves a session staged the older way to the current layout. `false` if there is none.
+    pub(super) async fn adopt_legacy_session(&self, id: &UploadId) -> io::Result<bool> {
+        let dir = self.legacy_session_dir(id);
+        match tokio::fs::rename(dir.join("data"), self.staged_path(id)).await {
+            Ok(()) => {
+                let _ = tokio::fs::remove_dir(&dir).await;
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The session's in-memory state, loading it from disk if the server restarted since
+    /// the session was opened.
+    pub(super) async fn session(
+        &self,
+        id: &UploadId,
+    ) -> Result<Arc<tokio::sync::Mutex<Session>>, StorageError> {
+        if let Some(s) = self.sessions.lock().expect("sessions lock").get(id) {
+            return Ok(s.clone());
+        }
+        let staged = self.staged_path(id);
+        let (len, hasher) = match tokio::fs::metadata(&staged).await {
+            Ok(m) => (m.len(), None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if self.adopt_legacy_session(id).await? {
+                    (tokio::fs::metadata(&staged).await?.len(), None)
+                } else {
+                    // No bytes yet (the file comes with the first ones), or no session at
+                    // all: which, the metadata store knows, and the registry asked it first.
+                    (0, Some(DigestHasher::new(Algorithm::Sha256)))
+                }
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let fresh = Arc::new(tokio::sync::Mutex::new(Session {
+            hasher,
+            len,
+            unflushed: 0,
+        }));
+        let mut map = self.sessions.lock().expect("sessions lock");
+        Ok(map.entry(id.clone()).or_insert(fresh).clone())
+    }
+
+    /// Another process sharing this directory (a second node on a shared volume) may have
+    /// appended to the session since this one last did: if the staged file's length is not
+    /// what the in-memory state says, drop the state, so it is rebuilt from the file.
+    ///
+    /// The `stat` runs right here rather than on the blocking pool: it reads an inode the
+    /// kernel holds in memory (the session's own file, touched moments ago), which costs a
+    /// few microseconds, while a hand-off to a blocking thread and back costs two context
+    /// switches. Every upload request does this up to three times.
+    pub(super) fn resync(&self, id: &UploadId, state: &mut Session) -> Result<(), StorageError> {
+        let len = match std::fs::metadata(self.staged_path(id)) {
+            Ok(m) => m.len(),
+            // Nothing written yet.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && state.len == 0 => return Ok(()),
+            // Purged behind our back (`berth gc` in another process).
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.forget(id);
+                return Err(StorageError::UploadUnknown(id.clone()));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if len != state.len {
+            state.hasher = None;
+            state.len = len;
+        }
+        Ok(())
+    }
+
+    /// Appends `body` at `offset` to a locked session, hashing as it goes. With
+    /// `defer_small`, a body that ends within [`SMALL_BODY`] is hashed but not written:
+    /// it is returned for the caller to write (the session's hash covers it, its length
+    /// does not yet).
+    pub(super) async fn write_body(
+        &self,
+        id: &UploadId,
+        state: &mut Session,
+        offset: u64,
+        mut body: ByteStream,
+        defer_small: bool,
+    ) -> Result<Vec<Bytes>, StorageError> {
+        if offset != state.len {
+            return Err(StorageError::OutOfOrder {
+                expected: state.len,
+                got: offset,
+            });
+        }
+        let path = self.staged_path(id);
+        let hasher = match state.hasher.take() {
+            Some(h) => h,
+            None => {
+                let p = path.clone();
+                let (h, len) =
+                    tokio::task::spawn_blocking(move || hash_file(&p, Algorithm::Sha256))
+                        .await
+                        .map_err(io::Error::other)??;
+                state.len = len;
+                if offset != len {
+                    return Err(StorageError::OutOfOrder {
+                        expected: len,
+                        got: offset,
+                    });
+                }
+                h
+            }
+        };
+
+        // Small bodies (most config and layer blobs of real images) are gathered and written
+        // in one blocking call; larger ones are read and hashed here while a blocking thread
+        // writes: on two cores the network and the hash get one, the page-cache copy the other.
+        let mut hasher = hasher;
+        let mut head: Vec<Bytes> = Vec::new();
+        let mut head_len = 0usize;
+        let mut body_error = None;
+        let mut ended = false;
+        while head_len < SMALL_BODY {
+            match body.next().await {
+                None => {
+                    ended = true;
+                    break;
+                }
+                Some(Ok(chunk)) => {
+                    if !chunk.is_empty() {
+                        hasher.update(&chunk);
+                        head_len += chunk.len();
+                        head.push(chunk);
+                    }
+                }
+                Some(Err(e)) => {
+                    body_error = Some(e);
+                    ended = true;
+                    break;
+                }
+            }
+        }
+        if ended && body_error.is_none() && defer_small {
+            state.hasher = Some(hasher);
+            return Ok(head);
+        }
+        let start_len = state.len;
+        let (written, result) = if ended {
+            let p = path.clone();
+            tokio::task::spawn_blocking(move || crate::staging::append_batch(&p, &head))
+                .await
+                .map_err(io::Error::other)?
+        } else {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(PIPELINE_DEPTH);
+            let writer = tokio::task::spawn_blocking(move || {
+                crate::staging::append_chunks(&path, start_len, &mut rx)
+            });
+            let mut sending = true;
+            for chunk in head {
+                if tx.send(chunk).await.is_err() {
+                    sending = false; // the writer failed; its error is reported below
+                    break;
+                }
+            }
+            while sending {
+                match body.next().await {
+                    None => sending = false,
+                    Some(Ok(chunk)) if chunk.is_empty() => {}
+                    Some(Ok(chunk)) => {
+                        hasher.update(&chunk);
+                        sending = tx.send(chunk).await.is_ok();
+                    }
+                    Some(Err(e)) => {
+                        body_error = Some(e);
+                        sending = false;
+                    }
+                }
+            }
+            drop(tx);
+            writer.await.map_err(io::Error::other)?
+        };
+        match result {
+            Ok(()) => {
+                state.hasher = Some(hasher);
+                state.len = start_len + written;
+                state.unflushed += written;
+                if state.unflushed >= crate::staging::WRITEBACK_EVERY {
+                    state.unflushed = 0;
+                    let staged = self.staged_path(id);
+                    // Not awaited: the client need not wait for the disk yet.
+                    drop(tokio::task::spawn_blocking(move || {
+                        if let Ok(file) = File::open(&staged) {
+                            let _ = file.sync_data();
+                        }
+                    }));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Purged behind our back (`berth gc` in another process).
+                self.forget(id);
+                return Err(StorageError::UploadUnknown(id.clone()));
+            }
+            Err(e) => {
+                // What reached the file is unknown: rehash it on next use.
+                state.hasher = None;
+                state.len = tokio::fs::metadata(self.staged_path(id))
+                    .await
+                    .map(|m| m.len())
+                    .unwrap_or(0);
+                return Err(e.into());
+            }
+        }
+        if let Some(source) = body_error {
+            return Err(StorageError::BodyInterrupted {
+                kept: state.len,
+                source,
+            });
+        }
+        Ok(Vec::new())
+    }
+
+    /// The digest of a locked session's bytes: from the running hash, or by reading the
+    /// staged file (after a restart, or for another algorithm).
+    pub(super) async fn session_digest(
+        &self,
+        id: &UploadId,
+        state: &mut Session,
+        algorithm: Algorithm,
+    ) -> Result<Digest, StorageError> {
+        if let (Some(h), Algorithm::Sha256) = (&state.hasher, algorithm) {
+            return Ok(h.clone().finish());
+        }
+        let staged = self.staged_path(id);
+        let (h, len) = tokio::task::spawn_blocking(move || hash_file(&staged, algorithm))
+            .await
+            .map_err(io::Error::other)??;
+        state.len = len;
+        Ok(h.finish())
+    }
+
+    pub(super) fn forget(&self, id: &UploadId) {
+        self.sessions.lock().expect("sessions lock").remove(id);
+    }
+}
+
+/// Hashes a whole file from the start; used after a restart or for non-default algorithms.
+pub(super) fn hash_file(path: &Path, algorithm: Algorithm) -> io::Result<(DigestHasher, u64)> {
+    let mut hasher = DigestHasher::new(algorithm);
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        // A session whose first bytes have yet to come.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((hasher, 0)),
+        Err(e) => return Err(e),
+    };
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut len = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok((hasher, len));
+        }
+        hasher.update(&buf[..n]);
+        len += n as u64;
+    }
+}
