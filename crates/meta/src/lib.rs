@@ -8,6 +8,7 @@
 //! PostgreSQL shared by several nodes. `engine` is the cut between the two.
 
 mod accounts;
+mod audit;
 mod engine;
 mod events;
 mod gc;
@@ -29,9 +30,10 @@ use async_trait::async_trait;
 use berth_oci::{Digest, ManifestEdge, Reference, RepoName, Tag};
 
 pub use accounts::{
-    AccountStore, AuditFilter, AuditRecord, MemberRecord, NewAuditEvent, ProjectAccess,
-    ProjectOrigin, ProjectRecord, RefreshTokenRecord, RobotRecord, UserRecord,
+    AccountStore, MemberRecord, ProjectAccess, ProjectOrigin, ProjectRecord, RefreshTokenRecord,
+    RobotRecord, UserRecord,
 };
+pub use audit::{AuditFilter, AuditRecord, NewAuditEvent};
 pub use events::{Actor, Change, Event, EventLog, TagChange};
 pub use proxy_caches::ProxyCacheStore;
 pub use replication::{
