@@ -136,8 +136,12 @@ impl SqliteEngine {
                 .map_err(|_| MetaError::Backend("reader lock poisoned".into()))?;
             conn.execute_batch("BEGIN DEFERRED").map_err(backend)?;
             let outcome = read(&mut SqliteTx(&conn));
-            // Read-only: ending it either way changes nothing.
-            let ended = conn.execute_batch("COMMIT").map_err(backend);
+            // Read-only: ending it either way changes nothing, but it must end, or every
+            // later read on this connection would see this snapshot.
+            let ended = conn
+                .execute_batch("COMMIT")
+                .or_else(|_| conn.execute_batch("ROLLBACK"))
+                .map_err(backend);
             let value = outcome?;
             ended.map(|()| value)
         })

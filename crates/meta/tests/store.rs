@@ -662,6 +662,16 @@ engine_test!(garbage_collection_marks_what_nothing_reaches, |place| {
         (tagged.as_str(), kept.as_str(), "layer")
     );
     assert!(db.linked_blob(&app, &kept).await.unwrap().is_none());
+
+    // A dry run leaves no reader on its snapshot: a write after it is seen by every read.
+    for _ in 0..8 {
+        db.preview_garbage(selection, 1).await.unwrap();
+    }
+    let later = digest('9');
+    push_blob(&db, &app, &later, 10).await;
+    for _ in 0..16 {
+        assert!(db.linked_blob(&app, &later).await.unwrap().is_some());
+    }
 });
 
 engine_test!(
