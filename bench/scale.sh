@@ -164,31 +164,30 @@ python3 bench/scale-measure.py delete "$PORT" "$WORK/large.manifests" >"$WORK/de
 cat "$WORK/deleted" >&2
 log "pushes with no collection running"
 python3 bench/scale-measure.py pushes "$PORT" 10 "$WORK/pushes-idle"
+# beside_pushes NAME QUERY: POST /api/v1/gc?QUERY while a client pushes small images one
+# after another; the report in NAME-report, the wall time in NAME-ms, the pushes'
+# latencies in pushes-NAME.
+beside_pushes() {
+  python3 bench/scale-measure.py pushes "$PORT" 900 "$WORK/pushes-$1" &
+  local pusher=$!
+  sleep 1
+  local t0 t1
+  t0=$(date +%s%N)
+  curl -sf -X POST "http://127.0.0.1:$PORT/api/v1/gc?$2" >"$WORK/$1-report"
+  t1=$(date +%s%N)
+  sleep 1
+  touch "$WORK/pushes-$1.stop"
+  wait "$pusher"
+  echo "$(( (t1 - t0) / 1000000 ))" >"$WORK/$1-ms"
+}
 # A dry run first: read from one snapshot, it must hold up no push however long it takes.
 log "dry-run collection through the API beside pushes"
-python3 bench/scale-measure.py pushes "$PORT" 900 "$WORK/pushes-dry" &
-PUSHER=$!
-sleep 1
-dry_start=$(date +%s%N)
-curl -sf -X POST "http://127.0.0.1:$PORT/api/v1/gc?dry_run=true&delete_untagged=true" >"$WORK/dry-report"
-dry_end=$(date +%s%N)
-sleep 1
-touch "$WORK/pushes-dry.stop"
-wait "$PUSHER"
-echo "$(( (dry_end - dry_start) / 1000000 ))" >"$WORK/dry-ms"
+beside_pushes dry "dry_run=true&delete_untagged=true"
 # Through the serving node's API, as the web UI and the schedule run it (`berth gc` from
 # another process works too, but its SQLite writes then wait on the file lock's
 # backoff instead of the node's write queue).
 log "collection through the API beside pushes"
-python3 bench/scale-measure.py pushes "$PORT" 900 "$WORK/pushes-gc" &
-PUSHER=$!
-sleep 1
-gc_start=$(date +%s%N)
-curl -sf -X POST "http://127.0.0.1:$PORT/api/v1/gc" >"$WORK/gc-report"
-gc_end=$(date +%s%N)
-touch "$WORK/pushes-gc.stop"
-wait "$PUSHER"
-echo "$(( (gc_end - gc_start) / 1000000 ))" >"$WORK/gc-ms"
+beside_pushes gc ""
 stop
 fi
 
