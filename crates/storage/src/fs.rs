@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use berth_oci::{Algorithm, Digest, DigestHasher};
+use berth_oci::{Algorithm, Digest};
 use bytes::Bytes;
 
 use crate::{BlobStore, ByteRange, ByteStream, LocalBlob, Sealed, StorageError, UploadId};
@@ -293,11 +293,7 @@ impl BlobStore for FsBlobStore {
     async fn start_upload(&self, id: &UploadId) -> Result<(), StorageError> {
         // Nothing on disk yet: the staged file is created with the first bytes, by the
         // thread that writes them (for most pushes, the one that then publishes them).
-        let session = Session {
-            hasher: Some(DigestHasher::new(Algorithm::Sha256)),
-            len: 0,
-            unflushed: 0,
-        };
+        let session = Session::empty();
         self.sessions
             .lock()
             .expect("sessions lock")
@@ -362,7 +358,7 @@ impl BlobStore for FsBlobStore {
                 .map_err(io::Error::other)?;
                 state.len += written;
                 if written != pending_len {
-                    state.hasher = None;
+                    state.forget_hash();
                 }
                 result?;
             }
@@ -382,7 +378,7 @@ impl BlobStore for FsBlobStore {
             let (written, outcome) = task.await.map_err(io::Error::other)?;
             state.len = base + written;
             if written != pending_len {
-                state.hasher = None;
+                state.forget_hash();
             }
             outcome?;
             drop(state);

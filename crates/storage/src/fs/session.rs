@@ -1,7 +1,12 @@
 //! Upload sessions of the file-system store: the in-memory state of each open upload
 //! (running hash, length), rebuilt from its staged file after a restart or when another
-//! process appended to it, and the pipelined append that hashes a request body while a
-//! blocking thread writes it.
+//! process appended to it, and the pipelined append of a request body.
+//!
+//! A large body is read by the request's task and handed to two blocking threads: one
+//! writes it, one hashes it. The request is answered once the bytes are written; the hash
+//! may still be catching up then, and the session's next request or its digest waits for
+//! it. So a client sending chunks one after another keeps both cores busy instead of
+//! waiting, at the end of every chunk, for the hash of its last bytes.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -17,18 +22,101 @@ use crate::{ByteStream, StorageError, UploadId};
 
 /// Bodies up to this size are written in one call instead of through the pipeline.
 const SMALL_BODY: usize = 256 * 1024;
-/// Chunks in flight between the task reading the request and the thread hashing and
-/// writing them: bounds memory per upload while letting both run at once.
-const PIPELINE_DEPTH: usize = 32;
+/// Chunks in flight between the task reading the request and the thread writing them.
+/// Small: the request is answered when the writer is done, so what waits here is a delay.
+const WRITE_DEPTH: usize = 4;
+/// Chunks the hash may lag behind the reading, across requests: bounds memory per upload
+/// (a chunk is at most hyper's read buffer, a few hundred KiB).
+const HASH_DEPTH: usize = 16;
 
 /// What the server remembers of an open upload between requests. After a restart it is
 /// rebuilt from the staged file (`hasher: None` means "rehash before use").
 pub(super) struct Session {
     pub(super) hasher: Option<DigestHasher>,
+    /// The hash of the bytes written so far, still being computed by the last large
+    /// request's hashing thread: it replaces `hasher` once it arrives (`None`: unknown).
+    pub(super) hashing: Option<tokio::sync::oneshot::Receiver<Option<DigestHasher>>>,
     pub(super) len: u64,
     /// Bytes appended since write-back was last started, across requests: a chunked
     /// upload of many small PATCHes gets its write-back started as a large one does.
     pub(super) unflushed: u64,
+}
+
+impl Session {
+    /// A session with no bytes yet.
+    pub(super) fn empty() -> Self {
+        Session {
+            hasher: Some(DigestHasher::new(Algorithm::Sha256)),
+            hashing: None,
+            len: 0,
+            unflushed: 0,
+        }
+    }
+
+    /// Waits until the hash of every byte written so far is in `hasher` (or known to be
+    /// unknown, `None`).
+    pub(super) async fn settle_hash(&mut self) {
+        if let Some(hashing) = self.hashing.take() {
+            self.hasher = hashing.await.ok().flatten();
+        }
+    }
+
+    /// What was hashed no longer matches the staged bytes: rehash on next use.
+    pub(super) fn forget_hash(&mut self) {
+        self.hasher = None;
+        self.hashing = None;
+    }
+
+    /// The hash of every byte written so far, rehashing the staged file at `path` if it is
+    /// unknown (after a restart, or a failed write).
+    async fn take_hasher(&mut self, path: &Path) -> Result<DigestHasher, StorageError> {
+        self.settle_hash().await;
+        if let Some(h) = self.hasher.take() {
+            return Ok(h);
+        }
+        let p = path.to_owned();
+        let (h, len) = tokio::task::spawn_blocking(move || hash_file(&p, Algorithm::Sha256))
+            .await
+            .map_err(io::Error::other)??;
+        self.len = len;
+        Ok(h)
+    }
+}
+
+/// Where a large request's hashing thread starts from.
+enum EarlierHash {
+    /// The hash of every byte before the request.
+    Ready(Box<DigestHasher>),
+    /// The previous request's hashing thread, to be waited for.
+    Behind(tokio::sync::oneshot::Receiver<Option<DigestHasher>>),
+    /// Unknown: the first `len` bytes of the staged file are hashed first.
+    Unhashed { path: PathBuf, len: u64 },
+}
+
+/// Starts the thread that hashes a large request's chunks, after whatever came before
+/// them. Its answer is `None` if the earlier hash could not be had; it then stops taking
+/// chunks, and the reader keeps writing without it.
+fn spawn_hashing(
+    earlier: EarlierHash,
+    mut chunks: tokio::sync::mpsc::Receiver<Bytes>,
+) -> tokio::sync::oneshot::Receiver<Option<DigestHasher>> {
+    let (done, answer) = tokio::sync::oneshot::channel();
+    drop(tokio::task::spawn_blocking(move || {
+        let hasher = match earlier {
+            EarlierHash::Ready(h) => Some(*h),
+            EarlierHash::Behind(previous) => previous.blocking_recv().ok().flatten(),
+            EarlierHash::Unhashed { path, len } => hash_file_prefix(&path, len).ok(),
+        };
+        let Some(mut hasher) = hasher else {
+            let _ = done.send(None);
+            return;
+        };
+        while let Some(chunk) = chunks.blocking_recv() {
+            hasher.update(&chunk);
+        }
+        let _ = done.send(Some(hasher));
+    }));
+    answer
 }
 
 impl FsBlobStore {
@@ -82,6 +170,7 @@ impl FsBlobStore {
         };
         let fresh = Arc::new(tokio::sync::Mutex::new(Session {
             hasher,
+            hashing: None,
             len,
             unflushed: 0,
         }));
@@ -110,13 +199,14 @@ impl FsBlobStore {
             Err(e) => return Err(e.into()),
         };
         if len != state.len {
-            state.hasher = None;
+            state.forget_hash();
             state.len = len;
         }
         Ok(())
     }
 
-    /// Appends `body` at `offset` to a locked session, hashing as it goes. With
+    /// Appends `body` at `offset` to a locked session and hashes it (a large body's hash
+    /// may still be running on return: [`Session::settle_hash`] waits for it). With
     /// `defer_small`, a body that ends within [`SMALL_BODY`] is hashed but not written:
     /// it is returned for the caller to write (the session's hash covers it, its length
     /// does not yet).
@@ -135,29 +225,10 @@ impl FsBlobStore {
             });
         }
         let path = self.staged_path(id);
-        let hasher = match state.hasher.take() {
-            Some(h) => h,
-            None => {
-                let p = path.clone();
-                let (h, len) =
-                    tokio::task::spawn_blocking(move || hash_file(&p, Algorithm::Sha256))
-                        .await
-                        .map_err(io::Error::other)??;
-                state.len = len;
-                if offset != len {
-                    return Err(StorageError::OutOfOrder {
-                        expected: len,
-                        got: offset,
-                    });
-                }
-                h
-            }
-        };
 
-        // Small bodies (most config and layer blobs of real images) are gathered and written
-        // in one blocking call; larger ones are read and hashed here while a blocking thread
-        // writes: on two cores the network and the hash get one, the page-cache copy the other.
-        let mut hasher = hasher;
+        // Small bodies (most config and layer blobs of real images) are gathered, hashed
+        // here and written in one blocking call. Larger ones go through the pipeline of
+        // the module's comment.
         let mut head: Vec<Bytes> = Vec::new();
         let mut head_len = 0usize;
         let mut body_error = None;
@@ -170,7 +241,6 @@ impl FsBlobStore {
                 }
                 Some(Ok(chunk)) => {
                     if !chunk.is_empty() {
-                        hasher.update(&chunk);
                         head_len += chunk.len();
                         head.push(chunk);
                     }
@@ -182,48 +252,72 @@ impl FsBlobStore {
                 }
             }
         }
-        if ended && body_error.is_none() && defer_small {
-            state.hasher = Some(hasher);
-            return Ok(head);
-        }
         let start_len = state.len;
         let (written, result) = if ended {
+            let mut hasher = state.take_hasher(&path).await?;
+            if state.len != offset {
+                return Err(StorageError::OutOfOrder {
+                    expected: state.len,
+                    got: offset,
+                });
+            }
+            for chunk in &head {
+                hasher.update(chunk);
+            }
+            state.hasher = Some(hasher);
+            if body_error.is_none() && defer_small {
+                return Ok(head);
+            }
             let p = path.clone();
             tokio::task::spawn_blocking(move || crate::staging::append_batch(&p, &head))
                 .await
                 .map_err(io::Error::other)?
         } else {
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(PIPELINE_DEPTH);
+            let earlier = match (state.hashing.take(), state.hasher.take()) {
+                (Some(previous), _) => EarlierHash::Behind(previous),
+                (None, Some(hasher)) => EarlierHash::Ready(Box::new(hasher)),
+                (None, None) => EarlierHash::Unhashed {
+                    path: path.clone(),
+                    len: start_len,
+                },
+            };
+            let (hash_tx, hash_rx) = tokio::sync::mpsc::channel::<Bytes>(HASH_DEPTH);
+            state.hashing = Some(spawn_hashing(earlier, hash_rx));
+            let mut hash_tx = Some(hash_tx);
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(WRITE_DEPTH);
             let writer = tokio::task::spawn_blocking(move || {
                 crate::staging::append_chunks(&path, start_len, &mut rx)
             });
-            let mut sending = true;
-            for chunk in head {
+            let mut pending = head.into_iter();
+            loop {
+                let chunk = match pending.next() {
+                    Some(chunk) => chunk,
+                    None => match body.next().await {
+                        None => break,
+                        Some(Ok(chunk)) if chunk.is_empty() => continue,
+                        Some(Ok(chunk)) => chunk,
+                        Some(Err(e)) => {
+                            body_error = Some(e);
+                            break;
+                        }
+                    },
+                };
+                if let Some(hashing) = &hash_tx {
+                    if hashing.send(chunk.clone()).await.is_err() {
+                        // The hash is unknown (see `spawn_hashing`): rehashed on next use.
+                        hash_tx = None;
+                    }
+                }
                 if tx.send(chunk).await.is_err() {
-                    sending = false; // the writer failed; its error is reported below
-                    break;
+                    break; // the writer failed; its error is reported below
                 }
             }
-            while sending {
-                match body.next().await {
-                    None => sending = false,
-                    Some(Ok(chunk)) if chunk.is_empty() => {}
-                    Some(Ok(chunk)) => {
-                        hasher.update(&chunk);
-                        sending = tx.send(chunk).await.is_ok();
-                    }
-                    Some(Err(e)) => {
-                        body_error = Some(e);
-                        sending = false;
-                    }
-                }
-            }
+            drop(hash_tx);
             drop(tx);
             writer.await.map_err(io::Error::other)?
         };
         match result {
             Ok(()) => {
-                state.hasher = Some(hasher);
                 state.len = start_len + written;
                 state.unflushed += written;
                 if state.unflushed >= crate::staging::WRITEBACK_EVERY {
@@ -244,7 +338,7 @@ impl FsBlobStore {
             }
             Err(e) => {
                 // What reached the file is unknown: rehash it on next use.
-                state.hasher = None;
+                state.forget_hash();
                 state.len = tokio::fs::metadata(self.staged_path(id))
                     .await
                     .map(|m| m.len())
@@ -269,6 +363,7 @@ impl FsBlobStore {
         state: &mut Session,
         algorithm: Algorithm,
     ) -> Result<Digest, StorageError> {
+        state.settle_hash().await;
         if let (Some(h), Algorithm::Sha256) = (&state.hasher, algorithm) {
             return Ok(h.clone().finish());
         }
@@ -283,6 +378,35 @@ impl FsBlobStore {
     pub(super) fn forget(&self, id: &UploadId) {
         self.sessions.lock().expect("sessions lock").remove(id);
     }
+}
+
+/// Hashes the first `len` bytes of a file: what a request found staged when the hash of
+/// them was unknown, while it appends more.
+fn hash_file_prefix(path: &Path, len: u64) -> io::Result<DigestHasher> {
+    let mut hasher = DigestHasher::new(Algorithm::Sha256);
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound && len == 0 => return Ok(hasher),
+        Err(e) => return Err(e),
+    };
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut reader = file.take(len);
+    let mut read = 0u64;
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        read += n as u64;
+    }
+    if read != len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the staged file is shorter than the session",
+        ));
+    }
+    Ok(hasher)
 }
 
 /// Hashes a whole file from the start; used after a restart or for non-default algorithms.

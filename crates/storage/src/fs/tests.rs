@@ -1,4 +1,5 @@
 use super::*;
+use berth_oci::DigestHasher;
 use futures_util::StreamExt;
 
 fn body(parts: &[&'static [u8]]) -> ByteStream {
@@ -344,4 +345,49 @@ async fn blobs_in_distribution_layout_are_still_served() {
     assert_eq!(std::fs::read(store.blob_path(&fresh)).unwrap(), b"fresh");
     store.delete(&fresh).await.unwrap();
     assert!(!store.blob_path(&fresh).exists());
+}
+
+/// A large append's hash runs behind its write and may still be catching up when the
+/// request is answered: after a restart (nothing hashed in memory) the first large
+/// append hashes what was staged before its own bytes, a wrong digest is refused without
+/// losing the session, and the right one commits exactly the bytes sent.
+#[tokio::test]
+async fn hashes_catching_up_across_requests_and_a_restart_cover_every_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = pattern(1_000_003, 7);
+    let id = {
+        let store = FsBlobStore::open(dir.path()).unwrap();
+        let id = open_session(&store).await;
+        let len = store
+            .append(&id, 0, chunks_of(&first, 300_000))
+            .await
+            .unwrap();
+        assert_eq!(len, first.len() as u64);
+        id
+    };
+    let store = FsBlobStore::open(dir.path()).unwrap();
+    let mut expected = first.clone();
+    for (i, size) in [3_000_000, 2 * 1024 * 1024, 700_001]
+        .into_iter()
+        .enumerate()
+    {
+        let part = pattern(size, 100 + i as u64);
+        store
+            .append(&id, expected.len() as u64, chunks_of(&part, 262_144))
+            .await
+            .unwrap();
+        expected.extend_from_slice(&part);
+    }
+    let wrong = Digest::sha256_of(&expected[1..]);
+    assert!(matches!(
+        store.commit(&id, &wrong).await,
+        Err(StorageError::DigestMismatch { .. })
+    ));
+    let digest = Digest::sha256_of(&expected);
+    assert_eq!(
+        store.commit(&id, &digest).await.unwrap(),
+        expected.len() as u64
+    );
+    let stored = std::fs::read(store.blob_path(&digest)).unwrap();
+    assert!(stored == expected, "the published file differs");
 }
