@@ -9,7 +9,7 @@ use berth_meta::read_cache::{ReadBegan, ReadCache};
 use berth_meta::{AccountStore, MetaError, ProjectAccess, RobotRecord, UserRecord};
 use berth_oci::RepoName;
 
-use crate::audit::{self, AuditLog, Outcome};
+use crate::audit::{AuditLog, Outcome};
 use crate::limiter::LoginLimiter;
 use crate::policy::{
     project_of, project_permissions, Caller, Permission, Permissions, Principal, ProjectFacts,
@@ -328,7 +328,7 @@ impl AccessControl {
     ) {
         self.inner
             .audit
-            .record(audit::event(caller, action, resource, outcome, detail))
+            .count(caller, action, resource, outcome, detail)
             .await;
     }
 

@@ -2,9 +2,15 @@
 //! so the log's order is the order events happened in. Frequent events (pulls, pushes,
 //! logins) do not wait for the write; administrative changes wait until their event is
 //! written before the call that made them returns.
+//!
+//! An event without a change (a pull, a refusal, a failure) that is the same in every
+//! field as one still waiting to be written is only counted into that one ([`Tally`]):
+//! a client pulling one manifest in a loop costs a lookup per pull, not a record built,
+//! queued, merged and freed on another core.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use berth_meta::{AccountStore, Change, NewAuditEvent};
@@ -113,28 +119,12 @@ pub fn login_event(name: &str, address: &str, outcome: Outcome, detail: &str) ->
 /// adds a row per batch instead of one per request, and nothing is lost but the spacing.
 /// Records with a change are never merged: webhooks and replication read each.
 fn coalesce(records: impl Iterator<Item = NewAuditEvent>) -> Vec<NewAuditEvent> {
-    use std::collections::HashMap;
-    use std::hash::{Hash, Hasher};
-    fn fields(e: &NewAuditEvent) -> [&str; 7] {
-        [
-            &e.actor,
-            &e.actor_kind,
-            &e.address,
-            &e.action,
-            &e.resource,
-            &e.result,
-            &e.detail,
-        ]
-        .map(String::as_str)
-    }
     let mut out: Vec<NewAuditEvent> = Vec::new();
     // By a hash of the fields; a collision only costs a merge not made.
     let mut first: HashMap<u64, usize> = HashMap::new();
     for record in records {
         if record.change.is_none() {
-            let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            fields(&record).hash(&mut hasher);
-            let key = hasher.finish();
+            let key = key_of(&fields(&record));
             match first.get(&key) {
                 Some(&at) if fields(&out[at]) == fields(&record) => {
                     out[at].repeats += record.repeats;
@@ -151,15 +141,88 @@ fn coalesce(records: impl Iterator<Item = NewAuditEvent>) -> Vec<NewAuditEvent> 
     out
 }
 
+/// The fields that make two records the same (all but the time, the change and the count).
+fn fields(e: &NewAuditEvent) -> [&str; 7] {
+    [
+        &e.actor,
+        &e.actor_kind,
+        &e.address,
+        &e.action,
+        &e.resource,
+        &e.result,
+        &e.detail,
+    ]
+    .map(String::as_str)
+}
+
+/// A hash of [`fields`]; equal keys are compared field by field before records merge.
+fn key_of(fields: &[&str; 7]) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    fields.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Change-less events queued and not yet written, by [`key_of`] their fields, each with
+/// how many identical ones were counted into it meanwhile. An entry lives from its event's
+/// queueing to its writing, so there are never more than the queue holds.
+#[derive(Default)]
+struct Tally {
+    waiting: Mutex<HashMap<u64, Counted>>,
+}
+
+/// A queued event (a copy, for the comparison) and its count so far.
+struct Counted {
+    first: NewAuditEvent,
+    count: u64,
+}
+
+impl Tally {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Counted>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The highest count among the batch's tallied events: a high one means the log is
+    /// busy, as a long queue does.
+    fn highest(&self, batch: &[Queued]) -> u64 {
+        let waiting = self.lock();
+        batch
+            .iter()
+            .filter_map(|q| q.tallied.and_then(|key| waiting.get(&key)))
+            .map(|c| c.count)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Takes the batch's events out of the tally, with their final counts: an identical
+    /// event from now on is queued anew.
+    fn settle(&self, batch: &mut [Queued]) {
+        let mut waiting = self.lock();
+        for queued in batch.iter_mut() {
+            if let (Some(event), Some(key)) = (&mut queued.event, queued.tallied) {
+                if let Some(counted) = waiting.remove(&key) {
+                    event.repeats = counted.count;
+                }
+            }
+        }
+    }
+}
+
 /// Where events go.
 #[derive(Clone)]
 pub(crate) struct AuditLog {
     queue: mpsc::Sender<Queued>,
+    tally: Arc<Tally>,
 }
 
-/// An event, and whom to tell once it is written.
-/// `None` as the event is a flush: answered once everything queued before it is written.
-type Queued = (Option<NewAuditEvent>, Option<oneshot::Sender<()>>);
+/// What the writer is sent.
+struct Queued {
+    /// `None`: a flush, answered once everything queued before it is written.
+    event: Option<NewAuditEvent>,
+    /// The event's key in the [`Tally`], if identical ones are counted into it.
+    tallied: Option<u64>,
+    /// Whom to tell once it is written.
+    done: Option<oneshot::Sender<()>>,
+}
 
 impl AuditLog {
     /// Starts the writer task on the current runtime. Events that cannot be written (the
@@ -168,6 +231,8 @@ impl AuditLog {
     /// dropped (and counted in the log), so memory stays bounded.
     pub(crate) fn start(store: Arc<dyn AccountStore>) -> Self {
         let (queue, mut events) = mpsc::channel::<Queued>(QUEUE);
+        let tally = Arc::new(Tally::default());
+        let counted = tally.clone();
         tokio::spawn(async move {
             let mut batch: Vec<Queued> = Vec::with_capacity(BATCH);
             let mut pending: VecDeque<NewAuditEvent> = VecDeque::new();
@@ -185,8 +250,9 @@ impl AuditLog {
                 if received == 0 {
                     break;
                 }
-                let flushing = batch.iter().any(|(_, waiting)| waiting.is_some());
-                if received != usize::MAX && (BUSY..BATCH).contains(&batch.len()) && !flushing {
+                let flushing = batch.iter().any(|q| q.done.is_some());
+                let busy = batch.len() >= BUSY || counted.highest(&batch) >= BUSY as u64;
+                if received != usize::MAX && busy && batch.len() < BATCH && !flushing {
                     tokio::time::sleep(LINGER).await;
                     while batch.len() < BATCH {
                         match events.try_recv() {
@@ -195,8 +261,9 @@ impl AuditLog {
                         }
                     }
                 }
-                let busy = batch.len() >= BUSY;
-                let (records, waiting): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
+                counted.settle(&mut batch);
+                let (records, waiting): (Vec<_>, Vec<_>) =
+                    batch.drain(..).map(|q| (q.event, q.done)).unzip();
                 let records = records.into_iter().flatten();
                 if busy {
                     pending.extend(coalesce(records));
@@ -229,20 +296,82 @@ impl AuditLog {
                 }
             }
         });
-        AuditLog { queue }
+        AuditLog { queue, tally }
     }
 
     /// Queues an event; waits only if the writer is far behind.
     pub(crate) async fn record(&self, event: NewAuditEvent) {
-        if self.queue.send((Some(event), None)).await.is_err() {
+        self.send(Some(event), None, None).await;
+    }
+
+    /// Queues [`event`]`(caller, …)`, or counts it into an identical one still waiting
+    /// (see [`Tally`]): for events without a change.
+    pub(crate) async fn count(
+        &self,
+        caller: &Caller,
+        action: &str,
+        resource: &str,
+        outcome: Outcome,
+        detail: &str,
+    ) {
+        let fields = [
+            caller.principal.actor(),
+            caller.principal.kind(),
+            &caller.address,
+            action,
+            resource,
+            outcome.as_str(),
+            detail,
+        ];
+        let key = key_of(&fields);
+        // `Some(key)`: the event is new to the tally; `None`: another event under the same
+        // key is waiting, and this one is queued on its own.
+        let tallied = {
+            let mut waiting = self.tally.lock();
+            match waiting.get_mut(&key) {
+                Some(counted) if self::fields(&counted.first) == fields => {
+                    counted.count += 1;
+                    return;
+                }
+                Some(_) => None,
+                None => {
+                    let first = event(caller, action, resource, outcome, detail);
+                    waiting.insert(key, Counted { first, count: 1 });
+                    Some(key)
+                }
+            }
+        };
+        let record = event(caller, action, resource, outcome, detail);
+        if !self.send(Some(record), tallied, None).await {
+            if let Some(key) = tallied {
+                self.tally.lock().remove(&key);
+            }
+        }
+    }
+
+    /// Puts one item on the queue; `false` if the writer is gone.
+    async fn send(
+        &self,
+        event: Option<NewAuditEvent>,
+        tallied: Option<u64>,
+        done: Option<oneshot::Sender<()>>,
+    ) -> bool {
+        let queued = Queued {
+            event,
+            tallied,
+            done,
+        };
+        let sent = self.queue.send(queued).await.is_ok();
+        if !sent {
             tracing::error!("audit log writer stopped");
         }
+        sent
     }
 
     /// Waits until every event queued so far is written (at shutdown).
     pub(crate) async fn flush(&self) {
         let (done, written) = oneshot::channel();
-        if self.queue.send((None, Some(done))).await.is_ok() {
+        if self.send(None, None, Some(done)).await {
             let _ = written.await;
         }
     }
@@ -250,7 +379,7 @@ impl AuditLog {
     /// Queues an event and waits until it is written.
     pub(crate) async fn record_now(&self, event: NewAuditEvent) {
         let (done, written) = oneshot::channel();
-        if self.queue.send((Some(event), Some(done))).await.is_err() || written.await.is_err() {
+        if !self.send(Some(event), None, Some(done)).await || written.await.is_err() {
             tracing::error!("audit log writer stopped");
         }
     }
@@ -346,5 +475,78 @@ mod tests {
             .unwrap();
         assert_eq!(carol.len(), 3);
         assert!(carol.iter().all(|r| r.event.repeats == 1));
+    }
+
+    /// Pulls counted where they happen: identical ones while the first waits are one row
+    /// with their number, different ones (another resource, another outcome) rows of
+    /// their own, and a pull made after the last one was written a row of its own.
+    #[tokio::test]
+    async fn pulls_are_counted_into_the_one_still_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Database::open_sqlite(&dir.path().join("meta.db")).unwrap());
+        let log = AuditLog::start(store.clone());
+        let dave = Caller {
+            principal: crate::policy::Principal::User {
+                id: 7,
+                name: "dave".into(),
+                admin: false,
+            },
+            proof: crate::policy::Proof::Password,
+            address: "10.0.0.7".into(),
+        };
+        // Counted before the writer runs (this runtime has one thread).
+        for _ in 0..250 {
+            log.count(&dave, "pull", "app:v1", Outcome::Success, "sha256:aa")
+                .await;
+        }
+        assert_eq!(
+            QUEUE - log.queue.capacity(),
+            1,
+            "one event queued for 250 pulls"
+        );
+        log.count(&dave, "pull", "app:v2", Outcome::Success, "sha256:bb")
+            .await;
+        for _ in 0..5 {
+            log.count(&dave, "pull", "app:v1", Outcome::Denied, "no")
+                .await;
+        }
+        log.flush().await;
+        log.count(&dave, "pull", "app:v1", Outcome::Success, "sha256:aa")
+            .await;
+        log.flush().await;
+        let rows = store
+            .audit(AuditFilter {
+                limit: 100,
+                ..AuditFilter::default()
+            })
+            .await
+            .unwrap();
+        let mut seen: Vec<(String, String, String, u64)> = rows
+            .iter()
+            .map(|r| {
+                let e = &r.event;
+                (
+                    e.resource.clone(),
+                    e.result.clone(),
+                    e.detail.clone(),
+                    e.repeats,
+                )
+            })
+            .collect();
+        seen.sort();
+        let row = |resource: &str, result: &str, detail: &str, repeats| {
+            (resource.into(), result.into(), detail.into(), repeats)
+        };
+        assert_eq!(
+            seen,
+            [
+                row("app:v1", "denied", "no", 5),
+                row("app:v1", "success", "sha256:aa", 1),
+                row("app:v1", "success", "sha256:aa", 250),
+                row("app:v2", "success", "sha256:bb", 1),
+            ]
+        );
+        assert!(rows.iter().all(|r| r.event.actor == "dave"));
+        assert!(log.tally.lock().is_empty(), "nothing left waiting");
     }
 }
