@@ -83,7 +83,14 @@ impl RegistryClient {
         let scope = format!("repository:{repository}:pull,push");
         let unfinished = upload.lock().ok().and_then(|u| u.clone());
         let resumed = match unfinished {
-            Some(url) => self.upload_held(&scope, &url).await.ok(),
+            Some(url) => match self.upload_held(&scope, &url).await {
+                Ok(held) => Some(held),
+                // Not reached: the session is likely still there, and the next attempt
+                // asks again rather than sending the whole blob anew.
+                Err(e @ ClientError::Unreachable(_)) => return Err(e),
+                // The registry answered that it has no such session (expired, purged).
+                Err(_) => None,
+            },
             None => None,
         };
         let (offset, url) = match resumed {
