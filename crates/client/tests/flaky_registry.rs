@@ -499,3 +499,58 @@ async fn a_source_that_fails_mid_chunk_fails_the_push_and_nothing_is_resent() {
     assert!(state.seen.iter().all(|(m, ..)| m != "PUT"));
     assert!(state.blobs.is_empty());
 }
+
+/// A resumed push whose earlier upload cannot be reached (the link is still down) fails
+/// the attempt and keeps the upload for the next one, instead of sending the whole blob
+/// again under a new session; an upload the registry answers for goes on.
+#[tokio::test]
+async fn a_resumed_push_whose_upload_cannot_be_reached_keeps_it_for_the_next_attempt() {
+    let behaviour = Shared::default();
+    let addr = start(behaviour.clone());
+    let client = RegistryClient::new(
+        RegistryClient::default_http(false).unwrap(),
+        &addr,
+        true,
+        None,
+    )
+    .with_chunk_size(1024 * 1024);
+    let blob = pattern(2 * 1024 * 1024 + 7);
+    let digest = Digest::sha256_of(&blob);
+    let open = |offset: u64| {
+        let rest = Bytes::copy_from_slice(&blob[offset as usize..]);
+        async move {
+            Ok::<_, ClientError>(futures_util::stream::iter(vec![Ok::<_, std::io::Error>(
+                rest,
+            )]))
+        }
+    };
+    // Nothing listens on port 1 of the loopback address.
+    let unreachable = url::Url::parse("http://127.0.0.1:1/v2/upload/1").unwrap();
+    let upload = Mutex::new(Some(unreachable.clone()));
+    let result = client
+        .push_blob_resuming("team/app", &digest, blob.len() as u64, &upload, open)
+        .await;
+    assert!(
+        matches!(result, Err(ClientError::Unreachable(_))),
+        "{result:?}"
+    );
+    assert_eq!(upload.lock().unwrap().as_ref(), Some(&unreachable));
+    assert!(
+        behaviour.lock().unwrap().seen.is_empty(),
+        "no new session was opened"
+    );
+
+    // The next attempt finds nothing held there either way: here the registry is
+    // reachable and holds no session yet, so the blob goes up from the start.
+    let upload = Mutex::new(None);
+    let sent = client
+        .push_blob_resuming("team/app", &digest, blob.len() as u64, &upload, open)
+        .await
+        .unwrap();
+    assert_eq!(sent, blob.len() as u64);
+    assert_eq!(upload.lock().unwrap().as_ref(), None);
+    assert_eq!(
+        behaviour.lock().unwrap().blobs.get(digest.as_str()),
+        Some(&blob)
+    );
+}
