@@ -16,7 +16,6 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use berth_oci::Digest;
-use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path;
@@ -188,28 +187,12 @@ impl S3BlobStore {
         mut body: ByteStream,
         mut on_chunk: impl FnMut(&[u8]) + Send,
     ) -> Result<(u64, Option<std::io::Error>), StorageError> {
-        let mut head: Vec<Bytes> = Vec::new();
-        let mut head_len = 0usize;
-        let mut ended_with = None;
-        let mut ended = false;
-        while head_len < PART {
-            match body.next().await {
-                None => {
-                    ended = true;
-                    break;
-                }
-                Some(Ok(chunk)) => {
-                    on_chunk(&chunk);
-                    head_len += chunk.len();
-                    head.push(chunk);
-                }
-                Some(Err(e)) => {
-                    ended_with = Some(e);
-                    ended = true;
-                    break;
-                }
-            }
-        }
+        let crate::body_head::BodyHead {
+            chunks: head,
+            len: head_len,
+            ended,
+            error: mut ended_with,
+        } = crate::body_head::gather(&mut body, PART, &mut on_chunk).await;
         if ended {
             if head_len > 0 || ended_with.is_none() {
                 self.store

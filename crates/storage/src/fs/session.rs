@@ -229,29 +229,12 @@ impl FsBlobStore {
         // Small bodies (most config and layer blobs of real images) are gathered, hashed
         // here and written in one blocking call. Larger ones go through the pipeline of
         // the module's comment.
-        let mut head: Vec<Bytes> = Vec::new();
-        let mut head_len = 0usize;
-        let mut body_error = None;
-        let mut ended = false;
-        while head_len < SMALL_BODY {
-            match body.next().await {
-                None => {
-                    ended = true;
-                    break;
-                }
-                Some(Ok(chunk)) => {
-                    if !chunk.is_empty() {
-                        head_len += chunk.len();
-                        head.push(chunk);
-                    }
-                }
-                Some(Err(e)) => {
-                    body_error = Some(e);
-                    ended = true;
-                    break;
-                }
-            }
-        }
+        let crate::body_head::BodyHead {
+            chunks: head,
+            ended,
+            error: mut body_error,
+            ..
+        } = crate::body_head::gather(&mut body, SMALL_BODY, |_| {}).await;
         let start_len = state.len;
         let (written, result) = if ended {
             let mut hasher = state.take_hasher(&path).await?;
