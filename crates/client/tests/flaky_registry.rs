@@ -297,6 +297,17 @@ fn layer_gets(behaviour: &Shared, layer: &Digest) -> Vec<Option<String>> {
         .collect()
 }
 
+/// A client of the test registry at `addr` that pushes in 1 MiB chunks.
+fn chunking_client(addr: &str) -> RegistryClient {
+    RegistryClient::new(
+        RegistryClient::default_http(false).unwrap(),
+        addr,
+        true,
+        None,
+    )
+    .with_chunk_size(1024 * 1024)
+}
+
 #[tokio::test]
 async fn a_cut_download_goes_on_from_where_it_stopped() {
     let layer = pattern(3 * 1024 * 1024 + 17);
@@ -392,13 +403,7 @@ async fn a_chunked_push_sends_again_only_what_the_registry_lacks() {
     // The second chunk is cut after 300,000 of its bytes.
     behaviour.lock().unwrap().cut_patches_after = vec![usize::MAX, 300_000];
     let addr = start(behaviour.clone());
-    let client = RegistryClient::new(
-        RegistryClient::default_http(false).unwrap(),
-        &addr,
-        true,
-        None,
-    )
-    .with_chunk_size(1024 * 1024);
+    let client = chunking_client(&addr);
     let blob = pattern(3 * 1024 * 1024 + 5);
     let digest = Digest::sha256_of(&blob);
     let chunks: Vec<Result<Bytes, std::io::Error>> = blob
@@ -444,13 +449,7 @@ async fn a_chunked_push_sends_again_only_what_the_registry_lacks() {
 async fn a_small_blob_goes_in_one_request() {
     let behaviour = Shared::default();
     let addr = start(behaviour.clone());
-    let client = RegistryClient::new(
-        RegistryClient::default_http(false).unwrap(),
-        &addr,
-        true,
-        None,
-    )
-    .with_chunk_size(1024 * 1024);
+    let client = chunking_client(&addr);
     let blob = pattern(1024 * 1024);
     let digest = Digest::sha256_of(&blob);
     let body = Bytes::from(blob.clone());
@@ -472,13 +471,7 @@ async fn a_small_blob_goes_in_one_request() {
 async fn a_source_that_fails_mid_chunk_fails_the_push_and_nothing_is_resent() {
     let behaviour = Shared::default();
     let addr = start(behaviour.clone());
-    let client = RegistryClient::new(
-        RegistryClient::default_http(false).unwrap(),
-        &addr,
-        true,
-        None,
-    )
-    .with_chunk_size(1024 * 1024);
+    let client = chunking_client(&addr);
     let digest = Digest::sha256_of(b"whatever");
     let body = futures_util::stream::iter(vec![
         Ok(Bytes::from(vec![1u8; 600_000])),
@@ -507,13 +500,7 @@ async fn a_source_that_fails_mid_chunk_fails_the_push_and_nothing_is_resent() {
 async fn a_resumed_push_whose_upload_cannot_be_reached_keeps_it_for_the_next_attempt() {
     let behaviour = Shared::default();
     let addr = start(behaviour.clone());
-    let client = RegistryClient::new(
-        RegistryClient::default_http(false).unwrap(),
-        &addr,
-        true,
-        None,
-    )
-    .with_chunk_size(1024 * 1024);
+    let client = chunking_client(&addr);
     let blob = pattern(2 * 1024 * 1024 + 7);
     let digest = Digest::sha256_of(&blob);
     let open = |offset: u64| {
