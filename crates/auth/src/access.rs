@@ -317,7 +317,8 @@ impl AccessControl {
         self.inner.settings.mode != AuthMode::Disabled
     }
 
-    /// Queues an audit event (push, pull, delete…) for `caller`.
+    /// Records an audit event without a change (a pull, a refusal, a failure) for
+    /// `caller`; identical ones still waiting to be written are counted into one.
     pub async fn record(
         &self,
         caller: &Caller,

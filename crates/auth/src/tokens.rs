@@ -7,7 +7,7 @@ use berth_meta::RefreshTokenRecord;
 use berth_oci::RepoName;
 
 use crate::access::*;
-use crate::audit::{self, Outcome};
+use crate::audit::Outcome;
 use crate::policy::{
     project_of, robot_permissions, Caller, Permission, Permissions, Principal, Proof,
 };
@@ -44,15 +44,7 @@ impl Tokens<'_> {
             Err(e) => {
                 let caller = Caller::anonymous(address);
                 self.access
-                    .inner
-                    .audit
-                    .record(audit::event(
-                        &caller,
-                        "token",
-                        "",
-                        Outcome::Failed,
-                        &e.to_string(),
-                    ))
+                    .record(&caller, "token", "", Outcome::Failed, &e.to_string())
                     .await;
                 Err(e)
             }

@@ -1330,6 +1330,45 @@ fn a_flood_of_identical_pulls_is_counted_pull_for_pull() {
     assert!(pulls.iter().all(|e| e["resource"] == "flood/app:v1"));
 }
 
+/// A client hammering the registry with a forged bearer token is refused every time,
+/// and every refusal is in the audit log, counted into a few rows.
+#[test]
+fn a_flood_of_forged_tokens_is_refused_and_counted() {
+    let reg = crate::start_with_auth(settings());
+    let admin = Who::admin();
+    let url = format!("{}/v2/", reg.url());
+    let (threads, each) = (4, 50);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                let client = http();
+                for _ in 0..each {
+                    let r = client
+                        .get(&url)
+                        .header("authorization", "Bearer forged.token.here")
+                        .send()
+                        .unwrap();
+                    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+                }
+            });
+        }
+    });
+    let body = expect_api(
+        &reg,
+        &admin,
+        Method::GET,
+        "/audit?action=token&limit=1000",
+        None,
+        StatusCode::OK,
+    );
+    let refusals = body["events"].as_array().unwrap();
+    let counted: u64 = refusals.iter().map(|e| e["count"].as_u64().unwrap()).sum();
+    assert_eq!(counted, threads * each, "{refusals:#?}");
+    assert!(refusals
+        .iter()
+        .all(|e| e["result"] == "failed" && e["actor"] == "anonymous"));
+}
+
 #[test]
 fn the_token_endpoint_refuses_malformed_requests() {
     let reg = crate::start_with_auth(settings());
