@@ -112,9 +112,27 @@ pub(crate) const CACHE_LIMIT: usize = 4096;
 /// A token whose signature and claims were checked, kept by the token so that a request
 /// bearing it again costs a lookup and a reference count, not a copy of its claims.
 pub(crate) struct VerifiedToken {
+    /// The token itself: the cache finds it by [`token_key`], then compares this.
+    pub(crate) token: Box<str>,
     pub(crate) claims: Claims,
     /// What its `access` claim grants, shared with every caller that bears it.
     pub(crate) access: Arc<[ResourceAccess]>,
+}
+
+/// Bytes at a token's end that [`token_key`] hashes: its signature's, which differ
+/// between any two tokens (an ECDSA signature is drawn anew for each).
+const TOKEN_KEY_BYTES: usize = 32;
+
+/// Where the token cache files a token: a hash of its last [`TOKEN_KEY_BYTES`], since
+/// hashing all of one (500 bytes and more) on every bearer request cost more than the
+/// rest of its lookup. Only verified tokens are filed, so a crafted collision earns
+/// nothing: the full comparison after it fails, and the token is checked as if new.
+pub(crate) fn token_key(token: &str) -> u64 {
+    let tail = &token.as_bytes()[token.len().saturating_sub(TOKEN_KEY_BYTES)..];
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hasher::write(&mut hasher, tail);
+    std::hash::Hasher::write_usize(&mut hasher, token.len());
+    std::hash::Hasher::finish(&hasher)
 }
 
 /// The access service. Cheap to clone.
@@ -131,23 +149,30 @@ pub(crate) struct Inner {
     pub(crate) limiter: Mutex<LoginLimiter>,
     pub(crate) cache_key: [u8; 32],
     pub(crate) passwords: Mutex<HashMap<[u8; 32], (Proven, Instant)>>,
-    pub(crate) tokens: Mutex<HashMap<String, Arc<VerifiedToken>>>,
+    pub(crate) tokens: Mutex<HashMap<u64, Arc<VerifiedToken>>>,
     pub(crate) audit: AuditLog,
     pub(crate) hashing: crate::password::HashPool,
     pub(crate) counters: AuthCounters,
     /// What every authorized request reads, kept while nothing changes (SQLite only:
     /// `berth_meta::read_cache`). Users by name, robots by project and name, and a
     /// project's access for a user (or for nobody, "").
-    users: ReadCache<UserRecord>,
-    robots: ReadCache<RobotRecord>,
-    projects: ReadCache<ProjectAccess>,
+    /// Shared, not copied: a bearer request reads a user and a project's access, and
+    /// cloning their strings cost more than the lookups.
+    users: ReadCache<Arc<UserRecord>>,
+    robots: ReadCache<Arc<RobotRecord>>,
+    projects: ReadCache<Arc<ProjectAccess>>,
 }
 
 impl Inner {
     /// A user by name: the store's answer, or the node's copy of one.
-    pub(crate) async fn user_record(&self, name: &str) -> Result<Option<UserRecord>, MetaError> {
-        self.cached(&self.users, "", name, || self.store.user(name))
-            .await
+    pub(crate) async fn user_record(
+        &self,
+        name: &str,
+    ) -> Result<Option<Arc<UserRecord>>, MetaError> {
+        self.cached(&self.users, "", name, || async {
+            Ok(self.store.user(name).await?.map(Arc::new))
+        })
+        .await
     }
 
     /// A project's robot by name, likewise.
@@ -155,9 +180,9 @@ impl Inner {
         &self,
         project: &str,
         name: &str,
-    ) -> Result<Option<RobotRecord>, MetaError> {
-        self.cached(&self.robots, project, name, || {
-            self.store.robot(project, name)
+    ) -> Result<Option<Arc<RobotRecord>>, MetaError> {
+        self.cached(&self.robots, project, name, || async {
+            Ok(self.store.robot(project, name).await?.map(Arc::new))
         })
         .await
     }
@@ -167,11 +192,13 @@ impl Inner {
         &self,
         project: &str,
         user: Option<i64>,
-    ) -> Result<ProjectAccess, MetaError> {
+    ) -> Result<Arc<ProjectAccess>, MetaError> {
         let who = user.map(|id| id.to_string()).unwrap_or_default();
         let found = self
             .cached(&self.projects, project, &who, || async {
-                self.store.project_access(project, user).await.map(Some)
+                Ok(Some(Arc::new(
+                    self.store.project_access(project, user).await?,
+                )))
             })
             .await?;
         Ok(found.expect("project access is always an answer"))
@@ -366,7 +393,7 @@ impl AccessControl {
             _ => None,
         };
         let access = self.inner.project_access(project, user).await?;
-        let record = access.project;
+        let record = &access.project;
         let role = access.role.as_deref().and_then(Role::parse);
         // Repositories pushed while access control was off have no project record: they
         // belong to a private project without members (administrators only) until an
@@ -612,5 +639,55 @@ mod tests {
             access.logins().authenticate(bearer(), "127.0.0.1").await,
             Err(AuthError::BadToken(TokenError::Revoked))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_token_ending_like_a_cached_one_is_checked_not_served_from_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let (access, store) = service(dir.path()).await;
+        store
+            .create_project(
+                "p",
+                true,
+                None,
+                ProjectOrigin::Requested,
+                &Actor::system("test"),
+            )
+            .await
+            .unwrap();
+        let anonymous = Caller::anonymous("127.0.0.1");
+        let scope = Scope::parse("repository:p/app:pull").unwrap();
+        let issued = access
+            .tokens()
+            .issue(&anonymous, &[scope], None)
+            .await
+            .unwrap();
+        let bearer = |token: &str| Credentials::Bearer(token.to_owned());
+        // Cached by the first use.
+        assert!(access
+            .logins()
+            .authenticate(bearer(&issued.token), "127.0.0.1")
+            .await
+            .is_ok());
+        // Same length, same signature bytes at the end, other claims before them: the
+        // same cache key, and a forgery.
+        let mut forged = issued.token.clone().into_bytes();
+        let first = forged.iter().position(|b| b.is_ascii_alphabetic()).unwrap();
+        forged[first] = if forged[first] == b'a' { b'b' } else { b'a' };
+        let forged = String::from_utf8(forged).unwrap();
+        assert_eq!(token_key(&forged), token_key(&issued.token));
+        assert!(matches!(
+            access
+                .logins()
+                .authenticate(bearer(&forged), "127.0.0.1")
+                .await,
+            Err(AuthError::BadToken(_))
+        ));
+        // The genuine token still passes.
+        assert!(access
+            .logins()
+            .authenticate(bearer(&issued.token), "127.0.0.1")
+            .await
+            .is_ok());
     }
 }

@@ -60,19 +60,21 @@ impl Tokens<'_> {
             return Err(AuthError::Unauthenticated);
         };
         let now = now_secs();
+        let key = token_key(token);
         let cached = self
             .access
             .inner
             .tokens
             .lock()
             .ok()
-            .and_then(|c| c.get(token).cloned());
+            .and_then(|c| c.get(&key).filter(|v| *v.token == *token).cloned());
         let verified = match cached {
             Some(v) if now < v.claims.exp => v,
             Some(_) => return Err(TokenError::Expired.into()),
             None => {
                 let claims = verifier.verify(token, now)?;
                 let verified = std::sync::Arc::new(VerifiedToken {
+                    token: token.into(),
                     access: claims.access.clone().into(),
                     claims,
                 });
@@ -80,7 +82,7 @@ impl Tokens<'_> {
                     if cache.len() >= CACHE_LIMIT {
                         cache.clear();
                     }
-                    cache.insert(token.to_owned(), verified.clone());
+                    cache.insert(key, verified.clone());
                 }
                 verified
             }
@@ -135,7 +137,7 @@ impl Tokens<'_> {
                 }
                 Ok(Principal::User {
                     id: user.id,
-                    name: user.name,
+                    name: user.name.clone(),
                     admin: user.admin,
                 })
             }
@@ -157,7 +159,7 @@ impl Tokens<'_> {
                 Ok(Principal::Robot {
                     id: robot.id,
                     name: claims.sub.clone(),
-                    project: robot.project,
+                    project: robot.project.clone(),
                     permissions: robot_permissions(&robot.permissions).unwrap_or(Permissions::NONE),
                 })
             }
