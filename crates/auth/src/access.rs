@@ -1,6 +1,7 @@
 //! The access service: settings, the shared state of its parts ([`Logins`], [`Tokens`],
 //! [`crate::Accounts`]), and the one authorization decision.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,6 +16,7 @@ use crate::policy::{
     project_of, project_permissions, Caller, Permission, Permissions, Principal, ProjectFacts,
     Proof, Role,
 };
+use crate::recent::Recent;
 use crate::time::now_ms;
 use crate::token::{Claims, IssuerKey, ResourceAccess, TokenSigner, TokenVerifier};
 use crate::{AuthError, AuthMode, AuthSettings, Logins, Tokens};
@@ -133,6 +135,13 @@ pub(crate) fn token_key(token: &str) -> u64 {
     std::hash::Hasher::write(&mut hasher, tail);
     std::hash::Hasher::write_usize(&mut hasher, token.len());
     std::hash::Hasher::finish(&hasher)
+}
+
+/// A thread's recent answers of [`AccessControl::rights`] (see [`Recent`]).
+type RecentRights = Recent<(Principal, Box<str>), (Permissions, bool)>;
+
+thread_local! {
+    static RECENT_RIGHTS: RefCell<RecentRights> = const { RefCell::new(Recent::new()) };
 }
 
 /// The access service. Cheap to clone.
@@ -376,7 +385,8 @@ impl AccessControl {
         Tokens { access: self }
     }
 
-    /// The rights `principal` has on `project`, before any token limits them.
+    /// The rights `principal` has on `project`, before any token limits them, and
+    /// whether the project exists (or has repositories).
     pub(crate) async fn rights(
         &self,
         principal: &Principal,
@@ -385,6 +395,40 @@ impl AccessControl {
         if matches!(principal, Principal::External { .. }) {
             return Ok((Permissions::ALL, true));
         }
+        let store = &self.inner.store;
+        let recent = store.node_local();
+        let owner = Arc::as_ptr(&self.inner) as usize;
+        let changes = store.changes();
+        let is = |k: &(Principal, Box<str>)| k.0 == *principal && *k.1 == *project;
+        if recent {
+            if let Some(rights) = RECENT_RIGHTS.with_borrow(|r| r.get(owner, changes, is).copied())
+            {
+                return Ok(rights);
+            }
+        }
+        let began = Instant::now();
+        let rights = self.read_rights(principal, project).await?;
+        if recent {
+            RECENT_RIGHTS.with_borrow_mut(|r| {
+                r.put(
+                    owner,
+                    (principal.clone(), project.into()),
+                    rights,
+                    changes,
+                    began,
+                    is,
+                )
+            });
+        }
+        Ok(rights)
+    }
+
+    /// [`AccessControl::rights`] from the project's record and the caller's role in it.
+    async fn read_rights(
+        &self,
+        principal: &Principal,
+        project: &str,
+    ) -> Result<(Permissions, bool), AuthError> {
         // A member's role matters only for users who are not administrators.
         let user = match principal {
             Principal::User {

@@ -15,6 +15,7 @@ mod limiter;
 mod logins;
 pub mod password;
 pub mod policy;
+mod recent;
 pub mod scope;
 pub mod time;
 pub mod token;

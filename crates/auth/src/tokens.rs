@@ -1,7 +1,9 @@
 //! Bearer tokens as a service: issued by the token endpoint for what a caller may do,
 //! and what a presented one proves. (`token` is their format: claims, signing, checking.)
 
-use std::time::Duration;
+use std::cell::RefCell;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use berth_meta::RefreshTokenRecord;
 use berth_oci::RepoName;
@@ -11,10 +13,27 @@ use crate::audit::Outcome;
 use crate::policy::{
     project_of, robot_permissions, Caller, Permission, Permissions, Principal, Proof,
 };
+use crate::recent::Recent;
 use crate::scope::Scope;
 use crate::time::now_ms;
 use crate::token::{Claims, ResourceAccess, TokenError, TokenSubject};
 use crate::{AuthError, AuthMode, ROBOT_PREFIX};
+
+/// A bearer token a thread checked lately (filed by [`token_key`] and the token), and
+/// what it proved.
+type RecentToken = Recent<(u64, Box<str>), Proved>;
+
+/// What a bearer token proved, as [`Tokens::verify_token`] answers it; `access` is the
+/// thread's own copy, so that its reference count stays in this thread's cache.
+struct Proved {
+    principal: Principal,
+    access: Arc<[ResourceAccess]>,
+    expires: i64,
+}
+
+thread_local! {
+    static RECENT_TOKENS: RefCell<RecentToken> = const { RefCell::new(Recent::new()) };
+}
 
 /// Tokens in the Docker token format: issued for what a caller may do, and verified
 /// (signature, audience, expiry, and the account's current password generation).
@@ -61,6 +80,23 @@ impl Tokens<'_> {
         };
         let now = now_secs();
         let key = token_key(token);
+        let store = &self.access.inner.store;
+        // Refresh tokens are looked up in the store on every use, so never kept here.
+        let recent = !refresh && store.node_local();
+        let owner = Arc::as_ptr(&self.access.inner) as usize;
+        let changes = store.changes();
+        let is = |k: &(u64, Box<str>)| k.0 == key && *k.1 == *token;
+        if recent {
+            let proved = RECENT_TOKENS.with_borrow(|r| {
+                r.get(owner, changes, is)
+                    .filter(|p| now < p.expires)
+                    .map(|p| (p.principal.clone(), p.access.clone()))
+            });
+            if let Some(proved) = proved {
+                return Ok(proved);
+            }
+        }
+        let began = Instant::now();
         let cached = self
             .access
             .inner
@@ -112,6 +148,15 @@ impl Tokens<'_> {
             if recorded.is_none_or(|r| r.subject != claims.sub) {
                 return Err(AuthError::BadToken(TokenError::Revoked));
             }
+        }
+        if recent {
+            let proved = Proved {
+                principal: principal.clone(),
+                access: verified.access.iter().cloned().collect(),
+                expires: verified.claims.exp,
+            };
+            RECENT_TOKENS
+                .with_borrow_mut(|r| r.put(owner, (key, token.into()), proved, changes, began, is));
         }
         Ok((principal, verified.access.clone()))
     }

@@ -800,6 +800,35 @@ fn builtin_tokens_grant_what_was_asked_and_allowed_and_die_with_their_user() {
         .unwrap()
         .to_owned();
     assert_eq!(with_token(M::GET, &manifest_url, &token).status(), S::OK);
+    // Leaving the project takes effect on the very next request, on every connection,
+    // however often the token was just used (each server thread keeps what it decided).
+    for _ in 0..20 {
+        assert_eq!(with_token(M::GET, &manifest_url, &token).status(), S::OK);
+    }
+    expect_api(
+        &reg,
+        &admin,
+        M::DELETE,
+        "/projects/team/members/bob",
+        None,
+        S::NO_CONTENT,
+    );
+    for _ in 0..20 {
+        assert_eq!(
+            with_token(M::GET, &manifest_url, &token).status(),
+            S::FORBIDDEN,
+            "token of a user who left the project"
+        );
+    }
+    expect_api(
+        &reg,
+        &admin,
+        M::POST,
+        "/projects/team/members",
+        Some(json!({"user": "bob", "role": "developer"})),
+        S::CREATED,
+    );
+    assert_eq!(with_token(M::GET, &manifest_url, &token).status(), S::OK);
     // Replay after the user is removed: refused, and so is the refresh token.
     expect_api(&reg, &admin, M::DELETE, "/users/bob", None, S::NO_CONTENT);
     assert_unauthorized(
