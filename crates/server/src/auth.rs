@@ -20,6 +20,8 @@ use berth_oci::{Reference, RepoName};
 
 use crate::error::OciError;
 use crate::route::V2Route;
+use std::borrow::Cow;
+
 use crate::App;
 
 /// Reads `Authorization: Basic …` or `Authorization: Bearer …`.
@@ -340,15 +342,15 @@ impl Admitted {
         self,
         access: &AccessControl,
         status: StatusCode,
-        digest: Option<String>,
+        digest: Option<&str>,
     ) {
         let Some((action, resource)) = self.audit else {
             return;
         };
         let (outcome, detail) = match (status.is_success(), action) {
-            (true, "pull") => (Outcome::Success, digest.unwrap_or_default()),
+            (true, "pull") => (Outcome::Success, Cow::Borrowed(digest.unwrap_or_default())),
             (true, _) => return,
-            (false, _) => (Outcome::Failed, status.as_u16().to_string()),
+            (false, _) => (Outcome::Failed, Cow::Owned(status.as_u16().to_string())),
         };
         access
             .record(&self.caller, action, &resource, outcome, &detail)
@@ -396,8 +398,9 @@ pub(crate) async fn api_guard(
         )
         .into_response();
     }
-    let identity = (caller.principal != berth_auth::Principal::Anonymous)
-        .then(|| crate::Identity(caller.principal.actor().to_owned()));
+    let identity = (caller.principal != berth_auth::Principal::Anonymous
+        && crate::Identity::wanted())
+    .then(|| crate::Identity(caller.principal.actor().to_owned()));
     request.extensions_mut().insert(caller);
     let mut response = next.run(request).await;
     if let Some(identity) = identity {

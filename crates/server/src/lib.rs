@@ -561,3 +561,11 @@ fn request_id(headers: &header::HeaderMap) -> header::HeaderValue {
 /// know, read by the access log.
 #[derive(Clone)]
 pub(crate) struct Identity(pub(crate) String);
+
+impl Identity {
+    /// Whether the access log writes identities at all: at its default `warn` level it
+    /// does not, and a `/v2` response then skips the name's copy and the extension map.
+    pub(crate) fn wanted() -> bool {
+        tracing::enabled!(target: "berth::access", tracing::Level::INFO)
+    }
+}

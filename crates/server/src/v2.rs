@@ -65,15 +65,14 @@ pub(crate) async fn dispatch(
         body,
     };
     let mut response = handle(&app, &admitted.caller, route, request).await;
-    if admitted.caller.principal != berth_auth::Principal::Anonymous {
+    if admitted.caller.principal != berth_auth::Principal::Anonymous && crate::Identity::wanted() {
         let who = admitted.caller.principal.actor().to_owned();
         response.extensions_mut().insert(crate::Identity(who));
     }
     let digest = response
         .headers()
         .get(DOCKER_CONTENT_DIGEST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+        .and_then(|v| v.to_str().ok());
     admitted
         .finish(&app.access, response.status(), digest)
         .await;
