@@ -734,4 +734,64 @@ mod tests {
             .await
             .is_ok());
     }
+
+    #[tokio::test]
+    async fn a_robot_token_used_again_and_again_stops_when_the_robot_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let (access, store) = service(dir.path()).await;
+        store
+            .create_project(
+                "p",
+                false,
+                None,
+                ProjectOrigin::Requested,
+                &Actor::system("test"),
+            )
+            .await
+            .unwrap();
+        let hash = hash_password("robot-secret").unwrap();
+        let expires = now_ms() + 400;
+        store
+            .create_robot(
+                "p",
+                "ci",
+                &hash,
+                &["pull".into()],
+                Some(expires),
+                &Actor::system("test"),
+            )
+            .await
+            .unwrap();
+        let login = Credentials::Password {
+            user: "robot$p+ci".into(),
+            password: "robot-secret".into(),
+        };
+        let caller = access
+            .logins()
+            .authenticate(login, "127.0.0.1")
+            .await
+            .unwrap();
+        let scope = Scope::parse("repository:p/app:pull").unwrap();
+        let issued = access
+            .tokens()
+            .issue(&caller, &[scope], None)
+            .await
+            .unwrap();
+        let bearer = || Credentials::Bearer(issued.token.clone());
+        // Used often enough to be kept by this thread and the shared caches.
+        for _ in 0..5 {
+            assert!(access
+                .logins()
+                .authenticate(bearer(), "127.0.0.1")
+                .await
+                .is_ok());
+        }
+        // Nothing changes in the store; only the clock passes the robot's expiry.
+        let wait = expires - now_ms() + 20;
+        tokio::time::sleep(Duration::from_millis(wait.max(0) as u64)).await;
+        assert!(matches!(
+            access.logins().authenticate(bearer(), "127.0.0.1").await,
+            Err(AuthError::BadToken(TokenError::Revoked | TokenError::Expired))
+        ));
+    }
 }

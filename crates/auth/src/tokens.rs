@@ -28,7 +28,11 @@ type RecentToken = Recent<(u64, Box<str>), Proved>;
 struct Proved {
     principal: Principal,
     access: Arc<[ResourceAccess]>,
+    /// The token's expiry, in seconds since the epoch.
     expires: i64,
+    /// The account's own expiry (robots), in milliseconds: it passes without a change
+    /// to the store, so it is checked on every use, as the record is.
+    account_expires_ms: Option<i64>,
 }
 
 thread_local! {
@@ -90,6 +94,7 @@ impl Tokens<'_> {
             let proved = RECENT_TOKENS.with_borrow(|r| {
                 r.get(owner, changes, is)
                     .filter(|p| now < p.expires)
+                    .filter(|p| p.account_expires_ms.is_none_or(|e| now_ms() < e))
                     .map(|p| (p.principal.clone(), p.access.clone()))
             });
             if let Some(proved) = proved {
@@ -129,13 +134,13 @@ impl Tokens<'_> {
         {
             return Err(TokenError::WrongKind.into());
         }
-        let principal = if self.access.inner.settings.mode == AuthMode::ExternalToken {
-            Principal::External {
-                subject: claims.sub.clone(),
-            }
-        } else {
-            self.token_principal(claims).await?
-        };
+        let (principal, account_expires_ms) =
+            if self.access.inner.settings.mode == AuthMode::ExternalToken {
+                let subject = claims.sub.clone();
+                (Principal::External { subject }, None)
+            } else {
+                self.token_principal(claims).await?
+            };
         if refresh {
             // A refresh token is good only while its record lives: revoked (or issued
             // before records were kept) means refused.
@@ -154,6 +159,7 @@ impl Tokens<'_> {
                 principal: principal.clone(),
                 access: verified.access.iter().cloned().collect(),
                 expires: verified.claims.exp,
+                account_expires_ms,
             };
             RECENT_TOKENS
                 .with_borrow_mut(|r| r.put(owner, (key, token.into()), proved, changes, began, is));
@@ -162,14 +168,18 @@ impl Tokens<'_> {
     }
 
     /// The live account behind a token berth issued: refused if it was removed, or (for
-    /// users) changed its password since.
-    async fn token_principal(&self, claims: &Claims) -> Result<Principal, AuthError> {
+    /// users) changed its password since, or (for robots) expired. With the account's
+    /// expiry, if it has one.
+    async fn token_principal(
+        &self,
+        claims: &Claims,
+    ) -> Result<(Principal, Option<i64>), AuthError> {
         let revoked = || AuthError::BadToken(TokenError::Revoked);
         let Some(subject) = &claims.berth else {
             return Err(revoked());
         };
         match subject.kind.as_str() {
-            "anonymous" => Ok(Principal::Anonymous),
+            "anonymous" => Ok((Principal::Anonymous, None)),
             "user" => {
                 let user = self
                     .access
@@ -180,11 +190,12 @@ impl Tokens<'_> {
                 if user.id != subject.id || user.generation != subject.generation {
                     return Err(revoked());
                 }
-                Ok(Principal::User {
+                let principal = Principal::User {
                     id: user.id,
                     name: user.name.clone(),
                     admin: user.admin,
-                })
+                };
+                Ok((principal, None))
             }
             "robot" => {
                 let (project, name) = claims
@@ -201,12 +212,13 @@ impl Tokens<'_> {
                 if robot.id != subject.id || robot.expires_ms.is_some_and(|e| e <= now_ms()) {
                     return Err(revoked());
                 }
-                Ok(Principal::Robot {
+                let principal = Principal::Robot {
                     id: robot.id,
                     name: claims.sub.clone(),
                     project: robot.project.clone(),
                     permissions: robot_permissions(&robot.permissions).unwrap_or(Permissions::NONE),
-                })
+                };
+                Ok((principal, robot.expires_ms))
             }
             _ => Err(revoked()),
         }

@@ -153,7 +153,9 @@ impl AlignedBuf {
     fn new(capacity: usize) -> Self {
         let reused = {
             let mut spare = SPARE.lock().unwrap_or_else(|p| p.into_inner());
-            let found = spare.iter().position(|b| b.len() == capacity + DIRECT_ALIGN);
+            let found = spare
+                .iter()
+                .position(|b| b.len() == capacity + DIRECT_ALIGN);
             found.map(|i| spare.swap_remove(i))
         };
         let storage = reused.unwrap_or_else(|| vec![0u8; capacity + DIRECT_ALIGN]);
