@@ -791,7 +791,9 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(wait.max(0) as u64)).await;
         assert!(matches!(
             access.logins().authenticate(bearer(), "127.0.0.1").await,
-            Err(AuthError::BadToken(TokenError::Revoked | TokenError::Expired))
+            Err(AuthError::BadToken(
+                TokenError::Revoked | TokenError::Expired
+            ))
         ));
     }
 }
