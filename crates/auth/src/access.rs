@@ -137,6 +137,9 @@ pub(crate) fn token_key(token: &str) -> u64 {
     std::hash::Hasher::finish(&hasher)
 }
 
+/// Access services started in this process, numbering them (`Inner::serial`).
+static SERVICES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// A thread's recent answers of [`AccessControl::rights`] (see [`Recent`]).
 type RecentRights = Recent<(Principal, Box<str>), (Permissions, bool)>;
 
@@ -157,6 +160,10 @@ pub(crate) struct Inner {
     pub(crate) verifier: Option<TokenVerifier>,
     pub(crate) limiter: Mutex<LoginLimiter>,
     pub(crate) cache_key: [u8; 32],
+    /// Tells this service's entries in the threads' [`Recent`] answers from another's
+    /// (one per process in a server, one per test in tests): never reused, unlike an
+    /// address.
+    pub(crate) serial: usize,
     pub(crate) passwords: Mutex<HashMap<[u8; 32], (Proven, Instant)>>,
     pub(crate) tokens: Mutex<HashMap<u64, Arc<VerifiedToken>>>,
     pub(crate) audit: AuditLog,
@@ -312,6 +319,7 @@ impl AccessControl {
                 verifier,
                 limiter: Mutex::new(limiter),
                 cache_key,
+                serial: SERVICES.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 passwords: Mutex::new(HashMap::new()),
                 tokens: Mutex::new(HashMap::new()),
                 users: ReadCache::default(),
@@ -397,7 +405,7 @@ impl AccessControl {
         }
         let store = &self.inner.store;
         let recent = store.node_local();
-        let owner = Arc::as_ptr(&self.inner) as usize;
+        let owner = self.inner.serial;
         let changes = store.changes();
         let is = |k: &(Principal, Box<str>)| k.0 == *principal && *k.1 == *project;
         if recent {

@@ -87,7 +87,7 @@ impl Tokens<'_> {
         let store = &self.access.inner.store;
         // Refresh tokens are looked up in the store on every use, so never kept here.
         let recent = !refresh && store.node_local();
-        let owner = Arc::as_ptr(&self.access.inner) as usize;
+        let owner = self.access.inner.serial;
         let changes = store.changes();
         let is = |k: &(u64, Box<str>)| k.0 == key && *k.1 == *token;
         if recent {
