@@ -429,6 +429,15 @@ mod tests {
     use super::*;
     use berth_meta::{AuditFilter, Database};
 
+    /// Up to 100 records of the log, newest first.
+    async fn newest_first(store: &Database) -> Vec<berth_meta::AuditRecord> {
+        let all = AuditFilter {
+            limit: 100,
+            ..AuditFilter::default()
+        };
+        store.audit(all).await.unwrap()
+    }
+
     fn pull(actor: &str, resource: &str) -> NewAuditEvent {
         NewAuditEvent {
             at_ms: now_ms(),
@@ -553,13 +562,7 @@ mod tests {
         log.count(&dave, "pull", "app:v1", Outcome::Success, "sha256:aa")
             .await;
         log.flush().await;
-        let rows = store
-            .audit(AuditFilter {
-                limit: 100,
-                ..AuditFilter::default()
-            })
-            .await
-            .unwrap();
+        let rows = newest_first(&store).await;
         let mut seen: Vec<(String, String, String, u64)> = rows
             .iter()
             .map(|r| {
@@ -605,13 +608,7 @@ mod tests {
         let elapsed = started.elapsed();
         log.record_now(login_event("erin", "10.0.0.9", Outcome::Success, ""))
             .await;
-        let rows = store
-            .audit(AuditFilter {
-                limit: 100,
-                ..AuditFilter::default()
-            })
-            .await
-            .unwrap();
+        let rows = newest_first(&store).await;
         let (logins, pulls): (Vec<_>, Vec<_>) =
             rows.iter().partition(|r| r.event.action == "login");
         assert_eq!(logins.len(), 1);
