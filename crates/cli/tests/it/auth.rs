@@ -1333,28 +1333,11 @@ fn a_flood_of_identical_pulls_is_counted_pull_for_pull() {
     push_image_as(&reg, &admin, "flood/app", "v1", b"flood layer");
     let url = format!("{}/v2/flood/app/manifests/v1", reg.url());
     let (threads, each) = (8, 100);
-    std::thread::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|| {
-                let client = http();
-                for _ in 0..each {
-                    let r = admin.request(&client, Method::GET, &url).send().unwrap();
-                    assert_eq!(r.status(), StatusCode::OK);
-                }
-            });
-        }
+    flood(threads, each, |client| {
+        let r = admin.request(client, Method::GET, &url).send().unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
     });
-    // The listing waits for what was queued before it.
-    let body = expect_api(
-        &reg,
-        &admin,
-        Method::GET,
-        "/audit?action=pull&limit=1000",
-        None,
-        StatusCode::OK,
-    );
-    let pulls = body["events"].as_array().unwrap();
-    let counted: u64 = pulls.iter().map(|e| e["count"].as_u64().unwrap()).sum();
+    let (pulls, counted) = counted_in_audit(&reg, "pull");
     assert_eq!(counted, threads * each, "{pulls:#?}");
     assert!(pulls.iter().all(|e| e["resource"] == "flood/app:v1"));
 }
@@ -1364,38 +1347,51 @@ fn a_flood_of_identical_pulls_is_counted_pull_for_pull() {
 #[test]
 fn a_flood_of_forged_tokens_is_refused_and_counted() {
     let reg = crate::start_with_auth(settings());
-    let admin = Who::admin();
     let url = format!("{}/v2/", reg.url());
     let (threads, each) = (4, 50);
+    flood(threads, each, |client| {
+        let r = client
+            .get(&url)
+            .header("authorization", "Bearer forged.token.here")
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    });
+    let (refusals, counted) = counted_in_audit(&reg, "token");
+    assert_eq!(counted, threads * each, "{refusals:#?}");
+    assert!(refusals
+        .iter()
+        .all(|e| e["result"] == "failed" && e["actor"] == "anonymous"));
+}
+
+/// Runs `request` `each` times on each of `threads` threads at once, a client each.
+fn flood(threads: u64, each: u64, request: impl Fn(&Client) + Sync) {
     std::thread::scope(|scope| {
         for _ in 0..threads {
             scope.spawn(|| {
                 let client = http();
                 for _ in 0..each {
-                    let r = client
-                        .get(&url)
-                        .header("authorization", "Bearer forged.token.here")
-                        .send()
-                        .unwrap();
-                    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+                    request(&client);
                 }
             });
         }
     });
+}
+
+/// The audit log's records of `action` (the listing waits for what was queued before
+/// it), and how many operations they count together.
+fn counted_in_audit(reg: &TestRegistry, action: &str) -> (Vec<Value>, u64) {
     let body = expect_api(
-        &reg,
-        &admin,
+        reg,
+        &Who::admin(),
         Method::GET,
-        "/audit?action=token&limit=1000",
+        &format!("/audit?action={action}&limit=1000"),
         None,
         StatusCode::OK,
     );
-    let refusals = body["events"].as_array().unwrap();
-    let counted: u64 = refusals.iter().map(|e| e["count"].as_u64().unwrap()).sum();
-    assert_eq!(counted, threads * each, "{refusals:#?}");
-    assert!(refusals
-        .iter()
-        .all(|e| e["result"] == "failed" && e["actor"] == "anonymous"));
+    let records = body["events"].as_array().unwrap().clone();
+    let counted = records.iter().map(|e| e["count"].as_u64().unwrap()).sum();
+    (records, counted)
 }
 
 #[test]
