@@ -222,6 +222,18 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// Commits the session under the digest of `expected` and checks the published file
+/// holds exactly those bytes.
+async fn commits_exactly(store: &FsBlobStore, id: &UploadId, expected: &[u8]) {
+    let digest = Digest::sha256_of(expected);
+    assert_eq!(
+        store.commit(id, &digest).await.unwrap(),
+        expected.len() as u64
+    );
+    let stored = std::fs::read(store.blob_path(&digest)).unwrap();
+    assert!(stored == expected, "the published file differs");
+}
+
 fn chunks_of(data: &[u8], size: usize) -> ByteStream {
     let items: Vec<Result<Bytes, io::Error>> = data
         .chunks(size)
@@ -264,13 +276,7 @@ async fn large_unaligned_appends_keep_every_byte() {
     ));
     expected.extend_from_slice(&part[..1_000_000]);
     assert_eq!(store.upload_len(&id).await.unwrap(), kept);
-    let digest = Digest::sha256_of(&expected);
-    assert_eq!(
-        store.commit(&id, &digest).await.unwrap(),
-        expected.len() as u64
-    );
-    let stored = std::fs::read(store.blob_path(&digest)).unwrap();
-    assert!(stored == expected, "the published file differs");
+    commits_exactly(&store, &id, &expected).await;
 }
 
 /// A session staged by an earlier version (`uploads/<id>/data`) is adopted: its
@@ -383,11 +389,5 @@ async fn hashes_catching_up_across_requests_and_a_restart_cover_every_byte() {
         store.commit(&id, &wrong).await,
         Err(StorageError::DigestMismatch { .. })
     ));
-    let digest = Digest::sha256_of(&expected);
-    assert_eq!(
-        store.commit(&id, &digest).await.unwrap(),
-        expected.len() as u64
-    );
-    let stored = std::fs::read(store.blob_path(&digest)).unwrap();
-    assert!(stored == expected, "the published file differs");
+    commits_exactly(&store, &id, &expected).await;
 }
