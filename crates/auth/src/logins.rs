@@ -20,17 +20,20 @@ pub struct Logins<'a> {
 }
 
 impl Logins<'_> {
-    /// Checks credentials. Failures are counted by the rate limiter and audited.
+    /// Checks credentials. Failures are counted by the rate limiter and audited. The
+    /// address is taken as given (owned, it becomes the caller's without a copy: this
+    /// runs for every request).
     pub async fn authenticate(
         &self,
         credentials: Credentials,
-        address: &str,
+        address: impl Into<String>,
     ) -> Result<Caller, AuthError> {
+        let address = address.into();
         match credentials {
             Credentials::None => Ok(Caller::anonymous(address)),
             _ if !self.access.enabled() => Ok(Caller::anonymous(address)),
             Credentials::Password { user, password } => {
-                self.check_password(&user, &password, address).await
+                self.check_password(&user, &password, &address).await
             }
             Credentials::Bearer(token) => {
                 self.access

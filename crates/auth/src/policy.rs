@@ -251,11 +251,11 @@ impl Caller {
     }
 
     /// An anonymous caller from `address`.
-    pub fn anonymous(address: &str) -> Self {
+    pub fn anonymous(address: impl Into<String>) -> Self {
         Caller {
             principal: Principal::Anonymous,
             proof: Proof::None,
-            address: address.to_owned(),
+            address: address.into(),
         }
     }
 

@@ -50,7 +50,7 @@ impl Tokens<'_> {
     pub(crate) async fn check_token(
         &self,
         token: &str,
-        address: &str,
+        address: String,
         refresh: bool,
     ) -> Result<Caller, AuthError> {
         let result = self.verify_token(token, refresh).await;
@@ -62,10 +62,10 @@ impl Tokens<'_> {
                 } else {
                     Proof::Token(access)
                 },
-                address: address.to_owned(),
+                address,
             }),
             Err(e) => {
-                let caller = Caller::anonymous(address);
+                let caller = Caller::anonymous(&address);
                 self.access
                     .record(&caller, "token", "", Outcome::Failed, &e.to_string())
                     .await;

@@ -287,15 +287,14 @@ pub(crate) async fn admit(
             ),
         };
         return Ok(Admitted {
-            caller: Caller::anonymous(&address),
+            caller: Caller::anonymous(address),
             audit,
             project_to_create: None,
         });
     }
-    let address = address_text(peer.ip());
     let caller = access
         .logins()
-        .authenticate(credentials(headers), &address)
+        .authenticate(credentials(headers), address_text(peer.ip()))
         .await
         .map_err(|e| refusal(access, headers, e, Login::Token { need: None, secure }))?;
     let name = route.and_then(parse_name);
