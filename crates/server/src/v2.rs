@@ -339,20 +339,33 @@ async fn get_manifest(
 }
 
 /// A stored manifest as a `GET` (or `HEAD`) answer.
+/// Built header by header rather than through [`response`]: this answers most pulls, and
+/// the general path formatted and re-validated every value.
 pub(crate) fn manifest_response(m: berth_registry::StoredManifest, head: bool) -> Response {
-    let headers = vec![
-        ("content-type", m.media_type),
-        ("content-length", m.raw.len().to_string()),
-        (DOCKER_CONTENT_DIGEST, m.digest.to_string()),
-        ("etag", format!("\"{}\"", m.digest)),
-    ];
+    let length = HeaderValue::from(m.raw.len());
     // The digest is over the stored bytes: serve them, never re-serialise.
     let body = if head {
         Body::empty()
     } else {
         Body::from(m.raw)
     };
-    response(StatusCode::OK, headers, body)
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    // A push may only name known manifest media types (`media_type::is_manifest`).
+    let content_type = HeaderValue::try_from(m.media_type)
+        .unwrap_or(HeaderValue::from_static("application/octet-stream"));
+    headers.insert(header::CONTENT_TYPE, content_type);
+    headers.insert(header::CONTENT_LENGTH, length);
+    let digest = m.digest.as_str();
+    let mut etag = String::with_capacity(digest.len() + 2);
+    etag.push('"');
+    etag.push_str(digest);
+    etag.push('"');
+    if let (Ok(digest), Ok(etag)) = (HeaderValue::from_str(digest), HeaderValue::try_from(etag)) {
+        headers.insert(DOCKER_CONTENT_DIGEST, digest);
+        headers.insert(header::ETAG, etag);
+    }
+    response
 }
 
 async fn put_manifest(

@@ -39,6 +39,7 @@ fn oci_manifest_by_tag_and_digest_byte_for_byte() {
         assert_eq!(header(&r, "content-type"), OCI_MANIFEST);
         assert_eq!(header(&r, "docker-content-digest"), digest);
         assert_eq!(header(&r, "content-length"), raw.len().to_string());
+        assert_eq!(header(&r, "etag"), format!("\"{digest}\""));
         assert_eq!(r.bytes().unwrap().as_ref(), raw.as_bytes());
         let r = http()
             .head(format!("{base}/v2/team/app/manifests/{reference}"))
@@ -47,6 +48,7 @@ fn oci_manifest_by_tag_and_digest_byte_for_byte() {
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(header(&r, "content-length"), raw.len().to_string());
         assert_eq!(header(&r, "docker-content-digest"), digest);
+        assert_eq!(header(&r, "content-type"), OCI_MANIFEST);
         assert!(r.bytes().unwrap().is_empty());
     }
     // By digest, without a tag.
