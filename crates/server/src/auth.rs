@@ -16,7 +16,7 @@ use berth_auth::{
     AccessControl, AuthError, Caller, Credentials, Need, Outcome, Permission, ProjectToCreate,
     Proof, Scope,
 };
-use berth_oci::{Reference, RepoName};
+use berth_oci::{RepoName, Tag};
 
 use crate::error::OciError;
 use crate::route::V2Route;
@@ -25,7 +25,7 @@ use std::borrow::Cow;
 use crate::App;
 
 /// Reads `Authorization: Basic …` or `Authorization: Bearer …`.
-pub(crate) fn credentials(headers: &HeaderMap) -> Credentials {
+pub(crate) fn credentials(headers: &HeaderMap) -> Credentials<'_> {
     let Some(value) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -34,7 +34,7 @@ pub(crate) fn credentials(headers: &HeaderMap) -> Credentials {
     };
     let (scheme, rest) = value.trim().split_once(' ').unwrap_or((value, ""));
     if scheme.eq_ignore_ascii_case("bearer") {
-        return Credentials::Bearer(rest.trim().to_owned());
+        return Credentials::Bearer(Cow::Borrowed(rest.trim()));
     }
     if scheme.eq_ignore_ascii_case("basic") {
         let decoded = STANDARD
@@ -43,17 +43,17 @@ pub(crate) fn credentials(headers: &HeaderMap) -> Credentials {
             .and_then(|d| String::from_utf8(d).ok());
         if let Some((user, password)) = decoded.as_deref().and_then(|d| d.split_once(':')) {
             return Credentials::Password {
-                user: user.to_owned(),
-                password: password.to_owned(),
+                user: Cow::Owned(user.to_owned()),
+                password: Cow::Owned(password.to_owned()),
             };
         }
         // Unreadable Basic credentials are wrong credentials, not none.
         return Credentials::Password {
-            user: String::new(),
-            password: String::new(),
+            user: Cow::Borrowed(""),
+            password: Cow::Borrowed(""),
         };
     }
-    Credentials::Bearer(String::new())
+    Credentials::Bearer(Cow::Borrowed(""))
 }
 
 /// The client's address (the TCP peer).
@@ -452,10 +452,9 @@ fn audited(
         resource.push_str(r);
         resource
     };
-    let reference = |r: &str| match Reference::parse(r) {
-        Ok(Reference::Tag(t)) => joined(':', t.as_str()),
-        _ => joined('@', r),
-    };
+    // A tag is joined with ':', anything else (a digest, or what failed to parse as
+    // either) with '@'.
+    let reference = |r: &str| joined(if Tag::is_valid(r) { ':' } else { '@' }, r);
     match (route, method) {
         (V2Route::Manifest { reference: r, .. }, &Method::GET) => Some(("pull", reference(r))),
         (V2Route::Manifest { reference: r, .. }, &Method::PUT) => Some(("push", reference(r))),
@@ -476,6 +475,42 @@ pub(crate) fn caller_of(extensions: &axum::http::Extensions) -> Caller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn audited_resources_name_tags_with_a_colon_and_anything_else_with_an_at() {
+        let name = RepoName::parse("team/app").unwrap();
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let resource = |reference: &str, method: Method| {
+            let route = V2Route::Manifest {
+                name: "team/app",
+                reference,
+            };
+            audited(&route, &method, Some(&name), true)
+        };
+        assert_eq!(
+            resource("v1.0", Method::GET),
+            Some(("pull", "team/app:v1.0".to_owned()))
+        );
+        assert_eq!(
+            resource(&digest, Method::PUT),
+            Some(("push", format!("team/app@{digest}")))
+        );
+        // Neither a tag nor a digest: still named, and never as a tag.
+        assert_eq!(
+            resource("bad!ref", Method::DELETE),
+            Some(("delete", "team/app@bad!ref".to_owned()))
+        );
+        let route = V2Route::Manifest {
+            name: "team/app",
+            reference: "v1",
+        };
+        assert_eq!(
+            audited(&route, &Method::GET, Some(&name), false),
+            None,
+            "pulls not audited"
+        );
+        assert_eq!(audited(&route, &Method::HEAD, Some(&name), true), None);
+    }
 
     #[test]
     fn addresses_are_written_as_display_writes_them() {
