@@ -1,6 +1,7 @@
 //! The access service: settings, the shared state of its parts ([`Logins`], [`Tokens`],
 //! [`crate::Accounts`]), and the one authorization decision.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,22 +22,23 @@ use crate::time::now_ms;
 use crate::token::{Claims, IssuerKey, ResourceAccess, TokenSigner, TokenVerifier};
 use crate::{AuthError, AuthMode, AuthSettings, Logins, Tokens};
 
-/// Credentials as the edge found them.
+/// Credentials as the edge found them, borrowed from the request where they can be (a
+/// bearer token is some 500 bytes, presented with every request).
 #[derive(Debug, Clone)]
-pub enum Credentials {
+pub enum Credentials<'a> {
     /// None given.
     None,
     /// HTTP Basic, or the token endpoint's `grant_type=password`.
     Password {
         /// Login name (`robot$…` for robots).
-        user: String,
+        user: Cow<'a, str>,
         /// Password or robot secret.
-        password: String,
+        password: Cow<'a, str>,
     },
     /// `Authorization: Bearer`.
-    Bearer(String),
+    Bearer(Cow<'a, str>),
     /// The token endpoint's `grant_type=refresh_token`.
-    Refresh(String),
+    Refresh(Cow<'a, str>),
 }
 
 /// What a go-ahead implies beyond itself.

@@ -25,7 +25,7 @@ impl Logins<'_> {
     /// runs for every request).
     pub async fn authenticate(
         &self,
-        credentials: Credentials,
+        credentials: Credentials<'_>,
         address: impl Into<String>,
     ) -> Result<Caller, AuthError> {
         let address = address.into();

@@ -92,11 +92,11 @@ async fn issue(app: &App, request: Request) -> Result<Response, Response> {
         let pairs = form_pairs(&String::from_utf8_lossy(&raw));
         let credentials = match get(&pairs, "grant_type") {
             Some("password") => Credentials::Password {
-                user: get(&pairs, "username").unwrap_or("").to_owned(),
-                password: get(&pairs, "password").unwrap_or("").to_owned(),
+                user: get(&pairs, "username").unwrap_or("").to_owned().into(),
+                password: get(&pairs, "password").unwrap_or("").to_owned().into(),
             },
             Some("refresh_token") => {
-                Credentials::Refresh(get(&pairs, "refresh_token").unwrap_or("").to_owned())
+                Credentials::Refresh(get(&pairs, "refresh_token").unwrap_or("").to_owned().into())
             }
             other => {
                 return Err(

@@ -44,7 +44,7 @@ async fn create_robot(store: &Database, expires_ms: i64) {
         .unwrap();
 }
 
-fn robot_login() -> Credentials {
+fn robot_login() -> Credentials<'static> {
     Credentials::Password {
         user: "robot$p+ci".into(),
         password: "robot-secret".into(),
@@ -69,7 +69,7 @@ async fn robot_token(access: &AccessControl, scope: &str) -> IssuedToken {
 async fn bearer(access: &AccessControl, token: &str) -> Result<Caller, AuthError> {
     access
         .logins()
-        .authenticate(Credentials::Bearer(token.to_owned()), "127.0.0.1")
+        .authenticate(Credentials::Bearer(token.into()), "127.0.0.1")
         .await
 }
 

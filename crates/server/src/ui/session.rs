@@ -50,7 +50,7 @@ pub(super) async fn caller(app: &App, headers: &HeaderMap, address: &str) -> Cal
     };
     app.access
         .logins()
-        .authenticate(Credentials::Refresh(token.to_owned()), address)
+        .authenticate(Credentials::Refresh(token.into()), address)
         .await
         .unwrap_or_else(|_| Caller::anonymous(address))
 }
@@ -165,7 +165,10 @@ pub(super) async fn sign_in(
     }
     let user = form.get("user").cloned().unwrap_or_default();
     let password = form.get("password").cloned().unwrap_or_default();
-    let credentials = Credentials::Password { user, password };
+    let credentials = Credentials::Password {
+        user: user.into(),
+        password: password.into(),
+    };
     let signed_in = app
         .access
         .logins()
