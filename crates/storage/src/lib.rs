@@ -4,6 +4,7 @@
 //! is the metadata store's call. Its one promise is crash safety: a blob is either absent
 //! or whole and verified against its digest, never partial.
 
+mod blocks;
 mod body_head;
 mod fs;
 mod reading;

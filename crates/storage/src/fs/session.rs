@@ -22,11 +22,11 @@ use crate::{ByteStream, StorageError, UploadId};
 
 /// Bodies up to this size are written in one call instead of through the pipeline.
 const SMALL_BODY: usize = 256 * 1024;
-/// Chunks in flight between the task reading the request and the thread writing them.
+/// Blocks in flight between the task reading the request and the thread writing them.
 /// Small: the request is answered when the writer is done, so what waits here is a delay.
 const WRITE_DEPTH: usize = 4;
-/// Chunks the hash may lag behind the reading, across requests: bounds memory per upload
-/// (a chunk is at most hyper's read buffer, a few hundred KiB).
+/// Blocks the hash may lag behind the reading, across requests: bounds memory per upload
+/// (8 MiB of [`crate::blocks::BLOCK`]s).
 const HASH_DEPTH: usize = 16;
 
 /// What the server remembers of an open upload between requests. After a restart it is
@@ -272,27 +272,30 @@ impl FsBlobStore {
                 crate::staging::append_chunks(&path, start_len, &mut rx)
             });
             let mut pending = head.into_iter();
-            loop {
-                let chunk = match pending.next() {
-                    Some(chunk) => chunk,
+            let mut blocks = Some(crate::blocks::Blocks::new());
+            let mut ready = Vec::new();
+            'body: while let Some(filling) = blocks.as_mut() {
+                match pending.next() {
+                    Some(chunk) => ready = filling.push(&chunk),
                     None => match body.next().await {
-                        None => break,
-                        Some(Ok(chunk)) if chunk.is_empty() => continue,
-                        Some(Ok(chunk)) => chunk,
+                        None => ready.extend(blocks.take().and_then(|b| b.finish())),
+                        Some(Ok(chunk)) => ready = filling.push(&chunk),
                         Some(Err(e)) => {
                             body_error = Some(e);
-                            break;
+                            ready.extend(blocks.take().and_then(|b| b.finish()));
                         }
                     },
-                };
-                if let Some(hashing) = &hash_tx {
-                    if hashing.send(chunk.clone()).await.is_err() {
-                        // The hash is unknown (see `spawn_hashing`): rehashed on next use.
-                        hash_tx = None;
-                    }
                 }
-                if tx.send(chunk).await.is_err() {
-                    break; // the writer failed; its error is reported below
+                for block in ready.drain(..) {
+                    if let Some(hashing) = &hash_tx {
+                        if hashing.send(block.clone()).await.is_err() {
+                            // The hash is unknown (see `spawn_hashing`): rehashed on next use.
+                            hash_tx = None;
+                        }
+                    }
+                    if tx.send(block).await.is_err() {
+                        break 'body; // the writer failed; its error is reported below
+                    }
                 }
             }
             drop(hash_tx);
