@@ -356,7 +356,13 @@ pub(crate) fn manifest_response(m: berth_registry::StoredManifest, head: bool) -
         .unwrap_or(HeaderValue::from_static("application/octet-stream"));
     headers.insert(header::CONTENT_TYPE, content_type);
     headers.insert(header::CONTENT_LENGTH, length);
-    let digest = m.digest.as_str();
+    insert_digest(headers, &m.digest);
+    response
+}
+
+/// `Docker-Content-Digest` and the `ETag` made of it, for content served by digest.
+fn insert_digest(headers: &mut HeaderMap, digest: &Digest) {
+    let digest = digest.as_str();
     let mut etag = String::with_capacity(digest.len() + 2);
     etag.push('"');
     etag.push_str(digest);
@@ -365,7 +371,6 @@ pub(crate) fn manifest_response(m: berth_registry::StoredManifest, head: bool) -
         headers.insert(DOCKER_CONTENT_DIGEST, digest);
         headers.insert(header::ETAG, etag);
     }
-    response
 }
 
 async fn put_manifest(
@@ -500,16 +505,24 @@ pub(crate) async fn get_blob(
 ) -> Result<Response, OciError> {
     let name = repo(name)?;
     let digest = digest(digest_text)?;
-    let mut out = vec![
-        ("content-type", "application/octet-stream".to_owned()),
-        (DOCKER_CONTENT_DIGEST, digest.to_string()),
-        ("accept-ranges", "bytes".to_owned()),
-        ("etag", format!("\"{digest}\"")),
-    ];
+    // Built header by header, as a manifest's answer is: a `HEAD` is most of what a
+    // client asks of a blob it may already have.
+    let answer = |status: StatusCode, length: u64, body: Body| {
+        let mut response = Response::new(body);
+        *response.status_mut() = status;
+        let out = response.headers_mut();
+        out.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        out.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        out.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        insert_digest(out, &digest);
+        response
+    };
     if head {
         let size = app.registry.stat_blob(&name, &digest).await?;
-        out.push(("content-length", size.to_string()));
-        return Ok(response(StatusCode::OK, out, Body::empty()));
+        return Ok(answer(StatusCode::OK, size, Body::empty()));
     }
     if let Some(url) = app.registry.blob_redirect(&name, &digest).await? {
         // The object store serves the bytes (and the client's Range) itself.
@@ -526,20 +539,6 @@ pub(crate) async fn get_blob(
     }
     let range = header_str(headers, header::RANGE).and_then(parse_range);
     let blob = app.registry.read_blob(&name, &digest, range).await?;
-    let status = match blob.range {
-        Some(r) => {
-            out.push((
-                "content-range",
-                format!("bytes {}-{}/{}", r.start, r.end, blob.size),
-            ));
-            out.push(("content-length", r.len().to_string()));
-            StatusCode::PARTIAL_CONTENT
-        }
-        None => {
-            out.push(("content-length", blob.size.to_string()));
-            StatusCode::OK
-        }
-    };
     let body = match blob.body {
         BlobBytes::Stream(stream) => Body::from_stream(stream),
         BlobBytes::File { file, start, len } if app.sendfile => {
@@ -550,7 +549,17 @@ pub(crate) async fn get_blob(
                 .map_err(|e| OciError::internal(&e))?,
         ),
     };
-    Ok(response(status, out, body))
+    Ok(match blob.range {
+        Some(r) => {
+            let mut partial = answer(StatusCode::PARTIAL_CONTENT, r.len(), body);
+            let content_range = format!("bytes {}-{}/{}", r.start, r.end, blob.size);
+            if let Ok(value) = HeaderValue::try_from(content_range) {
+                partial.headers_mut().insert(header::CONTENT_RANGE, value);
+            }
+            partial
+        }
+        None => answer(StatusCode::OK, blob.size, body),
+    })
 }
 
 async fn delete_blob(

@@ -33,6 +33,9 @@ fn blob_get_head_and_ranges() {
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(header(&r, "content-length"), "100000");
     assert_eq!(header(&r, "docker-content-digest"), digest);
+    assert_eq!(header(&r, "content-type"), "application/octet-stream");
+    assert_eq!(header(&r, "accept-ranges"), "bytes");
+    assert_eq!(header(&r, "etag"), format!("\"{digest}\""));
     assert!(r.bytes().unwrap().is_empty(), "HEAD has no body");
 
     let r = http().get(&url).send().unwrap();
@@ -47,6 +50,8 @@ fn blob_get_head_and_ranges() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
     assert_eq!(header(&r, "content-range"), "bytes 10-19/100000");
+    assert_eq!(header(&r, "content-length"), "10");
+    assert_eq!(header(&r, "docker-content-digest"), digest);
     assert_eq!(r.bytes().unwrap().as_ref(), &data[10..20]);
 
     let r = http()
