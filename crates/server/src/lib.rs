@@ -569,3 +569,39 @@ impl Identity {
         tracing::enabled!(target: "berth::access", tracing::Level::INFO)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_made_here_are_unique_across_threads_and_safe_in_a_log() {
+        let none = header::HeaderMap::new();
+        let made: Vec<String> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..4)
+                .map(|_| {
+                    scope.spawn(|| {
+                        (0..500)
+                            .map(|_| request_id(&none).to_str().unwrap().to_owned())
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap())
+                .collect()
+        });
+        let distinct: std::collections::HashSet<&String> = made.iter().collect();
+        assert_eq!(distinct.len(), made.len());
+        assert!(made
+            .iter()
+            .all(|id| id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')));
+        let mut given = header::HeaderMap::new();
+        given.insert(
+            REQUEST_ID,
+            header::HeaderValue::from_static("build-42.step_7"),
+        );
+        assert_eq!(request_id(&given), "build-42.step_7");
+    }
+}
