@@ -9,16 +9,14 @@
 //! into blocks taken from a small pool and put back once written and hashed; hyper's
 //! buffer is free again as soon as a chunk is copied.
 
-use std::sync::Mutex;
-
 use bytes::Bytes;
+
+use crate::pool::BufferPool;
 
 /// Bytes per block: large enough that the hand-over costs nothing next to the copy.
 pub(crate) const BLOCK: usize = 512 * 1024;
 /// Blocks kept for the next body, 8 MiB idle at most.
-const SPARE_BLOCKS: usize = 16;
-
-static SPARE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+static SPARE: BufferPool = BufferPool::new(16);
 
 /// A block's memory while a [`Bytes`] made from it is alive; back to the pool after.
 struct Pooled(Vec<u8>);
@@ -36,10 +34,7 @@ impl Drop for Pooled {
             return;
         }
         block.clear();
-        let mut spare = SPARE.lock().unwrap_or_else(|p| p.into_inner());
-        if spare.len() < SPARE_BLOCKS {
-            spare.push(block);
-        }
+        SPARE.give(block);
     }
 }
 
@@ -73,15 +68,24 @@ impl Blocks {
     }
 
     /// The last, partly filled block, if it holds anything.
-    pub(crate) fn finish(self) -> Option<Bytes> {
-        (!self.filling.is_empty()).then(|| Bytes::from_owner(Pooled(self.filling)))
+    pub(crate) fn finish(mut self) -> Option<Bytes> {
+        let last = Pooled(std::mem::take(&mut self.filling));
+        (!last.0.is_empty()).then(|| Bytes::from_owner(last))
+    }
+}
+
+impl Drop for Blocks {
+    /// A body abandoned half-way (its writer failed) gives its block back too.
+    fn drop(&mut self) {
+        drop(Pooled(std::mem::take(&mut self.filling)));
     }
 }
 
 /// An empty block, from the pool if one is spare.
 fn take() -> Vec<u8> {
-    let spare = SPARE.lock().unwrap_or_else(|p| p.into_inner()).pop();
-    spare.unwrap_or_else(|| Vec::with_capacity(BLOCK))
+    SPARE
+        .take(|_| true)
+        .unwrap_or_else(|| Vec::with_capacity(BLOCK))
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 mod blocks;
 mod body_head;
 mod fs;
+mod pool;
 mod reading;
 mod resumable;
 mod s3;

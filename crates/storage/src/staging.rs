@@ -17,6 +17,8 @@ use std::sync::mpsc;
 
 use bytes::Bytes;
 
+use crate::pool::BufferPool;
+
 /// Bytes gathered before one vectored write.
 const BATCH_BYTES: usize = 1024 * 1024;
 /// Bytes written between two background write-back requests.
@@ -131,18 +133,13 @@ struct AlignedBuf {
 }
 
 /// Direct-write buffers kept for the next large request: allocating and zeroing 2 MiB
-/// per `PATCH` was about 1 % of a chunked push (page faults and `memset`). At most
-/// [`SPARE_BUFFERS`] are kept, 8 MiB idle at most.
-static SPARE: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
-const SPARE_BUFFERS: usize = 4;
+/// per `PATCH` was about 1 % of a chunked push (page faults and `memset`). 8 MiB idle at
+/// most.
+static SPARE: BufferPool = BufferPool::new(4);
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        let storage = std::mem::take(&mut self.storage);
-        let mut spare = SPARE.lock().unwrap_or_else(|p| p.into_inner());
-        if spare.len() < SPARE_BUFFERS {
-            spare.push(storage);
-        }
+        SPARE.give(std::mem::take(&mut self.storage));
     }
 }
 
@@ -151,14 +148,10 @@ impl AlignedBuf {
     /// whatever an earlier upload left there: only what is pushed or read into it since
     /// is ever written out.
     fn new(capacity: usize) -> Self {
-        let reused = {
-            let mut spare = SPARE.lock().unwrap_or_else(|p| p.into_inner());
-            let found = spare
-                .iter()
-                .position(|b| b.len() == capacity + DIRECT_ALIGN);
-            found.map(|i| spare.swap_remove(i))
-        };
-        let storage = reused.unwrap_or_else(|| vec![0u8; capacity + DIRECT_ALIGN]);
+        let size = capacity + DIRECT_ALIGN;
+        let storage = SPARE
+            .take(|b| b.len() == size)
+            .unwrap_or_else(|| vec![0u8; size]);
         let misalignment = storage.as_ptr() as usize % DIRECT_ALIGN;
         let start = (DIRECT_ALIGN - misalignment) % DIRECT_ALIGN;
         AlignedBuf {
