@@ -339,6 +339,7 @@ async fn get_manifest(
 }
 
 /// A stored manifest as a `GET` (or `HEAD`) answer.
+///
 /// Built header by header rather than through [`response`]: this answers most pulls, and
 /// the general path formatted and re-validated every value.
 pub(crate) fn manifest_response(m: berth_registry::StoredManifest, head: bool) -> Response {
