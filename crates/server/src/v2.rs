@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 
 use axum::body::Body;
-use axum::extract::{Query, State};
+use axum::extract::{Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 
@@ -30,14 +31,22 @@ const OCI_FILTERS_APPLIED: &str = "oci-filters-applied";
 pub(crate) type Params = HashMap<String, String>;
 
 /// Entry point for every `/v2` request: routes by [`V2Route`], then by method.
+///
+/// Takes the request whole: the `Uri` and `HeaderMap` extractors would copy them.
 pub(crate) async fn dispatch(
     State(app): State<App>,
     ConnectInfo(peer): ConnectInfo<Peer>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Response {
+    let (
+        Parts {
+            method,
+            uri,
+            headers,
+            ..
+        },
+        body,
+    ) = request.into_parts();
     let rewritten = match crate::proxied::rewrite(&app, &uri).await {
         Ok(rewritten) => rewritten,
         Err(refused) => return refused.into_response(),
@@ -49,10 +58,12 @@ pub(crate) async fn dispatch(
     };
     if let Some(project) = &admitted.project_to_create {
         let by = admitted.caller.as_actor();
-        let created = app
-            .registry
-            .create_project_for_push(&project.name, project.owner, &by)
-            .await;
+        let created = Box::pin(app.registry.create_project_for_push(
+            &project.name,
+            project.owner,
+            &by,
+        ))
+        .await;
         if let Err(e) = created {
             return OciError::from(e).into_response();
         }
@@ -61,10 +72,14 @@ pub(crate) async fn dispatch(
         peer: &peer,
         method,
         uri: &uri,
-        headers,
+        headers: &headers,
         body,
     };
-    let mut response = handle(&app, &admitted.caller, route, request).await;
+    // Boxed: the request's future then stays within the allocator's per-thread cache
+    // (about 1 KiB with glibc) instead of taking an arena lock twice per request; both
+    // workers' locks showed in profiles of blob HEADs (PERFORMANCE.md).
+    let mut response = Box::pin(handle(&app, &admitted.caller, route, request)).await;
+    reuse_header_map(&mut response, headers);
     if admitted.caller.principal != berth_auth::Principal::Anonymous && crate::Identity::wanted() {
         let who = admitted.caller.principal.actor().to_owned();
         response.extensions_mut().insert(crate::Identity(who));
@@ -84,8 +99,19 @@ struct Incoming<'a> {
     peer: &'a Peer,
     method: Method,
     uri: &'a Uri,
-    headers: HeaderMap,
+    headers: &'a HeaderMap,
     body: Body,
+}
+
+/// Moves the answer's headers into the request's map, which the server's HTTP layer
+/// then keeps for the next request on the connection: a connection's requests and
+/// answers then cycle one map instead of allocating two per request. The answer's own
+/// map was small and grew when the access log added its headers (a reallocation that
+/// took an allocator arena lock, often the other worker's: PERFORMANCE.md).
+fn reuse_header_map(response: &mut Response, mut map: HeaderMap) {
+    map.clear();
+    let answered = std::mem::replace(response.headers_mut(), map);
+    response.headers_mut().extend(answered);
 }
 
 async fn handle(
@@ -113,42 +139,48 @@ async fn handle(
         .into_response();
     };
     if let Some(target) = crate::proxied::proxy_repository(app, &route) {
-        return crate::proxied::handle(app, target, route, &method, peer, &headers, &params)
-            .await
-            .unwrap_or_else(IntoResponse::into_response);
+        return Box::pin(crate::proxied::handle(
+            app, target, route, &method, peer, headers, &params,
+        ))
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
     }
+    // Reads by digest or tag are answered inline; every other arm is boxed, so that this
+    // future stays small for reads (see `dispatch`).
     let result = match (route, method.clone()) {
         (V2Route::Base, Method::GET | Method::HEAD) => Ok(base()),
-        (V2Route::Catalog, Method::GET) => catalog(app, caller, &params).await,
-        (V2Route::Tags { name }, Method::GET) => tags(app, name, &params).await,
+        (V2Route::Catalog, Method::GET) => Box::pin(catalog(app, caller, &params)).await,
+        (V2Route::Tags { name }, Method::GET) => Box::pin(tags(app, name, &params)).await,
         (V2Route::Manifest { name, reference }, Method::GET | Method::HEAD) => {
             get_manifest(app, name, reference, method == Method::HEAD).await
         }
         (V2Route::Manifest { name, reference }, Method::PUT) => {
-            put_manifest(app, caller, name, reference, &headers, body).await
+            Box::pin(put_manifest(app, caller, name, reference, headers, body)).await
         }
         (V2Route::Manifest { name, reference }, Method::DELETE) => {
-            delete_manifest(app, caller, name, reference).await
+            Box::pin(delete_manifest(app, caller, name, reference)).await
         }
         (V2Route::Blob { name, digest }, Method::GET | Method::HEAD) => {
-            get_blob(app, peer, name, digest, &headers, method == Method::HEAD).await
+            get_blob(app, peer, name, digest, headers, method == Method::HEAD).await
         }
         (V2Route::Blob { name, digest }, Method::DELETE) => {
-            delete_blob(app, caller, name, digest).await
+            Box::pin(delete_blob(app, caller, name, digest)).await
         }
         (V2Route::UploadStart { name }, Method::POST) => {
-            start_upload(app, caller, name, &params, body).await
+            Box::pin(start_upload(app, caller, name, &params, body)).await
         }
-        (V2Route::Upload { name, id }, Method::GET) => upload_status(app, name, id).await,
+        (V2Route::Upload { name, id }, Method::GET) => Box::pin(upload_status(app, name, id)).await,
         (V2Route::Upload { name, id }, Method::PATCH) => {
-            patch_upload(app, name, id, &headers, body).await
+            Box::pin(patch_upload(app, name, id, headers, body)).await
         }
         (V2Route::Upload { name, id }, Method::PUT) => {
-            finish_upload(app, caller, name, id, &params, &headers, body).await
+            Box::pin(finish_upload(app, caller, name, id, &params, headers, body)).await
         }
-        (V2Route::Upload { name, id }, Method::DELETE) => cancel_upload(app, name, id).await,
+        (V2Route::Upload { name, id }, Method::DELETE) => {
+            Box::pin(cancel_upload(app, name, id)).await
+        }
         (V2Route::Referrers { name, digest }, Method::GET) => {
-            referrers(app, name, digest, &params).await
+            Box::pin(referrers(app, name, digest, &params)).await
         }
         _ => Err(OciError::new(
             StatusCode::METHOD_NOT_ALLOWED,

@@ -27,6 +27,36 @@ fn parses_range_forms() {
     assert_eq!(parse_range("bytes=x-1"), None);
 }
 
+#[test]
+fn an_answer_moved_into_the_request_map_keeps_every_header_and_no_request_header() {
+    let mut request = HeaderMap::with_capacity(16);
+    request.insert(header::HOST, HeaderValue::from_static("registry.test"));
+    request.insert(header::RANGE, HeaderValue::from_static("bytes=0-1"));
+    let room = request.capacity();
+    let mut response = Response::new(Body::empty());
+    let answer = response.headers_mut();
+    answer.insert(header::CONTENT_LENGTH, HeaderValue::from(7));
+    answer.append(header::LINK, HeaderValue::from_static("<a>; rel=\"next\""));
+    answer.append(header::LINK, HeaderValue::from_static("<b>; rel=\"prev\""));
+    answer.insert(header::ETAG, HeaderValue::from_static("\"x\""));
+
+    reuse_header_map(&mut response, request);
+
+    let headers = response.headers();
+    assert_eq!(headers.len(), 4);
+    assert!(headers.get(header::HOST).is_none());
+    assert!(headers.get(header::RANGE).is_none());
+    assert_eq!(headers[header::CONTENT_LENGTH], "7");
+    assert_eq!(headers[header::ETAG], "\"x\"");
+    let links: Vec<_> = headers.get_all(header::LINK).iter().collect();
+    assert_eq!(links, ["<a>; rel=\"next\"", "<b>; rel=\"prev\""]);
+    assert_eq!(
+        headers.capacity(),
+        room,
+        "the request's map is the one reused"
+    );
+}
+
 mod properties {
     use super::*;
     use proptest::prelude::*;
