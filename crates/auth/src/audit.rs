@@ -392,7 +392,14 @@ impl AuditLog {
                 }
             }
         };
+        // Boxed: the tally above answers almost every call, and without the queue's
+        // future inline a request that counts its pull keeps a small future of its own.
         let record = event(caller, action, resource, outcome, detail);
+        Box::pin(self.queue_counted(record, tallied)).await;
+    }
+
+    /// Queues an event `count` could not add to a waiting one.
+    async fn queue_counted(&self, record: NewAuditEvent, tallied: Option<u64>) {
         if !self.send(Some(record), tallied, None).await {
             if let Some(key) = tallied {
                 self.tally.lock().remove(&key);

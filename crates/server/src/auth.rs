@@ -274,24 +274,39 @@ pub(crate) async fn admit(
     headers: &HeaderMap,
     peer: SocketAddr,
 ) -> Result<Admitted, Response> {
+    if !app.access.enabled() {
+        return Ok(admit_open(route, method, peer));
+    }
+    // Boxed: its future is kilobytes, and the request's own must stay small (v2::handle).
+    Box::pin(admit_checked(app, route, method, headers, peer)).await
+}
+
+/// An open registry checks nothing: reads are not audited without identities (nor is
+/// their address worth formatting).
+fn admit_open(route: Option<&V2Route<'_>>, method: &Method, peer: SocketAddr) -> Admitted {
+    let (audit, address) = match *method {
+        Method::GET | Method::HEAD => (None, String::new()),
+        _ => (
+            route.and_then(|r| audited(r, method, parse_name(r).as_ref(), false)),
+            address_text(peer.ip()),
+        ),
+    };
+    Admitted {
+        caller: Caller::anonymous(address),
+        audit,
+        project_to_create: None,
+    }
+}
+
+async fn admit_checked(
+    app: &App,
+    route: Option<&V2Route<'_>>,
+    method: &Method,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+) -> Result<Admitted, Response> {
     let access = &app.access;
     let secure = app.secure;
-    if !access.enabled() {
-        // Open registry: nothing to check; reads are not audited without identities (nor
-        // is their address worth formatting).
-        let (audit, address) = match *method {
-            Method::GET | Method::HEAD => (None, String::new()),
-            _ => (
-                route.and_then(|r| audited(r, method, parse_name(r).as_ref(), false)),
-                address_text(peer.ip()),
-            ),
-        };
-        return Ok(Admitted {
-            caller: Caller::anonymous(address),
-            audit,
-            project_to_create: None,
-        });
-    }
     let caller = access
         .logins()
         .authenticate(credentials(headers), address_text(peer.ip()))
@@ -338,21 +353,21 @@ impl Admitted {
     /// delete is in the log already: the domain recorded its event in the transaction
     /// that made the change.
     pub(crate) async fn finish(
-        self,
+        &self,
         access: &AccessControl,
         status: StatusCode,
         digest: Option<&str>,
     ) {
-        let Some((action, resource)) = self.audit else {
+        let Some((action, resource)) = &self.audit else {
             return;
         };
-        let (outcome, detail) = match (status.is_success(), action) {
+        let (outcome, detail) = match (status.is_success(), *action) {
             (true, "pull") => (Outcome::Success, Cow::Borrowed(digest.unwrap_or_default())),
             (true, _) => return,
             (false, _) => (Outcome::Failed, Cow::Owned(status.as_u16().to_string())),
         };
         access
-            .record(&self.caller, action, &resource, outcome, &detail)
+            .record(&self.caller, action, resource, outcome, &detail)
             .await;
     }
 }

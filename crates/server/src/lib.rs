@@ -423,8 +423,10 @@ async fn access_log(State(app): State<App>, request: Request, next: Next) -> Res
             .and_then(|v| v.to_str().ok());
         tracer.start(parent, &format!("{method} {}", route.template()))
     });
+    // A traced request's future is boxed: inline, it would double the size of every
+    // request's future, traced or not (see `v2::dispatch` on why size matters).
     let mut response = match (&app.tracer, &span) {
-        (Some(tracer), Some(span)) => tracer.in_span(span, next.run(request)).await,
+        (Some(tracer), Some(span)) => Box::pin(tracer.in_span(span, next.run(request))).await,
         _ => next.run(request).await,
     };
     let (name, value) = v2::API_VERSION;
