@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use axum::body::Body;
 use axum::extract::{Query, Request, State};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 
 use axum::extract::ConnectInfo;
@@ -24,6 +24,9 @@ use crate::zero_copy::Peer;
 use crate::App;
 
 pub(crate) const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
+/// The same name, parsed once: inserting or looking up a header by `&str` validates
+/// and hashes the text on every request.
+const CONTENT_DIGEST: HeaderName = HeaderName::from_static(DOCKER_CONTENT_DIGEST);
 const DOCKER_UPLOAD_UUID: &str = "docker-upload-uuid";
 const OCI_SUBJECT: &str = "oci-subject";
 const OCI_FILTERS_APPLIED: &str = "oci-filters-applied";
@@ -86,7 +89,7 @@ pub(crate) async fn dispatch(
     }
     let digest = response
         .headers()
-        .get(DOCKER_CONTENT_DIGEST)
+        .get(CONTENT_DIGEST)
         .and_then(|v| v.to_str().ok());
     admitted
         .finish(&app.access, response.status(), digest)
@@ -401,7 +404,7 @@ fn insert_digest(headers: &mut HeaderMap, digest: &Digest) {
     etag.push_str(digest);
     etag.push('"');
     if let (Ok(digest), Ok(etag)) = (HeaderValue::from_str(digest), HeaderValue::try_from(etag)) {
-        headers.insert(DOCKER_CONTENT_DIGEST, digest);
+        headers.insert(CONTENT_DIGEST, digest);
         headers.insert(header::ETAG, etag);
     }
 }
@@ -786,8 +789,8 @@ pub(crate) async fn referrers(
 }
 
 /// Header every response carries, so Docker clients recognise a v2 registry.
-pub(crate) const API_VERSION: (&str, HeaderValue) = (
-    "docker-distribution-api-version",
+pub(crate) const API_VERSION: (HeaderName, HeaderValue) = (
+    HeaderName::from_static("docker-distribution-api-version"),
     HeaderValue::from_static("registry/2.0"),
 );
 
