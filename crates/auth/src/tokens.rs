@@ -66,9 +66,12 @@ impl Tokens<'_> {
             }),
             Err(e) => {
                 let caller = Caller::anonymous(&address);
-                self.access
-                    .record(&caller, "token", "", Outcome::Failed, &e.to_string())
-                    .await;
+                let detail = e.to_string();
+                Box::pin(
+                    self.access
+                        .record(&caller, "token", "", Outcome::Failed, &detail),
+                )
+                .await;
                 Err(e)
             }
         }
@@ -79,28 +82,51 @@ impl Tokens<'_> {
         token: &str,
         refresh: bool,
     ) -> Result<(Principal, std::sync::Arc<[ResourceAccess]>), AuthError> {
+        if let Some(proved) = self.recently_proved(token, refresh) {
+            return Ok(proved);
+        }
+        // Boxed: the full check's future is kilobytes, and every request with a token
+        // carries this one inline, where the answer above is almost always found.
+        Box::pin(self.verify_token_fully(token, refresh)).await
+    }
+
+    /// What this thread proved of `token` lately, if nothing changed since.
+    fn recently_proved(
+        &self,
+        token: &str,
+        refresh: bool,
+    ) -> Option<(Principal, std::sync::Arc<[ResourceAccess]>)> {
+        let store = &self.access.inner.store;
+        // Refresh tokens are looked up in the store on every use, so never kept here.
+        if refresh || !store.node_local() || self.access.inner.verifier.is_none() {
+            return None;
+        }
+        let now = now_secs();
+        let key = token_key(token);
+        let is = |k: &(u64, Box<str>)| k.0 == key && *k.1 == *token;
+        RECENT_TOKENS.with_borrow(|r| {
+            r.get(self.access.inner.serial, store.changes(), is)
+                .filter(|p| now < p.expires)
+                .filter(|p| p.account_expires_ms.is_none_or(|e| now_ms() < e))
+                .map(|p| (p.principal.clone(), p.access.clone()))
+        })
+    }
+
+    async fn verify_token_fully(
+        &self,
+        token: &str,
+        refresh: bool,
+    ) -> Result<(Principal, std::sync::Arc<[ResourceAccess]>), AuthError> {
         let Some(verifier) = &self.access.inner.verifier else {
             return Err(AuthError::Unauthenticated);
         };
         let now = now_secs();
         let key = token_key(token);
         let store = &self.access.inner.store;
-        // Refresh tokens are looked up in the store on every use, so never kept here.
         let recent = !refresh && store.node_local();
         let owner = self.access.inner.serial;
         let changes = store.changes();
         let is = |k: &(u64, Box<str>)| k.0 == key && *k.1 == *token;
-        if recent {
-            let proved = RECENT_TOKENS.with_borrow(|r| {
-                r.get(owner, changes, is)
-                    .filter(|p| now < p.expires)
-                    .filter(|p| p.account_expires_ms.is_none_or(|e| now_ms() < e))
-                    .map(|p| (p.principal.clone(), p.access.clone()))
-            });
-            if let Some(proved) = proved {
-                return Ok(proved);
-            }
-        }
         let began = Instant::now();
         let cached = self
             .access
