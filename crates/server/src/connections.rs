@@ -35,6 +35,7 @@ use axum::extract::ConnectInfo;
 use axum::http::{header, HeaderValue, Request, Response, Version};
 use axum::Router;
 use bytes::Bytes;
+use futures_util::future::Either;
 use futures_util::FutureExt;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
@@ -49,6 +50,7 @@ use tower_service::Service;
 
 use crate::tls::Tls;
 use crate::zero_copy::{Peer, ZeroCopyStream};
+use crate::App;
 
 /// How much of the server one connection, or a crowd of them, may hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,6 +125,7 @@ pub(crate) struct Listening {
 pub(crate) async fn accept_loop(
     listener: TcpListener,
     router: Router,
+    registry_api: Option<App>,
     listening: Listening,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
@@ -145,6 +148,7 @@ pub(crate) async fn accept_loop(
     let shared = Arc::new(Shared {
         builder,
         router,
+        registry_api,
         limits: listening.limits,
         tls: listening.tls,
     });
@@ -207,6 +211,8 @@ pub(crate) async fn accept_loop(
 struct Shared {
     builder: auto::Builder<TokioExecutor>,
     router: Router,
+    /// The registry, whose `/v2` requests skip the router when set (see `serve_http`).
+    registry_api: Option<App>,
     limits: ConnectionLimits,
     tls: Option<Arc<Tls>>,
 }
@@ -288,13 +294,12 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let router = shared.router.clone();
+    let registry_api = shared.registry_api.clone();
     let stall = shared.limits.body_stall_timeout;
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         ticket.prove();
-        let mut router = router.clone();
         let (request, finished) = RequestBody::wrap(request, stall);
         let mut request = request;
-        request.extensions_mut().insert(ConnectInfo(peer.clone()));
         let http1 = request.version() < Version::HTTP_2;
         if !http1 && !request.headers().contains_key(header::HOST) {
             // HTTP/2 names the host in `:authority`; handlers read `Host` either way.
@@ -303,8 +308,31 @@ where
                 request.headers_mut().insert(header::HOST, value);
             }
         }
-        router.call(request).map(move |response| {
-            let Ok(mut response): Result<Response<Body>, Infallible> = response;
+        // `/v2` requests, most of what a registry answers, go to the API directly: the
+        // router would match the path, copy it into parameters nobody reads, and box the
+        // request's future and its middleware's on every request (PERFORMANCE.md). Here
+        // the request's future lives in the connection's own slot, which hyper reuses.
+        let answer = match registry_api.as_ref() {
+            Some(app) if crate::v2::is_v2_path(request.uri().path()) => {
+                let app = app.clone();
+                let peer = peer.clone();
+                Either::Left(async move {
+                    crate::logged(&app, request, |request| {
+                        crate::v2::serve(&app, &peer, request)
+                    })
+                    .await
+                })
+            }
+            _ => {
+                request.extensions_mut().insert(ConnectInfo(peer.clone()));
+                let mut router = router.clone();
+                Either::Right(router.call(request).map(|answered| {
+                    let Ok(response): Result<Response<Body>, Infallible> = answered;
+                    response
+                }))
+            }
+        };
+        answer.map(move |mut response| {
             if http1 && finished.is_some_and(|f| !f.load(Ordering::Acquire)) {
                 response
                     .headers_mut()

@@ -365,7 +365,8 @@ pub async fn serve(
         tls: options.tls,
         http1_only,
     };
-    connections::accept_loop(listener, router(app), listening, shutdown).await
+    let registry_api = Some(app.clone());
+    connections::accept_loop(listener, router(app), registry_api, listening, shutdown).await
 }
 
 /// Liveness: the process serves requests. Deliberately independent of the backends (see
@@ -406,6 +407,17 @@ async fn readyz(State(app): State<App>) -> Response {
 
 /// One structured log line per request, and the API version header on every response.
 async fn access_log(State(app): State<App>, request: Request, next: Next) -> Response {
+    logged(&app, request, |request| next.run(request)).await
+}
+
+/// Answers `request` with `serve`, then logs it, counts it in the metrics, ends its span
+/// and adds the API version and request id headers: what every answer gets, whether the
+/// router serves it ([`access_log`]) or the connection hands it to the `/v2` API directly.
+pub(crate) async fn logged<F, Fut>(app: &App, request: Request, serve: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
@@ -426,8 +438,8 @@ async fn access_log(State(app): State<App>, request: Request, next: Next) -> Res
     // A traced request's future is boxed: inline, it would double the size of every
     // request's future, traced or not (see `v2::dispatch` on why size matters).
     let mut response = match (&app.tracer, &span) {
-        (Some(tracer), Some(span)) => Box::pin(tracer.in_span(span, next.run(request))).await,
-        _ => next.run(request).await,
+        (Some(tracer), Some(span)) => Box::pin(tracer.in_span(span, serve(request))).await,
+        _ => serve(request).await,
     };
     let (name, value) = v2::API_VERSION;
     response.headers_mut().insert(name, value);

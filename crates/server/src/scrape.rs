@@ -322,5 +322,5 @@ pub async fn serve_metrics(
         tls: None,
         http1_only: true,
     };
-    connections::accept_loop(listener, metrics_router(app), listening, shutdown).await
+    connections::accept_loop(listener, metrics_router(app), None, listening, shutdown).await
 }

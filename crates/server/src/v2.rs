@@ -33,14 +33,25 @@ const OCI_FILTERS_APPLIED: &str = "oci-filters-applied";
 
 pub(crate) type Params = HashMap<String, String>;
 
-/// Entry point for every `/v2` request: routes by [`V2Route`], then by method.
-///
-/// Takes the request whole: the `Uri` and `HeaderMap` extractors would copy them.
+/// Whether `path` belongs to the registry API (what the router sends to [`dispatch`]).
+pub(crate) fn is_v2_path(path: &str) -> bool {
+    path == "/v2" || path.starts_with("/v2/")
+}
+
+/// The router's entry point for `/v2` requests. Connections of the main listener call
+/// [`serve`] directly instead (`connections::serve_http`).
 pub(crate) async fn dispatch(
     State(app): State<App>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     request: Request,
 ) -> Response {
+    serve(&app, &peer, request).await
+}
+
+/// Answers one `/v2` request: routes by [`V2Route`], then by method.
+///
+/// Takes the request whole: the `Uri` and `HeaderMap` extractors would copy them.
+pub(crate) async fn serve(app: &App, peer: &Peer, request: Request) -> Response {
     let (
         Parts {
             method,
@@ -50,12 +61,12 @@ pub(crate) async fn dispatch(
         },
         body,
     ) = request.into_parts();
-    let rewritten = match crate::proxied::rewrite(&app, &uri).await {
+    let rewritten = match crate::proxied::rewrite(app, &uri).await {
         Ok(rewritten) => rewritten,
         Err(refused) => return refused.into_response(),
     };
     let route = V2Route::parse(rewritten.as_deref().unwrap_or(uri.path()));
-    let admitted = match auth::admit(&app, route.as_ref(), &method, &headers, peer.addr).await {
+    let admitted = match auth::admit(app, route.as_ref(), &method, &headers, peer.addr).await {
         Ok(admitted) => admitted,
         Err(refused) => return refused,
     };
@@ -72,7 +83,7 @@ pub(crate) async fn dispatch(
         }
     }
     let request = Incoming {
-        peer: &peer,
+        peer,
         method,
         uri: &uri,
         headers: &headers,
@@ -81,7 +92,7 @@ pub(crate) async fn dispatch(
     // Boxed: the request's future then stays within the allocator's per-thread cache
     // (about 1 KiB with glibc) instead of taking an arena lock twice per request; both
     // workers' locks showed in profiles of blob HEADs (PERFORMANCE.md).
-    let mut response = Box::pin(handle(&app, &admitted.caller, route, request)).await;
+    let mut response = Box::pin(handle(app, &admitted.caller, route, request)).await;
     reuse_header_map(&mut response, headers);
     if admitted.caller.principal != berth_auth::Principal::Anonymous && crate::Identity::wanted() {
         let who = admitted.caller.principal.actor().to_owned();

@@ -57,6 +57,24 @@ fn an_answer_moved_into_the_request_map_keeps_every_header_and_no_request_header
     );
 }
 
+#[test]
+fn the_paths_served_without_the_router_are_the_ones_it_sends_to_dispatch() {
+    for path in ["/v2", "/v2/", "/v2/_catalog", "/v2/a/b/manifests/latest"] {
+        assert!(is_v2_path(path), "{path}");
+    }
+    for path in [
+        "/",
+        "/v20",
+        "/v2x/tags",
+        "/api/v1/users",
+        "/token",
+        "/V2/",
+        "v2/",
+    ] {
+        assert!(!is_v2_path(path), "{path}");
+    }
+}
+
 mod properties {
     use super::*;
     use proptest::prelude::*;
