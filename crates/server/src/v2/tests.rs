@@ -1,5 +1,6 @@
 //! The request parsers of the `/v2` handlers: table tests and property tests.
 
+use super::uploads::content_range;
 use super::*;
 
 #[test]
