@@ -32,7 +32,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, delete, get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use berth_auth::AccessControl;
 use berth_registry::{GcOptions, Registry};
@@ -189,10 +189,11 @@ pub(crate) fn admin_body_limit(path: &str) -> usize {
     }
 }
 
-/// The full HTTP surface of the registry.
+/// The HTTP surface of the registry but `/v2`, which each connection hands to
+/// `v2::serve` itself (`connections::serve_http`).
 pub fn router(app: App) -> Router {
-    // `/v2` requests are admitted inside `v2::dispatch` (no middleware on the hot path);
-    // admin requests pass `auth::api_guard`.
+    // `/v2` requests are admitted inside `v2::serve`; admin requests pass
+    // `auth::api_guard`.
     let admin = Router::new()
         .route("/api/v1/gc", post(admin::run_gc))
         .route(
@@ -323,9 +324,6 @@ pub fn router(app: App) -> Router {
         .layer(DefaultBodyLimit::max(ADMIN_BODY_LIMIT))
         .route_layer(middleware::from_fn_with_state(app.clone(), auth::api_guard));
     Router::new()
-        .route("/v2", any(v2::dispatch))
-        .route("/v2/", any(v2::dispatch))
-        .route("/v2/{*path}", any(v2::dispatch))
         .route("/healthz", get(healthz))
         .route("/metrics", get(scrape::metrics_endpoint))
         .route("/readyz", get(readyz))
@@ -436,7 +434,7 @@ where
         tracer.start(parent, &format!("{method} {}", route.template()))
     });
     // A traced request's future is boxed: inline, it would double the size of every
-    // request's future, traced or not (see `v2::dispatch` on why size matters).
+    // request's future, traced or not.
     let mut response = match (&app.tracer, &span) {
         (Some(tracer), Some(span)) => Box::pin(tracer.in_span(span, serve(request))).await,
         _ => serve(request).await,

@@ -4,12 +4,11 @@
 use std::collections::HashMap;
 
 use axum::body::Body;
-use axum::extract::{Query, Request, State};
+use axum::extract::{Query, Request};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 
-use axum::extract::ConnectInfo;
 use berth_auth::Caller;
 use berth_oci::{media_type, Digest, Reference, RepoName};
 use berth_registry::Page;
@@ -31,19 +30,10 @@ const OCI_FILTERS_APPLIED: &str = "oci-filters-applied";
 
 pub(crate) type Params = HashMap<String, String>;
 
-/// Whether `path` belongs to the registry API (what the router sends to [`dispatch`]).
+/// Whether `path` belongs to the registry API, which the connection serves itself
+/// (`connections::serve_http`) rather than through the router.
 pub(crate) fn is_v2_path(path: &str) -> bool {
     path == "/v2" || path.starts_with("/v2/")
-}
-
-/// The router's entry point for `/v2` requests. Connections of the main listener call
-/// [`serve`] directly instead (`connections::serve_http`).
-pub(crate) async fn dispatch(
-    State(app): State<App>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    request: Request,
-) -> Response {
-    serve(&app, &peer, request).await
 }
 
 /// Answers one `/v2` request: routes by [`V2Route`], then by method.
@@ -87,10 +77,7 @@ pub(crate) async fn serve(app: &App, peer: &Peer, request: Request) -> Response 
         headers: &headers,
         body,
     };
-    // Boxed: the request's future then stays within the allocator's per-thread cache
-    // (about 1 KiB with glibc) instead of taking an arena lock twice per request; both
-    // workers' locks showed in profiles of blob HEADs (PERFORMANCE.md).
-    let mut response = Box::pin(handle(app, &admitted.caller, route, request)).await;
+    let mut response = handle(app, &admitted.caller, route, request).await;
     reuse_header_map(&mut response, headers);
     if admitted.caller.principal != berth_auth::Principal::Anonymous && crate::Identity::wanted() {
         let who = admitted.caller.principal.actor().to_owned();
@@ -157,8 +144,9 @@ async fn handle(
         .await
         .unwrap_or_else(IntoResponse::into_response);
     }
-    // Reads by digest or tag are answered inline; every other arm is boxed, so that this
-    // future stays small for reads (see `dispatch`).
+    // Reads by digest or tag are answered inline; every other arm is boxed. The request's
+    // future lives in a slot each connection keeps (`connections::serve_http`): sized by
+    // its largest state, which a push's handlers would make kilobytes larger.
     let result = match (route, method.clone()) {
         (V2Route::Base, Method::GET | Method::HEAD) => Ok(base()),
         (V2Route::Catalog, Method::GET) => Box::pin(catalog(app, caller, &params)).await,

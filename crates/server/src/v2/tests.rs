@@ -59,7 +59,7 @@ fn an_answer_moved_into_the_request_map_keeps_every_header_and_no_request_header
 }
 
 #[test]
-fn the_paths_served_without_the_router_are_the_ones_it_sends_to_dispatch() {
+fn the_registry_api_is_every_path_under_v2_and_nothing_else() {
     for path in ["/v2", "/v2/", "/v2/_catalog", "/v2/a/b/manifests/latest"] {
         assert!(is_v2_path(path), "{path}");
     }
