@@ -171,8 +171,8 @@ pub(crate) struct Inner {
     pub(crate) audit: AuditLog,
     pub(crate) hashing: crate::password::HashPool,
     pub(crate) counters: AuthCounters,
-    /// What every authorized request reads, kept while nothing changes (SQLite only:
-    /// `berth_meta::read_cache`). Users by name, robots by project and name, and a
+    /// What every authorized request reads, kept while nothing bearing on access changes
+    /// (`MetaStore::access_changes`; SQLite only: `berth_meta::read_cache`). Users by name, robots by project and name, and a
     /// project's access for a user (or for nobody, "").
     /// Shared, not copied: a bearer request reads a user and a project's access, and
     /// cloning their strings cost more than the lookups.
@@ -238,14 +238,20 @@ impl Inner {
     {
         let local = self.store.node_local();
         if local {
-            if let Some(value) = cache.get(scope, name, self.store.changes()) {
+            if let Some(value) = cache.get(scope, name, self.store.access_changes()) {
                 return Ok(Some(value));
             }
         }
-        let began = ReadBegan::now(self.store.changes());
+        let began = ReadBegan::now(self.store.access_changes());
         let value = read().await?;
         if let (true, Some(value)) = (local, &value) {
-            cache.put(scope, name, value.clone(), began, self.store.changes());
+            cache.put(
+                scope,
+                name,
+                value.clone(),
+                began,
+                self.store.access_changes(),
+            );
         }
         Ok(value)
     }
@@ -408,7 +414,7 @@ impl AccessControl {
         let store = &self.inner.store;
         let recent = store.node_local();
         let owner = self.inner.serial;
-        let changes = store.changes();
+        let changes = store.access_changes();
         let is = |k: &(Principal, Box<str>)| k.0 == *principal && *k.1 == *project;
         if recent {
             if let Some(rights) = RECENT_RIGHTS.with_borrow(|r| r.get(owner, changes, is).copied())

@@ -6,8 +6,9 @@
 //! serving the same client, those cache lines moved between them all the time. A thread's
 //! own copy is read without any of that. It obeys the shared caches' rule
 //! (`berth_meta::read_cache`): a copy is served only while the store has made no change
-//! since it was taken (on SQLite, the only store whose changes all pass through this
-//! node) and for at most [`READ_CACHE_TTL`].
+//! that may bear on access since it was taken (`MetaStore::access_changes`: pushes of
+//! image content do not count; on SQLite, the only store whose changes all pass through
+//! this node) and for at most [`READ_CACHE_TTL`].
 
 use std::time::Instant;
 

@@ -105,7 +105,7 @@ impl Tokens<'_> {
         let key = token_key(token);
         let is = |k: &(u64, Box<str>)| k.0 == key && *k.1 == *token;
         RECENT_TOKENS.with_borrow(|r| {
-            r.get(self.access.inner.serial, store.changes(), is)
+            r.get(self.access.inner.serial, store.access_changes(), is)
                 .filter(|p| now < p.expires)
                 .filter(|p| p.account_expires_ms.is_none_or(|e| now_ms() < e))
                 .map(|p| (p.principal.clone(), p.access.clone()))
@@ -125,7 +125,7 @@ impl Tokens<'_> {
         let store = &self.access.inner.store;
         let recent = !refresh && store.node_local();
         let owner = self.access.inner.serial;
-        let changes = store.changes();
+        let changes = store.access_changes();
         let is = |k: &(u64, Box<str>)| k.0 == key && *k.1 == *token;
         let began = Instant::now();
         let cached = self

@@ -325,6 +325,8 @@ pub(crate) struct Engine {
     observer: std::sync::OnceLock<Observer>,
     /// Durable writes through this engine that ended (committed or not).
     changes: std::sync::atomic::AtomicU64,
+    /// Those of `changes` that may change who may do what: all but image content.
+    access_changes: std::sync::atomic::AtomicU64,
 }
 
 /// The engines.
@@ -345,6 +347,7 @@ impl Engine {
             kind,
             observer: std::sync::OnceLock::new(),
             changes: std::sync::atomic::AtomicU64::new(0),
+            access_changes: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -441,6 +444,20 @@ impl Engine {
         result
     }
 
+    /// [`Engine::write_recorded`] for image content (blob links, manifests, tags): counted
+    /// in [`Engine::changes`] but not in [`Engine::access_changes`], so that pushes leave
+    /// the node's access decisions cached. A write that also creates something access
+    /// depends on (a repository record) says so with [`Engine::access_changed`].
+    pub(crate) async fn write_recorded_content<T: Send + 'static>(
+        &self,
+        write: impl WriteFn<T>,
+    ) -> Result<T, MetaError> {
+        let result = self.append_to_log(write).await;
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        result
+    }
+
     /// [`Engine::write_recorded`] for records that change nothing a cache keeps (audit
     /// records of pulls, batched): not counted in [`Engine::changes`], so that pulls
     /// audited by the thousand leave the node's caches alone.
@@ -469,13 +486,27 @@ impl Engine {
 
     /// Counts a durable write that ended, before its caller hears of it.
     fn changed(&self) {
+        self.access_changed();
         self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Counts a durable write that ended and may have changed who may do what.
+    pub(crate) fn access_changed(&self) {
+        self.access_changes
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// Durable writes through this engine so far (see [`crate::Database::changes`]).
     pub(crate) fn changes(&self) -> u64 {
         self.changes.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Durable writes so far that may have changed who may do what (see
+    /// [`crate::MetaStore::access_changes`]).
+    pub(crate) fn access_changes(&self) -> u64 {
+        self.access_changes
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Queues `write` without waiting for it, for records nobody on this node reads back

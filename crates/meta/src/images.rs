@@ -133,6 +133,10 @@ impl MetaStore for Database {
         self.engine.changes()
     }
 
+    fn access_changes(&self) -> u64 {
+        self.engine.access_changes()
+    }
+
     fn node_local(&self) -> bool {
         self.engine.node_local()
     }
@@ -184,7 +188,7 @@ impl MetaStore for Database {
         let size = i64::try_from(size).map_err(|_| MetaError::Backend("blob too large".into()))?;
         let linked = self
             .engine
-            .write_recorded(move |tx| {
+            .write_recorded_content(move |tx| {
                 let t = now();
                 let live = tx.execute(
                     "UPDATE blobs SET size = ?2, last_used_at = ?3 WHERE digest = ?1 AND state = 'live'",
@@ -800,8 +804,9 @@ impl Database {
         let repo = repo.as_str().to_owned();
         let tag = tag.map(|t| t.as_str().to_owned());
         let by = by.clone();
-        self.engine
-            .write_recorded(move |tx| {
+        let created_repository = self
+            .engine
+            .write_recorded_content(move |tx| {
                 if check_references {
                     let missing = missing_references(tx, &repo, &manifest)?;
                     if !missing.is_empty() {
@@ -810,10 +815,12 @@ impl Database {
                 }
                 let t = now();
                 let digest = manifest.digest.as_str();
-                tx.execute(
+                // A new repository can make a project without a record exist (see the
+                // access policy), so its creation counts as an access change.
+                let created_repository = tx.execute(
                     "INSERT INTO repositories (name, created_at) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
                     args![&repo, t],
-                )?;
+                )? > 0;
                 tx.execute(
                     "INSERT INTO manifests (repo, digest, media_type, artifact_type, subject, annotations, size, raw, pushed_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
@@ -857,8 +864,13 @@ impl Database {
                     subject: manifest.subject.as_ref().map(Digest::to_string),
                     tag: tag_change,
                 };
-                events::record(tx, &by, &[change])
+                events::record(tx, &by, &[change])?;
+                Ok(created_repository)
             })
-            .await
+            .await?;
+        if created_repository {
+            self.engine.access_changed();
+        }
+        Ok(())
     }
 }

@@ -363,6 +363,11 @@ pub trait MetaStore: EventLog + Send + Sync + 'static {
     /// before and after was overtaken by no write of this process; a copy of what it read
     /// is current while the count stays the same, as far as this process can tell.
     fn changes(&self) -> u64;
+    /// Those of [`Self::changes`] that may change who may do what: every durable write
+    /// but the pushes of image content (blob links, manifests, tags) that create no
+    /// repository. The node's access decisions follow this count, so that they stay
+    /// cached while clients push.
+    fn access_changes(&self) -> u64;
     /// Whether the store serves this node alone (SQLite in the data directory): every
     /// write that clients make then goes through this process and [`Self::changes`]
     /// sees it. Other processes on the same file (`berth gc`, account commands) are not

@@ -223,6 +223,37 @@ engine_test!(blobs_are_visible_only_where_linked, |place| {
 });
 
 engine_test!(
+    /// Pushing image content leaves the access change count alone, so that the node's
+    /// access decisions stay cached while clients push; a new repository (which can make
+    /// a project without a record exist) and a new project count.
+    pushes_of_content_are_not_access_changes,
+    |place| {
+        let db = place.open().await;
+        let app = repo("team/app");
+        let (a, d, e) = (digest('a'), digest('d'), digest('e'));
+        let start = (db.changes(), db.access_changes());
+        push_blob(&db, &app, &a, 2).await;
+        assert_eq!(db.access_changes(), start.1, "a blob linked");
+        assert!(db.changes() > start.0, "a link is still a change");
+        db.put_manifest(&app, manifest(&d, vec![layer(&a)], None), Some(&tag("v1")), &actor())
+            .await
+            .unwrap();
+        let created = db.access_changes();
+        assert!(created > start.1, "the first manifest created the repository");
+        let before = db.changes();
+        db.put_manifest(&app, manifest(&e, vec![layer(&a)], None), Some(&tag("v2")), &actor())
+            .await
+            .unwrap();
+        assert_eq!(db.access_changes(), created, "a manifest into a known repository");
+        assert!(db.changes() > before);
+        db.create_project("team", false, None, ProjectOrigin::Requested, &actor())
+            .await
+            .unwrap();
+        assert!(db.access_changes() > created, "a project created");
+    }
+);
+
+engine_test!(
     manifests_require_their_references_and_keep_their_bytes,
     |place| {
         let db = place.open().await;

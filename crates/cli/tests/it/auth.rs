@@ -597,6 +597,63 @@ pub(crate) fn fetch_token(reg: &TestRegistry, who: &Who, scopes: &[&str], offlin
     r.json().unwrap()
 }
 
+/// Pushes are not access changes (the node keeps its access decisions while clients push),
+/// but a membership change during a stream of pushes still ends them on the next request.
+#[test]
+fn a_member_pushing_is_stopped_at_once_by_leaving_the_project() {
+    let reg = crate::start_with_auth(settings());
+    let admin = Who::admin();
+    use Method as M;
+    use StatusCode as S;
+    add_user(&reg, "carol", "carol-password");
+    add_project(&reg, "team", false);
+    let membership = json!({"user": "carol", "role": "developer"});
+    let add = Some(membership);
+    expect_api(
+        &reg,
+        &admin,
+        M::POST,
+        "/projects/team/members",
+        add,
+        S::CREATED,
+    );
+    let carol = Who::user("carol", "carol-password");
+    let token = fetch_token(&reg, &carol, &["repository:team/app:pull,push"], false)["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let push = |n: usize| {
+        let layer = format!("layer {n}");
+        http()
+            .post(format!(
+                "{}/v2/team/app/blobs/uploads/?digest={}",
+                reg.url(),
+                sha256(layer.as_bytes())
+            ))
+            .bearer_auth(&token)
+            .header("content-type", "application/octet-stream")
+            .body(layer)
+            .send()
+            .unwrap()
+            .status()
+    };
+    // Every push is a change to the store, none to what carol may do.
+    for n in 0..20 {
+        assert_eq!(push(n), S::CREATED, "push {n}");
+    }
+    expect_api(
+        &reg,
+        &admin,
+        M::DELETE,
+        "/projects/team/members/carol",
+        None,
+        S::NO_CONTENT,
+    );
+    for n in 20..40 {
+        assert_eq!(push(n), S::FORBIDDEN, "push {n} after leaving the project");
+    }
+}
+
 fn with_token(method: Method, url: &str, token: &str) -> Response {
     http()
         .request(method, url)
