@@ -684,7 +684,7 @@ impl EventLog for Database {
         let (name, lease, holder) = (name.to_owned(), cursor_lease(name), holder.to_owned());
         self.engine
             .write(Durability::Synced, move |tx| {
-                if !crate::images::take_lease(tx, &lease, &holder, ttl_ms)? {
+                if !crate::maintenance::take_lease(tx, &lease, &holder, ttl_ms)? {
                     return Ok(None);
                 }
                 tx.execute(

@@ -3,7 +3,7 @@
 use berth_oci::Digest;
 
 use crate::engine::{args, Tx};
-use crate::images::delete_manifest_rows;
+use crate::manifests::delete_manifest_rows;
 use crate::{DanglingEdge, GcPreview, GcSelection, MetaError};
 
 /// What a tag reaches: tagged manifests, the children of reached indexes, the referrers

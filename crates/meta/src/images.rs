@@ -1,108 +1,22 @@
 //! [`MetaStore`] for both engines: blobs and their links, manifests with their edges,
-//! tags, referrers, upload sessions and leases.
+//! tags, referrers, upload sessions and projects. Collections, the scrub and leases are
+//! in `maintenance.rs`.
 
 use async_trait::async_trait;
-use berth_oci::{Digest, EdgeKind, Reference, RepoName, Tag};
+use berth_oci::{Digest, Reference, RepoName, Tag};
 
 use crate::accounts::{clash, project_row};
 use crate::engine::{args, owned, Durability, Row, Tx};
-use crate::events::{self, record, Actor, Change, TagChange};
+use crate::events::{self, record, Actor, Change};
+use crate::manifests::delete_manifest_rows;
 use crate::{
-    now, BlobArrival, CachedManifest, DanglingEdge, Database, GcPreview, GcSelection, LeaseState,
-    LinkedBlob, MetaError, MetaStore, NewManifest, Page, ProjectOrigin, ProjectRecord, Referrer,
-    StoreCounts, StoredManifest,
+    now, BlobArrival, CachedManifest, Database, LinkedBlob, MetaError, MetaStore, NewManifest,
+    Page, ProjectOrigin, ProjectRecord, Referrer, StoreCounts, StoredManifest,
 };
 
-/// Takes (or renews) a lease for `holder` if nobody else holds it unexpired.
-pub(crate) fn take_lease(
-    tx: &mut dyn Tx,
-    name: &str,
-    holder: &str,
-    ttl_ms: i64,
-) -> Result<bool, MetaError> {
-    let t = now();
-    tx.exists(
-        "INSERT INTO leases (name, holder, expires_at) VALUES (?1, ?2, ?3)
-         ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
-         WHERE leases.holder = excluded.holder OR leases.expires_at < ?4
-         RETURNING holder",
-        args![name, holder, t.saturating_add(ttl_ms), t],
-    )
-}
-
-/// `LIMIT` of a page: all rows when the page has no limit.
 fn limit(page: &Page<'_>) -> i64 {
     page.limit
         .map_or(i64::MAX, |n| i64::try_from(n).unwrap_or(i64::MAX))
-}
-
-/// Removes a manifest with its tags and edges; returns whether it existed.
-pub(crate) fn delete_manifest_rows(
-    tx: &mut dyn Tx,
-    repo: &str,
-    digest: &str,
-) -> Result<bool, MetaError> {
-    let n = tx.execute(
-        "DELETE FROM manifests WHERE repo = ?1 AND digest = ?2",
-        args![repo, digest],
-    )?;
-    tx.execute(
-        "DELETE FROM tags WHERE repo = ?1 AND digest = ?2",
-        args![repo, digest],
-    )?;
-    tx.execute(
-        "DELETE FROM manifest_edges WHERE repo = ?1 AND manifest = ?2",
-        args![repo, digest],
-    )?;
-    Ok(n > 0)
-}
-
-/// The edges of `manifest` whose targets `repo` does not hold.
-fn missing_references(
-    tx: &mut dyn Tx,
-    repo: &str,
-    manifest: &NewManifest,
-) -> Result<Vec<Digest>, MetaError> {
-    let mut missing = Vec::new();
-    for edge in &manifest.edges {
-        let sql = match edge.kind {
-            EdgeKind::Config | EdgeKind::Layer => {
-                "SELECT 1 FROM repo_blobs WHERE repo = ?1 AND digest = ?2"
-            }
-            EdgeKind::Child => "SELECT 1 FROM manifests WHERE repo = ?1 AND digest = ?2",
-        };
-        if !tx.exists(sql, args![repo, edge.digest.as_str()])? && !missing.contains(&edge.digest) {
-            missing.push(edge.digest.clone());
-        }
-    }
-    Ok(missing)
-}
-
-/// Points `tag` at `digest`, recording who did; says what it pointed at before.
-fn point_tag(
-    tx: &mut dyn Tx,
-    repo: &str,
-    tag: &str,
-    digest: &str,
-    at: i64,
-    by: &str,
-) -> Result<TagChange, MetaError> {
-    let before = tx.query_opt(
-        "SELECT digest FROM tags WHERE repo = ?1 AND tag = ?2",
-        args![repo, tag],
-    )?;
-    let before = before.map(|mut r| r.text(0)).transpose()?;
-    tx.execute(
-        "INSERT INTO tags (repo, tag, digest, updated_at, pushed_by) VALUES (?1, ?2, ?3, ?4, ?5)
-         ON CONFLICT (repo, tag) DO UPDATE SET digest = excluded.digest,
-           updated_at = excluded.updated_at, pushed_by = excluded.pushed_by",
-        args![repo, tag, digest, at, by],
-    )?;
-    Ok(match before {
-        None => TagChange::Created,
-        Some(from) if from == digest => TagChange::Unchanged,
-        Some(from) => TagChange::Moved { from },
-    })
 }
 
 fn stored_manifest(mut r: Row) -> Result<StoredManifest, MetaError> {
@@ -111,10 +25,6 @@ fn stored_manifest(mut r: Row) -> Result<StoredManifest, MetaError> {
         media_type: r.text(1)?,
         raw: r.bytes(2)?,
     })
-}
-
-fn digest_and_size(mut r: Row) -> Result<(Digest, u64), MetaError> {
-    Ok((r.digest(0)?, r.size(1)?))
 }
 
 impl Database {
@@ -571,142 +481,6 @@ impl MetaStore for Database {
             .map(drop)
     }
 
-    async fn preview_garbage(
-        &self,
-        selection: GcSelection,
-        list_max: usize,
-    ) -> Result<GcPreview, MetaError> {
-        self.engine
-            .read_snapshot(move |tx| crate::gc::preview(tx, selection, list_max))
-            .await
-    }
-
-    async fn unreached_manifests(
-        &self,
-        cutoff_ms: i64,
-        after: Option<(String, Digest)>,
-        limit: usize,
-    ) -> Result<Vec<(String, Digest)>, MetaError> {
-        // Off the async threads: the reachability query walks every tag.
-        self.engine
-            .read_snapshot(move |tx| crate::gc::unreached(tx, cutoff_ms, after.as_ref(), limit))
-            .await
-    }
-
-    async fn remove_unreached_manifests(
-        &self,
-        candidates: Vec<(String, Digest)>,
-        cutoff_ms: i64,
-    ) -> Result<Vec<(String, Digest)>, MetaError> {
-        self.engine
-            .write(Durability::Synced, move |tx| {
-                crate::gc::remove_if_unreached(tx, &candidates, cutoff_ms)
-            })
-            .await
-    }
-
-    async fn mark_unused_blobs(
-        &self,
-        after: &str,
-        limit: usize,
-        unused_before_ms: i64,
-    ) -> Result<crate::MarkedBatch, MetaError> {
-        let after = after.to_owned();
-        self.engine
-            .write(Durability::Synced, move |tx| {
-                crate::gc::mark_blob_batch(tx, &after, limit, unused_before_ms)
-            })
-            .await
-    }
-
-    async fn record_collection(
-        &self,
-        manifests: u64,
-        blobs: u64,
-        bytes: u64,
-    ) -> Result<(), MetaError> {
-        let change = Change::GarbageCollected {
-            manifests,
-            blobs,
-            bytes,
-        };
-        self.engine
-            .write_recorded(move |tx| {
-                crate::events::record(tx, &Actor::system("gc"), std::slice::from_ref(&change))
-            })
-            .await
-    }
-
-    async fn blobs_being_deleted(
-        &self,
-        after: &str,
-        limit: usize,
-    ) -> Result<Vec<(Digest, u64)>, MetaError> {
-        let sql = "SELECT digest, size FROM blobs WHERE state = 'deleting' AND digest > ?1
-                   ORDER BY digest LIMIT ?2";
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.read_rows(sql, owned![after, limit], digest_and_size)
-            .await
-    }
-
-    async fn forget_deleted_blobs(&self, digests: &[Digest]) -> Result<(), MetaError> {
-        let digests: Vec<String> = digests.iter().map(|d| d.as_str().to_owned()).collect();
-        self.engine
-            .write(Durability::Synced, move |tx| {
-                let sql = format!(
-                    "DELETE FROM blobs WHERE state = 'deleting' AND digest {}",
-                    tx.dialect().in_list(1)
-                );
-                tx.execute(&sql, args![digests.as_slice()]).map(drop)
-            })
-            .await
-    }
-
-    async fn uploads_started_before(&self, cutoff_ms: i64) -> Result<Vec<String>, MetaError> {
-        let sql = "SELECT id FROM uploads WHERE started_at < ?1 ORDER BY id";
-        self.read_rows(sql, owned![cutoff_ms], |mut r| r.text(0))
-            .await
-    }
-
-    async fn live_blobs(&self, after: &str, limit: usize) -> Result<Vec<(Digest, u64)>, MetaError> {
-        let sql = "SELECT digest, size FROM blobs WHERE state = 'live' AND digest > ?1
-                   ORDER BY digest LIMIT ?2";
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.read_rows(sql, owned![after, limit], digest_and_size)
-            .await
-    }
-
-    async fn dangling_edges(&self) -> Result<Vec<DanglingEdge>, MetaError> {
-        self.engine.read(crate::gc::dangling_edges).await
-    }
-
-    async fn drop_blob(&self, digest: &Digest) -> Result<(), MetaError> {
-        let digest = digest.as_str().to_owned();
-        self.engine
-            .write(Durability::Synced, move |tx| {
-                tx.execute("DELETE FROM repo_blobs WHERE digest = ?1", args![&digest])?;
-                tx.execute("DELETE FROM blobs WHERE digest = ?1", args![&digest])?;
-                Ok(())
-            })
-            .await
-    }
-
-    async fn try_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, MetaError> {
-        let (name, holder) = (name.to_owned(), holder.to_owned());
-        self.engine
-            .write(Durability::Synced, move |tx| {
-                take_lease(tx, &name, &holder, ttl_ms)
-            })
-            .await
-    }
-
-    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), MetaError> {
-        let sql = "DELETE FROM leases WHERE name = ?1 AND holder = ?2";
-        self.write_statement(Durability::Synced, sql, owned![name, holder])
-            .await
-            .map(drop)
-    }
-
     async fn statistics(&self) -> Result<StoreCounts, MetaError> {
         let sql = "SELECT (SELECT count(*) FROM repositories), (SELECT count(*) FROM manifests),
                           (SELECT count(*) FROM blobs WHERE state = 'live'),
@@ -722,16 +496,6 @@ impl MetaStore for Database {
             })
             .await?;
         Ok(counts.unwrap_or_default())
-    }
-
-    async fn lease_state(&self, name: &str) -> Result<LeaseState, MetaError> {
-        let sql = "SELECT expires_at FROM leases WHERE name = ?1";
-        let expires = self.read_row(sql, owned![name], |mut r| r.int(0)).await?;
-        Ok(match expires {
-            None => LeaseState::Free,
-            Some(at) if at < now() => LeaseState::Expired,
-            Some(_) => LeaseState::Held,
-        })
     }
 
     async fn create_project(
@@ -787,90 +551,5 @@ impl MetaStore for Database {
         self.read_row("SELECT 1", vec![], |_| Ok(()))
             .await
             .map(drop)
-    }
-}
-
-impl Database {
-    /// Writes a manifest, its edges, its tag and its event in one transaction; with
-    /// `check_references`, only if every edge's target is present in `repo`.
-    async fn store_manifest(
-        &self,
-        repo: &RepoName,
-        manifest: NewManifest,
-        tag: Option<&Tag>,
-        by: &Actor,
-        check_references: bool,
-    ) -> Result<(), MetaError> {
-        let repo = repo.as_str().to_owned();
-        let tag = tag.map(|t| t.as_str().to_owned());
-        let by = by.clone();
-        let created_repository = self
-            .engine
-            .write_recorded_content(move |tx| {
-                if check_references {
-                    let missing = missing_references(tx, &repo, &manifest)?;
-                    if !missing.is_empty() {
-                        return Err(MetaError::MissingReferences { missing });
-                    }
-                }
-                let t = now();
-                let digest = manifest.digest.as_str();
-                // A new repository can make a project without a record exist (see the
-                // access policy), so its creation counts as an access change.
-                let created_repository = tx.execute(
-                    "INSERT INTO repositories (name, created_at) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-                    args![&repo, t],
-                )? > 0;
-                tx.execute(
-                    "INSERT INTO manifests (repo, digest, media_type, artifact_type, subject, annotations, size, raw, pushed_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-                     ON CONFLICT (repo, digest) DO UPDATE SET pushed_at = excluded.pushed_at",
-                    args![
-                        &repo,
-                        digest,
-                        &manifest.media_type,
-                        manifest.artifact_type.as_deref(),
-                        manifest.subject.as_ref().map(Digest::as_str),
-                        manifest.annotations_json.as_deref(),
-                        manifest.raw.len() as i64,
-                        manifest.raw.as_slice(),
-                        t
-                    ],
-                )?;
-                for edge in &manifest.edges {
-                    tx.execute(
-                        "INSERT INTO manifest_edges (repo, manifest, target, kind) VALUES (?1, ?2, ?3, ?4)
-                         ON CONFLICT DO NOTHING",
-                        args![&repo, digest, edge.digest.as_str(), edge.kind.as_str()],
-                    )?;
-                    // A fresh reference restarts the blob's grace period.
-                    tx.execute(
-                        "UPDATE blobs SET last_used_at = ?2 WHERE digest = ?1",
-                        args![edge.digest.as_str(), t],
-                    )?;
-                }
-                let tag_change = match &tag {
-                    Some(tag) => Some((
-                        tag.clone(),
-                        point_tag(tx, &repo, tag, digest, t, &by.name)?,
-                    )),
-                    None => None,
-                };
-                let change = Change::ManifestPushed {
-                    repository: repo.clone(),
-                    digest: digest.to_owned(),
-                    media_type: manifest.media_type.clone(),
-                    size: manifest.raw.len() as u64,
-                    subject: manifest.subject.as_ref().map(Digest::to_string),
-                    tag: tag_change,
-                };
-                events::record(tx, &by, &[change])?;
-                Ok(created_repository)
-            })
-            .await?;
-        if created_repository {
-            self.engine.access_changed();
-        }
-        Ok(())
     }
 }

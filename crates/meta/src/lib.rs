@@ -13,6 +13,8 @@ mod engine;
 mod events;
 mod gc;
 mod images;
+mod maintenance;
+mod manifests;
 mod postgres;
 mod proxy_caches;
 pub mod read_cache;
@@ -35,6 +37,7 @@ pub use accounts::{
 };
 pub use audit::{AuditFilter, AuditRecord, NewAuditEvent};
 pub use events::{Actor, Change, Event, EventLog, TagChange};
+pub use maintenance::MaintenanceStore;
 pub use proxy_caches::ProxyCacheStore;
 pub use replication::{
     ExecutionRecord, NewTask, ReplicationStore, TaskOutcome, TaskRecord, TaskStatus,
@@ -357,7 +360,7 @@ fn list(digests: &[Digest]) -> String {
 /// The metadata operations the registry needs. Every method is one transaction; every
 /// change records its events (the [`EventLog`]) in the same transaction.
 #[async_trait]
-pub trait MetaStore: EventLog + Send + Sync + 'static {
+pub trait MetaStore: EventLog + MaintenanceStore + Send + Sync + 'static {
     /// Durable writes through this store (this process) so far, counted when each ends,
     /// committed or not, before its caller is answered. A read that saw the same count
     /// before and after was overtaken by no write of this process; a copy of what it read
@@ -509,80 +512,9 @@ pub trait MetaStore: EventLog + Send + Sync + 'static {
     async fn upload_repo(&self, upload_id: &str) -> Result<Option<String>, MetaError>;
     /// Forgets a finished or cancelled upload session.
     async fn forget_upload(&self, upload_id: &str) -> Result<(), MetaError>;
-    /// What a collection with `selection` would remove now: counts, bytes and the first
-    /// `list_max` manifests and blobs, read from one snapshot. Changes nothing and holds
-    /// no writer, however large the store (a dry run).
-    async fn preview_garbage(
-        &self,
-        selection: GcSelection,
-        list_max: usize,
-    ) -> Result<GcPreview, MetaError>;
-    /// The manifests no tag reaches that were pushed before `cutoff_ms`, read from a
-    /// snapshot: a page (the first `limit` after `after`, in (repository, digest) order)
-    /// of the candidates of a collection that removes untagged manifests. Each page walks
-    /// every tag again; pages keep the candidates out of memory at once.
-    async fn unreached_manifests(
-        &self,
-        cutoff_ms: i64,
-        after: Option<(String, Digest)>,
-        limit: usize,
-    ) -> Result<Vec<(String, Digest)>, MetaError>;
-    /// Removes those of `candidates` still unreached now, in one transaction (a batch of
-    /// a collection); returns what went.
-    async fn remove_unreached_manifests(
-        &self,
-        candidates: Vec<(String, Digest)>,
-        cutoff_ms: i64,
-    ) -> Result<Vec<(String, Digest)>, MetaError>;
-    /// One bounded step of a collection's mark, in its own transaction: of the next
-    /// `limit` blobs after `after` (digest order), marks those nothing references and
-    /// nobody used since `unused_before_ms` as being deleted and removes their links.
-    /// Returns them and where the next step starts (`None`: done).
-    async fn mark_unused_blobs(
-        &self,
-        after: &str,
-        limit: usize,
-        unused_before_ms: i64,
-    ) -> Result<MarkedBatch, MetaError>;
-    /// Records that a collection ran and what it removed (the event the dashboard and the
-    /// audit log show).
-    async fn record_collection(
-        &self,
-        manifests: u64,
-        blobs: u64,
-        bytes: u64,
-    ) -> Result<(), MetaError>;
-    /// Blobs marked for deletion whose bytes may still exist (this pass's and any earlier,
-    /// interrupted pass's), after `after` in digest order, at most `limit`.
-    async fn blobs_being_deleted(
-        &self,
-        after: &str,
-        limit: usize,
-    ) -> Result<Vec<(Digest, u64)>, MetaError>;
-    /// Drops the records of blobs whose bytes are gone (one transaction for the batch).
-    async fn forget_deleted_blobs(&self, digests: &[Digest]) -> Result<(), MetaError>;
-    /// Upload sessions started before the cutoff (ms since the epoch).
-    async fn uploads_started_before(&self, cutoff_ms: i64) -> Result<Vec<String>, MetaError>;
-    /// Live blobs with their recorded sizes after `after` in digest order, at most
-    /// `limit`: a scrub's pages.
-    async fn live_blobs(&self, after: &str, limit: usize) -> Result<Vec<(Digest, u64)>, MetaError>;
-    /// References from manifests to blobs or children missing from their repository.
-    async fn dangling_edges(&self) -> Result<Vec<DanglingEdge>, MetaError>;
-    /// Forgets a blob whose bytes are missing or corrupt: its record and every link, so
-    /// that clients see it as absent and upload it again.
-    async fn drop_blob(&self, digest: &Digest) -> Result<(), MetaError>;
-    /// Takes (or renews) the named lease for `holder` until `ttl_ms` from now, if nobody
-    /// else holds it unexpired: how nodes sharing a store run a background job (garbage
-    /// collection) one at a time. A holder that dies loses the lease when it expires.
-    async fn try_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, MetaError>;
-    /// Gives a lease back early (only if `holder` holds it).
-    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), MetaError>;
     /// How much is stored: repositories, manifests, live blobs and their bytes (for the
     /// metrics; each a count over a table, so callers cache it).
     async fn statistics(&self) -> Result<StoreCounts, MetaError>;
-    /// Whether the named lease is free, held, or was left to expire by a holder that
-    /// stopped (a crash, a kill, a failure it did not clean up after).
-    async fn lease_state(&self, name: &str) -> Result<LeaseState, MetaError>;
     /// Creates a project (the first path segment of repository names, the unit of
     /// permissions and, next, of policies), with `owner` (a user id) as its first project admin;
     /// [`MetaError::Conflict`] if it exists.

@@ -3,7 +3,7 @@
 
 use crate::engine::{args, Tx};
 use crate::events::record;
-use crate::images::delete_manifest_rows;
+use crate::manifests::delete_manifest_rows;
 use crate::{Actor, Change, Database, MetaError};
 
 /// Counts in a [`RepositorySummary`] stop past this: a count of `COUNT_CAP + 1` means

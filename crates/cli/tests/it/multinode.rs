@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use berth_meta::{Database, MetaStore};
+use berth_meta::{Database, MaintenanceStore};
 use berth_registry::GcOptions;
 use berth_testkit::{shared_cluster, unique_schema, MetaBackend, Options, TestRegistry};
 use reqwest::StatusCode;
