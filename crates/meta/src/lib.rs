@@ -9,6 +9,7 @@
 
 mod accounts;
 mod audit;
+mod credentials;
 mod engine;
 mod events;
 mod gc;
@@ -32,10 +33,10 @@ use async_trait::async_trait;
 use berth_oci::{Digest, ManifestEdge, Reference, RepoName, Tag};
 
 pub use accounts::{
-    AccountStore, MemberRecord, ProjectAccess, ProjectOrigin, ProjectRecord, RefreshTokenRecord,
-    RobotRecord, UserRecord,
+    AccountStore, MemberRecord, ProjectAccess, ProjectOrigin, ProjectRecord, UserRecord,
 };
 pub use audit::{AuditFilter, AuditRecord, NewAuditEvent};
+pub use credentials::{CredentialStore, RefreshTokenRecord, RobotRecord};
 pub use events::{Actor, Change, Event, EventLog, TagChange};
 pub use maintenance::MaintenanceStore;
 pub use proxy_caches::ProxyCacheStore;

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_meta::{
-    AccountStore, Actor, AuditFilter, BlobArrival, Change, Database, DeliveryOutcome,
-    DeliveryState, Event, EventLog, GcSelection, MaintenanceStore, MetaError, MetaStore,
-    NewAuditEvent, NewManifest, NewWebhook, Page, ProjectOrigin, RefreshTokenRecord, TagChange,
-    WebhookPatch, WebhookStore, MAX_WEBHOOKS_PER_SCOPE,
+    AccountStore, Actor, AuditFilter, BlobArrival, Change, CredentialStore, Database,
+    DeliveryOutcome, DeliveryState, Event, EventLog, GcSelection, MaintenanceStore, MetaError,
+    MetaStore, NewAuditEvent, NewManifest, NewWebhook, Page, ProjectOrigin, RefreshTokenRecord,
+    TagChange, WebhookPatch, WebhookStore, MAX_WEBHOOKS_PER_SCOPE,
 };
 use berth_oci::{Digest, EdgeKind, ManifestEdge, Reference, RepoName, Tag};
 

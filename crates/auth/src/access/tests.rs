@@ -1,7 +1,7 @@
 use super::*;
 use crate::password::hash_password;
 use crate::{Scope, TokenError};
-use berth_meta::{Actor, Database, MetaStore, ProjectOrigin};
+use berth_meta::{Actor, CredentialStore, Database, MetaStore, ProjectOrigin};
 
 async fn service(dir: &std::path::Path) -> (AccessControl, Arc<Database>) {
     let store = Arc::new(Database::open_sqlite(&dir.join("meta.db")).unwrap());
