@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::changes::Change;
 use crate::engine::{args, owned, Durability, Row, Tx, Value};
-use crate::events::{record, Actor, Change};
+use crate::events::{record, Actor};
 use crate::{
     now, AuditFilter, AuditRecord, CredentialStore, Database, MetaError, MetaStore, NewAuditEvent,
 };

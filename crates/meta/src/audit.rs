@@ -1,8 +1,9 @@
 //! The audit log: who did what, when, from where, with what result. Records only; the
 //! `berth-auth` crate decides what is recorded and queues it (its `audit.rs`).
 
+use crate::changes::Change;
 use crate::engine::{args, owned, Row, Tx, Value};
-use crate::events::{bounded, Change};
+use crate::events::bounded;
 use crate::MetaError;
 
 /// One audited operation, as it is recorded.

@@ -5,8 +5,9 @@
 use async_trait::async_trait;
 
 use crate::accounts::{clash, project_exists};
+use crate::changes::Change;
 use crate::engine::{args, owned, Durability, Row};
-use crate::events::{record, Actor, Change};
+use crate::events::{record, Actor};
 use crate::{now, Database, MetaError};
 
 /// A refresh token: what `docker login` keeps instead of the password (its identity

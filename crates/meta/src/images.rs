@@ -6,8 +6,9 @@ use async_trait::async_trait;
 use berth_oci::{Digest, Reference, RepoName, Tag};
 
 use crate::accounts::{clash, project_row};
+use crate::changes::Change;
 use crate::engine::{args, owned, Durability, Row, Tx};
-use crate::events::{self, record, Actor, Change};
+use crate::events::{self, record, Actor};
 use crate::manifests::delete_manifest_rows;
 use crate::{
     now, BlobArrival, CachedManifest, Database, LinkedBlob, MetaError, MetaStore, NewManifest,

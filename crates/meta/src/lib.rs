@@ -9,6 +9,7 @@
 
 mod accounts;
 mod audit;
+mod changes;
 mod credentials;
 mod engine;
 mod events;
@@ -36,8 +37,9 @@ pub use accounts::{
     AccountStore, MemberRecord, ProjectAccess, ProjectOrigin, ProjectRecord, UserRecord,
 };
 pub use audit::{AuditFilter, AuditRecord, NewAuditEvent};
+pub use changes::{Change, TagChange};
 pub use credentials::{CredentialStore, RefreshTokenRecord, RobotRecord};
-pub use events::{Actor, Change, Event, EventLog, TagChange};
+pub use events::{Actor, Event, EventLog};
 pub use maintenance::MaintenanceStore;
 pub use proxy_caches::ProxyCacheStore;
 pub use replication::{

@@ -3,8 +3,9 @@
 
 use berth_oci::{Digest, EdgeKind, RepoName, Tag};
 
+use crate::changes::{Change, TagChange};
 use crate::engine::{args, Tx};
-use crate::events::{self, Actor, Change, TagChange};
+use crate::events::{self, Actor};
 use crate::{now, Database, MetaError, NewManifest};
 
 /// Removes a manifest with its tags and edges; returns whether it existed.
