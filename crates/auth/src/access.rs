@@ -172,8 +172,9 @@ pub(crate) struct Inner {
     pub(crate) hashing: crate::password::HashPool,
     pub(crate) counters: AuthCounters,
     /// What every authorized request reads, kept while nothing bearing on access changes
-    /// (`MetaStore::access_changes`; SQLite only: `berth_meta::read_cache`). Users by name, robots by project and name, and a
-    /// project's access for a user (or for nobody, "").
+    /// (`MetaStore::access_changes`; SQLite only: `berth_meta::read_cache`). Users by
+    /// name, robots by project and name, and a project's access for a user (or for
+    /// nobody, "").
     /// Shared, not copied: a bearer request reads a user and a project's access, and
     /// cloning their strings cost more than the lookups.
     users: ReadCache<Arc<UserRecord>>,

@@ -1,6 +1,7 @@
 //! Who may use the registry: users, and projects with their members (robot accounts and
-//! refresh tokens are `credentials.rs`, the audit log of what they did `audit.rs`). Records only; what a role allows is decided by the
-//! `berth-auth` crate, which is the only reader of these fields' meaning.
+//! refresh tokens are `credentials.rs`, the audit log of what they did `audit.rs`).
+//! Records only; what a role allows is decided by the `berth-auth` crate, which is the
+//! only reader of these fields' meaning.
 
 use std::sync::Arc;
 

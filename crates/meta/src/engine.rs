@@ -453,8 +453,7 @@ impl Engine {
         write: impl WriteFn<T>,
     ) -> Result<T, MetaError> {
         let result = self.append_to_log(write).await;
-        self.changes
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.content_changed();
         result
     }
 
@@ -487,6 +486,11 @@ impl Engine {
     /// Counts a durable write that ended, before its caller hears of it.
     fn changed(&self) {
         self.access_changed();
+        self.content_changed();
+    }
+
+    /// Counts a durable write that ended and changed image content only.
+    fn content_changed(&self) {
         self.changes
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
