@@ -6,7 +6,8 @@
 //! about a tenth. Blobs in Distribution's layout (earlier versions of this store, or an
 //! adopted Distribution directory) are still read, deduplicated against and deleted in
 //! place: where `<hex>` is a directory, its `data` file is the blob. Sessions staged the
-//! older way, `uploads/<id>/data`, are moved on first use.
+//! older way, `uploads/<id>/data`, are moved on first use. A blob that arrives whole in
+//! the session's last request is never staged under a name: see [`publish_anonymous`].
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -157,13 +158,23 @@ fn sync_dir(path: &Path) -> io::Result<()> {
 /// The blocking half of a publication: writes the `pending` tail of the session, makes
 /// the staged bytes durable, waits for the go-ahead through `gate` (the metadata store's
 /// reservation, made meanwhile) and renames them into place. Returns how many pending
-/// bytes reached the file, and the outcome.
+/// bytes reached the file, and the outcome. With `unstaged` (the session has no bytes on
+/// disk, so `pending` is all of the blob: the monolithic push of most configs and
+/// layers) the bytes go to an anonymous file instead, see [`publish_anonymous`].
 fn publish_staged(
     staged: &Path,
     target: &Path,
     pending: &[Bytes],
+    unstaged: bool,
     gate: tokio::sync::oneshot::Receiver<()>,
 ) -> (u64, io::Result<()>) {
+    if unstaged && !pending.is_empty() {
+        let uploads = staged.parent().expect("staged path has a parent");
+        // Where the kernel or its file system has no anonymous files, the named path.
+        if let Ok(file) = open_anonymous(uploads) {
+            return publish_anonymous(file, staged, target, pending, gate);
+        }
+    }
     let mut written = 0;
     let result = (|| {
         // Created here if the session got no bytes before its last request.
@@ -203,15 +214,112 @@ fn publish_staged(
             }
             other => other?,
         }
-        sync_dir(dir)?;
-        for parent in created.iter().filter_map(|d| d.parent()) {
-            if parent != dir {
-                sync_dir(parent)?;
-            }
-        }
-        Ok(())
+        sync_target_dirs(dir, &created)
     })();
     (written, result)
+}
+
+/// [`publish_staged`] for a blob that arrived whole: the bytes are written to an
+/// anonymous file (`O_TMPFILE`), flushed, and linked into place. The uploads directory
+/// never gets an entry, so no rename leaves it, and the flush does not write it: on ext4
+/// without a journal a new file's first `fsync` also writes its directory, which measured
+/// 0.45 against 0.41 ms per 64 KiB blob. Should the publication be abandoned, the
+/// bytes go to the session's staged file as on the named path, so the session keeps them.
+fn publish_anonymous(
+    mut file: File,
+    staged: &Path,
+    target: &Path,
+    pending: &[Bytes],
+    gate: tokio::sync::oneshot::Receiver<()>,
+) -> (u64, io::Result<()>) {
+    let len = pending.iter().map(|c| c.len() as u64).sum();
+    let result = (|| {
+        crate::staging::write_batch(&mut file, pending)?;
+        // Same content already published: nothing to flush, the first copy is kept.
+        let already = published_len(target)?.is_some();
+        if !already {
+            file.sync_data()?;
+        }
+        if gate.blocking_recv().is_err() {
+            return Ok(false);
+        }
+        if published_len(target)?.is_some() {
+            return Ok(true);
+        }
+        if already {
+            // It went away meanwhile (collected): this copy is published after all.
+            file.sync_data()?;
+        }
+        let dir = target.parent().expect("blob path has a parent");
+        let created = create_dirs(dir)?;
+        match link_anonymous(&file, target) {
+            Ok(()) => {}
+            // Published by another upload of the same bytes since the check above.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && !target.is_dir() => {
+                return Ok(true)
+            }
+            // An empty directory of Distribution's layout, as on the named path.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                std::fs::remove_dir(target)?;
+                link_anonymous(&file, target)?;
+            }
+            Err(e) => return Err(e),
+        }
+        sync_target_dirs(dir, &created)?;
+        Ok(true)
+    })();
+    match result {
+        Ok(true) => {
+            // A session that got an empty chunk before has an empty staged file.
+            match std::fs::remove_file(staged) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => (len, Err(e)),
+                _ => (len, Ok(())),
+            }
+        }
+        Ok(false) => {
+            let (written, kept) = crate::staging::append_batch(staged, pending);
+            let abandoned = io::Error::new(io::ErrorKind::Interrupted, "publication abandoned");
+            (written, kept.and(Err(abandoned)))
+        }
+        Err(e) => (0, Err(e)),
+    }
+}
+
+/// An unnamed file in `dir`, writable, readable by the registry alone.
+fn open_anonymous(dir: &Path) -> io::Result<File> {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::open(
+        dir,
+        OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )?;
+    Ok(File::from(fd))
+}
+
+/// Gives an anonymous file the name `target`, through its link in `/proc` (linking it
+/// by descriptor alone takes a privilege the registry should not need).
+fn link_anonymous(file: &File, target: &Path) -> io::Result<()> {
+    let fd = rustix::fd::AsRawFd::as_raw_fd(file);
+    rustix::fs::linkat(
+        rustix::fs::CWD,
+        format!("/proc/self/fd/{fd}"),
+        rustix::fs::CWD,
+        target,
+        rustix::fs::AtFlags::SYMLINK_FOLLOW,
+    )?;
+    Ok(())
+}
+
+/// Makes a new entry in `dir` durable, and the directories `created` for it, each
+/// through its parent; directories that already existed are durable already.
+fn sync_target_dirs(dir: &Path, created: &[PathBuf]) -> io::Result<()> {
+    sync_dir(dir)?;
+    for parent in created.iter().filter_map(|d| d.parent()) {
+        if parent != dir {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
 }
 
 /// Free space below which the store reports itself not ready: a push needs room for its
@@ -371,8 +479,10 @@ impl BlobStore for FsBlobStore {
         let (go, gate) = tokio::sync::oneshot::channel();
         let staged = self.staged_path(id);
         let target = self.blob_path(expected);
-        let task =
-            tokio::task::spawn_blocking(move || publish_staged(&staged, &target, &pending, gate));
+        let unstaged = base == 0;
+        let task = tokio::task::spawn_blocking(move || {
+            publish_staged(&staged, &target, &pending, unstaged, gate)
+        });
         let id = id.clone();
         Ok(Sealed::gated(go, async move {
             let (written, outcome) = task.await.map_err(io::Error::other)?;
@@ -400,28 +510,21 @@ impl BlobStore for FsBlobStore {
         // An anonymous file is its owner's only (0600), as everything the registry
         // writes is: it keeps that mode under its new name.
         let staged = self.staged_path(id);
-        let fd = rustix::fd::AsRawFd::as_raw_fd(file);
         let linking = staged.clone();
-        // An anonymous file (`O_TMPFILE`) gets a name through its /proc link; that fails
-        // for a file on another file system or one that had a name and lost it.
-        let linked = tokio::task::spawn_blocking(move || {
-            rustix::fs::linkat(
-                rustix::fs::CWD,
-                format!("/proc/self/fd/{fd}"),
-                rustix::fs::CWD,
-                &linking,
-                rustix::fs::AtFlags::SYMLINK_FOLLOW,
-            )
-        })
-        .await
-        .map_err(io::Error::other)?;
+        // Linking fails for a file on another file system or one that had a name and
+        // lost it.
+        let file = file.try_clone()?;
+        let linked = tokio::task::spawn_blocking(move || link_anonymous(&file, &linking))
+            .await
+            .map_err(io::Error::other)?;
         if let Err(e) = linked {
             tracing::debug!(error = %e, "a verified file could not be linked into the store; copying it");
             return Ok(None);
         }
         let (go, gate) = tokio::sync::oneshot::channel();
         let target = self.blob_path(expected);
-        let task = tokio::task::spawn_blocking(move || publish_staged(&staged, &target, &[], gate));
+        let task =
+            tokio::task::spawn_blocking(move || publish_staged(&staged, &target, &[], false, gate));
         Ok(Some(Sealed::gated(go, async move {
             task.await.map_err(io::Error::other)?.1?;
             Ok(size)

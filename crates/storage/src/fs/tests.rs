@@ -209,6 +209,85 @@ async fn an_abandoned_seal_leaves_the_session_open() {
     );
 }
 
+#[tokio::test]
+async fn a_blob_pushed_whole_is_published_without_an_entry_in_uploads() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FsBlobStore::open(dir.path()).unwrap();
+    let uploads = || {
+        std::fs::read_dir(dir.path().join("uploads"))
+            .unwrap()
+            .count()
+    };
+    // An entry made and removed would move the directory's modification time.
+    let changed = || {
+        std::fs::metadata(dir.path().join("uploads"))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
+    // Past the clock tick in which `open` made the directory.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let before = changed();
+    let digest = Digest::sha256_of(b"a whole layer");
+    let id = open_session(&store).await;
+    let sealed = store
+        .seal(&id, Some((None, body(&[b"a whole ", b"layer"]))), &digest)
+        .await
+        .unwrap();
+    assert_eq!(sealed.publish().await.unwrap(), 13);
+    assert_eq!(uploads(), 0);
+    assert_eq!(changed(), before, "the uploads directory was not touched");
+    assert_eq!(
+        collect(store.read(&digest, None).await.unwrap().unwrap()).await,
+        b"a whole layer"
+    );
+    // The same bytes again: the first copy is kept, nothing is left behind.
+    let id = open_session(&store).await;
+    let sealed = store
+        .seal(&id, Some((Some(0), body(&[b"a whole layer"]))), &digest)
+        .await
+        .unwrap();
+    assert_eq!(sealed.publish().await.unwrap(), 13);
+    assert_eq!(uploads(), 0);
+
+    // A session that got an empty chunk first has an empty staged file: removed too.
+    let other = Digest::sha256_of(b"after nothing");
+    let id = open_session(&store).await;
+    store.append(&id, 0, body(&[])).await.unwrap();
+    assert!(store.staged_path(&id).exists());
+    let sealed = store
+        .seal(&id, Some((None, body(&[b"after nothing"]))), &other)
+        .await
+        .unwrap();
+    assert_eq!(sealed.publish().await.unwrap(), 13);
+    assert_eq!(uploads(), 0);
+    assert_eq!(store.stat(&other).await.unwrap(), Some(13));
+}
+
+#[tokio::test]
+async fn an_abandoned_seal_of_a_whole_blob_keeps_its_bytes_in_the_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FsBlobStore::open(dir.path()).unwrap();
+    let digest = Digest::sha256_of(b"hello world");
+    let id = open_session(&store).await;
+    let sealed = store
+        .seal(&id, Some((None, body(&[b"hello world"]))), &digest)
+        .await
+        .unwrap();
+    sealed.abandon().await;
+    assert_eq!(store.stat(&digest).await.unwrap(), None);
+    assert_eq!(store.upload_len(&id).await.unwrap(), 11);
+    // After a restart too, and a later attempt publishes them.
+    let restarted = FsBlobStore::open(dir.path()).unwrap();
+    assert_eq!(restarted.upload_len(&id).await.unwrap(), 11);
+    let sealed = restarted.seal(&id, None, &digest).await.unwrap();
+    assert_eq!(sealed.publish().await.unwrap(), 11);
+    assert_eq!(
+        collect(restarted.read(&digest, None).await.unwrap().unwrap()).await,
+        b"hello world"
+    );
+}
+
 /// Deterministic bytes that no two offsets share a pattern of.
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(6364136223846793005) | 1;
