@@ -11,6 +11,7 @@ mod auth;
 mod chunked;
 mod copy;
 pub mod credentials;
+mod endpoint;
 mod layout;
 mod listing;
 mod pull;
@@ -30,10 +31,8 @@ use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RANGE, WWW
 use reqwest::{RequestBuilder, Response, StatusCode};
 
 pub use auth::{Credentials, IDENTITY_TOKEN_USER};
-pub use copy::{
-    copy, BlobOutcome, BlobStream, CopyOptions, CopyReport, Endpoint, LocalRepository, Progress,
-    ProgressSink, SharedBlobs,
-};
+pub use copy::{copy, BlobOutcome, CopyOptions, CopyReport, Progress, ProgressSink, SharedBlobs};
+pub use endpoint::{BlobStream, Endpoint, LocalRepository};
 pub use layout::OciLayout;
 pub use listing::MAX_LISTED;
 pub use pull::{inspect, pull, resolve, unpack, Platform, UnpackReport};

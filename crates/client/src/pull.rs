@@ -6,7 +6,8 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::copy::{Endpoint, ProgressSink, Transfer};
+use crate::copy::{ProgressSink, Transfer};
+use crate::endpoint::Endpoint;
 use crate::unpack::{apply_layer, UnpackError, UnpackOptions};
 use crate::{ClientError, CopyReport, Manifest, OciLayout};
 
