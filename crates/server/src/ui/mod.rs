@@ -6,6 +6,7 @@
 //! Content-Security-Policy; forms carry a CSRF token matched against a cookie.
 
 mod actions;
+mod admin;
 mod artifact;
 mod pages;
 mod people;
@@ -77,7 +78,7 @@ pub(crate) fn routes(app: App) -> Router<App> {
             post(actions::set_visibility),
         )
         .route("/ui/search", get(pages::search))
-        .route("/ui/admin", get(pages::admin))
+        .route("/ui/admin", get(admin::admin))
         .route("/ui/admin/gc", post(actions::collect_garbage))
         .route("/ui/admin/users", post(actions::create_user))
         .route("/ui/admin/users/{name}/delete", post(actions::delete_user))
