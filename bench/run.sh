@@ -3,7 +3,9 @@
 # Distribution (Debian package `docker-registry`) and nginx serving Distribution's storage
 # (the physical limit for the same bytes), alternating the targets inside every
 # repetition. Prints JSON lines on stdout, a human summary on stderr, and a Markdown table
-# of medians, min-max and ratios at the end (bench/report.py).
+# of medians, min-max and ratios at the end (bench/report.py). The small images (`many`)
+# run twice: from regbench.py's own threads, then from the compiled load generator
+# (`crates/cli/examples/pushgen.rs`), which sends the same requests for a fraction of the CPU.
 #
 # Environment: SIZE (1GiB), CHUNK (16MiB), REPS (3), SECS (10), CONNS (64), IMAGES (200),
 #   TAGS (10000), REPOS (5000), ONLY (subset of: push pull manifest head many tags catalog
@@ -34,8 +36,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cargo build --release --quiet -p berth || exit 1
+cargo build --release --quiet -p berth --bin berth --example pushgen || exit 1
 BERTH=$PWD/target/release/berth
+# The compiled load generator for the small images: the Python client took about a third
+# of the machine during berth's runs, as wrk and ab stand in for Python on the reads.
+PUSHGEN=$PWD/target/release/examples/pushgen
 
 write_registry_config "$WORK" "$DIST_PORT"
 start_registry "$WORK" "$DIST_PORT" || exit 1
@@ -105,6 +110,7 @@ want manifest && rb manifest-rps --conns "$CONNS" --secs "$SECS" --mirror "$M"
 want manifest && rb manifest-rps --conns "$CONNS" --secs "$SECS" --by-digest --mirror "$M"
 want head && rb head-blob-rps --conns "$CONNS" --secs "$SECS" --mirror "$M"
 want many && rb push-image-many --images "$IMAGES" --layers 5 --concurrency 8
+want many && rb push-image-many --images "$IMAGES" --layers 5 --concurrency 8 --pusher "$PUSHGEN"
 want tags && rb tags-list --tags "$TAGS"
 want catalog && rb catalog --repos "$REPOS"
 
