@@ -21,6 +21,7 @@ mod postgres;
 mod proxy_caches;
 pub mod read_cache;
 mod replication;
+mod replication_config;
 mod repositories;
 mod schema;
 mod sqlite;
@@ -45,6 +46,7 @@ pub use proxy_caches::ProxyCacheStore;
 pub use replication::{
     ExecutionRecord, NewTask, ReplicationStore, TaskOutcome, TaskRecord, TaskStatus,
 };
+pub use replication_config::ReplicationConfigStore;
 pub use repositories::{RecentTag, RepositorySummary, TagDetail, COUNT_CAP};
 pub use webhooks::{
     DeliveryBacklog, DeliveryOutcome, DeliveryRecord, DeliveryState, NewWebhook, WebhookPatch,

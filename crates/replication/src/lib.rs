@@ -20,7 +20,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_client::{ClientError, Credentials, RegistryClient};
-use berth_meta::{Actor, Database, ExecutionRecord, MetaError, ReplicationStore, TaskRecord};
+use berth_meta::{
+    Actor, Database, ExecutionRecord, MetaError, ReplicationConfigStore, ReplicationStore,
+    TaskRecord,
+};
 use berth_outbound::OutboundPolicy;
 use berth_registry::{Registry, RegistryError};
 
