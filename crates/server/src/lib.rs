@@ -191,7 +191,7 @@ pub(crate) fn admin_body_limit(path: &str) -> usize {
 
 /// The HTTP surface of the registry but `/v2`, which each connection hands to
 /// `v2::serve` itself (`connections::serve_http`).
-pub fn router(app: App) -> Router {
+pub(crate) fn router(app: App) -> Router {
     // `/v2` requests are admitted inside `v2::serve`; admin requests pass
     // `auth::api_guard`.
     let admin = Router::new()
