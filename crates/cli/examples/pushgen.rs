@@ -51,6 +51,7 @@ struct Image {
     manifest_digest: String,
 }
 
+/// The images to push: `shared` layers common to all, the rest and the config their own.
 fn build_images(count: usize, layers: usize, shared: usize, size: usize, seed: u64) -> Vec<Image> {
     let base: Vec<Vec<u8>> = (0..shared)
         .map(|i| noise(seed ^ (i as u64 + 1), size))
@@ -170,19 +171,9 @@ impl Connection {
         }
         let mut body = Vec::new();
         if head_only {
+            // A HEAD answer names a length but carries no body.
         } else if chunked {
-            loop {
-                line.clear();
-                self.reader.read_line(&mut line)?;
-                let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
-                    .map_err(std::io::Error::other)?;
-                let mut chunk = vec![0; size + 2];
-                self.reader.read_exact(&mut chunk)?;
-                if size == 0 {
-                    break;
-                }
-                body.extend_from_slice(&chunk[..size]);
-            }
+            self.read_chunks(&mut body)?;
         } else {
             body.resize(length, 0);
             self.reader.read_exact(&mut body)?;
@@ -192,6 +183,23 @@ impl Connection {
             location,
             body,
         })
+    }
+
+    /// A chunked body, whose chunks each state their length.
+    fn read_chunks(&mut self, body: &mut Vec<u8>) -> std::io::Result<()> {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            self.reader.read_line(&mut line)?;
+            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+                .map_err(std::io::Error::other)?;
+            let mut chunk = vec![0; size + 2];
+            self.reader.read_exact(&mut chunk)?;
+            if size == 0 {
+                return Ok(());
+            }
+            body.extend_from_slice(&chunk[..size]);
+        }
     }
 }
 
@@ -203,6 +211,7 @@ fn path_of(location: &str) -> &str {
     }
 }
 
+/// Pushes one image as docker does; how many of its blobs were uploaded.
 fn push_image(c: &mut Connection, repo: &str, image: &Image) -> Result<usize, String> {
     let mut uploaded = 0;
     for (digest, bytes) in &image.blobs {
@@ -255,6 +264,7 @@ fn push_image(c: &mut Connection, repo: &str, image: &Image) -> Result<usize, St
     Ok(uploaded)
 }
 
+/// Pulls one image back: its manifest by tag and every blob, each checked by digest.
 fn verify_image(c: &mut Connection, repo: &str, image: &Image) -> Result<(), String> {
     let got = c
         .send(
