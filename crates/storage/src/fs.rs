@@ -512,7 +512,8 @@ impl BlobStore for FsBlobStore {
         let staged = self.staged_path(id);
         let linking = staged.clone();
         // Linking fails for a file on another file system or one that had a name and
-        // lost it.
+        // lost it. The blocking thread links its own handle: were this future dropped
+        // meanwhile, a bare descriptor number could name another file by then.
         let file = file.try_clone()?;
         let linked = tokio::task::spawn_blocking(move || link_anonymous(&file, &linking))
             .await
