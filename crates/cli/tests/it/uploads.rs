@@ -435,3 +435,65 @@ fn chunks_of_any_size_across_part_boundaries_and_a_break() {
     let r = http().get(&location).send().unwrap();
     assert_oci_error(r, StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN");
 }
+
+#[test]
+fn a_blob_pushed_whole_never_touches_the_uploads_directory_unless_refused() {
+    let reg = crate::start();
+    let base = reg.url();
+    let uploads = reg.data_dir().join("uploads");
+    let changed = || std::fs::metadata(&uploads).unwrap().modified().unwrap();
+    // Past the clock tick in which the registry made the directory.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let before = changed();
+
+    // POST, then PUT with the whole body; and a single POST with `?digest=`.
+    let config = b"{\"architecture\":\"amd64\"}".to_vec();
+    let location = start(&base, "team/app");
+    let r = http()
+        .put(format!("{location}?digest={}", sha256(&config)))
+        .body(config.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let layer: Vec<u8> = (0..65_536u32).map(|i| (i * 13 % 251) as u8).collect();
+    let r = http()
+        .post(format!(
+            "{base}/v2/team/app/blobs/uploads/?digest={}",
+            sha256(&layer)
+        ))
+        .body(layer.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(changed(), before, "no entry was made in uploads/");
+    for bytes in [&config, &layer] {
+        let r = http()
+            .get(format!("{base}/v2/team/app/blobs/{}", sha256(bytes)))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.bytes().unwrap().as_ref(), bytes.as_slice());
+    }
+
+    // A whole body under the wrong digest is refused and kept in its session, as a chunk
+    // is: the session is then finished with the right digest and no body.
+    let body = b"the bytes themselves".to_vec();
+    let location = start(&base, "team/app");
+    let r = http()
+        .put(format!("{location}?digest={}", sha256(b"something else")))
+        .body(body.clone())
+        .send()
+        .unwrap();
+    assert_oci_error(r, StatusCode::BAD_REQUEST, "DIGEST_INVALID");
+    let r = http()
+        .put(format!("{location}?digest={}", sha256(&body)))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let r = http()
+        .get(format!("{base}/v2/team/app/blobs/{}", sha256(&body)))
+        .send()
+        .unwrap();
+    assert_eq!(r.bytes().unwrap().as_ref(), body.as_slice());
+    assert_eq!(std::fs::read_dir(&uploads).unwrap().count(), 0);
+}
